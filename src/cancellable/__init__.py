@@ -1,0 +1,66 @@
+"""Cooperative cancellation for Celery tasks and plain threads.
+
+Put `checkpoint` in your loops, decorate the work with `cancellable`, and
+register cleanup with `on_cancel`.  A cancelled scope raises `Cancelled` at
+its next checkpoint; the scope (or, for Celery, the task boundary) catches it.
+
+Everything public is re-exported here; the modules whose names start with an
+underscore are private.  Celery-specific names live in `cancellable.celery`,
+test helpers in `cancellable.testing`, event names in `cancellable.events`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._config import configure
+from ._decorator import cancellable
+from ._exceptions import (
+    MAX_MESSAGE_LENGTH,
+    Cancelled,
+    CancelReason,
+    CancelSource,
+    HookTimeoutError,
+    TooSlowError,
+)
+from ._scope import (
+    CancelScope,
+    HookHandle,
+    checkpoint,
+    current_scope,
+    fail_after,
+    fail_at,
+    is_cancelled,
+    move_on_after,
+    move_on_at,
+    on_cancel,
+    shield,
+)
+
+try:
+    __version__ = version("cancellable")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "MAX_MESSAGE_LENGTH",
+    "CancelReason",
+    "CancelScope",
+    "CancelSource",
+    "Cancelled",
+    "HookHandle",
+    "HookTimeoutError",
+    "TooSlowError",
+    "__version__",
+    "cancellable",
+    "checkpoint",
+    "configure",
+    "current_scope",
+    "fail_after",
+    "fail_at",
+    "is_cancelled",
+    "move_on_after",
+    "move_on_at",
+    "on_cancel",
+    "shield",
+]

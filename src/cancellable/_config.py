@@ -1,0 +1,72 @@
+"""Global settings department: the few knobs the core has, and their reset.
+
+Everything process-wide and user-settable lives here so tests can put it back
+with `reset_defaults` (an autouse fixture does).  The hot path never reads
+this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = ["DEFAULT_HOOK_TIMEOUT", "configure", "get_hook_timeout", "reset_defaults"]
+
+#: Seconds each cleanup hook may run before it is interrupted.
+DEFAULT_HOOK_TIMEOUT: Final = 30.0
+
+_hook_timeout: float | None = DEFAULT_HOOK_TIMEOUT
+
+#: Set by an integration (``cancellable.celery``) to take over decorated calls
+#: that run inside one of its units of work.  Called with no arguments at each
+#: decorated call, it returns None (not its business) or a runner with the
+#: signature of `cancellable._decorator.run_in_scope` minus ``scope``.
+call_runner: Callable[[], Callable[..., Any] | None] | None = None
+
+
+def validate_seconds(value: object, name: str, *, allow_none: bool = True) -> float | None:
+    """Check a duration argument and return it as a float.
+
+    Raises `TypeError` for non-numbers (``bool`` included) and `ValueError`
+    for negative, NaN or infinite values.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    if math.isinf(value):
+        raise ValueError(f"{name} must be finite; pass None for no limit")
+    return float(value)
+
+
+def configure(*, hook_timeout: float | None = DEFAULT_HOOK_TIMEOUT) -> None:
+    """Set process-wide defaults.
+
+    Args:
+        hook_timeout: Seconds each cleanup hook may run before it is
+            interrupted with `~cancellable.HookTimeoutError` (``None``: no
+            limit).  A scope or ``@cancellable(hook_timeout=...)`` can
+            override it.
+
+    Raises:
+        TypeError: ``hook_timeout`` is not a number or None.
+        ValueError: ``hook_timeout`` is negative, NaN or infinite.
+
+    .. versionadded:: 0.1.0
+    """
+    global _hook_timeout
+    _hook_timeout = validate_seconds(hook_timeout, "hook_timeout")
+
+
+def get_hook_timeout() -> float | None:
+    """The process-wide default hook budget, in seconds (None: unbounded)."""
+    return _hook_timeout
+
+
+def reset_defaults() -> None:
+    """Put every setting back to its default (for tests)."""
+    global _hook_timeout
+    _hook_timeout = DEFAULT_HOOK_TIMEOUT

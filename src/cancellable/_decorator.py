@@ -1,0 +1,165 @@
+"""``@cancellable``: one cancel scope per call of the decorated callable.
+
+Built on `wrapt.decorator` so the wrapper keeps the wrapped callable's
+signature (`inspect.signature`, and Celery's argument checking, see the
+original) and binds correctly on functions, methods, classmethods and
+staticmethods.  The wrapper costs a few hundred nanoseconds per *call*; it is
+never on a checkpoint's path.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+import wrapt
+
+from . import _config
+from ._scope import CancelScope, on_cancel
+
+__all__ = ["CallOptions", "cancellable", "run_in_scope"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class CallOptions:
+    """The options given to ``@cancellable(...)``, validated once."""
+
+    __slots__ = ("hook_timeout", "on_cancel", "timeout")
+
+    def __init__(
+        self,
+        timeout: float | None,
+        on_cancel: Callable[[], object] | None,
+        hook_timeout: float | Literal["default"] | None,
+    ) -> None:
+        self.timeout = _config.validate_seconds(timeout, "timeout")
+        if on_cancel is not None and not callable(on_cancel):
+            raise TypeError(f"on_cancel must be a callable or None, got {type(on_cancel).__name__}")
+        self.on_cancel = on_cancel
+        if hook_timeout != "default":
+            _config.validate_seconds(hook_timeout, "hook_timeout")
+        self.hook_timeout = hook_timeout
+
+    def new_scope(self) -> CancelScope:
+        """A fresh, not yet entered scope for one call."""
+        deadline = float("inf") if self.timeout is None else time.monotonic() + self.timeout
+        scope = CancelScope(deadline=deadline, hook_timeout=self.hook_timeout)
+        # A decorated call that was cancelled must not return None as if it
+        # had finished: the scope lets its own Cancelled propagate.
+        scope._catch = False
+        return scope
+
+
+def run_in_scope(
+    wrapped: Callable[..., R],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: CallOptions,
+    scope: CancelScope | None = None,
+) -> R:
+    """Call ``wrapped`` inside ``scope`` (or a new one), with the call's hook."""
+    if scope is None:
+        scope = options.new_scope()
+    with scope:
+        if options.on_cancel is not None:
+            on_cancel(options.on_cancel)
+        result = wrapped(*args, **kwargs)
+    # A scope made by CallOptions never swallows its Cancelled (_catch is
+    # False), so reaching this line means the call returned.
+    return result
+
+
+@overload
+def cancellable(wrapped: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def cancellable(
+    wrapped: None = None,
+    /,
+    *,
+    timeout: float | None = None,
+    on_cancel: Callable[[], object] | None = None,
+    hook_timeout: float | Literal["default"] | None = "default",
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def cancellable(
+    wrapped: Callable[..., Any] | None = None,
+    /,
+    *,
+    timeout: float | None = None,
+    on_cancel: Callable[[], object] | None = None,
+    hook_timeout: float | Literal["default"] | None = "default",
+) -> Any:
+    """Run each call of the decorated callable in its own `CancelScope`.
+
+    Use it bare (``@cancellable``) or with options
+    (``@cancellable(timeout=60)``).  Inside the call, `checkpoint` raises
+    `Cancelled` once the call's scope is cancelled, cleanup hooks registered
+    with `on_cancel` run, and the `Cancelled` then propagates to the caller:
+    a cancelled call never returns as if it had finished.
+
+    Under Celery (``@app.task`` directly above ``@cancellable``), the scope is
+    bound to the task: revoking the task cancels it, and the task ends as
+    REVOKED with the reason.  See :doc:`/celery`.
+
+    The decorator keeps the signature (`inspect.signature` is unchanged) and
+    works on functions, methods, classmethods and staticmethods (put it
+    *above* ``@classmethod``/``@staticmethod``, or below, both work).  Calls
+    are independent, also across threads.
+
+    Args:
+        timeout: Seconds after which the call is cancelled with source
+            ``"deadline"`` (None: no limit).
+        on_cancel: A hook, called with no arguments, registered at the start
+            of every call.
+        hook_timeout: Seconds each cleanup hook of the call may run (default:
+            the process-wide `configure` setting; None: no limit).
+
+    Raises:
+        TypeError: An option has the wrong type.
+        ValueError: ``timeout`` or ``hook_timeout`` is negative, NaN or
+            infinite.
+
+    .. versionadded:: 0.1.0
+    """
+    options = CallOptions(timeout, on_cancel, hook_timeout)
+    if wrapped is None:
+
+        def decorate(func: Callable[..., Any]) -> Any:
+            return _decorate(func, options)
+
+        return decorate
+    return _decorate(wrapped, options)
+
+
+def _decorate(func: object, options: CallOptions) -> Any:
+    if not (callable(func) or isinstance(func, (classmethod, staticmethod))):
+        raise TypeError(f"@cancellable can only decorate callables, got {type(func).__name__}")
+    # When Celery is in use (it is imported before any @app.task runs), make
+    # sure its integration is installed in this process, *before* a prefork
+    # worker forks its children.  Programs that never import Celery never pay
+    # for importing it here.
+    if "celery" in sys.modules:
+        import cancellable.celery  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+
+    @wrapt.decorator
+    def wrapper(
+        wrapped: Callable[..., Any],
+        instance: object,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        claim = _config.call_runner
+        if claim is not None:
+            runner = claim()
+            if runner is not None:
+                return runner(wrapped, args, kwargs, options)
+        return run_in_scope(wrapped, args, kwargs, options)
+
+    return wrapper(func)

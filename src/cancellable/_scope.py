@@ -1,0 +1,770 @@
+"""Cancel scopes and the checkpoint hot path.
+
+How it fits together
+--------------------
+
+Each thread has a stack of entered `CancelScope` objects (innermost last).
+A scope is *effectively cancelled* when it was cancelled itself, or when its
+parent (the scope below it on the same thread's stack) is effectively
+cancelled and it is not a shield.  Like trio, we compute that answer when
+something changes (`cancel`, `shield`, entering a scope), not when someone
+asks: `_recalculate` pushes it up the stack and stores it in each scope's
+``_effectively_cancelled`` slot.
+
+The hot path
+------------
+
+`checkpoint` must cost about as much as an empty function call, so it reads
+exactly one module global, ``_pending``, and returns.  ``_pending`` is False
+unless something in this process could make a checkpoint raise:
+
+* some entered scope (on any thread) has been cancelled, or
+* work was handed to us from a signal handler (``_deferred``), or
+* a test probe is installed (``_probes``, see `cancellable.testing`).
+
+Only when it is True do we take the slow path, look up *this* thread's
+innermost scope and raise if it is effectively cancelled.  So a cancellation
+on one thread makes other threads' checkpoints a little slower (they take the
+slow path and find nothing) but never makes them raise.
+
+Invariants (all mutations happen under ``_lock``, except where noted):
+
+1. ``_pending`` is True whenever ``_cancelled_live > 0``, ``_deferred`` is
+   non-empty, or ``_probes`` is non-empty.  It may be True spuriously for a
+   moment; it is never False while one of those holds, once the writer has
+   finished `_update_pending`.
+2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
+   have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
+3. A scope's ``_stack`` is the stack of the thread that entered it, and
+   ``_stack[_depth] is scope`` while it is entered.
+4. Signal handlers never take ``_lock``: a handler runs on the main thread
+   between two bytecodes, possibly while that thread holds the lock.  They use
+   `request_slow_path`, which only appends to a deque and sets ``_pending``.
+   `_update_pending` re-reads ``_deferred`` after writing ``_pending`` so a
+   handler that ran in between is not lost.
+5. Hooks and logging run outside ``_lock``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, Literal
+
+from . import _config, _timer
+from ._exceptions import Cancelled, CancelReason, TooSlowError
+from ._log import logger
+from .events import CANCEL_OBSERVED, CANCEL_REQUESTED, SCOPE_CANCELLED
+
+__all__ = [
+    "CancelScope",
+    "HookHandle",
+    "checkpoint",
+    "current_scope",
+    "fail_after",
+    "fail_at",
+    "is_cancelled",
+    "move_on_after",
+    "move_on_at",
+    "on_cancel",
+    "request_slow_path",
+    "shield",
+]
+
+# --------------------------------------------------------------------------
+# Process-wide state.  See the invariants in the module docstring.
+
+#: The one flag the hot path reads.  Module global on purpose: LOAD_GLOBAL of
+#: a module attribute is the cheapest read CPython has from inside a function.
+_pending: bool = False
+
+_lock: Final = threading.RLock()
+_local: Final = threading.local()
+_cancelled_live: int = 0
+_deferred: collections.deque[Callable[[], object]] = collections.deque()
+_probes: list[Callable[[], object]] = []
+
+
+def _update_pending() -> None:
+    # Caller holds _lock.
+    global _pending
+    _pending = bool(_cancelled_live or _deferred or _probes)
+    if _deferred:
+        # A signal handler may have appended between the read above and the
+        # write (invariant 4): read again so its wake-up is not overwritten.
+        _pending = True
+
+
+def request_slow_path(callback: Callable[[], object]) -> None:
+    """Run ``callback()`` at the next checkpoint or `is_cancelled` call.
+
+    Safe to call from a signal handler: it takes no lock and does no I/O.
+    The callback runs on whichever thread checks first, outside the lock; it
+    usually cancels a scope.
+    """
+    global _pending
+    _deferred.append(callback)
+    _pending = True
+
+
+def _run_deferred() -> None:
+    while True:
+        try:
+            callback = _deferred.popleft()
+        except IndexError:
+            break
+        try:
+            callback()
+        except Exception as exc:  # noqa: BLE001 - never break the task that checks
+            _timer.report_unraisable(exc, callback, "Exception in cancellable deferred callback")
+    with _lock:
+        _update_pending()
+
+
+def _get_stack() -> list[CancelScope]:
+    try:
+        stack: list[CancelScope] = _local.stack
+    except AttributeError:
+        stack = _local.stack = []
+    return stack
+
+
+def current_scope() -> CancelScope | None:
+    """The innermost entered `CancelScope` of the calling thread, or None.
+
+    .. versionadded:: 0.1.0
+    """
+    stack = _get_stack()
+    return stack[-1] if stack else None
+
+
+# --------------------------------------------------------------------------
+# The hot path.
+
+
+class _CheckpointContext:
+    """What ``checkpoint()`` returns, so ``with checkpoint():`` also checks on exit."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        # The call to checkpoint() that produced us already checked on entry.
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Do not replace an exception that is already propagating.
+        if exc_type is None and _pending:
+            _slow_checkpoint()
+
+
+_CHECKPOINT_CONTEXT: Final = _CheckpointContext()
+
+
+def checkpoint() -> _CheckpointContext:
+    """Raise `Cancelled` if the calling thread's innermost scope is cancelled.
+
+    Call it in loops and between steps of long work.  It never blocks and
+    never does I/O: when nothing in the process is cancelled it reads a single
+    flag and returns, costing about as much as calling an empty function.
+    Outside any scope it never raises.
+
+    Used as a context manager, ``with checkpoint(): ...`` checks when the
+    block starts and again when it ends without an exception.
+
+    Raises:
+        Cancelled: The innermost scope is effectively cancelled (it or an
+            unshielded enclosing scope was cancelled, or a deadline passed).
+
+    .. versionadded:: 0.1.0
+    """
+    # Hot path: one global load and a branch.  Keep it that way; everything
+    # else belongs in _slow_checkpoint.
+    if _pending:
+        _slow_checkpoint()
+    return _CHECKPOINT_CONTEXT
+
+
+def _slow_checkpoint() -> None:
+    if _deferred:
+        _run_deferred()
+    if _probes:
+        for probe in tuple(_probes):
+            probe()
+    stack = _get_stack()
+    if stack:
+        scope = stack[-1]
+        if scope._effectively_cancelled:
+            raise scope._observe()
+
+
+def is_cancelled() -> bool:
+    """Whether the calling thread's innermost scope is effectively cancelled.
+
+    The non-raising twin of `checkpoint`, with the same cost: use it where
+    you want to wind down by hand (``while not is_cancelled(): ...``).
+    Returns False outside any scope.
+
+    .. versionadded:: 0.1.0
+    """
+    if not _pending:
+        return False
+    if _deferred:
+        _run_deferred()
+    stack = _get_stack()
+    return bool(stack) and stack[-1]._effectively_cancelled
+
+
+# --------------------------------------------------------------------------
+# Scopes.
+
+_NEW: Final = 0
+_ENTERED: Final = 1
+_EXITED: Final = 2
+
+_MISNESTING_ADVICE: Final = (
+    "Cancel scopes must be exited in the reverse order they were entered, on "
+    "the thread that entered them. This usually means a `with` block was "
+    "bypassed (a generator holding a scope was abandoned, or __enter__/"
+    "__exit__ were called by hand) or a scope was shared between threads."
+)
+
+
+class CancelScope:
+    """A region of code that can be cancelled as a unit.
+
+    Use it as a context manager.  Inside, `checkpoint` raises `Cancelled`
+    once the scope is cancelled: by `cancel`, by its `deadline` passing, or
+    by an enclosing scope being cancelled (unless this scope is a `shield`).
+    On exit the scope absorbs the `Cancelled` it caused, so code after the
+    ``with`` block runs; a `Cancelled` caused by an enclosing scope passes
+    through to that scope.
+
+    Cancellation is *sticky*: once cancelled, every checkpoint in the scope
+    raises until the scope exits.  The first reason given wins.
+
+    Scopes nest per thread and belong to the thread that entered them; `cancel`
+    may be called from any thread.  A scope can be entered only once.
+
+    Args:
+        deadline: Absolute time, on the `time.monotonic` clock, at which the
+            scope cancels itself.  ``math.inf`` (the default) means never.
+        shield: If True, cancellation of enclosing scopes is not seen inside
+            this one (its own `cancel` and deadline still work).
+        hook_timeout: Seconds each cleanup hook registered on this scope may
+            run; defaults to the process-wide setting (`configure`).
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_cancel_reason",
+        "_catch",
+        "_counted",
+        "_deadline",
+        "_deadline_handle",
+        "_depth",
+        "_effective_reason",
+        "_effectively_cancelled",
+        "_hooks",
+        "_observed",
+        "_parent",
+        "_shield",
+        "_stack",
+        "_state",
+        "_thread",
+        "cancelled_caught",
+        "cleanup_errors",
+        "hook_timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        deadline: float = math.inf,
+        shield: bool = False,
+        hook_timeout: float | Literal["default"] | None = "default",
+    ) -> None:
+        self._deadline = _validate_deadline(deadline)
+        if not isinstance(shield, bool):
+            raise TypeError(f"shield must be a bool, got {type(shield).__name__}")
+        self._shield = shield
+        if hook_timeout == "default":
+            self.hook_timeout = _config.get_hook_timeout()
+        else:
+            self.hook_timeout = _config.validate_seconds(hook_timeout, "hook_timeout")
+        self._cancel_reason: CancelReason | None = None
+        self._catch = True
+        self._counted = False
+        self._deadline_handle: _timer.TimerHandle | None = None
+        self._depth = -1
+        self._effective_reason: CancelReason | None = None
+        self._effectively_cancelled = False
+        self._hooks: list[HookHandle] = []
+        self._observed = False
+        self._parent: CancelScope | None = None
+        self._stack: list[CancelScope] | None = None
+        self._state = _NEW
+        self._thread = 0
+        #: True if this scope absorbed a `Cancelled` when it exited.
+        self.cancelled_caught = False
+        #: Exceptions raised by cleanup hooks when this scope unwound.
+        self.cleanup_errors: tuple[BaseException, ...] = ()
+
+    def __repr__(self) -> str:
+        state = ("new", "entered", "exited")[self._state]
+        extra = ""
+        if self._cancel_reason is not None:
+            extra += f", cancelled ({self._cancel_reason.describe()})"
+        if self._shield:
+            extra += ", shield"
+        if self._deadline != math.inf:
+            extra += f", deadline in {self._deadline - time.monotonic():.3f}s"
+        return f"<CancelScope {state}{extra} at {id(self):#x}>"
+
+    # -- public state -------------------------------------------------------
+
+    @property
+    def cancel_called(self) -> bool:
+        """True once `cancel` was called or the deadline passed."""
+        return self._cancel_reason is not None
+
+    @property
+    def cancel_reason(self) -> CancelReason | None:
+        """The first reason this scope was cancelled with, or None."""
+        return self._cancel_reason
+
+    @property
+    def deadline(self) -> float:
+        """Absolute `time.monotonic` time at which the scope cancels itself.
+
+        Assignable at any time, also while the scope is entered; ``math.inf``
+        disarms it.
+        """
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        value = _validate_deadline(value)
+        with _lock:
+            self._deadline = value
+            if self._state == _ENTERED:
+                self._arm_deadline()
+
+    @property
+    def shield(self) -> bool:
+        """Whether cancellation of enclosing scopes is hidden in this scope.
+
+        Assignable while entered; a shielded scope's own `cancel` still works.
+        """
+        return self._shield
+
+    @shield.setter
+    def shield(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"shield must be a bool, got {type(value).__name__}")
+        with _lock:
+            self._shield = value
+            if self._state == _ENTERED:
+                _recalculate(self)
+
+    # -- cancelling ----------------------------------------------------------
+
+    def cancel(self, reason: CancelReason | str | None = None) -> None:
+        """Cancel this scope.  Idempotent; the first reason wins.
+
+        Safe from any thread (not from a signal handler: see
+        `request_slow_path`).  The code inside the scope sees it at its next
+        checkpoint.  Cancelling a scope that has exited does nothing.
+
+        Args:
+            reason: A `CancelReason`, a message `str` (source ``"manual"``),
+                or None.
+
+        Raises:
+            TypeError: ``reason`` is of another type.
+        """
+        self._cancel(CancelReason.coerce(reason))
+
+    def _cancel(self, reason: CancelReason) -> bool:
+        global _cancelled_live
+        with _lock:
+            if self._cancel_reason is not None or self._state == _EXITED:
+                return False
+            self._cancel_reason = reason
+            if self._deadline_handle is not None:
+                self._deadline_handle.cancel()
+                self._deadline_handle = None
+            if self._state == _ENTERED:
+                self._counted = True
+                _cancelled_live += 1
+                _recalculate(self)
+                _update_pending()
+        logger.info(
+            CANCEL_REQUESTED,
+            scope=hex(id(self)),
+            **_reason_fields(reason),
+        )
+        return True
+
+    # -- entering and exiting ------------------------------------------------
+
+    def __enter__(self) -> CancelScope:
+        global _cancelled_live
+        with _lock:
+            if self._state != _NEW:
+                raise RuntimeError(
+                    "Each CancelScope may only be used for a single 'with' block; "
+                    "create a new scope for each block."
+                )
+            stack = _get_stack()
+            self._parent = stack[-1] if stack else None
+            self._stack = stack
+            self._depth = len(stack)
+            self._thread = threading.get_ident()
+            stack.append(self)
+            self._state = _ENTERED
+            if self._cancel_reason is not None:
+                self._counted = True
+                _cancelled_live += 1
+            _recalculate(self)
+            _update_pending()
+            self._arm_deadline()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if self._state != _ENTERED:
+            raise RuntimeError(
+                "This CancelScope was never entered, or was already exited. " + _MISNESTING_ADVICE
+            )
+        if self._thread != threading.get_ident() or (
+            self._stack is not None and self._stack[-1] is not self
+        ):
+            self._abandon()
+            raise RuntimeError("Cancel scope exited out of order. " + _MISNESTING_ADVICE) from exc
+
+        started = time.perf_counter()
+        hooks_run = 0
+        if isinstance(exc, Cancelled) and self._hooks:
+            hooks_run = len(self._hooks)
+            errors = self._run_hooks()
+            if errors:
+                self.cleanup_errors = errors
+                exc.hook_errors = exc.hook_errors + errors
+                add_note = getattr(exc, "add_note", None)  # Python 3.11+
+                if add_note is not None:
+                    for error in errors:
+                        add_note(f"cleanup hook failed: {error!r}")
+        cleanup_ms = (time.perf_counter() - started) * 1000.0
+
+        with _lock:
+            # Do we absorb this Cancelled?  Only if we caused it: we are
+            # cancelled ourselves and the parent's cancellation (if any) is
+            # not visible to us.  Otherwise it belongs to an enclosing scope.
+            parent = self._parent
+            parent_visible = (
+                parent is not None and parent._effectively_cancelled and not self._shield
+            )
+            caught = (
+                self._catch
+                and isinstance(exc, Cancelled)
+                and self._cancel_reason is not None
+                and not parent_visible
+            )
+            self._close()
+
+        if self._cancel_reason is not None or isinstance(exc, Cancelled):
+            reason = self._cancel_reason or (exc.reason if isinstance(exc, Cancelled) else None)
+            logger.info(
+                SCOPE_CANCELLED,
+                scope=hex(id(self)),
+                caught=caught,
+                hooks_run=hooks_run,
+                hook_errors=len(self.cleanup_errors),
+                cleanup_ms=round(cleanup_ms, 3),
+                **(_reason_fields(reason) if reason is not None else {}),
+            )
+        if caught:
+            self.cancelled_caught = True
+            return True
+        return False
+
+    def _close(self) -> None:
+        # Caller holds _lock.  Pop self from its stack and forget it.
+        global _cancelled_live
+        assert self._stack is not None
+        self._stack.pop()
+        self._state = _EXITED
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        if self._counted:
+            self._counted = False
+            _cancelled_live -= 1
+        _update_pending()
+
+    def _abandon(self) -> None:
+        # Misnesting: exit this scope and everything entered after it on its
+        # thread, so the process-wide bookkeeping stays correct, then let the
+        # caller raise.
+        with _lock:
+            stack = self._stack
+            if stack is None or self not in stack:
+                return
+            while stack:
+                top = stack[-1]
+                top._close()
+                if top is self:
+                    break
+
+    def _arm_deadline(self) -> None:
+        # Caller holds _lock and the scope is entered.
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        if self._cancel_reason is not None or self._deadline == math.inf:
+            return
+        if self._deadline <= time.monotonic():
+            self._cancel_for_deadline()
+            return
+        self._deadline_handle = _timer.schedule(self._deadline, self._cancel_for_deadline)
+
+    def _cancel_for_deadline(self) -> None:
+        self._cancel(CancelReason(source="deadline", message="deadline expired"))
+
+    # -- the slow path -------------------------------------------------------
+
+    def _observe(self) -> Cancelled:
+        # Build the exception a checkpoint raises; log the first observation.
+        reason = self._effective_reason
+        assert reason is not None
+        if not self._observed:
+            self._observed = True
+            logger.info(
+                CANCEL_OBSERVED,
+                scope=hex(id(self)),
+                observed_ms=round((time.time() - reason.requested_at) * 1000.0, 3),
+                **_reason_fields(reason),
+            )
+        return Cancelled(reason)
+
+    def _run_hooks(self) -> tuple[BaseException, ...]:
+        from ._hooks import run_hooks
+
+        hooks = list(reversed(self._hooks))
+        self._hooks.clear()
+        errors: tuple[BaseException, ...] = ()
+        with CancelScope(shield=True):
+            errors = run_hooks(hooks, self.hook_timeout)
+        return errors
+
+
+def _recalculate(scope: CancelScope) -> None:
+    # Caller holds _lock.  Recompute "effectively cancelled" for `scope` and
+    # every scope entered after it on the same thread (its descendants: a
+    # thread's stack is a chain, so the descendants are the scopes above it).
+    stack = scope._stack
+    if stack is None:
+        return
+    for index in range(scope._depth, len(stack)):
+        current = stack[index]
+        parent = current._parent
+        if parent is not None and parent._effectively_cancelled and not current._shield:
+            # The outermost visible cancelled scope is the one that will catch
+            # the Cancelled, so its reason is the one raised.
+            current._effectively_cancelled = True
+            current._effective_reason = parent._effective_reason
+        elif current._cancel_reason is not None:
+            current._effectively_cancelled = True
+            current._effective_reason = current._cancel_reason
+        else:
+            current._effectively_cancelled = False
+            current._effective_reason = None
+
+
+def _validate_deadline(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"deadline must be a number (time.monotonic() time), got {value!r:.60}")
+    if math.isnan(value):
+        raise ValueError("deadline must not be NaN")
+    return float(value)
+
+
+def _reason_fields(reason: CancelReason) -> dict[str, Any]:
+    return {
+        "source": reason.source,
+        "message": reason.message,
+        "requested_by": reason.requested_by,
+    }
+
+
+# --------------------------------------------------------------------------
+# Convenience constructors.
+
+
+def shield() -> CancelScope:
+    """A shielding scope: ``with shield(): ...`` hides outer cancellation.
+
+    Checkpoints inside do not raise because of enclosing scopes; use it for
+    cleanup that must finish.  Equivalent to ``CancelScope(shield=True)``.
+
+    .. versionadded:: 0.1.0
+    """
+    return CancelScope(shield=True)
+
+
+def move_on_at(deadline: float) -> CancelScope:
+    """A scope that cancels itself at ``deadline`` (`time.monotonic` time).
+
+    .. versionadded:: 0.1.0
+    """
+    return CancelScope(deadline=deadline)
+
+
+def move_on_after(seconds: float) -> CancelScope:
+    """A scope that cancels itself ``seconds`` from now.
+
+    The block is abandoned at the first checkpoint after the deadline and
+    execution continues after it; check ``scope.cancelled_caught`` to tell.
+
+    Raises:
+        TypeError: ``seconds`` is not a number.
+        ValueError: ``seconds`` is negative, NaN or infinite.
+
+    .. versionadded:: 0.1.0
+    """
+    seconds_f = _config.validate_seconds(seconds, "seconds", allow_none=False)
+    assert seconds_f is not None
+    return CancelScope(deadline=time.monotonic() + seconds_f)
+
+
+class _FailScope:
+    """Context manager behind `fail_after`: a scope that raises if it fired."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self, deadline: float) -> None:
+        self._scope = CancelScope(deadline=deadline)
+
+    def __enter__(self) -> CancelScope:
+        return self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        caught = self._scope.__exit__(exc_type, exc, tb)
+        reason = self._scope.cancel_reason
+        if caught and reason is not None and reason.source == "deadline":
+            raise TooSlowError("the deadline expired") from exc
+        return caught
+
+
+def fail_at(deadline: float) -> _FailScope:
+    """Like `move_on_at`, but raise `TooSlowError` if the deadline cancels the block.
+
+    .. versionadded:: 0.1.0
+    """
+    return _FailScope(_validate_deadline(deadline))
+
+
+def fail_after(seconds: float) -> _FailScope:
+    """Like `move_on_after`, but raise `TooSlowError` if the deadline cancels the block.
+
+    Raises:
+        TypeError: ``seconds`` is not a number.
+        ValueError: ``seconds`` is negative, NaN or infinite.
+        TooSlowError: On exit, when the deadline cancelled the block.
+
+    .. versionadded:: 0.1.0
+    """
+    seconds_f = _config.validate_seconds(seconds, "seconds", allow_none=False)
+    assert seconds_f is not None
+    return _FailScope(time.monotonic() + seconds_f)
+
+
+# --------------------------------------------------------------------------
+# Cleanup hooks.
+
+
+class HookHandle:
+    """A registered cleanup hook; returned by `on_cancel`.
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = ("args", "fn", "kwargs", "scope")
+
+    def __init__(
+        self,
+        scope: CancelScope,
+        fn: Callable[..., object],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.scope = scope
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __repr__(self) -> str:
+        return f"<HookHandle {self.fn!r}>"
+
+    def remove(self) -> None:
+        """Unregister the hook.  Does nothing if it already ran or was removed."""
+        with _lock:
+            try:
+                self.scope._hooks.remove(self)
+            except ValueError:
+                pass
+
+
+def on_cancel(fn: Callable[..., object], /, *args: Any, **kwargs: Any) -> HookHandle:
+    """Register ``fn(*args, **kwargs)`` to run if the current scope is cancelled.
+
+    Hooks run when the innermost scope unwinds because of cancellation (a
+    `Cancelled` passes through its exit), last registered first, each
+    isolated: one that raises does not stop the others, and its error is
+    logged and attached to the `Cancelled` (``hook_errors``).  Each runs
+    inside a shield and within the scope's ``hook_timeout``.  A hook
+    registered after the scope was cancelled still runs when it unwinds.  If
+    the scope exits normally, its hooks are dropped.
+
+    Returns:
+        A `HookHandle`; call ``handle.remove()`` when the resource is gone.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+        RuntimeError: Called outside any cancel scope.
+
+    .. versionadded:: 0.1.0
+    """
+    if not callable(fn):
+        raise TypeError(f"on_cancel() needs a callable, got {type(fn).__name__}: {fn!r:.60}")
+    scope = current_scope()
+    if scope is None:
+        raise RuntimeError(
+            "on_cancel() was called outside any cancel scope, so nothing could ever "
+            "run the hook. Call it inside a @cancellable function or a "
+            "`with CancelScope():` block."
+        )
+    handle = HookHandle(scope, fn, args, kwargs)
+    with _lock:
+        scope._hooks.append(handle)
+    return handle

@@ -1,0 +1,73 @@
+"""The names of every structlog event `cancellable` emits.
+
+These strings are a stable interface: dashboards and alerts match on them, so
+they only ever gain members.  All events go through the logger named
+``"cancellable"`` (``structlog.get_logger("cancellable")``); the library
+never configures structlog or the standard `logging` module, so the events
+appear wherever your configuration sends them.
+
+Every event carries ``source``, ``message`` and ``requested_by`` (the
+`~cancellable.CancelReason` fields) where a reason exists, and Celery events
+add ``task_id`` and ``task_name``.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "CANCEL_DELIVERED",
+    "CANCEL_OBSERVED",
+    "CANCEL_REQUESTED",
+    "CLEANUP_FAILED",
+    "CLEANUP_TIMED_OUT",
+    "LEDGER_NOT_DURABLE",
+    "LEDGER_UNAVAILABLE",
+    "LOGGER_NAME",
+    "SCOPE_CANCELLED",
+    "TASK_CANCELLED",
+    "TASK_SKIPPED",
+]
+
+#: The structlog logger name all events are emitted on.
+LOGGER_NAME: Final = "cancellable"
+
+#: A scope was cancelled for the first time (later `cancel` calls are silent).
+CANCEL_REQUESTED: Final = "cancel.requested"
+
+#: A worker's main process received a cancellation for a task it runs and
+#: passed it on to the process or thread running it (Celery).  Carries
+#: ``delivered_ms``: requested -> delivered.
+CANCEL_DELIVERED: Final = "cancel.delivered"
+
+#: A checkpoint raised `~cancellable.Cancelled` for the first time in a scope.
+#: Carries ``observed_ms``: requested -> observed.
+CANCEL_OBSERVED: Final = "cancel.observed"
+
+#: A cleanup hook raised.  Carries ``hook`` and ``error``.
+CLEANUP_FAILED: Final = "cleanup.failed"
+
+#: A cleanup hook overran its time budget and was interrupted.
+CLEANUP_TIMED_OUT: Final = "cleanup.timed_out"
+
+#: A cancelled scope exited.  Carries ``caught`` (whether this scope absorbed
+#: the `~cancellable.Cancelled`), ``hooks_run``, ``hook_errors`` and
+#: ``cleanup_ms`` (time spent in hooks).
+SCOPE_CANCELLED: Final = "scope.cancelled"
+
+#: A Celery task ended as REVOKED because it was cancelled while running.
+#: Carries the latencies ``delivered_ms``, ``observed_ms`` and
+#: ``cleanup_done_ms``, each measured from the request.
+TASK_CANCELLED: Final = "task.cancelled"
+
+#: A cancelled Celery task was about to start and its body was skipped.
+TASK_SKIPPED: Final = "task.skipped"
+
+#: The cancellation ledger could not be reached; cancellation still reaches
+#: the workers that are online, but it is not durable.
+LEDGER_UNAVAILABLE: Final = "ledger.unavailable"
+
+#: No durable ledger is configured for this app (logged once per process).
+LEDGER_NOT_DURABLE: Final = "ledger.not_durable"
