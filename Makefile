@@ -1,13 +1,27 @@
 # Two commands a newcomer needs: `make demo` and `make test`.
 # Both create the virtual environment in .venv on first use.
+#
+#   make demo   dispatch real tasks to a real prefork worker (no server needed)
+#               and cancel them
+#   make test   lint, type check, docs build (warnings are errors) and the whole
+#               pytest suite with coverage; the integration tests need Redis on
+#               127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (.ci/run starts
+#               them if they are not running)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# Lint only the source folders that exist (git does not keep empty ones).
+LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
+
 .PHONY: demo test lint typecheck docs unit bench clean
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+	  echo "cancellable needs Python 3.10 or newer; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." >&2; \
+	  echo "Run 'make PYTHON=python3.11 ...' (or another 3.10+ interpreter)." >&2; \
+	  exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -17,17 +31,20 @@ demo: $(VENV)/.installed
 	$(PY) -m cancellable demo
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 typecheck: $(VENV)/.installed
 	$(PY) -m mypy
 
+# -E re-reads every page, so warnings from unchanged pages are not hidden by
+# a cached environment.
 docs: $(VENV)/.installed
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
 
+# pytest exits 5 when it collected no tests; make treats that as a failure.
 unit: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest --cov=cancellable --cov-branch --cov-report=term-missing --cov-fail-under=95
 
 test: lint typecheck docs unit
 
