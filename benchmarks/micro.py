@@ -1,0 +1,201 @@
+"""Per-call micro-benchmarks, measured with pyperf in worker processes.
+
+Run as a script it is a pyperf benchmark program (``pyperf.Runner`` parses
+``sys.argv`` and spawns one worker process per run)::
+
+    python benchmarks/micro.py -o micro.json --fast [--only 'checkpoint.*']
+
+`run.py` does not call it that way by hand: it uses `run` below, which starts
+this script as a subprocess with options tuned for ``--quick`` or the full
+run, loads pyperf's JSON with ``pyperf.BenchmarkSuite.load`` and turns each
+benchmark into a result record (nanoseconds per call).
+
+The cases themselves (statements, setups) are in ``cases.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
+from cases import BASELINES, CASES, Case, Options, clock_for, make_inner, run_setup
+
+HERE = Path(__file__).resolve().parent
+
+#: pyperf options per mode.  The full run is pyperf's default (20 worker
+#: processes x 3 values after 1 warmup, 100 ms per value).
+PYPERF_OPTIONS = {
+    "full": [],
+    "quick": [
+        "--quiet",
+        "--processes",
+        "1",
+        "--values",
+        "5",
+        "--warmups",
+        "1",
+        "--min-time",
+        "0.02",
+    ],
+    # For tests: one process, one value, a fixed small loop count (no calibration).
+    "smoke": ["--quiet", "--processes", "1", "--values", "1", "--warmups", "0", "--loops", "5"],
+}
+
+
+def select_cases(only: str | None, *, redis: bool = True) -> list[Case]:
+    """The cases to run for ``--only``, plus the baselines the ratios need."""
+    chosen = [case for case in CASES if selected(case.name, only)]
+    if chosen:
+        chosen_names = {case.name for case in chosen}
+        chosen = [case for case in CASES if case.name in chosen_names or case.name in BASELINES]
+    if not redis:
+        chosen = [case for case in chosen if not case.needs_redis]
+    return chosen
+
+
+def make_time_func(case: Case, options: Options) -> Callable[[int], float]:
+    """A pyperf time function: time ``loops`` iterations of the case's statement."""
+    ns = case.namespace()
+    inner = make_inner(case, ns)
+    clock = clock_for(case)
+
+    ready = False
+
+    def time_func(loops: int) -> float:
+        # Set up once per worker process, on first use (a pyperf worker runs
+        # one benchmark), and keep the state for every later value: threads
+        # and connections are not restarted per value, and the scope stays
+        # entered in this thread.  Undone at exit.
+        nonlocal ready
+        if not ready:
+            atexit.register(run_setup(case, ns, options))
+            ready = True
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return inner(loops, clock)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    return time_func
+
+
+def quiet_logs() -> None:
+    """Drop cancellable's info-level log lines in benchmark processes."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _forward_args(cmd: list[str], args: Any) -> None:
+    # pyperf calls this to build each worker's command line.
+    if args.only:
+        cmd.extend(("--only", args.only))
+    cmd.extend(("--redis-url", args.redis_url))
+    if args.no_redis:
+        cmd.append("--no-redis")
+
+
+def main() -> None:
+    """The pyperf program: register every selected case with one Runner."""
+    import pyperf
+
+    runner = pyperf.Runner(add_cmdline_args=_forward_args)
+    runner.argparser.add_argument("--only", default=None, help="glob or substring of names")
+    runner.argparser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    runner.argparser.add_argument(
+        "--no-redis", action="store_true", help="leave out the cases that need Redis"
+    )
+    args = runner.parse_args()
+    quiet_logs()
+    options = Options(redis_url=args.redis_url)
+    for case in select_cases(args.only, redis=not args.no_redis):
+        runner.bench_time_func(
+            case.name,
+            make_time_func(case, options),
+            inner_loops=case.inner_loops,
+            metadata={"description": case.description},
+        )
+
+
+# --------------------------------------------------------------------------
+# Driver side (called by run.py).
+
+
+def records_from_suite(suite: Any) -> list[dict[str, Any]]:
+    """Result records (ns per call) from a loaded pyperf BenchmarkSuite."""
+    records = []
+    for bench in suite.get_benchmarks():
+        values_ns = [value * 1e9 for value in bench.get_values()]
+        runs = sum(1 for run in bench.get_runs() if run.values)
+        records.append(measured(bench.get_name(), values_ns, "ns", runs=runs))
+    return records
+
+
+def run(
+    mode: str = "full",
+    only: str | None = None,
+    redis_url: str = DEFAULT_REDIS_URL,
+    redis_error: str | None = None,
+    timeout: float = 1800.0,
+) -> list[dict[str, Any]]:
+    """Run the pyperf program in a subprocess and return its result records.
+
+    ``redis_error`` (Redis is unreachable) leaves out the cases that need
+    Redis and reports them as skipped with that reason.
+    """
+    import pyperf
+
+    cases = select_cases(only, redis=redis_error is None)
+    left_out = [c for c in select_cases(only) if c.needs_redis and c not in cases]
+    if not cases:
+        return [skipped(c.name, redis_error or "not selected") for c in left_out]
+    with tempfile.TemporaryDirectory(prefix="cancellable-bench-") as tmp:
+        out = Path(tmp) / "micro.json"
+        cmd = [sys.executable, str(HERE / "micro.py"), "-o", str(out)]
+        cmd += PYPERF_OPTIONS[mode]
+        cmd += ["--redis-url", redis_url]
+        if only:
+            cmd += ["--only", only]
+        if redis_error is not None:
+            cmd.append("--no-redis")
+        log(f"micro: {len(cases)} benchmarks with pyperf ({mode})")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log("  " + line.rstrip())
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"the pyperf program failed (exit status {rc}): {' '.join(cmd)}")
+        suite = pyperf.BenchmarkSuite.load(str(out))
+    records = records_from_suite(suite)
+    records += [skipped(c.name, redis_error or "not run") for c in left_out]
+    return records
+
+
+if __name__ == "__main__":
+    main()

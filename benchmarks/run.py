@@ -1,0 +1,181 @@
+"""Run the cancellable benchmark suite and write the results.
+
+Usage::
+
+    python benchmarks/run.py                      # full run (several minutes)
+    python benchmarks/run.py --quick              # under a minute, rough numbers
+    python benchmarks/run.py --json out.json --plot docs/_static/overhead.png
+    python benchmarks/run.py --only 'checkpoint.*'
+
+Parts, each a module of this directory:
+
+* ``micro.py``: per-call costs (``baseline.*``, ``checkpoint.*``,
+  ``is_cancelled.*``, ``alt.*``), measured by pyperf in worker processes;
+  this driver starts the pyperf program as a subprocess and reads its JSON.
+* ``in_task.py``: ``celery.request_revoked``, timed inside a real task.
+* ``overhead.py``: ``context.*``, the overhead of a checkpoint per iteration
+  on loop bodies of 100 ns to 100 us, and the plot.
+* ``latency.py`` and ``throughput.py``: delivery latency and task throughput
+  over real Celery workers.
+
+Redis (DB 14 of ``--redis-url``) is used by the ``alt.*`` cases and the
+Celery parts.  The JSON document is ``{"environment": {...}, "results":
+[...]}``; see ``_common.py`` for the record format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import in_task
+import latency
+import micro
+import overhead
+import throughput
+from _common import (
+    DEFAULT_REDIS_URL,
+    EMPTY_CALL,
+    LOOP_ITERATION,
+    TIMEIT_LOOP,
+    add_ratios,
+    check_schema,
+    environment,
+    log,
+    selected,
+    skipped,
+)
+from cases import CASES
+
+
+def expected_names(only: str | None = None) -> list[str]:
+    """Every result name a run produces (measured or skipped) for ``--only``."""
+    names = [case.name for case in micro.select_cases(only)]
+    names += [name for name in in_task.NAMES if selected(name, only)]
+    for label, _target in overhead.TARGETS:
+        for suffix in ("overhead_pct", "added_ns", "body_ns"):
+            name = f"context.body_{label}.{suffix}"
+            if selected(name, only):
+                names.append(name)
+    names += [name for name in latency.NAMES if selected(name, only)]
+    names += [name for name in throughput.NAMES if selected(name, only)]
+    return names
+
+
+def redis_problem(url: str) -> str | None:
+    """None if Redis answers at ``url``, else a sentence saying why not."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return f"Redis is not reachable at {url}: {exc}"
+    return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="a rough run, under one minute")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny iteration counts, for the test suite only (the numbers mean nothing)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    parser.add_argument(
+        "--only",
+        metavar="PATTERN",
+        help="run only the results whose names match (glob, or a substring)",
+    )
+    parser.add_argument("--plot", metavar="FILE", help="write the overhead plot (PNG) to FILE")
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help=f"Redis for the alt.* and Celery benchmarks (default {DEFAULT_REDIS_URL})",
+    )
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every selected part; return the results document."""
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    redis_error = redis_problem(args.redis_url)
+    if redis_error:
+        log(f"warning: {redis_error}; the benchmarks that need it are reported as skipped")
+    env = environment()
+    results: list[dict[str, Any]] = []
+    results += micro.run(mode, args.only, args.redis_url, redis_error)
+    context_records, raw = overhead.run(mode, args.only)
+    results += context_records
+    for part in (in_task, latency, throughput):
+        if redis_error:
+            results += [skipped(n, redis_error) for n in part.NAMES if selected(n, args.only)]
+            continue
+        results += part.run(mode, args.only, args.redis_url)
+    add_ratios(results)
+    if args.plot and raw:
+        by_name = {r["name"]: r for r in results if not r.get("skipped")}
+        live = by_name.get("checkpoint.live_scope")
+        harness = by_name.get(TIMEIT_LOOP)
+        net = live["median"] - harness["median"] if live and harness else None
+        overhead.plot(raw, Path(args.plot), net)
+        log(f"plot written to {args.plot}")
+    return {"environment": env, "results": results}
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """A plain-text table of the results."""
+    lines = [f"{'name':42} {'median':>14} {'p90':>12} {'x empty':>9} {'x loop':>8}"]
+    for record in doc["results"]:
+        if record.get("skipped"):
+            lines.append(f"{record['name']:42} skipped: {record['reason']}")
+            continue
+        unit = record["unit"]
+        p90 = f"{record['p90']:.4g} {unit}" if "p90" in record else ""
+        ratio_e = record.get("ratio_to_empty_call")
+        ratio_l = record.get("ratio_to_loop_iteration")
+        lines.append(
+            f"{record['name']:42} {record['median']:>11.4g} {unit:2} {p90:>12} "
+            f"{'' if ratio_e is None else f'{ratio_e:9.3g}':>9} "
+            f"{'' if ratio_l is None else f'{ratio_l:8.3g}':>8}"
+        )
+    lines.append(
+        f"(ratios are net of {TIMEIT_LOOP}: x empty = net / net {EMPTY_CALL}, "
+        f"x loop = net / {LOOP_ITERATION})"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    micro.quiet_logs()
+    if args.only and not expected_names(args.only):
+        known = ", ".join(case.name for case in CASES)
+        log(f"--only {args.only!r} matches no benchmark (known micro names: {known})")
+        return 2
+    doc = run(args)
+    problems = check_schema(doc, expected_names(args.only))
+    print(summary(doc))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"results written to {args.json}")
+    if problems:
+        log("the results document has problems:\n  " + "\n  ".join(problems))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,563 @@
+"""Tests of the benchmark suite in ``benchmarks/``.
+
+They check three things, quickly:
+
+* the driver (``benchmarks/run.py --smoke``: tiny iteration counts, the real
+  pyperf subprocess) produces every expected result name and a JSON document
+  of exactly the documented shape;
+* every micro-benchmark statement really runs the code its name promises:
+  each case's setup and its compiled timed loop run once under a profiler,
+  and the cancellation-related cases are checked for their effect (cancelling
+  the scope makes the timed statement raise, the deadline is an hour away,
+  ten hooks run, the other threads loop in their own scopes, ...);
+* the helpers (ratios, name selection, schema check, overhead loops) do what
+  the numbers in ``docs/performance.md`` rely on.
+
+Redis on 127.0.0.1:6379 (DB 14) is required; without it these tests fail with
+a message that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cancellable
+from cancellable import Cancelled, CancelScope, current_scope
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+import cases  # noqa: E402
+import overhead  # noqa: E402
+from _integration import celery_integration  # noqa: E402
+
+REDIS_URL = _common.DEFAULT_REDIS_URL
+
+#: The names the brief asks for, spelled out here so that renaming or
+#: dropping a benchmark fails a test.
+REQUIRED_NAMES = (
+    "baseline.empty_call",
+    "baseline.loop_iteration",
+    "checkpoint.outside_scope",
+    "checkpoint.live_scope",
+    "checkpoint.deadline_armed",
+    "checkpoint.ten_hooks",
+    "checkpoint.eight_threads",
+    "is_cancelled.live_scope",
+    "checkpoint.with_form",
+    "celery.request_revoked",
+    "alt.abortable_is_aborted",
+    "alt.asyncresult_state",
+    "alt.redis_get",
+    "alt.limitedset_contains",
+    "alt.event_is_set",
+    "context.body_100ns.overhead_pct",
+    "context.body_1us.overhead_pct",
+    "context.body_10us.overhead_pct",
+    "context.body_100us.overhead_pct",
+    "latency.revoke_to_checkpoint",
+    "latency.revoke_to_cleanup",
+    "latency.revoke_to_revoked_state",
+    "throughput.plain_tasks_per_s",
+    "throughput.cancellable_tasks_per_s",
+)
+
+#: Names that need the Celery integration (skipped with a reason until it exists).
+CELERY_NAMES = {n for n in REQUIRED_NAMES if n.split(".")[0] in ("celery", "latency", "throughput")}
+
+
+def _code_of(fn: Any) -> Any:
+    return fn.__code__
+
+
+def _expected_code() -> dict[str, Any]:
+    """Case name -> the code object its timed statement must call (None: no call)."""
+    import redis
+    from celery.contrib.abortable import AbortableAsyncResult
+    from celery.result import AsyncResult
+    from celery.utils.collections import LimitedSet
+
+    checkpoint_code = _code_of(cancellable.checkpoint)
+    return {
+        "baseline.timeit_loop": None,
+        "baseline.empty_call": _code_of(cases.empty),
+        "baseline.loop_iteration": None,
+        "checkpoint.outside_scope": checkpoint_code,
+        "checkpoint.live_scope": checkpoint_code,
+        "checkpoint.deadline_armed": checkpoint_code,
+        "checkpoint.ten_hooks": checkpoint_code,
+        "checkpoint.with_form": checkpoint_code,
+        "checkpoint.eight_threads": checkpoint_code,
+        "checkpoint.eight_threads_wall": checkpoint_code,
+        "checkpoint.other_thread_cancelled": checkpoint_code,
+        "is_cancelled.live_scope": _code_of(cancellable.is_cancelled),
+        "alt.abortable_is_aborted": _code_of(AbortableAsyncResult.is_aborted),
+        "alt.asyncresult_state": _code_of(AsyncResult.state.fget),
+        "alt.redis_get": _code_of(redis.Redis.get),
+        "alt.limitedset_contains": _code_of(LimitedSet.__contains__),
+        "alt.event_is_set": _code_of(threading.Event.is_set),
+    }
+
+
+@pytest.fixture(scope="module")
+def redis_client() -> Iterator[Any]:
+    """A client for Redis DB 14; fails the test (never skips) if Redis is down."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.fail(
+            f"Redis is required by the benchmark tests but is not reachable at {REDIS_URL} "
+            f"({exc}). Start redis-server on 127.0.0.1:6379.",
+            pytrace=False,
+        )
+    yield client
+    client.close()
+
+
+class Prepared:
+    """A case after its setup: its namespace, timed loop and teardown."""
+
+    def __init__(self, case: cases.Case) -> None:
+        self.case = case
+        self.ns = case.namespace()
+        self.inner = cases.make_inner(case, self.ns)
+        self.teardown = cases.run_setup(case, self.ns, cases.Options(redis_url=REDIS_URL))
+
+    def run(self, loops: int = 1) -> float:
+        """Run the timed loop ``loops`` times, as pyperf would."""
+        return self.inner(loops, cases.clock_for(self.case))
+
+
+@pytest.fixture
+def prepare(redis_client: Any) -> Iterator[Callable[[str], Prepared]]:
+    """Set a case up by name; every setup is torn down after the test."""
+    made: list[Prepared] = []
+
+    def make(name: str) -> Prepared:
+        prepared = Prepared(cases.CASES_BY_NAME[name])
+        made.append(prepared)
+        return prepared
+
+    yield make
+    for prepared in reversed(made):
+        prepared.teardown()
+    assert current_scope() is None, "a benchmark setup leaked a cancel scope"
+
+
+def _calls_during(fn: Callable[[], object]) -> list[Any]:
+    """Code objects of the Python functions called (at any depth) while ``fn`` runs."""
+    called: list[Any] = []
+
+    def profiler(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            called.append(frame.f_code)
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return called
+
+
+# --------------------------------------------------------------------------
+# The driver, end to end.
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, redis_client: Any) -> dict[str, Any]:
+    """``run.py --smoke --json FILE --plot FILE`` once for the module; its outputs."""
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "results.json", out / "overhead.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run.py"),
+            "--smoke",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, f"run.py failed:\n{proc.stdout}\n{proc.stderr}"
+    return {
+        "doc": json.loads(json_path.read_text()),
+        "png": png_path,
+        "stdout": proc.stdout,
+    }
+
+
+def test_smoke_run_produces_every_expected_name(smoke_run: dict[str, Any]) -> None:
+    """Every required name is in the results, measured unless it needs the Celery integration."""
+    by_name = {r["name"]: r for r in smoke_run["doc"]["results"]}
+    missing = [name for name in REQUIRED_NAMES if name not in by_name]
+    assert not missing, f"missing results: {missing}"
+    for name in REQUIRED_NAMES:
+        record = by_name[name]
+        if name in CELERY_NAMES:
+            # Skipped only with an explicit reason, never with a fake number.
+            if record.get("skipped"):
+                assert record["reason"].strip(), name
+            else:
+                assert record["median"] > 0, name
+        else:
+            assert not record.get("skipped"), f"{name} was skipped: {record.get('reason')}"
+    # Every micro case and every context body is there, measured.
+    for case in cases.CASES:
+        assert not by_name[case.name].get("skipped"), case.name
+    for label, _target in overhead.TARGETS:
+        for suffix in ("overhead_pct", "added_ns", "body_ns"):
+            assert f"context.body_{label}.{suffix}" in by_name
+
+
+def test_smoke_run_json_schema(smoke_run: dict[str, Any]) -> None:
+    """The JSON document has exactly the documented keys, types and ratios."""
+    doc = smoke_run["doc"]
+    assert set(doc) == {"environment", "results"}
+    env = doc["environment"]
+    assert set(env) == {
+        "python",
+        "implementation",
+        "platform",
+        "machine",
+        "cpu_count",
+        "versions",
+        "date",
+    }
+    assert set(env["versions"]) == {"cancellable", "celery", "kombu", "redis-py", "pyperf"}
+    assert env["versions"]["pyperf"]
+    assert env["versions"]["celery"]
+    assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert _common.check_schema(doc, REQUIRED_NAMES) == []
+    by_name = {r["name"]: r for r in doc["results"]}
+    live = by_name["checkpoint.live_scope"]
+    required = {"name", "median", "unit", "p90", "p99", "runs"} | _common.RATIO_KEYS
+    assert required <= set(live) <= required | {"stdev"}
+    assert live["unit"] == "ns"
+    assert by_name["context.body_1us.overhead_pct"]["unit"] == "%"
+    assert "ratio_to_empty_call" not in by_name["context.body_1us.overhead_pct"]
+    assert by_name["baseline.empty_call"]["ratio_to_empty_call"] == pytest.approx(1.0)
+    assert "checkpoint.live_scope" in smoke_run["stdout"]
+
+
+def test_smoke_run_writes_the_plot(smoke_run: dict[str, Any]) -> None:
+    """``--plot`` writes a PNG image."""
+    data = smoke_run["png"].read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 5000
+
+
+def test_only_pattern_rejects_unknown_names() -> None:
+    """``--only`` with a pattern that matches nothing exits with status 2."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--smoke", "--only", "no.such.benchmark"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "matches no benchmark" in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# Each statement runs what its name says.
+
+
+@pytest.mark.parametrize("name", [case.name for case in cases.CASES])
+def test_statement_calls_the_named_code(name: str, prepare: Callable[[str], Prepared]) -> None:
+    """The timed loop of each case calls the function its name promises."""
+    expected = _expected_code()
+    assert set(expected) == set(cases.CASES_BY_NAME), "a case has no expectation in this test"
+    prepared = prepare(name)
+    called = _calls_during(lambda: prepared.run(3))
+    # Keep what the compiled timed loop calls (the clock is a builtin).
+    inner_code = prepared.inner.__code__
+    assert called.count(inner_code) == 1
+    called = called[called.index(inner_code) + 1 :]
+    target = expected[name]
+    if target is None:
+        assert called == [], f"{name} should call nothing, called {called}"
+    else:
+        hits = sum(1 for code in called if code is target)
+        assert hits == 3, f"{name}: {target.co_name} ran {hits} times in 3 loops"
+
+
+def test_loop_iteration_runs_a_bare_range_loop(prepare: Callable[[str], Prepared]) -> None:
+    """``baseline.loop_iteration`` divides by the length of the range it really loops over."""
+    prepared = prepare("baseline.loop_iteration")
+    assert len(prepared.ns["_range_n"]) == prepared.case.inner_loops == cases.RANGE_ITERATIONS
+    assert "for _i in _range_n" in prepared.case.stmt
+
+
+def test_outside_scope_runs_outside_any_scope(prepare: Callable[[str], Prepared]) -> None:
+    """``checkpoint.outside_scope`` has no scope, and its setup refuses to run inside one."""
+    prepared = prepare("checkpoint.outside_scope")
+    assert current_scope() is None
+    prepared.run(10)
+    with CancelScope(), pytest.raises(RuntimeError, match="outside any cancel scope"):
+        cases.run_setup(prepared.case, prepared.ns, cases.Options())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "checkpoint.live_scope",
+        "checkpoint.deadline_armed",
+        "checkpoint.ten_hooks",
+        "checkpoint.with_form",
+        "checkpoint.eight_threads",
+        "checkpoint.eight_threads_wall",
+        "checkpoint.other_thread_cancelled",
+    ],
+)
+def test_checkpoint_statement_raises_once_its_scope_is_cancelled(
+    name: str, prepare: Callable[[str], Prepared]
+) -> None:
+    """In-scope checkpoint cases time a checkpoint in a live scope of this thread.
+
+    The timed loop runs without raising; once the setup's scope is cancelled,
+    the same loop raises `Cancelled`, so it really checks that scope.
+    """
+    prepared = prepare(name)
+    scope = current_scope()
+    assert scope is not None
+    assert scope is prepared.ns["_scope"]
+    assert not scope.cancel_called
+    prepared.run(100)
+    scope.cancel("test")
+    with pytest.raises(Cancelled):
+        prepared.run(1)
+
+
+def test_is_cancelled_statement_reads_the_live_scope(prepare: Callable[[str], Prepared]) -> None:
+    """``is_cancelled.live_scope`` evaluates is_cancelled() of a live, then cancelled, scope."""
+    prepared = prepare("is_cancelled.live_scope")
+    assert eval(prepared.case.stmt, prepared.ns) is False
+    prepared.ns["_scope"].cancel("test")
+    assert eval(prepared.case.stmt, prepared.ns) is True
+
+
+def test_deadline_case_has_a_deadline_one_hour_away(prepare: Callable[[str], Prepared]) -> None:
+    """``checkpoint.deadline_armed`` runs in a scope whose deadline is about 1 hour away."""
+    prepared = prepare("checkpoint.deadline_armed")
+    remaining = prepared.ns["_scope"].deadline - time.monotonic()
+    assert 3500 < remaining <= 3600
+
+
+def test_ten_hooks_case_registers_ten_hooks(
+    prepare: Callable[[str], Prepared], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``checkpoint.ten_hooks`` has ten on_cancel hooks on its scope; all run on cancel."""
+    ran: list[int] = []
+    monkeypatch.setattr(cases, "_noop_hook", lambda: ran.append(1))
+    prepared = prepare("checkpoint.ten_hooks")
+    scope = prepared.ns["_scope"]
+    assert len(prepared.ns["_hooks"]) == cases.HOOKS == 10
+    assert all(handle.scope is scope for handle in prepared.ns["_hooks"])
+    scope.cancel("test")
+    with pytest.raises(Cancelled) as info:
+        prepared.run(1)
+    # Unwind the scope with the Cancelled, as a `with` block would: the hooks run.
+    assert scope.__exit__(Cancelled, info.value, info.value.__traceback__) is True
+    prepared.teardown = lambda: None
+    assert len(ran) == 10
+
+
+@pytest.mark.parametrize("name", ["checkpoint.eight_threads", "checkpoint.eight_threads_wall"])
+def test_eight_threads_case_has_seven_looping_threads_in_own_scopes(
+    name: str, prepare: Callable[[str], Prepared]
+) -> None:
+    """The eight-thread cases run 7 other threads that loop on checkpoint() in their own scopes."""
+    prepared = prepare(name)
+    spinners = prepared.ns["_spinners"]
+    assert len(spinners.threads) == cases.OTHER_THREADS == 7
+    assert all(thread.is_alive() for thread in spinners.threads)
+    scopes = {id(scope) for scope in spinners.scopes}
+    assert len(scopes) == 7
+    assert id(prepared.ns["_scope"]) not in scopes
+    before = list(spinners.counts)
+    prepared.run(1000)
+    deadline = time.monotonic() + 5
+    while not all(a > b for a, b in zip(spinners.counts, before, strict=True)):
+        assert time.monotonic() < deadline, f"a thread is idle: {before} -> {spinners.counts}"
+        time.sleep(0.01)
+    assert (prepared.case.clock == "thread_cpu") == (name == "checkpoint.eight_threads")
+    # Cancelling this thread's scope does not reach the other threads.
+    prepared.ns["_scope"].cancel("test")
+    with pytest.raises(Cancelled):
+        prepared.run(1)
+    time.sleep(0.02)
+    assert spinners.errors == []
+
+
+def test_other_thread_cancelled_case_takes_the_slow_path(
+    prepare: Callable[[str], Prepared],
+) -> None:
+    """Another thread's scope is cancelled (the pending flag is up) but ours does not raise."""
+    from cancellable import _scope
+
+    prepared = prepare("checkpoint.other_thread_cancelled")
+    helper = prepared.ns["_helper"]
+    assert helper.scope is not None
+    assert helper.scope.cancel_called
+    assert _scope._pending is True
+    prepared.run(100)
+    assert not prepared.ns["_scope"].cancel_called
+
+
+def _gets(client: Any) -> int:
+    return int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize(
+    "name", ["alt.abortable_is_aborted", "alt.asyncresult_state", "alt.redis_get"]
+)
+def test_redis_alternatives_do_a_real_get(
+    name: str, prepare: Callable[[str], Prepared], redis_client: Any
+) -> None:
+    """The Redis-backed alternatives send one GET to the server per statement."""
+    prepared = prepare(name)
+    before = _gets(redis_client)
+    prepared.run(5)
+    assert _gets(redis_client) - before >= 5
+    if name != "alt.redis_get":
+        # The task's meta is really stored, so the statement reads a value.
+        assert prepared.ns["_app"].AsyncResult(prepared.ns["_tid"]).state == "STARTED"
+        assert prepared.ns["_app"].conf.result_backend == REDIS_URL
+
+
+def test_limitedset_case_uses_celerys_revoked_set(prepare: Callable[[str], Prepared]) -> None:
+    """``alt.limitedset_contains`` looks a miss up in the worker's 50,000-id revoked set."""
+    from celery.worker import state
+
+    prepared = prepare("alt.limitedset_contains")
+    assert prepared.ns["_revoked"] is state.revoked
+    assert len(state.revoked) >= cases.REVOKED_IDS
+    assert prepared.ns["_tid"] not in state.revoked
+
+
+def test_micro_time_function_sets_up_once_and_measures(redis_client: Any) -> None:
+    """micro.make_time_func returns positive times and sets its case up only once."""
+    import micro
+
+    calls: list[int] = []
+    case = cases.Case("baseline.probe", "probe", "empty()", setup=lambda ns, o: calls.append(1))
+    time_func = micro.make_time_func(case, cases.Options())
+    assert time_func(10) > 0
+    assert time_func(10) > 0
+    assert calls == [1]
+
+
+# --------------------------------------------------------------------------
+# Helpers.
+
+
+def test_ratios_are_net_of_the_harness_loop() -> None:
+    """add_ratios subtracts the harness loop and divides by the baselines."""
+    results = [
+        {"name": "baseline.timeit_loop", "median": 5.0, "unit": "ns", "runs": 1},
+        {"name": "baseline.empty_call", "median": 25.0, "unit": "ns", "runs": 1},
+        {"name": "baseline.loop_iteration", "median": 10.0, "unit": "ns", "runs": 1},
+        {"name": "checkpoint.live_scope", "median": 29.0, "unit": "ns", "runs": 1},
+        {"name": "context.body_1us.overhead_pct", "median": 2.0, "unit": "%", "runs": 1},
+        _common.skipped("celery.request_revoked", "not yet"),
+    ]
+    _common.add_ratios(results)
+    live = results[3]
+    assert live["ratio_to_empty_call"] == pytest.approx(24.0 / 20.0)
+    assert live["ratio_to_loop_iteration"] == pytest.approx(2.4)
+    assert "ratio_to_empty_call" not in results[4]
+    assert "ratio_to_empty_call" not in results[5]
+
+
+def test_schema_check_catches_bad_documents() -> None:
+    """check_schema reports extra keys, missing ratios, bad skips and missing names."""
+    good = {
+        "environment": _common.environment(),
+        "results": [
+            {"name": "alt.x", "median": 1.0, "unit": "ns", "runs": 2},
+            _common.skipped("latency.y", "why"),
+        ],
+    }
+    problems = _common.check_schema(good, ["alt.x", "latency.y", "alt.z"])
+    assert any("per-call result without ratios" in p for p in problems)
+    assert any("missing results" in p and "alt.z" in p for p in problems)
+    good["results"][0].update(ratio_to_empty_call=1.0, ratio_to_loop_iteration=1.0)
+    assert _common.check_schema(good, ["alt.x", "latency.y"]) == []
+    bad = json.loads(json.dumps(good))
+    bad["results"][0]["extra"] = 1
+    bad["results"][1]["reason"] = ""
+    bad["environment"].pop("date")
+    problems = _common.check_schema(bad)
+    assert len(problems) == 3
+    assert any("environment keys" in p for p in problems)
+    assert any("unexpected keys ['extra']" in p for p in problems)
+    assert any("skipped record" in p for p in problems)
+
+
+def test_only_pattern_selection() -> None:
+    """``--only`` takes a glob, or a substring when it has no wildcard."""
+    assert _common.selected("checkpoint.live_scope", "checkpoint.*")
+    assert not _common.selected("alt.redis_get", "checkpoint.*")
+    assert _common.selected("alt.redis_get", "redis")
+    assert _common.selected("anything.at_all", None)
+    import micro
+
+    names = [case.name for case in micro.select_cases("alt.redis_get")]
+    assert names == [*cases.BASELINES, "alt.redis_get"]
+
+
+def test_overhead_loops_differ_only_by_a_checkpoint() -> None:
+    """The context loop with checkpoints raises in a cancelled scope; the plain one does not."""
+    with CancelScope() as scope:
+        scope.cancel("test")
+        overhead.loop_plain(3, 1)
+        with pytest.raises(Cancelled):
+            overhead.loop_checkpoint(3, 1)
+    calls = _calls_during(lambda: overhead.loop_checkpoint(4, 2))
+    assert sum(code is cancellable.checkpoint.__code__ for code in calls) == 4
+    assert sum(code is overhead.body.__code__ for code in calls) == 4
+    assert overhead.body(50) == overhead.body(50)
+
+
+def test_overhead_calibration_orders_the_bodies() -> None:
+    """Calibrated body sizes grow with the target cost, and the measured costs too."""
+    small = overhead.calibrate(1_000, budget=0.0005)
+    large = overhead.calibrate(10_000, budget=0.0005)
+    assert small[0] < large[0]
+    assert small[1] < large[1]
+    pct, added = overhead.measure_pairs(small[0], 50, 2)
+    assert len(pct) == len(added) == 2
+
+
+def test_celery_integration_probe_matches_the_source_tree() -> None:
+    """The skip reason for Celery benchmarks is given exactly when the integration is missing."""
+    module, reason = celery_integration()
+    has_it = (ROOT / "src" / "cancellable" / "celery" / "__init__.py").exists()
+    if module is None:
+        assert reason
+        assert "cancellable.celery" in reason
+    else:
+        assert has_it
+        assert reason is None
+        assert callable(module.cancel)
