@@ -1,0 +1,253 @@
+"""``python -m cancellable demo``: real tasks on a real worker, cancelled two ways.
+
+The module is both the driver (`main`) and the Celery app the worker loads
+(``celery -A cancellable._demo worker``).  By default everything runs on the
+filesystem transport and the file result backend in a scratch directory, so
+no server is needed; ``--broker redis://...`` or ``--broker amqp://...``
+points it at a real broker instead (results and the ledger then go to Redis,
+``--backend`` to override).
+
+What it does:
+
+1. starts a real prefork worker (2 children) as a subprocess;
+2. sends three ``export`` tasks: two start running, the third waits;
+3. cancels the *running* one with `cancellable.celery.cancel` (a reason,
+   and who asked), and the *waiting* one with Celery's plain
+   ``AsyncResult.revoke()``;
+4. prints the final states and the structured events the worker emitted,
+   and checks that the cleanup hook of the cancelled export ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from celery import Celery
+
+from cancellable import cancellable, checkpoint, on_cancel
+
+_ENV_DIR = "CANCELLABLE_DEMO_DIR"
+_ENV_BROKER = "CANCELLABLE_DEMO_BROKER"
+_ENV_BACKEND = "CANCELLABLE_DEMO_BACKEND"
+
+
+def _make_app() -> Celery:
+    base = Path(os.environ.get(_ENV_DIR) or tempfile.gettempdir()) / "celery"
+    broker = os.environ.get(_ENV_BROKER) or "filesystem://"
+    backend = os.environ.get(_ENV_BACKEND) or f"file://{base / 'results'}"
+    app = Celery("cancellable-demo", broker=broker, backend=backend)
+    if broker.startswith("filesystem"):
+        if os.environ.get(_ENV_DIR):
+            for name in ("queue", "control", "results"):
+                (base / name).mkdir(parents=True, exist_ok=True)
+        app.conf.broker_transport_options = {
+            "data_folder_in": str(base / "queue"),
+            "data_folder_out": str(base / "queue"),
+            "control_folder": str(base / "control"),
+            "polling_interval": 0.05,
+        }
+    app.conf.update(
+        task_default_queue="cancellable-demo",
+        control_exchange="cancellable-demo",
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        cancellable_poll_interval=1.0,
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+app = _make_app()
+
+
+def _configure_worker_logging() -> None:
+    # The demo (not the library) decides where events go: one JSON object per
+    # line in a file the driver reads back.
+    directory = os.environ.get(_ENV_DIR)
+    if not directory:
+        return
+    stream = open(Path(directory) / "events.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(stream),
+    )
+
+
+if os.environ.get(_ENV_DIR) and "worker" in sys.argv:
+    _configure_worker_logging()
+
+
+@app.task(bind=True)  # type: ignore[untyped-decorator]
+@cancellable(timeout=120)
+def export(self: Any, report: str, rows: int) -> int:
+    """Write ``rows`` rows to a scratch file, slowly; delete it if cancelled."""
+    out = Path(os.environ.get(_ENV_DIR) or tempfile.gettempdir()) / f"{report}.csv.part"
+    (out.parent / f"{report}.started").touch()
+    handle = out.open("w", encoding="utf-8")
+
+    def discard() -> None:
+        handle.close()
+        out.unlink(missing_ok=True)
+        (out.parent / f"{report}.cleaned").write_text("cleanup ran\n", encoding="utf-8")
+
+    on_cancel(discard)
+    for row in range(rows):
+        checkpoint()  # raises Cancelled once the task is revoked
+        handle.write(f"{row},{row * row}\n")
+        handle.flush()
+        time.sleep(0.05)  # stands for real work on the row
+    handle.close()
+    out.rename(out.with_suffix(""))
+    return rows
+
+
+# --------------------------------------------------------------------------
+# The driver.
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"demo: timed out after {timeout:g}s waiting for {what}")
+
+
+def _rows_written(directory: Path, report: str) -> int:
+    path = directory / f"{report}.csv.part"
+    try:
+        return sum(1 for _ in path.open(encoding="utf-8"))
+    except FileNotFoundError:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog="python -m cancellable demo", description=__doc__)
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="broker URL (default: the filesystem transport, no server needed)",
+    )
+    parser.add_argument("--backend", default=None, help="result backend URL")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args(argv)
+
+    directory = Path(tempfile.mkdtemp(prefix="cancellable-demo-"))
+    env = dict(os.environ)
+    env[_ENV_DIR] = str(directory)
+    if args.broker:
+        env[_ENV_BROKER] = args.broker
+        env[_ENV_BACKEND] = args.backend or "redis://127.0.0.1:6379/0"
+    elif args.backend:
+        env[_ENV_BACKEND] = args.backend
+    os.environ.update({k: v for k, v in env.items() if k.startswith("CANCELLABLE_DEMO")})
+    client = _make_app()  # the driver's own app, configured like the worker's
+
+    print(f"scratch directory: {directory}")
+    print(f"broker: {client.conf.broker_url}   results: {client.conf.result_backend}")
+    print("starting a prefork worker with 2 child processes...")
+    worker_log = (directory / "worker.log").open("w")
+    node = f"demo-{os.getpid()}@localhost"
+    loglevel = os.environ.get("CANCELLABLE_DEMO_LOGLEVEL", "warning")
+    worker = subprocess.Popen(
+        [
+            sys.executable, "-m", "celery", "-A", "cancellable._demo", "worker",
+            "-P", "prefork", "-c", "2", "-n", node, "-l", loglevel,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ],
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        _wait_for(
+            lambda: bool(client.control.ping(destination=[node], timeout=0.5)),
+            60,
+            "the worker to answer a ping",
+        )
+        first = client.send_task("cancellable._demo.export", args=("first", 400))
+        _wait_for(lambda: _rows_written(directory, "first") >= 1, 60, "'first' to start")
+        second = client.send_task("cancellable._demo.export", args=("second", 60))
+        _wait_for(lambda: _rows_written(directory, "second") >= 1, 60, "'second' to start")
+        third = client.send_task("cancellable._demo.export", args=("third", 30))
+        print(f"sent: first={first.id}\n      second={second.id}\n      third={third.id}")
+        _wait_for(lambda: _rows_written(directory, "first") >= 10, 60, "'first' to make progress")
+        print("\nthe first two are running on the two children; the third waits in the queue")
+
+        print("third.revoke()                                                   <- queued task")
+        third.revoke()
+        _wait_for(lambda: third.state == "REVOKED", 30, "the worker to take note of the revoke")
+        print("cancel(first, reason='user pressed stop', requested_by='alice')  <- running task")
+        from cancellable.celery import cancel
+
+        cancel(first, "user pressed stop", requested_by="alice", app=client)
+
+        _wait_for(lambda: first.state == "REVOKED", 30, "the first task to end REVOKED")
+        _wait_for(lambda: second.ready(), 60, "the second task to finish")
+        _wait_for(lambda: third.state == "REVOKED", 30, "the third task to end REVOKED")
+        time.sleep(0.3)  # let the worker flush its last events
+
+        print("\nfinal states:")
+        rows_first = _rows_written(directory, "first")
+        for name, result in (("first", first), ("second", second), ("third", third)):
+            detail = repr(result.result)
+            print(f"  {name:6} {result.state:8} {detail}")
+        cleaned = (directory / "first.cleaned").exists()
+        print(f"\ncleanup hook of 'first' ran: {cleaned}; partial file removed: {rows_first == 0}")
+        print(f"'third' ever started: {(directory / 'third.started').exists()}")
+
+        print("\nstructured events from the worker (cancellable.events):")
+        events_file = directory / "events.jsonl"
+        lines = events_file.read_text().splitlines() if events_file.exists() else []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            fields = {
+                k: v
+                for k, v in event.items()
+                if k in ("task_id", "task_name", "source", "message", "requested_by", "how")
+                or k.endswith("_ms")
+            }
+            print(f"  {event.get('event', '?'):18} {json.dumps(fields, sort_keys=True)}")
+
+        ok = (
+            first.state == "REVOKED"
+            and third.state == "REVOKED"
+            and second.state == "SUCCESS"
+            and cleaned
+            and not (directory / "third.started").exists()
+        )
+        if ok:
+            print("\nOK: the running task stopped and cleaned up; the queued task never ran.")
+        else:
+            print(f"\nUNEXPECTED: see the worker log at {directory / 'worker.log'}")
+        return 0 if ok else 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        worker_log.close()
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)

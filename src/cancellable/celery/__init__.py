@@ -1,0 +1,30 @@
+"""Cooperative cancellation for Celery tasks.
+
+Decorate a task with ``@cancellable`` (directly under ``@app.task``) and put
+`~cancellable.checkpoint` calls in its loops.  Any revoke then stops it at its
+next checkpoint: ``AsyncResult.revoke()``, ``app.control.revoke()``,
+``GroupResult.revoke()``, ``celery control revoke``, monitoring tools, and
+`cancel`, which adds a reason and durability.  The task runs its cleanup
+hooks and ends as REVOKED, acknowledged, never retried.
+
+Importing this module (the decorator does it for you whenever Celery is
+imported) installs the worker-side machinery; no worker flags are needed.
+See :doc:`/celery` for how it works in each pool and broker.
+"""
+
+from __future__ import annotations
+
+from ._api import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
+from ._ledger import DEFAULT_LEDGER_TTL
+from ._worker import DEFAULT_POLL_INTERVAL, install
+
+install()
+
+__all__ = [
+    "DEFAULT_LEDGER_TTL",
+    "DEFAULT_POLL_INTERVAL",
+    "BrokerUnavailableError",
+    "LedgerUnavailableWarning",
+    "cancel",
+    "configure",
+]

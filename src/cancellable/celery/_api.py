@@ -1,0 +1,236 @@
+"""The client side: `cancel` and `configure`."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal as signal_module
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from .._config import validate_seconds
+from .._exceptions import CancelReason
+from .._log import logger
+from ..events import LEDGER_UNAVAILABLE
+from . import _delivery, _ledger
+
+__all__ = [
+    "BrokerUnavailableError",
+    "LedgerUnavailableWarning",
+    "cancel",
+    "configure",
+]
+
+
+class BrokerUnavailableError(ConnectionError):
+    """`cancel` could not reach the broker; nothing was recorded or sent.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class LedgerUnavailableWarning(UserWarning):
+    """The cancellation was broadcast but could not be recorded durably.
+
+    Online workers still stop the task; a worker that was offline or restarts
+    before it receives the task may run it.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+def _collect(task_or_id: object, ids: list[str], apps: list[Any]) -> None:
+    if isinstance(task_or_id, str):
+        if not task_or_id.strip():
+            raise ValueError("a task id must be a non-empty string")
+        ids.append(task_or_id)
+        return
+    if task_or_id is None:
+        raise TypeError("cancel() needs a task id, an AsyncResult or a list of them, got None")
+    results = getattr(task_or_id, "results", None)
+    if results is not None and hasattr(task_or_id, "revoke"):
+        # A GroupResult: its members (and nested groups).
+        apps.append(getattr(task_or_id, "app", None))
+        for member in results:
+            _collect(member, ids, apps)
+        return
+    task_id = getattr(task_or_id, "id", None)
+    if isinstance(task_id, str) and hasattr(task_or_id, "revoke"):
+        apps.append(getattr(task_or_id, "app", None))
+        _collect(task_id, ids, apps)
+        return
+    if isinstance(task_or_id, (list, tuple, set, frozenset)):
+        for item in task_or_id:
+            _collect(item, ids, apps)
+        return
+    raise TypeError(
+        "cancel() needs a task id (str), an AsyncResult, a GroupResult or a list of them, "
+        f"got {type(task_or_id).__name__}"
+    )
+
+
+def cancel(
+    task_or_id: str | Any | Iterable[str | Any],
+    reason: CancelReason | str | None = None,
+    *,
+    requested_by: str | None = None,
+    app: Any = None,
+) -> CancelReason:
+    """Cancel Celery tasks, durably and with a reason.
+
+    A queued or reserved task will not run; a running ``@cancellable`` task
+    stops at its next checkpoint, runs its cleanup hooks and ends as REVOKED
+    with ``reason`` in its `~celery.exceptions.TaskRevokedError`.  The
+    cancellation is written to the ledger, so it is honoured by workers that
+    are offline now or restart later, and by redelivered ``acks_late``
+    messages.  It is also a standard ``revoke`` broadcast, so tasks that are
+    not ``@cancellable`` are revoked the usual way.
+
+    Args:
+        task_or_id: A task id, an `~celery.result.AsyncResult`, a
+            `~celery.result.GroupResult`, or a list of them.
+        reason: A message `str`, a `~cancellable.CancelReason`, or None.
+            A string becomes a reason with source ``"revoked"``.
+        requested_by: Who is cancelling (a user, a service); stored with
+            the reason.
+        app: The Celery app; defaults to the result's app or the current app.
+
+    Returns:
+        The `~cancellable.CancelReason` that was recorded and sent.
+
+    Raises:
+        TypeError: ``task_or_id`` or ``reason`` has the wrong type.
+        ValueError: An id is empty, or the reason message is too long.
+        BrokerUnavailableError: The broker cannot be reached; nothing was
+            recorded or sent.
+
+    Warns:
+        LedgerUnavailableWarning: The ledger is down; the broadcast was sent
+            but the cancellation is not durable.
+
+    .. versionadded:: 0.1.0
+    """
+    ids: list[str] = []
+    apps: list[Any] = []
+    _collect(task_or_id, ids, apps)
+    if not ids:
+        raise ValueError("cancel() was given no task ids")
+    ids = list(dict.fromkeys(ids))
+    cancel_reason = CancelReason.coerce(reason, default_source="revoked")
+    if requested_by is not None:
+        cancel_reason = dataclasses.replace(cancel_reason, requested_by=requested_by)
+    if app is None:
+        app = next((a for a in apps if a is not None), None)
+    if app is None:
+        from celery import current_app
+
+        app = current_app._get_current_object()
+
+    # A pooled connection: repeated cancels reuse one open connection.
+    with app.pool.acquire(block=True) as conn:
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        except Exception as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach the broker at {conn.as_uri()}: {exc}; nothing was cancelled"
+            ) from exc
+        try:
+            _ledger.ledger_for(app).record(ids, cancel_reason)
+        except _ledger.LedgerError as exc:
+            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids)
+            warnings.warn(
+                f"cancellation of {ids} sent to online workers but not recorded durably: {exc}",
+                LedgerUnavailableWarning,
+                stacklevel=2,
+            )
+        app.control.broadcast(
+            "revoke",
+            arguments={
+                "task_id": ids,
+                "terminate": False,
+                "signal": "SIGTERM",
+                "cancellable": cancel_reason.to_dict(),
+            },
+            connection=conn,
+        )
+    return cancel_reason
+
+
+def configure(
+    app: Any,
+    *,
+    ledger_url: str | None = None,
+    ledger_ttl: float | None = None,
+    poll_interval: float | None = None,
+    signal: int | str | None = None,
+) -> None:
+    """Set `cancellable`'s options on a Celery app (all optional).
+
+    The same options can be set in the app's configuration as
+    ``cancellable_ledger_url``, ``cancellable_ledger_ttl`` and
+    ``cancellable_poll_interval``.  Call it where you create the app, before
+    the worker starts.
+
+    Args:
+        app: The Celery app.
+        ledger_url: Where to record cancellations durably: ``redis://...``,
+            ``file:///path`` or ``"none"``.  Default: the app's Redis or
+            filesystem result backend, else its Redis broker.
+        ledger_ttl: How long a cancellation is remembered, in seconds
+            (default one week).  Keep it longer than a task can wait in a
+            queue.
+        poll_interval: How often a worker asks the ledger about the tasks it
+            is running, in seconds (default 2).  A safety net only; normal
+            delivery is pushed.
+        signal: The signal used to wake prefork children (default
+            ``SIGURG``, whose default action is to do nothing).  Signals
+            that billiard uses or resets in pool children (``SIGUSR1``,
+            ``SIGUSR2``, ``SIGTERM``, ``SIGHUP``, ...) are refused.
+
+    Raises:
+        TypeError, ValueError: An option is invalid.
+
+    .. versionadded:: 0.1.0
+    """
+    if ledger_url is not None:
+        if not isinstance(ledger_url, str):
+            raise TypeError("ledger_url must be a str")
+        if ledger_url.lower() != "none" and not ledger_url.startswith(
+            ("redis://", "rediss://", "unix://", "file://")
+        ):
+            raise ValueError(
+                "ledger_url must be a redis://, rediss://, unix:// or file:// URL, or 'none'"
+            )
+        app.conf.cancellable_ledger_url = ledger_url
+    if ledger_ttl is not None:
+        ttl = validate_seconds(ledger_ttl, "ledger_ttl", allow_none=False)
+        if not ttl:
+            raise ValueError("ledger_ttl must be positive")
+        app.conf.cancellable_ledger_ttl = ttl
+    if poll_interval is not None:
+        interval = validate_seconds(poll_interval, "poll_interval", allow_none=False)
+        if not interval:
+            raise ValueError("poll_interval must be positive")
+        app.conf.cancellable_poll_interval = interval
+    if signal is not None:
+        if isinstance(signal, str):
+            name = signal.upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            try:
+                signum = int(getattr(signal_module, name))
+            except AttributeError:
+                raise ValueError(f"unknown signal {signal!r}") from None
+        elif isinstance(signal, int) and not isinstance(signal, bool):
+            signum = signal
+        else:
+            raise TypeError("signal must be a signal name or number")
+        from billiard.common import TERMSIGS_FULL
+
+        taken = {getattr(signal_module, name, None) for name in TERMSIGS_FULL}
+        taken |= {signal_module.SIGKILL, signal_module.SIGSTOP, signal_module.SIGINT}
+        if signum in taken:
+            raise ValueError(
+                f"signal {signum} cannot be caught, or billiard uses it in pool children; "
+                "keep the default (SIGURG) or pick one such as SIGWINCH"
+            )
+        _delivery.set_signal(signum)

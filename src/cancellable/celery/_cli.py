@@ -1,0 +1,108 @@
+"""``celery cancel``: cancel tasks from the command line, and say what happened.
+
+Registered through the ``celery.commands`` entry point, so it runs as
+``celery -A proj cancel ID [ID ...] [--reason TEXT]``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+from celery import states
+from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
+
+from ._api import BrokerUnavailableError
+from ._api import cancel as cancel_tasks
+
+__all__ = ["cancel"]
+
+
+def _where(app: Any, task_ids: list[str], timeout: float) -> dict[str, str]:
+    """Which of ``task_ids`` are running or waiting on an online worker."""
+    found: dict[str, str] = {}
+    replies = app.control.inspect(timeout=timeout).query_task(*task_ids) or {}
+    for tasks in replies.values():
+        for task_id, (state, _info) in (tasks or {}).items():
+            if state == "active" or task_id not in found:
+                found[task_id] = state
+    return found
+
+
+@click.command(cls=CeleryCommand)
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option(
+    "--reason", cls=CeleryOption, default=None, help="Why (stored with the REVOKED state)."
+)
+@click.option("--by", "requested_by", cls=CeleryOption, default=None, help="Who is cancelling.")
+@click.option(
+    "--wait",
+    cls=CeleryOption,
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for running tasks to stop.",
+)
+@click.option(
+    "--timeout",
+    cls=CeleryOption,
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for workers to answer.",
+)
+@click.pass_context
+@handle_preload_options
+def cancel(
+    ctx: click.Context,
+    task_ids: tuple[str, ...],
+    reason: str | None,
+    requested_by: str | None,
+    wait: float,
+    timeout: float,
+    **kwargs: Any,
+) -> None:
+    """Cancel tasks by id and report, per id, what it was doing.
+
+    Running @cancellable tasks stop at their next checkpoint and end as
+    REVOKED; queued tasks will not run; finished tasks are left alone.
+    """
+    app = ctx.obj.app
+    ids = list(dict.fromkeys(task_ids))
+    before = {task_id: app.AsyncResult(task_id).state for task_id in ids}
+    where = _where(app, ids, timeout)
+    try:
+        cancel_tasks(ids, reason, requested_by=requested_by, app=app)
+    except BrokerUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+    running = [t for t in ids if where.get(t) == "active" and before[t] not in states.READY_STATES]
+    stopped: set[str] = set()
+    deadline = time.monotonic() + wait
+    while running and time.monotonic() < deadline:
+        for task_id in running:
+            if app.AsyncResult(task_id).state in states.READY_STATES:
+                stopped.add(task_id)
+        if stopped.issuperset(running):
+            break
+        time.sleep(0.05)
+
+    for task_id in ids:
+        if before[task_id] in states.READY_STATES:
+            line = f"finished ({before[task_id]}); nothing to cancel"
+        elif task_id in running:
+            if task_id in stopped:
+                final = app.AsyncResult(task_id).state
+                line = f"running; stopped ({final})"
+            else:
+                line = f"running; still running after {wait:g}s (no checkpoint reached yet)"
+        elif where.get(task_id) in ("reserved", "scheduled"):
+            line = f"queued ({where[task_id]} by a worker); will not run"
+        elif before[task_id] != states.PENDING:
+            line = f"queued ({before[task_id]}); will not run"
+        else:
+            line = "unknown (not seen by any online worker); recorded, so it will not run if queued"
+        click.echo(f"{task_id}: {line}")

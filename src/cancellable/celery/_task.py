@@ -1,0 +1,155 @@
+"""The task boundary: a ``@cancellable`` call that Celery is executing.
+
+The core decorator asks us (through ``_config.call_runner``) whether a call
+belongs to a Celery task execution.  If it does, we:
+
+1. open the call's scope and register it under the task id, so a
+   cancellation delivered to this process can find it;
+2. check whether the task was cancelled before it started (revoked set,
+   mailbox, early deliveries) and, if so, skip the body;
+3. run the body; if our scope was cancelled and `Cancelled` reaches us, the
+   hooks have run (the scope ran them while unwinding), so we record the
+   REVOKED state with the reason and raise `celery.exceptions.Ignore`, which
+   acknowledges the message and stops Celery from storing anything else.
+
+`Cancelled` must never escape a task: Celery re-raises `BaseException`
+subclasses out of the tracer, which would store nothing and, in a prefork
+child, end the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import signals
+from celery._state import get_current_task
+from celery.exceptions import Ignore
+from celery.worker import state as worker_state
+
+from .._decorator import CallOptions, run_in_scope
+from .._exceptions import Cancelled, CancelReason
+from .._log import logger
+from ..events import TASK_CANCELLED, TASK_SKIPPED
+from . import _delivery
+
+__all__ = ["claim"]
+
+
+def claim() -> Callable[..., Any] | None:
+    """Return a runner if the decorated call is a Celery task's body."""
+    task = get_current_task()
+    if task is None:
+        return None
+    request = task.request
+    task_id = request.id
+    if task_id is None or request.called_directly:
+        return None
+    if _delivery.running(task_id) is not None:
+        # A @cancellable function called from inside the task: an ordinary
+        # nested scope, not a second binding.
+        return None
+    return functools.partial(_run_task, task, request)
+
+
+def _revoked_message(reason: CancelReason) -> str:
+    # Celery's own message for a revoke is "revoked"; ours starts the same way
+    # and adds who and why: "revoked by alice: user pressed stop".
+    return reason.describe()
+
+
+def _store_revoked(task: Any, request: Any, reason: CancelReason) -> None:
+    store = not request.ignore_result or task.store_errors_even_if_ignored
+    try:
+        task.backend.mark_as_revoked(
+            request.id, reason=_revoked_message(reason), request=request, store_result=store
+        )
+    except Exception as exc:  # noqa: BLE001 - the task must still end cleanly
+        logger.warning("task.revoked_not_stored", task_id=request.id, error=repr(exc), exc_info=exc)
+
+
+def _before_start_reason(task_id: str) -> tuple[CancelReason, float | None] | None:
+    pending = _delivery.pending_reason(task_id)
+    if pending is not None:
+        return pending
+    if task_id in worker_state.revoked:
+        return CancelReason(source="revoked", message="revoked before it started"), None
+    return None
+
+
+def _run_task(
+    task: Any,
+    request: Any,
+    wrapped: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: CallOptions,
+) -> Any:
+    task_id: str = request.id
+    scope = options.new_scope()
+    entry = _delivery.RunningTask(task_id, task.name, scope)
+    _delivery.register(entry)
+    _delivery.ensure_child_handler()
+    # The tutorial idiom `current_task.request.revoked()` (Context has no
+    # such method in Celery itself).
+    request.revoked = entry.revoked
+    try:
+        early = _before_start_reason(task_id)
+        if early is not None:
+            reason, _delivered_at = early
+            _store_revoked(task, request, reason)
+            logger.info(
+                TASK_SKIPPED,
+                task_id=task_id,
+                task_name=task.name,
+                source=reason.source,
+                message=reason.message,
+                requested_by=reason.requested_by,
+            )
+            raise Ignore()
+        try:
+            return run_in_scope(wrapped, args, kwargs, options, scope)
+        except Cancelled as exc:
+            if not scope.cancel_called:
+                raise
+            _finish_cancelled(task, request, entry, exc)
+            raise Ignore() from None
+    finally:
+        _delivery.unregister(entry)
+
+
+def _finish_cancelled(
+    task: Any, request: Any, entry: _delivery.RunningTask, exc: Cancelled
+) -> None:
+    reason = entry.scope.cancel_reason or exc.reason
+    _store_revoked(task, request, reason)
+    done = time.time()
+
+    def since_request(moment: float | None) -> float | None:
+        if moment is None:
+            return None
+        return round((moment - reason.requested_at) * 1000.0, 3)
+
+    observed_at = entry.scope._observed_at
+    logger.info(
+        TASK_CANCELLED,
+        task_id=request.id,
+        task_name=task.name,
+        source=reason.source,
+        message=reason.message,
+        requested_by=reason.requested_by,
+        delivered_ms=since_request(entry.delivered_at),
+        observed_ms=since_request(observed_at),
+        cleanup_done_ms=since_request(done),
+        hook_errors=len(exc.hook_errors),
+    )
+    signals.task_revoked.send(
+        sender=task,
+        request=request,
+        terminated=False,
+        signum=None,
+        expired=False,
+        reason=reason,
+    )

@@ -1,0 +1,224 @@
+"""Worker-side wiring: the revoke interceptor, start-up, and the safety-net poller.
+
+Everything here is installed when `cancellable.celery` is imported, which the
+``@cancellable`` decorator does in any process that has imported Celery.  In
+a worker, task modules are imported by the main process before the pool
+starts, so by the time children are forked the interceptor is in place, the
+shared mailbox exists, and ``worker_process_init`` will install the signal
+handler in each child.
+
+* **Interceptor.**  Celery dispatches remote-control commands from the
+  ``Panel.data`` registry.  We wrap its ``revoke`` entry: Celery's own
+  handler runs first (it updates the revoked set and discards queued
+  tasks), then we deliver the cancellation to running ``@cancellable``
+  tasks and record it in the ledger.  Any revoke works: ``AsyncResult.revoke``,
+  ``app.control.revoke``, ``GroupResult.revoke``, ``celery control revoke``,
+  Flower, and `cancellable.celery.cancel`, whose broadcast also carries the
+  reason under the extra argument ``cancellable``.  ``terminate=True`` is
+  left entirely to Celery.
+* **Start-up** (``worker_init``, main process, before the pool and the
+  consumer start): every live id in the ledger goes into Celery's revoked
+  set, so tasks cancelled while no worker was online are discarded on
+  receipt, redelivered ``acks_late`` messages included.
+* **Poller**, one daemon thread per worker main process: every 0.1 s it
+  signals children that accepted a task after its cancellation arrived (the
+  window between a child starting a task and the main process learning its
+  pid), and every ``cancellable_poll_interval`` seconds it asks the ledger
+  about the running tasks, which catches missed broadcasts and is the only
+  way to reach a task in a busy ``solo`` worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any, Final
+
+from celery import signals
+from celery.utils.functional import maybe_list
+from celery.worker import state as worker_state
+from celery.worker.control import Panel
+
+from .. import _config
+from .._exceptions import CancelReason
+from .._log import logger
+from ..events import LEDGER_UNAVAILABLE
+from . import _delivery, _ledger, _task
+
+__all__ = ["install"]
+
+DEFAULT_POLL_INTERVAL: Final = 2.0
+
+_installed = False
+_install_lock: Final = threading.Lock()
+
+#: Cancellations received for tasks reserved by this worker whose child is
+#: not known yet; the poller signals the child once it is.
+_awaiting: dict[str, CancelReason] = {}
+_awaiting_lock: Final = threading.Lock()
+_worker_app: Any = None
+
+
+def _reason_from(arguments: Any) -> CancelReason:
+    if isinstance(arguments, dict):
+        try:
+            return CancelReason.from_dict(arguments)
+        except (TypeError, ValueError):
+            pass
+    return CancelReason(source="revoked")
+
+
+def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cancel: bool) -> None:
+    for task_id in task_ids:
+        request = worker_state.requests.get(task_id)
+        worker_pid = getattr(request, "worker_pid", None) if request is not None else None
+        task_name = getattr(request, "name", None) if request is not None else None
+        how = _delivery.deliver(task_id, reason, worker_pid, task_name)
+        if how == "mailbox" and request is not None:
+            with _awaiting_lock:
+                _awaiting[task_id] = reason
+    if not from_cancel:
+        # A plain revoke: make it durable too (cancel() wrote the ledger itself).
+        app = getattr(state, "app", None) or _worker_app
+        if app is not None:
+            try:
+                _ledger.ledger_for(app).record(task_ids, reason)
+            except _ledger.LedgerError as exc:
+                logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
+
+
+def _wrap_revoke() -> None:
+    original = Panel.data.get("revoke")
+    if original is None or getattr(original, "_cancellable_original", None) is not None:
+        return
+
+    def revoke(
+        state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any
+    ) -> Any:
+        result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        if not terminate:
+            task_ids = [str(t) for t in (maybe_list(task_id) or [])]
+            payload = kwargs.get("cancellable")
+            try:
+                _on_revoke(state, task_ids, _reason_from(payload), payload is not None)
+            except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
+                logger.error("cancel.delivery_failed", task_ids=task_ids, error=repr(exc))
+        return result
+
+    revoke._cancellable_original = original  # type: ignore[attr-defined]
+    revoke.__doc__ = original.__doc__
+    Panel.data["revoke"] = revoke
+
+
+def _poll_interval(app: Any) -> float:
+    value = app.conf.get("cancellable_poll_interval")
+    return DEFAULT_POLL_INTERVAL if value is None else float(value)
+
+
+def _poller(app: Any) -> None:
+    interval = _poll_interval(app)
+    next_ledger_poll = time.monotonic() + interval
+    while True:
+        time.sleep(0.1)
+        with contextlib.suppress(Exception):
+            _signal_awaiting()
+        if time.monotonic() >= next_ledger_poll:
+            next_ledger_poll = time.monotonic() + interval
+            try:
+                _poll_ledger(app)
+            except _ledger.LedgerError as exc:
+                logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - the net must not die
+                logger.warning("cancel.poll_failed", error=repr(exc))
+
+
+def _signal_awaiting() -> None:
+    with _awaiting_lock:
+        items = list(_awaiting.items())
+    for task_id, reason in items:
+        request = worker_state.requests.get(task_id)
+        pid = getattr(request, "worker_pid", None) if request is not None else None
+        if request is None or pid:
+            with _awaiting_lock:
+                _awaiting.pop(task_id, None)
+        if pid:
+            _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
+
+
+_polled: set[str] = set()
+
+
+def _poll_ledger(app: Any) -> None:
+    watched: dict[str, int | None] = {}
+    for request in list(worker_state.active_requests):
+        if request.id not in _polled:
+            watched[request.id] = request.worker_pid
+    for task_id in _delivery.running_ids():
+        if task_id not in _polled:
+            watched.setdefault(task_id, None)
+    if not watched:
+        return
+    found = _ledger.ledger_for(app).lookup(watched)
+    for task_id, reason in found.items():
+        _polled.add(task_id)
+        worker_state.revoked.add(task_id)
+        _delivery.deliver(task_id, reason, watched[task_id])
+    if len(_polled) > 10_000:
+        _polled.clear()
+
+
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    global _worker_app
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    _worker_app = app
+    try:
+        ids = _ledger.ledger_for(app).all_ids()
+    except _ledger.LedgerError as exc:
+        logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
+        ids = []
+    for task_id in ids:
+        worker_state.revoked.add(task_id)
+    threading.Thread(target=_poller, args=(app,), name="cancellable-poller", daemon=True).start()
+
+
+def _on_worker_process_init(**kwargs: Any) -> None:
+    _delivery.install_child_handler()
+
+
+def _on_task_revoked(
+    sender: Any = None, request: Any = None, terminated: bool = False, **kwargs: Any
+) -> None:
+    # Celery discarded a task on receipt (or before handing it to the pool)
+    # and stored REVOKED with the reason "revoked".  If we know a better
+    # reason, store that instead.  Only in the main process, only on discard.
+    if terminated or "reason" in kwargs or request is None or _worker_app is None:
+        return
+    task_id = getattr(request, "id", None)
+    if not task_id:
+        return
+    try:
+        reason = _ledger.ledger_for(_worker_app).lookup([task_id]).get(task_id)
+    except _ledger.LedgerError:
+        return
+    if reason is None or not (reason.message or reason.requested_by):
+        return
+    task = getattr(request, "task", None) or sender
+    with contextlib.suppress(Exception):
+        task.backend.mark_as_revoked(task_id, reason=_task._revoked_message(reason))
+
+
+def install() -> None:
+    """Install the worker-side machinery in this process (idempotent)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        _installed = True
+        _wrap_revoke()
+        signals.worker_init.connect(_on_worker_init, weak=False)
+        signals.worker_process_init.connect(_on_worker_process_init, weak=False)
+        signals.task_revoked.connect(_on_task_revoked, weak=False)
+        _config.call_runner = _task.claim
