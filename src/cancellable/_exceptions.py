@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import time
 from typing import Any, Final, Literal, get_args
 
@@ -187,7 +188,19 @@ class Cancelled(BaseException):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep hook errors across pickling when they pickle themselves; the
         # reason alone is what matters on the far side.
-        return (_rebuild_cancelled, (self.reason, self.hook_errors))
+        return (_rebuild_cancelled, (self.reason, tuple(map(_portable, self.hook_errors))))
+
+
+def _portable(error: BaseException) -> BaseException:
+    # A hook error that does not survive a pickle round trip (an exception
+    # class with a custom __init__ signature, a local class, an unpicklable
+    # attribute) would make the whole Cancelled fail to pickle or, worse, to
+    # unpickle on the far side.  Replace it with a description.
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - any failure means "not portable"
+        return RuntimeError(f"unpicklable cleanup hook error: {error!r:.500}")
+    return error
 
 
 def _rebuild_cancelled(reason: CancelReason, hook_errors: tuple[BaseException, ...]) -> Cancelled:

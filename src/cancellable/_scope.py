@@ -202,8 +202,11 @@ def _slow_checkpoint() -> None:
     stack = _get_stack()
     if stack:
         scope = stack[-1]
-        if scope._effectively_cancelled:
-            raise scope._observe()
+        # Read the reason once and raise with what was read: another thread
+        # may un-cancel the scope (by setting .shield) between two reads.
+        reason = scope._effective_reason
+        if reason is not None:
+            raise scope._observe(reason)
 
 
 def is_cancelled() -> bool:
@@ -229,6 +232,10 @@ def is_cancelled() -> bool:
 _NEW: Final = 0
 _ENTERED: Final = 1
 _EXITED: Final = 2
+#: Closed because an enclosing scope on the same thread was exited first
+#: (misnesting).  Its own later exit is silent: the enclosing scope's exit
+#: already raised the RuntimeError that explains what went wrong.
+_ABANDONED: Final = 3
 
 _MISNESTING_ADVICE: Final = (
     "Cancel scopes must be exited in the reverse order they were entered, on "
@@ -276,7 +283,7 @@ class CancelScope:
         "_effective_reason",
         "_effectively_cancelled",
         "_hooks",
-        "_observed",
+        "_observed_at",
         "_parent",
         "_shield",
         "_stack",
@@ -310,7 +317,7 @@ class CancelScope:
         self._effective_reason: CancelReason | None = None
         self._effectively_cancelled = False
         self._hooks: list[HookHandle] = []
-        self._observed = False
+        self._observed_at: float | None = None
         self._parent: CancelScope | None = None
         self._stack: list[CancelScope] | None = None
         self._state = _NEW
@@ -321,7 +328,7 @@ class CancelScope:
         self.cleanup_errors: tuple[BaseException, ...] = ()
 
     def __repr__(self) -> str:
-        state = ("new", "entered", "exited")[self._state]
+        state = ("new", "entered", "exited", "abandoned")[self._state]
         extra = ""
         if self._cancel_reason is not None:
             extra += f", cancelled ({self._cancel_reason.describe()})"
@@ -357,8 +364,10 @@ class CancelScope:
         value = _validate_deadline(value)
         with _lock:
             self._deadline = value
-            if self._state == _ENTERED:
-                self._arm_deadline()
+            expired = self._state == _ENTERED and self._arm_deadline()
+        if expired:
+            # Outside the lock: cancelling logs (invariant 5).
+            self._cancel_for_deadline()
 
     @property
     def shield(self) -> bool:
@@ -398,7 +407,7 @@ class CancelScope:
     def _cancel(self, reason: CancelReason) -> bool:
         global _cancelled_live
         with _lock:
-            if self._cancel_reason is not None or self._state == _EXITED:
+            if self._cancel_reason is not None or self._state >= _EXITED:
                 return False
             self._cancel_reason = reason
             if self._deadline_handle is not None:
@@ -438,7 +447,10 @@ class CancelScope:
                 _cancelled_live += 1
             _recalculate(self)
             _update_pending()
-            self._arm_deadline()
+            expired = self._arm_deadline()
+        if expired:
+            # Outside the lock: cancelling logs (invariant 5).
+            self._cancel_for_deadline()
         return self
 
     def __exit__(
@@ -447,45 +459,55 @@ class CancelScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        if self._state == _ABANDONED:
+            self._state = _EXITED
+            return False
         if self._state != _ENTERED:
             raise RuntimeError(
                 "This CancelScope was never entered, or was already exited. " + _MISNESTING_ADVICE
             )
-        if self._thread != threading.get_ident() or (
-            self._stack is not None and self._stack[-1] is not self
-        ):
+        if self._thread != threading.get_ident():
+            # Leave the scope alone: it is on another thread's stack, and that
+            # thread is still running inside it (and may read its stack now).
+            raise RuntimeError(
+                "Cancel scope exited on a thread that did not enter it. " + _MISNESTING_ADVICE
+            ) from exc
+        if self._stack is not None and self._stack[-1] is not self:
             self._abandon()
             raise RuntimeError("Cancel scope exited out of order. " + _MISNESTING_ADVICE) from exc
 
         started = time.perf_counter()
         hooks_run = 0
-        if isinstance(exc, Cancelled) and self._hooks:
-            hooks_run = len(self._hooks)
-            errors = self._run_hooks()
-            if errors:
-                self.cleanup_errors = errors
-                exc.hook_errors = exc.hook_errors + errors
-                add_note = getattr(exc, "add_note", None)  # Python 3.11+
-                if add_note is not None:
-                    for error in errors:
-                        add_note(f"cleanup hook failed: {error!r}")
+        try:
+            if isinstance(exc, Cancelled) and self._hooks:
+                hooks_run = len(self._hooks)
+                errors = self._run_hooks()
+                if errors:
+                    self.cleanup_errors = errors
+                    exc.hook_errors = exc.hook_errors + errors
+                    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+                    if add_note is not None:
+                        for error in errors:
+                            add_note(f"cleanup hook failed: {error!r}")
+        finally:
+            # Even when a hook re-raised KeyboardInterrupt or SystemExit, the
+            # scope must leave its thread's stack and the live count.
+            with _lock:
+                # Do we absorb this Cancelled?  Only if we caused it: we are
+                # cancelled ourselves and the parent's cancellation (if any) is
+                # not visible to us.  Otherwise it belongs to an enclosing scope.
+                parent = self._parent
+                parent_visible = (
+                    parent is not None and parent._effectively_cancelled and not self._shield
+                )
+                caught = (
+                    self._catch
+                    and isinstance(exc, Cancelled)
+                    and self._cancel_reason is not None
+                    and not parent_visible
+                )
+                self._close()
         cleanup_ms = (time.perf_counter() - started) * 1000.0
-
-        with _lock:
-            # Do we absorb this Cancelled?  Only if we caused it: we are
-            # cancelled ourselves and the parent's cancellation (if any) is
-            # not visible to us.  Otherwise it belongs to an enclosing scope.
-            parent = self._parent
-            parent_visible = (
-                parent is not None and parent._effectively_cancelled and not self._shield
-            )
-            caught = (
-                self._catch
-                and isinstance(exc, Cancelled)
-                and self._cancel_reason is not None
-                and not parent_visible
-            )
-            self._close()
 
         if self._cancel_reason is not None or isinstance(exc, Cancelled):
             reason = self._cancel_reason or (exc.reason if isinstance(exc, Cancelled) else None)
@@ -530,30 +552,31 @@ class CancelScope:
                 top._close()
                 if top is self:
                     break
+                top._state = _ABANDONED
 
-    def _arm_deadline(self) -> None:
-        # Caller holds _lock and the scope is entered.
+    def _arm_deadline(self) -> bool:
+        # Caller holds _lock and the scope is entered.  Returns True if the
+        # deadline has already passed: the caller then calls
+        # _cancel_for_deadline() after releasing the lock.
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
         if self._cancel_reason is not None or self._deadline == math.inf:
-            return
+            return False
         if self._deadline <= time.monotonic():
-            self._cancel_for_deadline()
-            return
+            return True
         self._deadline_handle = _timer.schedule(self._deadline, self._cancel_for_deadline)
+        return False
 
     def _cancel_for_deadline(self) -> None:
         self._cancel(CancelReason(source="deadline", message="deadline expired"))
 
     # -- the slow path -------------------------------------------------------
 
-    def _observe(self) -> Cancelled:
+    def _observe(self, reason: CancelReason) -> Cancelled:
         # Build the exception a checkpoint raises; log the first observation.
-        reason = self._effective_reason
-        assert reason is not None
-        if not self._observed:
-            self._observed = True
+        if self._observed_at is None:
+            self._observed_at = time.time()
             logger.info(
                 CANCEL_OBSERVED,
                 scope=hex(id(self)),
