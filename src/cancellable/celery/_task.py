@@ -7,7 +7,8 @@ belongs to a Celery task execution.  If it does, we:
    cancellation delivered to this process can find it;
 2. check whether the task was cancelled before it started (revoked set,
    mailbox, early deliveries) and, if so, skip the body;
-3. run the body; if our scope was cancelled and `Cancelled` reaches us, the
+3. run the body; if `Cancelled` reaches us (our scope was cancelled, or a
+   nested ``@cancellable`` call's timeout let its `Cancelled` through), the
    hooks have run (the scope ran them while unwinding), so we record the
    REVOKED state with the reason and raise `celery.exceptions.Ignore`, which
    acknowledges the message and stops Celery from storing anything else.
@@ -112,8 +113,9 @@ def _run_task(
         try:
             return run_in_scope(wrapped, args, kwargs, options, scope)
         except Cancelled as exc:
-            if not scope.cancel_called:
-                raise
+            # Ours, or one that a nested scope let through (a @cancellable
+            # helper's timeout): either way the task was cancelled, and a
+            # BaseException must not reach Celery's tracer.
             _finish_cancelled(task, request, entry, exc)
             raise Ignore() from None
     finally:

@@ -48,6 +48,7 @@ from . import _delivery, _ledger, _task
 
 __all__ = ["install"]
 
+#: Seconds between a worker's polls of the ledger for the tasks it runs.
 DEFAULT_POLL_INTERVAL: Final = 2.0
 
 _installed = False
@@ -71,6 +72,7 @@ def _reason_from(arguments: Any) -> CancelReason:
 
 def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cancel: bool) -> None:
     for task_id in task_ids:
+        _remember_delivered(task_id)
         request = worker_state.requests.get(task_id)
         worker_pid = getattr(request, "worker_pid", None) if request is not None else None
         task_name = getattr(request, "name", None) if request is not None else None
@@ -146,7 +148,15 @@ def _signal_awaiting() -> None:
             _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
 
 
+#: Ids already delivered in this process, so the poller does not deliver
+#: (and log) them again every interval while the task runs on.
 _polled: set[str] = set()
+
+
+def _remember_delivered(task_id: str) -> None:
+    if len(_polled) > 10_000:
+        _polled.clear()
+    _polled.add(task_id)
 
 
 def _poll_ledger(app: Any) -> None:
@@ -161,11 +171,9 @@ def _poll_ledger(app: Any) -> None:
         return
     found = _ledger.ledger_for(app).lookup(watched)
     for task_id, reason in found.items():
-        _polled.add(task_id)
+        _remember_delivered(task_id)
         worker_state.revoked.add(task_id)
         _delivery.deliver(task_id, reason, watched[task_id])
-    if len(_polled) > 10_000:
-        _polled.clear()
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
