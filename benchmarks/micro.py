@@ -32,24 +32,18 @@ from cases import BASELINES, CASES, Case, Options, clock_for, make_inner, run_se
 
 HERE = Path(__file__).resolve().parent
 
-#: pyperf options per mode.  The full run is pyperf's default (20 worker
-#: processes x 3 values after 1 warmup, 100 ms per value).
+#: pyperf options per mode.  The full run is pyperf's default (3 values after
+#: 1 warmup, 100 ms per value) in 20 worker processes per benchmark, spread
+#: over `PASSES` passes through the whole list, so that a noisy minute on this
+#: shared machine hits every benchmark a little instead of one a lot.
 PYPERF_OPTIONS = {
     "full": [],
-    "quick": [
-        "--quiet",
-        "--processes",
-        "1",
-        "--values",
-        "5",
-        "--warmups",
-        "1",
-        "--min-time",
-        "0.02",
-    ],
-    # For tests: one process, one value, a fixed small loop count (no calibration).
-    "smoke": ["--quiet", "--processes", "1", "--values", "1", "--warmups", "0", "--loops", "5"],
+    "quick": ["--quiet", "--values", "5", "--warmups", "1", "--min-time", "0.02"],
+    # For tests: one value, a fixed small loop count (no calibration).
+    "smoke": ["--quiet", "--values", "1", "--warmups", "0", "--loops", "5"],
 }
+#: (passes, worker processes per benchmark per pass) per mode.
+PASSES = {"full": (4, 5), "quick": (1, 1), "smoke": (1, 1)}
 
 
 def select_cases(only: str | None, *, redis: bool = True) -> list[Case]:
@@ -135,14 +129,16 @@ def main() -> None:
 # Driver side (called by run.py).
 
 
-def records_from_suite(suite: Any) -> list[dict[str, Any]]:
-    """Result records (ns per call) from a loaded pyperf BenchmarkSuite."""
-    records = []
-    for bench in suite.get_benchmarks():
-        values_ns = [value * 1e9 for value in bench.get_values()]
-        runs = sum(1 for run in bench.get_runs() if run.values)
-        records.append(measured(bench.get_name(), values_ns, "ns", runs=runs))
-    return records
+def records_from_suites(suites: list[Any]) -> list[dict[str, Any]]:
+    """Result records (ns per call) from loaded pyperf BenchmarkSuites (one per pass)."""
+    values: dict[str, list[float]] = {}
+    runs: dict[str, int] = {}
+    for suite in suites:
+        for bench in suite.get_benchmarks():
+            name = bench.get_name()
+            values.setdefault(name, []).extend(v * 1e9 for v in bench.get_values())
+            runs[name] = runs.get(name, 0) + sum(1 for run in bench.get_runs() if run.values)
+    return [measured(name, values[name], "ns", runs=runs[name]) for name in values]
 
 
 def run(
@@ -163,38 +159,45 @@ def run(
     left_out = [c for c in select_cases(only) if c.needs_redis and c not in cases]
     if not cases:
         return [skipped(c.name, redis_error or "not selected") for c in left_out]
+    passes, processes = PASSES[mode]
+    suites = []
     with tempfile.TemporaryDirectory(prefix="cancellable-bench-") as tmp:
-        out = Path(tmp) / "micro.json"
-        cmd = [sys.executable, str(HERE / "micro.py"), "-o", str(out)]
-        cmd += PYPERF_OPTIONS[mode]
-        cmd += ["--redis-url", redis_url]
-        if only:
-            cmd += ["--only", only]
-        if redis_error is not None:
-            cmd.append("--no-redis")
-        log(f"micro: {len(cases)} benchmarks with pyperf ({mode})")
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                log("  " + line.rstrip())
-            rc = proc.wait(timeout=timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if rc != 0:
-            raise RuntimeError(f"the pyperf program failed (exit status {rc}): {' '.join(cmd)}")
-        suite = pyperf.BenchmarkSuite.load(str(out))
-    records = records_from_suite(suite)
+        for number in range(passes):
+            out = Path(tmp) / f"micro-{number}.json"
+            cmd = [sys.executable, str(HERE / "micro.py"), "-o", str(out)]
+            cmd += PYPERF_OPTIONS[mode] + ["--processes", str(processes)]
+            cmd += ["--redis-url", redis_url]
+            if only:
+                cmd += ["--only", only]
+            if redis_error is not None:
+                cmd.append("--no-redis")
+            log(f"micro: pass {number + 1}/{passes}, {len(cases)} benchmarks with pyperf ({mode})")
+            _run_pyperf(cmd, timeout)
+            suites.append(pyperf.BenchmarkSuite.load(str(out)))
+    records = records_from_suites(suites)
     records += [skipped(c.name, redis_error or "not run") for c in left_out]
     return records
+
+
+def _run_pyperf(cmd: list[str], timeout: float) -> None:
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            log("  " + line.rstrip())
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"the pyperf program failed (exit status {rc}): {' '.join(cmd)}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class Settings:
 
 
 SETTINGS = {
-    "full": Settings(pairs=41, loop_seconds=0.05),
+    "full": Settings(pairs=201, loop_seconds=0.01),
     "quick": Settings(pairs=9, loop_seconds=0.01),
     "smoke": Settings(pairs=2, loop_seconds=0.0005),
 }

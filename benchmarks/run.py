@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _workers
 import in_task
 import latency
 import micro
@@ -50,7 +51,12 @@ from _common import (
     selected,
     skipped,
 )
+from _integration import celery_integration
 from cases import CASES
+
+CELERY_PARTS = (in_task, latency, throughput)
+#: Errors of parts that failed (they are reported as skipped; the exit status is 1).
+FAILURES: list[str] = []
 
 
 def expected_names(only: str | None = None) -> list[str]:
@@ -106,6 +112,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_celery_parts(
+    mode: str, only: str | None, redis_url: str, redis_error: str | None
+) -> list[dict[str, Any]]:
+    """``celery.*``, ``latency.*`` and ``throughput.*``, sharing one real worker.
+
+    Each is reported as skipped, with the reason, when Redis or the Celery
+    integration is missing, in ``--smoke`` mode (no workers), or when the
+    worker fails; a failure is also logged.
+    """
+    names = [n for part in CELERY_PARTS for n in part.NAMES if selected(n, only)]
+    if not names:
+        return []
+    reason = redis_error or celery_integration()[1]
+    if reason is None and mode == "smoke":
+        reason = "not run in --smoke mode, which starts no Celery workers"
+    if reason is not None:
+        return [skipped(name, reason) for name in names]
+    results: list[dict[str, Any]] = []
+    try:
+        with _workers.session(redis_url) as worker:
+            log(f"celery: worker {worker.nodename} is up")
+            for part in CELERY_PARTS:
+                results += part.run(mode, only, redis_url, worker)
+    except Exception as exc:
+        log(f"error: the Celery benchmarks failed: {exc!r}")
+        done = {r["name"] for r in results}
+        results += [skipped(n, f"failed: {exc!r}") for n in names if n not in done]
+        FAILURES.append(repr(exc))
+    return results
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every selected part; return the results document."""
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -117,11 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results += micro.run(mode, args.only, args.redis_url, redis_error)
     context_records, raw = overhead.run(mode, args.only)
     results += context_records
-    for part in (in_task, latency, throughput):
-        if redis_error:
-            results += [skipped(n, redis_error) for n in part.NAMES if selected(n, args.only)]
-            continue
-        results += part.run(mode, args.only, args.redis_url)
+    results += run_celery_parts(mode, args.only, args.redis_url, redis_error)
     add_ratios(results)
     if args.plot and raw:
         by_name = {r["name"]: r for r in results if not r.get("skipped")}
@@ -174,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         log("the results document has problems:\n  " + "\n  ".join(problems))
         return 1
-    return 0
+    return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":

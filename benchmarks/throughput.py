@@ -1,22 +1,30 @@
-"""Task throughput through a real prefork worker, plain vs @cancellable (extension point).
+"""Task throughput through a real prefork worker, plain vs ``@cancellable``.
 
-Names: ``throughput.plain_tasks_per_s``, ``throughput.cancellable_tasks_per_s``
-(5,000 no-op tasks through ``celery worker --pool=prefork -c 2``) and
-``throughput.per_task_overhead_us`` (the difference per task).
+Each round fills a fresh queue with N no-op tasks (``bench.noop_plain`` or
+``bench.noop_cancellable``, identical but for ``@cancellable``), then tells
+the running ``celery worker --pool=prefork -c 2`` to consume that queue
+(``add_consumer``), so publishing is not part of the measurement.  Each task
+counts itself in Redis (one pipelined round trip, the same in both
+variants); the round's time runs from the first task's start to the last
+task's end, both stamped by the tasks.
 
-Until ``cancellable.celery`` exists and exports ``cancel``, `run` returns
-skipped records naming the reason.
+Rounds alternate between the two variants (plain, cancellable, cancellable,
+plain, ...), and ``throughput.per_task_overhead_us`` is the median over
+adjacent pairs of ``1/cancellable - 1/plain`` per task.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_REDIS_URL, selected, skipped
+from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
 from _integration import celery_integration
 
 NAMES = (
@@ -25,15 +33,98 @@ NAMES = (
     "throughput.per_task_overhead_us",
 )
 
+#: (tasks per round, rounds per variant) per mode.
+SETTINGS = {"full": (5000, 4), "quick": (500, 1), "smoke": (50, 1)}
+#: Longest wait for one round.
+ROUND_TIMEOUT = 300.0
+
+TASKS = {"plain": "bench.noop_plain", "cancellable": "bench.noop_cancellable"}
+
+
+class ThroughputError(RuntimeError):
+    """A round did not finish in time."""
+
+
+def one_round(worker: Any, client: Any, variant: str, tasks: int) -> float:
+    """Run ``tasks`` no-op tasks of ``variant``; return tasks per second."""
+    token = uuid.uuid4().hex[:10]
+    key = f"cancellable-bench:throughput:{token}"
+    queue = f"{worker.queue}-round-{token}"
+    app = worker.app
+    name = TASKS[variant]
+    with app.producer_or_acquire() as producer:
+        for _ in range(tasks):
+            app.send_task(name, args=(key, tasks), queue=queue, producer=producer)
+    app.control.add_consumer(queue, destination=[worker.nodename], reply=True, timeout=5)
+    try:
+        deadline = time.monotonic() + ROUND_TIMEOUT
+        while client.get(f"{key}:last") is None:
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                done = client.get(f"{key}:count")
+                raise ThroughputError(f"round {variant}: only {done} of {tasks} tasks ran")
+            time.sleep(0.01)
+        first = float(client.get(f"{key}:first"))
+        last = float(client.get(f"{key}:last"))
+    finally:
+        app.control.cancel_consumer(queue, destination=[worker.nodename], reply=True, timeout=5)
+        client.delete(f"{key}:first", f"{key}:last", f"{key}:count", queue)
+    # N tasks ran between the first start and the last end: N - 1 intervals.
+    return (tasks - 1) / (last - first)
+
 
 def run(
-    mode: str = "full", only: str | None = None, redis_url: str = DEFAULT_REDIS_URL
+    mode: str = "full",
+    only: str | None = None,
+    redis_url: str = DEFAULT_REDIS_URL,
+    worker: Any = None,
 ) -> list[dict[str, Any]]:
     """Result records for the selected throughput names."""
     names = [name for name in NAMES if selected(name, only)]
     if not names:
         return []
     _module, reason = celery_integration()
-    if reason is None:
-        reason = "the throughput benchmark is not written yet"
-    return [skipped(name, reason) for name in names]
+    if reason is not None:
+        return [skipped(name, reason) for name in names]
+    if worker is None:
+        from _workers import session
+
+        with session(redis_url) as own:
+            return run(mode, only, redis_url, own)
+    import redis
+
+    tasks, rounds = SETTINGS[mode]
+    client = redis.Redis.from_url(redis_url)
+    rates: dict[str, list[float]] = {"plain": [], "cancellable": []}
+    overhead_us: list[float] = []
+    try:
+        one_round(worker, client, "plain", min(tasks, 100))  # warm up the pool
+        for k in range(rounds):
+            order = ("plain", "cancellable") if k % 2 == 0 else ("cancellable", "plain")
+            pair = {variant: one_round(worker, client, variant, tasks) for variant in order}
+            for variant, rate in pair.items():
+                rates[variant].append(rate)
+            overhead_us.append((1 / pair["cancellable"] - 1 / pair["plain"]) * 1e6)
+            log(
+                f"throughput round {k + 1}/{rounds}: plain {pair['plain']:.0f}/s, "
+                f"cancellable {pair['cancellable']:.0f}/s"
+            )
+    finally:
+        client.close()
+    records = {
+        "throughput.plain_tasks_per_s": measured(
+            "throughput.plain_tasks_per_s", rates["plain"], "tasks/s", runs=rounds, tails=False
+        ),
+        "throughput.cancellable_tasks_per_s": measured(
+            "throughput.cancellable_tasks_per_s",
+            rates["cancellable"],
+            "tasks/s",
+            runs=rounds,
+            tails=False,
+        ),
+        "throughput.per_task_overhead_us": measured(
+            "throughput.per_task_overhead_us", overhead_us, "us", runs=rounds, tails=False
+        ),
+    }
+    log(f"throughput: per-task overhead median {statistics.median(overhead_us):.1f} us")
+    return [records[name] for name in names]

@@ -39,6 +39,7 @@ sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
 import cases  # noqa: E402
+import in_task  # noqa: E402
 import overhead  # noqa: E402
 from _integration import celery_integration  # noqa: E402
 
@@ -71,6 +72,7 @@ REQUIRED_NAMES = (
     "latency.revoke_to_revoked_state",
     "throughput.plain_tasks_per_s",
     "throughput.cancellable_tasks_per_s",
+    "throughput.per_task_overhead_us",
 )
 
 #: Names that need the Celery integration (skipped with a reason until it exists).
@@ -548,6 +550,42 @@ def test_overhead_calibration_orders_the_bodies() -> None:
     assert small[1] < large[1]
     pct, added = overhead.measure_pairs(small[0], 50, 2)
     assert len(pct) == len(added) == 2
+
+
+def test_in_task_records_use_the_baselines_of_the_same_task() -> None:
+    """celery.* ratios come from the harness, empty call and loop timed in the same task."""
+    payload = {
+        "values": {
+            "revoked": [3005.0, 3005.0],
+            "bound_revoked": [1005.0],
+            "checkpoint": [29.0, 29.0, 29.0],
+            "harness": [5.0],
+            "empty": [25.0, 25.0],
+            "loop": [10.0],
+        }
+    }
+    records = in_task.records_from(payload, list(in_task.NAMES))
+    _common.add_ratios(records)
+    by_name = {r["name"]: r for r in records}
+    assert set(by_name) == {
+        "celery.request_revoked",
+        "celery.bound_request_revoked",
+        "celery.checkpoint_in_task",
+    }
+    assert by_name["celery.request_revoked"]["ratio_to_empty_call"] == pytest.approx(150.0)
+    assert by_name["celery.checkpoint_in_task"]["ratio_to_loop_iteration"] == pytest.approx(2.4)
+    assert all("_baselines" not in r for r in records)
+    failed = in_task.records_from({"error": "no revoked()"}, ["celery.request_revoked"])
+    assert failed == [_common.skipped("celery.request_revoked", "no revoked()")]
+
+
+def test_celery_parts_are_skipped_with_a_reason_in_smoke_mode(smoke_run: dict[str, Any]) -> None:
+    """Without workers (``--smoke``), every Celery result is an explicit skip naming why."""
+    by_name = {r["name"]: r for r in smoke_run["doc"]["results"]}
+    for name in CELERY_NAMES:
+        assert by_name[name]["skipped"] is True
+        reason = by_name[name]["reason"]
+        assert "smoke" in reason or "cancellable.celery" in reason, reason
 
 
 def test_celery_integration_probe_matches_the_source_tree() -> None:

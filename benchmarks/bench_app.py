@@ -1,0 +1,129 @@
+"""The Celery app that the benchmarks' real workers run (``celery -A bench_app worker``).
+
+`_workers.Worker` starts ``celery -A bench_app worker --pool=prefork`` with
+this directory on ``PYTHONPATH`` and the settings below in the environment,
+so that each run has its own queue and its own control exchange and never
+talks to other workers on the same Redis.
+
+Tasks:
+
+* ``bench.spin``: a ``@cancellable`` busy loop with a checkpoint per
+  iteration; it records when it started, when its checkpoint raised and when
+  its cleanup hook ran (``latency.py``).
+* ``bench.noop_plain`` / ``bench.noop_cancellable``: no-op tasks, the second
+  under ``@cancellable``; each counts itself in Redis (``throughput.py``).
+* ``bench.measure_revoked``: times ``current_task.request.revoked()``
+  inside a running ``@cancellable`` task (``in_task.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cancellable import Cancelled, cancellable, checkpoint, on_cancel
+
+REDIS_URL = os.environ.get("CANCELLABLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+QUEUE = os.environ.get("CANCELLABLE_BENCH_QUEUE", "cancellable-bench")
+CONTROL_EXCHANGE = os.environ.get("CANCELLABLE_BENCH_CONTROL", "cancellable-bench")
+
+#: A spinning task gives up after this long if nobody cancels it.
+SPIN_LIMIT_SECONDS = 30.0
+
+
+def make_app(redis_url: str, queue: str, control_exchange: str) -> Celery:
+    """The benchmark app; the client side builds the same one to send and revoke."""
+    app = Celery("cancellable_bench", broker=redis_url, backend=redis_url)
+    app.conf.update(
+        task_default_queue=queue,
+        control_exchange=control_exchange,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_app(REDIS_URL, QUEUE, CONTROL_EXCHANGE)
+
+_client: Any = None
+_client_pid = 0
+
+
+def redis_client() -> Any:
+    """A Redis client for this process (made again after a fork)."""
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        import redis
+
+        _client = redis.Redis.from_url(REDIS_URL)
+        _client_pid = os.getpid()
+    return _client
+
+
+@app.task(bind=True, name="bench.spin")
+@cancellable
+def spin(self: Any, key: str) -> str:
+    """Loop with a checkpoint per iteration until cancelled; record the moments in ``key``."""
+    client = redis_client()
+    marks: dict[str, float] = {}
+
+    def cleanup() -> None:
+        marks["cleanup"] = time.time()
+        # Written after both moments are taken, so the write is not measured.
+        client.hset(key, mapping=marks)
+
+    on_cancel(cleanup)
+    client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    limit = time.monotonic() + SPIN_LIMIT_SECONDS
+    x = 1
+    try:
+        while time.monotonic() < limit:
+            for i in range(1000):
+                checkpoint()
+                x = (x * 31 + i) % 65521
+    except Cancelled:
+        marks["raised"] = time.time()
+        raise
+    return "not cancelled"
+
+
+def _count(key: str, total: int) -> None:
+    client = redis_client()
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.setnx(f"{key}:first", now)
+    pipe.incr(f"{key}:count")
+    _, count = pipe.execute()
+    if count == total:
+        client.set(f"{key}:last", time.time())
+
+
+@app.task(name="bench.noop_plain", ignore_result=True)
+def noop_plain(key: str, total: int) -> None:
+    """A no-op task (it only counts itself)."""
+    _count(key, total)
+
+
+@app.task(name="bench.noop_cancellable", ignore_result=True)
+@cancellable
+def noop_cancellable(key: str, total: int) -> None:
+    """The same no-op task under ``@cancellable``."""
+    _count(key, total)
+
+
+@app.task(bind=True, name="bench.measure_revoked")
+@cancellable
+def measure_revoked(self: Any, seconds_per_value: float, values: int) -> dict[str, Any]:
+    """Time ``current_task.request.revoked()`` per call, with its baselines, in this task."""
+    import in_task
+
+    return in_task.measure_here(seconds_per_value, values)
