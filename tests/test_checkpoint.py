@@ -1,0 +1,340 @@
+"""Tests for checkpoint(), ``with checkpoint():``, is_cancelled() and request_slow_path()."""
+
+# style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
+# ruff: noqa: SIM300
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import pytest
+
+from cancellable import CancelScope, _scope, checkpoint, is_cancelled, shield
+from cancellable._scope import request_slow_path
+
+
+class TestOutsideScopes:
+    def test_checkpoint_is_a_noop(self):
+        """Outside any scope, checkpoint() returns without raising."""
+        for _ in range(3):
+            checkpoint()
+
+        assert _scope._CHECKPOINT_CONTEXT is checkpoint()
+
+    def test_is_cancelled_is_false(self):
+        """Outside any scope, is_cancelled() is False."""
+        assert is_cancelled() is False
+
+    def test_noop_even_while_something_is_pending(self, spawn):
+        """With another thread's scope cancelled, a scope-less thread still never raises."""
+        cancelled = threading.Event()
+        release = threading.Event()
+
+        def hold_a_cancelled_scope():
+            with CancelScope() as scope:
+                scope.cancel()
+                cancelled.set()
+                assert release.wait(5)
+                checkpoint()
+
+        runner = spawn(hold_a_cancelled_scope)
+        assert cancelled.wait(5)
+        pending = _scope._pending
+        checkpoint()
+        with checkpoint():
+            pass
+        answer = is_cancelled()
+        release.set()
+        runner.result()
+
+        assert pending
+        assert not answer
+
+
+class TestHotPath:
+    def test_checkpoint_reads_one_global(self):
+        """checkpoint() touches only the pending flag, the slow path and the context object.
+
+        This pins the hot path: anything else it looks up would cost every
+        caller on every check.
+        """
+        assert ("_pending", "_slow_checkpoint", "_CHECKPOINT_CONTEXT") == (
+            checkpoint.__code__.co_names
+        )
+
+    def test_slow_path_not_taken_when_nothing_pending(self, monkeypatch):
+        """Inside an uncancelled scope, checkpoint() does not enter the slow path."""
+
+        def slow():
+            raise AssertionError("slow path taken")
+
+        monkeypatch.setattr(_scope, "_slow_checkpoint", slow)
+        with CancelScope():
+            checkpoint()
+            with checkpoint():
+                pass
+            result = is_cancelled()
+
+        assert not result
+        assert not _scope._pending
+
+    def test_pending_follows_live_cancelled_scopes(self):
+        """_pending is set while a cancelled scope is entered and cleared when it exits."""
+        states = [_scope._pending]
+        with CancelScope() as outer:
+            states.append(_scope._pending)
+            with CancelScope() as inner:
+                inner.cancel()
+                states.append(_scope._pending)
+                checkpoint()
+            states.append(_scope._pending)
+            with CancelScope() as inner:
+                outer.cancel()
+                states.append(_scope._pending)
+                checkpoint()
+        states.append(_scope._pending)
+
+        assert [False, False, True, False, True, False] == states
+        assert outer.cancelled_caught
+
+
+class TestWithCheckpoint:
+    def test_checks_on_entry(self):
+        """``with checkpoint():`` raises before the body when already cancelled."""
+        ran = []
+        with CancelScope() as scope:
+            scope.cancel()
+            with checkpoint():
+                ran.append("body")  # pragma: no cover - must not run
+
+        assert [] == ran
+        assert scope.cancelled_caught
+
+    def test_checks_on_exit(self):
+        """A cancellation during the body raises when the block ends."""
+        ran = []
+        with CancelScope() as scope:
+            with checkpoint():
+                scope.cancel()
+                ran.append("body")
+            ran.append("unreachable")  # pragma: no cover - must not run
+
+        assert ["body"] == ran
+        assert scope.cancelled_caught
+
+    def test_does_not_replace_a_propagating_exception(self):
+        """An exception leaving the block is not replaced by Cancelled."""
+        scope = CancelScope()
+
+        def cancel_then_fail():
+            with scope, checkpoint():
+                scope.cancel()
+                raise KeyError("original")
+
+        with pytest.raises(KeyError, match="original"):
+            cancel_then_fail()
+
+        assert not scope.cancelled_caught
+
+    def test_quiet_when_not_cancelled(self):
+        """Without cancellation, ``with checkpoint():`` is transparent."""
+        with CancelScope() as scope, checkpoint() as value:
+            pass
+
+        assert value is None
+        assert not scope.cancel_called
+
+
+class TestIsCancelled:
+    def test_tracks_the_innermost_scope(self):
+        """is_cancelled() answers for the innermost scope, honouring shields."""
+        answers = []
+        with CancelScope() as outer:
+            answers.append(is_cancelled())
+            outer.cancel()
+            answers.append(is_cancelled())
+            with shield():
+                answers.append(is_cancelled())
+            with CancelScope():
+                answers.append(is_cancelled())
+            checkpoint()
+
+        assert [False, True, False, True] == answers
+
+    def test_does_not_raise(self):
+        """is_cancelled() never raises, so a loop can wind down by hand."""
+        steps = 0
+        with CancelScope() as scope:
+            while not is_cancelled():
+                steps += 1
+                if steps == 5:
+                    scope.cancel()
+
+        assert 5 == steps
+        assert not scope.cancelled_caught
+
+
+class TestThreadIndependence:
+    def test_cancelling_thread_a_never_raises_in_thread_b(self, spawn):
+        """While A's cancelled scope is open, B's checkpoints take the slow path, never raise."""
+        a_cancelled = threading.Event()
+        b_done = threading.Event()
+
+        def thread_a():
+            with CancelScope() as scope:
+                scope.cancel("only A")
+                a_cancelled.set()
+                assert b_done.wait(5)
+                checkpoint()
+            return scope.cancelled_caught
+
+        def thread_b():
+            with CancelScope() as scope:
+                assert a_cancelled.wait(5)
+                saw_pending = _scope._pending
+                for _ in range(1000):
+                    checkpoint()
+                answer = is_cancelled()
+            b_done.set()
+            return saw_pending, answer, scope.cancel_called
+
+        runner_a = spawn(thread_a)
+        runner_b = spawn(thread_b)
+
+        assert (True, False, False) == runner_b.result()
+        assert runner_a.result() is True
+
+    def test_each_thread_has_its_own_stack(self, spawn):
+        """Scopes entered on one thread are invisible to another."""
+        entered = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with CancelScope():
+                entered.set()
+                assert release.wait(5)
+
+        runner = spawn(hold)
+        assert entered.wait(5)
+        stack = list(_scope._get_stack())
+        release.set()
+        runner.result()
+
+        assert [] == stack
+
+    def test_many_threads_cancel_only_their_own(self, spawn):
+        """Of several threads, only the cancelled ones stop."""
+        count = 6
+        barrier = threading.Barrier(count + 1)
+        go = threading.Event()
+        scopes = [None] * count
+
+        def work(index):
+            with CancelScope() as scope:
+                scopes[index] = scope
+                barrier.wait(5)
+                assert go.wait(5)
+                for _ in range(200):
+                    checkpoint()
+                return "finished"
+
+        runners = [spawn(work, index) for index in range(count)]
+        barrier.wait(5)
+        for index in range(0, count, 2):
+            scopes[index].cancel()
+        go.set()
+        results = [runner.result() for runner in runners]
+
+        assert [None, "finished"] * (count // 2) == results
+        assert [True, False] * (count // 2) == [scope.cancelled_caught for scope in scopes]
+
+
+class TestRequestSlowPath:
+    def test_callback_runs_at_next_checkpoint(self):
+        """The callback runs at the next checkpoint; the flag goes back down."""
+        calls = []
+        request_slow_path(lambda: calls.append(threading.get_ident()))
+        raised_flag = _scope._pending
+        checkpoint()
+
+        assert raised_flag
+        assert [threading.get_ident()] == calls
+        assert not _scope._pending
+
+    def test_flag_stays_up_while_a_callback_waits(self):
+        """A scope exiting must not lower the flag while a callback is still waiting."""
+        calls = []
+        request_slow_path(lambda: calls.append("ran"))
+        with CancelScope() as scope:
+            scope.cancel()
+        still_pending = _scope._pending
+        checkpoint()
+
+        assert still_pending
+        assert ["ran"] == calls
+        assert not _scope._pending
+
+    def test_callback_runs_at_is_cancelled(self):
+        """is_cancelled() also runs pending callbacks."""
+        calls = []
+        request_slow_path(lambda: calls.append("ran"))
+
+        assert not is_cancelled()
+        assert ["ran"] == calls
+        assert not _scope._pending
+
+    def test_callback_that_cancels_raises_at_the_same_checkpoint(self):
+        """A callback that cancels the current scope makes that very checkpoint raise."""
+        with CancelScope() as scope:
+            request_slow_path(lambda: scope.cancel("deferred"))
+            checkpoint()
+
+        assert scope.cancelled_caught
+        assert "deferred" == scope.cancel_reason.message
+        assert not _scope._pending
+
+    def test_failing_callback_is_reported_not_raised(self, monkeypatch):
+        """A callback's exception goes to sys.unraisablehook; later callbacks still run."""
+        reported = []
+        calls = []
+        monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+        def fail():
+            raise ValueError("bad callback")
+
+        request_slow_path(fail)
+        request_slow_path(lambda: calls.append("second"))
+        checkpoint()
+
+        assert ["second"] == calls
+        assert [ValueError] == [report.exc_type for report in reported]
+        assert "Exception in cancellable deferred callback" == reported[0].err_msg
+        assert not _scope._pending
+
+    @pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="needs POSIX signals")
+    def test_from_a_signal_handler(self):
+        """A signal handler can cancel the running scope through request_slow_path."""
+        handled = threading.Event()
+        box = {}
+
+        def handler(signum, frame):
+            request_slow_path(lambda: box["scope"].cancel("signal"))
+            handled.set()
+
+        previous = signal.signal(signal.SIGUSR2, handler)
+        try:
+            with CancelScope() as scope:
+                box["scope"] = scope
+                os.kill(os.getpid(), signal.SIGUSR2)
+                assert handled.wait(5)
+                for _ in range(1000):
+                    checkpoint()
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+
+        assert scope.cancelled_caught
+        assert "signal" == scope.cancel_reason.message
+        assert not _scope._pending
