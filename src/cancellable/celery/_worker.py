@@ -90,6 +90,28 @@ def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cance
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
 
 
+def _store_reason_first(state: Any, task_ids: list[str], reason: CancelReason) -> None:
+    # Celery (5.6.2+) stores REVOKED with the bare reason "revoked" for every
+    # revoked id that is not active on the receiving worker and has no state
+    # yet, so an idle worker would publish "revoked" before the worker that
+    # runs the task can store the real reason.  For a cancel() that carries a
+    # reason, store it first; Celery then sees a final state and leaves it.
+    active = {request.id for request in list(worker_state.active_requests)}
+    app = getattr(state, "app", None) or _worker_app
+    if app is None:
+        return
+    for task_id in task_ids:
+        if task_id in active:
+            continue
+        request = worker_state.requests.get(task_id)
+        backend = request.task.backend if request is not None else app.backend
+        if backend.get_state(task_id) in _NOT_STARTED_STATES:
+            backend.mark_as_revoked(task_id, reason=_task._revoked_message(reason))
+
+
+_NOT_STARTED_STATES: Final = frozenset({"PENDING", "RECEIVED", "RETRY", "REJECTED"})
+
+
 def _wrap_revoke() -> None:
     original = Panel.data.get("revoke")
     if original is None or getattr(original, "_cancellable_original", None) is not None:
@@ -98,10 +120,13 @@ def _wrap_revoke() -> None:
     def revoke(
         state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any
     ) -> Any:
+        payload = kwargs.get("cancellable")
+        task_ids = [str(t) for t in (maybe_list(task_id) or [])]
+        if payload is not None and not terminate:
+            with contextlib.suppress(Exception):
+                _store_reason_first(state, task_ids, _reason_from(payload))
         result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         if not terminate:
-            task_ids = [str(t) for t in (maybe_list(task_id) or [])]
-            payload = kwargs.get("cancellable")
             try:
                 _on_revoke(state, task_ids, _reason_from(payload), payload is not None)
             except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
