@@ -12,6 +12,7 @@ from typing import Any
 import click
 from celery import states
 from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
+from kombu.exceptions import OperationalError
 
 from ._api import BrokerUnavailableError
 from ._api import cancel as cancel_tasks
@@ -70,8 +71,15 @@ def cancel(
     """
     app = ctx.obj.app
     ids = list(dict.fromkeys(task_ids))
-    before = {task_id: app.AsyncResult(task_id).state for task_id in ids}
-    where = _where(app, ids, timeout)
+    try:
+        with app.pool.acquire(block=True) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        before = {task_id: app.AsyncResult(task_id).state for task_id in ids}
+        where = _where(app, ids, timeout)
+    except OperationalError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker or result backend: {exc}; nothing was cancelled"
+        ) from exc
     try:
         cancel_tasks(ids, reason, requested_by=requested_by, app=app)
     except BrokerUnavailableError as exc:
