@@ -60,7 +60,10 @@ def _make_app() -> Celery:
     app.conf.update(
         task_default_queue="cancellable-demo",
         control_exchange="cancellable-demo",
+        # With acks_late and a prefetch of one per child, a task that waits
+        # stays in the broker's queue instead of in the worker's hands.
         worker_prefetch_multiplier=1,
+        task_acks_late=True,
         worker_hijack_root_logger=False,
         cancellable_poll_interval=1.0,
         broker_connection_retry_on_startup=True,
