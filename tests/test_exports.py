@@ -1,7 +1,6 @@
 """Tests of the public surface: every public module's ``__all__`` is real, sorted and documented."""
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

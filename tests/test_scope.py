@@ -1,7 +1,6 @@
 """Tests for cancel scopes: nesting, shields, deadlines, reasons, misuse, events."""
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

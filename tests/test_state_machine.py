@@ -8,7 +8,6 @@ doing per checkpoint: the machine checks that the cheap bookkeeping agrees.
 """
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

@@ -19,15 +19,18 @@ from typing import Final
 
 __all__ = [
     "CANCEL_DELIVERED",
+    "CANCEL_DELIVERY_FAILED",
     "CANCEL_OBSERVED",
     "CANCEL_REQUESTED",
     "CLEANUP_FAILED",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
+    "LEDGER_POLL_FAILED",
     "LEDGER_UNAVAILABLE",
     "LOGGER_NAME",
     "SCOPE_CANCELLED",
     "TASK_CANCELLED",
+    "TASK_RESULT_NOT_STORED",
     "TASK_SKIPPED",
 ]
 
@@ -41,6 +44,11 @@ CANCEL_REQUESTED: Final = "cancel.requested"
 #: passed it on to the process or thread running it (Celery).  Carries
 #: ``delivered_ms``: requested -> delivered.
 CANCEL_DELIVERED: Final = "cancel.delivered"
+
+#: Delivering a revoke to running tasks failed in a worker's main process
+#: (an internal error, logged instead of breaking Celery's control loop).
+#: Carries ``task_ids`` and ``error``.
+CANCEL_DELIVERY_FAILED: Final = "cancel.delivery_failed"
 
 #: A checkpoint raised `~cancellable.Cancelled` for the first time in a scope.
 #: Carries ``observed_ms``: requested -> observed.
@@ -68,6 +76,14 @@ TASK_SKIPPED: Final = "task.skipped"
 #: The cancellation ledger could not be reached; cancellation still reaches
 #: the workers that are online, but it is not durable.
 LEDGER_UNAVAILABLE: Final = "ledger.unavailable"
+
+#: The safety-net poll of the ledger failed for a reason other than the
+#: ledger being down.  Carries ``error``.
+LEDGER_POLL_FAILED: Final = "ledger.poll_failed"
+
+#: The REVOKED state of a cancelled task could not be stored in the result
+#: backend; the task still ended and its message was acknowledged.
+TASK_RESULT_NOT_STORED: Final = "task.result_not_stored"
 
 #: No durable ledger is configured for this app (logged once per process).
 LEDGER_NOT_DURABLE: Final = "ledger.not_durable"

@@ -33,7 +33,7 @@ from celery.worker import state as worker_state
 from .._decorator import CallOptions, run_in_scope
 from .._exceptions import Cancelled, CancelReason
 from .._log import logger
-from ..events import TASK_CANCELLED, TASK_SKIPPED
+from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
 from . import _delivery
 
 __all__ = ["claim"]
@@ -68,7 +68,7 @@ def _store_revoked(task: Any, request: Any, reason: CancelReason) -> None:
             request.id, reason=_revoked_message(reason), request=request, store_result=store
         )
     except Exception as exc:  # noqa: BLE001 - the task must still end cleanly
-        logger.warning("task.revoked_not_stored", task_id=request.id, error=repr(exc), exc_info=exc)
+        logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
 
 
 def _before_start_reason(task_id: str) -> tuple[CancelReason, float | None] | None:

@@ -43,7 +43,7 @@ from celery.worker.control import Panel
 from .. import _config
 from .._exceptions import CancelReason
 from .._log import logger
-from ..events import LEDGER_UNAVAILABLE
+from ..events import CANCEL_DELIVERY_FAILED, LEDGER_POLL_FAILED, LEDGER_UNAVAILABLE
 from . import _delivery, _ledger, _task
 
 __all__ = ["install"]
@@ -130,7 +130,7 @@ def _wrap_revoke() -> None:
             try:
                 _on_revoke(state, task_ids, _reason_from(payload), payload is not None)
             except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
-                logger.error("cancel.delivery_failed", task_ids=task_ids, error=repr(exc))
+                logger.error(CANCEL_DELIVERY_FAILED, task_ids=task_ids, error=repr(exc))
         return result
 
     revoke._cancellable_original = original  # type: ignore[attr-defined]
@@ -157,7 +157,7 @@ def _poller(app: Any) -> None:
             except _ledger.LedgerError as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
             except Exception as exc:  # noqa: BLE001 - the net must not die
-                logger.warning("cancel.poll_failed", error=repr(exc))
+                logger.warning(LEDGER_POLL_FAILED, error=repr(exc))
 
 
 def _signal_awaiting() -> None:
