@@ -37,9 +37,18 @@ class WorkerError(RuntimeError):
 class Worker:
     """One ``celery worker`` subprocess with its own queue and control exchange."""
 
-    def __init__(self, redis_url: str, *, concurrency: int = 2, pool: str = "prefork") -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        concurrency: int = 2,
+        pool: str = "prefork",
+        broker_url: str | None = None,
+    ) -> None:
         token = uuid.uuid4().hex[:10]
         self.redis_url = redis_url
+        #: The broker; the result backend is always ``redis_url``.
+        self.broker_url = broker_url or redis_url
         self.queue = f"cancellable-bench-{token}"
         self.control_exchange = f"cancellable-bench-ctl-{token}"
         self.nodename = f"bench-{token}@{socket.gethostname()}"
@@ -56,7 +65,7 @@ class Worker:
             sys.path.insert(0, str(HERE))
             from celery import Celery
 
-            app = Celery("cancellable_bench", broker=self.redis_url, backend=self.redis_url)
+            app = Celery("cancellable_bench", broker=self.broker_url, backend=self.redis_url)
             app.conf.update(
                 task_default_queue=self.queue,
                 control_exchange=self.control_exchange,
@@ -71,6 +80,7 @@ class Worker:
         env = dict(os.environ)
         env.update(
             CANCELLABLE_BENCH_REDIS_URL=self.redis_url,
+            CANCELLABLE_BENCH_BROKER_URL=self.broker_url,
             CANCELLABLE_BENCH_QUEUE=self.queue,
             CANCELLABLE_BENCH_CONTROL=self.control_exchange,
             PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
@@ -143,11 +153,27 @@ class Worker:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if self.broker_url.startswith("amqp"):
+            self._delete_amqp_entities()
         if self._app is not None:
             self._app.close()
             self._app = None
         with contextlib.suppress(OSError):
             self.logfile.unlink()
+
+    def _delete_amqp_entities(self) -> None:
+        # RabbitMQ keeps durable queues and exchanges: remove this run's.
+        try:
+            with self.app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for queue in (self.queue,):
+                    channel.queue_delete(queue)
+                for exchange in (f"{self.control_exchange}.pidbox",):
+                    channel.exchange_delete(exchange)
+                channel.exchange_delete(f"reply.{self.control_exchange}.pidbox")
+                channel.exchange_delete(self.queue)
+        except Exception as exc:
+            sys.stderr.write(f"warning: could not clean up RabbitMQ entities: {exc!r}\n")
 
     def __enter__(self) -> Worker:
         try:

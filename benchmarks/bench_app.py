@@ -10,6 +10,8 @@ Tasks:
 * ``bench.spin``: a ``@cancellable`` busy loop with a checkpoint per
   iteration; it records when it started, when its checkpoint raised and when
   its cleanup hook ran (``latency.py``).
+* ``bench.spin_plain``: the same loop without ``@cancellable``, stopped
+  with Celery's own ``revoke(terminate=True)`` for comparison.
 * ``bench.noop_plain`` / ``bench.noop_cancellable``: no-op tasks, the second
   under ``@cancellable``; each counts itself in Redis (``throughput.py``).
 * ``bench.measure_revoked``: times ``current_task.request.revoked()``
@@ -31,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cancellable import Cancelled, cancellable, checkpoint, on_cancel
 
 REDIS_URL = os.environ.get("CANCELLABLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+#: The broker (Redis by default; ``amqp://...`` for the RabbitMQ latency run).
+BROKER_URL = os.environ.get("CANCELLABLE_BENCH_BROKER_URL", REDIS_URL)
 QUEUE = os.environ.get("CANCELLABLE_BENCH_QUEUE", "cancellable-bench")
 CONTROL_EXCHANGE = os.environ.get("CANCELLABLE_BENCH_CONTROL", "cancellable-bench")
 
@@ -38,9 +42,9 @@ CONTROL_EXCHANGE = os.environ.get("CANCELLABLE_BENCH_CONTROL", "cancellable-benc
 SPIN_LIMIT_SECONDS = 30.0
 
 
-def make_app(redis_url: str, queue: str, control_exchange: str) -> Celery:
+def make_app(broker_url: str, redis_url: str, queue: str, control_exchange: str) -> Celery:
     """The benchmark app; the client side builds the same one to send and revoke."""
-    app = Celery("cancellable_bench", broker=redis_url, backend=redis_url)
+    app = Celery("cancellable_bench", broker=broker_url, backend=redis_url)
     app.conf.update(
         task_default_queue=queue,
         control_exchange=control_exchange,
@@ -52,7 +56,7 @@ def make_app(redis_url: str, queue: str, control_exchange: str) -> Celery:
     return app
 
 
-app = make_app(REDIS_URL, QUEUE, CONTROL_EXCHANGE)
+app = make_app(BROKER_URL, REDIS_URL, QUEUE, CONTROL_EXCHANGE)
 
 _client: Any = None
 _client_pid = 0
@@ -94,6 +98,19 @@ def spin(self: Any, key: str) -> str:
         marks["raised"] = time.time()
         raise
     return "not cancelled"
+
+
+@app.task(bind=True, name="bench.spin_plain")
+def spin_plain(self: Any, key: str) -> str:
+    """The same busy loop without ``@cancellable``, for ``revoke(terminate=True)``."""
+    client = redis_client()
+    client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    limit = time.monotonic() + SPIN_LIMIT_SECONDS
+    x = 1
+    while time.monotonic() < limit:
+        for i in range(1000):
+            x = (x * 31 + i) % 65521
+    return "not terminated"
 
 
 def _count(key: str, total: int) -> None:

@@ -12,7 +12,10 @@ Parts, each a module of this directory:
 * ``micro.py``: per-call costs (``baseline.*``, ``checkpoint.*``,
   ``is_cancelled.*``, ``alt.*``), measured by pyperf in worker processes;
   this driver starts the pyperf program as a subprocess and reads its JSON.
-* ``in_task.py``: ``celery.request_revoked``, timed inside a real task.
+* ``paired.py``: ``paired.*``, the checkpoint/empty-call ratios measured
+  back to back, round after round, for a robust answer on a noisy machine.
+* ``in_task.py``: ``celery.*``, ``current_task.request.revoked()`` timed
+  inside a real task.
 * ``overhead.py``: ``context.*``, the overhead of a checkpoint per iteration
   on loop bodies of 100 ns to 100 us, and the plot.
 * ``latency.py`` and ``throughput.py``: delivery latency and task throughput
@@ -38,6 +41,7 @@ import in_task
 import latency
 import micro
 import overhead
+import paired
 import throughput
 from _common import (
     DEFAULT_REDIS_URL,
@@ -62,6 +66,7 @@ FAILURES: list[str] = []
 def expected_names(only: str | None = None) -> list[str]:
     """Every result name a run produces (measured or skipped) for ``--only``."""
     names = [case.name for case in micro.select_cases(only)]
+    names += [name for name in paired.NAMES if selected(name, only)]
     names += [name for name in in_task.NAMES if selected(name, only)]
     for label, _target in overhead.TARGETS:
         for suffix in ("overhead_pct", "added_ns", "body_ns"):
@@ -152,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = environment()
     results: list[dict[str, Any]] = []
     results += micro.run(mode, args.only, args.redis_url, redis_error)
+    results += paired.run(mode, args.only)
     context_records, raw = overhead.run(mode, args.only)
     results += context_records
     results += run_celery_parts(mode, args.only, args.redis_url, redis_error)

@@ -229,6 +229,11 @@ def test_smoke_run_produces_every_expected_name(smoke_run: dict[str, Any]) -> No
     for label, _target in overhead.TARGETS:
         for suffix in ("overhead_pct", "added_ns", "body_ns"):
             assert f"context.body_{label}.{suffix}" in by_name
+    for case in ("outside_scope", "live_scope"):
+        for kind in ("net_ratio", "gross_ratio"):
+            record = by_name[f"paired.{case}.{kind}"]
+            assert record["unit"] == "x"
+            assert record["median"] > 0
 
 
 def test_smoke_run_json_schema(smoke_run: dict[str, Any]) -> None:
@@ -266,6 +271,21 @@ def test_smoke_run_writes_the_plot(smoke_run: dict[str, Any]) -> None:
     data = smoke_run["png"].read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(data) > 5000
+
+
+def test_report_renders_tables_from_the_results(
+    smoke_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``report.py`` turns a results file into Markdown tables naming every measured case."""
+    import report
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(smoke_run["doc"]))
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    for case in cases.CASES:
+        assert f"| `{case.name}` |" in out
+    assert "| ~1 µs |" in out
 
 
 def test_only_pattern_rejects_unknown_names() -> None:
@@ -515,6 +535,22 @@ def test_schema_check_catches_bad_documents() -> None:
     assert any("environment keys" in p for p in problems)
     assert any("unexpected keys ['extra']" in p for p in problems)
     assert any("skipped record" in p for p in problems)
+
+
+def test_paired_ratios_time_the_named_cases() -> None:
+    """paired.py interleaves exactly the harness, empty-call and checkpoint cases."""
+    import paired
+
+    assert paired._ROLES == {
+        "harness": "baseline.timeit_loop",
+        "empty": "baseline.empty_call",
+        "outside_scope": "checkpoint.outside_scope",
+        "live_scope": "checkpoint.live_scope",
+    }
+    values = paired.measure(rounds=2, ms_per_loop=0.1)
+    assert {role: len(v) for role, v in values.items()} == dict.fromkeys(paired._ROLES, 2)
+    assert all(v > 0 for vs in values.values() for v in vs)
+    assert current_scope() is None
 
 
 def test_only_pattern_selection() -> None:

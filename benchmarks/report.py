@@ -1,0 +1,183 @@
+"""Render a results JSON (from ``run.py --json``) as the Markdown tables of docs/performance.md.
+
+Usage::
+
+    python benchmarks/report.py docs/_static/benchmarks.json > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cases import CASES_BY_NAME
+
+LIVE = "checkpoint.live_scope"
+TIMES = "\u00d7"  # multiplication sign
+DASH = "\u2013"  # en dash
+
+
+DESCRIPTIONS = {
+    "celery.request_revoked": "`current_task.request.revoked()` in a running `@cancellable` task",
+    "celery.bound_request_revoked": "`self.request.revoked()` (bound task, no proxy), same task",
+    "celery.checkpoint_in_task": "`checkpoint()` in the same task",
+}
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def _ns(value: float) -> str:
+    if value >= 10_000:
+        return f"{value / 1000:,.0f} µs"
+    if value >= 1000:
+        return f"{value / 1000:.2f} µs"
+    return f"{value:.1f} ns"
+
+
+def per_call_table(results: dict[str, Any], names: list[str], *, vs_live: bool = False) -> str:
+    """Rows of per-call results: median, p90, ratios (net)."""
+    header = f"| name | what | median | p90 | {TIMES} empty call | {TIMES} loop iteration |"
+    rule = "|---|---|---|---|---|---|"
+    if vs_live:
+        header += f" {TIMES} `checkpoint.live_scope` |"
+        rule += "---|"
+    rows = [header, rule]
+    live = results.get(LIVE)
+    for name in names:
+        record = results.get(name)
+        if record is None:
+            continue
+        what = (
+            CASES_BY_NAME[name].description if name in CASES_BY_NAME else DESCRIPTIONS.get(name, "")
+        )
+        if record.get("skipped"):
+            rows.append(f"| `{name}` | {what} | skipped: {record['reason']} | | | |")
+            continue
+        row = (
+            f"| `{name}` | {what} | {_ns(record['median'])} | {_ns(record['p90'])} "
+            f"| {_fmt(record['ratio_to_empty_call'])} "
+            f"| {_fmt(record['ratio_to_loop_iteration'])} |"
+        )
+        if vs_live and live and not live.get("skipped"):
+            row += f" {_fmt(record['median'] / live['median'])} |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def context_table(results: dict[str, Any]) -> str:
+    """Overhead of a checkpoint per iteration, per loop body."""
+    rows = [
+        "| loop body | measured body cost | added per iteration | overhead (median) | stdev |",
+        "|---|---|---|---|---|",
+    ]
+    for label in ("100ns", "1us", "10us", "100us"):
+        pct = results.get(f"context.body_{label}.overhead_pct")
+        if pct is None or pct.get("skipped"):
+            continue
+        added = results[f"context.body_{label}.added_ns"]
+        body = results[f"context.body_{label}.body_ns"]
+        rows.append(
+            f"| ~{label.replace('us', ' µs').replace('ns', ' ns')} | {_ns(body['median'])} "
+            f"| {added['median']:.1f} ns | {pct['median']:.3f} % | {pct.get('stdev', 0):.2f} % |"
+        )
+    return "\n".join(rows)
+
+
+def latency_table(results: dict[str, Any]) -> str:
+    """Latency medians with p90/p99, per variant."""
+    variants = [
+        ("prefork, Redis broker", "latency."),
+        ("threads, Redis broker", "latency.threads_redis."),
+        ("prefork, RabbitMQ broker", "latency.prefork_rabbitmq."),
+    ]
+    rows = [
+        "| worker | revoke → checkpoint raises | → cleanup done | → `REVOKED` published "
+        "| samples |",
+        "|---|---|---|---|---|",
+    ]
+    for label, prefix in variants:
+        cells = []
+        runs = ""
+        for step in ("revoke_to_checkpoint", "revoke_to_cleanup", "revoke_to_revoked_state"):
+            record = results.get(prefix + step)
+            if record is None or record.get("skipped"):
+                cells.append(DASH)
+                continue
+            runs = str(record["runs"])
+            cells.append(
+                f"{record['median']:.1f} ms (p90 {record['p90']:.1f}, p99 {record['p99']:.1f})"
+            )
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {runs} |")
+    term = results.get("latency.terminate.revoke_to_revoked_state")
+    if term and not term.get("skipped"):
+        rows.append(
+            "| prefork, Redis, Celery's `revoke(terminate=True)`, no `@cancellable` | "
+            "(process killed) | (no cleanup) | "
+            f"{term['median']:.1f} ms (p90 {term['p90']:.1f}, p99 {term['p99']:.1f}) "
+            f"| {term['runs']} |"
+        )
+    return "\n".join(rows)
+
+
+def throughput_table(results: dict[str, Any]) -> str:
+    """Throughput rows."""
+    rows = ["| name | median | stdev | rounds |", "|---|---|---|---|"]
+    for name in (
+        "throughput.plain_tasks_per_s",
+        "throughput.cancellable_tasks_per_s",
+        "throughput.per_task_overhead_us",
+    ):
+        record = results.get(name)
+        if record is None or record.get("skipped"):
+            continue
+        unit = record["unit"].replace("us", "µs")
+        rows.append(
+            f"| `{name}` | {record['median']:.1f} {unit} "
+            f"| {record.get('stdev', 0):.1f} {unit} | {record['runs']} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    """Print every table."""
+    doc = json.loads(Path(argv[0]).read_text())
+    results = {r["name"]: r for r in doc["results"]}
+    env = doc["environment"]
+    print(f"<!-- environment: {json.dumps(env)} -->\n")
+    print(
+        per_call_table(
+            results,
+            [n for n in results if n.split(".")[0] in ("baseline", "checkpoint", "is_cancelled")],
+        )
+    )
+    print()
+    print(
+        per_call_table(
+            results,
+            [LIVE] + [n for n in results if n.startswith("alt.")],
+            vs_live=True,
+        )
+    )
+    print()
+    print(per_call_table(results, [n for n in results if n.startswith("celery.")]))
+    print()
+    print(context_table(results))
+    print()
+    print(latency_table(results))
+    print()
+    print(throughput_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
