@@ -1,0 +1,1 @@
+"""Integration tests: real Celery workers (subprocesses) against real brokers."""

@@ -1,0 +1,180 @@
+"""The Celery app the integration-test workers run (``-A tests.integration.app``).
+
+Configuration comes from ``CIT_*`` environment variables (see `settings`).
+Tasks report what happened to Redis, under a key prefix that the test passes
+as the first argument (``key``), never through shared memory with the test
+process.  Every task has an explicit name so the worker and the test process
+agree whatever module name this file was imported under.
+
+``CIT_WITH_CANCELLABLE=0`` registers only the plain Celery tasks: the harness
+self-tests use that to prove the harness without the library.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from .settings import REDIS_URL, app_from_env
+
+app = app_from_env()
+
+_clients: dict[int, redis.Redis] = {}
+
+
+def obs() -> redis.Redis:
+    """A Redis client for observations, one per process (safe after fork)."""
+    pid = os.getpid()
+    client = _clients.get(pid)
+    if client is None:
+        client = _clients[pid] = redis.Redis.from_url(
+            os.environ.get("CIT_OBS_URL", REDIS_URL), decode_responses=True
+        )
+    return client
+
+
+def record_start(key: str) -> None:
+    """Record that a task body started: its pid, and the run count."""
+    r = obs()
+    r.rpush(f"{key}:started", os.getpid())
+    r.incr(f"{key}:runs")
+
+
+def plain_sleep_body(key: str, seconds: float) -> str:
+    record_start(key)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+    obs().set(f"{key}:done", 1)
+    return "slept"
+
+
+# --------------------------------------------------------------------------
+# Plain Celery tasks (no cancellable): the harness self-tests and blockers.
+
+
+@app.task(name="cit.plain.add")
+def plain_add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(name="cit.plain.pid")
+def plain_pid(key: str) -> int:
+    obs().rpush(f"{key}:pids", os.getpid())
+    return os.getpid()
+
+
+@app.task(name="cit.plain.sleep")
+def plain_sleep(key: str, seconds: float) -> str:
+    return plain_sleep_body(key, seconds)
+
+
+@app.task(name="cit.plain.sleep_late", acks_late=True)
+def plain_sleep_late(key: str, seconds: float) -> str:
+    """Like plain.sleep, but holds its message unacked while it runs."""
+    return plain_sleep_body(key, seconds)
+
+
+# --------------------------------------------------------------------------
+# @cancellable tasks.
+
+if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
+    from celery import current_task
+
+    from cancellable import cancellable, checkpoint, on_cancel
+
+    def hook(key: str, name: str) -> None:
+        """A cleanup hook: records that it ran."""
+        obs().rpush(f"{key}:hooks", name)
+
+    def raising_hook(key: str) -> None:
+        obs().rpush(f"{key}:hooks", "raising")
+        raise RuntimeError("cleanup failed on purpose")
+
+    def checkpoint_loop(key: str, seconds: float, step: float) -> None:
+        r = obs()
+        end = time.monotonic() + seconds
+        n = 0
+        try:
+            while time.monotonic() < end:
+                checkpoint()
+                n += 1
+                if n == 1:
+                    r.set(f"{key}:looping", 1)
+                time.sleep(step)
+        except BaseException as exc:
+            r.set(f"{key}:exc", type(exc).__name__)
+            raise
+
+    @app.task(bind=True, name="cit.loop")
+    @cancellable
+    def loop(self: Any, key: str, seconds: float = 20.0, step: float = 0.02) -> str:
+        """Checkpoints every ``step`` seconds for ``seconds``; one cleanup hook."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        checkpoint_loop(key, seconds, step)
+        obs().set(f"{key}:done", 1)
+        return "done"
+
+    @app.task(bind=True, name="cit.loop_raising_hook")
+    @cancellable
+    def loop_raising_hook(self: Any, key: str, seconds: float = 20.0) -> str:
+        """Three hooks, the middle one raises (hooks run last-registered-first)."""
+        record_start(key)
+        on_cancel(hook, key, "first")
+        on_cancel(raising_hook, key)
+        on_cancel(hook, key, "third")
+        checkpoint_loop(key, seconds, 0.02)
+        obs().set(f"{key}:done", 1)
+        return "done"
+
+    @app.task(bind=True, name="cit.no_checkpoint")
+    @cancellable
+    def no_checkpoint(self: Any, key: str, seconds: float = 3.0) -> str:
+        """Never reaches a checkpoint: cannot be stopped cooperatively."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        r = obs()
+        end = time.monotonic() + seconds
+        r.set(f"{key}:looping", 1)
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        r.set(f"{key}:done", 1)
+        return "finished"
+
+    @app.task(bind=True, name="cit.blind_then_loop", acks_late=True)
+    @cancellable
+    def blind_then_loop(self: Any, key: str, blind: float = 30.0, seconds: float = 20.0) -> str:
+        """acks_late; a first section of ``blind`` seconds without checkpoints."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        r = obs()
+        r.set(f"{key}:blind", 1)
+        end = time.monotonic() + blind
+        while time.monotonic() < end:
+            time.sleep(0.05)
+        r.set(f"{key}:blind_over", 1)
+        checkpoint_loop(key, seconds, 0.02)
+        r.set(f"{key}:done", 1)
+        return "done"
+
+    @app.task(bind=True, name="cit.idiom")
+    @cancellable
+    def idiom(self: Any, key: str, seconds: float = 20.0) -> str:
+        """The tutorial idiom: ``if current_task.request.revoked(): break``."""
+        record_start(key)
+        r = obs()
+        r.rpush(f"{key}:revoked", repr(current_task.request.revoked()))
+        end = time.monotonic() + seconds
+        outcome = "timeout"
+        while time.monotonic() < end:
+            if current_task.request.revoked():
+                outcome = "stopped"
+                r.rpush(f"{key}:revoked", "True")
+                break
+            time.sleep(0.02)
+        r.set(f"{key}:outcome", outcome)
+        return outcome
