@@ -78,6 +78,25 @@ def plain_sleep_late(key: str, seconds: float) -> str:
     return plain_sleep_body(key, seconds)
 
 
+def soft_limit_body(key: str) -> str:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    record_start(key)
+    try:
+        end = time.monotonic() + 10.0
+        while time.monotonic() < end:
+            time.sleep(0.02)
+    except SoftTimeLimitExceeded:
+        return "soft-limit"
+    return "no soft limit"
+
+
+@app.task(name="cit.plain.soft_limit", soft_time_limit=0.5)
+def plain_soft_limit(key: str) -> str:
+    """Celery's soft time limit (SIGUSR1 in prefork) must still work."""
+    return soft_limit_body(key)
+
+
 # --------------------------------------------------------------------------
 # @cancellable tasks.
 
@@ -178,3 +197,9 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
             time.sleep(0.02)
         r.set(f"{key}:outcome", outcome)
         return outcome
+
+    @app.task(bind=True, name="cit.soft_limit", soft_time_limit=0.5)
+    @cancellable
+    def soft_limit(self: Any, key: str) -> str:
+        """A ``@cancellable`` task that relies on Celery's soft time limit."""
+        return soft_limit_body(key)

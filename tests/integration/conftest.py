@@ -536,6 +536,7 @@ def spawn_worker(
     visibility_timeout: float | None = None,
     with_cancellable: bool = True,
     control_exchange: str | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Worker:
     """A Worker (not started yet) with its own node name and, unless given, queue.
 
@@ -557,7 +558,7 @@ def spawn_worker(
         "-P", pool, "-c", str(concurrency), "-Q", queue,
         "-n", f"cancellable-test-{uid}@%h",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-l", "info",
+        "-l", "info", *extra_args,
     ]  # fmt: skip
     env = worker_env(
         broker_url=BROKERS[broker],

@@ -81,6 +81,9 @@ def test_cancel_finished_task_keeps_success(shared_worker, keys: Keys):
     assert "SUCCESS" == meta["status"]
     assert "done" == meta["result"]
     assert [] == keys.hooks("t")
+    # The children that ran it are not left primed to cancel their next task.
+    followers = [worker.send("cit.loop", keys.key(f"next{i}"), 0.2) for i in range(2)]
+    assert ["done", "done"] == [f.get(timeout=20) for f in followers]
 
 
 @pytest.mark.parametrize(
@@ -168,3 +171,15 @@ def test_cancel_accepts_reason_of_max_length(shared_worker):
                       app=worker.app)  # fmt: skip
 
     assert cancellable.MAX_MESSAGE_LENGTH == len(returned.message)
+
+
+@pytest.mark.parametrize("task", ["cit.plain.soft_limit", "cit.soft_limit"])
+def test_soft_time_limit_still_works(shared_worker, keys: Keys, task):
+    """Celery's soft time limit (SIGUSR1 in prefork children) is untouched by the library."""
+    worker = shared_worker()
+    children_before = worker.children()
+
+    result = worker.send(task, keys.key("t"))
+
+    assert "soft-limit" == result.get(timeout=20)
+    assert children_before == worker.children()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from celery import group
@@ -163,6 +164,28 @@ def test_cli_control_revoke(shared_worker, keys: Keys):
     assert_stopped_at_checkpoint(keys, "t")
 
 
+def test_cli_celery_cancel(shared_worker, keys: Keys):
+    """(c) The ``celery cancel ID --reason .. --by ..`` sub-command stops a running task."""
+    worker = shared_worker()
+    result = start_loop(worker, keys, "t")
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.app", "cancel", result.id,
+         "--reason", "cli stop", "--by", "ops"],
+        cwd=REPO_ROOT,
+        env=worker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+    assert 0 == cli.returncode, cli.stdout + cli.stderr
+    line = next((ln for ln in cli.stdout.splitlines() if result.id in ln), "")
+    assert "REVOKED" in line, cli.stdout + cli.stderr
+    assert_revoked(result, "cli stop", "ops")
+    assert_stopped_at_checkpoint(keys, "t")
+
+
 def test_cancel_with_reason_by_id_and_by_results(shared_worker, keys: Keys):
     """(c) ``cancel()`` takes an id, an AsyncResult or a list; the reason reaches the result."""
     from cancellable import CancelReason
@@ -260,3 +283,51 @@ def test_cancel_reason_visible_with_a_second_worker_online(make_worker, keys: Ke
     wait_for(lambda: not running.active_ids(), 20, message="the running worker to finish")
     assert_stopped_at_checkpoint(keys, "t")
     assert_revoked(result, "user pressed stop", "alice")
+
+
+@pytest.mark.parametrize("pool", PROCESS_POOLS)
+def test_revoke_racing_task_end_never_hits_the_next_task(shared_worker, keys: Keys, pool):
+    """(a) A revoke that races the end (or start) of its task never cancels another task.
+
+    Celery warns that a signal aimed at one task can hit the next task the
+    process picked up.  Short victims are revoked at random moments around
+    their start and end while innocent tasks keep both pool slots busy; every
+    victim ends SUCCESS or REVOKED, every innocent task ends SUCCESS with no
+    hook run.
+    """
+    import random
+
+    rng = random.Random(1234)
+    worker = shared_worker(pool=pool)
+    victims, innocents = [], []
+    for i in range(12):
+        victim = worker.send("cit.loop", keys.key(f"v{i}"), rng.uniform(0.05, 0.3))
+        innocents.append(worker.send("cit.loop", keys.key(f"i{i}"), 0.3))
+        time.sleep(rng.uniform(0.0, 0.35))  # deliberately random: the revoke's timing
+        victim.revoke()
+        victims.append(victim)
+
+    for i, innocent in enumerate(innocents):
+        assert "done" == innocent.get(timeout=30), f"innocent task {i} was hit"
+        assert [] == keys.hooks(f"i{i}")
+    for i, victim in enumerate(victims):
+        state = wait_state(victim, ("SUCCESS", "FAILURE", "REVOKED"), 30)
+        assert state in ("SUCCESS", "REVOKED"), f"victim {i}: {state} {task_meta(victim)}"
+        assert len(keys.hooks(f"v{i}")) <= 1
+
+
+def test_revoke_in_replacement_child(make_worker, keys: Keys):
+    """(a) prefork with --max-tasks-per-child 1: a child forked later still gets the revoke."""
+    worker = make_worker(extra_args=("--max-tasks-per-child", "1"))
+    first_children = worker.children()
+    for i in range(3):
+        assert "done" == worker.send("cit.loop", keys.key(f"warm{i}"), 0.05).get(timeout=20)
+    wait_for(lambda: len(worker.children()) == 2, 20, message="replacement children")
+    result = start_loop(worker, keys, "t")
+    task_pid = keys.started("t")[0]
+    assert task_pid not in first_children, "the task did not run in a replacement child"
+
+    result.revoke()
+
+    assert_revoked(result, "revoked")
+    assert_stopped_at_checkpoint(keys, "t")
