@@ -55,6 +55,11 @@ def rabbit_ready_count(queue: str) -> int:
         return int(conn.channel().queue_declare(queue, passive=True).message_count)
 
 
+def rabbit_consumer_count(queue: str) -> int:
+    with Connection(AMQP_URL, connect_timeout=3) as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).consumer_count)
+
+
 def awaiting_redelivery(worker: Worker, task_id: str) -> bool:
     """True once the broker holds the message for redelivery."""
     if worker.broker == "redis":
@@ -135,3 +140,30 @@ def test_harness_redelivers_acks_late_message_after_kill9(make_worker, keys: Key
     assert "slept" == result.get(timeout=20)
     assert 2 == keys.runs("t")
     assert second.alive()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_acks_late_task_stopped_at_checkpoint_is_acknowledged(make_worker, keys: Keys, broker):
+    """An ``acks_late`` task that stops at a checkpoint is acknowledged: nothing to redeliver.
+
+    After it ends REVOKED the worker is killed with SIGKILL; the broker must
+    hold no copy of the message (Redis: not in the unacked hash nor the
+    queue; RabbitMQ: not requeued).
+    """
+    worker = make_worker(broker=broker, visibility_timeout=VISIBILITY_TIMEOUT)
+    result = worker.send("cit.blind_then_loop", keys.key("t"), 0.0, 20.0)
+    wait_for(lambda: keys.flag("t", "looping"), 20, message="the task to loop")
+
+    result.revoke()
+    assert_revoked(result, "revoked")
+    worker.kill9()
+
+    assert ["cleanup"] == keys.hooks("t")
+    if broker == "redis":
+        assert result.id not in redis_unacked_ids()
+        assert 0 == worker.queue_length()
+    else:
+        # Once RabbitMQ has dropped the dead consumer, an unacked message would be back.
+        wait_for(lambda: rabbit_consumer_count(worker.queue) == 0, 15,
+                 message="RabbitMQ to notice the dead consumer")  # fmt: skip
+        assert 0 == rabbit_ready_count(worker.queue)

@@ -219,7 +219,7 @@ def test_cancel_single_async_result(shared_worker, keys: Keys):
     assert_stopped_at_checkpoint(keys, "t")
 
 
-@pytest.mark.parametrize("pool", PROCESS_POOLS)
+@pytest.mark.parametrize("pool", [*PROCESS_POOLS, "gevent"])
 def test_current_task_request_revoked_idiom(shared_worker, keys: Keys, pool):
     """(g) ``current_task.request.revoked()`` is False before a revoke and True after.
 
