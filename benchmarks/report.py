@@ -136,6 +136,9 @@ def throughput_table(results: dict[str, Any]) -> str:
         "throughput.plain_tasks_per_s",
         "throughput.cancellable_tasks_per_s",
         "throughput.per_task_overhead_us",
+        "throughput.eager_apply_plain_us",
+        "throughput.eager_apply_cancellable_us",
+        "throughput.eager_apply_overhead_us",
     ):
         record = results.get(name)
         if record is None or record.get("skipped"):

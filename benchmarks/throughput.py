@@ -10,7 +10,16 @@ task's end, both stamped by the tasks.
 
 Rounds alternate between the two variants (plain, cancellable, cancellable,
 plain, ...), and ``throughput.per_task_overhead_us`` is the median over
-adjacent pairs of ``1/cancellable - 1/plain`` per task.
+adjacent pairs of ``1/cancellable - 1/plain`` per task.  On a shared 2-core
+machine, rounds of the *same* variant differ by 10-20 %, so this figure has
+a resolution of a few hundred microseconds per task at best.
+
+The ``throughput.eager_apply_*`` results resolve the decorator's own cost:
+``Task.apply()`` (Celery's tracer, run in this process, no broker, no pool)
+of the same two no-op tasks, alternated in rounds, in microseconds per task;
+``throughput.eager_apply_overhead_us`` is the median paired difference.
+The integration claims eagerly applied tasks too (a scope per run, the
+revoke checks at start), so this is the per-task work ``@cancellable`` adds.
 """
 
 from __future__ import annotations
@@ -27,14 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
 from _integration import celery_integration
 
-NAMES = (
+WORKER_NAMES = (
     "throughput.plain_tasks_per_s",
     "throughput.cancellable_tasks_per_s",
     "throughput.per_task_overhead_us",
 )
+EAGER_NAMES = (
+    "throughput.eager_apply_plain_us",
+    "throughput.eager_apply_cancellable_us",
+    "throughput.eager_apply_overhead_us",
+)
+NAMES = WORKER_NAMES + EAGER_NAMES
 
 #: (tasks per round, rounds per variant) per mode.
-SETTINGS = {"full": (5000, 4), "quick": (500, 1), "smoke": (50, 1)}
+SETTINGS = {"full": (5000, 6), "quick": (500, 1), "smoke": (50, 1)}
+#: (rounds, calls per round) of the eager comparison, per mode.
+EAGER_SETTINGS = {"full": (60, 300), "quick": (8, 100), "smoke": (2, 10)}
 #: Longest wait for one round.
 ROUND_TIMEOUT = 300.0
 
@@ -86,15 +103,25 @@ def run(
     _module, reason = celery_integration()
     if reason is not None:
         return [skipped(name, reason) for name in names]
-    if worker is None:
-        from _workers import session
+    records: dict[str, dict[str, Any]] = {}
+    if any(name in WORKER_NAMES for name in names):
+        if worker is None:
+            from _workers import session
 
-        with session(redis_url) as own:
-            return run(mode, only, redis_url, own)
+            with session(redis_url) as own:
+                return run(mode, only, redis_url, own)
+        records.update(worker_records(mode, worker))
+    if any(name in EAGER_NAMES for name in names):
+        records.update(eager_records(mode))
+    return [records[name] for name in names]
+
+
+def worker_records(mode: str, worker: Any) -> dict[str, dict[str, Any]]:
+    """The three worker throughput records, from alternating rounds."""
     import redis
 
     tasks, rounds = SETTINGS[mode]
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(worker.redis_url)
     rates: dict[str, list[float]] = {"plain": [], "cancellable": []}
     overhead_us: list[float] = []
     try:
@@ -111,7 +138,69 @@ def run(
             )
     finally:
         client.close()
-    records = {
+    log(f"throughput: per-task overhead median {statistics.median(overhead_us):.1f} us")
+    return _worker_records(rates, overhead_us, rounds)
+
+
+def eager_overhead(rounds: int, calls: int) -> dict[str, list[float]]:
+    """µs per ``Task.apply()`` of a plain and a ``@cancellable`` no-op task, per round."""
+    from celery import Celery
+
+    from cancellable import cancellable
+
+    app = Celery("cancellable_bench_eager", broker="memory://", backend="disabled://")
+
+    @app.task(name="eager.plain", ignore_result=True)
+    def plain() -> None:
+        pass
+
+    @app.task(name="eager.cancellable", ignore_result=True)
+    @cancellable
+    def with_scope() -> None:
+        pass
+
+    tasks = {"plain": plain, "cancellable": with_scope}
+    for task in tasks.values():  # warm up
+        for _ in range(max(10, calls // 10)):
+            task.apply()
+    values: dict[str, list[float]] = {"plain": [], "cancellable": []}
+    for k in range(rounds):
+        order = ("plain", "cancellable") if k % 2 == 0 else ("cancellable", "plain")
+        for variant in order:
+            apply = tasks[variant].apply
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                apply()
+            values[variant].append((time.perf_counter() - t0) / calls * 1e6)
+    return values
+
+
+def eager_records(mode: str) -> dict[str, dict[str, Any]]:
+    """The three ``throughput.eager_apply_*`` records."""
+    rounds, calls = EAGER_SETTINGS[mode]
+    values = eager_overhead(rounds, calls)
+    diffs = [c - p for c, p in zip(values["cancellable"], values["plain"], strict=True)]
+    log(
+        f"throughput: eager apply plain {statistics.median(values['plain']):.1f} us, "
+        f"cancellable {statistics.median(values['cancellable']):.1f} us"
+    )
+    return {
+        "throughput.eager_apply_plain_us": measured(
+            "throughput.eager_apply_plain_us", values["plain"], "us", runs=rounds
+        ),
+        "throughput.eager_apply_cancellable_us": measured(
+            "throughput.eager_apply_cancellable_us", values["cancellable"], "us", runs=rounds
+        ),
+        "throughput.eager_apply_overhead_us": measured(
+            "throughput.eager_apply_overhead_us", diffs, "us", runs=rounds
+        ),
+    }
+
+
+def _worker_records(
+    rates: dict[str, list[float]], overhead_us: list[float], rounds: int
+) -> dict[str, dict[str, Any]]:
+    return {
         "throughput.plain_tasks_per_s": measured(
             "throughput.plain_tasks_per_s", rates["plain"], "tasks/s", runs=rounds, tails=False
         ),
@@ -126,5 +215,3 @@ def run(
             "throughput.per_task_overhead_us", overhead_us, "us", runs=rounds, tails=False
         ),
     }
-    log(f"throughput: per-task overhead median {statistics.median(overhead_us):.1f} us")
-    return [records[name] for name in names]
