@@ -236,6 +236,17 @@ class TestLedgers:
         assert {"a", "b/with:odd chars"} == set(ledger.all_ids())
         assert {} == ledger.lookup([])
 
+    def test_since_returns_each_new_id_once(self, ledger: Any) -> None:
+        """A cursor from since() yields only what was recorded after it."""
+        ledger.record(["one"], CancelReason())
+        first, cursor = ledger.since(0.0)
+        time.sleep(0.02)  # file modification times must differ
+        ledger.record(["two"], CancelReason())
+        second, cursor = ledger.since(cursor)
+        third, _ = ledger.since(cursor)
+
+        assert (["one"], ["two"], []) == (first, second, third)
+
     def test_redis_entries_expire(self, rdb: redis.Redis) -> None:
         """Entries carry the TTL and leave the index when it passes."""
         ledger = _ledger.RedisLedger(rdb, "cancellable:ttl:", 1)
@@ -301,6 +312,7 @@ class TestLedgers:
         assert isinstance(first, _ledger.NullLedger)
         assert ["ledger.not_durable"] == [e["event"] for e in logs]
         assert [] == first.all_ids()
+        assert ([], 1.5) == first.since(1.5)
         assert {} == first.lookup(["x"])
         first.record(["x"], CancelReason())
 

@@ -72,6 +72,14 @@ class Ledger(Protocol):
     def all_ids(self) -> list[str]:
         """Every task id with a live (not expired) entry."""
 
+    def since(self, cursor: float) -> tuple[list[str], float]:
+        """Live ids recorded after ``cursor``, and the cursor to pass next time.
+
+        Start with ``0.0`` to get every live id.  Workers call this at start
+        and then every poll interval, so each learns of every cancellation
+        within one interval, whether or not its broadcast arrived.
+        """
+
 
 class NullLedger:
     """No durable store: records nothing, finds nothing."""
@@ -88,6 +96,10 @@ class NullLedger:
     def all_ids(self) -> list[str]:
         """Nothing is recorded."""
         return []
+
+    def since(self, cursor: float) -> tuple[list[str], float]:
+        """Nothing is recorded."""
+        return [], cursor
 
 
 def _encode(task_id: str, reason: CancelReason) -> str:
@@ -143,11 +155,24 @@ class RedisLedger:
 
     def all_ids(self) -> list[str]:
         """Ids whose entries have not expired, from the index."""
+        return self.since(0.0)[0]
+
+    def since(self, cursor: float) -> tuple[list[str], float]:
+        """Ids indexed after ``cursor``; one ZRANGEBYSCORE.
+
+        The index score is the entry's expiry time, which grows with the time
+        of recording (the TTL is one setting per app), so it doubles as the
+        cursor.  Entries that have expired are never returned.
+        """
+        low = max(cursor, time.time())
         try:
-            members = self._client.zrangebyscore(self._prefix + "index", time.time(), "+inf")
+            rows = self._client.zrangebyscore(
+                self._prefix + "index", f"({low}", "+inf", withscores=True
+            )
         except Exception as exc:
             raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m, _score in rows]
+        return ids, max([cursor, *(float(score) for _m, score in rows)])
 
 
 class FileLedger:
@@ -200,20 +225,28 @@ class FileLedger:
 
     def all_ids(self) -> list[str]:
         """Every live entry; expired files are removed on the way."""
+        return self.since(0.0)[0]
+
+    def since(self, cursor: float) -> tuple[list[str], float]:
+        """Live entries written after ``cursor`` (a modification time)."""
         now = time.time()
         ids = []
+        newest = cursor
         try:
             for path in self._dir.glob("*.json"):
                 try:
-                    if now - path.stat().st_mtime > self._ttl:
+                    mtime = path.stat().st_mtime
+                    if now - mtime > self._ttl:
                         path.unlink(missing_ok=True)
                         continue
                 except FileNotFoundError:
                     continue
-                ids.append(urllib.parse.unquote(path.name[: -len(".json")]))
+                if mtime > cursor:
+                    ids.append(urllib.parse.unquote(path.name[: -len(".json")]))
+                    newest = max(newest, mtime)
         except OSError as exc:
             raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
-        return ids
+        return ids, newest
 
 
 _cache: dict[tuple[int, str], Ledger] = {}

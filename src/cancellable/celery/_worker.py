@@ -23,9 +23,11 @@ handler in each child.
 * **Poller**, one daemon thread per worker main process: every 0.1 s it
   signals children that accepted a task after its cancellation arrived (the
   window between a child starting a task and the main process learning its
-  pid), and every ``cancellable_poll_interval`` seconds it asks the ledger
-  about the running tasks, which catches missed broadcasts and is the only
-  way to reach a task in a busy ``solo`` worker.
+  pid), and every ``cancellable_poll_interval`` seconds it reads what the
+  ledger gained since its last read (one round trip), adds those ids to the
+  revoked set and delivers them to tasks already here.  That catches missed
+  broadcasts, and it is the only way into a busy ``solo`` worker, whose
+  consumer reads nothing (broadcasts included) while a task runs.
 """
 
 from __future__ import annotations
@@ -184,21 +186,32 @@ def _remember_delivered(task_id: str) -> None:
     _polled.add(task_id)
 
 
+_cursor: float = 0.0
+
+
 def _poll_ledger(app: Any) -> None:
-    watched: dict[str, int | None] = {}
-    for request in list(worker_state.active_requests):
-        if request.id not in _polled:
-            watched[request.id] = request.worker_pid
-    for task_id in _delivery.running_ids():
-        if task_id not in _polled:
-            watched.setdefault(task_id, None)
-    if not watched:
+    # Learn every cancellation recorded since the last poll: add it to
+    # Celery's revoked set (so the task is discarded when it arrives, even in
+    # a solo worker that has not read the broadcast yet) and deliver it to
+    # the task if it is already here.
+    global _cursor
+    ledger = _ledger.ledger_for(app)
+    ids, _cursor = ledger.since(_cursor)
+    new = [task_id for task_id in ids if task_id not in _polled]
+    if not new:
         return
-    found = _ledger.ledger_for(app).lookup(watched)
-    for task_id, reason in found.items():
-        _remember_delivered(task_id)
+    for task_id in new:
         worker_state.revoked.add(task_id)
-        _delivery.deliver(task_id, reason, watched[task_id])
+    running = set(_delivery.running_ids())
+    here = [t for t in new if t in running or t in worker_state.requests]
+    for task_id, reason in ledger.lookup(here).items() if here else ():
+        _remember_delivered(task_id)
+        request = worker_state.requests.get(task_id)
+        pid = getattr(request, "worker_pid", None) if request is not None else None
+        how = _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
+        if how == "mailbox" and request is not None:
+            with _awaiting_lock:
+                _awaiting[task_id] = reason
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
@@ -207,8 +220,9 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     if app is None:
         return
     _worker_app = app
+    global _cursor
     try:
-        ids = _ledger.ledger_for(app).all_ids()
+        ids, _cursor = _ledger.ledger_for(app).since(0.0)
     except _ledger.LedgerError as exc:
         logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
         ids = []
