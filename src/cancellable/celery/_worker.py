@@ -63,13 +63,14 @@ _awaiting_lock: Final = threading.Lock()
 _worker_app: Any = None
 
 
-def _reason_from(arguments: Any) -> CancelReason:
-    if isinstance(arguments, dict):
+def _reason_from(payload: Any) -> CancelReason | None:
+    """The reason `cancel()` sent along with a revoke, or None (plain revoke)."""
+    if isinstance(payload, dict):
         try:
-            return CancelReason.from_dict(arguments)
+            return CancelReason.from_dict(payload)
         except (TypeError, ValueError):
             pass
-    return CancelReason(source="revoked")
+    return None
 
 
 def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cancel: bool) -> None:
@@ -122,15 +123,16 @@ def _wrap_revoke() -> None:
     def revoke(
         state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any
     ) -> Any:
-        payload = kwargs.get("cancellable")
+        given = _reason_from(kwargs.get("cancellable"))
         task_ids = [str(t) for t in (maybe_list(task_id) or [])]
-        if payload is not None and not terminate:
+        if given is not None and not terminate:
             with contextlib.suppress(Exception):
-                _store_reason_first(state, task_ids, _reason_from(payload))
+                _store_reason_first(state, task_ids, given)
         result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         if not terminate:
             try:
-                _on_revoke(state, task_ids, _reason_from(payload), payload is not None)
+                reason = given or CancelReason(source="revoked")
+                _on_revoke(state, task_ids, reason, from_cancel=given is not None)
             except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
                 logger.error(CANCEL_DELIVERY_FAILED, task_ids=task_ids, error=repr(exc))
         return result
