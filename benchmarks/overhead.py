@@ -53,7 +53,7 @@ class Settings:
 
 
 SETTINGS = {
-    "full": Settings(pairs=201, loop_seconds=0.01),
+    "full": Settings(pairs=401, loop_seconds=0.005),
     "quick": Settings(pairs=9, loop_seconds=0.01),
     "smoke": Settings(pairs=2, loop_seconds=0.0005),
 }
@@ -87,27 +87,33 @@ def _time(fn: Callable[[int, int], None], n_iter: int, size: int) -> float:
 
 
 def body_cost_ns(size: int, budget: float = 0.005) -> float:
-    """Per-iteration time of ``loop_plain`` for ``size`` (best of 3), in ns."""
+    """Per-iteration time of ``loop_plain`` for ``size`` (best of 5), in ns."""
     n_iter = 1
     while True:
         elapsed = _time(loop_plain, n_iter, size)
         if elapsed >= budget:
             break
         n_iter *= 2
-    best = min(_time(loop_plain, n_iter, size) for _ in range(3))
+    best = min(_time(loop_plain, n_iter, size) for _ in range(5))
     return best / n_iter * 1e9
 
 
 def calibrate(target_ns: float, budget: float = 0.005) -> tuple[int, float]:
     """The body ``size`` whose loop iteration costs closest to ``target_ns``.
 
-    Fits ``cost = a + b * size`` on two sizes, solves for the target, then
-    checks the neighbours.  Returns ``(size, measured ns per iteration)``.
+    Fits ``cost = a + b * size`` on two sizes, solves for the target, refines
+    the guess twice with the measured cost, then checks the neighbours.
+    Returns ``(size, measured ns per iteration)``.
     """
     c0 = body_cost_ns(0, budget)
     c_big = body_cost_ns(64, budget)
     slope = max((c_big - c0) / 64, 1e-3)
     guess = max(0, round((target_ns - c0) / slope))
+    for _ in range(2):
+        cost = body_cost_ns(guess, budget)
+        if guess > 0:
+            slope = max((cost - c0) / guess, 1e-3)
+        guess = max(0, round(guess + (target_ns - cost) / slope))
     candidates = {max(0, guess - 1), guess, guess + 1}
     costs = {size: body_cost_ns(size, budget) for size in candidates}
     size = min(costs, key=lambda s: abs(costs[s] - target_ns))
