@@ -377,6 +377,17 @@ class TestMailbox:
         assert {} == _delivery._read_mailbox({"not-there"})
         assert {} == _delivery._read_mailbox(set())
 
+    def test_prefixes_and_long_ids_do_not_collide(self) -> None:
+        """An id that is a prefix of another is not matched; very long ids work."""
+        base = f"pre-{uuid.uuid4()}"
+        long_id = "L" * 500 + base
+        _delivery._write_slot(base + "-longer", CancelReason(message="other"), 1.0)
+        _delivery._write_slot(long_id, CancelReason(message="long"), 2.0)
+
+        assert {} == _delivery._read_mailbox({base})
+        assert "long" == _delivery._read_mailbox({long_id})[long_id][0].message
+        assert {} == _delivery._read_mailbox({long_id[:-1]})
+
     def test_huge_message_is_trimmed_not_lost(self) -> None:
         """A message too large for a slot is shortened; the id still matches."""
         task_id = f"big-{uuid.uuid4()}"

@@ -20,11 +20,13 @@ Prefork child
 
 Invariants:
 
-* The mailbox has one writer, the main process (its consumer thread), and any
-  number of readers.  A slot is ``[u32 length][u32 sequence][JSON]`` and the
-  header holds the number of slots written so far.  The writer fills a slot
-  and then publishes it by bumping the header; readers that catch a slot
-  being rewritten see bad JSON and skip it (the ledger poll is the net).
+* The mailbox has one writer per worker, its main process, and any number
+  of readers (its children).  It is a ring: the header counts the slots
+  written so far, a key table holds one NUL-terminated task id per slot, and
+  each slot holds ``[u32 length][JSON with the id and reason]``.  The writer
+  blanks a slot's key, fills the slot, then writes the key; a reader finds a
+  key, reads the slot and checks the id inside it, so a slot caught while
+  being rewritten is skipped, never misread (the ledger poll is the net).
 * A signal or a slot never cancels the wrong task: the child matches the task
   *id* in the slot against the ids it is running now.  A signal that arrives
   after the task finished, or while the child already runs the next task,
@@ -46,6 +48,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -73,13 +76,28 @@ __all__ = [
 
 _SLOTS: Final = 64
 _SLOT_SIZE: Final = 16384
+_KEY_SIZE: Final = 128
 _HEADER: Final = struct.Struct("<Q")
-_SLOT_HEAD: Final = struct.Struct("<II")
+_SLOT_HEAD: Final = struct.Struct("<I")
+_KEYS_START: Final = _HEADER.size
+_KEYS_END: Final = _KEYS_START + _SLOTS * _KEY_SIZE
 
-#: The shared mailbox.  Created here, at import, which happens in the worker's
-#: main process when it imports the task modules, before the pool forks.
-_mailbox: Final = mmap.mmap(-1, _HEADER.size + _SLOTS * _SLOT_SIZE)
+#: The shared mailbox: a header (slots written so far), a table of task-id
+#: keys (one fixed-size entry per slot, small enough to search in about a
+#: microsecond at every task start), and the slots holding the reasons.
+#: Created here, at import, which happens in the worker's main process when
+#: it imports the task modules, before the pool forks.
+_mailbox: Final = mmap.mmap(-1, _KEYS_END + _SLOTS * _SLOT_SIZE)
 _write_lock: Final = threading.Lock()
+
+
+def _key(task_id: str) -> bytes:
+    # The key-table entry for a task id, NUL-terminated.  Task ids are
+    # normally 36-character UUIDs; an id too long for an entry is hashed.
+    raw = task_id.encode()
+    if len(raw) >= _KEY_SIZE - 1:
+        raw = b"#" + hashlib.sha256(raw).hexdigest().encode()
+    return raw + b"\0"
 
 
 def _write_slot(task_id: str, reason: CancelReason, delivered_at: float) -> None:
@@ -97,36 +115,49 @@ def _write_slot(task_id: str, reason: CancelReason, delivered_at: float) -> None
         payload = json.dumps(
             {"id": task_id, "reason": short.to_dict(), "delivered_at": delivered_at}
         ).encode()
+    key = _key(task_id)
     with _write_lock:
         (count,) = _HEADER.unpack_from(_mailbox, 0)
-        offset = _HEADER.size + (count % _SLOTS) * _SLOT_SIZE
-        _SLOT_HEAD.pack_into(_mailbox, offset, 0, 0)  # invalidate while rewriting
-        _mailbox[offset + _SLOT_HEAD.size : offset + _SLOT_HEAD.size + len(payload)] = payload
-        _SLOT_HEAD.pack_into(_mailbox, offset, len(payload), count + 1)
+        slot = count % _SLOTS
+        key_at = _KEYS_START + slot * _KEY_SIZE
+        slot_at = _KEYS_END + slot * _SLOT_SIZE
+        # Invalidate the key first, fill the slot, then publish the key.
+        _mailbox[key_at : key_at + _KEY_SIZE] = bytes(_KEY_SIZE)
+        _SLOT_HEAD.pack_into(_mailbox, slot_at, len(payload))
+        _mailbox[slot_at + _SLOT_HEAD.size : slot_at + _SLOT_HEAD.size + len(payload)] = payload
+        _mailbox[key_at : key_at + len(key)] = key
         _HEADER.pack_into(_mailbox, 0, count + 1)
+
+
+def _read_slot(slot: int, task_id: str) -> tuple[CancelReason, float] | None:
+    slot_at = _KEYS_END + slot * _SLOT_SIZE
+    (length,) = _SLOT_HEAD.unpack_from(_mailbox, slot_at)
+    raw = _mailbox[slot_at + _SLOT_HEAD.size : slot_at + _SLOT_HEAD.size + length]
+    try:
+        data = json.loads(raw)
+        if data["id"] == task_id:
+            return CancelReason.from_dict(data["reason"]), float(data["delivered_at"])
+    except (ValueError, KeyError, TypeError):
+        pass  # being rewritten right now; the ledger poll is the net
+    return None
 
 
 def _read_mailbox(task_ids: set[str]) -> dict[str, tuple[CancelReason, float]]:
     """Entries of the mailbox that name one of ``task_ids``."""
     found: dict[str, tuple[CancelReason, float]] = {}
-    if not task_ids:
+    if not task_ids or not _HEADER.unpack_from(_mailbox, 0)[0]:
         return found
-    needles = [task_id.encode() for task_id in task_ids]
-    if not any(_mailbox.find(needle) != -1 for needle in needles):
-        return found
-    for slot in range(_SLOTS):
-        offset = _HEADER.size + slot * _SLOT_SIZE
-        length, seq = _SLOT_HEAD.unpack_from(_mailbox, offset)
-        if not length or not seq:
-            continue
-        raw = _mailbox[offset + _SLOT_HEAD.size : offset + _SLOT_HEAD.size + length]
-        try:
-            data = json.loads(raw)
-            task_id = data["id"]
-            if task_id in task_ids and task_id not in found:
-                found[task_id] = (CancelReason.from_dict(data["reason"]), data["delivered_at"])
-        except (ValueError, KeyError, TypeError):
-            continue  # being rewritten right now
+    for task_id in task_ids:
+        key = _key(task_id)
+        at = _mailbox.find(key, _KEYS_START, _KEYS_END)
+        while at != -1:
+            slot, misaligned = divmod(at - _KEYS_START, _KEY_SIZE)
+            if not misaligned:
+                entry = _read_slot(slot, task_id)
+                if entry is not None:
+                    found[task_id] = entry
+                    break
+            at = _mailbox.find(key, at + 1, _KEYS_END)
     return found
 
 
