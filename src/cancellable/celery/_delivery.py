@@ -324,10 +324,19 @@ def install_child_handler() -> None:
     signal.signal(_signum, _on_signal)
 
 
+_checked_pid = 0
+
+
 def ensure_child_handler() -> None:
-    """Reinstall the handler if something replaced it (task start, main thread)."""
-    if (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(_signum) is not _on_signal
-    ):
+    """Reinstall the handler if something replaced it (first task of a process).
+
+    billiard may reset signal handlers after ``worker_process_init``, never
+    later, so one check per process, on the main thread, is enough.
+    """
+    global _checked_pid
+    pid = os.getpid()
+    if pid == _checked_pid or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(_signum) is not _on_signal:
         signal.signal(_signum, _on_signal)
+    _checked_pid = pid
