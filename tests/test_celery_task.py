@@ -1,0 +1,151 @@
+"""The task boundary, through Celery's own tracer in this process (``apply()``).
+
+``Task.apply()`` runs a task through the same tracer a worker uses, with a
+real request, so these tests see exactly what the boundary does with a
+`Cancelled`: the stored state, the ``Ignore``, the events.  Revokes arriving
+from outside are proven on real workers in ``tests/integration``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.worker import state as worker_state
+from structlog.testing import capture_logs
+
+from cancellable import Cancelled, cancellable, checkpoint, current_scope, on_cancel
+
+
+@pytest.fixture(name="app")
+def app_fixture() -> Iterator[Celery]:
+    """An in-memory app: tasks run in this process through Celery's tracer."""
+    app = Celery(f"tb-{uuid.uuid4().hex[:8]}", broker="memory://", backend="cache+memory://")
+    app.conf.cancellable_ledger_url = "none"
+    yield app
+    app.close()
+
+
+class TestBoundary:
+    """What happens when a Cancelled reaches the task boundary."""
+
+    def test_cancelled_task_ends_revoked_with_its_reason(self, app: Celery) -> None:
+        """Hooks run, the state is REVOKED with the reason, and the trace is 'ignored'."""
+        ran: list[str] = []
+
+        @app.task(bind=True)
+        @cancellable
+        def job(self: Any) -> str:
+            on_cancel(ran.append, "hook")
+            scope = current_scope()
+            assert scope is not None
+            scope.cancel("stop now")
+            checkpoint()
+            return "unreachable"
+
+        with capture_logs() as logs:
+            result = job.apply()
+
+        assert ["hook"] == ran
+        assert "IGNORED" == result.state
+        assert "REVOKED" == app.AsyncResult(result.id).state
+        assert "manual: stop now" == str(app.AsyncResult(result.id).result)
+        cancelled = [e for e in logs if e["event"] == "task.cancelled"]
+        assert 1 == len(cancelled)
+        assert result.id == cancelled[0]["task_id"]
+        assert cancelled[0]["observed_ms"] is not None
+
+    def test_request_revoked_reflects_the_scope(self, app: Celery) -> None:
+        """``current_task.request.revoked()`` is False, then True after a cancel."""
+        from celery import current_task
+
+        seen: list[bool] = []
+
+        @app.task
+        @cancellable
+        def job() -> None:
+            seen.append(current_task.request.revoked())
+            current_scope().cancel()  # type: ignore[union-attr]
+            seen.append(current_task.request.revoked())
+            checkpoint()
+
+        job.apply()
+
+        assert [False, True] == seen
+
+    def test_already_revoked_task_skips_its_body(self, app: Celery) -> None:
+        """A task whose id is in the revoked set never runs its body."""
+        ran: list[bool] = []
+
+        @app.task
+        @cancellable
+        def job() -> None:
+            ran.append(True)
+
+        task_id = str(uuid.uuid4())
+        worker_state.revoked.add(task_id)
+        try:
+            with capture_logs() as logs:
+                result = job.apply(task_id=task_id)
+        finally:
+            worker_state.revoked.discard(task_id)
+
+        assert [] == ran
+        assert "REVOKED" == app.AsyncResult(result.id).state
+        assert ["task.skipped"] == [e["event"] for e in logs if e["event"].startswith("task.")]
+
+    def test_nested_timeout_ends_the_task_as_revoked(self, app: Celery) -> None:
+        """A nested @cancellable helper's timeout is an ordinary nested scope; its
+        Cancelled reaches the boundary and ends the task with source 'deadline'."""
+
+        @cancellable(timeout=0.01)
+        def helper() -> None:
+            while True:
+                checkpoint()
+
+        @app.task
+        @cancellable
+        def job() -> None:
+            helper()
+
+        result = job.apply()
+
+        assert "REVOKED" == app.AsyncResult(result.id).state
+        assert "deadline: deadline expired" == str(app.AsyncResult(result.id).result)
+
+    def test_direct_call_is_a_plain_scope(self, app: Celery) -> None:
+        """Calling the task function directly (no worker) cancels like any call."""
+
+        @app.task
+        @cancellable
+        def job() -> None:
+            current_scope().cancel("direct")  # type: ignore[union-attr]
+            checkpoint()
+
+        with pytest.raises(Cancelled) as caught:
+            job()
+
+        assert "direct" == caught.value.reason.message
+
+    def test_result_not_stored_is_logged(self) -> None:
+        """If the backend cannot store REVOKED, the task still ends, with an event."""
+        app = Celery("nostore", broker="memory://", backend="redis://127.0.0.1:1/0")
+        app.conf.cancellable_ledger_url = "none"
+        app.conf.redis_socket_connect_timeout = 0.5
+        app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 0}}
+
+        @app.task(store_errors_even_if_ignored=True)
+        @cancellable
+        def job() -> None:
+            current_scope().cancel()  # type: ignore[union-attr]
+            checkpoint()
+
+        with capture_logs() as logs:
+            result = job.apply()
+
+        assert "IGNORED" == result.state
+        assert "task.result_not_stored" in [e["event"] for e in logs]
+        app.close()
