@@ -58,6 +58,39 @@ class TestBoundary:
         assert result.id == cancelled[0]["task_id"]
         assert cancelled[0]["observed_ms"] is not None
 
+    def test_never_retried_and_task_revoked_signal_sent(self, app: Celery) -> None:
+        """autoretry_for=(Exception,) does not retry a cancelled task; task_revoked
+        fires once, not terminated, with the reason."""
+        from celery import signals
+
+        calls: list[dict[str, Any]] = []
+        runs: list[int] = []
+
+        def receiver(**kwargs: Any) -> None:
+            calls.append(kwargs)
+
+        @app.task(bind=True, autoretry_for=(Exception,), max_retries=3)
+        @cancellable
+        def job(self: Any) -> None:
+            runs.append(self.request.retries)
+            current_scope().cancel("no retry")  # type: ignore[union-attr]
+            checkpoint()
+
+        signals.task_revoked.connect(receiver, sender=job, weak=False)
+        try:
+            result = job.apply()
+        finally:
+            signals.task_revoked.disconnect(receiver, sender=job)
+
+        assert [0] == runs
+        assert "REVOKED" == app.AsyncResult(result.id).state
+        assert 1 == len(calls)
+        assert (False, None, "no retry") == (
+            calls[0]["terminated"],
+            calls[0]["signum"],
+            calls[0]["reason"].message,
+        )
+
     def test_request_revoked_reflects_the_scope(self, app: Celery) -> None:
         """``current_task.request.revoked()`` is False, then True after a cancel."""
         from celery import current_task
