@@ -75,6 +75,13 @@ class Worker:
             self._app = app
         return self._app
 
+    @property
+    def pid(self) -> int:
+        """The pid of the worker's main process (the parent of its pool children)."""
+        if self.proc is None:
+            raise WorkerError(f"worker {self.nodename} is not running")
+        return self.proc.pid
+
     def start(self) -> None:
         """Start the worker and wait until it answers a ping."""
         env = dict(os.environ)

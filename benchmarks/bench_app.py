@@ -12,6 +12,8 @@ Tasks:
   its cleanup hook ran (``latency.py``).
 * ``bench.spin_plain``: the same loop without ``@cancellable``, stopped
   with Celery's own ``revoke(terminate=True)`` for comparison.
+* ``bench.abortable_poll``: Celery's ``AbortableTask``, polling
+  ``self.is_aborted()`` every 100 ms (the documented idiom), for comparison.
 * ``bench.noop_plain`` / ``bench.noop_cancellable``: no-op tasks, the second
   under ``@cancellable``; each counts itself in Redis (``throughput.py``).
 * ``bench.measure_revoked``: times ``current_task.request.revoked()``
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.contrib.abortable import AbortableTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,6 +43,8 @@ CONTROL_EXCHANGE = os.environ.get("CANCELLABLE_BENCH_CONTROL", "cancellable-benc
 
 #: A spinning task gives up after this long if nobody cancels it.
 SPIN_LIMIT_SECONDS = 30.0
+#: How often ``bench.abortable_poll`` asks ``is_aborted()``.
+ABORT_POLL_SECONDS = 0.1
 
 
 def make_app(broker_url: str, redis_url: str, queue: str, control_exchange: str) -> Celery:
@@ -111,6 +116,27 @@ def spin_plain(self: Any, key: str) -> str:
         for i in range(1000):
             x = (x * 31 + i) % 65521
     return "not terminated"
+
+
+@app.task(bind=True, base=AbortableTask, name="bench.abortable_poll")
+def abortable_poll(self: Any, key: str) -> str:
+    """Celery's ``AbortableTask`` idiom: ask ``self.is_aborted()`` every 100 ms.
+
+    Records in ``key`` when it started and when ``is_aborted()`` returned
+    True (``noticed``), with the number of polls; then it returns, so the
+    task ends as SUCCESS (Celery overwrites the ABORTED state).
+    """
+    client = redis_client()
+    client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    limit = time.monotonic() + SPIN_LIMIT_SECONDS
+    polls = 0
+    while time.monotonic() < limit:
+        polls += 1
+        if self.is_aborted():
+            client.hset(key, mapping={"noticed": time.time(), "polls": polls})
+            return "aborted"
+        time.sleep(ABORT_POLL_SECONDS)
+    return "not aborted"
 
 
 def _count(key: str, total: int) -> None:

@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/report.py docs/_static/benchmarks.json > /tmp/tables.md
+    python benchmarks/report.py docs/_static/benchmarks.json docs/_static/latency_cdf.json
 """
 
 from __future__ import annotations
@@ -93,39 +94,55 @@ def context_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def latency_table(results: dict[str, Any]) -> str:
-    """Latency medians with p90/p99, per variant."""
-    variants = [
-        ("prefork, Redis broker", "latency."),
-        ("threads, Redis broker", "latency.threads_redis."),
-        ("prefork, RabbitMQ broker", "latency.prefork_rabbitmq."),
-    ]
+def _dist(record: dict[str, Any] | None, samples: dict[str, list[float]], name: str) -> str:
+    """``p50 / p90 / p99 / max`` in ms (max from the raw samples, when given)."""
+    if record is None or record.get("skipped"):
+        return DASH
+    values = samples.get(name)
+    top = f"{max(values):.1f}" if values else DASH
+    return f"{record['median']:.1f} / {record['p90']:.1f} / {record['p99']:.1f} / {top}"
+
+
+LATENCY_VARIANTS = (
+    ("prefork, Redis broker", "latency."),
+    ("prefork, RabbitMQ broker", "latency.prefork_rabbitmq."),
+    ("threads, Redis broker", "latency.threads_redis."),
+    ("threads, RabbitMQ broker", "latency.threads_rabbitmq."),
+)
+
+
+def latency_table(results: dict[str, Any], samples: dict[str, list[float]] | None = None) -> str:
+    """Latency p50 / p90 / p99 / max per variant, then Celery's own ways."""
+    samples = samples or {}
     rows = [
         "| worker | revoke → checkpoint raises | → cleanup done | → `REVOKED` published "
         "| samples |",
         "|---|---|---|---|---|",
     ]
-    for label, prefix in variants:
+    for label, prefix in LATENCY_VARIANTS:
         cells = []
         runs = ""
         for step in ("revoke_to_checkpoint", "revoke_to_cleanup", "revoke_to_revoked_state"):
             record = results.get(prefix + step)
-            if record is None or record.get("skipped"):
-                cells.append(DASH)
-                continue
-            runs = str(record["runs"])
-            cells.append(
-                f"{record['median']:.1f} ms (p90 {record['p90']:.1f}, p99 {record['p99']:.1f})"
-            )
+            if record is not None and not record.get("skipped"):
+                runs = str(record["runs"])
+            cells.append(_dist(record, samples, prefix + step))
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {runs} |")
-    term = results.get("latency.terminate.revoke_to_revoked_state")
-    if term and not term.get("skipped"):
-        rows.append(
-            "| prefork, Redis, Celery's `revoke(terminate=True)`, no `@cancellable` | "
-            "(process killed) | (no cleanup) | "
-            f"{term['median']:.1f} ms (p90 {term['p90']:.1f}, p99 {term['p99']:.1f}) "
-            f"| {term['runs']} |"
-        )
+    rows += [
+        "",
+        "| Celery's own way | measured | p50 / p90 / p99 / max | samples |",
+        "|---|---|---|---|",
+    ]
+    for name, label, what in (
+        ("latency.terminate.to_process_death", "`revoke(terminate=True)`", "→ child dead"),
+        ("latency.terminate.to_pool_full", "", "→ pool back to 2 children"),
+        ("latency.terminate.revoke_to_revoked_state", "", "→ `REVOKED` published"),
+        ("latency.abortable_100ms.to_noticed", "`AbortableTask`, 100 ms poll", "→ noticed"),
+        ("latency.abortable_100ms.to_final_state", "", "→ final state published"),
+    ):
+        record = results.get(name)
+        runs = "" if record is None or record.get("skipped") else str(record["runs"])
+        rows.append(f"| {label} | {what} | {_dist(record, samples, name)} | {runs} |")
     return "\n".join(rows)
 
 
@@ -136,6 +153,7 @@ def throughput_table(results: dict[str, Any]) -> str:
         "throughput.plain_tasks_per_s",
         "throughput.cancellable_tasks_per_s",
         "throughput.per_task_overhead_us",
+        "throughput.cancellable_to_plain_ratio",
         "throughput.eager_apply_plain_us",
         "throughput.eager_apply_cancellable_us",
         "throughput.eager_apply_overhead_us",
@@ -144,16 +162,18 @@ def throughput_table(results: dict[str, Any]) -> str:
         if record is None or record.get("skipped"):
             continue
         unit = record["unit"].replace("us", "µs")
+        digits = 3 if unit == "x" else 1
         rows.append(
-            f"| `{name}` | {record['median']:.1f} {unit} "
-            f"| {record.get('stdev', 0):.1f} {unit} | {record['runs']} |"
+            f"| `{name}` | {record['median']:.{digits}f} {unit} "
+            f"| {record.get('stdev', 0):.{digits}f} {unit} | {record['runs']} |"
         )
     return "\n".join(rows)
 
 
 def main(argv: list[str]) -> int:
-    """Print every table."""
+    """Print every table; ``argv``: the results file, optionally the latency samples file."""
     doc = json.loads(Path(argv[0]).read_text())
+    samples = json.loads(Path(argv[1]).read_text())["samples"] if len(argv) > 1 else {}
     results = {r["name"]: r for r in doc["results"]}
     env = doc["environment"]
     print(f"<!-- environment: {json.dumps(env)} -->\n")
@@ -176,7 +196,7 @@ def main(argv: list[str]) -> int:
     print()
     print(context_table(results))
     print()
-    print(latency_table(results))
+    print(latency_table(results, samples))
     print()
     print(throughput_table(results))
     return 0

@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/run.py                      # full run (several minutes)
     python benchmarks/run.py --quick              # under a minute, rough numbers
-    python benchmarks/run.py --json out.json --plot docs/_static/overhead.png
+    python benchmarks/run.py --json out.json --plot docs/_static/overhead.png \
+        --cdf docs/_static/latency_cdf.png
     python benchmarks/run.py --only 'checkpoint.*'
 
 Parts, each a module of this directory:
@@ -18,8 +19,12 @@ Parts, each a module of this directory:
   inside a real task.
 * ``overhead.py``: ``context.*``, the overhead of a checkpoint per iteration
   on loop bodies of 100 ns to 100 us, and the plot.
-* ``latency.py`` and ``throughput.py``: delivery latency and task throughput
-  over real Celery workers.
+* ``latency.py`` and ``throughput.py``: delivery latency (with Celery's
+  ``revoke(terminate=True)`` and ``AbortableTask`` beside it) and task
+  throughput over real Celery workers.  ``--cdf FILE`` plots the latency
+  distributions (PNG) and writes their raw samples, in ms, next to it
+  (``FILE`` with the suffix ``.json``: ``{"unit": "ms", "samples": {name:
+  [...]}}``), the only place the maxima are kept.
 
 Redis (DB 14 of ``--redis-url``) is used by the ``alt.*`` cases and the
 Celery parts.  The JSON document is ``{"environment": {...}, "results":
@@ -110,6 +115,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--plot", metavar="FILE", help="write the overhead plot (PNG) to FILE")
     parser.add_argument(
+        "--cdf",
+        metavar="FILE",
+        help="write the CDF plot of the delivery latencies (PNG) to FILE, and their raw "
+        "samples to FILE with the suffix .json",
+    )
+    parser.add_argument(
         "--redis-url",
         default=DEFAULT_REDIS_URL,
         help=f"Redis for the alt.* and Celery benchmarks (default {DEFAULT_REDIS_URL})",
@@ -169,7 +180,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         net = live["median"] - harness["median"] if live and harness else None
         overhead.plot(raw, Path(args.plot), net)
         log(f"plot written to {args.plot}")
+    if args.cdf:
+        write_cdf(dict(latency.RAW), Path(args.cdf))
     return {"environment": env, "results": results}
+
+
+def write_cdf(raw: dict[str, list[float]], path: Path) -> None:
+    """The CDF plot at ``path`` and the raw samples beside it (``.json``), if any were taken."""
+    if not any(raw.get(name) for name in latency.CDF_CURVES):
+        log("no latency samples were taken: the CDF plot is not written")
+        return
+    latency.plot_cdf(raw, path)
+    samples = path.with_suffix(".json")
+    samples.write_text(json.dumps({"unit": "ms", "samples": raw}, indent=1) + "\n")
+    log(f"CDF plot written to {path}, its samples to {samples}")
+    for name, values in raw.items():
+        log(f"  {name}: max {max(values):.2f} ms over {len(values)}")
 
 
 def summary(doc: dict[str, Any]) -> str:

@@ -10,7 +10,10 @@ task's end, both stamped by the tasks.
 
 Rounds alternate between the two variants (plain, cancellable, cancellable,
 plain, ...), and ``throughput.per_task_overhead_us`` is the median over
-adjacent pairs of ``1/cancellable - 1/plain`` per task.  On a shared 2-core
+adjacent pairs of ``1/cancellable - 1/plain`` per task;
+``throughput.cancellable_to_plain_ratio`` is the median over the same pairs
+of ``cancellable / plain`` tasks per second (1.0: no cost; the target is
+>= 0.95).  On a shared 2-core
 machine, rounds of the *same* variant differ by 10-20 %, so this figure has
 a resolution of a few hundred microseconds per task at best.
 
@@ -40,6 +43,7 @@ WORKER_NAMES = (
     "throughput.plain_tasks_per_s",
     "throughput.cancellable_tasks_per_s",
     "throughput.per_task_overhead_us",
+    "throughput.cancellable_to_plain_ratio",
 )
 EAGER_NAMES = (
     "throughput.eager_apply_plain_us",
@@ -124,6 +128,7 @@ def worker_records(mode: str, worker: Any) -> dict[str, dict[str, Any]]:
     client = redis.Redis.from_url(worker.redis_url)
     rates: dict[str, list[float]] = {"plain": [], "cancellable": []}
     overhead_us: list[float] = []
+    ratios: list[float] = []
     try:
         one_round(worker, client, "plain", min(tasks, 100))  # warm up the pool
         for k in range(rounds):
@@ -132,14 +137,19 @@ def worker_records(mode: str, worker: Any) -> dict[str, dict[str, Any]]:
             for variant, rate in pair.items():
                 rates[variant].append(rate)
             overhead_us.append((1 / pair["cancellable"] - 1 / pair["plain"]) * 1e6)
+            ratios.append(pair["cancellable"] / pair["plain"])
             log(
                 f"throughput round {k + 1}/{rounds}: plain {pair['plain']:.0f}/s, "
                 f"cancellable {pair['cancellable']:.0f}/s"
             )
     finally:
         client.close()
-    log(f"throughput: per-task overhead median {statistics.median(overhead_us):.1f} us")
-    return _worker_records(rates, overhead_us, rounds)
+    log(
+        f"throughput: per-task overhead median {statistics.median(overhead_us):.1f} us, "
+        f"cancellable/plain {statistics.median(ratios):.3f} over {rounds} pairs of "
+        f"{tasks} tasks"
+    )
+    return _worker_records(rates, overhead_us, ratios, rounds)
 
 
 def eager_overhead(rounds: int, calls: int) -> dict[str, list[float]]:
@@ -198,9 +208,12 @@ def eager_records(mode: str) -> dict[str, dict[str, Any]]:
 
 
 def _worker_records(
-    rates: dict[str, list[float]], overhead_us: list[float], rounds: int
+    rates: dict[str, list[float]], overhead_us: list[float], ratios: list[float], rounds: int
 ) -> dict[str, dict[str, Any]]:
     return {
+        "throughput.cancellable_to_plain_ratio": measured(
+            "throughput.cancellable_to_plain_ratio", ratios, "x", runs=rounds, tails=False
+        ),
         "throughput.plain_tasks_per_s": measured(
             "throughput.plain_tasks_per_s", rates["plain"], "tasks/s", runs=rounds, tails=False
         ),

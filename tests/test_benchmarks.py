@@ -20,6 +20,7 @@ a message that says so.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -70,9 +71,18 @@ REQUIRED_NAMES = (
     "latency.revoke_to_checkpoint",
     "latency.revoke_to_cleanup",
     "latency.revoke_to_revoked_state",
+    "latency.prefork_rabbitmq.revoke_to_checkpoint",
+    "latency.threads_redis.revoke_to_checkpoint",
+    "latency.threads_rabbitmq.revoke_to_checkpoint",
+    "latency.terminate.to_process_death",
+    "latency.terminate.to_pool_full",
+    "latency.terminate.revoke_to_revoked_state",
+    "latency.abortable_100ms.to_noticed",
+    "latency.abortable_100ms.to_final_state",
     "throughput.plain_tasks_per_s",
     "throughput.cancellable_tasks_per_s",
     "throughput.per_task_overhead_us",
+    "throughput.cancellable_to_plain_ratio",
 )
 
 #: Names that need the Celery integration (skipped with a reason until it exists).
@@ -635,3 +645,158 @@ def test_celery_integration_probe_matches_the_source_tree() -> None:
         assert has_it
         assert reason is None
         assert callable(module.cancel)
+
+
+# --------------------------------------------------------------------------
+# Delivery latency and throughput over a real worker.
+
+
+def test_full_run_takes_enough_latency_samples() -> None:
+    """The full run times >= 200 cancellations per variant, 5,000 tasks per throughput round."""
+    import latency
+    import throughput
+
+    full = latency.SAMPLES["full"]
+    assert full["main"] >= 200
+    assert full["others"] >= 200
+    assert full["abortable"] >= 200
+    assert set(latency.VARIANTS) == {"", "prefork_rabbitmq", "threads_redis", "threads_rabbitmq"}
+    assert throughput.SETTINGS["full"][0] == 5000
+    assert throughput.SETTINGS["full"][1] >= 2
+
+
+def test_proc_helpers_see_a_child_die(tmp_path: Path) -> None:
+    """live_children lists a live child; once killed it is gone (a zombie counts as dead)."""
+    import latency
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in latency.live_children(os.getpid())
+        assert not latency.process_gone(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 5
+        while not latency.process_gone(child.pid):  # a zombie until we reap it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert child.pid not in latency.live_children(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert latency.process_gone(child.pid)
+
+
+@pytest.fixture(scope="module")
+def bench_worker(redis_client: Any) -> Iterator[Any]:
+    """A real ``celery worker --pool=prefork -c 2`` of the benchmark app, always stopped."""
+    module, reason = celery_integration()
+    if module is None:
+        pytest.fail(f"the Celery integration is required: {reason}", pytrace=False)
+    import _workers
+
+    with _workers.session(REDIS_URL) as worker:
+        yield worker
+
+
+def test_latency_smoke_run_over_a_real_worker(bench_worker: Any, tmp_path: Path) -> None:
+    """latency.run measures every prefork name, keeps the raw samples and plots their CDF.
+
+    Its one ``revoke(terminate=True)`` sample kills exactly one pool child
+    (the revoke without terminate and the abort kill none), and the pool is
+    back to two live children afterwards.
+    """
+    import latency
+    import run as driver
+
+    before = latency._wait_pool_full(bench_worker)
+    assert len(before) == bench_worker.concurrency == 2
+    records = latency.run("smoke", None, REDIS_URL, bench_worker)
+    after = latency.live_children(bench_worker.pid)
+    dead = before - after
+    assert len(dead) == latency.SAMPLES["smoke"]["terminate"] == 1, (before, after)
+    assert latency.process_gone(dead.pop())
+    assert len(after) == 2
+    by_name = {r["name"]: r for r in records}
+    assert set(by_name) == set(latency.NAMES)
+    counts = latency.SAMPLES["smoke"]
+    for name in latency.variant_names(""):
+        assert by_name[name]["runs"] == counts["main"] == len(latency.RAW[name])
+    for name in latency.TERMINATE_NAMES:
+        assert by_name[name]["runs"] == counts["terminate"] == len(latency.RAW[name])
+    for name in latency.ABORTABLE_NAMES:
+        assert by_name[name]["runs"] == counts["abortable"] == len(latency.RAW[name])
+    for name in latency.NAMES:
+        if name.startswith(("latency.threads", "latency.prefork_rabbitmq")):
+            assert by_name[name]["skipped"], name  # other workers: full run only
+        else:
+            assert 0 < by_name[name]["median"] < latency.STEP_TIMEOUT * 1000, name
+    # Checkpoint before cleanup before nothing else; the child dies before the pool refills.
+    raw = latency.RAW
+    for raised, cleanup in zip(
+        raw["latency.revoke_to_checkpoint"], raw["latency.revoke_to_cleanup"], strict=True
+    ):
+        assert raised <= cleanup
+    assert (
+        0 < raw["latency.terminate.to_process_death"][0] < raw["latency.terminate.to_pool_full"][0]
+    )
+    assert 0 < raw["latency.abortable_100ms.to_noticed"][0] < 200
+    # The CDF plot and its samples are written.
+    png = tmp_path / "cdf.png"
+    driver.write_cdf(dict(raw), png)
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert png.stat().st_size > 5000
+    saved = json.loads(png.with_suffix(".json").read_text())
+    assert saved["unit"] == "ms"
+    assert saved["samples"]["latency.revoke_to_checkpoint"] == raw["latency.revoke_to_checkpoint"]
+    with pytest.raises(ValueError, match="no latency samples"):
+        latency.plot_cdf({}, tmp_path / "none.png")
+
+
+def test_abortable_sample_sees_is_aborted_turn_true(bench_worker: Any, redis_client: Any) -> None:
+    """The AbortableTask polls is_aborted() every 100 ms and returns once it is True."""
+    from celery.contrib.abortable import AbortableTask
+
+    import latency
+    from bench_app import ABORT_POLL_SECONDS, abortable_poll
+
+    assert isinstance(abortable_poll, AbortableTask)
+    assert ABORT_POLL_SECONDS == 0.1
+    sample = latency.one_abortable_sample(bench_worker, redis_client, phase=0.05)
+    # Noticed at the next poll: within one period (plus a backend round trip).
+    assert 0 < sample["to_noticed"] < 1000 * ABORT_POLL_SECONDS + 50
+    assert sample["to_final_state"] >= sample["to_noticed"] - 5
+
+
+def test_abortable_task_polls_until_is_aborted(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench.abortable_poll calls is_aborted() at each poll and stops at the first True."""
+    from celery.contrib.abortable import AbortableTask
+
+    import bench_app
+
+    answers = iter([False, False, True])
+    monkeypatch.setattr(AbortableTask, "is_aborted", lambda self, **kw: next(answers))
+    monkeypatch.setattr(bench_app, "ABORT_POLL_SECONDS", 0.001)
+    key = "cancellable-bench:test-abortable"
+    try:
+        assert bench_app.abortable_poll.run(key) == "aborted"
+        assert int(redis_client.hget(key, "polls")) == 3
+        assert float(redis_client.hget(key, "noticed")) >= float(redis_client.hget(key, "started"))
+    finally:
+        redis_client.delete(key)
+
+
+def test_throughput_ratio_over_a_real_worker(bench_worker: Any) -> None:
+    """Alternating plain/cancellable rounds give the rates and their per-pair ratio."""
+    import statistics
+
+    import throughput
+
+    records = throughput.worker_records("smoke", bench_worker)
+    assert set(records) == set(throughput.WORKER_NAMES)
+    ratio = records["throughput.cancellable_to_plain_ratio"]
+    assert ratio["unit"] == "x"
+    plain = records["throughput.plain_tasks_per_s"]["median"]
+    with_scope = records["throughput.cancellable_tasks_per_s"]["median"]
+    assert ratio["median"] == pytest.approx(with_scope / plain)  # one pair in smoke mode
+    assert statistics.median([plain, with_scope]) > 0
