@@ -268,6 +268,26 @@ class TestLedgers:
         assert [] == ledger.all_ids()
         assert not path.exists()
 
+    def test_file_ledger_faults_raise_ledger_error(self, tmp_path: Path) -> None:
+        """An unwritable directory or a corrupt entry raises LedgerError."""
+        ledger = _ledger.FileLedger(tmp_path / "ledger", 60)
+        (tmp_path / "ledger" / "bad.json").write_text("{not json", encoding="utf-8")
+
+        with pytest.raises(_ledger.LedgerError, match="read"):
+            ledger.lookup(["bad"])
+
+        (tmp_path / "ledger").chmod(0o500)
+        try:
+            if os.access(tmp_path / "ledger", os.W_OK):  # root ignores permissions
+                (tmp_path / "ledger" / "bad.json").unlink()
+                (tmp_path / "ledger").rmdir()
+                (tmp_path / "ledger").write_text("a file where the directory was")
+            with pytest.raises(_ledger.LedgerError, match="write"):
+                ledger.record(["new"], CancelReason())
+        finally:
+            if (tmp_path / "ledger").is_dir():
+                (tmp_path / "ledger").chmod(0o700)
+
     def test_redis_down_raises_ledger_error(self) -> None:
         """Every operation on an unreachable Redis raises LedgerError."""
         ledger = _ledger.RedisLedger(redis.Redis(port=1), "p:", 60)
@@ -430,6 +450,27 @@ class TestMailbox:
             _delivery.unregister(named)
             _delivery.unregister(other)
 
+    def test_a_slot_being_rewritten_is_skipped(self) -> None:
+        """A key whose slot holds garbage (caught mid-rewrite) is not a match."""
+        task_id = f"torn-{uuid.uuid4()}"
+        _delivery._write_slot(task_id, CancelReason(), 1.0)
+        with _delivery._write_lock:
+            (count,) = _delivery._HEADER.unpack_from(_delivery._mailbox, 0)
+            slot_at = _delivery._KEYS_END + ((count - 1) % _delivery._SLOTS) * _delivery._SLOT_SIZE
+            _delivery._mailbox[slot_at + 4 : slot_at + 8] = b"\xff\xfe{{"
+
+        assert {} == _delivery._read_mailbox({task_id})
+
+    def test_signal_to_a_process_that_is_gone(self) -> None:
+        """Delivering to a pid that has exited leaves it in the mailbox, no error."""
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        task_id = f"gone-{uuid.uuid4()}"
+
+        assert "mailbox" == _delivery.deliver(task_id, CancelReason(), child.pid)
+        assert task_id in _delivery._read_mailbox({task_id})
+        _delivery._early.pop(task_id, None)
+
     def test_deliver_local_and_early(self) -> None:
         """A task in this process is cancelled directly; one not running is remembered."""
         entry = _delivery.RunningTask("here", "t", CancelScope())
@@ -460,12 +501,14 @@ class TestCli:
         )
         finished = str(uuid.uuid4())
         app.backend.store_result(finished, 42, "SUCCESS")
+        retrying = str(uuid.uuid4())
+        app.backend.store_result(retrying, None, "RETRY")
         unknown = str(uuid.uuid4())
 
         run = subprocess.run(
             [
                 sys.executable, "-m", "celery", "-A", "cli_app", "cancel", unknown, finished,
-                "--reason", "tidy up", "--by", "ops", "--timeout", "0.3", "--wait", "0",
+                retrying, "--reason", "tidy up", "--by", "ops", "--timeout", "0.3", "--wait", "0",
             ],
             cwd=tmp_path,
             capture_output=True,
@@ -478,9 +521,31 @@ class TestCli:
         lines = dict(line.split(": ", 1) for line in run.stdout.strip().splitlines())
         assert lines[unknown].startswith("unknown")
         assert lines[finished].startswith("finished (SUCCESS)")
+        assert lines[retrying].startswith("queued (RETRY); will not run")
         assert "SUCCESS" == app.AsyncResult(finished).state
         recorded = _ledger.ledger_for(app).lookup([unknown])[unknown]
         assert ("tidy up", "ops") == (recorded.message, recorded.requested_by)
+
+    def test_empty_id_is_a_usage_error(self, app: Celery, tmp_path: Path) -> None:
+        """An empty id is refused with a usage error (exit 2), nothing recorded."""
+        (tmp_path / "cli_app2.py").write_text(
+            "from celery import Celery\n"
+            f"app = Celery({app.main!r}, broker={REDIS_URL!r}, backend={REDIS_URL!r})\n"
+            f"app.conf.control_exchange = {app.conf.control_exchange!r}\n",
+            encoding="utf-8",
+        )
+        run = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "cli_app2", "cancel", "", "--timeout", "0.2"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        )
+
+        assert 2 == run.returncode
+        assert "non-empty" in run.stderr
+        assert [] == _ledger.ledger_for(app).all_ids()
 
     def test_broker_down_is_a_clean_error(self, tmp_path: Path) -> None:
         """With the broker unreachable the command fails with a one-line message."""

@@ -71,6 +71,9 @@ def cancel(
     """
     app = ctx.obj.app
     ids = list(dict.fromkeys(task_ids))
+    empty = [task_id for task_id in ids if not task_id.strip()]
+    if empty:
+        raise click.BadParameter("a task id must be a non-empty string", param_hint="TASK_IDS")
     try:
         with app.pool.acquire(block=True) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
