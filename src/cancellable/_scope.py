@@ -8,8 +8,9 @@ A scope is *effectively cancelled* when it was cancelled itself, or when its
 parent (the scope below it on the same thread's stack) is effectively
 cancelled and it is not a shield.  Like trio, we compute that answer when
 something changes (`cancel`, `shield`, entering a scope), not when someone
-asks: `_recalculate` pushes it up the stack and stores it in each scope's
-``_effectively_cancelled`` slot.
+asks: `_recalculate` pushes it up the stack and stores, in each scope's
+``_effective_reason`` slot, the reason a checkpoint there would raise with
+(None: not effectively cancelled).
 
 The hot path
 ------------
@@ -223,7 +224,7 @@ def is_cancelled() -> bool:
     if _deferred:
         _run_deferred()
     stack = _get_stack()
-    return bool(stack) and stack[-1]._effectively_cancelled
+    return bool(stack) and stack[-1]._effective_reason is not None
 
 
 # --------------------------------------------------------------------------
@@ -281,7 +282,6 @@ class CancelScope:
         "_deadline_handle",
         "_depth",
         "_effective_reason",
-        "_effectively_cancelled",
         "_hooks",
         "_observed_at",
         "_parent",
@@ -315,7 +315,6 @@ class CancelScope:
         self._deadline_handle: _timer.TimerHandle | None = None
         self._depth = -1
         self._effective_reason: CancelReason | None = None
-        self._effectively_cancelled = False
         self._hooks: list[HookHandle] = []
         self._observed_at: float | None = None
         self._parent: CancelScope | None = None
@@ -498,7 +497,7 @@ class CancelScope:
                 # not visible to us.  Otherwise it belongs to an enclosing scope.
                 parent = self._parent
                 parent_visible = (
-                    parent is not None and parent._effectively_cancelled and not self._shield
+                    parent is not None and parent._effective_reason is not None and not self._shield
                 )
                 caught = (
                     self._catch
@@ -606,17 +605,12 @@ def _recalculate(scope: CancelScope) -> None:
     for index in range(scope._depth, len(stack)):
         current = stack[index]
         parent = current._parent
-        if parent is not None and parent._effectively_cancelled and not current._shield:
+        if parent is not None and parent._effective_reason is not None and not current._shield:
             # The outermost visible cancelled scope is the one that will catch
             # the Cancelled, so its reason is the one raised.
-            current._effectively_cancelled = True
             current._effective_reason = parent._effective_reason
-        elif current._cancel_reason is not None:
-            current._effectively_cancelled = True
-            current._effective_reason = current._cancel_reason
         else:
-            current._effectively_cancelled = False
-            current._effective_reason = None
+            current._effective_reason = current._cancel_reason
 
 
 def _validate_deadline(value: object) -> float:
