@@ -48,6 +48,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import mmap
@@ -101,20 +102,14 @@ def _key(task_id: str) -> bytes:
 
 
 def _write_slot(task_id: str, reason: CancelReason, delivered_at: float) -> None:
-    payload = json.dumps(
-        {"id": task_id, "reason": reason.to_dict(), "delivered_at": delivered_at}
-    ).encode()
+    def encode(reason: CancelReason) -> bytes:
+        entry = {"id": task_id, "reason": reason.to_dict(), "delivered_at": delivered_at}
+        return json.dumps(entry).encode()
+
+    payload = encode(reason)
     if len(payload) > _SLOT_SIZE - _SLOT_HEAD.size:
         # Only a huge message can do this: keep the id, trim the message.
-        short = CancelReason(
-            source=reason.source,
-            message=reason.message[:1000],
-            requested_by=reason.requested_by,
-            requested_at=reason.requested_at,
-        )
-        payload = json.dumps(
-            {"id": task_id, "reason": short.to_dict(), "delivered_at": delivered_at}
-        ).encode()
+        payload = encode(dataclasses.replace(reason, message=reason.message[:1000]))
     key = _key(task_id)
     with _write_lock:
         (count,) = _HEADER.unpack_from(_mailbox, 0)
@@ -279,9 +274,7 @@ def _log_delivered(
         task_name=task_name,
         how=how,
         delivered_ms=round((delivered_at - reason.requested_at) * 1000.0, 3),
-        source=reason.source,
-        message=reason.message,
-        requested_by=reason.requested_by,
+        **_scope._reason_fields(reason),
         **extra,
     )
 

@@ -33,6 +33,7 @@ from celery.worker import state as worker_state
 from .._decorator import CallOptions, run_in_scope
 from .._exceptions import Cancelled, CancelReason
 from .._log import logger
+from .._scope import _reason_fields
 from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
 from . import _delivery
 
@@ -55,28 +56,29 @@ def claim() -> Callable[..., Any] | None:
     return functools.partial(_run_task, task, request)
 
 
-def _revoked_message(reason: CancelReason) -> str:
-    # Celery's own message for a revoke is "revoked"; ours starts the same way
-    # and adds who and why: "revoked by alice: user pressed stop".
-    return reason.describe()
+def mark_revoked(backend: Any, task_id: str, reason: CancelReason, **options: Any) -> None:
+    """Store REVOKED with a `TaskRevokedError` that describes ``reason``.
+
+    Celery's own message for a revoke is "revoked"; ours starts the same way
+    and adds who and why: "revoked by alice: user pressed stop".
+    """
+    backend.mark_as_revoked(task_id, reason=reason.describe(), **options)
 
 
 def _store_revoked(task: Any, request: Any, reason: CancelReason) -> None:
     store = not request.ignore_result or task.store_errors_even_if_ignored
     try:
-        task.backend.mark_as_revoked(
-            request.id, reason=_revoked_message(reason), request=request, store_result=store
-        )
+        mark_revoked(task.backend, request.id, reason, request=request, store_result=store)
     except Exception as exc:  # noqa: BLE001 - the task must still end cleanly
         logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
 
 
-def _before_start_reason(task_id: str) -> tuple[CancelReason, float | None] | None:
+def _before_start_reason(task_id: str) -> CancelReason | None:
     pending = _delivery.pending_reason(task_id)
     if pending is not None:
-        return pending
+        return pending[0]
     if task_id in worker_state.revoked:
-        return CancelReason(source="revoked", message="revoked before it started"), None
+        return CancelReason(source="revoked", message="revoked before it started")
     return None
 
 
@@ -97,17 +99,14 @@ def _run_task(
     # such method in Celery itself).
     request.revoked = entry.revoked
     try:
-        early = _before_start_reason(task_id)
-        if early is not None:
-            reason, _delivered_at = early
+        reason = _before_start_reason(task_id)
+        if reason is not None:
             _store_revoked(task, request, reason)
             logger.info(
                 TASK_SKIPPED,
                 task_id=task_id,
                 task_name=task.name,
-                source=reason.source,
-                message=reason.message,
-                requested_by=reason.requested_by,
+                **_reason_fields(reason),
             )
             raise Ignore()
         try:
@@ -139,9 +138,7 @@ def _finish_cancelled(
         TASK_CANCELLED,
         task_id=request.id,
         task_name=task.name,
-        source=reason.source,
-        message=reason.message,
-        requested_by=reason.requested_by,
+        **_reason_fields(reason),
         delivered_ms=since_request(entry.delivered_at),
         observed_ms=since_request(observed_at),
         cleanup_done_ms=since_request(done),

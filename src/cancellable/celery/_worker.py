@@ -73,16 +73,21 @@ def _reason_from(payload: Any) -> CancelReason | None:
     return None
 
 
+def _deliver(task_id: str, reason: CancelReason) -> None:
+    # Hand a cancellation to the task, wherever this worker holds it.  A
+    # request whose child is not known yet waits in _awaiting for its pid.
+    _remember_delivered(task_id)
+    request = worker_state.requests.get(task_id)
+    pid = getattr(request, "worker_pid", None)
+    how = _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
+    if how == "mailbox" and request is not None:
+        with _awaiting_lock:
+            _awaiting[task_id] = reason
+
+
 def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cancel: bool) -> None:
     for task_id in task_ids:
-        _remember_delivered(task_id)
-        request = worker_state.requests.get(task_id)
-        worker_pid = getattr(request, "worker_pid", None) if request is not None else None
-        task_name = getattr(request, "name", None) if request is not None else None
-        how = _delivery.deliver(task_id, reason, worker_pid, task_name)
-        if how == "mailbox" and request is not None:
-            with _awaiting_lock:
-                _awaiting[task_id] = reason
+        _deliver(task_id, reason)
     if not from_cancel:
         # A plain revoke: make it durable too (cancel() wrote the ledger itself).
         app = getattr(state, "app", None) or _worker_app
@@ -109,7 +114,7 @@ def _store_reason_first(state: Any, task_ids: list[str], reason: CancelReason) -
         request = worker_state.requests.get(task_id)
         backend = request.task.backend if request is not None else app.backend
         if backend.get_state(task_id) in _NOT_STARTED_STATES:
-            backend.mark_as_revoked(task_id, reason=_task._revoked_message(reason))
+            _task.mark_revoked(backend, task_id, reason)
 
 
 _NOT_STARTED_STATES: Final = frozenset({"PENDING", "RECEIVED", "RETRY", "REJECTED"})
@@ -169,7 +174,7 @@ def _signal_awaiting() -> None:
         items = list(_awaiting.items())
     for task_id, reason in items:
         request = worker_state.requests.get(task_id)
-        pid = getattr(request, "worker_pid", None) if request is not None else None
+        pid = getattr(request, "worker_pid", None)
         if request is None or pid:
             with _awaiting_lock:
                 _awaiting.pop(task_id, None)
@@ -207,22 +212,15 @@ def _poll_ledger(app: Any) -> None:
     running = set(_delivery.running_ids())
     here = [t for t in new if t in running or t in worker_state.requests]
     for task_id, reason in ledger.lookup(here).items() if here else ():
-        _remember_delivered(task_id)
-        request = worker_state.requests.get(task_id)
-        pid = getattr(request, "worker_pid", None) if request is not None else None
-        how = _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
-        if how == "mailbox" and request is not None:
-            with _awaiting_lock:
-                _awaiting[task_id] = reason
+        _deliver(task_id, reason)
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-    global _worker_app
+    global _worker_app, _cursor
     app = getattr(sender, "app", None)
     if app is None:
         return
     _worker_app = app
-    global _cursor
     try:
         ids, _cursor = _ledger.ledger_for(app).since(0.0)
     except _ledger.LedgerError as exc:
@@ -256,7 +254,7 @@ def _on_task_revoked(
         return
     task = getattr(request, "task", None) or sender
     with contextlib.suppress(Exception):
-        task.backend.mark_as_revoked(task_id, reason=_task._revoked_message(reason))
+        _task.mark_revoked(task.backend, task_id, reason)
 
 
 def install() -> None:
