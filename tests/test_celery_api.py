@@ -487,34 +487,42 @@ class TestMailbox:
             _delivery._early.pop("later", None)
 
 
+def celery_cancel(tmp_path: Path, app_source: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``celery -A cli_app cancel ARGS`` in a subprocess, ``cli_app`` being
+    a module written from ``app_source``."""
+    (tmp_path / "cli_app.py").write_text("from celery import Celery\n" + app_source)
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "cli_app", "cancel", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+
+
+def same_app_source(app: Celery) -> str:
+    """Module source for an app that talks to the same broker, backend and ledger."""
+    return (
+        f"app = Celery({app.main!r}, broker={REDIS_URL!r}, backend={REDIS_URL!r})\n"
+        f"app.conf.control_exchange = {app.conf.control_exchange!r}\n"
+    )
+
+
 class TestCli:
     """``celery cancel`` as a real subprocess, against Redis, with no worker online."""
 
     def test_reports_unknown_and_finished(self, app: Celery, tmp_path: Path) -> None:
         """Ids no worker knows are 'unknown'; finished ones are left alone."""
-        module = tmp_path / "cli_app.py"
-        module.write_text(
-            "from celery import Celery\n"
-            f"app = Celery({app.main!r}, broker={REDIS_URL!r}, backend={REDIS_URL!r})\n"
-            f"app.conf.control_exchange = {app.conf.control_exchange!r}\n",
-            encoding="utf-8",
-        )
         finished = str(uuid.uuid4())
         app.backend.store_result(finished, 42, "SUCCESS")
         retrying = str(uuid.uuid4())
         app.backend.store_result(retrying, None, "RETRY")
         unknown = str(uuid.uuid4())
 
-        run = subprocess.run(
-            [
-                sys.executable, "-m", "celery", "-A", "cli_app", "cancel", unknown, finished,
-                retrying, "--reason", "tidy up", "--by", "ops", "--timeout", "0.3", "--wait", "0",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        run = celery_cancel(
+            tmp_path, same_app_source(app), unknown, finished, retrying,
+            "--reason", "tidy up", "--by", "ops", "--timeout", "0.3", "--wait", "0",
         )  # fmt: skip
 
         assert 0 == run.returncode, run.stderr
@@ -528,20 +536,7 @@ class TestCli:
 
     def test_empty_id_is_a_usage_error(self, app: Celery, tmp_path: Path) -> None:
         """An empty id is refused with a usage error (exit 2), nothing recorded."""
-        (tmp_path / "cli_app2.py").write_text(
-            "from celery import Celery\n"
-            f"app = Celery({app.main!r}, broker={REDIS_URL!r}, backend={REDIS_URL!r})\n"
-            f"app.conf.control_exchange = {app.conf.control_exchange!r}\n",
-            encoding="utf-8",
-        )
-        run = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "cli_app2", "cancel", "", "--timeout", "0.2"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        )
+        run = celery_cancel(tmp_path, same_app_source(app), "", "--timeout", "0.2")
 
         assert 2 == run.returncode
         assert "non-empty" in run.stderr
@@ -549,19 +544,13 @@ class TestCli:
 
     def test_broker_down_is_a_clean_error(self, tmp_path: Path) -> None:
         """With the broker unreachable the command fails with a one-line message."""
-        (tmp_path / "down_app.py").write_text(
-            "from celery import Celery\n"
+        run = celery_cancel(
+            tmp_path,
             "app = Celery('down', broker='redis://127.0.0.1:1/0', backend='rpc://')\n"
             "app.conf.broker_transport_options = {'max_retries': 1, 'interval_start': 0}\n",
-            encoding="utf-8",
-        )
-        run = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "down_app", "cancel", "x", "--timeout", "0.2"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+            "x",
+            "--timeout",
+            "0.2",
         )
 
         assert 0 != run.returncode
