@@ -55,7 +55,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_REDIS_URL, log, measured, percentile, selected, skipped
-from _integration import celery_integration
 
 STEPS = ("revoke_to_checkpoint", "revoke_to_cleanup", "revoke_to_revoked_state")
 
@@ -370,9 +369,6 @@ def run(
     names = [name for name in NAMES if selected(name, only)]
     if not names:
         return []
-    _module, reason = celery_integration()
-    if reason is not None:
-        return [skipped(name, reason) for name in names]
     if worker is None:
         from _workers import session
 

@@ -60,7 +60,6 @@ from _common import (
     selected,
     skipped,
 )
-from _integration import celery_integration
 from cases import CASES
 
 CELERY_PARTS = (in_task, latency, throughput)
@@ -133,14 +132,14 @@ def run_celery_parts(
 ) -> list[dict[str, Any]]:
     """``celery.*``, ``latency.*`` and ``throughput.*``, sharing one real worker.
 
-    Each is reported as skipped, with the reason, when Redis or the Celery
-    integration is missing, in ``--smoke`` mode (no workers), or when the
-    worker fails; a failure is also logged.
+    Each is reported as skipped, with the reason, when Redis is missing, in
+    ``--smoke`` mode (no workers), or when the worker fails; a failure is
+    also logged.
     """
     names = [n for part in CELERY_PARTS for n in part.NAMES if selected(n, only)]
     if not names:
         return []
-    reason = redis_error or celery_integration()[1]
+    reason = redis_error
     if reason is None and mode == "smoke":
         reason = "not run in --smoke mode, which starts no Celery workers"
     if reason is not None:

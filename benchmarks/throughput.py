@@ -36,8 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
-from _integration import celery_integration
+from _common import DEFAULT_REDIS_URL, log, measured, selected
 
 WORKER_NAMES = (
     "throughput.plain_tasks_per_s",
@@ -104,9 +103,6 @@ def run(
     names = [name for name in NAMES if selected(name, only)]
     if not names:
         return []
-    _module, reason = celery_integration()
-    if reason is not None:
-        return [skipped(name, reason) for name in names]
     records: dict[str, dict[str, Any]] = {}
     if any(name in WORKER_NAMES for name in names):
         if worker is None:

@@ -42,7 +42,6 @@ import _common  # noqa: E402
 import cases  # noqa: E402
 import in_task  # noqa: E402
 import overhead  # noqa: E402
-from _integration import celery_integration  # noqa: E402
 
 REDIS_URL = _common.DEFAULT_REDIS_URL
 
@@ -634,19 +633,6 @@ def test_celery_parts_are_skipped_with_a_reason_in_smoke_mode(smoke_run: dict[st
         assert "smoke" in reason or "cancellable.celery" in reason, reason
 
 
-def test_celery_integration_probe_matches_the_source_tree() -> None:
-    """The skip reason for Celery benchmarks is given exactly when the integration is missing."""
-    module, reason = celery_integration()
-    has_it = (ROOT / "src" / "cancellable" / "celery" / "__init__.py").exists()
-    if module is None:
-        assert reason
-        assert "cancellable.celery" in reason
-    else:
-        assert has_it
-        assert reason is None
-        assert callable(module.cancel)
-
-
 # --------------------------------------------------------------------------
 # Delivery latency and throughput over a real worker.
 
@@ -688,9 +674,6 @@ def test_proc_helpers_see_a_child_die(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def bench_worker(redis_client: Any) -> Iterator[Any]:
     """A real ``celery worker --pool=prefork -c 2`` of the benchmark app, always stopped."""
-    module, reason = celery_integration()
-    if module is None:
-        pytest.fail(f"the Celery integration is required: {reason}", pytrace=False)
     import _workers
 
     with _workers.session(REDIS_URL) as worker:
