@@ -192,12 +192,16 @@ class ScopeMachine(RuleBasedStateMachine):
 
     @invariant()
     def bookkeeping_matches(self) -> None:
-        """The thread's stack is our list; _pending is down when nothing open is cancelled."""
+        """The stack is our list; _pending is up exactly while an open scope is cancelled.
+
+        The hot-path functions run the body that matches the flag.
+        """
         assert self.scopes == _scope._get_stack()
         live = sum(entry["cancelled"] for entry in self.model)
         assert live == _scope._cancelled_live
-        if not live:
-            assert _scope._pending is False
+        assert (live > 0) is _scope._pending
+        for function, idle, armed in _scope._SWITCHED:
+            assert (armed if _scope._pending else idle) is function.__code__
         assert [] == self.hooks_ran
 
     def teardown(self) -> None:

@@ -15,32 +15,51 @@ asks: `_recalculate` pushes it up the stack and stores, in each scope's
 The hot path
 ------------
 
-`checkpoint` must cost about as much as an empty function call, so it reads
-exactly one module global, ``_pending``, and returns.  ``_pending`` is False
-unless something in this process could make a checkpoint raise:
+`checkpoint` must cost about as much as an empty function call, so when
+nothing can make it raise it reads nothing at all.  It and `is_cancelled`
+each have two bodies, and the function objects that users imported switch
+between them (by assigning ``__code__``) whenever ``_pending`` changes:
+
+* *idle* (``_pending`` is False): `checkpoint` returns its context object,
+  `is_cancelled` returns False.  No flag, no thread-local, no clock: the
+  call is an empty call that returns a constant.
+* *armed* (``_pending`` is True): both take the slow path, which looks up
+  *this* thread's innermost scope and raises if it is effectively cancelled.
+
+``_pending`` is True only while something in this process could make a
+checkpoint raise:
 
 * some entered scope (on any thread) has been cancelled, or
 * work was handed to us from a signal handler (``_deferred``), or
 * a test probe is installed (``_probes``, see `cancellable.testing`).
 
-Only when it is True do we take the slow path, look up *this* thread's
-innermost scope and raise if it is effectively cancelled.  So a cancellation
-on one thread makes other threads' checkpoints a little slower (they take the
-slow path and find nothing) but never makes them raise.
+So a cancellation on one thread makes other threads' checkpoints a little
+slower (they take the slow path and find nothing) but never makes them raise.
+
+Why switch bodies instead of testing ``if _pending:`` in one body?  That
+test is one global load and a branch, and measured on CPython 3.11 it costs
+about a fifth of an empty call (``docs/design.md`` has the numbers); the
+switch costs nothing per call and a few hundred nanoseconds per change of
+``_pending``, which happens when a cancellation starts or ends, not per
+check.  Replacing ``__code__`` is a single attribute store, atomic under the
+GIL; a thread already running the old body finishes it, which is no
+different from having read the flag a moment earlier.
 
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0``, ``_deferred`` is
    non-empty, or ``_probes`` is non-empty.  It may be True spuriously for a
    moment; it is never False while one of those holds, once the writer has
-   finished `_update_pending`.
+   finished `_update_pending`.  `checkpoint` and `is_cancelled` run their
+   armed bodies exactly when ``_pending`` is True: only `_set_pending`
+   writes either.
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
    ``_stack[_depth] is scope`` while it is entered.
 4. Signal handlers never take ``_lock``: a handler runs on the main thread
    between two bytecodes, possibly while that thread holds the lock.  They use
-   `request_slow_path`, which only appends to a deque and sets ``_pending``.
+   `request_slow_path`, which only appends to a deque and arms the hot path.
    `_update_pending` re-reads ``_deferred`` after writing ``_pending`` so a
    handler that ran in between is not lost.
 5. Hooks and logging run outside ``_lock``.
@@ -50,10 +69,11 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import CodeType, FunctionType, TracebackType
 from typing import Any, Final, Literal
 
 from . import _config, _timer
@@ -79,8 +99,9 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Process-wide state.  See the invariants in the module docstring.
 
-#: The one flag the hot path reads.  Module global on purpose: LOAD_GLOBAL of
-#: a module attribute is the cheapest read CPython has from inside a function.
+#: Whether checkpoints must take the slow path.  The hot path never reads it:
+#: `_set_pending` switches the bodies of checkpoint() and is_cancelled() to
+#: match it (see "The hot path" above).
 _pending: bool = False
 
 _lock: Final = threading.RLock()
@@ -90,14 +111,22 @@ _deferred: collections.deque[Callable[[], object]] = collections.deque()
 _probes: list[Callable[[], object]] = []
 
 
+def _set_pending(value: bool) -> None:
+    # The only writer of _pending and of the hot-path bodies (invariant 1).
+    # Takes no lock: request_slow_path calls it from signal handlers.
+    global _pending
+    _pending = value
+    for function, idle, armed in _SWITCHED:
+        function.__code__ = armed if value else idle
+
+
 def _update_pending() -> None:
     # Caller holds _lock.
-    global _pending
-    _pending = bool(_cancelled_live or _deferred or _probes)
+    _set_pending(bool(_cancelled_live or _deferred or _probes))
     if _deferred:
         # A signal handler may have appended between the read above and the
-        # write (invariant 4): read again so its wake-up is not overwritten.
-        _pending = True
+        # write (invariant 4): arm again so its wake-up is not overwritten.
+        _set_pending(True)
 
 
 def request_slow_path(callback: Callable[[], object]) -> None:
@@ -107,9 +136,8 @@ def request_slow_path(callback: Callable[[], object]) -> None:
     The callback runs on whichever thread checks first, outside the lock; it
     usually cancels a scope.
     """
-    global _pending
     _deferred.append(callback)
-    _pending = True
+    _set_pending(True)
 
 
 def _run_deferred() -> None:
@@ -174,9 +202,8 @@ def checkpoint() -> _CheckpointContext:
     """Raise `Cancelled` if the calling thread's innermost scope is cancelled.
 
     Call it in loops and between steps of long work.  It never blocks and
-    never does I/O: when nothing in the process is cancelled it reads a single
-    flag and returns, costing about as much as calling an empty function.
-    Outside any scope it never raises.
+    never does I/O: while nothing in the process is cancelled it costs what
+    calling an empty function costs.  Outside any scope it never raises.
 
     Used as a context manager, ``with checkpoint(): ...`` checks when the
     block starts and again when it ends without an exception.
@@ -187,10 +214,16 @@ def checkpoint() -> _CheckpointContext:
 
     .. versionadded:: 0.1.0
     """
-    # Hot path: one global load and a branch.  Keep it that way; everything
-    # else belongs in _slow_checkpoint.
-    if _pending:
-        _slow_checkpoint()
+    # The armed body, in place while _pending is True.  The idle body is
+    # _checkpoint_idle below; see "The hot path" in the module docstring.
+    _slow_checkpoint()
+    return _CHECKPOINT_CONTEXT
+
+
+def _checkpoint_idle() -> _CheckpointContext:
+    # checkpoint()'s body while nothing is pending: one global load (the
+    # context object) and a return.  Do not add anything here; it runs on
+    # every check of every loop that has a checkpoint in it.
     return _CHECKPOINT_CONTEXT
 
 
@@ -219,12 +252,38 @@ def is_cancelled() -> bool:
 
     .. versionadded:: 0.1.0
     """
-    if not _pending:
-        return False
+    # The armed body; the idle one is _is_cancelled_idle.
     if _deferred:
         _run_deferred()
     stack = _get_stack()
     return bool(stack) and stack[-1]._effective_reason is not None
+
+
+def _is_cancelled_idle() -> bool:
+    # is_cancelled()'s body while nothing is pending.
+    return False
+
+
+def _switchable(
+    public: Callable[..., object], idle: Callable[..., object]
+) -> tuple[FunctionType, CodeType, CodeType]:
+    # (function, idle body, armed body).  The idle body takes the public
+    # function's names, so that profilers show the name the user called.
+    assert isinstance(public, FunctionType)
+    assert isinstance(idle, FunctionType)
+    if sys.version_info >= (3, 11):
+        idle_code = idle.__code__.replace(co_name=public.__name__, co_qualname=public.__qualname__)
+    else:  # pragma: no cover - Python 3.10 has no co_qualname
+        idle_code = idle.__code__.replace(co_name=public.__name__)
+    return public, idle_code, public.__code__
+
+
+#: The functions `_set_pending` switches, with their idle and armed bodies.
+_SWITCHED: Final = (
+    _switchable(checkpoint, _checkpoint_idle),
+    _switchable(is_cancelled, _is_cancelled_idle),
+)
+_set_pending(False)
 
 
 # --------------------------------------------------------------------------
