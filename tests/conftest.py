@@ -18,7 +18,7 @@ def _leaked_state() -> dict[str, object]:
     leaks: dict[str, object] = {}
     if _scope._pending:
         leaks["_pending"] = True
-    armed = [f.__name__ for f, idle, _armed in _scope._SWITCHED if f.__code__ is not idle]
+    armed = [f.__name__ for f, idle, _full in _scope._SWITCHED if f.__code__ is not idle]
     if armed:
         leaks["armed hot path"] = armed
     if _scope._cancelled_live:

@@ -55,37 +55,78 @@ class TestOutsideScopes:
 
 
 def _bodies(function):
-    """The (idle, armed) bodies `_scope._set_pending` switches ``function`` between."""
-    for switched, idle, armed in _scope._SWITCHED:
+    """The (idle, full) bodies of a hot-path function.
+
+    Where `_scope._SWITCH_BODIES` is off (CPython 3.13+, other interpreters)
+    the function keeps its full body, so both are the same code.
+    """
+    for switched, idle, full in _scope._SWITCHED:
         if switched is function:
-            return idle, armed
-    raise AssertionError(f"{function!r} is not switched")
+            return idle, full
+    assert not _scope._SWITCH_BODIES, f"{function!r} is not switched"
+    return function.__code__, function.__code__
+
+
+def _armed():
+    """Whether the next checkpoint would take the slow path."""
+    return _scope._pending and all(f.__code__ is full for f, _idle, full in _scope._SWITCHED)
+
+
+switching = pytest.mark.skipif(
+    not _scope._SWITCH_BODIES, reason="bodies are switched on CPython 3.10-3.12 only"
+)
+
+
+class FakeFunction:
+    """Stands in for a switched function and records every body written to it."""
+
+    def __init__(self, code):
+        self._code = code
+        self.writes = []
+
+    @property
+    def __code__(self):
+        return self._code
+
+    @__code__.setter
+    def __code__(self, code):
+        self.writes.append(code)
+        self._code = code
 
 
 class TestHotPath:
-    def test_idle_checkpoint_reads_only_its_context(self):
-        """With nothing pending, checkpoint() runs a body that loads one name and returns it.
+    def test_full_checkpoint_reads_one_global(self):
+        """checkpoint()'s full body touches only the flag, the slow path and the context object.
 
         This pins the hot path: anything else it looked up would cost every
         caller on every check.
         """
-        idle, _armed = _bodies(checkpoint)
+        _idle, full = _bodies(checkpoint)
+
+        assert ("_pending", "_slow_checkpoint", "_CHECKPOINT_CONTEXT") == full.co_names
+
+    @switching
+    def test_idle_checkpoint_reads_only_its_context(self):
+        """With nothing pending, checkpoint() runs a body that loads one name and returns it."""
+        idle, _full = _bodies(checkpoint)
 
         assert idle is checkpoint.__code__
         assert ("_CHECKPOINT_CONTEXT",) == idle.co_names
         assert () == idle.co_varnames
         assert "checkpoint" == idle.co_name
 
+    @switching
     def test_idle_is_cancelled_reads_nothing(self):
         """With nothing pending, is_cancelled() runs a body that only returns False."""
-        idle, _armed = _bodies(is_cancelled)
+        idle, _full = _bodies(is_cancelled)
 
         assert idle is is_cancelled.__code__
         assert () == idle.co_names
         assert "is_cancelled" == idle.co_name
 
+    @switching
     def test_bodies_follow_the_pending_flag(self):
-        """Both functions run their armed bodies exactly while _pending is True."""
+        """Both functions run their full bodies exactly while _pending is True."""
         seen = []
 
         def record():
@@ -103,21 +144,83 @@ class TestHotPath:
                 checkpoint()
         record()
 
-        (c_idle, c_armed), (i_idle, i_armed) = _bodies(checkpoint), _bodies(is_cancelled)
-        idle, armed = (False, c_idle, i_idle), (True, c_armed, i_armed)
+        (c_idle, c_full), (i_idle, i_full) = _bodies(checkpoint), _bodies(is_cancelled)
+        idle, armed = (False, c_idle, i_idle), (True, c_full, i_full)
         assert [idle, idle, armed, armed, idle] == seen
 
-    def test_signature_and_docs_survive_the_switch(self):
-        """Switching bodies leaves what users inspect alone: name, docstring, signature."""
-        import inspect
+    @switching
+    def test_bodies_are_written_only_when_the_flag_changes(self, monkeypatch):
+        """Scopes that come and go uncancelled write no body; a cancellation writes two.
 
-        idle_view = (checkpoint.__name__, checkpoint.__doc__, inspect.signature(checkpoint))
+        Every write makes CPython re-specialise the call sites, so entering
+        and exiting scopes (which recomputes the flag each time) must not.
+        """
+        idle, full = _bodies(checkpoint)
+        fake = FakeFunction(idle)
+        monkeypatch.setattr(_scope, "_SWITCHED", ((fake, idle, full),))
+
+        for _ in range(3):
+            with CancelScope():
+                checkpoint()
+        quiet = list(fake.writes)
         with CancelScope() as scope:
             scope.cancel()
-            armed_view = (checkpoint.__name__, checkpoint.__doc__, inspect.signature(checkpoint))
+        with CancelScope():
+            pass
 
-        assert idle_view == armed_view
-        assert "Raise `Cancelled`" in checkpoint.__doc__
+        assert [] == quiet
+        assert [full, idle] == fake.writes
+
+    def test_full_bodies_alone_cancel(self, monkeypatch):
+        """Without the switch (as on CPython 3.13+), the full bodies alone see cancellation."""
+        for function, _idle, full in _scope._SWITCHED:
+            monkeypatch.setattr(function, "__code__", full)
+        monkeypatch.setattr(_scope, "_SWITCHED", ())
+        seen = []
+        with CancelScope() as scope:
+            checkpoint()
+            seen.append(is_cancelled())
+            scope.cancel()
+            seen.append(is_cancelled())
+            checkpoint()
+            seen.append("not reached")  # pragma: no cover - checkpoint() must raise
+
+        assert [False, True] == seen
+        assert scope.cancelled_caught
+
+    @switching
+    @pytest.mark.skipif(sys.version_info < (3, 11), reason="no specialising interpreter")
+    def test_call_sites_specialise_again_after_a_switch(self):
+        """After a cancellation came and went, a loop's call to checkpoint() is specialised again.
+
+        CPython resets a function's version when its ``__code__`` is
+        assigned; on 3.11 and 3.12 the call site re-specialises, which is why
+        the switch pays there (on 3.13 it would not, see _SWITCH_BODIES).
+        """
+        import dis
+
+        def loop(iterations):
+            for _ in iterations:
+                checkpoint()
+
+        def call_ops():
+            return [
+                i.opname
+                for i in dis.get_instructions(loop, adaptive=True)
+                if i.opname.startswith("CALL")
+            ]
+
+        loop(range(100))
+        before = call_ops()
+        with CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(Cancelled):
+                loop(range(100))
+        loop(range(100))
+        after = call_ops()
+
+        assert ["CALL_PY_EXACT_ARGS"] == before
+        assert ["CALL_PY_EXACT_ARGS"] == after
 
     def test_slow_path_not_taken_when_nothing_pending(self, monkeypatch):
         """Inside an uncancelled scope, checkpoint() does not enter the slow path."""
@@ -407,7 +510,6 @@ class TestRequestSlowPath:
         requested = []
         ran = []
         lost = 0
-        idle = _bodies(checkpoint)[0]
 
         def handler(signum, frame):
             requested.append(None)
@@ -425,7 +527,7 @@ class TestRequestSlowPath:
                     # A callback waits, yet the next checkpoint would not run
                     # it?  (A signal landing between the two reads arms, never
                     # disarms, so this cannot misfire.)
-                    if _scope._deferred and checkpoint.__code__ is idle:
+                    if _scope._deferred and not _armed():
                         lost += 1
                     checkpoint()
         finally:
@@ -439,3 +541,4 @@ class TestRequestSlowPath:
         assert not _scope._deferred
         assert not _scope._pending
         assert _bodies(checkpoint)[0] is checkpoint.__code__
+        assert _bodies(is_cancelled)[0] is is_cancelled.__code__

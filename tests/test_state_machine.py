@@ -200,8 +200,8 @@ class ScopeMachine(RuleBasedStateMachine):
         live = sum(entry["cancelled"] for entry in self.model)
         assert live == _scope._cancelled_live
         assert (live > 0) is _scope._pending
-        for function, idle, armed in _scope._SWITCHED:
-            assert (armed if _scope._pending else idle) is function.__code__
+        for function, idle, full in _scope._SWITCHED:
+            assert (full if _scope._pending else idle) is function.__code__
         assert [] == self.hooks_ran
 
     def teardown(self) -> None:

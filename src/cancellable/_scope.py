@@ -15,44 +15,41 @@ asks: `_recalculate` pushes it up the stack and stores, in each scope's
 The hot path
 ------------
 
-`checkpoint` must cost about as much as an empty function call, so when
-nothing can make it raise it reads nothing at all.  It and `is_cancelled`
-each have two bodies, and the function objects that users imported switch
-between them (by assigning ``__code__``) whenever ``_pending`` changes:
-
-* *idle* (``_pending`` is False): `checkpoint` returns its context object,
-  `is_cancelled` returns False.  No flag, no thread-local, no clock: the
-  call is an empty call that returns a constant.
-* *armed* (``_pending`` is True): both take the slow path, which looks up
-  *this* thread's innermost scope and raises if it is effectively cancelled.
-
-``_pending`` is True only while something in this process could make a
-checkpoint raise:
+`checkpoint` must cost about as much as an empty function call.  Its body
+tests exactly one module global, ``_pending``, and returns.  ``_pending`` is
+False unless something in this process could make a checkpoint raise:
 
 * some entered scope (on any thread) has been cancelled, or
 * work was handed to us from a signal handler (``_deferred``), or
 * a test probe is installed (``_probes``, see `cancellable.testing`).
 
-So a cancellation on one thread makes other threads' checkpoints a little
-slower (they take the slow path and find nothing) but never makes them raise.
+Only when it is True do we take the slow path, look up *this* thread's
+innermost scope and raise if it is effectively cancelled.  So a cancellation
+on one thread makes other threads' checkpoints a little slower (they take the
+slow path and find nothing) but never makes them raise.
 
-Why switch bodies instead of testing ``if _pending:`` in one body?  That
-test is one global load and a branch, and measured on CPython 3.11 it costs
-about a fifth of an empty call (``docs/design.md`` has the numbers); the
-switch costs nothing per call and a few hundred nanoseconds per change of
-``_pending``, which happens when a cancellation starts or ends, not per
-check.  Replacing ``__code__`` is a single attribute store, atomic under the
-GIL; a thread already running the old body finishes it, which is no
-different from having read the flag a moment earlier.
+On CPython 3.10 to 3.12 we go one step further (``_SWITCH_BODIES``): while
+``_pending`` is False, `checkpoint` and `is_cancelled` run an *idle* body
+that reads no flag at all (``return _CHECKPOINT_CONTEXT``, ``return
+False``), and `_set_pending` puts the full body back, by assigning
+``__code__``, when the flag goes up.  The flag test is about a fifth of an
+empty call on 3.11; the switch costs nothing per call, only a couple of
+attribute stores when a cancellation starts or ends.  It is safe because
+the full body is correct on its own: the switch only ever drops a test that
+would have been False.  Assigning ``__code__`` is one store, atomic under
+the GIL; a thread already inside the old body finishes it, as if it had read
+the flag a moment earlier.  3.13 and later stop specialising calls to a
+function whose ``__code__`` was ever assigned, which costs more than the
+test saves, so there (and on other interpreters) the full body stays.
 
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0``, ``_deferred`` is
    non-empty, or ``_probes`` is non-empty.  It may be True spuriously for a
    moment; it is never False while one of those holds, once the writer has
-   finished `_update_pending`.  `checkpoint` and `is_cancelled` run their
-   armed bodies exactly when ``_pending`` is True: only `_set_pending`
-   writes either.
+   finished `_update_pending`.  While ``_pending`` is True, `checkpoint` and
+   `is_cancelled` run their full bodies; only `_set_pending` writes the flag
+   or switches the bodies.
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
@@ -99,9 +96,10 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Process-wide state.  See the invariants in the module docstring.
 
-#: Whether checkpoints must take the slow path.  The hot path never reads it:
-#: `_set_pending` switches the bodies of checkpoint() and is_cancelled() to
-#: match it (see "The hot path" above).
+#: Whether checkpoints must take the slow path: the one flag the hot path
+#: reads.  Module global on purpose: LOAD_GLOBAL of a module attribute is the
+#: cheapest read CPython has from inside a function.  Written only by
+#: `_set_pending`.
 _pending: bool = False
 
 _lock: Final = threading.RLock()
@@ -113,11 +111,16 @@ _probes: list[Callable[[], object]] = []
 
 def _set_pending(value: bool) -> None:
     # The only writer of _pending and of the hot-path bodies (invariant 1).
-    # Takes no lock: request_slow_path calls it from signal handlers.
+    # Takes no lock: request_slow_path calls it from signal handlers.  Writes
+    # a body only when it changes: every write makes CPython re-specialise
+    # the call sites, and scopes that are entered and exited without being
+    # cancelled call us too.
     global _pending
     _pending = value
-    for function, idle, armed in _SWITCHED:
-        function.__code__ = armed if value else idle
+    for function, idle, full in _SWITCHED:
+        body = full if value else idle
+        if function.__code__ is not body:
+            function.__code__ = body
 
 
 def _update_pending() -> None:
@@ -202,8 +205,8 @@ def checkpoint() -> _CheckpointContext:
     """Raise `Cancelled` if the calling thread's innermost scope is cancelled.
 
     Call it in loops and between steps of long work.  It never blocks and
-    never does I/O: while nothing in the process is cancelled it costs what
-    calling an empty function costs.  Outside any scope it never raises.
+    never does I/O: while nothing in the process is cancelled it costs about
+    what calling an empty function costs.  Outside any scope it never raises.
 
     Used as a context manager, ``with checkpoint(): ...`` checks when the
     block starts and again when it ends without an exception.
@@ -214,16 +217,17 @@ def checkpoint() -> _CheckpointContext:
 
     .. versionadded:: 0.1.0
     """
-    # The armed body, in place while _pending is True.  The idle body is
-    # _checkpoint_idle below; see "The hot path" in the module docstring.
-    _slow_checkpoint()
+    # Hot path: one global load and a branch.  Keep it that way; everything
+    # else belongs in _slow_checkpoint.  (On CPython 3.10-3.12 even the load
+    # is skipped while nothing is pending: _checkpoint_idle runs instead.)
+    if _pending:
+        _slow_checkpoint()
     return _CHECKPOINT_CONTEXT
 
 
 def _checkpoint_idle() -> _CheckpointContext:
-    # checkpoint()'s body while nothing is pending: one global load (the
-    # context object) and a return.  Do not add anything here; it runs on
-    # every check of every loop that has a checkpoint in it.
+    # checkpoint()'s body while nothing is pending, where _SWITCH_BODIES
+    # holds (see "The hot path" in the module docstring).
     return _CHECKPOINT_CONTEXT
 
 
@@ -252,7 +256,8 @@ def is_cancelled() -> bool:
 
     .. versionadded:: 0.1.0
     """
-    # The armed body; the idle one is _is_cancelled_idle.
+    if not _pending:
+        return False
     if _deferred:
         _run_deferred()
     stack = _get_stack()
@@ -260,14 +265,21 @@ def is_cancelled() -> bool:
 
 
 def _is_cancelled_idle() -> bool:
-    # is_cancelled()'s body while nothing is pending.
+    # is_cancelled()'s body while nothing is pending, where _SWITCH_BODIES holds.
     return False
+
+
+#: Whether `_set_pending` switches the hot-path functions to idle bodies
+#: while nothing is pending.  CPython 3.10-3.12 only: 3.13 and later never
+#: specialise calls to a function again once its ``__code__`` was assigned,
+#: and other interpreters (PyPy's JIT) already make the flag test free.
+_SWITCH_BODIES: Final = sys.implementation.name == "cpython" and sys.version_info < (3, 13)
 
 
 def _switchable(
     public: Callable[..., object], idle: Callable[..., object]
 ) -> tuple[FunctionType, CodeType, CodeType]:
-    # (function, idle body, armed body).  The idle body takes the public
+    # (function, idle body, full body).  The idle body takes the public
     # function's names, so that profilers show the name the user called.
     assert isinstance(public, FunctionType)
     assert isinstance(idle, FunctionType)
@@ -278,10 +290,14 @@ def _switchable(
     return public, idle_code, public.__code__
 
 
-#: The functions `_set_pending` switches, with their idle and armed bodies.
+#: The functions `_set_pending` switches, with their idle and full bodies.
 _SWITCHED: Final = (
-    _switchable(checkpoint, _checkpoint_idle),
-    _switchable(is_cancelled, _is_cancelled_idle),
+    (
+        _switchable(checkpoint, _checkpoint_idle),
+        _switchable(is_cancelled, _is_cancelled_idle),
+    )
+    if _SWITCH_BODIES
+    else ()
 )
 _set_pending(False)
 
