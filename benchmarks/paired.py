@@ -15,7 +15,8 @@ result is the median over many rounds.
 * ``paired.<case>.gross_ratio``: checkpoint / empty, each with its harness
   loop iteration included.
 
-for ``<case>`` in ``outside_scope`` and ``live_scope``.  Unit: ``x``.
+for ``<case>`` in ``outside_scope``, ``live_scope`` and ``flag_test`` (the
+full body, one flag test, forced in place of the idle one).  Unit: ``x``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from cases import CASES_BY_NAME, Case, Options, make_inner, run_setup
 
 #: Rounds and milliseconds per timed loop, per mode.
 SETTINGS = {"full": (400, 3.0), "quick": (60, 2.0), "smoke": (3, 0.2)}
-PAIRED = ("outside_scope", "live_scope")
+PAIRED = ("outside_scope", "live_scope", "flag_test")
 NAMES = tuple(f"paired.{case}.{kind}" for case in PAIRED for kind in ("net_ratio", "gross_ratio"))
 
 _ROLES = {
@@ -43,6 +44,7 @@ _ROLES = {
     "empty": "baseline.empty_call",
     "outside_scope": "checkpoint.outside_scope",
     "live_scope": "checkpoint.live_scope",
+    "flag_test": "checkpoint.flag_test",
 }
 
 

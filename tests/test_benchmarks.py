@@ -125,6 +125,7 @@ def _expected_code() -> dict[str, Any]:
         "baseline.loop_iteration": None,
         "checkpoint.outside_scope": checkpoint_code,
         "checkpoint.live_scope": checkpoint_code,
+        "checkpoint.flag_test": checkpoint_full,
         "checkpoint.deadline_armed": checkpoint_code,
         "checkpoint.ten_hooks": checkpoint_code,
         "checkpoint.with_form": checkpoint_code,
@@ -372,6 +373,7 @@ def test_outside_scope_runs_outside_any_scope(prepare: Callable[[str], Prepared]
     "name",
     [
         "checkpoint.live_scope",
+        "checkpoint.flag_test",
         "checkpoint.deadline_armed",
         "checkpoint.ten_hooks",
         "checkpoint.with_form",
@@ -574,6 +576,7 @@ def test_paired_ratios_time_the_named_cases() -> None:
         "empty": "baseline.empty_call",
         "outside_scope": "checkpoint.outside_scope",
         "live_scope": "checkpoint.live_scope",
+        "flag_test": "checkpoint.flag_test",
     }
     values = paired.measure(rounds=2, ms_per_loop=0.1)
     assert {role: len(v) for role, v in values.items()} == dict.fromkeys(paired._ROLES, 2)
