@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -65,6 +66,37 @@ def _bodies(function):
             return idle, full
     assert not _scope._SWITCH_BODIES, f"{function!r} is not switched"
     return function.__code__, function.__code__
+
+
+#: Prints whether a tracer is on, then the opcode of a loop's call to
+#: checkpoint() after warming up, before and after one cancellation.
+SPECIALISATION_PROBE = """
+import dis, logging, sys
+import structlog
+from cancellable import Cancelled, CancelScope, checkpoint
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+def loop(iterations):
+    for _ in iterations:
+        checkpoint()
+
+def call_op():
+    ops = [i.opname for i in dis.get_instructions(loop, adaptive=True)]
+    (op,) = [name for name in ops if name.startswith("CALL")]
+    return op
+
+loop(range(100))
+before = call_op()
+with CancelScope() as scope:
+    scope.cancel()
+    try:
+        loop(range(100))
+    except Cancelled:
+        pass
+loop(range(100))
+print("untraced" if sys.gettrace() is None else "traced", before, call_op())
+"""
 
 
 def _armed():
@@ -196,31 +228,24 @@ class TestHotPath:
         CPython resets a function's version when its ``__code__`` is
         assigned; on 3.11 and 3.12 the call site re-specialises, which is why
         the switch pays there (on 3.13 it would not, see _SWITCH_BODIES).
+        Runs in a fresh interpreter without coverage: CPython does not
+        specialise while a tracer is installed.
         """
-        import dis
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
+        run = subprocess.run(
+            [sys.executable, "-c", SPECIALISATION_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
 
-        def loop(iterations):
-            for _ in iterations:
-                checkpoint()
-
-        def call_ops():
-            return [
-                i.opname
-                for i in dis.get_instructions(loop, adaptive=True)
-                if i.opname.startswith("CALL")
-            ]
-
-        loop(range(100))
-        before = call_ops()
-        with CancelScope() as scope:
-            scope.cancel()
-            with pytest.raises(Cancelled):
-                loop(range(100))
-        loop(range(100))
-        after = call_ops()
-
-        assert ["CALL_PY_EXACT_ARGS"] == before
-        assert ["CALL_PY_EXACT_ARGS"] == after
+        assert 0 == run.returncode, run.stderr
+        tracer, before, after = run.stdout.split()
+        assert "untraced" == tracer
+        assert "CALL_PY_EXACT_ARGS" == before
+        assert "CALL_PY_EXACT_ARGS" == after
 
     def test_slow_path_not_taken_when_nothing_pending(self, monkeypatch):
         """Inside an uncancelled scope, checkpoint() does not enter the slow path."""
