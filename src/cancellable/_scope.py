@@ -272,7 +272,9 @@ def _is_cancelled_idle() -> bool:
 #: Whether `_set_pending` switches the hot-path functions to idle bodies
 #: while nothing is pending.  CPython 3.10-3.12 only: 3.13 and later never
 #: specialise calls to a function again once its ``__code__`` was assigned,
-#: and other interpreters (PyPy's JIT) already make the flag test free.
+#: and on other interpreters it is unmeasured (PyPy's JIT would throw away
+#: compiled loops at every switch, and treats a rarely written global as a
+#: constant anyway).
 _SWITCH_BODIES: Final = sys.implementation.name == "cpython" and sys.version_info < (3, 13)
 
 
