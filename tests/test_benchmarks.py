@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 import cancellable
+from _hotpath import bodies as _bodies
 from cancellable import Cancelled, CancelScope, current_scope
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,20 +91,6 @@ CELERY_NAMES = {n for n in REQUIRED_NAMES if n.split(".")[0] in ("celery", "late
 
 def _code_of(fn: Any) -> Any:
     return fn.__code__
-
-
-def _bodies(fn: Any) -> tuple[Any, Any]:
-    """The idle and the full body of a hot-path function (see cancellable._scope).
-
-    Where bodies are not switched (CPython 3.13+), both are the function's code.
-    """
-    from cancellable import _scope
-
-    for function, idle, full in _scope._SWITCHED:
-        if function is fn:
-            return idle, full
-    assert not _scope._SWITCH_BODIES, f"{fn!r} is not a switched hot-path function"
-    return fn.__code__, fn.__code__
 
 
 def _expected_code() -> dict[str, Any]:

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from _hotpath import bodies as _bodies
 from cancellable import Cancelled, CancelScope, _scope, checkpoint, is_cancelled, shield
 from cancellable._scope import request_slow_path
 from cancellable.testing import capture_events
@@ -53,19 +54,6 @@ class TestOutsideScopes:
 
         assert pending
         assert not answer
-
-
-def _bodies(function):
-    """The (idle, full) bodies of a hot-path function.
-
-    Where `_scope._SWITCH_BODIES` is off (CPython 3.13+, other interpreters)
-    the function keeps its full body, so both are the same code.
-    """
-    for switched, idle, full in _scope._SWITCHED:
-        if switched is function:
-            return idle, full
-    assert not _scope._SWITCH_BODIES, f"{function!r} is not switched"
-    return function.__code__, function.__code__
 
 
 #: Prints whether a tracer is on, then the opcode of a loop's call to
