@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.app.trace import build_tracer
+from celery.exceptions import TaskRevokedError
 from celery.worker import state as worker_state
 from structlog.testing import capture_logs
 
@@ -50,13 +52,55 @@ class TestBoundary:
             result = job.apply()
 
         assert ["hook"] == ran
-        assert "IGNORED" == result.state
+        assert "FAILURE" == result.state
+        with pytest.raises(TaskRevokedError, match="^manual: stop now$"):
+            result.get()
         assert "REVOKED" == app.AsyncResult(result.id).state
         assert "manual: stop now" == str(app.AsyncResult(result.id).result)
         cancelled = [e for e in logs if e["event"] == "task.cancelled"]
         assert 1 == len(cancelled)
         assert result.id == cancelled[0]["task_id"]
         assert cancelled[0]["observed_ms"] is not None
+
+    def test_in_a_worker_the_trace_is_ignored(self, app: Celery) -> None:
+        """Traced as a worker traces (not eagerly), a cancelled task raises Ignore:
+        Celery stores nothing over the REVOKED state the boundary stored."""
+
+        @app.task(bind=True)
+        @cancellable
+        def job(self: Any) -> str:
+            current_scope().cancel("stop now")  # type: ignore[union-attr]
+            checkpoint()
+            return "unreachable"
+
+        task_id = str(uuid.uuid4())
+        tracer = build_tracer(job.name, job, eager=False, app=app)
+        traced = tracer(task_id, (), {}, {"id": task_id, "delivery_info": {}})
+
+        assert "IGNORED" == traced.info.state
+        assert "REVOKED" == app.AsyncResult(task_id).state
+        assert "manual: stop now" == str(app.AsyncResult(task_id).result)
+
+    def test_retry_from_a_cancelled_scope_ends_revoked(self, app: Celery) -> None:
+        """A body that catches Cancelled and calls self.retry() still ends REVOKED."""
+        runs: list[int] = []
+
+        @app.task(bind=True, max_retries=3)
+        @cancellable
+        def job(self: Any) -> None:
+            runs.append(self.request.retries)
+            try:
+                current_scope().cancel("stop, do not retry")  # type: ignore[union-attr]
+                checkpoint()
+            except Cancelled as exc:
+                raise self.retry(countdown=0) from exc
+
+        result = job.apply()
+
+        assert [0] == runs
+        with pytest.raises(TaskRevokedError, match="stop, do not retry"):
+            result.get()
+        assert "REVOKED" == app.AsyncResult(result.id).state
 
     def test_never_retried_and_task_revoked_signal_sent(self, app: Celery) -> None:
         """autoretry_for=(Exception,) does not retry a cancelled task; task_revoked
@@ -179,6 +223,6 @@ class TestBoundary:
         with capture_logs() as logs:
             result = job.apply()
 
-        assert "IGNORED" == result.state
+        assert isinstance(result.result, TaskRevokedError)
         assert "task.result_not_stored" in [e["event"] for e in logs]
         app.close()

@@ -465,7 +465,7 @@ class TestCallRunner:
             return _decorator.run_in_scope(wrapped, args, kwargs, options, scope=CancelScope())
 
         claims = iter([runner, None])
-        monkeypatch.setattr(_config, "call_runner", lambda: next(claims))
+        monkeypatch.setattr(_decorator, "_claims", (lambda: next(claims),))
 
         @cancellable(timeout=60)
         def work(x, y=0):
@@ -480,7 +480,7 @@ class TestCallRunner:
 
     def test_no_runner_registered(self, monkeypatch):
         """Without an integration, every call runs in the decorator's own scope."""
-        monkeypatch.setattr(_config, "call_runner", None)
+        monkeypatch.setattr(_decorator, "_claims", ())
 
         @cancellable(timeout=60)
         def work():
@@ -489,21 +489,23 @@ class TestCallRunner:
         assert math.isfinite(work())
 
 
-class TestCeleryIntegrationImport:
-    def test_decorating_with_celery_imported_installs_the_integration(self):
-        """With Celery imported, decorating installs cancellable.celery (before any fork)."""
-        import celery  # noqa: F401
+class TestRegisterTaskRunner:
+    def test_claims_are_asked_in_order_and_registered_once(self, monkeypatch):
+        """The first claim that returns a runner wins; registering twice adds nothing."""
+        monkeypatch.setattr(_decorator, "_claims", ())
+        asked = []
 
-        cancellable(lambda: None)
+        def declines():
+            asked.append("declines")
 
-        assert "cancellable.celery" in sys.modules
-        assert _config.call_runner is not None
+        def takes():
+            asked.append("takes")
+            return lambda wrapped, args, kwargs, options: "taken"
 
-    def test_decorating_without_celery_imports_nothing(self, monkeypatch):
-        """Programs that never import Celery do not pay for importing the integration."""
-        monkeypatch.delitem(sys.modules, "celery", raising=False)
-        monkeypatch.delitem(sys.modules, "cancellable.celery", raising=False)
+        _decorator.register_task_runner(declines)
+        _decorator.register_task_runner(takes)
+        _decorator.register_task_runner(declines)
 
-        cancellable(lambda: None)
-
-        assert "cancellable.celery" not in sys.modules
+        assert "taken" == cancellable(lambda: "own")()
+        assert ["declines", "takes"] == asked
+        assert (declines, takes) == _decorator._claims

@@ -494,7 +494,7 @@ class TestConfigure:
         assert 30.0 == _config.DEFAULT_HOOK_TIMEOUT == _config.get_hook_timeout()
 
     def test_set_and_reset(self):
-        """configure() changes the budget; reset_defaults() and configure() put it back."""
+        """configure() changes the budget; reset_defaults() puts it back; no argument, no change."""
         cancellable.configure(hook_timeout=5)
         configured = _config.get_hook_timeout()
         _config.reset_defaults()
@@ -503,7 +503,7 @@ class TestConfigure:
         unbounded = _config.get_hook_timeout()
         cancellable.configure()
 
-        assert (5.0, 30.0, None, 30.0) == (configured, reset, unbounded, _config.get_hook_timeout())
+        assert (5.0, 30.0, None, None) == (configured, reset, unbounded, _config.get_hook_timeout())
 
     @pytest.mark.parametrize(
         ("value", "error", "match"),

@@ -23,6 +23,7 @@ from ._exceptions import (
     HookTimeoutError,
     TooSlowError,
 )
+from ._integrations import register_all as _register_integrations
 from ._scope import (
     CancelScope,
     HookHandle,
@@ -36,6 +37,8 @@ from ._scope import (
     on_cancel,
     shield,
 )
+
+_register_integrations()
 
 try:
     __version__ = version("cancellable")

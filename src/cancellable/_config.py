@@ -8,21 +8,27 @@ this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
-__all__ = ["DEFAULT_HOOK_TIMEOUT", "configure", "get_hook_timeout", "reset_defaults"]
+__all__ = ["DEFAULT_HOOK_TIMEOUT", "UNSET", "configure", "get_hook_timeout", "reset_defaults"]
 
 #: Seconds each cleanup hook may run before it is interrupted.
 DEFAULT_HOOK_TIMEOUT: Final = 30.0
 
 _hook_timeout: float | None = DEFAULT_HOOK_TIMEOUT
 
-#: Set by an integration (``cancellable.celery``) to take over decorated calls
-#: that run inside one of its units of work.  Called with no arguments at each
-#: decorated call, it returns None (not its business) or a runner with the
-#: signature of `cancellable._decorator.run_in_scope` minus ``scope``.
-call_runner: Callable[[], Callable[..., Any] | None] | None = None
+
+class _Unset:
+    """The type of `UNSET`: "this option was not given"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: Default of `configure` options: an option left at UNSET keeps its value.
+UNSET: Final = _Unset()
 
 
 def validate_seconds(value: object, name: str, *, allow_none: bool = True) -> float | None:
@@ -42,8 +48,11 @@ def validate_seconds(value: object, name: str, *, allow_none: bool = True) -> fl
     return float(value)
 
 
-def configure(*, hook_timeout: float | None = DEFAULT_HOOK_TIMEOUT) -> None:
+def configure(*, hook_timeout: float | _Unset | None = UNSET) -> None:
     """Set process-wide defaults.
+
+    Only the options you pass change; the others keep their current values
+    (``configure()`` with no arguments changes nothing).
 
     Args:
         hook_timeout: Seconds each cleanup hook may run before it is
@@ -58,7 +67,8 @@ def configure(*, hook_timeout: float | None = DEFAULT_HOOK_TIMEOUT) -> None:
     .. versionadded:: 0.1.0
     """
     global _hook_timeout
-    _hook_timeout = validate_seconds(hook_timeout, "hook_timeout")
+    if not isinstance(hook_timeout, _Unset):
+        _hook_timeout = validate_seconds(hook_timeout, "hook_timeout")
 
 
 def get_hook_timeout() -> float | None:

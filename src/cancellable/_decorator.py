@@ -9,17 +9,17 @@ never on a checkpoint's path.
 
 from __future__ import annotations
 
-import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import wrapt
 
 from . import _config
 from ._scope import CancelScope, on_cancel
 
-__all__ = ["CallOptions", "cancellable", "run_in_scope"]
+__all__ = ["CallOptions", "TaskRunner", "cancellable", "register_task_runner", "run_in_scope"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -52,6 +52,39 @@ class CallOptions:
         # had finished: the scope lets its own Cancelled propagate.
         scope._catch = False
         return scope
+
+
+class TaskRunner(Protocol):
+    """Runs one decorated call on behalf of an integration (see `register_task_runner`)."""
+
+    def __call__(
+        self,
+        wrapped: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        options: CallOptions,
+    ) -> Any: ...
+
+
+#: Claim functions registered by integrations, asked in order at each call.
+#: A tuple, replaced whole under the lock, so the wrapper reads it without one.
+_claims: tuple[Callable[[], TaskRunner | None], ...] = ()
+_claims_lock = threading.Lock()
+
+
+def register_task_runner(claim: Callable[[], TaskRunner | None]) -> None:
+    """Let an integration take over decorated calls that belong to its unit of work.
+
+    At every call of a ``@cancellable`` function the wrapper asks each
+    registered ``claim()``, in registration order: the first that returns a
+    runner (instead of None) runs the call, typically binding the scope to a
+    task.  Registering the same function twice has no effect.  This is how
+    `cancellable.celery` plugs in; the core never imports an integration.
+    """
+    global _claims
+    with _claims_lock:
+        if claim not in _claims:
+            _claims = (*_claims, claim)
 
 
 def run_in_scope(
@@ -141,12 +174,6 @@ def cancellable(
 def _decorate(func: object, options: CallOptions) -> Any:
     if not (callable(func) or isinstance(func, (classmethod, staticmethod))):
         raise TypeError(f"@cancellable can only decorate callables, got {type(func).__name__}")
-    # When Celery is in use (it is imported before any @app.task runs), make
-    # sure its integration is installed in this process, *before* a prefork
-    # worker forks its children.  Programs that never import Celery never pay
-    # for importing it here.
-    if "celery" in sys.modules:
-        import cancellable.celery  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
 
     @wrapt.decorator
     def wrapper(
@@ -155,8 +182,7 @@ def _decorate(func: object, options: CallOptions) -> Any:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        claim = _config.call_runner
-        if claim is not None:
+        for claim in _claims:
             runner = claim()
             if runner is not None:
                 return runner(wrapped, args, kwargs, options)

@@ -28,6 +28,8 @@ __all__ = [
     "LEDGER_POLL_FAILED",
     "LEDGER_UNAVAILABLE",
     "LOGGER_NAME",
+    "MAILBOX_FULL",
+    "PREFORK_UNAVAILABLE",
     "SCOPE_CANCELLED",
     "TASK_CANCELLED",
     "TASK_RESULT_NOT_STORED",
@@ -87,3 +89,14 @@ TASK_RESULT_NOT_STORED: Final = "task.result_not_stored"
 
 #: No durable ledger is configured for this app (logged once per process).
 LEDGER_NOT_DURABLE: Final = "ledger.not_durable"
+
+#: Every slot of a prefork worker's mailbox is in use, so a cancellation
+#: waits (it is never dropped) until a held task ends.  Logged once per
+#: process; it means the worker holds more cancelled tasks than its
+#: prefetch setting suggested.
+MAILBOX_FULL: Final = "mailbox.full"
+
+#: Tasks running in this worker's prefork children cannot be reached (no
+#: wake-up signal on this platform, or children not forked: the spawn start
+#: method).  Logged once per process, with ``why``.
+PREFORK_UNAVAILABLE: Final = "prefork.unavailable"

@@ -198,6 +198,19 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
         r.set(f"{key}:outcome", outcome)
         return outcome
 
+    @app.task(bind=True, name="cit.retry_on_cancel", max_retries=3)
+    @cancellable
+    def retry_on_cancel(self: Any, key: str, seconds: float = 20.0) -> str:
+        """Catches Cancelled and asks for a retry: a cancelled task must not be retried."""
+        from cancellable import Cancelled
+
+        record_start(key)
+        try:
+            checkpoint_loop(key, seconds, 0.02)
+        except Cancelled as exc:
+            raise self.retry(countdown=0.5) from exc
+        return "done"
+
     @app.task(bind=True, name="cit.soft_limit", soft_time_limit=0.5)
     @cancellable
     def soft_limit(self: Any, key: str) -> str:

@@ -537,6 +537,7 @@ def spawn_worker(
     with_cancellable: bool = True,
     control_exchange: str | None = None,
     extra_args: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> Worker:
     """A Worker (not started yet) with its own node name and, unless given, queue.
 
@@ -569,6 +570,7 @@ def spawn_worker(
         visibility_timeout=visibility_timeout,
         with_cancellable=with_cancellable,
     )
+    env.update(extra_env or {})
     return Worker(
         name=name,
         queue=queue,
@@ -714,13 +716,18 @@ def assert_revoked(result: AsyncResult, *texts: str, timeout: float = 20.0) -> E
 
 
 def ledger_keys(task_id: str) -> list[str]:
-    """Keys in the tests' Redis DB, other than Celery's result, that name ``task_id``."""
+    """Ledger entries in the tests' Redis DB that name ``task_id`` (``stream/entry-id``).
+
+    Reads every cancellation ledger stream (``cancellable:<app>:ledger``)
+    and returns the entries whose targets include the id.
+    """
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
-        return sorted(
-            k
-            for k in client.scan_iter(match=f"*{task_id}*", count=1000)
-            if not k.startswith("celery-task-meta-")
-        )
+        found = []
+        for stream in client.scan_iter(match="cancellable:*:ledger", count=1000):
+            for entry_id, fields in client.xrange(stream):
+                if f"task:{task_id}" in fields.get("targets", "").split("\n"):
+                    found.append(f"{stream}/{entry_id}")
+        return sorted(found)
     finally:
         client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal as signal_module
 import warnings
@@ -12,7 +13,7 @@ from .._config import validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE
-from . import _delivery, _ledger
+from . import _ledger, _wakeup
 
 __all__ = [
     "BrokerUnavailableError",
@@ -126,20 +127,17 @@ def cancel(
 
         app = current_app._get_current_object()
 
+    targets: list[_ledger.Target] = [("task", task_id) for task_id in ids]
     # A pooled connection: repeated cancels reuse one open connection.
     with app.pool.acquire(block=True) as conn:
+        _check_broker(conn, app)
         try:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
-        except Exception as exc:
-            raise BrokerUnavailableError(
-                f"cannot reach the broker at {conn.as_uri()}: {exc}; nothing was cancelled"
-            ) from exc
-        try:
-            _ledger.ledger_for(app).record(ids, cancel_reason)
+            _ledger.ledger_for(app).record(targets, cancel_reason)
         except _ledger.LedgerError as exc:
-            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids)
+            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
             warnings.warn(
-                f"cancellation of {ids} sent to online workers but not recorded durably: {exc}",
+                f"cancellation of {len(ids)} task(s) sent to online workers but not recorded "
+                f"durably: {exc}",
                 LedgerUnavailableWarning,
                 stacklevel=2,
             )
@@ -154,6 +152,58 @@ def cancel(
             connection=conn,
         )
     return cancel_reason
+
+
+#: Seconds `cancel` waits for the broker before it gives up.
+BROKER_CHECK_TIMEOUT = 2.0
+
+
+def _check_broker(conn: Any, app: Any) -> None:
+    """Raise `BrokerUnavailableError` unless the broker answers within about 2 s.
+
+    ``ensure_connection`` alone is not enough: on a pooled connection it
+    returns at once (kombu's Redis transport always says it is connected),
+    and the broadcast would then block in kombu's retry loop until the
+    broker comes back.  So we also make the transport do a round trip: a
+    ``PING`` for Redis, opening a channel for the others.
+    """
+    try:
+        conn.ensure_connection(
+            max_retries=1, interval_start=0, interval_step=0.2, timeout=BROKER_CHECK_TIMEOUT
+        )
+        channel = conn.default_channel
+        client = getattr(channel, "client", None)
+        ping = getattr(client, "ping", None)
+        if callable(ping):
+            _ping_once(client)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            conn.collect()  # do not give the broken connection back to the pool
+        raise BrokerUnavailableError(
+            f"cannot reach the broker at {conn.as_uri()}: {exc}; nothing was cancelled"
+        ) from exc
+
+
+def _ping_once(client: Any) -> None:
+    # One PING with a bounded wait and no retry, whatever the client's own
+    # retry policy (redis-py retries connection errors with back-off).
+    pool = client.connection_pool
+    try:
+        connection = pool.get_connection()
+    except TypeError:  # redis-py < 5.3 wants a command name
+        connection = pool.get_connection("PING")
+    try:
+        connection.socket_timeout = BROKER_CHECK_TIMEOUT
+        connection.socket_connect_timeout = BROKER_CHECK_TIMEOUT
+        if connection._sock is not None:
+            connection._sock.settimeout(BROKER_CHECK_TIMEOUT)
+        connection.send_command("PING")
+        connection.read_response()
+    except Exception:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 def configure(
@@ -227,10 +277,10 @@ def configure(
         from billiard.common import TERMSIGS_FULL
 
         taken = {getattr(signal_module, name, None) for name in TERMSIGS_FULL}
-        taken |= {signal_module.SIGKILL, signal_module.SIGSTOP, signal_module.SIGINT}
+        taken |= {getattr(signal_module, name, None) for name in ("SIGKILL", "SIGSTOP", "SIGINT")}
         if signum in taken:
             raise ValueError(
                 f"signal {signum} cannot be caught, or billiard uses it in pool children; "
                 "keep the default (SIGURG) or pick one such as SIGWINCH"
             )
-        _delivery.set_signal(signum)
+        _wakeup.set_signal(signum)

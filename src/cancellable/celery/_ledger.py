@@ -1,11 +1,33 @@
-"""The ledger: a durable record of cancellations, so none is ever lost.
+"""The ledger: the durable record of cancellations, and the source of truth.
 
-A revoke broadcast reaches only the workers that are online at that moment.
-The ledger keeps ``task id -> reason`` for a configurable time (a week by
-default), and workers consult it when they start (so a task cancelled while
-no worker was running is discarded on receipt) and, at a low rate, for the
-tasks they are running (the safety net for a missed broadcast, and the only
-path into a busy ``solo`` worker).
+A revoke broadcast reaches only the workers that are online at that moment,
+and a worker's memory is lost when it restarts.  The ledger keeps every
+cancellation for a configurable time (a week by default).  Workers read all
+of it when they start and then, every poll interval, what it gained since
+their last read, into a local index (`cancellable.celery._index`) that they
+consult when a task arrives and when it starts.
+
+Entries and targets
+    An entry is one cancellation: a reason and the *targets* it names.  A
+    target is ``(kind, id)``: ``("task", <task id>)`` today; ``"group"`` and
+    ``"root"`` targets (a group id, a workflow's root id) cancel every task
+    whose message carries that group or root id.  A large batch of task ids
+    is split into entries of `CHUNK` targets that share the reason.
+
+Ordering by the store, never by a clock
+    Workers read incrementally with a *cursor* that the store assigns: the
+    id of a Redis stream entry (``XADD``, which the server numbers in
+    increasing order at the moment it executes the command), or a byte
+    offset in an append-only file written under an exclusive lock.  No
+    writer's clock, and no writer that commits late, can hide an entry from
+    a reader: an entry that commits after a read gets a higher cursor than
+    everything that read returned.
+
+Expiry
+    Entries older than the TTL are dropped on read and trimmed from the
+    store from time to time.  Redis entries are aged by the server's clock
+    (the time in the stream id), file entries by the clock of the machine
+    that holds the file.
 
 Where it lives, in order of preference:
 
@@ -16,43 +38,72 @@ Where it lives, in order of preference:
 4. nowhere: cancellation still works for online workers, and a warning
    (``ledger.not_durable``) says so once per process.
 
-The Redis layout, under ``cancellable:<app name>:``: one string key per task
-(``…:task:<id>``, JSON reason, with a TTL) and one sorted set ``…:index``
-(member: task id, score: expiry time) used to list live entries at worker
-start.  Every operation is a single round trip.
+Redis layout: one stream, ``cancellable:<app name>:ledger``, whose entries
+have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
+Needs Redis 6.2 or newer (``XTRIM MINID``, exclusive ``XRANGE`` starts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Final, Literal, Protocol, get_args
 
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 
 __all__ = [
+    "CHUNK",
     "DEFAULT_LEDGER_TTL",
+    "Entry",
     "FileLedger",
     "Ledger",
     "LedgerError",
     "NullLedger",
     "RedisLedger",
+    "Target",
+    "TargetKind",
     "ledger_for",
 ]
 
 #: How long a cancellation is remembered, in seconds (one week).
 DEFAULT_LEDGER_TTL = 7 * 24 * 3600
 
+#: What a cancellation can name.
+TargetKind = Literal["task", "group", "root"]
+_KINDS: Final = frozenset(get_args(TargetKind))
+
+#: ``(kind, id)``.
+Target = tuple[TargetKind, str]
+
+#: Targets per entry: a batch of 100,000 ids is 100 entries of 1,000.
+CHUNK: Final = 1000
+
+#: Entries read per round trip.
+_PAGE: Final = 500
+
 
 class LedgerError(Exception):
     """The ledger could not be read or written (the store is down)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """One recorded cancellation, as read back from the ledger."""
+
+    targets: tuple[Target, ...]
+    reason: CancelReason
+    #: When the store recorded it (seconds since the epoch, the store's clock).
+    recorded_at: float
 
 
 class Ledger(Protocol):
@@ -63,190 +114,277 @@ class Ledger(Protocol):
 
     durable: bool
 
-    def record(self, task_ids: Iterable[str], reason: CancelReason) -> None:
-        """Remember that ``task_ids`` were cancelled for ``reason``."""
+    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
+        """Append one cancellation of ``targets``; raise `LedgerError` if the store is down."""
 
-    def lookup(self, task_ids: Iterable[str]) -> dict[str, CancelReason]:
-        """The recorded reasons of those of ``task_ids`` that were cancelled."""
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """Live entries recorded after ``cursor`` (None: all), and the cursor to pass next.
 
-    def all_ids(self) -> list[str]:
-        """Every task id with a live (not expired) entry."""
-
-    def since(self, cursor: float) -> tuple[list[str], float]:
-        """Live ids recorded after ``cursor``, and the cursor to pass next time.
-
-        Start with ``0.0`` to get every live id.  Workers call this at start
-        and then every poll interval, so each learns of every cancellation
-        within one interval, whether or not its broadcast arrived.
+        The cursor is opaque and assigned by the store.  An entry recorded
+        after this call returns is always after the returned cursor.
         """
+
+
+def _encode_targets(targets: Iterable[Target]) -> str:
+    return "\n".join(f"{kind}:{target_id}" for kind, target_id in targets)
+
+
+def _decode_targets(raw: str) -> tuple[Target, ...]:
+    targets: list[Target] = []
+    for line in raw.split("\n"):
+        kind, _, target_id = line.partition(":")
+        if kind in _KINDS and target_id:
+            targets.append((kind, target_id))  # type: ignore[arg-type]
+    return tuple(targets)
+
+
+def _chunks(targets: Sequence[Target]) -> Iterator[Sequence[Target]]:
+    for start in range(0, len(targets), CHUNK):
+        yield targets[start : start + CHUNK]
+
+
+def check_targets(targets: Iterable[Target]) -> list[Target]:
+    """Validate targets: a known kind and a non-empty id without newlines."""
+    checked: list[Target] = []
+    for kind, target_id in targets:
+        if kind not in _KINDS:
+            raise ValueError(f"unknown target kind {kind!r}")
+        if not isinstance(target_id, str) or not target_id or "\n" in target_id:
+            raise ValueError(f"a target id must be a non-empty one-line str, got {target_id!r}")
+        checked.append((kind, target_id))
+    return checked
 
 
 class NullLedger:
-    """No durable store: records nothing, finds nothing."""
+    """No durable store: records nothing, reads nothing."""
 
     durable = False
 
-    def record(self, task_ids: Iterable[str], reason: CancelReason) -> None:
+    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
         """Do nothing."""
 
-    def lookup(self, task_ids: Iterable[str]) -> dict[str, CancelReason]:
-        """Find nothing."""
-        return {}
-
-    def all_ids(self) -> list[str]:
-        """Nothing is recorded."""
-        return []
-
-    def since(self, cursor: float) -> tuple[list[str], float]:
-        """Nothing is recorded."""
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """Nothing was recorded."""
         return [], cursor
 
 
-def _encode(task_id: str, reason: CancelReason) -> str:
-    return json.dumps({"id": task_id, "reason": reason.to_dict()})
-
-
-def _decode(raw: str | bytes) -> CancelReason:
-    data = json.loads(raw)
-    return CancelReason.from_dict(data["reason"])
-
-
 class RedisLedger:
-    """Cancellations in Redis (see the module docstring for the layout)."""
+    """Cancellations in a Redis stream (see the module docstring)."""
 
     durable = True
 
+    #: Trim expired entries at most this often per process (seconds).
+    TRIM_EVERY: Final = 60.0
+
     def __init__(self, client: Any, prefix: str, ttl: float) -> None:
         self._client = client
-        self._prefix = prefix
-        self._ttl = max(1, int(ttl))
+        self._key = prefix + "ledger"
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._last_trim = 0.0
 
-    def _key(self, task_id: str) -> str:
-        return f"{self._prefix}task:{task_id}"
-
-    def record(self, task_ids: Iterable[str], reason: CancelReason) -> None:
-        """Write one entry per id with the TTL, and index it; one round trip."""
-        expires = time.time() + self._ttl
+    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
+        """One ``XADD`` per `CHUNK` targets, all in one round trip."""
+        if not targets:
+            return
+        fields_reason = json.dumps(reason.to_dict())
         try:
             pipe = self._client.pipeline(transaction=False)
-            for task_id in task_ids:
-                # NX: the first reason recorded for a task wins, as in a scope.
-                pipe.set(self._key(task_id), _encode(task_id, reason), ex=self._ttl, nx=True)
-                pipe.zadd(self._prefix + "index", {task_id: expires})
-            pipe.zremrangebyscore(self._prefix + "index", "-inf", time.time())
-            pipe.execute()
+            for chunk in _chunks(targets):
+                pipe.xadd(self._key, {"reason": fields_reason, "targets": _encode_targets(chunk)})
+            ids = pipe.execute()
         except Exception as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+        self._maybe_trim(ids[-1])
 
-    def lookup(self, task_ids: Iterable[str]) -> dict[str, CancelReason]:
-        """One MGET for all ids."""
-        ids = list(task_ids)
-        if not ids:
-            return {}
+    def _maybe_trim(self, last_id: bytes | str) -> None:
+        # Age entries by the server's clock: the time part of the id it just
+        # assigned.  Best effort; a failed trim only leaves expired entries,
+        # which readers skip.
+        now = time.monotonic()
+        if now - self._last_trim < self.TRIM_EVERY:
+            return
+        self._last_trim = now
+        server_ms = _stream_ms(last_id)
+        with contextlib.suppress(Exception):
+            self._client.xtrim(self._key, minid=server_ms - self._ttl_ms, approximate=True)
+
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """Pages of ``XRANGE`` after ``cursor``; the first page also asks the server's time."""
+        entries: list[Entry] = []
+        start = "-" if cursor is None else f"({cursor}"
         try:
-            values = self._client.mget([self._key(task_id) for task_id in ids])
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            pipe.xrange(self._key, min=start, max="+", count=_PAGE)
+            (seconds, micros), rows = pipe.execute()
+            oldest_ms = int(seconds) * 1000 + int(micros) // 1000 - self._ttl_ms
+            while True:
+                for raw_id, fields in rows:
+                    stream_id = _text(raw_id)
+                    cursor = stream_id
+                    entry = self._entry(stream_id, fields, oldest_ms)
+                    if entry is not None:
+                        entries.append(entry)
+                if len(rows) < _PAGE:
+                    break
+                rows = self._client.xrange(self._key, min=f"({cursor}", max="+", count=_PAGE)
         except Exception as exc:
             raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
-        return {
-            task_id: _decode(raw)
-            for task_id, raw in zip(ids, values, strict=True)
-            if raw is not None
-        }
+        return entries, cursor
 
-    def all_ids(self) -> list[str]:
-        """Ids whose entries have not expired, from the index."""
-        return self.since(0.0)[0]
-
-    def since(self, cursor: float) -> tuple[list[str], float]:
-        """Ids indexed after ``cursor``; one ZRANGEBYSCORE.
-
-        The index score is the entry's expiry time, which grows with the time
-        of recording (the TTL is one setting per app), so it doubles as the
-        cursor.  Entries that have expired are never returned.
-        """
-        low = max(cursor, time.time())
+    def _entry(self, stream_id: str, fields: dict[Any, Any], oldest_ms: int) -> Entry | None:
+        recorded_ms = _stream_ms(stream_id)
+        if recorded_ms < oldest_ms:
+            return None
+        values = {_text(k): _text(v) for k, v in fields.items()}
         try:
-            rows = self._client.zrangebyscore(
-                self._prefix + "index", f"({low}", "+inf", withscores=True
-            )
-        except Exception as exc:
-            raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m, _score in rows]
-        return ids, max([cursor, *(float(score) for _m, score in rows)])
+            reason = CancelReason.from_dict(json.loads(values["reason"]))
+            targets = _decode_targets(values["targets"])
+        except (KeyError, TypeError, ValueError):
+            return None  # not ours, or damaged: skip it rather than stop reading
+        return Entry(targets, reason, recorded_ms / 1000.0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stream_ms(stream_id: bytes | str) -> int:
+    return int(_text(stream_id).partition("-")[0])
+
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    @contextlib.contextmanager
+    def _locked(handle: IO[bytes]) -> Iterator[None]:
+        # An exclusive lock on the first byte of the lock file, between processes.
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    @contextlib.contextmanager
+    def _locked(handle: IO[bytes]) -> Iterator[None]:
+        # An exclusive lock on the whole lock file, between processes.
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class FileLedger:
-    """Cancellations as small JSON files in a directory (one per task).
+    """Cancellations in an append-only JSON-lines file, for the no-server setup.
 
-    For the filesystem broker and result backend (the no-server setup).
-    Writes are atomic (write to a temporary name, then rename), so readers in
-    other processes never see half a file.
+    Writers append whole lines under an exclusive lock, so lines never
+    interleave and the byte offset of a line is a cursor no later write can
+    go below.  When the file has grown past `COMPACT_BYTES`, a writer rewrites
+    it without the expired lines and renames it into place; readers notice
+    the new file (its inode changes) and read it from the start.
     """
 
     durable = True
 
+    #: Compact the log when a write finds it larger than this.
+    COMPACT_BYTES: Final = 4 * 1024 * 1024
+
     def __init__(self, directory: str | os.PathLike[str], ttl: float) -> None:
         self._dir = Path(directory)
         self._ttl = ttl
+        self._path = self._dir / "ledger.jsonl"
+        self._lock_path = self._dir / "ledger.lock"
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._thread_lock = threading.Lock()
 
-    def _path(self, task_id: str) -> Path:
-        # Task ids are usually UUIDs; quote anything else so it is a safe name.
-        return self._dir / (urllib.parse.quote(task_id, safe="") + ".json")
-
-    def record(self, task_ids: Iterable[str], reason: CancelReason) -> None:
-        """Write one file per id, unless one exists (the first reason wins)."""
+    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
+        """Append one line per `CHUNK` targets."""
+        if not targets:
+            return
+        now = time.time()
+        lines = b"".join(
+            json.dumps(
+                {"at": now, "reason": reason.to_dict(), "targets": [list(t) for t in chunk]}
+            ).encode()
+            + b"\n"
+            for chunk in _chunks(targets)
+        )
         try:
-            for task_id in task_ids:
-                path = self._path(task_id)
-                if path.exists():
-                    continue
-                tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(_encode(task_id, reason), encoding="utf-8")
-                os.replace(tmp, path)
+            with self._thread_lock, open(self._lock_path, "ab") as lock, _locked(lock):
+                with open(self._path, "ab") as log:
+                    log.write(lines)
+                    log.flush()
+                    os.fsync(log.fileno())
+                    size = log.tell()
+                if size > self.COMPACT_BYTES:
+                    self._compact(now)
         except OSError as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
 
-    def lookup(self, task_ids: Iterable[str]) -> dict[str, CancelReason]:
-        """Read the files of the given ids that exist and have not expired."""
-        found: dict[str, CancelReason] = {}
-        now = time.time()
-        for task_id in task_ids:
-            path = self._path(task_id)
-            try:
-                if now - path.stat().st_mtime > self._ttl:
-                    continue
-                found[task_id] = _decode(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, KeyError) as exc:
-                raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
-        return found
+    def _compact(self, now: float) -> None:
+        # Caller holds the file lock.
+        keep = [
+            line
+            for line in self._path.read_bytes().splitlines(keepends=True)
+            if self._live(line, now)
+        ]
+        tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(b"".join(keep))
+        os.replace(tmp, self._path)
 
-    def all_ids(self) -> list[str]:
-        """Every live entry; expired files are removed on the way."""
-        return self.since(0.0)[0]
-
-    def since(self, cursor: float) -> tuple[list[str], float]:
-        """Live entries written after ``cursor`` (a modification time)."""
-        now = time.time()
-        ids = []
-        newest = cursor
+    def _live(self, line: bytes, now: float) -> bool:
         try:
-            for path in self._dir.glob("*.json"):
-                try:
-                    mtime = path.stat().st_mtime
-                    if now - mtime > self._ttl:
-                        path.unlink(missing_ok=True)
-                        continue
-                except FileNotFoundError:
-                    continue
-                if mtime > cursor:
-                    ids.append(urllib.parse.unquote(path.name[: -len(".json")]))
-                    newest = max(newest, mtime)
-        except OSError as exc:
+            return bool(now - float(json.loads(line)["at"]) <= self._ttl)
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """Complete lines after ``cursor`` (``"<inode>:<offset>"``)."""
+        try:
+            with open(self._path, "rb") as log:
+                inode = os.fstat(log.fileno()).st_ino
+                offset = 0
+                if cursor is not None:
+                    seen_inode, _, seen_offset = cursor.partition(":")
+                    if seen_inode == str(inode):
+                        offset = int(seen_offset)
+                log.seek(offset)
+                data = log.read()
+        except FileNotFoundError:
+            return [], cursor
+        except (OSError, ValueError) as exc:
             raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
-        return ids, newest
+        # A line still being appended has no newline yet: leave it for next time.
+        complete = data[: data.rfind(b"\n") + 1]
+        now = time.time()
+        entries = []
+        for line in complete.splitlines():
+            entry = self._entry(line, now)
+            if entry is not None:
+                entries.append(entry)
+        return entries, f"{inode}:{offset + len(complete)}"
+
+    def _entry(self, line: bytes, now: float) -> Entry | None:
+        try:
+            data = json.loads(line)
+            recorded_at = float(data["at"])
+            reason = CancelReason.from_dict(data["reason"])
+            targets = tuple(
+                (kind, target_id)
+                for kind, target_id in data["targets"]
+                if kind in _KINDS and isinstance(target_id, str)
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        if now - recorded_at > self._ttl:
+            return None
+        return Entry(targets, reason, recorded_at)
 
 
 _cache: dict[tuple[int, str], Ledger] = {}
@@ -259,10 +397,15 @@ def _setting(app: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def ledger_ttl(app: Any) -> float:
+    """The app's ledger TTL in seconds."""
+    return float(_setting(app, "cancellable_ledger_ttl", DEFAULT_LEDGER_TTL))
+
+
 def ledger_for(app: Any) -> Ledger:
     """The ledger for ``app``, made once per process and app configuration."""
     url = _setting(app, "cancellable_ledger_url", "")
-    ttl = float(_setting(app, "cancellable_ledger_ttl", DEFAULT_LEDGER_TTL))
+    ttl = ledger_ttl(app)
     key = (id(app), f"{url}|{ttl}|{os.getpid()}")
     with _cache_lock:
         ledger = _cache.get(key)
@@ -320,3 +463,10 @@ def reset() -> None:
     with _cache_lock:
         _cache.clear()
     _warned = False
+
+
+def reset_after_fork() -> None:
+    """A child makes its own ledgers (connections do not cross a fork), with a fresh lock."""
+    global _cache_lock
+    _cache_lock = threading.Lock()
+    _cache.clear()

@@ -1,17 +1,29 @@
 """The task boundary: a ``@cancellable`` call that Celery is executing.
 
-The core decorator asks us (through ``_config.call_runner``) whether a call
-belongs to a Celery task execution.  If it does, we:
+The core decorator asks us (we registered `claim` with
+`cancellable._decorator.register_task_runner`) whether a call belongs to a
+Celery task execution.  If it does, we:
 
 1. open the call's scope and register it under the task id, so a
    cancellation delivered to this process can find it;
-2. check whether the task was cancelled before it started (revoked set,
-   mailbox, early deliveries) and, if so, skip the body;
+2. check whether the task was cancelled before it started (the local index
+   of live cancellations, the prefork mailbox, Celery's revoked set) and, if
+   so, skip the body;
 3. run the body; if `Cancelled` reaches us (our scope was cancelled, or a
    nested ``@cancellable`` call's timeout let its `Cancelled` through), the
    hooks have run (the scope ran them while unwinding), so we record the
    REVOKED state with the reason and raise `celery.exceptions.Ignore`, which
    acknowledges the message and stops Celery from storing anything else.
+   A ``self.retry()`` raised from a cancelled scope ends the same way (the
+   retry message it sent is discarded on arrival: it carries the same id).
+   Under ``task_always_eager`` there is no worker to honour `Ignore`, so we
+   raise `~celery.exceptions.TaskRevokedError` with the reason instead, and
+   the eager result re-raises it.
+
+Registering before checking closes the race with a cancellation that
+arrives as the task starts: the canceller indexes the cancellation first
+and then looks for the running task; the task registers first and then
+looks at the index.  One of the two always sees the other.
 
 `Cancelled` must never escape a task: Celery re-raises `BaseException`
 subclasses out of the tracer, which would store nothing and, in a prefork
@@ -23,11 +35,11 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import signals
 from celery._state import get_current_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry, TaskRevokedError
 from celery.worker import state as worker_state
 
 from .._decorator import CallOptions, run_in_scope
@@ -35,7 +47,7 @@ from .._exceptions import Cancelled, CancelReason
 from .._log import logger
 from .._scope import _reason_fields
 from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
-from . import _delivery
+from . import _delivery, _index, _registry, _wakeup
 
 __all__ = ["claim"]
 
@@ -49,7 +61,7 @@ def claim() -> Callable[..., Any] | None:
     task_id = request.id
     if task_id is None or request.called_directly:
         return None
-    if _delivery.running(task_id) is not None:
+    if _registry.running(task_id) is not None:
         # A @cancellable function called from inside the task: an ordinary
         # nested scope, not a second binding.
         return None
@@ -73,13 +85,15 @@ def _store_revoked(task: Any, request: Any, reason: CancelReason) -> None:
         logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
 
 
-def _before_start_reason(task_id: str) -> CancelReason | None:
-    pending = _delivery.pending_reason(task_id)
-    if pending is not None:
-        return pending[0]
-    if task_id in worker_state.revoked:
-        return CancelReason(source="revoked", message="revoked before it started")
-    return None
+def _before_start_reason(request: Any) -> CancelReason | None:
+    # In-process pools share the worker's live index; a prefork child has
+    # the copy it was forked with, and the mailbox for everything since.
+    reason = _index.index.match_request(request)
+    if reason is None:
+        reason = _delivery.mailbox_reason(request.id)
+    if reason is None and request.id in worker_state.revoked:
+        reason = CancelReason(source="revoked", message="revoked before it started")
+    return reason
 
 
 def _run_task(
@@ -92,14 +106,15 @@ def _run_task(
 ) -> Any:
     task_id: str = request.id
     scope = options.new_scope()
-    entry = _delivery.RunningTask(task_id, task.name, scope)
-    _delivery.register(entry)
-    _delivery.ensure_child_handler()
+    group_id, root_id = getattr(request, "group", None), getattr(request, "root_id", None)
+    entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
+    _registry.register(entry)
+    _wakeup.ensure_installed()
     # The tutorial idiom `current_task.request.revoked()` (Context has no
     # such method in Celery itself).
     request.revoked = entry.revoked
     try:
-        reason = _before_start_reason(task_id)
+        reason = _before_start_reason(request)
         if reason is not None:
             _store_revoked(task, request, reason)
             logger.info(
@@ -108,7 +123,7 @@ def _run_task(
                 task_name=task.name,
                 **_reason_fields(reason),
             )
-            raise Ignore()
+            _end(request, reason)
         try:
             return run_in_scope(wrapped, args, kwargs, options, scope)
         except Cancelled as exc:
@@ -116,13 +131,33 @@ def _run_task(
             # helper's timeout): either way the task was cancelled, and a
             # BaseException must not reach Celery's tracer.
             _finish_cancelled(task, request, entry, exc)
-            raise Ignore() from None
+            _end(request, entry.scope.cancel_reason or exc.reason)
+        except Retry:
+            reason = entry.scope.cancel_reason
+            if reason is None:
+                raise
+            # The body caught Cancelled and asked for a retry: a cancelled
+            # task is never retried.
+            _finish_cancelled(task, request, entry, Cancelled(reason))
+            _end(request, reason)
     finally:
-        _delivery.unregister(entry)
+        _registry.unregister(entry)
+
+
+def _end(request: Any, reason: CancelReason) -> NoReturn:
+    # How a cancelled task leaves Celery's tracer: Ignore in a worker (the
+    # state is stored already), TaskRevokedError when run eagerly, since an
+    # eager result has no REVOKED state of its own and Ignore would make
+    # get() return None.  The eager run also indexes the cancellation, so an
+    # eager retry of the same id (autoretry_for=(Exception,)) is skipped.
+    if getattr(request, "is_eager", False):
+        _index.index.add([("task", request.id)], reason)
+        raise TaskRevokedError(reason.describe())
+    raise Ignore()
 
 
 def _finish_cancelled(
-    task: Any, request: Any, entry: _delivery.RunningTask, exc: Cancelled
+    task: Any, request: Any, entry: _registry.RunningTask, exc: Cancelled
 ) -> None:
     reason = entry.scope.cancel_reason or exc.reason
     _store_revoked(task, request, reason)

@@ -1,40 +1,47 @@
-"""Worker-side wiring: the revoke interceptor, start-up, and the safety-net poller.
+"""Worker-side wiring: the revoke interceptor, the checks before the pool, the poller.
 
-Everything here is installed when `cancellable.celery` is imported, which the
-``@cancellable`` decorator does in any process that has imported Celery.  In
-a worker, task modules are imported by the main process before the pool
-starts, so by the time children are forked the interceptor is in place, the
-shared mailbox exists, and ``worker_process_init`` will install the signal
-handler in each child.
+Everything here is installed when `cancellable.celery` is imported, which
+happens as soon as the program imports Celery (see
+`cancellable._integrations`).  In a worker that is long before the pool forks
+its children, so ``worker_init`` creates the shared mailbox in time and
+``worker_process_init`` installs the wake-up handler in each child.
 
 * **Interceptor.**  Celery dispatches remote-control commands from the
-  ``Panel.data`` registry.  We wrap its ``revoke`` entry: Celery's own
-  handler runs first (it updates the revoked set and discards queued
-  tasks), then we deliver the cancellation to running ``@cancellable``
-  tasks and record it in the ledger.  Any revoke works: ``AsyncResult.revoke``,
-  ``app.control.revoke``, ``GroupResult.revoke``, ``celery control revoke``,
-  Flower, and `cancellable.celery.cancel`, whose broadcast also carries the
-  reason under the extra argument ``cancellable``.  ``terminate=True`` is
+  ``Panel.data`` registry; we wrap its ``revoke`` entry.  A plain revoke
+  (``AsyncResult.revoke``, ``app.control.revoke``, ``GroupResult.revoke``,
+  ``celery control revoke``, Flower) runs Celery's own handler first, then
+  goes into the index and the ledger and is delivered to the tasks this
+  worker holds.  A revoke sent by `cancellable.celery.cancel` carries its
+  reason under the extra argument ``cancellable``; it was recorded in the
+  ledger already, and we handle it without Celery's handler, which would
+  write a bare "revoked" state per id (two backend round trips each, and
+  a wrong reason) and trusts a bounded in-memory set.  ``terminate=True`` is
   left entirely to Celery.
-* **Start-up** (``worker_init``, main process, before the pool and the
-  consumer start): every live id in the ledger goes into Celery's revoked
-  set, so tasks cancelled while no worker was online are discarded on
-  receipt, redelivered ``acks_late`` messages included.
-* **Poller**, one daemon thread per worker main process: every 0.1 s it
-  signals children that accepted a task after its cancellation arrived (the
-  window between a child starting a task and the main process learning its
-  pid), and every ``cancellable_poll_interval`` seconds it reads what the
-  ledger gained since its last read (one round trip), adds those ids to the
-  revoked set and delivers them to tasks already here.  That catches missed
-  broadcasts, and it is the only way into a busy ``solo`` worker, whose
-  consumer reads nothing (broadcasts included) while a task runs.
+* **Before the pool.**  Celery asks ``Request.revoked()`` before it hands any
+  task to the pool (on receipt, when an ETA or rate limit expires, after a
+  redelivery).  We extend that check with the local index, so a task is
+  discarded whenever one of its targets is live, whatever the size of
+  Celery's revoked set; and Celery's discard stores the recorded reason
+  instead of a bare "revoked".
+* **Poller**, one thread per running worker, started at ``worker_init`` and
+  stopped at ``worker_shutdown``: every 0.1 s it advances the forwards to
+  prefork children (`_delivery.tick`); every ``cancellable_poll_interval``
+  seconds it reads what the ledger gained since its last read (one round
+  trip) and delivers it to the tasks here.  That catches missed broadcasts,
+  and it is the only way into a busy ``solo`` worker, whose consumer reads
+  nothing (broadcasts included) while a task runs.
+* **Fork safety.**  The poller does its work under ``_tick_lock``, which
+  `os.register_at_fork` takes before every fork, so a child is never forked
+  while the poller holds one of our locks or a logger's.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import threading
 import time
+import warnings
+from collections.abc import Iterable
 from typing import Any, Final
 
 from celery import signals
@@ -42,25 +49,41 @@ from celery.utils.functional import maybe_list
 from celery.worker import state as worker_state
 from celery.worker.control import Panel
 
-from .. import _config
+from .. import _decorator
 from .._exceptions import CancelReason
 from .._log import logger
-from ..events import CANCEL_DELIVERY_FAILED, LEDGER_POLL_FAILED, LEDGER_UNAVAILABLE
-from . import _delivery, _ledger, _task
+from ..events import (
+    CANCEL_DELIVERY_FAILED,
+    LEDGER_POLL_FAILED,
+    LEDGER_UNAVAILABLE,
+    PREFORK_UNAVAILABLE,
+)
+from . import _delivery, _index, _ledger, _registry, _task, _wakeup
+from ._ledger import Target
 
-__all__ = ["install"]
+__all__ = ["DEFAULT_POLL_INTERVAL", "install"]
 
-#: Seconds between a worker's polls of the ledger for the tasks it runs.
+#: Seconds between a worker's polls of the ledger.
 DEFAULT_POLL_INTERVAL: Final = 2.0
+
+#: Seconds between the poller's forwarding ticks.
+TICK: Final = 0.1
+
+#: Seconds between purges of expired index entries.
+PURGE_EVERY: Final = 600.0
 
 _installed = False
 _install_lock: Final = threading.Lock()
 
-#: Cancellations received for tasks reserved by this worker whose child is
-#: not known yet; the poller signals the child once it is.
-_awaiting: dict[str, CancelReason] = {}
-_awaiting_lock: Final = threading.Lock()
-_worker_app: Any = None
+
+class PreforkDeliveryWarning(RuntimeWarning):
+    """Running tasks in this worker's prefork children cannot be reached.
+
+    Queued tasks are still discarded, and tasks in other pools still stop
+    at their next checkpoint.
+
+    .. versionadded:: 0.1.0
+    """
 
 
 def _reason_from(payload: Any) -> CancelReason | None:
@@ -73,51 +96,46 @@ def _reason_from(payload: Any) -> CancelReason | None:
     return None
 
 
-def _deliver(task_id: str, reason: CancelReason) -> None:
-    # Hand a cancellation to the task, wherever this worker holds it.  A
-    # request whose child is not known yet waits in _awaiting for its pid.
-    _remember_delivered(task_id)
-    request = worker_state.requests.get(task_id)
-    pid = getattr(request, "worker_pid", None)
-    how = _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
-    if how == "mailbox" and request is not None:
-        with _awaiting_lock:
-            _awaiting[task_id] = reason
+def deliver_targets(targets: Iterable[Target]) -> int:
+    """Deliver newly indexed targets to the tasks this worker holds; return how many."""
+    task_ids: list[str] = []
+    wide = False
+    for kind, target_id in targets:
+        if kind == "task":
+            task_ids.append(target_id)
+        else:
+            wide = True
+    if wide:
+        # A group or root target can name any held task: look at all of them.
+        held = list(worker_state.requests.copy()) + list(_registry.running_ids())
+        task_ids = list(dict.fromkeys([*task_ids, *held]))
+    delivered = 0
+    for task_id in task_ids:
+        if task_id not in worker_state.requests and _registry.running(task_id) is None:
+            continue
+        request = worker_state.requests.get(task_id) or _registry.running(task_id)
+        reason = _index.index.match_request(request) if request is not None else None
+        if reason is None:
+            reason = _index.index.match(task_id)
+        if reason is not None and _delivery.deliver(task_id, reason) != "none":
+            delivered += 1
+    return delivered
 
 
 def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cancel: bool) -> None:
-    for task_id in task_ids:
-        _deliver(task_id, reason)
+    targets: list[Target] = [("task", task_id) for task_id in task_ids]
+    _index.index.add(targets, reason)
+    # Deliver every id this worker holds, even one indexed before: a second
+    # revoke of a running task must not be a no-op if the first was missed.
+    deliver_targets(targets)
     if not from_cancel:
         # A plain revoke: make it durable too (cancel() wrote the ledger itself).
-        app = getattr(state, "app", None) or _worker_app
+        app = getattr(state, "app", None) or _current_app()
         if app is not None:
             try:
-                _ledger.ledger_for(app).record(task_ids, reason)
+                _ledger.ledger_for(app).record(targets, reason)
             except _ledger.LedgerError as exc:
-                logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
-
-
-def _store_reason_first(state: Any, task_ids: list[str], reason: CancelReason) -> None:
-    # Celery (5.6.2+) stores REVOKED with the bare reason "revoked" for every
-    # revoked id that is not active on the receiving worker and has no state
-    # yet, so an idle worker would publish "revoked" before the worker that
-    # runs the task can store the real reason.  For a cancel() that carries a
-    # reason, store it first; Celery then sees a final state and leaves it.
-    active = {request.id for request in list(worker_state.active_requests)}
-    app = getattr(state, "app", None) or _worker_app
-    if app is None:
-        return
-    for task_id in task_ids:
-        if task_id in active:
-            continue
-        request = worker_state.requests.get(task_id)
-        backend = request.task.backend if request is not None else app.backend
-        if backend.get_state(task_id) in _NOT_STARTED_STATES:
-            _task.mark_revoked(backend, task_id, reason)
-
-
-_NOT_STARTED_STATES: Final = frozenset({"PENDING", "RECEIVED", "RETRY", "REJECTED"})
+                logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
 
 
 def _wrap_revoke() -> None:
@@ -130,16 +148,19 @@ def _wrap_revoke() -> None:
     ) -> Any:
         given = _reason_from(kwargs.get("cancellable"))
         task_ids = [str(t) for t in (maybe_list(task_id) or [])]
-        if given is not None and not terminate:
-            with contextlib.suppress(Exception):
-                _store_reason_first(state, task_ids, given)
-        result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        if terminate or given is None:
+            result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        else:
+            result = task_ids
         if not terminate:
             try:
-                reason = given or CancelReason(source="revoked")
-                _on_revoke(state, task_ids, reason, from_cancel=given is not None)
+                _on_revoke(
+                    state, task_ids, given or CancelReason(source="revoked"), given is not None
+                )
             except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
-                logger.error(CANCEL_DELIVERY_FAILED, task_ids=task_ids, error=repr(exc))
+                logger.error(
+                    CANCEL_DELIVERY_FAILED, task_ids=task_ids[:20], error=repr(exc), exc_info=exc
+                )
         return result
 
     revoke._cancellable_original = original  # type: ignore[attr-defined]
@@ -147,114 +168,209 @@ def _wrap_revoke() -> None:
     Panel.data["revoke"] = revoke
 
 
+def _patch_request() -> None:
+    # Extend Celery's own pre-pool check (see the module docstring).
+    from celery.worker.request import Request
+
+    if getattr(Request.revoked, "_cancellable_original", None) is not None:
+        return
+    original_revoked = Request.revoked
+    original_announce = Request._announce_revoked
+
+    def revoked(self: Any) -> bool:
+        if (
+            not self._already_revoked
+            and self.id not in worker_state.revoked
+            and _index.index.match_request(self) is not None
+        ):
+            # Celery discards what its revoked set names; the index says so.
+            worker_state.revoked.add(self.id)
+        return bool(original_revoked(self))
+
+    def announce_revoked(
+        self: Any, reason: str, terminated: bool, signum: Any, expired: bool
+    ) -> Any:
+        if reason == "revoked" and not terminated and not expired:
+            recorded = _index.index.match_request(self)
+            if recorded is not None:
+                reason = recorded.describe()
+        return original_announce(self, reason, terminated, signum, expired)
+
+    revoked._cancellable_original = original_revoked  # type: ignore[attr-defined]
+    announce_revoked._cancellable_original = original_announce  # type: ignore[attr-defined]
+    revoked.__doc__ = original_revoked.__doc__
+    Request.revoked = revoked
+    Request._announce_revoked = announce_revoked
+
+
+# --------------------------------------------------------------------------
+# The poller and the worker's lifecycle.
+
+#: Held by the poller while it works; taken before every fork.
+_tick_lock = threading.Lock()
+
+
 def _poll_interval(app: Any) -> float:
     value = app.conf.get("cancellable_poll_interval")
     return DEFAULT_POLL_INTERVAL if value is None else float(value)
 
 
-def _poller(app: Any) -> None:
-    interval = _poll_interval(app)
-    next_ledger_poll = time.monotonic() + interval
-    while True:
-        time.sleep(0.1)
-        with contextlib.suppress(Exception):
-            _signal_awaiting()
-        if time.monotonic() >= next_ledger_poll:
-            next_ledger_poll = time.monotonic() + interval
+class _Poller:
+    """One worker's poller thread (see the module docstring)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cancellable-poller", daemon=True)
+        self.interval = _poll_interval(app)
+        self.ttl = _ledger.ledger_ttl(app)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(5.0)
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        next_sync = now + self.interval
+        next_purge = now + PURGE_EVERY
+        while not self.stopped.wait(TICK):
             try:
-                _poll_ledger(app)
-            except _ledger.LedgerError as exc:
-                logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
+                with _tick_lock:
+                    _delivery.tick()
+                now = time.monotonic()
+                if now >= next_sync:
+                    next_sync = now + self.interval
+                    self.sync()
+                if now >= next_purge:
+                    next_purge = now + PURGE_EVERY
+                    _index.index.purge(self.ttl)
             except Exception as exc:  # noqa: BLE001 - the net must not die
-                logger.warning(LEDGER_POLL_FAILED, error=repr(exc))
+                with _tick_lock:
+                    logger.warning(LEDGER_POLL_FAILED, error=repr(exc), exc_info=exc)
+
+    def sync(self) -> None:
+        """Read the ledger's news into the index and deliver it (network outside the lock)."""
+        with _tick_lock:
+            ledger = _ledger.ledger_for(self.app)
+        try:
+            entries, cursor = ledger.read(_index.index.cursor)
+        except _ledger.LedgerError as exc:
+            with _tick_lock:
+                logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
+            return
+        if self.stopped.is_set():
+            return
+        with _tick_lock:
+            added = _index.index.add_entries(entries)
+            _index.index.cursor = cursor
+            if added:
+                deliver_targets(added)
 
 
-def _signal_awaiting() -> None:
-    with _awaiting_lock:
-        items = list(_awaiting.items())
-    for task_id, reason in items:
-        request = worker_state.requests.get(task_id)
-        pid = getattr(request, "worker_pid", None)
-        if request is None or pid:
-            with _awaiting_lock:
-                _awaiting.pop(task_id, None)
-        if pid:
-            _delivery.deliver(task_id, reason, pid, getattr(request, "name", None))
+_poller: _Poller | None = None
+_poller_lock = threading.Lock()
 
 
-#: Ids already delivered in this process, so the poller does not deliver
-#: (and log) them again every interval while the task runs on.
-_polled: set[str] = set()
+def _current_app() -> Any:
+    poller = _poller
+    return None if poller is None else poller.app
 
 
-def _remember_delivered(task_id: str) -> None:
-    if len(_polled) > 10_000:
-        _polled.clear()
-    _polled.add(task_id)
-
-
-_cursor: float = 0.0
-
-
-def _poll_ledger(app: Any) -> None:
-    # Learn every cancellation recorded since the last poll: add it to
-    # Celery's revoked set (so the task is discarded when it arrives, even in
-    # a solo worker that has not read the broadcast yet) and deliver it to
-    # the task if it is already here.
-    global _cursor
-    ledger = _ledger.ledger_for(app)
-    ids, _cursor = ledger.since(_cursor)
-    new = [task_id for task_id in ids if task_id not in _polled]
-    if not new:
-        return
-    for task_id in new:
-        worker_state.revoked.add(task_id)
-    running = set(_delivery.running_ids())
-    here = [t for t in new if t in running or t in worker_state.requests]
-    for task_id, reason in ledger.lookup(here).items() if here else ():
-        _deliver(task_id, reason)
+def _mailbox_slots(sender: Any, app: Any) -> int:
+    # The most tasks one worker can hold at once: its prefetch plus one
+    # running task per child.  (Unlimited prefetch is capped by the mailbox.)
+    concurrency = getattr(sender, "concurrency", None)
+    if not isinstance(concurrency, int) or concurrency <= 0:
+        concurrency = os.cpu_count() or 1
+    multiplier = app.conf.get("worker_prefetch_multiplier")
+    multiplier = 4 if not isinstance(multiplier, int) or multiplier < 0 else multiplier
+    if multiplier == 0:
+        return 1 << 30
+    return concurrency * multiplier + concurrency + 16
 
 
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-    global _worker_app, _cursor
+    global _poller
     app = getattr(sender, "app", None)
     if app is None:
         return
-    _worker_app = app
-    try:
-        ids, _cursor = _ledger.ledger_for(app).since(0.0)
-    except _ledger.LedgerError as exc:
-        logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
-        ids = []
-    for task_id in ids:
-        worker_state.revoked.add(task_id)
-    threading.Thread(target=_poller, args=(app,), name="cancellable-poller", daemon=True).start()
+    with _poller_lock:
+        if _poller is not None:
+            _poller.stop()  # an earlier worker in this process that did not shut down
+        _index.index.clear()
+        try:
+            _index.index.sync(_ledger.ledger_for(app))
+        except _ledger.LedgerError as exc:
+            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
+        _delivery.create_mailbox(_mailbox_slots(sender, app))
+        if not _wakeup.available() and _is_prefork(sender):
+            _warn_prefork("this platform has no SIGURG to wake pool children")
+        _poller = _Poller(app)
+        _poller.start()
+
+
+def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    global _poller
+    with _poller_lock:
+        if _poller is not None and (sender is None or getattr(sender, "app", None) is _poller.app):
+            _poller.stop()
+            _poller = None
+
+
+def _is_prefork(sender: Any) -> bool:
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    return "prefork" in str(name)
+
+
+_warned_prefork = False
+
+
+def _warn_prefork(why: str) -> None:
+    global _warned_prefork
+    if _warned_prefork:
+        return
+    _warned_prefork = True
+    message = (
+        f"cancellable cannot reach tasks running in prefork children: {why}. Queued tasks "
+        "are still discarded; use the threads or solo pool to stop running tasks."
+    )
+    logger.warning(PREFORK_UNAVAILABLE, why=why)
+    warnings.warn(message, PreforkDeliveryWarning, stacklevel=2)
 
 
 def _on_worker_process_init(**kwargs: Any) -> None:
-    _delivery.install_child_handler()
+    box = _delivery.mailbox()
+    if box is None or box.owner != os.getppid():
+        # The child did not inherit the main process's mailbox: the pool
+        # started it with the spawn (or forkserver) start method.
+        _warn_prefork("the pool does not fork its children (spawn start method)")
+        return
+    _wakeup.install(_delivery.check_mailbox)
 
 
-def _on_task_revoked(
-    sender: Any = None, request: Any = None, terminated: bool = False, **kwargs: Any
-) -> None:
-    # Celery discarded a task on receipt (or before handing it to the pool)
-    # and stored REVOKED with the reason "revoked".  If we know a better
-    # reason, store that instead.  Only in the main process, only on discard.
-    if terminated or "reason" in kwargs or request is None or _worker_app is None:
-        return
-    task_id = getattr(request, "id", None)
-    if not task_id:
-        return
-    try:
-        reason = _ledger.ledger_for(_worker_app).lookup([task_id]).get(task_id)
-    except _ledger.LedgerError:
-        return
-    if reason is None or not (reason.message or reason.requested_by):
-        return
-    task = getattr(request, "task", None) or sender
-    with contextlib.suppress(Exception):
-        _task.mark_revoked(task.backend, task_id, reason)
+def _before_fork() -> None:
+    _tick_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _tick_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    global _tick_lock, _poller, _poller_lock
+    # Threads do not survive a fork: the child has no poller, and a fresh
+    # copy of every lock the poller might have held.
+    _tick_lock = threading.Lock()
+    _poller_lock = threading.Lock()
+    _poller = None
+    _registry.reset_after_fork()
+    _delivery.reset_after_fork()
+    _ledger.reset_after_fork()
 
 
 def install() -> None:
@@ -265,7 +381,14 @@ def install() -> None:
             return
         _installed = True
         _wrap_revoke()
+        _patch_request()
         signals.worker_init.connect(_on_worker_init, weak=False)
+        signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
         signals.worker_process_init.connect(_on_worker_process_init, weak=False)
-        signals.task_revoked.connect(_on_task_revoked, weak=False)
-        _config.call_runner = _task.claim
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(
+                before=_before_fork,
+                after_in_parent=_after_fork_in_parent,
+                after_in_child=_after_fork_in_child,
+            )
+        _decorator.register_task_runner(_task.claim)

@@ -1,0 +1,143 @@
+"""A worker's local index of live cancellations: the ledger, cached in memory.
+
+Every worker process keeps one `TargetIndex`.  It is filled from two
+sources, and either alone is enough:
+
+* revoke broadcasts, the moment they arrive (`add`);
+* the ledger, read in full when the worker starts and then incrementally
+  every poll interval (`sync`), so broadcasts that were missed (the worker
+  was offline, restarting, or a busy solo worker) still arrive.
+
+The worker consults it, without any network round trip, whenever it is about
+to hand a task to its pool and when a task starts (`match`).  Unlike
+Celery's revoked set (50,000 ids, 3 hours, by default) it holds every live
+cancellation for the ledger's TTL, however many there are.
+
+Cost: one dict entry per target (the reason objects are shared by the
+targets of one ledger entry); see docs/reliability.md for measured figures.
+Reads take no lock (a dict lookup is atomic in CPython); writers hold
+``_lock``.  A target keeps the first reason it was given.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, Final
+
+from .._exceptions import CancelReason
+from ._ledger import Entry, Ledger, Target, TargetKind
+
+__all__ = ["TargetIndex", "index", "request_targets"]
+
+#: (reason, when it was recorded); one such pair is shared by many targets.
+_Record = tuple[CancelReason, float]
+
+
+class TargetIndex:
+    """Live cancellation targets, by kind."""
+
+    def __init__(self) -> None:
+        self._lock: Final = threading.Lock()
+        self._tasks: dict[str, _Record] = {}
+        self._groups: dict[str, _Record] = {}
+        self._roots: dict[str, _Record] = {}
+        self.cursor: str | None = None
+
+    def _table(self, kind: TargetKind) -> dict[str, _Record]:
+        if kind == "task":
+            return self._tasks
+        if kind == "group":
+            return self._groups
+        return self._roots
+
+    def __len__(self) -> int:
+        return len(self._tasks) + len(self._groups) + len(self._roots)
+
+    def add(
+        self, targets: Iterable[Target], reason: CancelReason, recorded_at: float | None = None
+    ) -> list[Target]:
+        """Index ``targets``; return those that were not indexed before."""
+        record = (reason, time.time() if recorded_at is None else recorded_at)
+        added: list[Target] = []
+        with self._lock:
+            for kind, target_id in targets:
+                table = self._table(kind)
+                if target_id not in table:
+                    table[target_id] = record
+                    added.append((kind, target_id))
+        return added
+
+    def add_entries(self, entries: Iterable[Entry]) -> list[Target]:
+        """Index ledger entries in order; return the targets that are new here."""
+        added: list[Target] = []
+        for entry in entries:
+            added.extend(self.add(entry.targets, entry.reason, entry.recorded_at))
+        return added
+
+    def sync(self, ledger: Ledger) -> list[Target]:
+        """Read what the ledger gained since the last sync; return the new targets.
+
+        Raises `~cancellable.celery._ledger.LedgerError` if the ledger is
+        down (the cursor is kept, so nothing is skipped).
+        """
+        entries, cursor = ledger.read(self.cursor)
+        added = self.add_entries(entries)
+        self.cursor = cursor
+        return added
+
+    def match(
+        self, task_id: str | None, group_id: str | None = None, root_id: str | None = None
+    ) -> CancelReason | None:
+        """The reason a task with these ids is cancelled, or None.
+
+        A task is cancelled when its own id, its group's id or its
+        workflow's root id is a live target.
+        """
+        record = self._tasks.get(task_id) if task_id else None
+        if record is None and group_id:
+            record = self._groups.get(group_id)
+        if record is None and root_id:
+            record = self._roots.get(root_id)
+        return None if record is None else record[0]
+
+    def match_request(self, request: Any) -> CancelReason | None:
+        """`match` for a Celery worker ``Request`` or task ``Context``."""
+        return self.match(*request_targets(request))
+
+    def purge(self, ttl: float, now: float | None = None) -> int:
+        """Drop targets recorded more than ``ttl`` seconds ago; return how many."""
+        horizon = (time.time() if now is None else now) - ttl
+        dropped = 0
+        with self._lock:
+            for table in (self._tasks, self._groups, self._roots):
+                old = [key for key, (_reason, at) in table.items() if at < horizon]
+                for key in old:
+                    del table[key]
+                dropped += len(old)
+        return dropped
+
+    def clear(self) -> None:
+        """Forget everything (a new worker starts in this process)."""
+        with self._lock:
+            self._tasks.clear()
+            self._groups.clear()
+            self._roots.clear()
+            self.cursor = None
+
+
+def request_targets(request: Any) -> tuple[str | None, str | None, str | None]:
+    """``(task id, group id, root id)`` of a worker ``Request`` or a task ``Context``."""
+    task_id = getattr(request, "id", None)
+    group_id = getattr(request, "group", None)
+    root_id = getattr(request, "root_id", None)
+    return (
+        task_id if isinstance(task_id, str) else None,
+        group_id if isinstance(group_id, str) else None,
+        root_id if isinstance(root_id, str) else None,
+    )
+
+
+#: This process's index.
+index: Final = TargetIndex()
