@@ -1,0 +1,371 @@
+"""The cancellation ledger: `RedisLedger` and `FileLedger` against real stores.
+
+Redis is the shared server's DB 12 (flushed per test); the file ledger lives
+in pytest's ``tmp_path``.  Each contract test runs against both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from cancellable import CancelReason
+from cancellable.celery import _ledger
+from cancellable.celery._index import TargetIndex
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+
+
+@pytest.fixture(name="rdb")
+def rdb_fixture() -> Iterator[redis.Redis]:
+    """This module's Redis database, flushed before and after each test."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"Redis is not answering on {REDIS_URL}: {exc}. Start redis-server.")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def make_ledger(kind: str, rdb: redis.Redis, directory: Path, ttl: float) -> Any:
+    """A fresh, empty durable ledger of ``kind`` ("redis" or "file")."""
+    if kind == "redis":
+        return _ledger.RedisLedger(rdb, f"cancellable:test-{uuid.uuid4().hex[:6]}:", ttl)
+    return _ledger.FileLedger(directory / "ledger", ttl)
+
+
+@pytest.fixture(name="kind", params=["redis", "file"])
+def kind_fixture(request: pytest.FixtureRequest) -> str:
+    """Which durable ledger the test runs against."""
+    return str(request.param)
+
+
+@pytest.fixture(name="ledger")
+def ledger_fixture(kind: str, rdb: redis.Redis, tmp_path: Path) -> Any:
+    """Each durable ledger, empty, with a one-week TTL."""
+    return make_ledger(kind, rdb, tmp_path, _ledger.DEFAULT_LEDGER_TTL)
+
+
+def targets_of(entries: list[_ledger.Entry]) -> list[tuple[str, str]]:
+    """Every target of ``entries``, in order."""
+    return [target for entry in entries for target in entry.targets]
+
+
+class TestContract:
+    """What every durable ledger promises."""
+
+    def test_round_trip(self, ledger: Any) -> None:
+        """Targets of every kind and the reason come back as recorded."""
+        reason = CancelReason(source="revoked", message="stop", requested_by="alice")
+        targets = [("task", "a"), ("task", "b/with:odd chars é"), ("group", "g"), ("root", "r")]
+
+        ledger.record(targets, reason)
+        entries, cursor = ledger.read(None)
+
+        assert 1 == len(entries)
+        assert tuple(targets) == entries[0].targets
+        assert reason == entries[0].reason
+        assert cursor is not None
+        assert abs(time.time() - entries[0].recorded_at) < 5
+
+    def test_empty_record_writes_nothing(self, ledger: Any) -> None:
+        """Recording no targets adds no entry."""
+        ledger.record([], CancelReason())
+
+        assert ([], None) == ledger.read(None)
+
+    def test_first_reason_wins_in_the_index(self, ledger: Any) -> None:
+        """Two entries for one target: the index keeps the first reason."""
+        first = CancelReason(source="revoked", message="first")
+        second = CancelReason(source="revoked", message="second")
+        ledger.record([("task", "a")], first)
+        ledger.record([("task", "a"), ("task", "b")], second)
+        index = TargetIndex()
+
+        added = index.sync(ledger)
+
+        assert [("task", "a"), ("task", "b")] == added
+        assert first == index.match("a")
+        assert second == index.match("b")
+
+    def test_read_returns_each_entry_once(self, ledger: Any) -> None:
+        """A cursor yields only what was recorded after it, each entry once."""
+        ledger.record([("task", "one")], CancelReason())
+        first, cursor = ledger.read(None)
+        ledger.record([("task", "two")], CancelReason())
+        ledger.record([("task", "three")], CancelReason())
+        second, cursor = ledger.read(cursor)
+        third, same = ledger.read(cursor)
+
+        assert [("task", "one")] == targets_of(first)
+        assert [("task", "two"), ("task", "three")] == targets_of(second)
+        assert [] == third
+        assert cursor == same
+
+    def test_a_writer_with_a_clock_far_behind_is_not_hidden(
+        self, ledger: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An entry recorded after a read is returned by the next read, even when
+        the writer's clock is an hour behind the reader's."""
+        ledger.record([("task", "before")], CancelReason())
+        _, cursor = ledger.read(None)
+        behind = time.time() - 3600
+        with monkeypatch.context() as patched:
+            patched.setattr(time, "time", lambda: behind)
+            ledger.record([("task", "late-clock")], CancelReason(message="late"))
+
+        entries, _ = ledger.read(cursor)
+
+        assert [("task", "late-clock")] == targets_of(entries)
+        assert "late" == entries[0].reason.message
+
+    def test_large_batches_are_chunked(self, ledger: Any) -> None:
+        """2,500 targets make three entries (1,000 + 1,000 + 500) with one reason."""
+        reason = CancelReason(source="revoked", message="bulk")
+        targets = [("task", f"t-{n}") for n in range(2500)]
+
+        ledger.record(targets, reason)
+        entries, _ = ledger.read(None)
+
+        assert [1000, 1000, 500] == [len(e.targets) for e in entries]
+        assert targets == targets_of(entries)
+        assert [reason] * 3 == [e.reason for e in entries]
+
+    def test_many_entries_are_read_across_pages(self, ledger: Any) -> None:
+        """More entries than one read page (500) all come back, in order."""
+        for n in range(1203):
+            ledger.record([("task", f"p-{n}")], CancelReason())
+
+        entries, cursor = ledger.read(None)
+        again, _ = ledger.read(cursor)
+
+        assert [("task", f"p-{n}") for n in range(1203)] == targets_of(entries)
+        assert [] == again
+
+
+class TestRedisLedger:
+    """Details of the Redis stream ledger."""
+
+    def test_entries_expire_by_the_servers_clock(self, rdb: redis.Redis) -> None:
+        """An entry is returned while younger than the TTL and skipped after it.
+
+        Both ages come from the server (the time in the stream id against the
+        server's TIME), so a skewed client clock cannot change them; this test
+        can only check the effect with the real clocks, which agree here.
+        """
+        ledger = _ledger.RedisLedger(rdb, "cancellable:ttl:", 0.5)
+        ledger.record([("task", "x")], CancelReason())
+        fresh, _ = ledger.read(None)
+        time.sleep(0.6)
+        stale, cursor = ledger.read(None)
+
+        assert [("task", "x")] == targets_of(fresh)
+        assert [] == stale
+        assert cursor is not None  # the expired entry was passed over, not re-read
+
+    def test_expired_entries_are_trimmed(self, rdb: redis.Redis) -> None:
+        """A writer trims entries older than the TTL from the stream (approximately)."""
+        writer = _ledger.RedisLedger(rdb, "cancellable:trim:", 0.5)
+        for n in range(250):
+            writer.record([("task", f"old-{n}")], CancelReason())
+        time.sleep(0.6)
+
+        _ledger.RedisLedger(rdb, "cancellable:trim:", 0.5).record([("task", "new")], CancelReason())
+        entries, _ = writer.read(None)
+
+        assert 251 > rdb.xlen("cancellable:trim:ledger")
+        assert [("task", "new")] == targets_of(entries)
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"reason": "{not json", "targets": "task:x"},
+            {"something": "else"},
+            {"reason": "[]", "targets": "task:x"},
+            {"reason": '"text"', "targets": "task:x"},
+            {"reason": '{"source": "nope"}', "targets": "task:x"},
+        ],
+    )
+    def test_a_damaged_entry_is_skipped(self, rdb: redis.Redis, fields: dict[str, str]) -> None:
+        """An entry that is not a valid cancellation is skipped; reading goes on."""
+        ledger = _ledger.RedisLedger(rdb, "cancellable:bad:", 60)
+        ledger.record([("task", "before")], CancelReason())
+        rdb.xadd("cancellable:bad:ledger", fields)
+        ledger.record([("task", "after")], CancelReason())
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "before"), ("task", "after")] == targets_of(entries)
+
+    def test_unknown_target_kinds_are_dropped(self, rdb: redis.Redis) -> None:
+        """Target lines of an unknown kind, or without an id, are ignored."""
+        ledger = _ledger.RedisLedger(rdb, "cancellable:kinds:", 60)
+        rdb.xadd(
+            "cancellable:kinds:ledger",
+            {
+                "reason": json.dumps(CancelReason().to_dict()),
+                "targets": "task:a\nqueue:q\ngroup:\nroot:r",
+            },
+        )
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "a"), ("root", "r")] == targets_of(entries)
+
+    def test_redis_down_raises_ledger_error(self) -> None:
+        """Recording and reading on an unreachable Redis raise LedgerError."""
+        client = redis.Redis(port=1, socket_connect_timeout=1)
+        ledger = _ledger.RedisLedger(client, "p:", 60)
+
+        with pytest.raises(_ledger.LedgerError, match="write"):
+            ledger.record([("task", "x")], CancelReason())
+        with pytest.raises(_ledger.LedgerError, match="read"):
+            ledger.read(None)
+
+
+def entry_line(targets: list[tuple[str, str]], at: float | None = None) -> bytes:
+    """One line of the file ledger's format, as a writer appends it."""
+    entry = {
+        "at": time.time() if at is None else at,
+        "reason": CancelReason().to_dict(),
+        "targets": [list(t) for t in targets],
+    }
+    return json.dumps(entry).encode() + b"\n"
+
+
+class TestFileLedger:
+    """Details of the append-only file ledger."""
+
+    def test_entries_expire(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An entry older than the TTL is skipped on read."""
+        ledger = _ledger.FileLedger(tmp_path, 10)
+        with monkeypatch.context() as patched:
+            patched.setattr(time, "time", lambda: 1_000_000.0)
+            ledger.record([("task", "old")], CancelReason())
+        ledger.record([("task", "new")], CancelReason())
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "new")] == targets_of(entries)
+
+    def test_compaction_keeps_live_entries(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past COMPACT_BYTES a writer drops expired lines; a reader holding a cursor
+        into the old file reads the new one from the start, then only what is new."""
+        monkeypatch.setattr(_ledger.FileLedger, "COMPACT_BYTES", 4000)
+        ledger = _ledger.FileLedger(tmp_path, 60)
+        path = tmp_path / "ledger.jsonl"
+        long_ago = time.time() - 3600
+        with monkeypatch.context() as patched:
+            patched.setattr(time, "time", lambda: long_ago)
+            for n in range(10):
+                ledger.record([("task", f"expired-{n}")], CancelReason())
+        ledger.record([("task", "live-0")], CancelReason())
+        seen, old_cursor = ledger.read(None)
+        size_before = path.stat().st_size
+        inode_before = path.stat().st_ino
+
+        ledger.record([("task", "live-1")] + [("task", "x" * 40)] * 100, CancelReason())
+        lines = path.read_bytes().splitlines()
+        reread, cursor = ledger.read(old_cursor)
+        nothing, _ = ledger.read(cursor)
+
+        assert [("task", "live-0")] == targets_of(seen)
+        assert size_before < _ledger.FileLedger.COMPACT_BYTES
+        assert inode_before != path.stat().st_ino
+        assert 2 == len(lines)
+        assert ["live-0", "live-1"] == [targets_of(reread)[0][1], reread[1].targets[0][1]]
+        assert [] == nothing
+
+    def test_a_torn_last_line_waits_until_complete(self, tmp_path: Path) -> None:
+        """A line still being written (no newline yet) is not returned, and the
+        cursor stays before it; once complete it is returned once."""
+        ledger = _ledger.FileLedger(tmp_path, 60)
+        ledger.record([("task", "first")], CancelReason())
+        _, cursor = ledger.read(None)
+        line = entry_line([("task", "torn")])
+        with open(tmp_path / "ledger.jsonl", "ab") as log:
+            log.write(line[:25])
+        torn, torn_cursor = ledger.read(cursor)
+        with open(tmp_path / "ledger.jsonl", "ab") as log:
+            log.write(line[25:])
+        whole, _ = ledger.read(torn_cursor)
+
+        assert [] == torn
+        assert cursor == torn_cursor
+        assert [("task", "torn")] == targets_of(whole)
+
+    @pytest.mark.parametrize(
+        "damage",
+        [
+            b"{not json",
+            b"\xff\xfe\x00 not utf-8",
+            b"[1, 2]",
+            b"null",
+            b'{"at": "soon", "reason": {}, "targets": []}',
+            b'{"at": 1e18, "reason": {}, "targets": 5}',
+            b'{"at": 1e18, "reason": {}, "targets": [["task"]]}',
+            b'{"at": 1e18, "reason": "text", "targets": [["task", "x"]]}',
+            b'{"at": 1e18, "reason": [], "targets": [["task", "x"]]}',
+        ],
+    )
+    def test_a_damaged_line_is_skipped(self, tmp_path: Path, damage: bytes) -> None:
+        """A line that is not a valid entry is skipped; the lines around it are read."""
+        ledger = _ledger.FileLedger(tmp_path, 60)
+        ledger.record([("task", "before")], CancelReason())
+        with open(tmp_path / "ledger.jsonl", "ab") as log:
+            log.write(damage + b"\n")
+        ledger.record([("task", "after")], CancelReason())
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "before"), ("task", "after")] == targets_of(entries)
+
+    def test_reading_before_any_write(self, tmp_path: Path) -> None:
+        """No file yet: nothing to read, and the cursor is kept."""
+        ledger = _ledger.FileLedger(tmp_path / "new", 60)
+
+        assert ([], None) == ledger.read(None)
+        assert ([], "1:2") == ledger.read("1:2")
+
+    def test_faults_raise_ledger_error(self, tmp_path: Path) -> None:
+        """A log or lock that cannot be opened raises LedgerError (root included)."""
+        reading = _ledger.FileLedger(tmp_path / "r", 60)
+        (tmp_path / "r" / "ledger.jsonl").mkdir()
+        writing = _ledger.FileLedger(tmp_path / "w", 60)
+        (tmp_path / "w" / "ledger.lock").mkdir()
+
+        with pytest.raises(_ledger.LedgerError, match="read"):
+            reading.read(None)
+        with pytest.raises(_ledger.LedgerError, match="write"):
+            writing.record([("task", "x")], CancelReason())
+
+
+class TestTargets:
+    """Validation of targets."""
+
+    @pytest.mark.parametrize(
+        "target",
+        [("queue", "x"), ("task", ""), ("task", "a\nb"), ("task", 5)],
+    )
+    def test_bad_targets(self, target: Any) -> None:
+        """Unknown kinds and ids that are empty, multi-line or not str are refused."""
+        with pytest.raises(ValueError, match="target"):
+            _ledger.check_targets([target])
+
+    def test_good_targets(self) -> None:
+        """Valid targets come back as a list, in order."""
+        targets = [("task", "a"), ("group", "g"), ("root", "r")]
+
+        assert targets == _ledger.check_targets(iter(targets))
