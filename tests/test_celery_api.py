@@ -1,14 +1,17 @@
-"""The Celery integration's client side and building blocks, in this process.
+"""The Celery integration's client side: `cancel`, `configure`, the ledger choice, the CLI.
 
 Real Redis (DB 12, flushed per test) and a real broker: the broadcast that
 `cancel` sends is read back from the broker's fanout exchange by a kombu
-consumer, not assumed.  Worker behaviour is proven in ``tests/integration``.
+consumer, not assumed.  The broker-outage test starts its own private
+``redis-server`` and kills it; the shared server is never touched.  Worker
+behaviour is proven in ``tests/integration``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +19,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,8 @@ from kombu import Connection, Consumer, Exchange, Queue
 from structlog.testing import capture_logs
 
 import cancellable.celery as cc
-from cancellable import MAX_MESSAGE_LENGTH, CancelReason, CancelScope
-from cancellable.celery import _delivery, _ledger
+from cancellable import MAX_MESSAGE_LENGTH, CancelReason
+from cancellable.celery import _ledger, _wakeup
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 
@@ -44,19 +47,32 @@ def rdb_fixture() -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
+    client.close()
+
+
+def private_app(broker: str, backend: str = REDIS_URL) -> Celery:
+    """A Celery app with a private name and control exchange."""
+    name = f"capi-{uuid.uuid4().hex[:8]}"
+    app = Celery(name, broker=broker, backend=backend, set_as_current=False)
+    app.conf.control_exchange = name
+    app.conf.broker_connection_retry_on_startup = False
+    return app
 
 
 @pytest.fixture(name="app")
 def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
-    """A Celery app on Redis with a private name and control exchange."""
-    name = f"capi-{uuid.uuid4().hex[:8]}"
-    app = Celery(name, broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
-    app.conf.control_exchange = name
-    app.conf.broker_connection_retry_on_startup = False
+    """A Celery app on Redis DB 12 (broker, backend and so ledger)."""
+    app = private_app(REDIS_URL)
     _ledger.reset()
     yield app
     _ledger.reset()
     app.close()
+
+
+def recorded(app: Celery) -> list[_ledger.Entry]:
+    """Everything the app's ledger holds, read from the start."""
+    entries, _ = _ledger.ledger_for(app).read(None)
+    return entries
 
 
 class Broadcasts:
@@ -107,6 +123,64 @@ def broadcasts_fixture(app: Celery) -> Iterator[Broadcasts]:
     listener.close()
 
 
+class PrivateRedis:
+    """A ``redis-server`` of this test's own, on a free port, that the test may kill."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:  # pragma: no cover - depends on the machine
+            pytest.fail("redis-server is not on PATH")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [
+                *(binary, "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.kill()
+                    pytest.fail(f"private redis-server on port {self.port} did not start")
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        """Kill the server and wait until it is gone."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture(name="private_redis")
+def private_redis_fixture() -> Iterator[PrivateRedis]:
+    """A private redis-server, killed at teardown if the test has not killed it."""
+    server = PrivateRedis()
+    yield server
+    server.kill()
+
+
+def counting(calls: list[Any], function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, recording the arguments of each call in ``calls``."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 class TestCancel:
     """`cancellable.celery.cancel`: what it records and what it sends."""
 
@@ -116,6 +190,7 @@ class TestCancel:
 
         reason = cc.cancel(task_id, "user pressed stop", requested_by="alice", app=app)
         body = broadcasts.get()
+        entries = recorded(app)
 
         assert (
             CancelReason(
@@ -130,7 +205,7 @@ class TestCancel:
         assert [task_id] == body["arguments"]["task_id"]
         assert False is body["arguments"]["terminate"]
         assert reason.to_dict() == body["arguments"]["cancellable"]
-        assert {task_id: reason} == _ledger.ledger_for(app).lookup([task_id])
+        assert [((("task", task_id),), reason)] == [(e.targets, e.reason) for e in entries]
 
     def test_accepts_results_groups_and_lists(self, app: Celery, broadcasts: Broadcasts) -> None:
         """AsyncResult, GroupResult and lists flatten to ids, duplicates dropped."""
@@ -143,6 +218,7 @@ class TestCancel:
         body = broadcasts.get()
 
         assert ids == body["arguments"]["task_id"]
+        assert [("task", i) for i in ids] == [t for e in recorded(app) for t in e.targets]
 
     def test_takes_the_app_from_the_result(self, app: Celery, broadcasts: Broadcasts) -> None:
         """Without ``app=``, the AsyncResult's own app is used."""
@@ -151,6 +227,19 @@ class TestCancel:
         cc.cancel(app.AsyncResult(task_id))
 
         assert [task_id] == broadcasts.get()["arguments"]["task_id"]
+
+    def test_a_large_batch_is_one_broadcast_and_chunked_entries(
+        self, app: Celery, broadcasts: Broadcasts
+    ) -> None:
+        """2,500 ids: one revoke naming all of them, three ledger entries."""
+        ids = [f"bulk-{n}" for n in range(2500)]
+
+        cc.cancel(ids, "bulk", app=app)
+        body = broadcasts.get()
+        entries = recorded(app)
+
+        assert ids == body["arguments"]["task_id"]
+        assert [1000, 1000, 500] == [len(e.targets) for e in entries]
 
     @pytest.mark.parametrize(
         ("bad", "error"),
@@ -169,7 +258,7 @@ class TestCancel:
         with pytest.raises(error):
             cc.cancel(bad, app=app)
 
-        assert [] == _ledger.ledger_for(app).all_ids()
+        assert [] == recorded(app)
 
     @pytest.mark.parametrize(
         ("reason", "error"),
@@ -180,24 +269,54 @@ class TestCancel:
         with pytest.raises(error, match="reason must be"):
             cc.cancel("some-id", reason, app=app)
 
+        assert [] == recorded(app)
+
     def test_huge_reason(self, app: Celery) -> None:
         """A message over MAX_MESSAGE_LENGTH is refused and nothing is recorded."""
         with pytest.raises(ValueError, match="limit"):
             cc.cancel("some-id", "x" * (MAX_MESSAGE_LENGTH + 1), app=app)
 
-        assert [] == _ledger.ledger_for(app).all_ids()
+        assert [] == recorded(app)
 
-    def test_broker_down(self, rdb: redis.Redis) -> None:
-        """An unreachable broker raises quickly and leaves the ledger untouched."""
-        app = Celery("down", broker="redis://127.0.0.1:1/0", backend=REDIS_URL)
-        app.conf.broker_transport_options = {"max_retries": 1, "interval_start": 0}
-        started = time.monotonic()
+    def test_broker_never_reachable(self, rdb: redis.Redis) -> None:
+        """A broker that refuses connections raises within about 2 s, nothing recorded."""
+        app = private_app("redis://127.0.0.1:1/0")
+        try:
+            started = time.monotonic()
+            with pytest.raises(cc.BrokerUnavailableError, match="nothing was cancelled"):
+                cc.cancel("task-1", "stop", app=app)
+            elapsed = time.monotonic() - started
+        finally:
+            app.close()
 
-        with pytest.raises(cc.BrokerUnavailableError, match="nothing was cancelled"):
-            cc.cancel("task-1", "stop", app=app)
-
-        assert time.monotonic() - started < 10
+        assert elapsed < 2.5
         assert [] == rdb.keys("cancellable:*")
+
+    def test_broker_lost_after_a_successful_cancel(
+        self, rdb: redis.Redis, private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a pooled connection to a broker that has since died, cancel() raises
+        BrokerUnavailableError within 2.5 s and records and broadcasts nothing."""
+        app = private_app(private_redis.url)
+        broadcasts: list[Any] = []
+        monkeypatch.setattr(app.control, "broadcast", counting(broadcasts, app.control.broadcast))
+        try:
+            cc.cancel("first", "while the broker is up", app=app)
+            before = (len(broadcasts), len(recorded(app)))
+            private_redis.kill()
+
+            started = time.monotonic()
+            with pytest.raises(cc.BrokerUnavailableError, match="nothing was cancelled"):
+                cc.cancel("second", "after the broker died", app=app)
+            elapsed = time.monotonic() - started
+            entries = recorded(app)
+        finally:
+            app.close()
+
+        assert (1, 1) == before
+        assert elapsed < 2.5
+        assert 1 == len(broadcasts)
+        assert [(("task", "first"),)] == [e.targets for e in entries]
 
     def test_ledger_down_still_broadcasts(self, app: Celery, broadcasts: Broadcasts) -> None:
         """With the ledger unreachable, the revoke is still sent, with a warning."""
@@ -212,93 +331,8 @@ class TestCancel:
         assert ["ledger.unavailable"] == [e["event"] for e in logs]
 
 
-class TestLedgers:
-    """The ledger implementations and how one is chosen."""
-
-    @pytest.fixture(name="ledger", params=["redis", "file"])
-    def ledger_fixture(
-        self, request: pytest.FixtureRequest, rdb: redis.Redis, tmp_path: Path
-    ) -> Any:
-        """Each durable ledger, empty."""
-        if request.param == "redis":
-            return _ledger.RedisLedger(rdb, "cancellable:test:", 60)
-        return _ledger.FileLedger(tmp_path / "ledger", 60)
-
-    def test_round_trip_and_first_reason_wins(self, ledger: Any) -> None:
-        """Recorded reasons come back; a second record does not replace the first."""
-        first = CancelReason(source="revoked", message="first")
-        ledger.record(["a", "b/with:odd chars"], first)
-        ledger.record(["a"], CancelReason(source="revoked", message="second"))
-
-        assert {"a": first, "b/with:odd chars": first} == ledger.lookup(
-            ["a", "b/with:odd chars", "missing"]
-        )
-        assert {"a", "b/with:odd chars"} == set(ledger.all_ids())
-        assert {} == ledger.lookup([])
-
-    def test_since_returns_each_new_id_once(self, ledger: Any) -> None:
-        """A cursor from since() yields only what was recorded after it."""
-        ledger.record(["one"], CancelReason())
-        first, cursor = ledger.since(0.0)
-        time.sleep(0.02)  # file modification times must differ
-        ledger.record(["two"], CancelReason())
-        second, cursor = ledger.since(cursor)
-        third, _ = ledger.since(cursor)
-
-        assert (["one"], ["two"], []) == (first, second, third)
-
-    def test_redis_entries_expire(self, rdb: redis.Redis) -> None:
-        """Entries carry the TTL and leave the index when it passes."""
-        ledger = _ledger.RedisLedger(rdb, "cancellable:ttl:", 1)
-        ledger.record(["x"], CancelReason())
-
-        assert 0 < rdb.ttl("cancellable:ttl:task:x") <= 1
-        time.sleep(1.2)
-        assert [] == ledger.all_ids()
-        assert {} == ledger.lookup(["x"])
-
-    def test_file_entries_expire(self, tmp_path: Path) -> None:
-        """Files older than the TTL are ignored and removed."""
-        ledger = _ledger.FileLedger(tmp_path, 10)
-        ledger.record(["old"], CancelReason())
-        path = next(tmp_path.glob("*.json"))
-        os.utime(path, (time.time() - 60, time.time() - 60))
-
-        assert {} == ledger.lookup(["old"])
-        assert [] == ledger.all_ids()
-        assert not path.exists()
-
-    def test_file_ledger_faults_raise_ledger_error(self, tmp_path: Path) -> None:
-        """An unwritable directory or a corrupt entry raises LedgerError."""
-        ledger = _ledger.FileLedger(tmp_path / "ledger", 60)
-        (tmp_path / "ledger" / "bad.json").write_text("{not json", encoding="utf-8")
-
-        with pytest.raises(_ledger.LedgerError, match="read"):
-            ledger.lookup(["bad"])
-
-        (tmp_path / "ledger").chmod(0o500)
-        try:
-            if os.access(tmp_path / "ledger", os.W_OK):  # root ignores permissions
-                (tmp_path / "ledger" / "bad.json").unlink()
-                (tmp_path / "ledger").rmdir()
-                (tmp_path / "ledger").write_text("a file where the directory was")
-            with pytest.raises(_ledger.LedgerError, match="write"):
-                ledger.record(["new"], CancelReason())
-        finally:
-            if (tmp_path / "ledger").is_dir():
-                (tmp_path / "ledger").chmod(0o700)
-
-    def test_redis_down_raises_ledger_error(self) -> None:
-        """Every operation on an unreachable Redis raises LedgerError."""
-        ledger = _ledger.RedisLedger(redis.Redis(port=1), "p:", 60)
-
-        for call in (
-            lambda: ledger.record(["x"], CancelReason()),
-            lambda: ledger.lookup(["x"]),
-            ledger.all_ids,
-        ):
-            with pytest.raises(_ledger.LedgerError):
-                call()
+class TestLedgerSelection:
+    """Which ledger an app gets."""
 
     def test_selection(self, app: Celery, tmp_path: Path) -> None:
         """URL setting first, then a Redis or file backend, then a Redis broker."""
@@ -323,18 +357,39 @@ class TestLedgers:
         with pytest.raises(ValueError, match="ledger_url"):
             _ledger.ledger_for(bad)
 
+    def test_one_ledger_per_app_and_process(self, app: Celery) -> None:
+        """ledger_for() returns the same object for the same app; a TTL change makes a new one."""
+        first = _ledger.ledger_for(app)
+        again = _ledger.ledger_for(app)
+        app.conf.cancellable_ledger_ttl = 60
+
+        assert first is again
+        assert first is not _ledger.ledger_for(app)
+
+    def test_the_ledger_is_shared_with_other_clients(self, app: Celery) -> None:
+        """Another app object with the same name and Redis reads what this one recorded."""
+        reason = cc.cancel("shared-id", "seen elsewhere", app=app)
+        other = private_app(REDIS_URL)
+        other.main = app.main
+        try:
+            entries, _ = _ledger.ledger_for(other).read(None)
+        finally:
+            other.close()
+
+        assert [reason] == [e.reason for e in entries]
+
     def test_no_durable_store_warns_once(self) -> None:
         """With nothing durable available, one ledger.not_durable event says so."""
+        _ledger.reset()
         with capture_logs() as logs:
             first = _ledger.ledger_for(Celery("n1", broker="memory://", backend="rpc://"))
             _ledger.ledger_for(Celery("n2", broker="memory://", backend="rpc://"))
+        first.record([("task", "x")], CancelReason())
 
         assert isinstance(first, _ledger.NullLedger)
         assert ["ledger.not_durable"] == [e["event"] for e in logs]
-        assert [] == first.all_ids()
-        assert ([], 1.5) == first.since(1.5)
-        assert {} == first.lookup(["x"])
-        first.record(["x"], CancelReason())
+        assert ([], None) == first.read(None)
+        assert ([], "1-0") == first.read("1-0")
 
 
 class TestConfigure:
@@ -376,115 +431,11 @@ class TestConfigure:
         """A catchable, unused signal can be chosen by name or number."""
         try:
             cc.configure(app, signal="winch")
-            assert signal.SIGWINCH == _delivery._signum
+            assert signal.SIGWINCH == _wakeup.signum()
             cc.configure(app, signal=int(signal.SIGURG))
-            assert signal.SIGURG == _delivery._signum
+            assert signal.SIGURG == _wakeup.signum()
         finally:
-            _delivery.set_signal(signal.SIGURG)
-
-
-class TestMailbox:
-    """The shared-memory mailbox between a worker's main process and children."""
-
-    def test_round_trip(self) -> None:
-        """A written cancellation is found by id, with its reason."""
-        task_id = f"mb-{uuid.uuid4()}"
-        reason = CancelReason(source="revoked", message="m", requested_by="me")
-
-        _delivery._write_slot(task_id, reason, 123.0)
-
-        assert {task_id: (reason, 123.0)} == _delivery._read_mailbox({task_id, "other"})
-        assert {} == _delivery._read_mailbox({"not-there"})
-        assert {} == _delivery._read_mailbox(set())
-
-    def test_prefixes_and_long_ids_do_not_collide(self) -> None:
-        """An id that is a prefix of another is not matched; very long ids work."""
-        base = f"pre-{uuid.uuid4()}"
-        long_id = "L" * 500 + base
-        _delivery._write_slot(base + "-longer", CancelReason(message="other"), 1.0)
-        _delivery._write_slot(long_id, CancelReason(message="long"), 2.0)
-
-        assert {} == _delivery._read_mailbox({base})
-        assert "long" == _delivery._read_mailbox({long_id})[long_id][0].message
-        assert {} == _delivery._read_mailbox({long_id[:-1]})
-
-    def test_huge_message_is_trimmed_not_lost(self) -> None:
-        """A message too large for a slot is shortened; the id still matches."""
-        task_id = f"big-{uuid.uuid4()}"
-        reason = CancelReason(message="é" * MAX_MESSAGE_LENGTH)
-
-        _delivery._write_slot(task_id, reason, 1.0)
-        found, _ = _delivery._read_mailbox({task_id})[task_id]
-
-        assert "é" * 1000 == found.message
-
-    def test_oldest_slots_are_reused(self) -> None:
-        """After a full turn of the ring, the oldest entry is gone."""
-        first = f"old-{uuid.uuid4()}"
-        _delivery._write_slot(first, CancelReason(), 1.0)
-        for n in range(_delivery._SLOTS):
-            _delivery._write_slot(f"filler-{n}-{uuid.uuid4()}", CancelReason(), 1.0)
-
-        assert {} == _delivery._read_mailbox({first})
-
-    def test_a_signal_cancels_only_the_named_task(self) -> None:
-        """A wake-up signal cancels the running task named in the mailbox, not others."""
-        named = _delivery.RunningTask("named-task", "t", CancelScope())
-        other = _delivery.RunningTask("other-task", "t", CancelScope())
-        _delivery.register(named)
-        _delivery.register(other)
-        previous = signal.getsignal(_delivery._signum)
-        try:
-            _delivery.install_child_handler()
-            _delivery._write_slot("named-task", CancelReason(message="bye"), time.time())
-            os.kill(os.getpid(), _delivery._signum)
-            deadline = time.monotonic() + 5
-            while not named.revoked() and time.monotonic() < deadline:
-                time.sleep(0.001)
-
-            assert named.scope.cancel_called
-            assert "bye" == named.scope.cancel_reason.message  # type: ignore[union-attr]
-            assert not other.revoked()
-        finally:
-            signal.signal(_delivery._signum, previous)
-            _delivery.unregister(named)
-            _delivery.unregister(other)
-
-    def test_a_slot_being_rewritten_is_skipped(self) -> None:
-        """A key whose slot holds garbage (caught mid-rewrite) is not a match."""
-        task_id = f"torn-{uuid.uuid4()}"
-        _delivery._write_slot(task_id, CancelReason(), 1.0)
-        with _delivery._write_lock:
-            (count,) = _delivery._HEADER.unpack_from(_delivery._mailbox, 0)
-            slot_at = _delivery._KEYS_END + ((count - 1) % _delivery._SLOTS) * _delivery._SLOT_SIZE
-            _delivery._mailbox[slot_at + 4 : slot_at + 8] = b"\xff\xfe{{"
-
-        assert {} == _delivery._read_mailbox({task_id})
-
-    def test_signal_to_a_process_that_is_gone(self) -> None:
-        """Delivering to a pid that has exited leaves it in the mailbox, no error."""
-        child = subprocess.Popen([sys.executable, "-c", "pass"])
-        child.wait()
-        task_id = f"gone-{uuid.uuid4()}"
-
-        assert "mailbox" == _delivery.deliver(task_id, CancelReason(), child.pid)
-        assert task_id in _delivery._read_mailbox({task_id})
-        _delivery._early.pop(task_id, None)
-
-    def test_deliver_local_and_early(self) -> None:
-        """A task in this process is cancelled directly; one not running is remembered."""
-        entry = _delivery.RunningTask("here", "t", CancelScope())
-        _delivery.register(entry)
-        try:
-            assert "local" == _delivery.deliver("here", CancelReason(), os.getpid())
-            assert entry.revoked()
-            assert "mailbox" == _delivery.deliver("later", CancelReason(message="x"), None)
-            early = _delivery.pending_reason("later")
-            assert early is not None
-            assert "x" == early[0].message
-        finally:
-            _delivery.unregister(entry)
-            _delivery._early.pop("later", None)
+            _wakeup.set_signal(signal.SIGURG)
 
 
 def celery_cancel(tmp_path: Path, app_source: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -531,8 +482,11 @@ class TestCli:
         assert lines[finished].startswith("finished (SUCCESS)")
         assert lines[retrying].startswith("queued (RETRY); will not run")
         assert "SUCCESS" == app.AsyncResult(finished).state
-        recorded = _ledger.ledger_for(app).lookup([unknown])[unknown]
-        assert ("tidy up", "ops") == (recorded.message, recorded.requested_by)
+        entries = recorded(app)
+        assert [("task", unknown), ("task", finished), ("task", retrying)] == list(
+            entries[0].targets
+        )
+        assert ("tidy up", "ops") == (entries[0].reason.message, entries[0].reason.requested_by)
 
     def test_empty_id_is_a_usage_error(self, app: Celery, tmp_path: Path) -> None:
         """An empty id is refused with a usage error (exit 2), nothing recorded."""
@@ -540,7 +494,7 @@ class TestCli:
 
         assert 2 == run.returncode
         assert "non-empty" in run.stderr
-        assert [] == _ledger.ledger_for(app).all_ids()
+        assert [] == recorded(app)
 
     def test_broker_down_is_a_clean_error(self, tmp_path: Path) -> None:
         """With the broker unreachable the command fails with a one-line message."""
