@@ -307,8 +307,11 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
         _delivery.create_mailbox(_mailbox_slots(sender, app))
-        if not _wakeup.available() and _is_prefork(sender):
-            _warn_prefork("this platform has no SIGURG to wake pool children")
+        if _is_prefork(sender):
+            if not _wakeup.available():
+                _warn_prefork("this platform has no SIGURG to wake pool children")
+            elif getattr(sender, "pool_start_method", "fork") != "fork":
+                _warn_prefork("the pool does not fork its children (spawn start method)")
         _poller = _Poller(app)
         _poller.start()
 

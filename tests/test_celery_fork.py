@@ -1,0 +1,105 @@
+"""Fork safety of a prefork worker's main process.
+
+billiard forks replacement children from the worker's main process at any
+moment, while the library's poller thread may be working there.  A child
+forked while that thread holds one of our locks (or a logger's) would
+deadlock at its first use of it.  The poller therefore works under a lock
+that `os.register_at_fork` takes before every fork.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from cancellable import CancelScope
+from cancellable._log import logger
+from cancellable.celery import _delivery, _registry, _worker
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+@pytest.fixture(name="app")
+def app_fixture() -> Iterator[Celery]:
+    """An app without a ledger: the poller only ticks."""
+    app = Celery("forks", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.cancellable_ledger_url = "none"
+    app.conf.cancellable_poll_interval = 3600
+    yield app
+    app.close()
+
+
+def fork_and_report(child: object) -> bytes:
+    """Fork; the child writes what ``child()`` returns (bytes) and exits; return it.
+
+    The child is killed by an alarm after 5 s, so a deadlock shows as b"".
+    """
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() in a multi-threaded process: that is the point.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which coverage does not follow
+        try:
+            signal.alarm(5)
+            os.write(write_end, child())  # type: ignore[operator]
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        data = b""
+        while chunk := os.read(read_end, 64):
+            data += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return data
+
+
+def test_no_fork_lands_inside_a_poller_tick(app, monkeypatch):
+    """30 forks while the poller spends a third of its time in a tick: none inside one."""
+    inside = [False]
+
+    def slow_tick() -> None:
+        inside[0] = True
+        logger.debug("test.tick")
+        time.sleep(0.05)
+        inside[0] = False
+
+    monkeypatch.setattr(_delivery, "tick", slow_tick)
+    poller = _worker._Poller(app)
+    poller.start()
+    try:
+        seen = [fork_and_report(lambda: b"inside" if inside[0] else b"outside") for _ in range(30)]
+    finally:
+        poller.stop()
+
+    assert [b"outside"] * 30 == seen
+
+
+def test_a_child_can_use_every_lock_at_once(app):
+    """A child forked while the poller runs can register a task, tick and log at once."""
+    poller = _worker._Poller(app)
+    poller.start()
+
+    def child() -> bytes:
+        entry = _registry.RunningTask("t-1", "job", CancelScope())
+        _registry.register(entry)
+        _delivery.tick()
+        with _worker._tick_lock:
+            logger.debug("test.child")
+        return b"ok %d" % len(_registry.running_ids())
+
+    try:
+        replies = [fork_and_report(child) for _ in range(10)]
+    finally:
+        poller.stop()
+
+    assert [b"ok 1"] * 10 == replies
+    assert not poller.thread.is_alive()
