@@ -16,6 +16,10 @@ Tasks:
   ``self.is_aborted()`` every 100 ms (the documented idiom), for comparison.
 * ``bench.noop_plain`` / ``bench.noop_cancellable``: no-op tasks, the second
   under ``@cancellable``; each counts itself in Redis (``throughput.py``).
+* ``bench.bulk_count``: counts its runs, result stored (``bulk.py``: a
+  cancelled task must never run); the inspect command
+  ``cancellable_bench_index`` reports the main process's index size, RSS
+  and Celery revoked-set size.
 * ``bench.measure_revoked``: times ``current_task.request.revoked()``
   inside a running ``@cancellable`` task (``in_task.py``).
 """
@@ -170,3 +174,43 @@ def measure_revoked(self: Any, seconds_per_value: float, values: int) -> dict[st
     import in_task
 
     return in_task.measure_here(seconds_per_value, values)
+
+
+@app.task(name="bench.bulk_count")
+def bulk_count(key: str) -> None:
+    """Count a run in ``key`` (``bulk.py``: a cancelled task must never get here).
+
+    Its result is stored (unlike the no-op tasks), so a discarded task ends
+    as REVOKED in the result backend, which ``bulk.py`` checks.
+    """
+    redis_client().incr(key)
+
+
+def _index_report(state: Any, **kwargs: Any) -> dict[str, Any]:
+    """What the worker's main process holds: its index, Celery's revoked set, its RSS."""
+    from celery.worker import state as worker_state
+
+    from cancellable.celery import _index
+
+    rss_kb = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss_kb = int(line.split()[1])
+    return {
+        "targets": len(_index.index),
+        "celery_revoked": len(worker_state.revoked),
+        "celery_revoked_maxlen": worker_state.revoked.maxlen,
+        "rss_kb": rss_kb,
+    }
+
+
+def _register_control() -> None:
+    # ``bulk.py`` asks the worker's main process (not a pool child, whose
+    # index is the copy it was forked with) for the size of its index.
+    from celery.worker.control import inspect_command
+
+    inspect_command(name="cancellable_bench_index")(_index_report)
+
+
+_register_control()

@@ -1,0 +1,635 @@
+"""Bulk cancellation over a real prefork worker: one ``cancel()`` of many queued ids.
+
+The worker is ``celery worker --pool=prefork -c 2`` of ``bench_app``,
+started with ``CELERY_WORKER_REVOKES_MAX=100``, so Celery's own in-memory
+revoked set holds at most 100 ids and cannot be what stops the tasks: the
+worker's local index (`cancellable.celery._index`) must.  Each run uses its
+own queues and control exchange (`_workers.Worker`).
+
+Per size N (1,000 / 10,000 / 100,000 ids; ``bulk.ids_<N>.*``):
+
+1. N messages of ``bench.bulk_count`` (a task that INCRs a counter when it
+   runs, result stored) are put on a queue the worker does not consume yet.
+   The first is sent by ``app.send_task`` (which declares the queue); the
+   others are the same kombu envelope with a fresh task id and delivery tag,
+   LPUSHed in pipelines, which is how kombu's Redis transport enqueues
+   (``send_task`` in a loop runs at about 1,300 messages/s here).
+2. One ``cancellable.celery.cancel(ids, reason=...)`` call, timed
+   (``cancel_ms``, the client's wall time).  A pattern subscriber on the
+   pidbox exchange records the revoke broadcast as Redis delivered it:
+   ``broadcast_wire_bytes`` is the PUBLISH payload (kombu's envelope, body
+   base64-encoded), ``broadcast_body_bytes`` the decoded JSON body.
+   ``ledger_entries`` is the growth of the ledger stream (XLEN before and
+   after).  Right after ``cancel()`` returns, the client asks the worker's
+   main process for its index (a control command of ``bench_app``, answered
+   in order after the revoke): ``worker_handled_ms`` is the time until that
+   answer, from ``cancel()`` returning; ``index_targets_added`` the growth
+   of the index; ``worker_rss_bytes_per_entry`` the growth of the main
+   process's RSS divided by N (rough: the allocator may reuse freed memory).
+3. ``cancel_ms`` gets more values from further ``cancel()`` calls of N fresh
+   ids that name no queued task (the same work for the client, ledger and
+   worker); the median is reported.
+4. The worker is told to consume the queue (``add_consumer``) behind a
+   sentinel task that is not cancelled; once the sentinel has run, every
+   message before it has been received and discarded or run.
+   ``tasks_run`` (must be 0) is the counter; ``tasks_revoked`` the number of
+   the N ids whose stored state is REVOKED (all are read back); ``drain_s``
+   the time the worker took to go through the queue.
+
+``index_bytes_per_entry`` is measured in this process, with ``tracemalloc``,
+on a `TargetIndex` filled the way the worker fills it from a revoke: N ids
+decoded from JSON (fresh strings, as the worker gets them) and added with
+one shared reason.  It counts the dict entries and the id strings.
+
+Sustained rate (``bulk.sustained.<kind>.*``; kind ``single``: one id per
+``cancel()`` call, ``batch100``: 100 ids per call): a client loop calls
+``cancel()`` on ids of queued tasks for up to ``SECONDS`` (or until the
+pre-queued pool runs out).  ``calls_per_s`` and ``ids_per_s`` are over that
+loop; ``worker_caught_up_s`` is how long after the loop the worker's index
+held every id; then the queue is drained as above (ids the loop did not
+reach are cancelled in one untimed call first) and ``tasks_run`` /
+``tasks_revoked`` are counted over the whole pool.  ``bulk.parts.*`` times
+the three round trips a ``cancel()`` makes, separately, one id each: the
+broker check (``_check_broker``: a PING), the ledger write
+(``RedisLedger.record``: one XADD pipeline) and the revoke broadcast
+(``app.control.broadcast``: a PUBLISH), in µs per call.
+
+``python benchmarks/bulk.py --profile`` runs the single-id loop under
+cProfile for a few seconds and prints where the client's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import tracemalloc
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
+
+#: Queued ids per ``cancel()`` call, per mode.
+SIZES = {"full": (1000, 10000, 100000), "quick": (1000, 10000), "smoke": (100,)}
+#: ``cancel()`` calls per size for the client-time median (the first on queued ids).
+REPEATS = {"full": 5, "quick": 3, "smoke": 2}
+#: Fewer repeats of the largest size (each is 100,000 ids through the worker).
+LARGE = 100000
+LARGE_REPEATS = 3
+#: (seconds, pool of queued ids for ``single``, pool for ``batch100``) per mode.
+SUSTAINED = {
+    "full": (10.0, 40000, 100000),
+    "quick": (3.0, 8000, 20000),
+    "smoke": (1.0, 300, 1000),
+}
+#: (kind, ids per call) of the sustained loops.
+SUSTAINED_KINDS = (("single", 1), ("batch100", 100))
+#: Seconds per part in ``bulk.parts.*``, per mode.
+PARTS_SECONDS = {"full": 2.0, "quick": 1.0, "smoke": 0.2}
+#: Longest wait for the worker to answer, to index, or to drain a queue.
+TIMEOUT = 300.0
+#: Celery's revoked set is capped at this size in the benchmark's worker.
+REVOKES_MAX = 100
+TASK = "bench.bulk_count"
+
+PER_SIZE = (
+    ("cancel_ms", "ms"),
+    ("broadcast_body_bytes", "bytes"),
+    ("broadcast_wire_bytes", "bytes"),
+    ("ledger_entries", "entries"),
+    ("worker_handled_ms", "ms"),
+    ("index_targets_added", "targets"),
+    ("index_bytes_per_entry", "bytes"),
+    ("worker_rss_bytes_per_entry", "bytes"),
+    ("tasks_run", "tasks"),
+    ("tasks_revoked", "tasks"),
+    ("drain_s", "s"),
+)
+PER_KIND = (
+    ("calls_per_s", "calls/s"),
+    ("ids_per_s", "ids/s"),
+    ("ids_cancelled", "ids"),
+    ("worker_caught_up_s", "s"),
+    ("tasks_run", "tasks"),
+    ("tasks_revoked", "tasks"),
+)
+PARTS = ("broker_check_us", "ledger_record_us", "broadcast_us", "cancel_us")
+
+
+def size_names(sizes: Sequence[int]) -> list[str]:
+    """The per-size result names for ``sizes``."""
+    return [f"bulk.ids_{n}.{suffix}" for n in sizes for suffix, _unit in PER_SIZE]
+
+
+SUSTAINED_NAMES = tuple(
+    f"bulk.sustained.{kind}.{suffix}" for kind, _batch in SUSTAINED_KINDS for suffix, _ in PER_KIND
+)
+PARTS_NAMES = tuple(f"bulk.parts.{part}" for part in PARTS)
+NAMES = (*size_names(SIZES["full"]), *SUSTAINED_NAMES, *PARTS_NAMES)
+
+
+class BulkError(RuntimeError):
+    """The worker did not answer, index or drain in time."""
+
+
+# --------------------------------------------------------------------------
+# The worker, the queue and the checks.
+
+
+@contextlib.contextmanager
+def bulk_worker(redis_url: str) -> Iterator[Any]:
+    """A started worker whose Celery revoked set holds `REVOKES_MAX` ids; DB 14 flushed after."""
+    import _workers
+
+    worker = _workers.Worker(redis_url)
+    old = os.environ.get("CELERY_WORKER_REVOKES_MAX")
+    os.environ["CELERY_WORKER_REVOKES_MAX"] = str(REVOKES_MAX)
+    try:
+        worker.start()  # copies os.environ
+    except BaseException:
+        worker.stop()
+        _workers.flush_benchmark_db(redis_url)
+        raise
+    finally:
+        if old is None:
+            os.environ.pop("CELERY_WORKER_REVOKES_MAX", None)
+        else:
+            os.environ["CELERY_WORKER_REVOKES_MAX"] = old
+    try:
+        yield worker
+    except BaseException:
+        sys.stderr.write(worker.tail() + "\n")
+        raise
+    finally:
+        worker.stop()
+        _workers.flush_benchmark_db(redis_url)
+
+
+def worker_report(worker: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+    """The worker main process's index size, Celery revoked set size and RSS."""
+    replies = worker.app.control.broadcast(
+        "cancellable_bench_index",
+        destination=[worker.nodename],
+        reply=True,
+        timeout=timeout,
+        limit=1,
+    )
+    for reply in replies or []:
+        if worker.nodename in reply:
+            return dict(reply[worker.nodename])
+    worker.check_alive()
+    raise BulkError(f"worker {worker.nodename} did not answer within {timeout} s")
+
+
+def ledger_key(app: Any) -> str:
+    """The Redis stream the ledger writes (``cancellable:<app main>:ledger``)."""
+    return f"cancellable:{app.main or 'default'}:ledger"
+
+
+def publish(app: Any, client: Any, queue: str, key: str, count: int) -> list[str]:
+    """Put ``count`` ``bench.bulk_count(key)`` messages on ``queue``; return their ids.
+
+    The first goes through ``app.send_task``; the others are copies of its
+    kombu envelope (as LPUSHed by kombu's Redis transport) with a fresh task
+    id and delivery tag each.
+    """
+    first = str(uuid.uuid4())
+    with app.producer_or_acquire() as producer:
+        app.send_task(TASK, args=(key,), queue=queue, producer=producer, task_id=first)
+    template = client.lindex(queue, 0)
+    envelope = json.loads(template)
+    tag = envelope["properties"]["delivery_tag"]
+    if envelope["headers"]["id"] != first or template.count(tag.encode()) != 1:
+        raise BulkError("unexpected kombu envelope: cannot clone it")
+    ids = [first]
+    first_b, tag_b = first.encode(), tag.encode()
+    pipe = client.pipeline(transaction=False)
+    for k in range(1, count):
+        task_id = str(uuid.uuid4())
+        ids.append(task_id)
+        body = template.replace(first_b, task_id.encode()).replace(
+            tag_b, uuid.uuid4().bytes.hex().encode()
+        )
+        pipe.lpush(queue, body)
+        if k % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
+    if client.llen(queue) != count:
+        raise BulkError(f"{queue} holds {client.llen(queue)} messages, not {count}")
+    return ids
+
+
+def drain(worker: Any, client: Any, queue: str, key: str) -> float:
+    """Let the worker consume ``queue`` behind a sentinel; seconds until the sentinel ran."""
+    app = worker.app
+    sentinel = f"{key}:sentinel"
+    with app.producer_or_acquire() as producer:
+        app.send_task(TASK, args=(sentinel,), queue=queue, producer=producer)
+    t0 = time.perf_counter()
+    app.control.add_consumer(queue, destination=[worker.nodename], reply=True, timeout=10)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while client.get(sentinel) is None:
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BulkError(
+                    f"{queue} was not drained in {TIMEOUT} s ({client.llen(queue)} left)"
+                )
+            time.sleep(0.02)
+        took = time.perf_counter() - t0
+    finally:
+        app.control.cancel_consumer(queue, destination=[worker.nodename], reply=True, timeout=10)
+    return took
+
+
+def count_revoked(client: Any, ids: Sequence[str]) -> int:
+    """How many of ``ids`` have the stored state REVOKED."""
+    revoked = 0
+    for start in range(0, len(ids), 10000):
+        keys = [f"celery-task-meta-{task_id}" for task_id in ids[start : start + 10000]]
+        for raw in client.mget(keys):
+            if raw is not None and json.loads(raw).get("status") == "REVOKED":
+                revoked += 1
+    return revoked
+
+
+def cleanup(client: Any, queue: str, key: str, ids: Sequence[str]) -> None:
+    """Drop a round's queue, counters and stored results."""
+    client.delete(queue, key, f"{key}:sentinel")
+    for start in range(0, len(ids), 10000):
+        client.delete(*[f"celery-task-meta-{t}" for t in ids[start : start + 10000]])
+
+
+class BroadcastListener:
+    """A pattern subscriber on the worker's pidbox exchange, keeping revoke messages."""
+
+    def __init__(self, client: Any, control_exchange: str) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(f"*{control_exchange}.pidbox*")
+        while self._pubsub.get_message(timeout=1.0) is None and not self._pubsub.subscribed:
+            pass
+        self.raw: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.05)
+            if message is not None and message["type"] == "pmessage":
+                self.raw.append(message["data"])  # decoded later, off the clock
+
+    def revokes(self, wait: float = 5.0) -> list[tuple[int, int]]:
+        """``(wire bytes, body bytes)`` of each revoke broadcast seen so far."""
+        deadline = time.monotonic() + wait
+        found: list[tuple[int, int]] = []
+        while True:
+            found = []
+            for data in list(self.raw):
+                envelope = json.loads(data)
+                body = envelope["body"]
+                if envelope.get("properties", {}).get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                if json.loads(body).get("method") == "revoke":
+                    found.append((len(data), len(body)))
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self._pubsub.close()
+
+
+def index_bytes_per_entry(count: int) -> float:
+    """Bytes per target of a `TargetIndex` filled like the worker fills it (tracemalloc)."""
+    from cancellable import CancelReason
+    from cancellable.celery._index import TargetIndex
+
+    reason = CancelReason.coerce("bulk benchmark", default_source="revoked")
+    payload = json.dumps([str(uuid.uuid4()) for _ in range(count)])
+    tracemalloc.start()
+    try:
+        index = TargetIndex()
+        before = tracemalloc.get_traced_memory()[0]
+        ids = json.loads(payload)  # fresh strings, as the worker decodes them
+        index.add([("task", task_id) for task_id in ids], reason)
+        del ids  # the message is dropped once handled; the index keeps the strings
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    if len(index) != count:
+        raise BulkError(f"index holds {len(index)} of {count}")
+    return used / count
+
+
+# --------------------------------------------------------------------------
+# The measurements.
+
+
+def one_size(worker: Any, client: Any, count: int, repeats: int) -> dict[str, list[float]]:
+    """Every ``bulk.ids_<count>`` value (see the module docstring)."""
+    from cancellable.celery import cancel
+
+    app = worker.app
+    token = uuid.uuid4().hex[:10]
+    queue = f"{worker.queue}-bulk-{token}"
+    key = f"cancellable-bench:bulk:{token}"
+    stream = ledger_key(app)
+    values: dict[str, list[float]] = {suffix: [] for suffix, _unit in PER_SIZE}
+    t0 = time.perf_counter()
+    ids = publish(app, client, queue, key, count)
+    log(f"bulk: {count} messages queued in {time.perf_counter() - t0:.1f} s")
+    try:
+        listener = BroadcastListener(client, worker.control_exchange)
+        try:
+            for k in range(repeats):
+                targets = ids if k == 0 else [str(uuid.uuid4()) for _ in range(count)]
+                before = worker_report(worker)
+                xlen = client.xlen(stream)
+                listener.raw.clear()
+                t0 = time.perf_counter()
+                cancel(targets, reason=f"bulk benchmark {k}", app=app)
+                t1 = time.perf_counter()
+                after = worker_report(worker)
+                t2 = time.perf_counter()
+                values["cancel_ms"].append((t1 - t0) * 1000)
+                values["worker_handled_ms"].append((t2 - t1) * 1000)
+                values["ledger_entries"].append(client.xlen(stream) - xlen)
+                values["index_targets_added"].append(after["targets"] - before["targets"])
+                values["worker_rss_bytes_per_entry"].append(
+                    (after["rss_kb"] - before["rss_kb"]) * 1024 / count
+                )
+                seen = listener.revokes()
+                if len(seen) != 1:
+                    raise BulkError(f"expected one revoke broadcast, saw {len(seen)}")
+                values["broadcast_wire_bytes"].append(seen[0][0])
+                values["broadcast_body_bytes"].append(seen[0][1])
+                if after["celery_revoked_maxlen"] != REVOKES_MAX:
+                    raise BulkError(f"the worker's revoked set is not capped: {after}")
+        finally:
+            listener.close()
+        values["drain_s"].append(drain(worker, client, queue, key))
+        values["tasks_run"].append(int(client.get(key) or 0))
+        values["tasks_revoked"].append(count_revoked(client, ids))
+    finally:
+        cleanup(client, queue, key, ids)
+    values["index_bytes_per_entry"].append(index_bytes_per_entry(count))
+    log(
+        f"bulk: {count} ids: cancel() {statistics.median(values['cancel_ms']):.1f} ms, "
+        f"broadcast {values['broadcast_wire_bytes'][0]:.0f} B on the wire, "
+        f"{values['ledger_entries'][0]:.0f} ledger entries, worker answered after "
+        f"{statistics.median(values['worker_handled_ms']):.0f} ms, "
+        f"{values['tasks_run'][0]:.0f} ran, {values['tasks_revoked'][0]:.0f} REVOKED, "
+        f"drained in {values['drain_s'][0]:.1f} s"
+    )
+    return values
+
+
+def wait_indexed(worker: Any, targets: int) -> float:
+    """Seconds until the worker's index holds at least ``targets``."""
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + TIMEOUT
+    while worker_report(worker)["targets"] < targets:
+        if time.monotonic() > deadline:
+            raise BulkError(f"the worker's index did not reach {targets} targets")
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def sustained(worker: Any, client: Any, batch: int, seconds: float, pool: int) -> dict[str, float]:
+    """One sustained loop of ``cancel()`` calls of ``batch`` queued ids each."""
+    from cancellable.celery import cancel
+
+    app = worker.app
+    token = uuid.uuid4().hex[:10]
+    queue = f"{worker.queue}-sustained-{token}"
+    key = f"cancellable-bench:sustained:{token}"
+    ids = publish(app, client, queue, key, pool)
+    try:
+        base = worker_report(worker)["targets"]
+        calls = done = 0
+        t0 = time.perf_counter()
+        stop = t0 + seconds
+        while done < pool and time.perf_counter() < stop:
+            chunk = ids[done : done + batch]
+            cancel(chunk[0] if batch == 1 else chunk, reason="sustained benchmark", app=app)
+            done += len(chunk)
+            calls += 1
+        elapsed = time.perf_counter() - t0
+        caught_up = wait_indexed(worker, base + done)
+        if done < pool:
+            cancel(ids[done:], reason="rest of the pool", app=app)
+        drain(worker, client, queue, key)
+        result = {
+            "calls_per_s": calls / elapsed,
+            "ids_per_s": done / elapsed,
+            "ids_cancelled": float(done),
+            "worker_caught_up_s": caught_up,
+            "tasks_run": float(int(client.get(key) or 0)),
+            "tasks_revoked": float(count_revoked(client, ids[:done])),
+        }
+    finally:
+        cleanup(client, queue, key, ids)
+    log(
+        f"bulk: sustained, {batch} id(s) per call: {result['calls_per_s']:.0f} calls/s, "
+        f"{result['ids_per_s']:.0f} ids/s over {elapsed:.1f} s; worker caught up after "
+        f"{caught_up:.2f} s; {result['tasks_run']:.0f} ran, "
+        f"{result['tasks_revoked']:.0f} of {done} REVOKED"
+    )
+    return result
+
+
+def parts(worker: Any, seconds: float) -> dict[str, list[float]]:
+    """µs per call of each round trip of ``cancel()``, timed apart (one id each)."""
+    from cancellable import CancelReason
+    from cancellable.celery import _api, _ledger, cancel
+
+    app = worker.app
+    reason = CancelReason.coerce("parts benchmark", default_source="revoked")
+    ledger = _ledger.ledger_for(app)
+
+    def check() -> None:
+        with app.pool.acquire(block=True) as conn:
+            _api._check_broker(conn, app)
+
+    def record() -> None:
+        ledger.record([("task", str(uuid.uuid4()))], reason)
+
+    def broadcast() -> None:
+        with app.pool.acquire(block=True) as conn:
+            app.control.broadcast(
+                "revoke",
+                arguments={
+                    "task_id": [str(uuid.uuid4())],
+                    "terminate": False,
+                    "signal": "SIGTERM",
+                    "cancellable": reason.to_dict(),
+                },
+                connection=conn,
+            )
+
+    def whole() -> None:
+        cancel(str(uuid.uuid4()), reason="parts benchmark", app=app)
+
+    steps = {
+        "broker_check_us": check,
+        "ledger_record_us": record,
+        "broadcast_us": broadcast,
+        "cancel_us": whole,
+    }
+    values: dict[str, list[float]] = {name: [] for name in steps}
+    rounds = 5
+    for _ in range(rounds):  # interleaved, so a noisy moment hits every part
+        for name, step in steps.items():
+            calls = 0
+            t0 = time.perf_counter()
+            stop = t0 + seconds / rounds
+            while time.perf_counter() < stop:
+                step()
+                calls += 1
+            values[name].append((time.perf_counter() - t0) / calls * 1e6)
+    log(
+        "bulk: per call "
+        + ", ".join(f"{name} {statistics.median(v):.0f}" for name, v in values.items())
+    )
+    return values
+
+
+def run(
+    mode: str = "full",
+    only: str | None = None,
+    redis_url: str = DEFAULT_REDIS_URL,
+    worker: Any = None,
+) -> list[dict[str, Any]]:
+    """Result records for the selected ``bulk.*`` names, over a worker of its own.
+
+    ``worker`` must have been started by `bulk_worker` (its revoked set is
+    capped); None starts one.
+    """
+    sizes = SIZES[mode]
+    wanted = [n for n in (*size_names(sizes), *SUSTAINED_NAMES, *PARTS_NAMES) if selected(n, only)]
+    not_run = [
+        skipped(n, f"not run in {mode} mode")
+        for n in size_names(SIZES["full"])
+        if n not in size_names(sizes) and selected(n, only)
+    ]
+    if not wanted:
+        return not_run
+    if worker is None:
+        with bulk_worker(redis_url) as own:
+            return run(mode, only, redis_url, own)
+    import redis
+
+    client = redis.Redis.from_url(worker.redis_url)
+    records: list[dict[str, Any]] = []
+    try:
+        for count in sizes:
+            prefix = f"bulk.ids_{count}."
+            if not any(n.startswith(prefix) for n in wanted):
+                continue
+            repeats = LARGE_REPEATS if count >= LARGE else REPEATS[mode]
+            values = one_size(worker, client, count, repeats)
+            for suffix, unit in PER_SIZE:
+                if prefix + suffix in wanted:
+                    records.append(
+                        measured(
+                            prefix + suffix,
+                            values[suffix],
+                            unit,
+                            runs=len(values[suffix]),
+                            tails=False,
+                        )
+                    )
+        seconds, pool_single, pool_batch = SUSTAINED[mode]
+        for kind, batch in SUSTAINED_KINDS:
+            prefix = f"bulk.sustained.{kind}."
+            if not any(n.startswith(prefix) for n in wanted):
+                continue
+            pool = pool_single if batch == 1 else pool_batch
+            result = sustained(worker, client, batch, seconds, pool)
+            for suffix, unit in PER_KIND:
+                if prefix + suffix in wanted:
+                    records.append(
+                        measured(prefix + suffix, [result[suffix]], unit, runs=1, tails=False)
+                    )
+        if any(n in PARTS_NAMES for n in wanted):
+            values = parts(worker, PARTS_SECONDS[mode])
+            for part in PARTS:
+                name = f"bulk.parts.{part}"
+                if name in wanted:
+                    records.append(
+                        measured(name, values[part], "us", runs=len(values[part]), tails=False)
+                    )
+    finally:
+        client.close()
+    return records + not_run
+
+
+# --------------------------------------------------------------------------
+# ``python benchmarks/bulk.py``: the part alone, or a profile of the client.
+
+
+def profile(redis_url: str, seconds: float, batch: int) -> None:
+    """cProfile the client's loop of ``cancel()`` calls (fresh ids, none queued)."""
+    import cProfile
+    import pstats
+
+    from cancellable.celery import cancel
+
+    with bulk_worker(redis_url) as worker:
+        app = worker.app
+        cancel(str(uuid.uuid4()), app=app)  # warm up the pools
+        profiler = cProfile.Profile()
+        calls = 0
+        stop = time.perf_counter() + seconds
+        profiler.enable()
+        while time.perf_counter() < stop:
+            ids = [str(uuid.uuid4()) for _ in range(batch)]
+            cancel(ids[0] if batch == 1 else ids, reason="profile", app=app)
+            calls += 1
+        profiler.disable()
+        log(f"profile: {calls} cancel() calls of {batch} id(s) in {seconds} s (under cProfile)")
+        stats = pstats.Stats(profiler, stream=sys.stdout)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run this part alone (``--mode``), or ``--profile`` the client."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--mode", choices=sorted(SIZES), default="quick")
+    parser.add_argument("--only", metavar="PATTERN")
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--profile", action="store_true", help="profile the client's cancel() loop")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the profiled loop")
+    parser.add_argument("--batch", type=int, default=1, help="ids per profiled cancel() call")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    args = parser.parse_args(argv)
+    if args.profile:
+        profile(args.redis_url, args.seconds, args.batch)
+        return 0
+    records = run(args.mode, args.only, args.redis_url)
+    for record in records:
+        if record.get("skipped"):
+            print(f"{record['name']:48} skipped: {record['reason']}")
+        else:
+            print(f"{record['name']:48} {record['median']:>12.4g} {record['unit']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": records}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
