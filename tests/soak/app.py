@@ -1,0 +1,183 @@
+"""The Celery app the soak's workers run (``-A tests.soak.app``).
+
+Configuration comes from ``SOAK_*`` environment variables (see `settings`).
+Every task execution appends JSON lines describing its own events to its own
+file, ``$SOAK_RUN_DIR/events/<task id>.jsonl``:
+
+``started``
+    the body began: ``pid``, ``attempt`` (1 + the ``started`` lines already
+    in the file), ``redelivered`` (the broker's flag), ``ledger_seen`` (did
+    the ledger already hold a cancellation for this id when the body began;
+    evidence only, the audit does not depend on it);
+``checkpoint_raised``
+    a checkpoint raised `Cancelled` (``reason`` is the scope's reason);
+``hook_ran`` / ``hook_done``
+    the ``on_cancel`` hook began / ended;
+``finished``
+    the body is about to return normally.
+
+Each event carries ``run``, a token unique to one execution, so duplicate or
+concurrent runs of one task are told apart.  Lines are written with one
+``write`` on an ``O_APPEND`` descriptor, so concurrent writers never
+interleave and a run killed with SIGKILL leaves every line it wrote complete.
+The events are written straight to a local file, not to Redis, so they are
+recorded while Redis restarts.
+
+``SOAK_WITH_CANCELLABLE=0`` registers only the plain Celery task, for the
+harness self-test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .settings import ENV_PREFIX, app_from_env
+
+app = app_from_env()
+
+EVENTS_DIR = Path(os.environ.get(ENV_PREFIX + "RUN_DIR", "/nonexistent")) / "events"
+WITH_CANCELLABLE = os.environ.get(ENV_PREFIX + "WITH_CANCELLABLE", "1") != "0"
+LEDGER_PREFIX = f"cancellable:{app.main}:task:"
+
+_ledger_client: dict[int, Any] = {}
+
+
+def event(task_id: str, run: str, ev: str, **fields: Any) -> None:
+    """Append one event line to the task's own file."""
+    record = {"ev": ev, "ts": time.time(), "pid": os.getpid(), "run": run, **fields}
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(EVENTS_DIR / f"{task_id}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def _attempt(task_id: str) -> int:
+    try:
+        text = (EVENTS_DIR / f"{task_id}.jsonl").read_text()
+    except OSError:
+        return 1
+    return 1 + text.count('"ev": "started"')
+
+
+def _ledger_seen(task_id: str) -> bool | None:
+    """Whether the ledger (documented layout) holds this id; None if Redis is down."""
+    pid = os.getpid()
+    client = _ledger_client.get(pid)
+    try:
+        if client is None:
+            import redis
+
+            client = _ledger_client[pid] = redis.Redis.from_url(
+                os.environ[ENV_PREFIX + "REDIS_URL"], socket_timeout=1, socket_connect_timeout=1
+            )
+        return bool(client.exists(LEDGER_PREFIX + task_id))
+    except Exception:
+        return None
+
+
+def start(task: Any) -> tuple[str, str]:
+    """Record ``started`` for this execution; return (task id, run token)."""
+    task_id = task.request.id
+    run = uuid.uuid4().hex[:10]
+    delivery = task.request.delivery_info or {}
+    event(
+        task_id,
+        run,
+        "started",
+        attempt=_attempt(task_id),
+        redelivered=bool(delivery.get("redelivered")),
+        ledger_seen=_ledger_seen(task_id),
+        hostname=task.request.hostname,
+    )
+    return task_id, run
+
+
+def sleep_blind(seconds: float) -> None:
+    """Sleep without any checkpoint."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+@app.task(bind=True, name="soak.plain")
+def plain(self: Any, seconds: float) -> str:
+    """A plain Celery task (no cancellable): sleeps, records started/finished."""
+    task_id, run = start(self)
+    sleep_blind(seconds)
+    event(task_id, run, "finished")
+    return "plain"
+
+
+if WITH_CANCELLABLE:
+    from cancellable import Cancelled, cancellable, checkpoint, on_cancel
+    from cancellable.celery import configure
+
+    configure(app, ledger_url=os.environ[ENV_PREFIX + "REDIS_URL"], poll_interval=0.5)
+
+    def hook(task_id: str, run: str, seconds: float) -> None:
+        """The cleanup hook: records that it ran (and, after ``seconds``, that it ended)."""
+        event(task_id, run, "hook_ran")
+        if seconds:
+            time.sleep(seconds)
+        event(task_id, run, "hook_done")
+
+    def checkpoints(task_id: str, run: str, count: int | None, seconds: float, step: float) -> None:
+        """``count`` checkpoints ``step`` apart, or checkpoints for ``seconds``."""
+        n = 0
+        end = time.monotonic() + seconds
+        try:
+            while (n < count) if count is not None else (time.monotonic() < end):
+                checkpoint()
+                n += 1
+                time.sleep(step)
+            checkpoint()
+        except Cancelled as exc:
+            event(task_id, run, "checkpoint_raised", n=n, reason=exc.reason.describe())
+            raise
+
+    @app.task(bind=True, name="soak.short")
+    @cancellable
+    def short(self: Any, count: int, step: float) -> str:
+        """A few checkpoints, well under half a second."""
+        task_id, run = start(self)
+        on_cancel(hook, task_id, run, 0.0)
+        checkpoints(task_id, run, count, 0.0, step)
+        event(task_id, run, "finished")
+        return "short"
+
+    @app.task(bind=True, name="soak.long")
+    @cancellable
+    def long(self: Any, seconds: float) -> str:
+        """A checkpoint loop for ``seconds``."""
+        task_id, run = start(self)
+        on_cancel(hook, task_id, run, 0.0)
+        checkpoints(task_id, run, None, seconds, 0.05)
+        event(task_id, run, "finished")
+        return "long"
+
+    @app.task(bind=True, name="soak.slow_cleanup")
+    @cancellable
+    def slow_cleanup(self: Any, seconds: float, hook_seconds: float) -> str:
+        """A checkpoint loop whose hook takes ``hook_seconds``."""
+        task_id, run = start(self)
+        on_cancel(hook, task_id, run, hook_seconds)
+        checkpoints(task_id, run, None, seconds, 0.05)
+        event(task_id, run, "finished")
+        return "slow_cleanup"
+
+    @app.task(bind=True, name="soak.no_checkpoint")
+    @cancellable
+    def no_checkpoint(self: Any, seconds: float) -> str:
+        """Sleeps without a checkpoint: cannot be stopped cooperatively."""
+        task_id, run = start(self)
+        on_cancel(hook, task_id, run, 0.0)
+        sleep_blind(seconds)
+        event(task_id, run, "finished")
+        return "no_checkpoint"

@@ -1,0 +1,410 @@
+"""The soak's audit: pure functions from what was recorded to a list of violations.
+
+Inputs are plain data (`TaskRecord`, `CancelRecord`, `KillRecord`, the event
+lines each task's executions wrote, and the final stored meta read from the
+backend without the client cache), so the rules are unit-tested on synthetic
+records (``test_audit.py``) as well as run on a real soak.
+
+Timing model.  ``t_begin``/``t_end`` bracket the client call that issued a
+cancellation (wall clock, same machine as the workers).  A broadcast needs a
+few milliseconds to reach the workers' main processes and the ledger poll,
+the safety net, runs every 0.5 s, so a run whose ``started`` event is no
+later than ``t_end + grace`` may legitimately have started before the
+cancellation reached its worker: it is judged as a *running* task that was
+cancelled (it must stop at a checkpoint, run its hook once, end REVOKED).
+A run that starts later than that ran *after* the cancellation: a violation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+CHECKPOINT_KINDS = frozenset({"short", "long", "slow_cleanup"})
+KINDS = ("short", "long", "slow_cleanup", "no_checkpoint")
+FINAL = frozenset({"SUCCESS", "REVOKED", "FAILURE"})
+#: A cancel issued this long after a task's ``finished`` event finds SUCCESS stored.
+STORED_AFTER = 2.0
+
+
+@dataclasses.dataclass
+class TaskRecord:
+    id: str
+    kind: str
+    args: list[Any]
+    sent_at: float
+    group: str | None = None
+
+
+@dataclasses.dataclass
+class CancelRecord:
+    """One client call that cancelled one or more tasks."""
+
+    seq: int
+    method: str  # "cancel", "revoke" (AsyncResult.revoke), "control" (app.control.revoke), "group"
+    task_ids: list[str]
+    t_begin: float
+    t_end: float
+    #: What each task's own event file said just before the call.
+    phases: dict[str, str]
+    #: The reason message and requester given to cancel() (None for plain revokes).
+    reason: str | None = None
+    requested_by: str | None = None
+    #: "issued", "not_issued" (BrokerUnavailableError) or "uncertain" (another error).
+    outcome: str = "issued"
+    error: str | None = None
+    #: cancel() warned LedgerUnavailableWarning: broadcast, but not durable.
+    ledger_warning: bool = False
+
+    @property
+    def expected_text(self) -> list[str]:
+        if self.method in ("cancel", "group"):
+            return [t for t in (self.reason, self.requested_by) if t]
+        return ["revoked"]
+
+
+@dataclasses.dataclass
+class KillRecord:
+    ts: float
+    what: str  # "child" or "worker"
+    pids: set[int]
+    worker: str
+
+
+@dataclasses.dataclass
+class Run:
+    token: str
+    pid: int
+    started: float
+    attempt: int
+    redelivered: bool
+    ledger_seen: bool | None
+    finished: float | None = None
+    raised: float | None = None
+    hooks: int = 0
+    hooks_done: int = 0
+    killed: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return self.finished is not None or self.raised is not None
+
+
+@dataclasses.dataclass
+class Violation:
+    task_id: str
+    rule: str
+    detail: str
+    evidence: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class TaskVerdict:
+    task_id: str
+    kind: str
+    category: str  # "uncancelled" or the effective phase of the cancellation
+    status: str
+    method: str | None
+    runs: int
+    violations: list[Violation]
+    notes: list[str]
+    duplicate: str | None = None  # cause of extra runs of an uncancelled task
+    raced_delay: float | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    verdicts: list[TaskVerdict]
+    cancels: list[CancelRecord]
+    kills: list[KillRecord]
+    grace: float
+    anomalies: list[Violation] = dataclasses.field(default_factory=list)
+
+    @property
+    def violations(self) -> list[Violation]:
+        return self.anomalies + [v for t in self.verdicts for v in t.violations]
+
+    def summary(self, header: str = "") -> str:
+        lines = [header] if header else []
+        kinds = Counter(v.kind for v in self.verdicts)
+        lines.append(
+            f"tasks: {len(self.verdicts)} ("
+            + ", ".join(f"{k} {kinds[k]}" for k in KINDS if kinds[k])
+            + ")"
+        )
+        by_cat: dict[str, Counter[str]] = {}
+        for v in self.verdicts:
+            by_cat.setdefault(v.category, Counter())[v.status] += 1
+        for cat in ("uncancelled", "before start", "raced start", "running", "killed", "finished",
+                    "uncertain"):  # fmt: skip
+            if cat in by_cat:
+                states = ", ".join(f"{s} {n}" for s, n in sorted(by_cat[cat].items()))
+                lines.append(f"  {cat:>13}: {sum(by_cat[cat].values()):5d}  -> {states}")
+        methods = Counter(v.method for v in self.verdicts if v.method)
+        lines.append("cancelled by: " + ", ".join(f"{m} {n}" for m, n in sorted(methods.items())))
+        outcomes = Counter(c.outcome for c in self.cancels)
+        lines.append(
+            "cancel calls: "
+            + ", ".join(f"{o} {n}" for o, n in sorted(outcomes.items()))
+            + f"; ledger warnings {sum(c.ledger_warning for c in self.cancels)}"
+        )
+        kills = Counter(k.what for k in self.kills)
+        lines.append(
+            f"kills: child {kills['child']}, worker {kills['worker']}; grace {self.grace:.2f}s"
+        )
+        dups = Counter(v.duplicate for v in self.verdicts if v.duplicate)
+        if dups:
+            lines.append(
+                "duplicate runs of uncancelled tasks (at-least-once, not failures): "
+                + ", ".join(f"{c} {n}" for c, n in sorted(dups.items()))
+            )
+        raced = [v.raced_delay for v in self.verdicts if v.raced_delay is not None]
+        if raced:
+            lines.append(
+                f"raced starts (started within grace after the cancel): {len(raced)}, "
+                f"max {max(raced):.3f}s after the call returned"
+            )
+        notes = Counter(n for v in self.verdicts for n in v.notes)
+        for note, n in sorted(notes.items()):
+            lines.append(f"note: {note} ({n})")
+        violations = self.violations
+        lines.append(f"violations: {len(violations)}")
+        rules = Counter(v.rule for v in violations)
+        for rule, n in rules.most_common():
+            lines.append(f"  [{n:4d}] {rule}")
+            for v in [v for v in violations if v.rule == rule][:5]:
+                lines.append(f"         {v.task_id}: {v.detail}")
+                lines.extend(f"             {e}" for e in v.evidence)
+        return "\n".join(lines)
+
+
+def runs_of(events: list[dict[str, Any]], kills: list[KillRecord]) -> tuple[list[Run], list[str]]:
+    """The executions recorded in one task's event file, and any malformed events."""
+    runs: dict[str, Run] = {}
+    problems: list[str] = []
+    for e in events:
+        token = e.get("run")
+        if e["ev"] == "started":
+            runs[token] = Run(
+                token=token,
+                pid=int(e["pid"]),
+                started=float(e["ts"]),
+                attempt=int(e.get("attempt", 0)),
+                redelivered=bool(e.get("redelivered")),
+                ledger_seen=e.get("ledger_seen"),
+            )
+            continue
+        run = runs.get(token)
+        if run is None:
+            problems.append(f"{e['ev']} of run {token} without a started event")
+            continue
+        if e["ev"] == "finished":
+            run.finished = float(e["ts"])
+        elif e["ev"] == "checkpoint_raised":
+            run.raised = float(e["ts"])
+        elif e["ev"] == "hook_ran":
+            run.hooks += 1
+        elif e["ev"] == "hook_done":
+            run.hooks_done += 1
+    for run in runs.values():
+        if not run.ended:
+            run.killed = any(run.pid in k.pids and k.ts >= run.started for k in kills)
+    return sorted(runs.values(), key=lambda r: r.started), problems
+
+
+def describe_runs(runs: list[Run], origin: float | None) -> list[str]:
+    def at(ts: float | None) -> str:
+        if ts is None:
+            return "-"
+        return f"{ts - origin:+.3f}s" if origin is not None else f"{ts:.3f}"
+
+    return [
+        f"run {r.token} pid {r.pid} attempt {r.attempt} redelivered={r.redelivered} "
+        f"ledger_seen={r.ledger_seen} started {at(r.started)} finished {at(r.finished)} "
+        f"raised {at(r.raised)} hooks {r.hooks}/{r.hooks_done} killed={r.killed}"
+        for r in runs
+    ]
+
+
+def audit_task(
+    task: TaskRecord,
+    events: list[dict[str, Any]],
+    meta: dict[str, Any],
+    cancel: CancelRecord | None,
+    kills: list[KillRecord],
+    grace: float,
+) -> TaskVerdict:
+    """Judge one task; see the module docstring and docs/reliability.md for the rules."""
+    runs, problems = runs_of(events, kills)
+    status = str(meta.get("status"))
+    result = meta.get("result")
+    violations: list[Violation] = []
+    notes: list[str] = []
+    origin = cancel.t_end if cancel is not None else task.sent_at
+
+    def flag(rule: str, detail: str) -> None:
+        evidence = [f"state {status}, stored result {result!r}"]
+        if cancel is not None:
+            evidence.append(
+                f"cancel #{cancel.seq} by {cancel.method} ({cancel.outcome}), "
+                f"file said {cancel.phases.get(task.id)!r}, call took "
+                f"{cancel.t_end - cancel.t_begin:.3f}s; times below are relative to its end"
+            )
+        else:
+            evidence.append("never cancelled; times below are relative to the send")
+        evidence.extend(describe_runs(runs, origin))
+        violations.append(Violation(task.id, rule, detail, evidence))
+
+    for problem in problems:
+        flag("malformed event file", problem)
+    for run in runs:
+        if not run.ended and not run.killed:
+            flag(
+                "a run vanished", f"run {run.token} (pid {run.pid}) never ended and was not killed"
+            )
+
+    if cancel is None:
+        verdict = TaskVerdict(
+            task.id, task.kind, "uncancelled", status, None, len(runs), violations, notes
+        )
+        if status != "SUCCESS":
+            flag("an uncancelled task did not end SUCCESS", f"ended {status}")
+        for run in runs:
+            if run.hooks or run.raised is not None:
+                flag(
+                    "an uncancelled task ran its hook or raised at a checkpoint",
+                    f"run {run.token}: hooks {run.hooks}, raised {run.raised is not None}",
+                )
+        if status == "SUCCESS" and not any(r.finished for r in runs):
+            flag("SUCCESS without a finished run", "no run recorded finished")
+        if len(runs) > 1:
+            after_kill = all(any(p.killed for p in runs[:i]) for i in range(1, len(runs)))
+            verdict.duplicate = "after a kill -9" if after_kill else "redelivered without a kill"
+        return verdict
+
+    if cancel.outcome == "uncertain":
+        verdict = TaskVerdict(
+            task.id, task.kind, "uncertain", status, cancel.method, len(runs), violations, notes
+        )
+        if status not in ("SUCCESS", "REVOKED"):
+            flag("a task did not end", f"ended {status}")
+        if sum(r.hooks for r in runs) > 1:
+            flag("a hook ran more than once", f"{sum(r.hooks for r in runs)} hook runs")
+        return verdict
+
+    limit = cancel.t_end + grace
+    file_phase = cancel.phases.get(task.id, "queued")
+    early = [r for r in runs if r.started <= limit]
+    late = [r for r in runs if r.started > limit]
+    if not early:
+        category = "before start"
+    elif file_phase == "queued":
+        category = "raced start"
+    else:
+        category = file_phase
+    verdict = TaskVerdict(
+        task.id, task.kind, category, status, cancel.method, len(runs), violations, notes
+    )
+    if category == "raced start":
+        verdict.raced_delay = max(0.0, min(r.started for r in early) - cancel.t_end)
+
+    for run in late:
+        if cancel.ledger_warning and run.redelivered:
+            notes.append("re-run after a non-durable cancel (ledger was down)")
+            continue
+        flag(
+            "a cancelled task ran after the cancel",
+            f"run {run.token} started {run.started - cancel.t_end:.3f}s after the cancel returned "
+            f"(file said {file_phase!r} at cancel time)",
+        )
+    if status not in FINAL:
+        flag("a cancelled task did not end", f"still {status}")
+    elif status == "FAILURE":
+        flag("a cancelled task ended FAILURE", repr(result))
+    hooks = sum(r.hooks for r in runs)
+    if hooks > 1:
+        flag("a hook ran more than once", f"{hooks} hook runs")
+
+    finished_before = [r for r in early if r.finished is not None and r.finished <= limit]
+    stored_success = any(
+        r.finished < cancel.t_begin - STORED_AFTER for r in finished_before if r.finished
+    )
+    stopped = [r for r in runs if r.raised is not None]
+    if task.kind in CHECKPOINT_KINDS:
+        for run in early:
+            if run.finished is not None and run.finished > limit:
+                flag(
+                    "a cancelled task ran on past its checkpoints",
+                    f"run {run.token} finished {run.finished - cancel.t_end:.3f}s after the cancel",
+                )
+            if run.raised is not None and not run.hooks and not run.killed:
+                flag("a stopped task did not run its hook", f"run {run.token} raised, no hook_ran")
+            if run.hooks and run.raised is None:
+                flag("a hook ran without a checkpoint raising", f"run {run.token}")
+        if stopped:
+            expected = "REVOKED"
+        elif finished_before:
+            expected = "SUCCESS"
+        else:
+            expected = "REVOKED"  # never started, or its runs were killed and not re-run
+        if status in FINAL and status != expected:
+            if expected == "SUCCESS" and status == "REVOKED" and not stored_success:
+                notes.append("REVOKED although its run finished just before the cancel took effect")
+            elif status != "FAILURE":
+                flag(
+                    f"a cancelled task ended {status}, expected {expected}",
+                    f"file said {file_phase!r}; {len(stopped)} run(s) stopped at a checkpoint, "
+                    f"{len(finished_before)} finished before the cancel took effect",
+                )
+    else:  # no_checkpoint: cannot be stopped; SUCCESS or REVOKED are both honest
+        if status == "REVOKED" and stored_success:
+            flag("a finished task was turned REVOKED", "SUCCESS was stored before the cancel")
+        if not early and status == "SUCCESS":
+            flag(
+                "a cancelled task that never ran ended SUCCESS", "no run started before the cancel"
+            )
+        if status == "SUCCESS" and early and not finished_before:
+            notes.append("no-checkpoint task ran to SUCCESS after being cancelled")
+
+    if status == "REVOKED":
+        from celery.exceptions import TaskRevokedError
+
+        if not isinstance(result, TaskRevokedError):
+            flag("REVOKED without a TaskRevokedError", repr(result))
+        else:
+            missing = [t for t in cancel.expected_text if t not in str(result)]
+            if missing:
+                flag(
+                    "the stored error lost the reason",
+                    f"stored {str(result)!r}, missing {missing} (file said {file_phase!r})",
+                )
+    return verdict
+
+
+def audit(
+    tasks: dict[str, TaskRecord],
+    cancels: list[CancelRecord],
+    kills: list[KillRecord],
+    events: dict[str, list[dict[str, Any]]],
+    metas: dict[str, dict[str, Any]],
+    grace: float,
+) -> Report:
+    """Judge every task.  A task's cancellation is the first call that was issued for it."""
+    first: dict[str, CancelRecord] = {}
+    anomalies: list[Violation] = []
+    for record in sorted(cancels, key=lambda c: c.t_begin):
+        if record.outcome == "not_issued":
+            continue
+        for task_id in record.task_ids:
+            if task_id in first:
+                anomalies.append(
+                    Violation(task_id, "harness: a task was cancelled twice", f"#{record.seq}")
+                )
+                continue
+            first[task_id] = record
+    verdicts = [
+        audit_task(task, events.get(tid, []), metas.get(tid, {}), first.get(tid), kills, grace)
+        for tid, task in tasks.items()
+    ]
+    return Report(verdicts, cancels, kills, grace, anomalies)

@@ -1,0 +1,534 @@
+"""Runs a soak: starts Redis and the workers, executes the plan, waits, audits.
+
+Everything the audit needs is recorded as it happens: when each task was
+sent, every cancel call (when it began and returned, how, with what reason,
+and what the task's own event file said just before), every kill (time and
+pids) and every Redis restart.  At the end the driver waits, bounded, until
+every task has a final state, no run is in progress and no message is left in
+the queue or among the unacked ones, then reads each task's stored meta from
+the backend with ``cache=False`` and hands everything to `audit.audit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import threading
+import time
+import traceback
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, group
+
+from . import audit as audit_mod
+from .audit import CancelRecord, KillRecord, Report, TaskRecord
+from .harness import RedisServer, Worker, free_port, phase_of, read_events, worker_env
+from .plan import Action, Mode, Plan
+from .settings import make_app
+
+#: How often a cancel refused with BrokerUnavailableError is retried, and how far apart.
+CANCEL_RETRIES = 40
+CANCEL_RETRY_EVERY = 0.5
+
+
+@dataclasses.dataclass
+class Pending:
+    """A cancel to retry: it was refused because the broker was down."""
+
+    method: str
+    task_ids: list[str]
+    as_result: bool
+    due: float
+    tries: int = 0
+    group_result: Any = None
+
+
+class Soak:
+    def __init__(self, plan: Plan, run_dir: Path, *, with_cancellable: bool = True) -> None:
+        self.plan = plan
+        self.mode: Mode = plan.mode
+        self.run_dir = run_dir
+        self.events_dir = run_dir / "events"
+        self.events_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        self.with_cancellable = with_cancellable
+        self.rng = random.Random(self.mode.seed + 1)
+        uid = uuid.uuid4().hex[:8]
+        self.app_name = f"soak-{uid}"
+        self.queue = f"soak-{uid}"
+        self.control_exchange = f"soak-{uid}"
+        self.redis = RedisServer(run_dir / "redis", free_port(random.Random()))
+        self.app: Celery | None = None
+        self.workers: list[Worker] = []
+        self.worker_serial = 0
+        self.tasks: dict[str, TaskRecord] = {}
+        self.cancelled: set[str] = set()
+        self.cancels: list[CancelRecord] = []
+        self.kills: list[KillRecord] = []
+        self.restarts: list[tuple[float, float]] = []
+        self.log: list[str] = []
+        self.cancel_seq = 0
+        self.t0 = 0.0
+        self._starting: list[threading.Thread] = []
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def note(self, text: str) -> None:
+        line = f"[{time.time() - self.t0 if self.t0 else 0.0:8.3f}] {text}"
+        self.log.append(line)
+
+    def env(self) -> dict[str, str]:
+        return worker_env(
+            app_name=self.app_name,
+            redis_url=self.redis.url,
+            queue=self.queue,
+            control_exchange=self.control_exchange,
+            run_dir=self.run_dir,
+            visibility_timeout=self.mode.visibility_timeout,
+            with_cancellable=self.with_cancellable,
+        )
+
+    def new_worker(self) -> Worker:
+        self.worker_serial += 1
+        worker = Worker.make(
+            run_dir=self.run_dir,
+            queue=self.queue,
+            concurrency=self.mode.concurrency,
+            env=self.env(),
+            label=f"w{self.worker_serial}",
+        )
+        worker.spawn()
+        self.workers.append(worker)
+        return worker
+
+    def start(self) -> None:
+        began = time.monotonic()
+        self.redis.start()
+        self.app = make_app(
+            main=self.app_name,
+            redis_url=self.redis.url,
+            queue=self.queue,
+            control_exchange=self.control_exchange,
+            visibility_timeout=self.mode.visibility_timeout,
+        )
+        # The client side gives up quickly when Redis is down (cancel() then
+        # raises BrokerUnavailableError instead of waiting).
+        self.app.conf.broker_connection_timeout = 2.0
+        if self.with_cancellable:
+            from cancellable.celery import configure
+
+            configure(self.app, ledger_url=self.redis.url, poll_interval=0.5)
+        fresh = [self.new_worker() for _ in range(self.mode.workers)]
+        for worker in fresh:
+            worker.wait_ready(self.app, self.mode.concurrency)
+        self.timings["startup"] = time.monotonic() - began
+
+    def stop(self) -> None:
+        for thread in self._starting:
+            thread.join(timeout=70)
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                worker.stop()
+        if self.app is not None:
+            with contextlib.suppress(Exception):
+                self.app.close()
+        self.redis.stop()
+
+    # --------------------------------------------------------------- the run
+
+    def run(self) -> Report:
+        try:
+            self.start()
+            self.t0 = time.time()
+            self.execute()
+            drained = self.drain()
+            report = self.audit(drained)
+        finally:
+            self.stop()
+            self.write_records()
+        return report
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def execute(self) -> None:
+        sends = sorted(self.plan.tasks, key=lambda t: t.sent_at)
+        actions = list(self.plan.actions)
+        retries: list[Pending] = []
+        group_cancels: list[tuple[float, Action, Any]] = []
+        si = ai = 0
+        while si < len(sends) or ai < len(actions) or retries or group_cancels:
+            now = self.elapsed()
+            while si < len(sends) and sends[si].sent_at <= now:
+                self.send(sends[si])
+                si += 1
+            for item in list(group_cancels):
+                if item[0] <= now:
+                    group_cancels.remove(item)
+                    self.cancel_group(item[1], item[2], retries)
+            for pending in list(retries):
+                if pending.due <= now:
+                    retries.remove(pending)
+                    self.issue(
+                        pending.method,
+                        pending.task_ids,
+                        pending.as_result,
+                        retries,
+                        pending,
+                        group_result=pending.group_result,
+                    )
+            if ai < len(actions) and actions[ai].at <= now:
+                action = actions[ai]
+                ai += 1
+                self.act(action, retries, group_cancels)
+                continue
+            time.sleep(0.01)
+        self.timings["schedule"] = self.elapsed()
+
+    def act(self, action: Action, retries: list[Pending], group_cancels: list[Any]) -> None:
+        try:
+            if action.kind == "cancel":
+                self.do_cancel(action, retries)
+            elif action.kind == "group":
+                result = self.send_group(action)
+                if result is not None:
+                    at = self.elapsed() + float(action.params["cancel_after"])
+                    group_cancels.append((at, action, result))
+            elif action.kind == "kill_child":
+                self.kill_child()
+            elif action.kind == "kill_worker":
+                self.kill_worker()
+            elif action.kind == "restart_redis":
+                self.restart_redis(action, retries)
+        except Exception:
+            self.note(f"action {action.kind} failed:\n{traceback.format_exc()}")
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, task: TaskRecord) -> None:
+        assert self.app is not None
+        for _ in range(100):
+            try:
+                task.sent_at = time.time()
+                self.app.send_task(f"soak.{task.kind}", args=task.args, task_id=task.id)
+                self.tasks[task.id] = task
+                return
+            except Exception as exc:
+                self.note(f"send {task.id} failed ({exc!r}); retrying")
+                time.sleep(0.2)
+        self.note(f"send {task.id} gave up")
+
+    def send_group(self, action: Action) -> Any:
+        assert self.app is not None
+        members: list[TaskRecord] = action.params["members"]
+        sigs = [
+            self.app.signature(f"soak.{m.kind}", args=m.args, options={"task_id": m.id})
+            for m in members
+        ]
+        sent_at = time.time()
+        result = group(sigs).apply_async(group_id=action.params["id"])
+        for member in members:
+            member.sent_at = sent_at
+            member.group = action.params["id"]
+            self.tasks[member.id] = member
+            self.cancelled.add(member.id)  # reserved for the group cancel
+        self.note(f"sent group {action.params['id']} of {len(members)}")
+        return result
+
+    # ------------------------------------------------------------ cancels
+
+    def phase(self, task_id: str) -> str:
+        events = read_events(self.events_dir, task_id)
+        phase = phase_of(events)
+        if phase == "running":
+            killed = {pid for k in self.kills for pid in k.pids}
+            open_runs = {e["run"] for e in events if e["ev"] == "started"} - {
+                e["run"] for e in events if e["ev"] in ("finished", "checkpoint_raised")
+            }
+            pids = {e["pid"] for e in events if e["ev"] == "started" and e["run"] in open_runs}
+            if pids and pids <= killed:
+                phase = "killed"
+        return phase
+
+    def pick(self, want: str, batch: int) -> list[str]:
+        candidates: dict[str, list[str]] = {
+            "queued": [],
+            "running": [],
+            "finished": [],
+            "killed": [],
+        }
+        for task_id in self.tasks:
+            if task_id not in self.cancelled:
+                candidates[self.phase(task_id)].append(task_id)
+        pool = (
+            candidates[want]
+            or candidates["killed"]
+            or next((candidates[p] for p in ("running", "queued", "finished") if candidates[p]), [])
+        )
+        if not pool:
+            return []
+        return self.rng.sample(pool, min(batch, len(pool)))
+
+    def do_cancel(self, action: Action, retries: list[Pending]) -> None:
+        params = action.params
+        task_ids = self.pick(params["phase"], params["batch"])
+        if not task_ids:
+            return
+        self.cancelled.update(task_ids)
+        self.issue(params["method"], task_ids, params.get("as_result", False), retries, None)
+
+    def cancel_group(self, action: Action, result: Any, retries: list[Pending]) -> None:
+        members = [m.id for m in action.params["members"]]
+        self.issue("group", members, True, retries, None, group_result=result)
+
+    def issue(
+        self,
+        method: str,
+        task_ids: list[str],
+        as_result: bool,
+        retries: list[Pending],
+        pending: Pending | None,
+        group_result: Any = None,
+    ) -> None:
+        assert self.app is not None
+        self.cancel_seq += 1
+        seq = self.cancel_seq
+        reason = requested_by = None
+        if method in ("cancel", "group"):
+            reason = f"soak {self.mode.seed}/{seq}: stop {method}"
+            requested_by = f"soak-user-{seq}"
+        phases = {t: self.phase(t) for t in task_ids}
+        record = CancelRecord(seq, method, task_ids, 0.0, 0.0, phases, reason, requested_by)
+        record.t_begin = time.time()
+        try:
+            if method in ("cancel", "group"):
+                import cancellable.celery as cc
+
+                if group_result is not None:
+                    target: Any = group_result
+                elif as_result:
+                    target = [self.app.AsyncResult(t) for t in task_ids]
+                else:
+                    target = task_ids if len(task_ids) > 1 else task_ids[0]
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    cc.cancel(target, reason=reason, requested_by=requested_by, app=self.app)
+                record.ledger_warning = any(
+                    issubclass(w.category, cc.LedgerUnavailableWarning) for w in caught
+                )
+            elif method == "revoke":
+                for task_id in task_ids:
+                    self.app.AsyncResult(task_id).revoke()
+            else:
+                self.app.control.revoke(list(task_ids))
+            record.outcome = "issued"
+        except Exception as exc:
+            broker_down = type(exc).__name__ == "BrokerUnavailableError"
+            record.outcome = "not_issued" if broker_down else "uncertain"
+            record.error = repr(exc)
+            if broker_down:
+                tries = (pending.tries if pending else 0) + 1
+                if tries <= CANCEL_RETRIES:
+                    due = self.elapsed() + CANCEL_RETRY_EVERY
+                    retries.append(Pending(method, task_ids, as_result, due, tries, group_result))
+                else:
+                    self.cancelled.difference_update(task_ids)
+        record.t_end = time.time()
+        self.cancels.append(record)
+        self.note(
+            f"cancel #{seq} {method} {len(task_ids)} id(s) {record.outcome}"
+            + (f" {record.error}" if record.error else "")
+            + (f" phases {sorted(set(phases.values()))}" if len(task_ids) > 1 else f" {phases}")
+        )
+
+    # ------------------------------------------------------------ faults
+
+    def alive_workers(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive() and w.ready_at and not w.killed_at]
+
+    def busy_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for task_id in self.tasks:
+            events = read_events(self.events_dir, task_id)
+            ended = {e["run"] for e in events if e["ev"] in ("finished", "checkpoint_raised")}
+            pids |= {e["pid"] for e in events if e["ev"] == "started" and e["run"] not in ended}
+        return pids
+
+    def kill_child(self) -> None:
+        import os
+        import signal
+
+        workers = self.alive_workers()
+        if not workers:
+            self.note("kill_child: no ready worker")
+            return
+        kids = {kid: w for w in workers for kid in w.children()}
+        busy = [k for k in kids if k in self.busy_pids()]
+        choice = self.rng.choice(sorted(busy) or sorted(kids))
+        os.kill(choice, signal.SIGKILL)
+        self.kills.append(KillRecord(time.time(), "child", {choice}, kids[choice].name))
+        self.note(f"kill -9 child {choice} of {kids[choice].name} (busy={choice in busy})")
+
+    def kill_worker(self) -> None:
+        workers = self.alive_workers()
+        if not workers:
+            self.note("kill_worker: no ready worker")
+            return
+        worker = self.rng.choice(workers)
+        pids = worker.kill9()
+        self.kills.append(KillRecord(time.time(), "worker", pids, worker.name))
+        self.note(f"kill -9 worker {worker.name} pids {sorted(pids)}; starting a replacement")
+        replacement = self.new_worker()
+
+        def ready() -> None:
+            assert self.app is not None
+            try:
+                replacement.wait_ready(self.app, self.mode.concurrency)
+                self.note(f"replacement {replacement.name} ready")
+            except Exception as exc:
+                self.note(f"replacement {replacement.name} failed: {exc}")
+
+        thread = threading.Thread(target=ready, daemon=True)
+        thread.start()
+        self._starting.append(thread)
+
+    def restart_redis(self, action: Action, retries: list[Pending]) -> None:
+        assert self.app is not None
+        client = self.redis.client()
+        marker = f"soak-marker-{uuid.uuid4().hex[:6]}"
+        client.set(marker, "1")
+        before = int(client.llen(self.queue)), int(client.hlen("unacked"))
+        client.close()
+        began = time.time()
+
+        def while_down() -> None:
+            # One cancel while Redis is down: cancel() must refuse it
+            # (BrokerUnavailableError) and it is retried after the restart.
+            if self.with_cancellable:
+                pick = self.pick("queued", 1)
+                if pick:
+                    self.cancelled.update(pick)
+                    self.issue("cancel", pick, False, retries, None)
+
+        self.redis.restart(float(action.params.get("down_for", 1.0)), while_down)
+        client = self.redis.client()
+        kept = client.get(marker) == b"1"
+        after = int(client.llen(self.queue)), int(client.hlen("unacked"))
+        client.close()
+        self.restarts.append((began, time.time()))
+        self.note(
+            f"redis restarted (AOF kept data: {kept}; queue/unacked before {before} after {after})"
+        )
+        if not kept:
+            raise RuntimeError("Redis lost data across the restart: the AOF setup is wrong")
+        # Go on only once every live worker answers a ping again (its consumer
+        # and control channel are back), bounded.
+        deadline = time.monotonic() + 30
+        for worker in self.alive_workers():
+            while not worker.pings(self.app, 1.0) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self.note("workers answer pings after the restart")
+
+    # -------------------------------------------------------------- the end
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        assert self.app is not None
+        backend = self.app.backend
+        metas: dict[str, dict[str, Any]] = {}
+        for task_id in self.tasks:
+            for _ in range(20):
+                try:
+                    metas[task_id] = dict(backend.get_task_meta(task_id, cache=False))
+                    break
+                except Exception:
+                    time.sleep(0.2)
+        return metas
+
+    def outstanding(self) -> dict[str, Any]:
+        client = self.redis.client()
+        try:
+            queued = sum(int(client.llen(k)) for k in client.scan_iter(match=f"{self.queue}*"))
+            unacked = int(client.hlen("unacked"))
+        finally:
+            client.close()
+        metas = self.states()
+        not_final = [t for t, m in metas.items() if m.get("status") not in audit_mod.FINAL]
+        return {
+            "queued": queued,
+            "unacked": unacked,
+            "not_final": not_final,
+            "busy": self.busy_pids(),
+        }
+
+    def drain(self) -> bool:
+        began = time.monotonic()
+        for thread in self._starting:
+            thread.join(timeout=70)
+        deadline = time.monotonic() + self.mode.drain_timeout + self.mode.visibility_timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            last = self.outstanding()
+            live_busy = {p for p in last["busy"] if Path(f"/proc/{p}").exists()}
+            if not (last["queued"] or last["unacked"] or last["not_final"] or live_busy):
+                self.timings["drain"] = time.monotonic() - began
+                self.note("drained")
+                return True
+            time.sleep(1.0)
+        self.timings["drain"] = time.monotonic() - began
+        self.note(
+            f"drain timed out: queued {last.get('queued')}, unacked {last.get('unacked')}, "
+            f"not final {len(last.get('not_final', []))}"
+        )
+        return False
+
+    def audit(self, drained: bool) -> Report:
+        metas = self.states()
+        events = {t: read_events(self.events_dir, t) for t in self.tasks}
+        report = audit_mod.audit(
+            self.tasks, self.cancels, self.kills, events, metas, self.mode.grace
+        )
+        if not drained:
+            report.anomalies.append(
+                audit_mod.Violation("-", "the run did not drain", self.log[-1] if self.log else "")
+            )
+        for violation in report.violations[:200]:
+            violation.evidence.extend(self.log_lines(violation.task_id))
+        return report
+
+    def log_lines(self, task_id: str, limit: int = 8) -> list[str]:
+        if task_id == "-":
+            return []
+        found: list[str] = []
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                for line in worker.log_path.read_text(errors="replace").splitlines():
+                    if task_id in line:
+                        found.append(f"{worker.name.split('@')[0]}: {line.strip()[:300]}")
+        return found[:limit]
+
+    def write_records(self) -> None:
+        data = {
+            "mode": dataclasses.asdict(self.mode),
+            "timings": self.timings,
+            "tasks": {t: dataclasses.asdict(r) for t, r in self.tasks.items()},
+            "cancels": [dataclasses.asdict(c) for c in self.cancels],
+            "kills": [dict(dataclasses.asdict(k), pids=sorted(k.pids)) for k in self.kills],
+            "restarts": self.restarts,
+            "workers": [
+                {
+                    "name": w.name,
+                    "log": str(w.log_path),
+                    "started": w.started_at,
+                    "killed": w.killed_at,
+                }
+                for w in self.workers
+            ],
+        }
+        (self.run_dir / "records.json").write_text(json.dumps(data, indent=1, default=str))
+        (self.run_dir / "driver.log").write_text("\n".join(self.log) + "\n")
