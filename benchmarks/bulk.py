@@ -43,12 +43,18 @@ one shared reason.  It counts the dict entries and the id strings.
 
 Sustained rate (``bulk.sustained.<kind>.*``; kind ``single``: one id per
 ``cancel()`` call, ``batch100``: 100 ids per call): a client loop calls
-``cancel()`` on ids of queued tasks for up to ``SECONDS`` (or until the
-pre-queued pool runs out).  ``calls_per_s`` and ``ids_per_s`` are over that
-loop; ``worker_caught_up_s`` is how long after the loop the worker's index
-held every id; then the queue is drained as above (ids the loop did not
-reach are cancelled in one untimed call first) and ``tasks_run`` /
-``tasks_revoked`` are counted over the whole pool.  ``bulk.parts.*`` times
+``cancel()`` for ``SECONDS`` (10 s in the full run) on the ids of a pool of
+queued tasks (``queued_ids_cancelled``), and once the pool is used up on
+fresh ids that name no queued task (``ids_cancelled`` counts both).
+``calls_per_s`` and ``ids_per_s`` are over that loop; ``worker_caught_up_s``
+is how long after the loop the worker's index held every id; then the queue
+is drained as above (queued ids the loop did not reach are cancelled in one
+untimed call first): ``tasks_run`` counts runs over the whole pool and
+``tasks_revoked`` the REVOKED states of the ids the loop cancelled.
+
+Another process flushing DB 14 in the middle of a round (the suite's own
+sessions do so when they end) is noticed by a canary key, and the round is
+run again (`TRIES`).  ``bulk.parts.*`` times
 the three round trips a ``cancel()`` makes, separately, one id each: the
 broker check (``_check_broker``: a PING), the ledger write
 (``RedisLedger.record``: one XADD pipeline) and the revoke broadcast
@@ -88,8 +94,8 @@ LARGE = 100000
 LARGE_REPEATS = 3
 #: (seconds, pool of queued ids for ``single``, pool for ``batch100``) per mode.
 SUSTAINED = {
-    "full": (10.0, 40000, 100000),
-    "quick": (3.0, 8000, 20000),
+    "full": (10.0, 20000, 50000),
+    "quick": (3.0, 5000, 20000),
     "smoke": (1.0, 300, 1000),
 }
 #: (kind, ids per call) of the sustained loops.
@@ -119,6 +125,7 @@ PER_KIND = (
     ("calls_per_s", "calls/s"),
     ("ids_per_s", "ids/s"),
     ("ids_cancelled", "ids"),
+    ("queued_ids_cancelled", "ids"),
     ("worker_caught_up_s", "s"),
     ("tasks_run", "tasks"),
     ("tasks_revoked", "tasks"),
@@ -138,8 +145,39 @@ PARTS_NAMES = tuple(f"bulk.parts.{part}" for part in PARTS)
 NAMES = (*size_names(SIZES["full"]), *SUSTAINED_NAMES, *PARTS_NAMES)
 
 
+#: Tries per round when another process flushes DB 14 in the middle of one.
+TRIES = 3
+
+
 class BulkError(RuntimeError):
     """The worker did not answer, index or drain in time."""
+
+
+class Flushed(BulkError):
+    """Another process flushed the benchmark DB (14) during a round: its queue is gone."""
+
+
+def set_canary(client: Any, key: str) -> None:
+    """Mark a round's start; `check_canary` notices if DB 14 was flushed since."""
+    client.set(f"{key}:canary", 1, ex=3600)
+
+
+def check_canary(client: Any, key: str) -> None:
+    """Raise `Flushed` if the round's canary is gone."""
+    if not client.exists(f"{key}:canary"):
+        raise Flushed("Redis DB 14 was flushed by another process during the round")
+
+
+def retried(what: str, round_: Any, *args: Any) -> Any:
+    """``round_(*args)``, again (up to `TRIES` times) when DB 14 was flushed under it."""
+    for attempt in range(1, TRIES + 1):
+        try:
+            return round_(*args)
+        except Flushed:
+            if attempt == TRIES:
+                raise
+            log(f"bulk: {what}: DB 14 was flushed by another process; running it again")
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------
@@ -232,6 +270,7 @@ def publish(app: Any, client: Any, queue: str, key: str, count: int) -> list[str
 def drain(worker: Any, client: Any, queue: str, key: str) -> float:
     """Let the worker consume ``queue`` behind a sentinel; seconds until the sentinel ran."""
     app = worker.app
+    check_canary(client, key)
     sentinel = f"{key}:sentinel"
     with app.producer_or_acquire() as producer:
         app.send_task(TASK, args=(sentinel,), queue=queue, producer=producer)
@@ -241,6 +280,7 @@ def drain(worker: Any, client: Any, queue: str, key: str) -> float:
         deadline = time.monotonic() + TIMEOUT
         while client.get(sentinel) is None:
             worker.check_alive()
+            check_canary(client, key)
             if time.monotonic() > deadline:
                 raise BulkError(
                     f"{queue} was not drained in {TIMEOUT} s ({client.llen(queue)} left)"
@@ -265,7 +305,7 @@ def count_revoked(client: Any, ids: Sequence[str]) -> int:
 
 def cleanup(client: Any, queue: str, key: str, ids: Sequence[str]) -> None:
     """Drop a round's queue, counters and stored results."""
-    client.delete(queue, key, f"{key}:sentinel")
+    client.delete(queue, key, f"{key}:sentinel", f"{key}:canary")
     for start in range(0, len(ids), 10000):
         client.delete(*[f"celery-task-meta-{t}" for t in ids[start : start + 10000]])
 
@@ -348,6 +388,7 @@ def one_size(worker: Any, client: Any, count: int, repeats: int) -> dict[str, li
     key = f"cancellable-bench:bulk:{token}"
     stream = ledger_key(app)
     values: dict[str, list[float]] = {suffix: [] for suffix, _unit in PER_SIZE}
+    set_canary(client, key)
     t0 = time.perf_counter()
     ids = publish(app, client, queue, key, count)
     log(f"bulk: {count} messages queued in {time.perf_counter() - t0:.1f} s")
@@ -383,6 +424,7 @@ def one_size(worker: Any, client: Any, count: int, repeats: int) -> dict[str, li
         values["drain_s"].append(drain(worker, client, queue, key))
         values["tasks_run"].append(int(client.get(key) or 0))
         values["tasks_revoked"].append(count_revoked(client, ids))
+        check_canary(client, key)
     finally:
         cleanup(client, queue, key, ids)
     values["index_bytes_per_entry"].append(index_bytes_per_entry(count))
@@ -416,37 +458,43 @@ def sustained(worker: Any, client: Any, batch: int, seconds: float, pool: int) -
     token = uuid.uuid4().hex[:10]
     queue = f"{worker.queue}-sustained-{token}"
     key = f"cancellable-bench:sustained:{token}"
+    set_canary(client, key)
     ids = publish(app, client, queue, key, pool)
     try:
         base = worker_report(worker)["targets"]
-        calls = done = 0
+        calls = done = sent = 0
         t0 = time.perf_counter()
         stop = t0 + seconds
-        while done < pool and time.perf_counter() < stop:
+        while time.perf_counter() < stop:
             chunk = ids[done : done + batch]
-            cancel(chunk[0] if batch == 1 else chunk, reason="sustained benchmark", app=app)
             done += len(chunk)
+            if len(chunk) < batch:  # the pool is used up: go on with ids of no queued task
+                chunk += [str(uuid.uuid4()) for _ in range(batch - len(chunk))]
+            cancel(chunk[0] if batch == 1 else chunk, reason="sustained benchmark", app=app)
+            sent += len(chunk)
             calls += 1
         elapsed = time.perf_counter() - t0
-        caught_up = wait_indexed(worker, base + done)
+        caught_up = wait_indexed(worker, base + sent)
         if done < pool:
             cancel(ids[done:], reason="rest of the pool", app=app)
         drain(worker, client, queue, key)
         result = {
             "calls_per_s": calls / elapsed,
-            "ids_per_s": done / elapsed,
-            "ids_cancelled": float(done),
+            "ids_per_s": sent / elapsed,
+            "ids_cancelled": float(sent),
+            "queued_ids_cancelled": float(done),
             "worker_caught_up_s": caught_up,
             "tasks_run": float(int(client.get(key) or 0)),
             "tasks_revoked": float(count_revoked(client, ids[:done])),
         }
+        check_canary(client, key)
     finally:
         cleanup(client, queue, key, ids)
     log(
         f"bulk: sustained, {batch} id(s) per call: {result['calls_per_s']:.0f} calls/s, "
         f"{result['ids_per_s']:.0f} ids/s over {elapsed:.1f} s; worker caught up after "
         f"{caught_up:.2f} s; {result['tasks_run']:.0f} ran, "
-        f"{result['tasks_revoked']:.0f} of {done} REVOKED"
+        f"{result['tasks_revoked']:.0f} of {done} queued ids REVOKED"
     )
     return result
 
@@ -540,7 +588,7 @@ def run(
             if not any(n.startswith(prefix) for n in wanted):
                 continue
             repeats = LARGE_REPEATS if count >= LARGE else REPEATS[mode]
-            values = one_size(worker, client, count, repeats)
+            values = retried(f"{count} ids", one_size, worker, client, count, repeats)
             for suffix, unit in PER_SIZE:
                 if prefix + suffix in wanted:
                     records.append(
@@ -558,7 +606,7 @@ def run(
             if not any(n.startswith(prefix) for n in wanted):
                 continue
             pool = pool_single if batch == 1 else pool_batch
-            result = sustained(worker, client, batch, seconds, pool)
+            result = retried(kind, sustained, worker, client, batch, seconds, pool)
             for suffix, unit in PER_KIND:
                 if prefix + suffix in wanted:
                     records.append(

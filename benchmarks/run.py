@@ -25,6 +25,9 @@ Parts, each a module of this directory:
   distributions (PNG) and writes their raw samples, in ms, next to it
   (``FILE`` with the suffix ``.json``: ``{"unit": "ms", "samples": {name:
   [...]}}``), the only place the maxima are kept.
+* ``bulk.py``: ``bulk.*``, one ``cancellable.celery.cancel()`` of 1,000 to
+  100,000 queued ids and the sustained cancel rate, over a worker of its own
+  (Celery's revoked set capped at 100 ids).
 
 Redis (DB 14 of ``--redis-url``) is used by the ``alt.*`` cases and the
 Celery parts.  The JSON document is ``{"environment": {...}, "results":
@@ -42,6 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _workers
+import bulk
 import in_task
 import latency
 import micro
@@ -79,6 +83,7 @@ def expected_names(only: str | None = None) -> list[str]:
                 names.append(name)
     names += [name for name in latency.NAMES if selected(name, only)]
     names += [name for name in throughput.NAMES if selected(name, only)]
+    names += [name for name in bulk.NAMES if selected(name, only)]
     return names
 
 
@@ -158,6 +163,26 @@ def run_celery_parts(
     return results
 
 
+def run_bulk(
+    mode: str, only: str | None, redis_url: str, redis_error: str | None
+) -> list[dict[str, Any]]:
+    """``bulk.*``, over a worker of its own; skipped like the other Celery parts."""
+    names = [n for n in bulk.NAMES if selected(n, only)]
+    if not names:
+        return []
+    reason = redis_error
+    if reason is None and mode == "smoke":
+        reason = "not run in --smoke mode, which starts no Celery workers"
+    if reason is not None:
+        return [skipped(name, reason) for name in names]
+    try:
+        return bulk.run(mode, only, redis_url)
+    except Exception as exc:
+        log(f"error: the bulk cancellation benchmarks failed: {exc!r}")
+        FAILURES.append(repr(exc))
+        return [skipped(n, f"failed: {exc!r}") for n in names]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every selected part; return the results document."""
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -171,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     context_records, raw = overhead.run(mode, args.only)
     results += context_records
     results += run_celery_parts(mode, args.only, args.redis_url, redis_error)
+    results += run_bulk(mode, args.only, args.redis_url, redis_error)
     add_ratios(results)
     if args.plot and raw:
         by_name = {r["name"]: r for r in results if not r.get("skipped")}

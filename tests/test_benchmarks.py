@@ -32,7 +32,6 @@ from typing import Any
 import pytest
 
 import cancellable
-from _hotpath import bodies as _bodies
 from cancellable import Cancelled, CancelScope, current_scope
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +55,7 @@ REQUIRED_NAMES = (
     "checkpoint.deadline_armed",
     "checkpoint.ten_hooks",
     "checkpoint.eight_threads",
+    "checkpoint.other_thread_cancelled",
     "is_cancelled.live_scope",
     "checkpoint.with_form",
     "celery.request_revoked",
@@ -96,30 +96,30 @@ def _code_of(fn: Any) -> Any:
 def _expected_code() -> dict[str, Any]:
     """Case name -> the code object its timed statement must call (None: no call).
 
-    A checkpoint with nothing pending must run the idle body; only
-    ``checkpoint.other_thread_cancelled`` (another thread's scope is cancelled)
-    measures the full one.
+    Every checkpoint case calls `checkpoint` itself and nothing else: its one
+    body answers in place, also in ``checkpoint.other_thread_cancelled``
+    (another thread's scope is cancelled), so no case reaches the slow path.
     """
     import redis
     from celery.contrib.abortable import AbortableAsyncResult
     from celery.result import AsyncResult
     from celery.utils.collections import LimitedSet
 
-    checkpoint_code, checkpoint_full = _bodies(cancellable.checkpoint)
+    checkpoint_code = _code_of(cancellable.checkpoint)
     return {
         "baseline.timeit_loop": None,
         "baseline.empty_call": _code_of(cases.empty),
         "baseline.loop_iteration": None,
         "checkpoint.outside_scope": checkpoint_code,
         "checkpoint.live_scope": checkpoint_code,
-        "checkpoint.flag_test": checkpoint_full,
+        "checkpoint.flag_test": checkpoint_code,
         "checkpoint.deadline_armed": checkpoint_code,
         "checkpoint.ten_hooks": checkpoint_code,
         "checkpoint.with_form": checkpoint_code,
         "checkpoint.eight_threads": checkpoint_code,
         "checkpoint.eight_threads_wall": checkpoint_code,
-        "checkpoint.other_thread_cancelled": checkpoint_full,
-        "is_cancelled.live_scope": _bodies(cancellable.is_cancelled)[0],
+        "checkpoint.other_thread_cancelled": checkpoint_code,
+        "is_cancelled.live_scope": _code_of(cancellable.is_cancelled),
         "alt.abortable_is_aborted": _code_of(AbortableAsyncResult.is_aborted),
         "alt.asyncresult_state": _code_of(AsyncResult.state.fget),
         "alt.redis_get": _code_of(redis.Redis.get),
@@ -245,7 +245,7 @@ def test_smoke_run_produces_every_expected_name(smoke_run: dict[str, Any]) -> No
     for label, _target in overhead.TARGETS:
         for suffix in ("overhead_pct", "added_ns", "body_ns"):
             assert f"context.body_{label}.{suffix}" in by_name
-    for case in ("outside_scope", "live_scope"):
+    for case in ("outside_scope", "live_scope", "other_thread_cancelled"):
         for kind in ("net_ratio", "gross_ratio"):
             record = by_name[f"paired.{case}.{kind}"]
             assert record["unit"] == "x"
@@ -563,7 +563,7 @@ def test_paired_ratios_time_the_named_cases() -> None:
         "empty": "baseline.empty_call",
         "outside_scope": "checkpoint.outside_scope",
         "live_scope": "checkpoint.live_scope",
-        "flag_test": "checkpoint.flag_test",
+        "other_thread_cancelled": "checkpoint.other_thread_cancelled",
     }
     values = paired.measure(rounds=2, ms_per_loop=0.1)
     assert {role: len(v) for role, v in values.items()} == dict.fromkeys(paired._ROLES, 2)
@@ -591,7 +591,7 @@ def test_overhead_loops_differ_only_by_a_checkpoint() -> None:
         with pytest.raises(Cancelled):
             overhead.loop_checkpoint(3, 1)
     calls = _calls_during(lambda: overhead.loop_checkpoint(4, 2))
-    assert sum(code is _bodies(cancellable.checkpoint)[0] for code in calls) == 4
+    assert sum(code is cancellable.checkpoint.__code__ for code in calls) == 4
     assert sum(code is overhead.body.__code__ for code in calls) == 4
     assert overhead.body(50) == overhead.body(50)
 
@@ -792,3 +792,65 @@ def test_throughput_ratio_over_a_real_worker(bench_worker: Any) -> None:
     with_scope = records["throughput.cancellable_tasks_per_s"]["median"]
     assert ratio["median"] == pytest.approx(with_scope / plain)  # one pair in smoke mode
     assert statistics.median([plain, with_scope]) > 0
+
+
+# --------------------------------------------------------------------------
+# Bulk cancellation over a real worker.
+
+
+def test_bulk_full_run_settings() -> None:
+    """The full run cancels 1k, 10k and 100k queued ids per call, past a capped revoked set."""
+    import bulk
+
+    assert bulk.SIZES["full"] == (1000, 10000, 100000)
+    assert bulk.REVOKES_MAX == 100
+    assert bulk.SUSTAINED["full"][0] >= 10
+    assert dict(bulk.SUSTAINED_KINDS) == {"single": 1, "batch100": 100}
+    assert set(bulk.size_names(bulk.SIZES["full"])) <= set(bulk.NAMES)
+
+
+def test_bulk_is_skipped_with_a_reason_in_smoke_mode(smoke_run: dict[str, Any]) -> None:
+    """``run.py --smoke`` starts no worker: every bulk.* name is an explicit skip."""
+    import bulk
+
+    by_name = {r["name"]: r for r in smoke_run["doc"]["results"]}
+    for name in bulk.NAMES:
+        assert by_name[name]["skipped"] is True, name
+        assert "smoke" in by_name[name]["reason"]
+
+
+def test_bulk_smoke_run_over_a_real_worker(redis_client: Any) -> None:
+    """100 queued ids, one cancel(): one ledger entry, 100 indexed, none ran, all REVOKED.
+
+    The worker is the part's own (Celery's revoked set capped at 100), and
+    the sustained loops lose nothing either.
+    """
+    import bulk
+
+    records = bulk.run("smoke", None, REDIS_URL)
+    by_name = {r["name"]: r for r in records}
+    for suffix, unit in bulk.PER_SIZE:
+        record = by_name[f"bulk.ids_100.{suffix}"]
+        assert not record.get("skipped"), record
+        assert record["unit"] == unit
+    value = {name: r["median"] for name, r in by_name.items() if not r.get("skipped")}
+    assert value["bulk.ids_100.tasks_run"] == 0
+    assert value["bulk.ids_100.tasks_revoked"] == 100
+    assert value["bulk.ids_100.ledger_entries"] == 1
+    assert value["bulk.ids_100.index_targets_added"] == 100
+    assert value["bulk.ids_100.broadcast_body_bytes"] > 100 * 36
+    assert value["bulk.ids_100.broadcast_wire_bytes"] > value["bulk.ids_100.broadcast_body_bytes"]
+    assert 0 < value["bulk.ids_100.cancel_ms"] < 10_000
+    assert 40 < value["bulk.ids_100.index_bytes_per_entry"] < 1000
+    for kind, _batch in bulk.SUSTAINED_KINDS:
+        prefix = f"bulk.sustained.{kind}."
+        assert value[prefix + "tasks_run"] == 0
+        assert value[prefix + "ids_cancelled"] > 0
+        assert value[prefix + "queued_ids_cancelled"] > 0
+        assert value[prefix + "tasks_revoked"] == value[prefix + "queued_ids_cancelled"]
+        assert value[prefix + "calls_per_s"] > 0
+    for name in bulk.PARTS_NAMES:
+        assert value[name] > 0
+    for name in bulk.size_names(bulk.SIZES["full"]):
+        assert by_name[name]["skipped"]
+        assert "smoke" in by_name[name]["reason"]
