@@ -67,7 +67,7 @@ class CancelRecord:
 @dataclasses.dataclass
 class KillRecord:
     ts: float
-    what: str  # "child" or "worker"
+    what: str  # "child", "worker" (kill -9 by the driver) or "died" (exited on its own)
     pids: set[int]
     worker: str
 
@@ -151,7 +151,8 @@ class Report:
         )
         kills = Counter(k.what for k in self.kills)
         lines.append(
-            f"kills: child {kills['child']}, worker {kills['worker']}; grace {self.grace:.2f}s"
+            f"kills: child {kills['child']}, worker {kills['worker']}; "
+            f"workers that exited on their own: {kills['died']}; grace {self.grace:.2f}s"
         )
         dups = Counter(v.duplicate for v in self.verdicts if v.duplicate)
         if dups:

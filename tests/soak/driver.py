@@ -75,6 +75,9 @@ class Soak:
         self.cancel_seq = 0
         self.t0 = 0.0
         self._starting: list[threading.Thread] = []
+        self._next_supervise = 0.0
+        self.children_seen: dict[str, set[int]] = {}
+        self.died: set[str] = set()
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -183,6 +186,7 @@ class Soak:
                         pending,
                         group_result=pending.group_result,
                     )
+            self.supervise()
             if ai < len(actions) and actions[ai].at <= now:
                 action = actions[ai]
                 ai += 1
@@ -244,17 +248,8 @@ class Soak:
     # ------------------------------------------------------------ cancels
 
     def phase(self, task_id: str) -> str:
-        events = read_events(self.events_dir, task_id)
-        phase = phase_of(events)
-        if phase == "running":
-            killed = {pid for k in self.kills for pid in k.pids}
-            open_runs = {e["run"] for e in events if e["ev"] == "started"} - {
-                e["run"] for e in events if e["ev"] in ("finished", "checkpoint_raised")
-            }
-            pids = {e["pid"] for e in events if e["ev"] == "started" and e["run"] in open_runs}
-            if pids and pids <= killed:
-                phase = "killed"
-        return phase
+        dead = {pid for k in self.kills for pid in k.pids}
+        return phase_of(read_events(self.events_dir, task_id), dead)
 
     def pick(self, want: str, batch: int) -> list[str]:
         candidates: dict[str, list[str]] = {
@@ -262,6 +257,7 @@ class Soak:
             "running": [],
             "finished": [],
             "killed": [],
+            "stopped": [],
         }
         for task_id in self.tasks:
             if task_id not in self.cancelled:
@@ -349,6 +345,51 @@ class Soak:
 
     # ------------------------------------------------------------ faults
 
+    def supervise(self, every: float = 0.5) -> None:
+        """Track pool children; replace a worker that exited although nobody killed it.
+
+        Such an exit is not the library's doing (kombu 5.7 can end a worker
+        with "Unrecoverable error" when the broker connection drops), but
+        its runs end without a kill we recorded, so it is recorded as a
+        ``died`` kill (with the children last seen) and reported.
+        """
+        now = time.monotonic()
+        if now < self._next_supervise:
+            return
+        self._next_supervise = now + every
+        for worker in list(self.workers):
+            if worker.killed_at or worker.proc is None:
+                continue
+            if worker.alive():
+                if worker.ready_at:
+                    self.children_seen.setdefault(worker.name, set()).update(worker.children())
+                continue
+            if worker.name in self.died:
+                continue
+            self.died.add(worker.name)
+            pids = {worker.pid, *self.children_seen.get(worker.name, set())}
+            self.kills.append(KillRecord(time.time(), "died", pids, worker.name))
+            self.note(
+                f"worker {worker.name} exited on its own (rc {worker.proc.returncode}); "
+                "starting a replacement"
+            )
+            self.replace()
+
+    def replace(self) -> None:
+        replacement = self.new_worker()
+
+        def ready() -> None:
+            assert self.app is not None
+            try:
+                replacement.wait_ready(self.app, self.mode.concurrency)
+                self.note(f"replacement {replacement.name} ready")
+            except Exception as exc:
+                self.note(f"replacement {replacement.name} failed: {exc}")
+
+        thread = threading.Thread(target=ready, daemon=True)
+        thread.start()
+        self._starting.append(thread)
+
     def alive_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.alive() and w.ready_at and not w.killed_at]
 
@@ -384,19 +425,7 @@ class Soak:
         pids = worker.kill9()
         self.kills.append(KillRecord(time.time(), "worker", pids, worker.name))
         self.note(f"kill -9 worker {worker.name} pids {sorted(pids)}; starting a replacement")
-        replacement = self.new_worker()
-
-        def ready() -> None:
-            assert self.app is not None
-            try:
-                replacement.wait_ready(self.app, self.mode.concurrency)
-                self.note(f"replacement {replacement.name} ready")
-            except Exception as exc:
-                self.note(f"replacement {replacement.name} failed: {exc}")
-
-        thread = threading.Thread(target=ready, daemon=True)
-        thread.start()
-        self._starting.append(thread)
+        self.replace()
 
     def restart_redis(self, action: Action, retries: list[Pending]) -> None:
         assert self.app is not None
@@ -431,8 +460,12 @@ class Soak:
         # and control channel are back), bounded.
         deadline = time.monotonic() + 30
         for worker in self.alive_workers():
-            while not worker.pings(self.app, 1.0) and time.monotonic() < deadline:
+            while worker.alive() and not worker.pings(self.app, 1.0):
+                if time.monotonic() >= deadline:
+                    self.note(f"{worker.name} does not answer pings after the restart")
+                    break
                 time.sleep(0.2)
+            self.supervise(every=0.0)
         self.note("workers answer pings after the restart")
 
     # -------------------------------------------------------------- the end
@@ -473,6 +506,7 @@ class Soak:
         deadline = time.monotonic() + self.mode.drain_timeout + self.mode.visibility_timeout
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
+            self.supervise(every=0.0)
             last = self.outstanding()
             live_busy = {p for p in last["busy"] if Path(f"/proc/{p}").exists()}
             if not (last["queued"] or last["unacked"] or last["not_final"] or live_busy):

@@ -354,20 +354,31 @@ def read_events(events_dir: Path, task_id: str) -> list[dict[str, Any]]:
     return events
 
 
-def phase_of(events: list[dict[str, Any]]) -> str:
-    """What a task's own file says right now: queued, running or finished.
+def phase_of(
+    events: list[dict[str, Any]], dead_pids: set[int] | frozenset[int] = frozenset()
+) -> str:
+    """What a task's own file says right now: queued, running, killed or finished.
 
-    ``running`` means some run has started and not ended (ended: ``finished``
-    or ``checkpoint_raised``); a run killed with SIGKILL stays "running" here
-    (its message waits for redelivery), and the driver labels it from its
-    record of the kills.
+    A run has ended once it wrote ``finished`` or ``checkpoint_raised``; a run
+    that did not, in a process in ``dead_pids`` (killed with SIGKILL), is
+    dead.  ``running``: some run is neither ended nor dead.  ``finished``:
+    otherwise, if some run finished.  ``killed``: every run is dead (the
+    message waits for redelivery).  ``queued``: no run yet.
     """
-    runs: dict[str, bool] = {}
+    started: dict[str, int] = {}
+    ended: set[str] = set()
+    finished = False
     for e in events:
         if e["ev"] == "started":
-            runs.setdefault(e["run"], False)
+            started[e["run"]] = int(e["pid"])
         elif e["ev"] in ("finished", "checkpoint_raised"):
-            runs[e["run"]] = True
-    if not runs:
+            ended.add(e["run"])
+            finished = finished or e["ev"] == "finished"
+    if not started:
         return "queued"
-    return "finished" if all(runs.values()) else "running"
+    open_runs = [run for run in started if run not in ended and started[run] not in dead_pids]
+    if open_runs:
+        return "running"
+    if finished:
+        return "finished"
+    return "killed" if any(run not in ended for run in started) else "stopped"

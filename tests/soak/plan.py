@@ -164,7 +164,8 @@ def make_plan(mode: Mode) -> Plan:
         task.sent_at = round(task.sent_at * scale, 3)
 
     actions: list[Action] = []
-    n_cancels = int(mode.tasks * mode.cancel_fraction)
+    # About 1.6 ids per call on average (batches of control.revoke and cancel).
+    n_cancels = int(mode.tasks * mode.cancel_fraction / 1.6)
     for _ in range(n_cancels):
         method = rng.choices(["cancel", "revoke", "control"], [0.5, 0.25, 0.25])[0]
         batch = 1

@@ -48,7 +48,9 @@ def test_soak(run_dir: Path) -> None:
     report = soak.run()
     wall = time.monotonic() - began
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in soak.timings.items())
-    summary = report.summary(f"{header}\nwall {wall:.1f}s ({timings})")
+    summary = report.summary(
+        f"{header}\nwall {wall:.1f}s ({timings}); redis restarts {soak.redis.restarts}"
+    )
     (run_dir / "report.txt").write_text(summary + "\n")
     print(summary, flush=True)
 

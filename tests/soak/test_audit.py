@@ -1,0 +1,196 @@
+"""The soak's audit rules on synthetic records: correct behaviour passes, each
+kind of broken behaviour is flagged.  No processes; fast."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.exceptions import TaskRevokedError
+
+from .audit import CancelRecord, KillRecord, TaskRecord, audit_task
+
+T0 = 1_000_000.0
+GRACE = 1.0
+
+
+def ev(name: str, ts: float, run: str = "r1", pid: int = 100, **fields: Any) -> dict[str, Any]:
+    return {"ev": name, "ts": T0 + ts, "run": run, "pid": pid, **fields}
+
+
+def started(ts: float, run: str = "r1", pid: int = 100, attempt: int = 1) -> dict[str, Any]:
+    return ev("started", ts, run, pid, attempt=attempt, redelivered=attempt > 1)
+
+
+def cancel_at(ts: float, phase: str, method: str = "cancel") -> CancelRecord:
+    reason = "soak 1/1: stop" if method in ("cancel", "group") else None
+    by = "soak-user-1" if reason else None
+    return CancelRecord(1, method, ["t"], T0 + ts, T0 + ts + 0.01, {"t": phase}, reason, by)
+
+
+def revoked(text: str = "revoked by soak-user-1: soak 1/1: stop") -> dict[str, Any]:
+    return {"status": "REVOKED", "result": TaskRevokedError(text)}
+
+
+SUCCESS = {"status": "SUCCESS", "result": "ok"}
+
+
+def rules(verdict: Any) -> list[str]:
+    return [v.rule for v in verdict.violations]
+
+
+def judge(kind: str, events: list[dict[str, Any]], meta: dict[str, Any], cancel=None, kills=()):
+    task = TaskRecord("t", kind, [], T0)
+    return audit_task(task, events, meta, cancel, list(kills), GRACE)
+
+
+class TestUncancelled:
+    def test_success_passes(self) -> None:
+        """A task nobody cancelled that ran once to SUCCESS is fine."""
+        verdict = judge("long", [started(1), ev("finished", 4)], SUCCESS)
+
+        assert [] == rules(verdict)
+
+    def test_revoked_or_hook_is_flagged(self) -> None:
+        """Nobody cancelled it, yet it ended REVOKED and ran its hook."""
+        events = [started(1), ev("checkpoint_raised", 2), ev("hook_ran", 2.1), ev("hook_done", 2.2)]
+        verdict = judge("long", events, revoked("revoked"))
+
+        assert {
+            "an uncancelled task did not end SUCCESS",
+            "an uncancelled task ran its hook or raised at a checkpoint",
+        } == set(rules(verdict))
+
+    def test_duplicate_after_kill_is_counted_not_failed(self) -> None:
+        """At-least-once: a run killed with SIGKILL, then a redelivered run."""
+        events = [started(1, "r1", 100), started(3, "r2", 200, 2), ev("finished", 5, "r2", 200)]
+        kill = KillRecord(T0 + 2, "child", {100}, "w1")
+        verdict = judge("long", events, SUCCESS, kills=[kill])
+
+        assert [] == rules(verdict)
+        assert "after a kill -9" == verdict.duplicate
+
+    def test_run_that_vanished_is_flagged(self) -> None:
+        """A run that never ended although nobody killed its process."""
+        events = [started(1, "r1", 100), started(3, "r2", 200, 2), ev("finished", 5, "r2", 200)]
+        verdict = judge("long", events, SUCCESS)
+
+        assert ["a run vanished"] == rules(verdict)
+
+
+class TestCancelledBeforeStart:
+    def test_never_started_revoked_with_reason_passes(self) -> None:
+        verdict = judge("short", [], revoked(), cancel_at(1, "queued"))
+
+        assert [] == rules(verdict)
+        assert "before start" == verdict.category
+
+    def test_started_after_the_cancel_is_flagged(self) -> None:
+        """The body ran 5 s after a cancel issued while it was queued."""
+        events = [started(6), ev("finished", 6.3)]
+        verdict = judge("short", events, SUCCESS, cancel_at(1, "queued"))
+
+        assert "a cancelled task ran after the cancel" in rules(verdict)
+
+    def test_reason_lost_is_flagged(self) -> None:
+        verdict = judge("short", [], revoked("revoked"), cancel_at(1, "queued"))
+
+        assert ["the stored error lost the reason"] == rules(verdict)
+
+    def test_plain_revoke_needs_only_revoked(self) -> None:
+        verdict = judge("short", [], revoked("revoked"), cancel_at(1, "queued", "control"))
+
+        assert [] == rules(verdict)
+
+    def test_raced_start_judged_as_running(self) -> None:
+        """Started 0.2 s after the call: the broadcast may not have arrived yet."""
+        events = [
+            started(1.2),
+            ev("checkpoint_raised", 1.25),
+            ev("hook_ran", 1.26),
+            ev("hook_done", 1.27),
+        ]
+        verdict = judge("long", events, revoked(), cancel_at(1, "queued"))
+
+        assert [] == rules(verdict)
+        assert "raced start" == verdict.category
+
+    def test_stuck_pending_is_flagged(self) -> None:
+        verdict = judge("short", [], {"status": "PENDING", "result": None}, cancel_at(1, "queued"))
+
+        assert {
+            "a cancelled task did not end",
+            "a cancelled task ended PENDING, expected REVOKED",
+        } >= set(rules(verdict))
+        assert "a cancelled task did not end" in rules(verdict)
+
+
+class TestCancelledRunning:
+    def test_stopped_once_passes(self) -> None:
+        events = [
+            started(0),
+            ev("checkpoint_raised", 1.05),
+            ev("hook_ran", 1.06),
+            ev("hook_done", 1.8),
+        ]
+        verdict = judge("slow_cleanup", events, revoked(), cancel_at(1, "running"))
+
+        assert [] == rules(verdict)
+
+    def test_ran_on_is_flagged(self) -> None:
+        """A checkpointing task that finished 3 s after the cancel did not stop."""
+        verdict = judge("long", [started(0), ev("finished", 4)], SUCCESS, cancel_at(1, "running"))
+
+        assert "a cancelled task ran on past its checkpoints" in rules(verdict)
+
+    def test_finished_just_before_the_cancel_took_effect_passes(self) -> None:
+        """Its last checkpoint passed before the broadcast arrived."""
+        verdict = judge(
+            "short", [started(0.8), ev("finished", 1.05)], SUCCESS, cancel_at(1, "running")
+        )
+
+        assert [] == rules(verdict)
+
+    def test_hook_twice_is_flagged(self) -> None:
+        events = [
+            started(0), ev("checkpoint_raised", 1.05), ev("hook_ran", 1.06),
+            ev("hook_ran", 1.07), ev("hook_done", 1.1),
+        ]  # fmt: skip
+        verdict = judge("long", events, revoked(), cancel_at(1, "running"))
+
+        assert ["a hook ran more than once"] == rules(verdict)
+
+    def test_killed_then_discarded_passes(self) -> None:
+        """kill -9 after the cancel, before a checkpoint; the redelivery is discarded."""
+        kill = KillRecord(T0 + 1.02, "child", {100}, "w1")
+        verdict = judge("long", [started(0)], revoked(), cancel_at(1, "running"), [kill])
+
+        assert [] == rules(verdict)
+
+    def test_killed_then_rerun_is_flagged(self) -> None:
+        kill = KillRecord(T0 + 1.02, "worker", {100}, "w1")
+        events = [started(0), started(25, "r2", 200, 2), ev("finished", 30, "r2", 200)]
+        verdict = judge("long", events, SUCCESS, cancel_at(1, "running"), [kill])
+
+        assert "a cancelled task ran after the cancel" in rules(verdict)
+
+    def test_no_checkpoint_may_succeed(self) -> None:
+        verdict = judge(
+            "no_checkpoint", [started(0), ev("finished", 2)], SUCCESS, cancel_at(1, "running")
+        )
+
+        assert [] == rules(verdict)
+
+
+class TestCancelledFinished:
+    def test_left_alone_passes(self) -> None:
+        verdict = judge(
+            "short", [started(0), ev("finished", 0.3)], SUCCESS, cancel_at(5, "finished")
+        )
+
+        assert [] == rules(verdict)
+
+    def test_turned_revoked_is_flagged(self) -> None:
+        events = [started(0), ev("finished", 0.3)]
+        verdict = judge("short", events, revoked(), cancel_at(5, "finished"))
+
+        assert ["a cancelled task ended REVOKED, expected SUCCESS"] == rules(verdict)

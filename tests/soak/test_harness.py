@@ -1,0 +1,114 @@
+"""The harness on plain Celery (no cancellable in the worker): what the soak
+relies on holds before the library is involved.
+
+* a private AOF Redis keeps queued messages across a restart;
+* the event files record every execution, and a SIGKILLed run is told
+  apart (its pid is in the kill record) from the redelivered run that
+  follows (``task_reject_on_worker_lost``);
+* ``app.control.revoke`` of queued tasks keeps them from starting, and the
+  backend (read with ``cache=False``) says REVOKED;
+* the audit passes all of this, with the running revoked plain task
+  judged as a no-checkpoint task (Celery cannot stop it; it ends SUCCESS).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .audit import CancelRecord, KillRecord, TaskRecord, audit, runs_of
+from .harness import RedisServer, Worker, free_port, phase_of, read_events, wait_for, worker_env
+from .settings import make_app
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(180)
+def test_harness_on_plain_celery(tmp_path: Path) -> None:
+    """Kill -9, redelivery, revoke of queued tasks and a Redis restart, without the library."""
+    if RedisServer.binary() is None:
+        pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
+    uid = uuid.uuid4().hex[:8]
+    name = queue = f"soak-self-{uid}"
+    events_dir = tmp_path / "events"
+    events_dir.mkdir()
+    server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+    server.start()
+    app = make_app(
+        main=name, redis_url=server.url, queue=queue, control_exchange=name, visibility_timeout=20
+    )
+    env = worker_env(
+        app_name=name,
+        redis_url=server.url,
+        queue=queue,
+        control_exchange=name,
+        run_dir=tmp_path,
+        visibility_timeout=20,
+        with_cancellable=False,
+    )
+    worker = Worker.make(run_dir=tmp_path, queue=queue, concurrency=2, env=env, label="self")
+    tasks: dict[str, TaskRecord] = {}
+    try:
+        # Queue everything while no worker runs, restart Redis: the AOF keeps it.
+        for i in range(6):
+            task_id = str(uuid.uuid4())
+            tasks[task_id] = TaskRecord(task_id, "no_checkpoint", [1.5], time.time())
+            app.send_task("soak.plain", args=[1.5 if i < 4 else 0.2], task_id=task_id)
+        ids = list(tasks)
+        server.restart(0.2)
+        client = server.client()
+        assert 6 == client.llen(queue)
+        client.close()
+
+        # Start the worker, then revoke the last two, still queued behind the
+        # first four (concurrency 2, prefetch 1, 1.5 s each).
+        worker.spawn()
+        worker.wait_ready(app, 2)
+        phases = {t: phase_of(read_events(events_dir, t)) for t in ids[4:]}
+        t_begin = time.time()
+        app.control.revoke(ids[4:])
+        revoke = CancelRecord(1, "control", ids[4:], t_begin, time.time(), phases)
+        assert {"queued"} == set(phases.values()), phases
+
+        # Kill -9 the child running the first task once it has started.
+        first = wait_for(
+            lambda: next(
+                (e for e in read_events(events_dir, ids[0]) if e["ev"] == "started"), None
+            ),
+            30,
+            message="the first task to start",
+        )
+        os.kill(first["pid"], signal.SIGKILL)
+        kill = KillRecord(time.time(), "child", {first["pid"]}, worker.name)
+
+        backend = app.backend
+
+        def final() -> bool:
+            states = {t: backend.get_task_meta(t, cache=False)["status"] for t in ids}
+            return all(s in ("SUCCESS", "REVOKED") for s in states.values())
+
+        wait_for(final, 60, interval=0.3, message="every task to end")
+        metas = {t: dict(backend.get_task_meta(t, cache=False)) for t in ids}
+        events = {t: read_events(events_dir, t) for t in ids}
+    finally:
+        worker.stop()
+        app.close()
+        server.stop()
+
+    runs, problems = runs_of(events[ids[0]], [kill])
+    assert [] == problems
+    assert 2 == len(runs), runs
+    assert runs[0].killed
+    assert not runs[1].killed
+    assert runs[1].redelivered
+    for task_id in ids[4:]:
+        assert [] == events[task_id], f"revoked queued task {task_id} ran"
+        assert "REVOKED" == metas[task_id]["status"]
+    report = audit(tasks, [revoke], [kill], events, metas, grace=1.0)
+    assert [] == report.violations, report.summary()
+    assert "after a kill -9" == next(v for v in report.verdicts if v.task_id == ids[0]).duplicate
