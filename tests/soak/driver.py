@@ -83,8 +83,11 @@ class Soak:
     # ------------------------------------------------------------------ setup
 
     def note(self, text: str) -> None:
+        """Log an action as it happens (also to driver.log, for long runs)."""
         line = f"[{time.time() - self.t0 if self.t0 else 0.0:8.3f}] {text}"
         self.log.append(line)
+        with contextlib.suppress(OSError), open(self.run_dir / "driver.log", "a") as out:
+            out.write(line + "\n")
 
     def env(self) -> dict[str, str]:
         return worker_env(
@@ -565,4 +568,3 @@ class Soak:
             ],
         }
         (self.run_dir / "records.json").write_text(json.dumps(data, indent=1, default=str))
-        (self.run_dir / "driver.log").write_text("\n".join(self.log) + "\n")
