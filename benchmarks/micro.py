@@ -5,6 +5,16 @@ Run as a script it is a pyperf benchmark program (``pyperf.Runner`` parses
 
     python benchmarks/micro.py -o micro.json --fast [--only 'checkpoint.*']
 
+``--hot-path`` selects just the cases of the hot-path table in
+``docs/performance.md`` (`HOT_PATH` and the baselines), so that one pyperf
+run per interpreter gives every figure of its row; ``table`` prints that
+table from such runs, one JSON file per interpreter::
+
+    for py in python3.10 python3.11 python3.12 python3.13; do
+        $py benchmarks/micro.py --hot-path -o hot-$py.json
+    done
+    python benchmarks/micro.py table hot-*.json
+
 `run.py` does not call it that way by hand: it uses `run` below, which starts
 this script as a subprocess with options tuned for ``--quick`` or the full
 run, loads pyperf's JSON with ``pyperf.BenchmarkSuite.load`` and turns each
@@ -46,9 +56,23 @@ PYPERF_OPTIONS = {
 PASSES = {"full": (4, 5), "quick": (1, 1), "smoke": (1, 1)}
 
 
-def select_cases(only: str | None, *, redis: bool = True) -> list[Case]:
-    """The cases to run for ``--only``, plus the baselines the ratios need."""
-    chosen = [case for case in CASES if selected(case.name, only)]
+#: The checkpoint cases of the hot-path table: in a live scope, outside any
+#: scope, and while another thread's scope is cancelled (the pending flag is
+#: up, and this thread must answer "nothing for me").
+HOT_PATH = (
+    "checkpoint.live_scope",
+    "checkpoint.outside_scope",
+    "checkpoint.other_thread_cancelled",
+)
+
+
+def select_cases(only: str | None, *, redis: bool = True, hot_path: bool = False) -> list[Case]:
+    """The cases to run for ``--only`` (or ``--hot-path``), plus the baselines the ratios need."""
+    chosen = [
+        case
+        for case in CASES
+        if selected(case.name, only) and (not hot_path or case.name in HOT_PATH)
+    ]
     if chosen:
         chosen_names = {case.name for case in chosen}
         chosen = [case for case in CASES if case.name in chosen_names or case.name in BASELINES]
@@ -101,6 +125,8 @@ def _forward_args(cmd: list[str], args: Any) -> None:
     cmd.extend(("--redis-url", args.redis_url))
     if args.no_redis:
         cmd.append("--no-redis")
+    if args.hot_path:
+        cmd.append("--hot-path")
 
 
 def main() -> None:
@@ -113,10 +139,13 @@ def main() -> None:
     runner.argparser.add_argument(
         "--no-redis", action="store_true", help="leave out the cases that need Redis"
     )
+    runner.argparser.add_argument(
+        "--hot-path", action="store_true", help="only the cases of the hot-path table"
+    )
     args = runner.parse_args()
     quiet_logs()
     options = Options(redis_url=args.redis_url)
-    for case in select_cases(args.only, redis=not args.no_redis):
+    for case in select_cases(args.only, redis=not args.no_redis, hot_path=args.hot_path):
         runner.bench_time_func(
             case.name,
             make_time_func(case, options),
@@ -200,5 +229,50 @@ def _run_pyperf(cmd: list[str], timeout: float) -> None:
         raise RuntimeError(f"the pyperf program failed (exit status {rc}): {' '.join(cmd)}")
 
 
+def hot_path_row(suite: Any) -> dict[str, Any]:
+    """One row of the hot-path table from one pyperf run (a loaded BenchmarkSuite).
+
+    Medians in ns; ratios to the empty call net of the harness loop (as in
+    every table of ``docs/performance.md``) and gross, all from this run.
+    """
+    import statistics
+
+    medians = {
+        bench.get_name(): statistics.median(bench.get_values()) * 1e9
+        for bench in suite.get_benchmarks()
+    }
+    loop, empty = medians["baseline.timeit_loop"], medians["baseline.empty_call"]
+    python = suite.get_benchmarks()[0].get_metadata().get("python_version", "?")
+    row: dict[str, Any] = {"python": python, "loop_ns": loop, "empty_ns": empty}
+    for name in HOT_PATH:
+        short = name.split(".", 1)[1]
+        row[f"{short}_ns"] = medians[name]
+        row[f"{short}_net"] = (medians[name] - loop) / (empty - loop)
+        row[f"{short}_gross"] = medians[name] / empty
+    return row
+
+
+def print_table(paths: list[str]) -> None:
+    """Print the Markdown hot-path table for pyperf JSON files (one per interpreter)."""
+    import pyperf
+
+    print(
+        "| CPython | empty call | `checkpoint()` in a live scope | x empty (net / gross) "
+        "| outside any scope | x empty (net / gross) "
+        "| while another thread's scope is cancelled | x empty (net / gross) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        row = hot_path_row(pyperf.BenchmarkSuite.load(path))
+        cells = [row["python"].split(" ")[0], f"{row['empty_ns']:.1f} ns"]
+        for short in ("live_scope", "outside_scope", "other_thread_cancelled"):
+            cells.append(f"{row[short + '_ns']:.1f} ns")
+            cells.append(f"{row[short + '_net']:.2f} / {row[short + '_gross']:.2f}")
+        print("| " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["table"]:
+        print_table(sys.argv[2:])
+    else:
+        main()

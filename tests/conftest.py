@@ -18,9 +18,8 @@ def _leaked_state() -> dict[str, object]:
     leaks: dict[str, object] = {}
     if _scope._pending:
         leaks["_pending"] = True
-    armed = [f.__name__ for f, idle, _full in _scope._SWITCHED if f.__code__ is not idle]
-    if armed:
-        leaks["armed hot path"] = armed
+    if _scope._shared_work:
+        leaks["_shared_work"] = True
     if _scope._cancelled_live:
         leaks["_cancelled_live"] = _scope._cancelled_live
     if _scope._deferred:
@@ -30,6 +29,8 @@ def _leaked_state() -> dict[str, object]:
     stack = _scope._get_stack()
     if stack:
         leaks["stack"] = list(stack)
+    if _scope.current_scope() is not None:
+        leaks["innermost"] = _scope.current_scope()
     return leaks
 
 
@@ -37,6 +38,7 @@ def _repair_state() -> None:
     """Put the bookkeeping back to empty, so one leaking test fails only itself."""
     with _scope._lock:
         _scope._get_stack().clear()
+        _scope._local.innermost = None
         _scope._cancelled_live = 0
         _scope._deferred.clear()
         _scope._probes.clear()

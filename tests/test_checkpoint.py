@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 
 import pytest
 
-from _hotpath import bodies as _bodies
-from cancellable import Cancelled, CancelScope, _scope, checkpoint, is_cancelled, shield
+from cancellable import (
+    CancelScope,
+    _scope,
+    checkpoint,
+    current_scope,
+    is_cancelled,
+    shield,
+)
 from cancellable._scope import request_slow_path
 from cancellable.testing import capture_events
 
@@ -56,185 +61,7 @@ class TestOutsideScopes:
         assert not answer
 
 
-#: Prints whether a tracer is on, then the opcode of a loop's call to
-#: checkpoint() after warming up, before and after one cancellation.
-SPECIALISATION_PROBE = """
-import dis, logging, sys
-import structlog
-from cancellable import Cancelled, CancelScope, checkpoint
-
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-
-def loop(iterations):
-    for _ in iterations:
-        checkpoint()
-
-def call_op():
-    ops = [i.opname for i in dis.get_instructions(loop, adaptive=True)]
-    (op,) = [name for name in ops if name.startswith("CALL")]
-    return op
-
-loop(range(100))
-before = call_op()
-with CancelScope() as scope:
-    scope.cancel()
-    try:
-        loop(range(100))
-    except Cancelled:
-        pass
-loop(range(100))
-print("untraced" if sys.gettrace() is None else "traced", before, call_op())
-"""
-
-
-def _armed():
-    """Whether the next checkpoint would take the slow path."""
-    return _scope._pending and all(f.__code__ is full for f, _idle, full in _scope._SWITCHED)
-
-
-switching = pytest.mark.skipif(
-    not _scope._SWITCH_BODIES, reason="bodies are switched on CPython 3.10-3.12 only"
-)
-
-
-class FakeFunction:
-    """Stands in for a switched function and records every body written to it."""
-
-    def __init__(self, code):
-        self._code = code
-        self.writes = []
-
-    @property
-    def __code__(self):
-        return self._code
-
-    @__code__.setter
-    def __code__(self, code):
-        self.writes.append(code)
-        self._code = code
-
-
 class TestHotPath:
-    def test_full_checkpoint_reads_one_global(self):
-        """checkpoint()'s full body touches only the flag, the slow path and the context object.
-
-        This pins the hot path: anything else it looked up would cost every
-        caller on every check.
-        """
-        _idle, full = _bodies(checkpoint)
-
-        assert ("_pending", "_slow_checkpoint", "_CHECKPOINT_CONTEXT") == full.co_names
-
-    @switching
-    def test_idle_checkpoint_reads_only_its_context(self):
-        """With nothing pending, checkpoint() runs a body that loads one name and returns it."""
-        idle, _full = _bodies(checkpoint)
-
-        assert idle is checkpoint.__code__
-        assert ("_CHECKPOINT_CONTEXT",) == idle.co_names
-        assert () == idle.co_varnames
-        assert "checkpoint" == idle.co_name
-
-    @switching
-    def test_idle_is_cancelled_reads_nothing(self):
-        """With nothing pending, is_cancelled() runs a body that only returns False."""
-        idle, _full = _bodies(is_cancelled)
-
-        assert idle is is_cancelled.__code__
-        assert () == idle.co_names
-        assert "is_cancelled" == idle.co_name
-
-    @switching
-    def test_bodies_follow_the_pending_flag(self):
-        """Both functions run their full bodies exactly while _pending is True."""
-        seen = []
-
-        def record():
-            seen.append(
-                (_scope._pending, checkpoint.__code__, is_cancelled.__code__),
-            )
-
-        record()
-        with CancelScope() as scope:
-            record()
-            scope.cancel()
-            record()
-            request_slow_path(record)  # runs, armed, at the next checkpoint
-            with pytest.raises(Cancelled):
-                checkpoint()
-        record()
-
-        (c_idle, c_full), (i_idle, i_full) = _bodies(checkpoint), _bodies(is_cancelled)
-        idle, armed = (False, c_idle, i_idle), (True, c_full, i_full)
-        assert [idle, idle, armed, armed, idle] == seen
-
-    @switching
-    def test_bodies_are_written_only_when_the_flag_changes(self, monkeypatch):
-        """Scopes that come and go uncancelled write no body; a cancellation writes two.
-
-        Every write makes CPython re-specialise the call sites, so entering
-        and exiting scopes (which recomputes the flag each time) must not.
-        """
-        idle, full = _bodies(checkpoint)
-        fake = FakeFunction(idle)
-        monkeypatch.setattr(_scope, "_SWITCHED", ((fake, idle, full),))
-
-        for _ in range(3):
-            with CancelScope():
-                checkpoint()
-        quiet = list(fake.writes)
-        with CancelScope() as scope:
-            scope.cancel()
-        with CancelScope():
-            pass
-
-        assert [] == quiet
-        assert [full, idle] == fake.writes
-
-    def test_full_bodies_alone_cancel(self, monkeypatch):
-        """Without the switch (as on CPython 3.13+), the full bodies alone see cancellation."""
-        for function, _idle, full in _scope._SWITCHED:
-            monkeypatch.setattr(function, "__code__", full)
-        monkeypatch.setattr(_scope, "_SWITCHED", ())
-        seen = []
-        with CancelScope() as scope:
-            checkpoint()
-            seen.append(is_cancelled())
-            scope.cancel()
-            seen.append(is_cancelled())
-            checkpoint()
-            seen.append("not reached")  # pragma: no cover - checkpoint() must raise
-
-        assert [False, True] == seen
-        assert scope.cancelled_caught
-
-    @switching
-    @pytest.mark.skipif(sys.version_info < (3, 11), reason="no specialising interpreter")
-    def test_call_sites_specialise_again_after_a_switch(self):
-        """After a cancellation came and went, a loop's call to checkpoint() is specialised again.
-
-        CPython resets a function's version when its ``__code__`` is
-        assigned; on 3.11 and 3.12 the call site re-specialises, which is why
-        the switch pays there (on 3.13 it would not, see _SWITCH_BODIES).
-        Runs in a fresh interpreter without coverage: CPython does not
-        specialise while a tracer is installed.
-        """
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
-        run = subprocess.run(
-            [sys.executable, "-c", SPECIALISATION_PROBE],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-            check=False,
-        )
-
-        assert 0 == run.returncode, run.stderr
-        tracer, before, after = run.stdout.split()
-        assert "untraced" == tracer
-        assert "CALL_PY_EXACT_ARGS" == before
-        assert "CALL_PY_EXACT_ARGS" == after
-
     def test_slow_path_not_taken_when_nothing_pending(self, monkeypatch):
         """Inside an uncancelled scope, checkpoint() does not enter the slow path."""
 
@@ -250,6 +77,46 @@ class TestHotPath:
 
         assert not result
         assert not _scope._pending
+
+    def test_shared_work_follows_deferred_work_and_probes(self):
+        """_shared_work is up exactly while a deferred callback or a probe waits."""
+        states = [_scope._shared_work]
+        request_slow_path(lambda: states.append(_scope._shared_work))
+        states.append(_scope._shared_work)
+        checkpoint()  # runs the callback, which records the flag while it runs
+        states.append(_scope._shared_work)
+        with CancelScope() as scope:
+            scope.cancel()
+            states.append(_scope._shared_work)  # a cancelled scope is not shared work
+        states.append(_scope._shared_work)
+
+        assert [False, True, True, False, False, False] == states
+
+    def test_innermost_follows_the_stack(self):
+        """current_scope() is the top of this thread's stack through nesting and exits."""
+        seen = [current_scope()]
+        with CancelScope() as outer:
+            seen.append(current_scope())
+            with CancelScope() as inner:
+                seen.append(current_scope())
+            seen.append(current_scope())
+        seen.append(current_scope())
+
+        assert [None, outer, inner, outer, None] == seen
+
+    def test_innermost_is_reset_when_scopes_are_abandoned(self):
+        """Misnested exits close the abandoned scopes, and the innermost scope follows."""
+        outer = CancelScope()
+        inner = CancelScope()
+        outer.__enter__()
+        inner.__enter__()
+        with pytest.raises(RuntimeError, match="out of order"):
+            outer.__exit__(None, None, None)
+        after = current_scope()
+        inner.__exit__(None, None, None)  # silent: already closed by the abandon
+
+        assert after is None
+        assert [] == _scope._get_stack()
 
     def test_pending_follows_live_cancelled_scopes(self):
         """_pending is set while a cancelled scope is entered and cleared when it exits."""
@@ -376,6 +243,99 @@ class TestThreadIndependence:
 
         assert (True, False, False) == runner_b.result()
         assert runner_a.result() is True
+
+    def test_other_threads_answer_without_the_slow_path(self, spawn, monkeypatch):
+        """While A's scope is cancelled, B's checkpoints return without calling the slow path.
+
+        This is the cross-thread case the hot path answers in place: inside a
+        live scope, outside any scope, and on a thread that never used the
+        library before (whose first checkpoint sets its thread-local state up).
+        """
+        a_cancelled = threading.Event()
+        release = threading.Event()
+        slow_calls = []
+        real_slow = _scope._slow_checkpoint
+
+        def counting_slow():
+            slow_calls.append(threading.get_ident())
+            real_slow()
+
+        def thread_a():
+            with CancelScope() as scope:
+                scope.cancel("only A")
+                a_cancelled.set()
+                assert release.wait(5)
+                checkpoint()
+
+        def fresh_thread():
+            checkpoint()
+            with checkpoint():
+                pass
+            return is_cancelled()
+
+        runner_a = spawn(thread_a)
+        assert a_cancelled.wait(5)
+        monkeypatch.setattr(_scope, "_slow_checkpoint", counting_slow)
+        pending = _scope._pending
+        fresh_answer = spawn(fresh_thread).result()
+        checkpoint()
+        with CancelScope() as mine:
+            for _ in range(100):
+                checkpoint()
+            answer = is_cancelled()
+        own_thread_calls = list(slow_calls)
+        release.set()
+        runner_a.result()
+
+        assert pending
+        assert not fresh_answer
+        assert not answer
+        assert not mine.cancel_called
+        # Only `with checkpoint():` on exit goes to the slow path (it is not
+        # hot); the plain calls never did.
+        assert 1 == len(own_thread_calls)
+
+    def test_cancelling_another_threads_scope_reaches_it(self, spawn):
+        """A cancel from this thread reaches a scope another thread is looping in."""
+        entered = threading.Event()
+        box = {}
+
+        def loop():
+            with CancelScope() as scope:
+                box["scope"] = scope
+                entered.set()
+                while True:
+                    checkpoint()
+            return scope.cancelled_caught
+
+        runner = spawn(loop)
+        assert entered.wait(5)
+        box["scope"].cancel("from outside")
+
+        assert runner.result() is True
+
+    def test_deferred_work_runs_on_a_live_thread_while_another_is_cancelled(self, spawn):
+        """Deferred work still runs at the next checkpoint of a thread with nothing to raise."""
+        a_cancelled = threading.Event()
+        release = threading.Event()
+        ran = []
+
+        def thread_a():
+            with CancelScope() as scope:
+                scope.cancel()
+                a_cancelled.set()
+                assert release.wait(5)
+                checkpoint()
+
+        runner_a = spawn(thread_a)
+        assert a_cancelled.wait(5)
+        with CancelScope():
+            request_slow_path(lambda: ran.append(threading.get_ident()))
+            checkpoint()
+        release.set()
+        runner_a.result()
+
+        assert [threading.get_ident()] == ran
 
     def test_each_thread_has_its_own_stack(self, spawn):
         """Scopes entered on one thread are invisible to another."""
@@ -514,11 +474,11 @@ class TestRequestSlowPath:
         """Signals that request the slow path mid-bookkeeping are never overwritten.
 
         A timer signal fires every 50 µs while this thread keeps cancelling and
-        exiting scopes, which rewrites ``_pending`` and the hot-path bodies each
+        exiting scopes, which rewrites ``_pending`` and ``_shared_work`` each
         time.  A handler that runs between the read and the write of that
-        bookkeeping must still leave the hot path armed: every requested
-        callback runs at a later checkpoint, none is left waiting behind an
-        idle checkpoint.
+        bookkeeping must still leave both flags up: every requested callback
+        runs at a later checkpoint, none is left waiting behind a checkpoint
+        that returns at once.
         """
         requested = []
         ran = []
@@ -540,7 +500,7 @@ class TestRequestSlowPath:
                     # A callback waits, yet the next checkpoint would not run
                     # it?  (A signal landing between the two reads arms, never
                     # disarms, so this cannot misfire.)
-                    if _scope._deferred and not _armed():
+                    if _scope._deferred and not (_scope._pending and _scope._shared_work):
                         lost += 1
                     checkpoint()
         finally:
@@ -553,5 +513,4 @@ class TestRequestSlowPath:
         assert len(requested) == len(ran)
         assert not _scope._deferred
         assert not _scope._pending
-        assert _bodies(checkpoint)[0] is checkpoint.__code__
-        assert _bodies(is_cancelled)[0] is is_cancelled.__code__
+        assert not _scope._shared_work

@@ -966,7 +966,7 @@ class TestTimer:
         if pid == 0:  # pragma: no cover - runs in the child, which coverage does not follow
             try:
                 fired = threading.Event()
-                fresh = _timer._timer._heap == [] and _timer._timer._thread is None
+                fresh = _timer._timer is None
                 _timer.schedule(time.monotonic(), fired.set)
                 os._exit(0 if fresh and fired.wait(5) else 1)
             finally:
@@ -977,10 +977,16 @@ class TestTimer:
         assert parent_fired.wait(5)
 
     def test_reset_after_fork_replaces_the_timer(self, monkeypatch):
-        """The at-fork hook swaps in a new, idle timer."""
+        """The at-fork hook drops the timer; the next schedule makes a new, working one."""
+        _timer.schedule(time.monotonic() + 3600, lambda: None)
         monkeypatch.setattr(_timer, "_timer", _timer._timer)
+        monkeypatch.setattr(_timer, "_create_lock", _timer._create_lock)
         old = _timer._timer
         _timer._reset_after_fork()
+        dropped = _timer._timer
+        fired = threading.Event()
+        _timer.schedule(time.monotonic(), fired.set)
 
+        assert dropped is None
         assert old is not _timer._timer
-        assert [] == _timer._timer._heap
+        assert fired.wait(5)

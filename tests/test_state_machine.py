@@ -194,14 +194,16 @@ class ScopeMachine(RuleBasedStateMachine):
     def bookkeeping_matches(self) -> None:
         """The stack is our list; _pending is up exactly while an open scope is cancelled.
 
-        The hot-path functions run the body that matches the flag.
+        (No deferred work or probes exist here, so _shared_work stays down.)
+        The thread's innermost scope, which the hot path reads, is the top of
+        the stack.
         """
         assert self.scopes == _scope._get_stack()
+        assert (self.scopes[-1] if self.scopes else None) is _scope.current_scope()
         live = sum(entry["cancelled"] for entry in self.model)
         assert live == _scope._cancelled_live
         assert (live > 0) is _scope._pending
-        for function, idle, full in _scope._SWITCHED:
-            assert (full if _scope._pending else idle) is function.__code__
+        assert _scope._shared_work is False
         assert [] == self.hooks_ran
 
     def teardown(self) -> None:
@@ -214,6 +216,7 @@ class ScopeMachine(RuleBasedStateMachine):
             pending = _scope._pending
             with _scope._lock:
                 _scope._get_stack().clear()
+                _scope._local.innermost = None
                 _scope._cancelled_live = 0
                 _scope._update_pending()
 

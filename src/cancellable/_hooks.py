@@ -18,24 +18,39 @@ the injected exception, so an injection can never escape the runner.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from . import _timer
 from ._exceptions import HookTimeoutError
 from ._log import logger
 from .events import CLEANUP_FAILED, CLEANUP_TIMED_OUT
 
-if TYPE_CHECKING:
-    from ._scope import HookHandle
-
-__all__ = ["run_hooks"]
+__all__ = ["Hook", "run_hooks"]
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
 _set_async_exc.restype = ctypes.c_int
+
+
+class Hook(Protocol):
+    """What `run_hooks` runs: ``fn(*args, **kwargs)`` (a `HookHandle` is one).
+
+    A protocol rather than the handle class itself so that this module does
+    not depend on the one that registers hooks on scopes: ``_scope`` imports
+    us, never the other way round.
+    """
+
+    @property
+    def fn(self) -> Callable[..., object]: ...
+    @property
+    def args(self) -> tuple[Any, ...]: ...
+    @property
+    def kwargs(self) -> dict[str, Any]: ...
 
 
 class _Budget:
@@ -56,11 +71,60 @@ class _Budget:
             _set_async_exc(self.thread_id, HookTimeoutError)
 
 
-def _call_with_budget(hook: HookHandle, budget: float | None) -> None:
-    if budget is None:
+#: Budgets of hooks that are running now.  Only for the fork handler: a
+#: budget's lock may be held by the timer thread at the moment of a fork, and
+#: the child, which has no timer thread, would then wait for it forever.
+_running: set[_Budget] = set()
+
+
+def _after_fork_in_child() -> None:
+    # Only the forking thread survives; if it is inside a hook, that hook's
+    # budget is the one to keep (with a lock nobody holds: the timer thread
+    # that might have held it is gone, and so is the timer entry, so the
+    # budget no longer fires).  The other threads' hooks will never finish.
+    me = threading.get_ident()
+    for state in list(_running):
+        if state.thread_id == me:
+            state.lock = threading.Lock()
+        else:
+            _running.discard(state)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: Whether the one warning about budgets under gevent/eventlet was given.
+_warned_unenforced = False
+
+
+def _budgets_enforceable() -> bool:
+    # Under gevent or eventlet all greenlets share one OS thread, so an
+    # exception injected into "the hook's thread" lands in whichever greenlet
+    # runs at that moment, and the timer runs on a thread of its own that
+    # must not touch the task's (patched) locks anyway.  Budgets are then
+    # not enforced, and we say so once per process.
+    global _warned_unenforced
+    if not _timer.monkey_patched():
+        return True
+    if not _warned_unenforced:
+        _warned_unenforced = True
+        warnings.warn(
+            "cancellable: cleanup-hook time budgets (hook_timeout) are not enforced "
+            "under gevent or eventlet monkey-patching; hooks run to completion. "
+            "Give the I/O inside hooks its own timeouts.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return False
+
+
+def _call_with_budget(hook: Hook, budget: float | None) -> None:
+    if budget is None or not _budgets_enforceable():
         hook.fn(*hook.args, **hook.kwargs)
         return
     state = _Budget()
+    _running.add(state)
     handle = _timer.schedule(time.monotonic() + budget, state.expire)
     try:
         try:
@@ -69,6 +133,7 @@ def _call_with_budget(hook: HookHandle, budget: float | None) -> None:
             with state.lock:
                 state.running = False
             handle.cancel()
+            _running.discard(state)
     except HookTimeoutError:
         if state.fired:
             raise HookTimeoutError(
@@ -77,7 +142,7 @@ def _call_with_budget(hook: HookHandle, budget: float | None) -> None:
         raise
 
 
-def run_hooks(hooks: Sequence[HookHandle], budget: float | None) -> tuple[BaseException, ...]:
+def run_hooks(hooks: Sequence[Hook], budget: float | None) -> tuple[BaseException, ...]:
     """Run ``hooks`` in the given order; return the errors they raised.
 
     `KeyboardInterrupt` and `SystemExit` from a hook are re-raised, but only

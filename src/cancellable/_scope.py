@@ -15,66 +15,74 @@ asks: `_recalculate` pushes it up the stack and stores, in each scope's
 The hot path
 ------------
 
-`checkpoint` must cost about as much as an empty function call.  Its body
-tests exactly one module global, ``_pending``, and returns.  ``_pending`` is
-False unless something in this process could make a checkpoint raise:
+`checkpoint` must cost about as much as an empty function call.  It has one
+body, and while nothing is pending that body tests exactly one module global,
+``_pending``, and returns.  ``_pending`` is False unless something in this
+process could make a checkpoint raise:
 
 * some entered scope (on any thread) has been cancelled, or
 * work was handed to us from a signal handler (``_deferred``), or
 * a test probe is installed (``_probes``, see `cancellable.testing`).
 
-Only when it is True do we take the slow path, look up *this* thread's
-innermost scope and raise if it is effectively cancelled.  So a cancellation
-on one thread makes other threads' checkpoints a little slower (they take the
-slow path and find nothing) but never makes them raise.
+When it is True, the checkpoint answers the common case in place: "nothing
+for this thread".  That is what every *other* thread sees while one thread's
+scope is cancelled (its hooks may run for seconds), so it must stay cheap:
+one read of ``_shared_work`` (deferred work or probes, which concern every
+thread), one read of this thread's innermost scope from ``_local`` and one
+slot read of that scope's ``_effective_reason``.  Only if one of them says
+so do we call `_slow_checkpoint`, which does the work and raises.  A
+cancellation on one thread therefore makes other threads' checkpoints a
+little slower but never makes them raise: a thread only ever looks at its
+own innermost scope.
 
-On CPython 3.10 to 3.12 we go one step further (``_SWITCH_BODIES``): while
-``_pending`` is False, `checkpoint` and `is_cancelled` run an *idle* body
-that reads no flag at all (``return _CHECKPOINT_CONTEXT``, ``return
-False``), and `_set_pending` puts the full body back, by assigning
-``__code__``, when the flag goes up.  The flag test is about a fifth of an
-empty call on 3.11; the switch costs nothing per call, only a couple of
-attribute stores when a cancellation starts or ends.  It is safe because
-the full body is correct on its own: the switch only ever drops a test that
-would have been False.  Assigning ``__code__`` is one store, atomic under
-the GIL; a thread already inside the old body finishes it, as if it had read
-the flag a moment earlier.  3.13 and later stop specialising calls to a
-function whose ``__code__`` was ever assigned, which costs more than the
-test saves, so there (and on other interpreters) the full body stays.
+There used to be a second, "idle" body on CPython 3.10-3.12, switched in by
+assigning ``__code__``; it saved about 2 ns per call on 3.11-3.12 and cost
+`inspect.getsource`, debuggers, profilers and audit hooks their
+straightforward view of the function.  Simple beats clever: see
+``docs/design.md``.
 
 Invariants (all mutations happen under ``_lock``, except where noted):
 
-1. ``_pending`` is True whenever ``_cancelled_live > 0``, ``_deferred`` is
-   non-empty, or ``_probes`` is non-empty.  It may be True spuriously for a
-   moment; it is never False while one of those holds, once the writer has
-   finished `_update_pending`.  While ``_pending`` is True, `checkpoint` and
-   `is_cancelled` run their full bodies; only `_set_pending` writes the flag
-   or switches the bodies.
+1. ``_pending`` is True whenever ``_cancelled_live > 0`` or
+   ``_shared_work`` is True; ``_shared_work`` is True whenever ``_deferred``
+   or ``_probes`` is non-empty.  Either may be True spuriously for a moment;
+   neither is ever False while its condition holds, once the writer has
+   finished `_update_pending`.
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
    ``_stack[_depth] is scope`` while it is entered.
-4. Signal handlers never take ``_lock``: a handler runs on the main thread
+4. For every thread that has used this module, ``_local.innermost is
+   (_local.stack[-1] if _local.stack else None)`` outside `CancelScope.__enter__`
+   and `CancelScope._close`, the only writers.  Both run on the owning thread
+   (a ``threading.local`` can only be written by its own thread), which is why
+   another thread's cancel reaches a checkpoint through the innermost scope's
+   ``_effective_reason`` slot and not through ``_local``.
+5. Signal handlers never take ``_lock``: a handler runs on the main thread
    between two bytecodes, possibly while that thread holds the lock.  They use
-   `request_slow_path`, which only appends to a deque and arms the hot path.
-   `_update_pending` re-reads ``_deferred`` after writing ``_pending`` so a
+   `request_slow_path`, which only appends to a deque and raises the flags.
+   `_update_pending` re-reads ``_deferred`` after writing the flags so a
    handler that ran in between is not lost.
-5. Hooks and logging run outside ``_lock``.
+6. Hooks and logging run outside ``_lock``.
+7. No lock is ever held across ``os.fork()``: `_before_fork` takes ``_lock``
+   and releases it after the fork in the parent; the child gets a new lock
+   and bookkeeping recomputed from the one thread it has (`_after_fork_in_child`).
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import sys
+import os
 import threading
 import time
 from collections.abc import Callable
-from types import CodeType, FunctionType, TracebackType
+from types import TracebackType
 from typing import Any, Final, Literal
 
 from . import _config, _timer
 from ._exceptions import Cancelled, CancelReason, TooSlowError
+from ._hooks import run_hooks
 from ._log import logger
 from .events import CANCEL_OBSERVED, CANCEL_REQUESTED, SCOPE_CANCELLED
 
@@ -96,51 +104,58 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Process-wide state.  See the invariants in the module docstring.
 
-#: Whether checkpoints must take the slow path: the one flag the hot path
-#: reads.  Module global on purpose: LOAD_GLOBAL of a module attribute is the
-#: cheapest read CPython has from inside a function.  Written only by
-#: `_set_pending`.
+#: Whether checkpoints must look further: the one flag the hot path reads
+#: while nothing is pending.  Module global on purpose: LOAD_GLOBAL of a
+#: module attribute is the cheapest read CPython has from inside a function.
 _pending: bool = False
+#: Whether deferred work or probes wait: things every thread's next
+#: checkpoint must do, whatever its own scopes say.
+_shared_work: bool = False
 
-_lock: Final = threading.RLock()
+#: Guards the bookkeeping below and every scope's state.  Not Final: the
+#: child of a fork gets a new one (invariant 7).
+_lock = threading.RLock()
+#: Per thread: ``stack``, the entered scopes (innermost last), and
+#: ``innermost``, the last of them or None (invariant 4).  Both are set
+#: together, by `_init_thread`, the first time a thread needs them.
 _local: Final = threading.local()
 _cancelled_live: int = 0
 _deferred: collections.deque[Callable[[], object]] = collections.deque()
 _probes: list[Callable[[], object]] = []
 
 
-def _set_pending(value: bool) -> None:
-    # The only writer of _pending and of the hot-path bodies (invariant 1).
-    # Takes no lock: request_slow_path calls it from signal handlers.  Writes
-    # a body only when it changes: every write makes CPython re-specialise
-    # the call sites, and scopes that are entered and exited without being
-    # cancelled call us too.
-    global _pending
-    _pending = value
-    for function, idle, full in _SWITCHED:
-        body = full if value else idle
-        if function.__code__ is not body:
-            function.__code__ = body
-
-
 def _update_pending() -> None:
-    # Caller holds _lock.
-    _set_pending(bool(_cancelled_live or _deferred or _probes))
+    # Caller holds _lock.  The only writer of the flags besides
+    # request_slow_path, which only ever raises them (invariant 5).
+    global _pending, _shared_work
+    _shared_work = bool(_deferred or _probes)
+    _pending = _shared_work or _cancelled_live > 0
     if _deferred:
         # A signal handler may have appended between the read above and the
-        # write (invariant 4): arm again so its wake-up is not overwritten.
-        _set_pending(True)
+        # writes (invariant 5): raise the flags again so its wake-up is not
+        # overwritten.
+        _shared_work = _pending = True
 
 
 def request_slow_path(callback: Callable[[], object]) -> None:
     """Run ``callback()`` at the next checkpoint or `is_cancelled` call.
 
-    Safe to call from a signal handler: it takes no lock and does no I/O.
-    The callback runs on whichever thread checks first, outside the lock; it
-    usually cancels a scope.
+    Safe to call from a signal handler and from threads that must not take
+    this module's lock (the timer's OS thread under gevent or eventlet): it
+    takes no lock and does no I/O.  The callback runs on whichever thread
+    checks first, outside the lock; it usually cancels a scope.
     """
+    global _pending, _shared_work
+    # Append first, raise the flags second: a checkpoint that sees the flags
+    # up finds the callback (invariant 1).
     _deferred.append(callback)
-    _set_pending(True)
+    _shared_work = True
+    _pending = True
+
+
+# Under gevent/eventlet the timer runs on an OS thread of its own, which must
+# not take our (patched) lock: it hands deadlines to us through this door.
+_timer.set_handoff(request_slow_path)
 
 
 def _run_deferred() -> None:
@@ -157,11 +172,21 @@ def _run_deferred() -> None:
         _update_pending()
 
 
+def _init_thread() -> list[CancelScope]:
+    # First use of this module on the calling thread: give it an empty stack
+    # and no innermost scope (invariant 4).  Afterwards both attributes exist
+    # for this thread, so the reads below never raise again.
+    stack: list[CancelScope] = []
+    _local.stack = stack
+    _local.innermost = None
+    return stack
+
+
 def _get_stack() -> list[CancelScope]:
     try:
         stack: list[CancelScope] = _local.stack
     except AttributeError:
-        stack = _local.stack = []
+        stack = _init_thread()
     return stack
 
 
@@ -170,8 +195,12 @@ def current_scope() -> CancelScope | None:
 
     .. versionadded:: 0.1.0
     """
-    stack = _get_stack()
-    return stack[-1] if stack else None
+    try:
+        scope: CancelScope | None = _local.innermost
+    except AttributeError:
+        _init_thread()
+        scope = None
+    return scope
 
 
 # --------------------------------------------------------------------------
@@ -217,17 +246,21 @@ def checkpoint() -> _CheckpointContext:
 
     .. versionadded:: 0.1.0
     """
-    # Hot path: one global load and a branch.  Keep it that way; everything
-    # else belongs in _slow_checkpoint.  (On CPython 3.10-3.12 even the load
-    # is skipped while nothing is pending: _checkpoint_idle runs instead.)
+    # Hot path: while nothing is pending, one global load and a branch.  Keep
+    # it that way; everything that does work belongs in _slow_checkpoint.
     if _pending:
-        _slow_checkpoint()
-    return _CHECKPOINT_CONTEXT
-
-
-def _checkpoint_idle() -> _CheckpointContext:
-    # checkpoint()'s body while nothing is pending, where _SWITCH_BODIES
-    # holds (see "The hot path" in the module docstring).
+        # Something in the process is pending, most often another thread's
+        # cancelled scope.  Say "nothing for this thread" here, in three
+        # cheap reads (invariants 1 and 4), rather than in _slow_checkpoint:
+        # a second call would cost as much as all of them.  Reading a stale
+        # value is fine: it is the answer a moment earlier.
+        try:
+            scope = _local.innermost
+        except AttributeError:  # first checkpoint on this thread
+            _init_thread()
+            scope = None
+        if _shared_work or (scope is not None and scope._effective_reason is not None):
+            _slow_checkpoint()
     return _CHECKPOINT_CONTEXT
 
 
@@ -237,9 +270,8 @@ def _slow_checkpoint() -> None:
     if _probes:
         for probe in tuple(_probes):
             probe()
-    stack = _get_stack()
-    if stack:
-        scope = stack[-1]
+    scope = current_scope()
+    if scope is not None:
         # Read the reason once and raise with what was read: another thread
         # may un-cancel the scope (by setting .shield) between two reads.
         reason = scope._effective_reason
@@ -256,52 +288,58 @@ def is_cancelled() -> bool:
 
     .. versionadded:: 0.1.0
     """
+    # The same shape as checkpoint(); probes count checkpoints only.
     if not _pending:
         return False
     if _deferred:
         _run_deferred()
-    stack = _get_stack()
-    return bool(stack) and stack[-1]._effective_reason is not None
+    try:
+        scope = _local.innermost
+    except AttributeError:
+        _init_thread()
+        scope = None
+    return scope is not None and scope._effective_reason is not None
 
 
-def _is_cancelled_idle() -> bool:
-    # is_cancelled()'s body while nothing is pending, where _SWITCH_BODIES holds.
-    return False
+#: Always empty: there is one body per function now.  Kept only because the
+#: ``checkpoint.flag_test`` setup in ``benchmarks/cases.py`` still iterates it
+#: (there, now, it changes nothing); remove it together with that case.
+_SWITCHED: Final[tuple[()]] = ()
 
 
-#: Whether `_set_pending` switches the hot-path functions to idle bodies
-#: while nothing is pending.  CPython 3.10-3.12 only: 3.13 and later never
-#: specialise calls to a function again once its ``__code__`` was assigned,
-#: and on other interpreters it is unmeasured (PyPy's JIT would throw away
-#: compiled loops at every switch, and treats a rarely written global as a
-#: constant anyway).
-_SWITCH_BODIES: Final = sys.implementation.name == "cpython" and sys.version_info < (3, 13)
+# --------------------------------------------------------------------------
+# Fork safety (invariant 7).
 
 
-def _switchable(
-    public: Callable[..., object], idle: Callable[..., object]
-) -> tuple[FunctionType, CodeType, CodeType]:
-    # (function, idle body, full body).  The idle body takes the public
-    # function's names, so that profilers show the name the user called.
-    assert isinstance(public, FunctionType)
-    assert isinstance(idle, FunctionType)
-    if sys.version_info >= (3, 11):
-        idle_code = idle.__code__.replace(co_name=public.__name__, co_qualname=public.__qualname__)
-    else:  # pragma: no cover - Python 3.10 has no co_qualname
-        idle_code = idle.__code__.replace(co_name=public.__name__)
-    return public, idle_code, public.__code__
+def _before_fork() -> None:
+    # Wait for any other thread to leave its critical section, so the child
+    # never inherits _lock held by a thread it does not have.
+    _lock.acquire()
 
 
-#: The functions `_set_pending` switches, with their idle and full bodies.
-_SWITCHED: Final = (
-    (
-        _switchable(checkpoint, _checkpoint_idle),
-        _switchable(is_cancelled, _is_cancelled_idle),
+def _after_fork_in_parent() -> None:
+    _lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # The child has one thread: the one that forked.  Other threads' scopes
+    # were copied with the memory but will never run, exit or check again,
+    # so only this thread's stack counts: a cancelled scope of another thread
+    # must not keep every checkpoint of the child on the slow path.  The
+    # parent's _lock is held by this thread (_before_fork); rather than
+    # release a lock object that other copied state may refer to, start over.
+    global _lock, _cancelled_live
+    _lock = threading.RLock()
+    _cancelled_live = sum(1 for scope in _get_stack() if scope._counted)
+    _update_pending()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
     )
-    if _SWITCH_BODIES
-    else ()
-)
-_set_pending(False)
 
 
 # --------------------------------------------------------------------------
@@ -517,6 +555,7 @@ class CancelScope:
             self._depth = len(stack)
             self._thread = threading.get_ident()
             stack.append(self)
+            _local.innermost = self
             self._state = _ENTERED
             if self._cancel_reason is not None:
                 self._counted = True
@@ -604,8 +643,12 @@ class CancelScope:
     def _close(self) -> None:
         # Caller holds _lock.  Pop self from its stack and forget it.
         global _cancelled_live
-        assert self._stack is not None
-        self._stack.pop()
+        stack = self._stack
+        assert stack is not None
+        stack.pop()
+        # Runs on the owning thread (__exit__ checked), so _local is the
+        # right thread's (invariant 4).
+        _local.innermost = stack[-1] if stack else None
         self._state = _EXITED
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
@@ -662,8 +705,6 @@ class CancelScope:
         return Cancelled(reason)
 
     def _run_hooks(self) -> tuple[BaseException, ...]:
-        from ._hooks import run_hooks
-
         hooks = list(reversed(self._hooks))
         self._hooks.clear()
         errors: tuple[BaseException, ...] = ()
