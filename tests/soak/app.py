@@ -6,9 +6,7 @@ file, ``$SOAK_RUN_DIR/events/<task id>.jsonl``:
 
 ``started``
     the body began: ``pid``, ``attempt`` (1 + the ``started`` lines already
-    in the file), ``redelivered`` (the broker's flag), ``ledger_seen`` (did
-    the ledger already hold a cancellation for this id when the body began;
-    evidence only, the audit does not depend on it);
+    in the file), ``redelivered`` (the broker's flag) and ``hostname``;
 ``checkpoint_raised``
     a checkpoint raised `Cancelled` (``reason`` is the scope's reason);
 ``hook_ran`` / ``hook_done``
@@ -42,9 +40,6 @@ app = app_from_env()
 
 EVENTS_DIR = Path(os.environ.get(ENV_PREFIX + "RUN_DIR", "/nonexistent")) / "events"
 WITH_CANCELLABLE = os.environ.get(ENV_PREFIX + "WITH_CANCELLABLE", "1") != "0"
-LEDGER_PREFIX = f"cancellable:{app.main}:task:"
-
-_ledger_client: dict[int, Any] = {}
 
 
 def event(task_id: str, run: str, ev: str, **fields: Any) -> None:
@@ -66,22 +61,6 @@ def _attempt(task_id: str) -> int:
     return 1 + text.count('"ev": "started"')
 
 
-def _ledger_seen(task_id: str) -> bool | None:
-    """Whether the ledger (documented layout) holds this id; None if Redis is down."""
-    pid = os.getpid()
-    client = _ledger_client.get(pid)
-    try:
-        if client is None:
-            import redis
-
-            client = _ledger_client[pid] = redis.Redis.from_url(
-                os.environ[ENV_PREFIX + "REDIS_URL"], socket_timeout=1, socket_connect_timeout=1
-            )
-        return bool(client.exists(LEDGER_PREFIX + task_id))
-    except Exception:
-        return None
-
-
 def start(task: Any) -> tuple[str, str]:
     """Record ``started`` for this execution; return (task id, run token)."""
     task_id = task.request.id
@@ -93,7 +72,6 @@ def start(task: Any) -> tuple[str, str]:
         "started",
         attempt=_attempt(task_id),
         redelivered=bool(delivery.get("redelivered")),
-        ledger_seen=_ledger_seen(task_id),
         hostname=task.request.hostname,
     )
     return task_id, run

@@ -79,7 +79,6 @@ class Run:
     started: float
     attempt: int
     redelivered: bool
-    ledger_seen: bool | None
     finished: float | None = None
     raised: float | None = None
     hooks: int = 0
@@ -193,7 +192,6 @@ def runs_of(events: list[dict[str, Any]], kills: list[KillRecord]) -> tuple[list
                 started=float(e["ts"]),
                 attempt=int(e.get("attempt", 0)),
                 redelivered=bool(e.get("redelivered")),
-                ledger_seen=e.get("ledger_seen"),
             )
             continue
         run = runs.get(token)
@@ -222,7 +220,7 @@ def describe_runs(runs: list[Run], origin: float | None) -> list[str]:
 
     return [
         f"run {r.token} pid {r.pid} attempt {r.attempt} redelivered={r.redelivered} "
-        f"ledger_seen={r.ledger_seen} started {at(r.started)} finished {at(r.finished)} "
+        f"started {at(r.started)} finished {at(r.finished)} "
         f"raised {at(r.raised)} hooks {r.hooks}/{r.hooks_done} killed={r.killed}"
         for r in runs
     ]

@@ -48,6 +48,32 @@ class Pending:
     group_result: Any = None
 
 
+def code_version() -> str:
+    """The commit under test, and whether src/ has uncommitted changes."""
+    import subprocess
+
+    from .harness import REPO_ROOT
+
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}{' + uncommitted changes in src/' if dirty else ''}"
+
+
 class Soak:
     def __init__(self, plan: Plan, run_dir: Path, *, with_cancellable: bool = True) -> None:
         self.plan = plan
@@ -551,6 +577,7 @@ class Soak:
 
     def write_records(self) -> None:
         data = {
+            "code": code_version(),
             "mode": dataclasses.asdict(self.mode),
             "timings": self.timings,
             "tasks": {t: dataclasses.asdict(r) for t, r in self.tasks.items()},

@@ -114,6 +114,10 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
     )
 
 
+#: The kinds of a group's members.
+GROUP_WEIGHTS = {"short": 0.8, "long": 0.1, "slow_cleanup": 0.1}
+
+
 @dataclasses.dataclass
 class Action:
     at: float  # seconds after the schedule starts
@@ -183,10 +187,12 @@ def make_plan(mode: Mode) -> Plan:
         )
     for _ in range(mode.groups):
         size = rng.randint(*mode.group_size)
-        members = [
-            TaskRecord(new_id(rng), "short", task_args("short", mode, rng), 0.0)
-            for _ in range(size)
-        ]
+        # Mostly short tasks, with some long and slow-cleanup ones, so that
+        # members are still running when the group is cancelled.
+        members = []
+        for _ in range(size):
+            kind = rng.choices(list(GROUP_WEIGHTS), list(GROUP_WEIGHTS.values()))[0]
+            members.append(TaskRecord(new_id(rng), kind, task_args(kind, mode, rng), 0.0))
         actions.append(
             Action(
                 round(rng.uniform(0.1, 0.8) * mode.duration, 3),

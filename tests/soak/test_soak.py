@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .driver import Soak
+from .driver import Soak, code_version
 from .harness import RedisServer
 from .plan import ENV_DIR, make_plan, mode_from_env
 
@@ -41,7 +41,7 @@ def test_soak(run_dir: Path) -> None:
     """Every promise of docs/reliability.md holds over a seeded run with faults."""
     if RedisServer.binary() is None:
         pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
-    header = f"soak {MODE.describe()} run_dir={run_dir}"
+    header = f"soak {MODE.describe()} code={code_version()} run_dir={run_dir}"
     print(f"\n{header}", flush=True)
     began = time.monotonic()
     soak = Soak(make_plan(MODE), run_dir)
