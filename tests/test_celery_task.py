@@ -25,7 +25,12 @@ from cancellable import Cancelled, cancellable, checkpoint, current_scope, on_ca
 @pytest.fixture(name="app")
 def app_fixture() -> Iterator[Celery]:
     """An in-memory app: tasks run in this process through Celery's tracer."""
-    app = Celery(f"tb-{uuid.uuid4().hex[:8]}", broker="memory://", backend="cache+memory://")
+    app = Celery(
+        f"tb-{uuid.uuid4().hex[:8]}",
+        broker="memory://",
+        backend="cache+memory://",
+        set_as_current=False,
+    )
     app.conf.cancellable_ledger_url = "none"
     yield app
     app.close()
@@ -38,7 +43,7 @@ class TestBoundary:
         """Hooks run, the state is REVOKED with the reason, and the trace is 'ignored'."""
         ran: list[str] = []
 
-        @app.task(bind=True)
+        @app.task(bind=True, shared=False)
         @cancellable
         def job(self: Any) -> str:
             on_cancel(ran.append, "hook")
@@ -66,7 +71,7 @@ class TestBoundary:
         """Traced as a worker traces (not eagerly), a cancelled task raises Ignore:
         Celery stores nothing over the REVOKED state the boundary stored."""
 
-        @app.task(bind=True)
+        @app.task(bind=True, shared=False)
         @cancellable
         def job(self: Any) -> str:
             current_scope().cancel("stop now")  # type: ignore[union-attr]
@@ -85,7 +90,7 @@ class TestBoundary:
         """A body that catches Cancelled and calls self.retry() still ends REVOKED."""
         runs: list[int] = []
 
-        @app.task(bind=True, max_retries=3)
+        @app.task(bind=True, max_retries=3, shared=False)
         @cancellable
         def job(self: Any) -> None:
             runs.append(self.request.retries)
@@ -113,7 +118,7 @@ class TestBoundary:
         def receiver(**kwargs: Any) -> None:
             calls.append(kwargs)
 
-        @app.task(bind=True, autoretry_for=(Exception,), max_retries=3)
+        @app.task(shared=False, bind=True, autoretry_for=(Exception,), max_retries=3)
         @cancellable
         def job(self: Any) -> None:
             runs.append(self.request.retries)
@@ -141,7 +146,7 @@ class TestBoundary:
 
         seen: list[bool] = []
 
-        @app.task
+        @app.task(shared=False)
         @cancellable
         def job() -> None:
             seen.append(current_task.request.revoked())
@@ -157,7 +162,7 @@ class TestBoundary:
         """A task whose id is in the revoked set never runs its body."""
         ran: list[bool] = []
 
-        @app.task
+        @app.task(shared=False)
         @cancellable
         def job() -> None:
             ran.append(True)
@@ -183,7 +188,7 @@ class TestBoundary:
             while True:
                 checkpoint()
 
-        @app.task
+        @app.task(shared=False)
         @cancellable
         def job() -> None:
             helper()
@@ -196,7 +201,7 @@ class TestBoundary:
     def test_direct_call_is_a_plain_scope(self, app: Celery) -> None:
         """Calling the task function directly (no worker) cancels like any call."""
 
-        @app.task
+        @app.task(shared=False)
         @cancellable
         def job() -> None:
             current_scope().cancel("direct")  # type: ignore[union-attr]
@@ -214,7 +219,7 @@ class TestBoundary:
         app.conf.redis_socket_connect_timeout = 0.5
         app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 0}}
 
-        @app.task(store_errors_even_if_ignored=True)
+        @app.task(store_errors_even_if_ignored=True, shared=False)
         @cancellable
         def job() -> None:
             current_scope().cancel()  # type: ignore[union-attr]

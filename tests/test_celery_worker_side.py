@@ -590,7 +590,7 @@ class TestLedgerPoll:
         process (threads pool), found through the registry."""
         group = str(uuid.uuid4())
         added = _index.index.add([("group", group)], CancelReason(message="group"))
-        with running("in-group", group_id=group) as entry, running("not-in-group") as other:
+        with running("in-group", group=group) as entry, running("not-in-group") as other:
             delivered = _worker.deliver_targets(added)
 
         assert 1 == delivered

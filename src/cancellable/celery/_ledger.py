@@ -26,8 +26,10 @@ Ordering by the store, never by a clock
 Expiry
     Entries older than the TTL are dropped on read and trimmed from the
     store from time to time.  Redis entries are aged by the server's clock
-    (the time in the stream id), file entries by the clock of the machine
-    that holds the file.
+    (the time in the stream id).  File entries are aged by the time their
+    writer stamped on them: the file ledger serves the processes of one
+    machine, which share a clock.  (Expiry is the only thing a clock decides;
+    ordering never depends on one.)
 
 Where it lives, in order of preference:
 
@@ -240,7 +242,7 @@ class RedisLedger:
         try:
             reason = CancelReason.from_dict(json.loads(values["reason"]))
             targets = _decode_targets(values["targets"])
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None  # not ours, or damaged: skip it rather than stop reading
         return Entry(targets, reason, recorded_ms / 1000.0)
 
@@ -380,7 +382,7 @@ class FileLedger:
                 for kind, target_id in data["targets"]
                 if kind in _KINDS and isinstance(target_id, str)
             )
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None
         if now - recorded_at > self._ttl:
             return None

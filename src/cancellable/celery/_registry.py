@@ -24,7 +24,8 @@ class RunningTask:
     task_id: str
     task_name: str
     scope: _scope.CancelScope
-    group_id: str | None = None
+    #: The task's group and workflow root ids (named as on Celery's requests).
+    group: str | None = None
     root_id: str | None = None
     started_at: float = field(default_factory=time.time)
     #: When the cancellation reached this process (seconds since the epoch).

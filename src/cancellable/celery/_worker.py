@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any, Final
 
-from celery import signals
+from celery import bootsteps, signals
 from celery.utils.functional import maybe_list
 from celery.worker import state as worker_state
 from celery.worker.control import Panel
@@ -314,14 +314,42 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
                 _warn_prefork("the pool does not fork its children (spawn start method)")
         _poller = _Poller(app)
         _poller.start()
+        # Celery sends worker_shutdown only on a warm stop; a bootstep hears
+        # every way a worker ends (warm, cold, embedded workers' terminate()).
+        app.steps["worker"].add(_PollerStep)
+
+
+def _stop_poller(app: Any = None) -> None:
+    global _poller
+    with _poller_lock:
+        if _poller is not None and (app is None or app is _poller.app):
+            _poller.stop()
+            _poller = None
 
 
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
-    global _poller
-    with _poller_lock:
-        if _poller is not None and (sender is None or getattr(sender, "app", None) is _poller.app):
-            _poller.stop()
-            _poller = None
+    _stop_poller(getattr(sender, "app", None))
+
+
+class _PollerStep(bootsteps.StartStopStep):
+    """Stops this worker's poller however the worker ends."""
+
+    label = "cancellable-poller"
+
+    def start(self, parent: Any) -> None:
+        """Nothing to start: the poller runs from ``worker_init`` on."""
+
+    def stop(self, parent: Any) -> None:
+        """Warm shutdown."""
+        _stop_poller(getattr(parent, "app", None))
+
+    def terminate(self, parent: Any) -> None:
+        """Cold shutdown (also ``WorkController.terminate()``)."""
+        _stop_poller(getattr(parent, "app", None))
+
+    def shutdown(self, parent: Any) -> None:
+        """Final teardown."""
+        _stop_poller(getattr(parent, "app", None))
 
 
 def _is_prefork(sender: Any) -> bool:
