@@ -58,7 +58,7 @@ class TestBoundary:
 
         assert ["hook"] == ran
         assert "FAILURE" == result.state
-        with pytest.raises(TaskRevokedError, match="^manual: stop now$"):
+        with pytest.raises(TaskRevokedError, match=r"^manual: stop now$"):
             result.get()
         assert "REVOKED" == app.AsyncResult(result.id).state
         assert "manual: stop now" == str(app.AsyncResult(result.id).result)

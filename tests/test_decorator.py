@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 import threading
 import time
 
@@ -16,7 +15,6 @@ from cancellable import (
     Cancelled,
     CancelScope,
     HookTimeoutError,
-    _config,
     _decorator,
     cancellable,
     checkpoint,

@@ -331,7 +331,7 @@ def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
     _stop_poller(getattr(sender, "app", None))
 
 
-class _PollerStep(bootsteps.StartStopStep):
+class _PollerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Stops this worker's poller however the worker ends."""
 
     label = "cancellable-poller"
