@@ -21,8 +21,8 @@ interleave and a run killed with SIGKILL leaves every line it wrote complete.
 The events are written straight to a local file, not to Redis, so they are
 recorded while Redis restarts.
 
-``SOAK_WITH_CANCELLABLE=0`` registers only the plain Celery task, for the
-harness self-test.
+``SOAK_WITH_CANCELLABLE=0`` registers the same tasks without the library
+(checkpoints and hooks do nothing), for the harness self-tests.
 """
 
 from __future__ import annotations
@@ -98,64 +98,85 @@ if WITH_CANCELLABLE:
     from cancellable.celery import configure
 
     configure(app, ledger_url=os.environ[ENV_PREFIX + "REDIS_URL"], poll_interval=0.5)
+else:
+    # The same tasks without the library (checkpoints and hooks do nothing):
+    # a soak over these shows that the audit catches tasks that do not stop.
 
-    def hook(task_id: str, run: str, seconds: float) -> None:
-        """The cleanup hook: records that it ran (and, after ``seconds``, that it ended)."""
-        event(task_id, run, "hook_ran")
-        if seconds:
-            time.sleep(seconds)
-        event(task_id, run, "hook_done")
+    class Cancelled(BaseException):  # type: ignore[no-redef]
+        reason: Any
 
-    def checkpoints(task_id: str, run: str, count: int | None, seconds: float, step: float) -> None:
-        """``count`` checkpoints ``step`` apart, or checkpoints for ``seconds``."""
-        n = 0
-        end = time.monotonic() + seconds
-        try:
-            while (n < count) if count is not None else (time.monotonic() < end):
-                checkpoint()
-                n += 1
-                time.sleep(step)
+    def cancellable(fn: Any) -> Any:  # type: ignore[no-redef]
+        return fn
+
+    def checkpoint() -> None:  # type: ignore[no-redef]
+        pass
+
+    def on_cancel(*args: Any, **kwargs: Any) -> None:  # type: ignore[no-redef]
+        pass
+
+
+def hook(task_id: str, run: str, seconds: float) -> None:
+    """The cleanup hook: records that it ran (and, after ``seconds``, that it ended)."""
+    event(task_id, run, "hook_ran")
+    if seconds:
+        time.sleep(seconds)
+    event(task_id, run, "hook_done")
+
+
+def checkpoints(task_id: str, run: str, count: int | None, seconds: float, step: float) -> None:
+    """``count`` checkpoints ``step`` apart, or checkpoints for ``seconds``."""
+    n = 0
+    end = time.monotonic() + seconds
+    try:
+        while (n < count) if count is not None else (time.monotonic() < end):
             checkpoint()
-        except Cancelled as exc:
-            event(task_id, run, "checkpoint_raised", n=n, reason=exc.reason.describe())
-            raise
+            n += 1
+            time.sleep(step)
+        checkpoint()
+    except Cancelled as exc:
+        event(task_id, run, "checkpoint_raised", n=n, reason=exc.reason.describe())
+        raise
 
-    @app.task(bind=True, name="soak.short")
-    @cancellable
-    def short(self: Any, count: int, step: float) -> str:
-        """A few checkpoints, well under half a second."""
-        task_id, run = start(self)
-        on_cancel(hook, task_id, run, 0.0)
-        checkpoints(task_id, run, count, 0.0, step)
-        event(task_id, run, "finished")
-        return "short"
 
-    @app.task(bind=True, name="soak.long")
-    @cancellable
-    def long(self: Any, seconds: float) -> str:
-        """A checkpoint loop for ``seconds``."""
-        task_id, run = start(self)
-        on_cancel(hook, task_id, run, 0.0)
-        checkpoints(task_id, run, None, seconds, 0.05)
-        event(task_id, run, "finished")
-        return "long"
+@app.task(bind=True, name="soak.short")
+@cancellable
+def short(self: Any, count: int, step: float) -> str:
+    """A few checkpoints, well under half a second."""
+    task_id, run = start(self)
+    on_cancel(hook, task_id, run, 0.0)
+    checkpoints(task_id, run, count, 0.0, step)
+    event(task_id, run, "finished")
+    return "short"
 
-    @app.task(bind=True, name="soak.slow_cleanup")
-    @cancellable
-    def slow_cleanup(self: Any, seconds: float, hook_seconds: float) -> str:
-        """A checkpoint loop whose hook takes ``hook_seconds``."""
-        task_id, run = start(self)
-        on_cancel(hook, task_id, run, hook_seconds)
-        checkpoints(task_id, run, None, seconds, 0.05)
-        event(task_id, run, "finished")
-        return "slow_cleanup"
 
-    @app.task(bind=True, name="soak.no_checkpoint")
-    @cancellable
-    def no_checkpoint(self: Any, seconds: float) -> str:
-        """Sleeps without a checkpoint: cannot be stopped cooperatively."""
-        task_id, run = start(self)
-        on_cancel(hook, task_id, run, 0.0)
-        sleep_blind(seconds)
-        event(task_id, run, "finished")
-        return "no_checkpoint"
+@app.task(bind=True, name="soak.long")
+@cancellable
+def long(self: Any, seconds: float) -> str:
+    """A checkpoint loop for ``seconds``."""
+    task_id, run = start(self)
+    on_cancel(hook, task_id, run, 0.0)
+    checkpoints(task_id, run, None, seconds, 0.05)
+    event(task_id, run, "finished")
+    return "long"
+
+
+@app.task(bind=True, name="soak.slow_cleanup")
+@cancellable
+def slow_cleanup(self: Any, seconds: float, hook_seconds: float) -> str:
+    """A checkpoint loop whose hook takes ``hook_seconds``."""
+    task_id, run = start(self)
+    on_cancel(hook, task_id, run, hook_seconds)
+    checkpoints(task_id, run, None, seconds, 0.05)
+    event(task_id, run, "finished")
+    return "slow_cleanup"
+
+
+@app.task(bind=True, name="soak.no_checkpoint")
+@cancellable
+def no_checkpoint(self: Any, seconds: float) -> str:
+    """Sleeps without a checkpoint: cannot be stopped cooperatively."""
+    task_id, run = start(self)
+    on_cancel(hook, task_id, run, 0.0)
+    sleep_blind(seconds)
+    event(task_id, run, "finished")
+    return "no_checkpoint"

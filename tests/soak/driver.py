@@ -515,7 +515,11 @@ class Soak:
     def outstanding(self) -> dict[str, Any]:
         client = self.redis.client()
         try:
-            queued = sum(int(client.llen(k)) for k in client.scan_iter(match=f"{self.queue}*"))
+            queued = sum(
+                int(client.llen(k))
+                for k in client.scan_iter(match=f"{self.queue}*")
+                if client.type(k) == b"list"
+            )
             unacked = int(client.hlen("unacked"))
         finally:
             client.close()

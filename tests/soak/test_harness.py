@@ -1,5 +1,5 @@
-"""The harness on plain Celery (no cancellable in the worker): what the soak
-relies on holds before the library is involved.
+"""The harness on tasks that do not use the library: what the soak relies on
+holds before ``@cancellable`` is involved.
 
 * a private AOF Redis keeps queued messages across a restart;
 * the event files record every execution, and a SIGKILLed run is told
@@ -7,12 +7,19 @@ relies on holds before the library is involved.
   follows (``task_reject_on_worker_lost``);
 * ``app.control.revoke`` of queued tasks keeps them from starting, and the
   backend (read with ``cache=False``) says REVOKED;
-* the audit passes all of this, with the running revoked plain task
-  judged as a no-checkpoint task (Celery cannot stop it; it ends SUCCESS).
+* the audit passes all of this, and it flags tasks that do not stop.
+
+The workers here run with ``SOAK_WITH_CANCELLABLE=0``: the task module does
+not import `cancellable`, and its tasks are not ``@cancellable``.  The
+worker's main process still loads the integration, because ``celery``
+imports the package's ``celery.commands`` entry point (the ``cancel``
+sub-command) at start-up, so its revoke interceptor and ledger are there;
+what is missing is the task side (scopes, checkpoints, hooks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -23,14 +30,16 @@ from pathlib import Path
 import pytest
 
 from .audit import CancelRecord, KillRecord, TaskRecord, audit, runs_of
+from .driver import Soak
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, wait_for, worker_env
+from .plan import make_plan, mode_from_env
 from .settings import make_app
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(180)
 def test_harness_on_plain_celery(tmp_path: Path) -> None:
-    """Kill -9, redelivery, revoke of queued tasks and a Redis restart, without the library."""
+    """Kill -9, redelivery, revoke of queued tasks and a Redis restart, on plain tasks."""
     if RedisServer.binary() is None:
         pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
     uid = uuid.uuid4().hex[:8]
@@ -112,3 +121,36 @@ def test_harness_on_plain_celery(tmp_path: Path) -> None:
     report = audit(tasks, [revoke], [kill], events, metas, grace=1.0)
     assert [] == report.violations, report.summary()
     assert "after a kill -9" == next(v for v in report.verdicts if v.task_id == ids[0]).duplicate
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(180)
+def test_audit_catches_tasks_that_do_not_stop(tmp_path: Path) -> None:
+    """A small soak whose workers run the same tasks, not ``@cancellable``.
+
+    Nothing can stop such a task once it runs, so the audit must flag the
+    cancelled running ones, and nothing about the harness.
+    """
+    if RedisServer.binary() is None:
+        pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
+    mode = dataclasses.replace(
+        mode_from_env({"CANCELLABLE_SOAK_SEED": "7"}),
+        duration=8.0,
+        tasks=12,
+        workers=1,
+        child_kills=0,
+        worker_kills=0,
+        redis_restarts=0,
+        groups=0,
+        cancel_fraction=0.6,
+        long_seconds=(3.0, 4.0),
+        weights={"long": 1.0},
+        drain_timeout=30.0,
+    )
+    report = Soak(make_plan(mode), tmp_path, with_cancellable=False).run()
+    rules = {v.rule for v in report.violations}
+    print(report.summary("soak without the library (violations expected):"))
+
+    assert "a cancelled task ran on past its checkpoints" in rules, report.summary()
+    assert not {r for r in rules if r.startswith("harness") or "vanished" in r}, report.summary()
+    assert all(v.status == "SUCCESS" for v in report.verdicts if v.category == "uncancelled")
