@@ -31,6 +31,8 @@ from .harness import RedisServer, Worker, free_port, phase_of, read_events, work
 from .plan import Action, Mode, Plan
 from .settings import make_app
 
+#: How long cancel() may take to refuse a cancellation while Redis is down.
+PROBE_TIMEOUT = 5.0
 #: How often a cancel refused with BrokerUnavailableError is retried, and how far apart.
 CANCEL_RETRIES = 40
 CANCEL_RETRY_EVERY = 0.5
@@ -102,6 +104,9 @@ class Soak:
         self.t0 = 0.0
         self._starting: list[threading.Thread] = []
         self._next_supervise = 0.0
+        #: cancel() calls that blocked while Redis was down: (began, task id).
+        self.hung: list[tuple[float, str]] = []
+        self._probes: list[threading.Thread] = []
         self.children_seen: dict[str, set[int]] = {}
         self.died: set[str] = set()
         self.timings: dict[str, float] = {}
@@ -466,13 +471,29 @@ class Soak:
         began = time.time()
 
         def while_down() -> None:
-            # One cancel while Redis is down: cancel() must refuse it
-            # (BrokerUnavailableError) and it is retried after the restart.
-            if self.with_cancellable:
-                pick = self.pick("queued", 1)
-                if pick:
-                    self.cancelled.update(pick)
-                    self.issue("cancel", pick, False, retries, None)
+            # One cancel while Redis is down: cancel() must refuse it at once
+            # (BrokerUnavailableError), and it is retried after the restart.
+            # Bounded: a cancel() that blocks instead must not hold the
+            # restart up; it is reported and judged as uncertain.
+            if not self.with_cancellable:
+                return
+            pick = self.pick("queued", 1)
+            if not pick:
+                return
+            self.cancelled.update(pick)
+            late: list[Pending] = []
+            probe = threading.Thread(
+                target=self.issue, args=("cancel", pick, False, late, None), daemon=True
+            )
+            began = time.time()
+            probe.start()
+            probe.join(PROBE_TIMEOUT)
+            if probe.is_alive():
+                self.hung.append((began, pick[0]))
+                self.note(f"cancel() of {pick[0]} did not return within {PROBE_TIMEOUT}s")
+                self._probes.append(probe)
+            else:
+                retries.extend(late)
 
         self.redis.restart(float(action.params.get("down_for", 1.0)), while_down)
         client = self.redis.client()
@@ -555,11 +576,29 @@ class Soak:
         return False
 
     def audit(self, drained: bool) -> Report:
+        for probe in self._probes:
+            probe.join(timeout=30)
+        for record in self.cancels:
+            hung = any(record.task_ids == [task_id] for _, task_id in self.hung)
+            if hung and record.outcome == "issued":
+                # It returned (or failed) only after Redis came back: when it
+                # took effect is unknown, so only the weak rules apply.
+                record.outcome = "uncertain"
+                record.error = (record.error or "") + " (blocked while Redis was down)"
         metas = self.states()
         events = {t: read_events(self.events_dir, t) for t in self.tasks}
         report = audit_mod.audit(
             self.tasks, self.cancels, self.kills, events, metas, self.mode.grace
         )
+        for began, task_id in self.hung:
+            report.anomalies.append(
+                audit_mod.Violation(
+                    task_id,
+                    "cancel() blocked while the broker was down",
+                    f"called {began - self.t0:.1f}s into the run; did not raise "
+                    f"BrokerUnavailableError within {PROBE_TIMEOUT}s",
+                )
+            )
         if not drained:
             report.anomalies.append(
                 audit_mod.Violation("-", "the run did not drain", self.log[-1] if self.log else "")
