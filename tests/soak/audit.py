@@ -341,10 +341,13 @@ def audit_task(
                 flag("a stopped task did not run its hook", f"run {run.token} raised, no hook_ran")
             if run.hooks and run.raised is None:
                 flag("a hook ran without a checkpoint raising", f"run {run.token}")
-        if stopped:
-            expected = "REVOKED"
-        elif finished_before:
+        if finished_before:
+            # A run finished before the cancellation took effect: SUCCESS
+            # stands, even if a later duplicate run (a redelivery) was then
+            # stopped (the backend keeps a stored SUCCESS).
             expected = "SUCCESS"
+        elif stopped:
+            expected = "REVOKED"
         else:
             expected = "REVOKED"  # never started, or its runs were killed and not re-run
         if status in FINAL and status != expected:

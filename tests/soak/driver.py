@@ -627,6 +627,7 @@ class Soak:
             "cancels": [dataclasses.asdict(c) for c in self.cancels],
             "kills": [dict(dataclasses.asdict(k), pids=sorted(k.pids)) for k in self.kills],
             "restarts": self.restarts,
+            "hung_cancels": self.hung,
             "workers": [
                 {
                     "name": w.name,

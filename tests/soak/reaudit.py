@@ -1,0 +1,54 @@
+"""Audit a finished soak run again from its directory (after changing a rule,
+or to read a violation's evidence again):
+
+    .venv/bin/python -m tests.soak.reaudit /tmp/soak/soak-long-seed3-...
+
+It starts redis-server on the run's own AOF (``<run>/redis``) on a free
+port, reads every task's meta with ``cache=False``, stops it, and prints the
+summary.  Nothing is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .audit import CancelRecord, KillRecord, TaskRecord, Violation, audit
+from .harness import RedisServer, free_port, read_events
+from .settings import make_app
+
+
+def reaudit(run_dir: Path) -> str:
+    data = json.loads((run_dir / "records.json").read_text())
+    tasks = {t: TaskRecord(**r) for t, r in data["tasks"].items()}
+    cancels = [CancelRecord(**c) for c in data["cancels"]]
+    kills = [KillRecord(**dict(k, pids=set(k["pids"]))) for k in data["kills"]]
+    events = {t: read_events(run_dir / "events", t) for t in tasks}
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "redis"
+        shutil.copytree(run_dir / "redis", copy)
+        server = RedisServer(copy, free_port(random.Random()))
+        server.start()
+        try:
+            app = make_app(
+                main="reaudit", redis_url=server.url, queue="-", control_exchange="-",
+                visibility_timeout=30,
+            )  # fmt: skip
+            metas = {t: dict(app.backend.get_task_meta(t, cache=False)) for t in tasks}
+            app.close()
+        finally:
+            server.stop()
+    report = audit(tasks, cancels, kills, events, metas, float(data["mode"]["grace"]))
+    for began, task_id in data.get("hung_cancels", []):
+        report.anomalies.append(
+            Violation(task_id, "cancel() blocked while the broker was down", f"called at {began}")
+        )
+    return report.summary(f"re-audit of {run_dir} (code {data.get('code', '?')})")
+
+
+if __name__ == "__main__":
+    print(reaudit(Path(sys.argv[1])))
