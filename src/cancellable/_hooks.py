@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from . import _timer
@@ -142,12 +142,15 @@ def _call_with_budget(hook: Hook, budget: float | None) -> None:
         raise
 
 
-def run_hooks(hooks: Sequence[Hook], budget: float | None) -> tuple[BaseException, ...]:
+def run_hooks(
+    hooks: Sequence[Hook], budget: float | None, log_fields: Mapping[str, Any] | None = None
+) -> tuple[BaseException, ...]:
     """Run ``hooks`` in the given order; return the errors they raised.
 
     `KeyboardInterrupt` and `SystemExit` from a hook are re-raised, but only
     after every other hook has run.
     """
+    fields = dict(log_fields or {})
     errors: list[BaseException] = []
     fatal: BaseException | None = None
     for hook in hooks:
@@ -157,10 +160,12 @@ def run_hooks(hooks: Sequence[Hook], budget: float | None) -> tuple[BaseExceptio
             fatal = fatal or exc
         except HookTimeoutError as exc:
             errors.append(exc)
-            logger.warning(CLEANUP_TIMED_OUT, hook=repr(hook.fn), budget_s=budget)
+            logger.warning(CLEANUP_TIMED_OUT, hook=repr(hook.fn), budget_s=budget, **fields)
         except BaseException as exc:  # noqa: BLE001 - isolate hooks from each other
             errors.append(exc)
-            logger.warning(CLEANUP_FAILED, hook=repr(hook.fn), error=repr(exc), exc_info=exc)
+            logger.warning(
+                CLEANUP_FAILED, hook=repr(hook.fn), error=repr(exc), exc_info=exc, **fields
+            )
     if fatal is not None:
         raise fatal
     return tuple(errors)

@@ -398,6 +398,7 @@ class CancelScope:
         "_depth",
         "_effective_reason",
         "_hooks",
+        "_log_fields",
         "_observed_at",
         "_parent",
         "_shield",
@@ -431,6 +432,9 @@ class CancelScope:
         self._depth = -1
         self._effective_reason: CancelReason | None = None
         self._hooks: list[HookHandle] = []
+        #: Fields added to this scope's log events; an integration sets them
+        #: (a Celery task's id and name), and nested scopes inherit them.
+        self._log_fields: dict[str, Any] = _NO_FIELDS
         self._observed_at: float | None = None
         self._parent: CancelScope | None = None
         self._stack: list[CancelScope] | None = None
@@ -535,6 +539,7 @@ class CancelScope:
         logger.info(
             CANCEL_REQUESTED,
             scope=hex(id(self)),
+            **self._log_fields,
             **_reason_fields(reason),
         )
         return True
@@ -551,6 +556,8 @@ class CancelScope:
                 )
             stack = _get_stack()
             self._parent = stack[-1] if stack else None
+            if self._parent is not None and not self._log_fields:
+                self._log_fields = self._parent._log_fields
             self._stack = stack
             self._depth = len(stack)
             self._thread = threading.get_ident()
@@ -629,6 +636,7 @@ class CancelScope:
             logger.info(
                 SCOPE_CANCELLED,
                 scope=hex(id(self)),
+                **self._log_fields,
                 caught=caught,
                 hooks_run=hooks_run,
                 hook_errors=len(self.cleanup_errors),
@@ -699,6 +707,7 @@ class CancelScope:
             logger.info(
                 CANCEL_OBSERVED,
                 scope=hex(id(self)),
+                **self._log_fields,
                 observed_ms=round((time.time() - reason.requested_at) * 1000.0, 3),
                 **_reason_fields(reason),
             )
@@ -709,7 +718,7 @@ class CancelScope:
         self._hooks.clear()
         errors: tuple[BaseException, ...] = ()
         with CancelScope(shield=True):
-            errors = run_hooks(hooks, self.hook_timeout)
+            errors = run_hooks(hooks, self.hook_timeout, self._log_fields)
         return errors
 
 
@@ -737,6 +746,10 @@ def _validate_deadline(value: object) -> float:
     if math.isnan(value):
         raise ValueError("deadline must not be NaN")
     return float(value)
+
+
+#: The `CancelScope._log_fields` of a scope nobody gave fields to (never mutated).
+_NO_FIELDS: Final[dict[str, Any]] = {}
 
 
 def _reason_fields(reason: CancelReason) -> dict[str, Any]:

@@ -106,6 +106,7 @@ def _run_task(
 ) -> Any:
     task_id: str = request.id
     scope = options.new_scope()
+    scope._log_fields = {"task_id": task_id, "task_name": task.name}
     group_id, root_id = getattr(request, "group", None), getattr(request, "root_id", None)
     entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
     _registry.register(entry)
