@@ -7,8 +7,9 @@ next checkpoint: ``AsyncResult.revoke()``, ``app.control.revoke()``,
 `cancel`, which adds a reason and durability.  The task runs its cleanup
 hooks and ends as REVOKED, acknowledged, never retried.
 
-Importing this module (the decorator does it for you whenever Celery is
-imported) installs the worker-side machinery; no worker flags are needed.
+Importing this module (importing `cancellable` arranges it for you as soon
+as Celery is imported) installs the worker-side machinery; no worker flags
+are needed.
 See :doc:`/celery` for how it works in each pool and broker.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from ._api import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
 from ._ledger import DEFAULT_LEDGER_TTL
-from ._worker import DEFAULT_POLL_INTERVAL, install
+from ._worker import DEFAULT_POLL_INTERVAL, PreforkDeliveryWarning, install
 
 install()
 
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_POLL_INTERVAL",
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
+    "PreforkDeliveryWarning",
     "cancel",
     "configure",
 ]
