@@ -6,12 +6,16 @@ Run as a script it is a pyperf benchmark program (``pyperf.Runner`` parses
     python benchmarks/micro.py -o micro.json --fast [--only 'checkpoint.*']
 
 ``--hot-path`` selects just the cases of the hot-path table in
-``docs/performance.md`` (`HOT_PATH` and the baselines), so that one pyperf
-run per interpreter gives every figure of its row; ``table`` prints that
-table from such runs, one JSON file per interpreter::
+``docs/performance.md`` (`HOT_PATH` and the baselines), so that one
+measurement per interpreter gives every figure of its row; ``table`` prints
+that table from the JSON files, merging the files of the same interpreter.
+On a shared machine, run it in short passes that take turns (the load then
+hits every case and every interpreter a little, instead of one a lot)::
 
-    for py in python3.10 python3.11 python3.12 python3.13; do
-        $py benchmarks/micro.py --hot-path -o hot-$py.json
+    for pass in 1 2 3 4 5 6 7 8; do
+        for py in python3.10 python3.11 python3.12 python3.13; do
+            $py benchmarks/micro.py --hot-path -p 3 -q -o hot-$py-$pass.json
+        done
     done
     python benchmarks/micro.py table hot-*.json
 
@@ -229,45 +233,54 @@ def _run_pyperf(cmd: list[str], timeout: float) -> None:
         raise RuntimeError(f"the pyperf program failed (exit status {rc}): {' '.join(cmd)}")
 
 
-def hot_path_row(suite: Any) -> dict[str, Any]:
-    """One row of the hot-path table from one pyperf run (a loaded BenchmarkSuite).
+def hot_path_rows(suites: list[Any]) -> list[dict[str, Any]]:
+    """The rows of the hot-path table from loaded pyperf BenchmarkSuites.
 
-    Medians in ns; ratios to the empty call net of the harness loop (as in
-    every table of ``docs/performance.md``) and gross, all from this run.
+    Suites of the same Python version are one measurement (passes of it) and
+    give one row: medians in ns over all their values, and ratios to the
+    empty call of the same measurement, net of the harness loop (as in every
+    table of ``docs/performance.md``) and gross.
     """
     import statistics
 
-    medians = {
-        bench.get_name(): statistics.median(bench.get_values()) * 1e9
-        for bench in suite.get_benchmarks()
-    }
-    loop, empty = medians["baseline.timeit_loop"], medians["baseline.empty_call"]
-    python = suite.get_benchmarks()[0].get_metadata().get("python_version", "?")
-    row: dict[str, Any] = {"python": python, "loop_ns": loop, "empty_ns": empty}
-    for name in HOT_PATH:
-        short = name.split(".", 1)[1]
-        row[f"{short}_ns"] = medians[name]
-        row[f"{short}_net"] = (medians[name] - loop) / (empty - loop)
-        row[f"{short}_gross"] = medians[name] / empty
-    return row
+    values: dict[str, dict[str, list[float]]] = {}
+    for suite in suites:
+        benches = suite.get_benchmarks()
+        python = benches[0].get_metadata().get("python_version", "?").split(" ")[0]
+        per_name = values.setdefault(python, {})
+        for bench in benches:
+            per_name.setdefault(bench.get_name(), []).extend(v * 1e9 for v in bench.get_values())
+    rows = []
+    for python in sorted(values, key=lambda v: tuple(int(p) for p in v.split(".")[:2])):
+        medians = {name: statistics.median(vals) for name, vals in values[python].items()}
+        loop, empty = medians["baseline.timeit_loop"], medians["baseline.empty_call"]
+        runs = len(values[python]["baseline.empty_call"])
+        row: dict[str, Any] = {"python": python, "loop_ns": loop, "empty_ns": empty, "values": runs}
+        for name in HOT_PATH:
+            short = name.split(".", 1)[1]
+            row[f"{short}_ns"] = medians[name]
+            row[f"{short}_net"] = (medians[name] - loop) / (empty - loop)
+            row[f"{short}_gross"] = medians[name] / empty
+        rows.append(row)
+    return rows
 
 
 def print_table(paths: list[str]) -> None:
-    """Print the Markdown hot-path table for pyperf JSON files (one per interpreter)."""
+    """Print the Markdown hot-path table for pyperf JSON files (one or more per interpreter)."""
     import pyperf
 
     print(
-        "| CPython | empty call | `checkpoint()` in a live scope | x empty (net / gross) "
-        "| outside any scope | x empty (net / gross) "
-        "| while another thread's scope is cancelled | x empty (net / gross) |"
+        "| CPython | harness loop | empty call | `checkpoint()` in a live scope | x empty "
+        "| outside any scope | x empty "
+        "| while another thread's scope is cancelled | x empty | values |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        row = hot_path_row(pyperf.BenchmarkSuite.load(path))
-        cells = [row["python"].split(" ")[0], f"{row['empty_ns']:.1f} ns"]
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in hot_path_rows([pyperf.BenchmarkSuite.load(path) for path in paths]):
+        cells = [row["python"], f"{row['loop_ns']:.1f} ns", f"{row['empty_ns']:.1f} ns"]
         for short in ("live_scope", "outside_scope", "other_thread_cancelled"):
             cells.append(f"{row[short + '_ns']:.1f} ns")
-            cells.append(f"{row[short + '_net']:.2f} / {row[short + '_gross']:.2f}")
+            cells.append(f"{row[short + '_net']:.2f} ({row[short + '_gross']:.2f} gross)")
+        cells.append(str(row["values"]))
         print("| " + " | ".join(cells) + " |")
 
 

@@ -854,3 +854,45 @@ def test_bulk_smoke_run_over_a_real_worker(redis_client: Any) -> None:
     for name in bulk.size_names(bulk.SIZES["full"]):
         assert by_name[name]["skipped"]
         assert "smoke" in by_name[name]["reason"]
+
+
+def test_hot_path_selection_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--hot-path`` runs the three checkpoint cases and the baselines; ``table`` prints a row.
+
+    The row's ratios are computed from the same file: net of the harness
+    loop and gross, against that run's empty call.
+    """
+    import micro
+
+    names = [case.name for case in micro.select_cases(None, hot_path=True)]
+    assert names == [
+        case.name for case in cases.CASES if case.name in (*cases.BASELINES, *micro.HOT_PATH)
+    ]
+    assert set(micro.HOT_PATH) == {
+        "checkpoint.live_scope",
+        "checkpoint.outside_scope",
+        "checkpoint.other_thread_cancelled",
+    }
+    out = tmp_path / "hot.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "micro.py"), "--hot-path", "-o", str(out)]
+        + micro.PYPERF_OPTIONS["smoke"]
+        + ["--processes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import pyperf
+
+    (row,) = micro.hot_path_rows([pyperf.BenchmarkSuite.load(str(out))])
+    loop, empty = row["loop_ns"], row["empty_ns"]
+    assert row["python"] == ".".join(map(str, sys.version_info[:3]))
+    for short in ("live_scope", "outside_scope", "other_thread_cancelled"):
+        assert row[f"{short}_net"] == pytest.approx((row[f"{short}_ns"] - loop) / (empty - loop))
+        assert row[f"{short}_gross"] == pytest.approx(row[f"{short}_ns"] / empty)
+    micro.print_table([str(out)])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3
+    assert table[2].startswith(f"| {row['python']} |")
