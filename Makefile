@@ -17,17 +17,22 @@ LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
 
 .PHONY: demo test lint typecheck docs unit bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs only the package itself; the test tools come with `make test`.
+$(VENV)/.base: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
 	  echo "cancellable needs Python 3.10 or newer; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." >&2; \
 	  echo "Run 'make PYTHON=python3.11 ...' (or another 3.10+ interpreter)." >&2; \
 	  exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.base
 	$(PY) -m cancellable demo
 
 lint: $(VENV)/.installed

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+
+import redis
+
+#: A database of the shared Redis used only by this test (read, never flushed).
+DEMO_REDIS_DB = 11
 
 
 class TestDemo:
@@ -46,3 +52,56 @@ class TestDemo:
         assert "usage: python -m cancellable demo" in plain.stdout
         assert 2 == unknown.returncode
         assert "unknown command 'frobnicate'" in unknown.stderr
+
+    def test_demo_help_prints_usage(self) -> None:
+        """``demo --help`` prints the demo's usage and options, not a module docstring."""
+        run = subprocess.run(
+            [sys.executable, "-m", "cancellable", "demo", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert 0 == run.returncode
+        assert run.stdout.startswith("usage: python -m cancellable demo")
+        assert "--broker" in run.stdout
+        assert "``" not in run.stdout
+
+    def test_unreachable_broker_is_one_clear_line(self) -> None:
+        """A broker that refuses connections: exit 2 and one line on stderr, no traceback."""
+        run = subprocess.run(
+            [sys.executable, "-m", "cancellable", "demo", "--broker", "redis://127.0.0.1:1/0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert 2 == run.returncode
+        assert 1 == len(run.stderr.strip().splitlines()), run.stderr
+        assert run.stderr.startswith("demo: cannot reach the broker at redis://127.0.0.1:1/0")
+
+    def test_redis_broker_keeps_results_and_ledger_there(self) -> None:
+        """With ``--broker redis://.../N``, results and the ledger go to database N."""
+        url = f"redis://127.0.0.1:6379/{DEMO_REDIS_DB}"
+        run = subprocess.run(
+            [sys.executable, "-m", "cancellable", "demo", "--broker", url],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+        assert 0 == run.returncode, run.stdout + run.stderr
+        ids = re.findall(r"(?:first|second|third)=([0-9a-f-]{36})", run.stdout)
+        assert 3 == len(ids), run.stdout
+        here = redis.Redis.from_url(url)
+        default = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        try:
+            assert [1, 1, 1] == [here.exists(f"celery-task-meta-{i}") for i in ids]
+            assert [0, 0, 0] == [default.exists(f"celery-task-meta-{i}") for i in ids]
+            entries = here.xrange("cancellable:cancellable-demo:ledger")
+            named = {line for _id, fields in entries for line in fields[b"targets"].split(b"\n")}
+            assert f"task:{ids[0]}".encode() in named
+        finally:
+            here.close()
+            default.close()

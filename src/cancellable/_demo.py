@@ -4,8 +4,9 @@ The module is both the driver (`main`) and the Celery app the worker loads
 (``celery -A cancellable._demo worker``).  By default everything runs on the
 filesystem transport and the file result backend in a scratch directory, so
 no server is needed; ``--broker redis://...`` or ``--broker amqp://...``
-points it at a real broker instead (results and the ledger then go to Redis,
-``--backend`` to override).
+points it at a real broker instead.  Results and the cancellation ledger go
+to the same Redis as a Redis broker, and to files in the scratch directory
+with any other broker; ``--backend`` overrides.
 
 What it does:
 
@@ -47,10 +48,10 @@ def _make_app() -> Celery:
     broker = os.environ.get(_ENV_BROKER) or "filesystem://"
     backend = os.environ.get(_ENV_BACKEND) or f"file://{base / 'results'}"
     app = Celery("cancellable-demo", broker=broker, backend=backend)
+    if os.environ.get(_ENV_DIR):
+        for name in ("queue", "control", "results"):
+            (base / name).mkdir(parents=True, exist_ok=True)
     if broker.startswith("filesystem"):
-        if os.environ.get(_ENV_DIR):
-            for name in ("queue", "control", "results"):
-                (base / name).mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport_options = {
             "data_folder_in": str(base / "queue"),
             "data_folder_out": str(base / "queue"),
@@ -140,9 +141,26 @@ def _rows_written(directory: Path, report: str) -> int:
         return 0
 
 
+def _unreachable(client: Celery) -> str | None:
+    """Why the broker cannot be reached (one line), or None if it answers."""
+    try:
+        with client.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+            conn.default_channel  # noqa: B018 - opening a channel is a round trip
+    except Exception as exc:  # noqa: BLE001 - any failure is reported in one line
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the process exit status."""
-    parser = argparse.ArgumentParser(prog="python -m cancellable demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m cancellable demo",
+        description=(
+            "Start a real prefork Celery worker, send it three tasks, cancel a running "
+            "and a queued one, and show the cleanup and the structured events."
+        ),
+    )
     parser.add_argument(
         "--broker",
         default=None,
@@ -157,14 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     env[_ENV_DIR] = str(directory)
     if args.broker:
         env[_ENV_BROKER] = args.broker
-        env[_ENV_BACKEND] = args.backend or "redis://127.0.0.1:6379/0"
-    elif args.backend:
+        if args.broker.startswith(("redis://", "rediss://")):
+            # Results and the ledger on the same server (and database) as the broker.
+            env[_ENV_BACKEND] = args.backend or args.broker
+    if args.backend:
         env[_ENV_BACKEND] = args.backend
     os.environ.update({k: v for k, v in env.items() if k.startswith("CANCELLABLE_DEMO")})
     client = _make_app()  # the driver's own app, configured like the worker's
 
     print(f"scratch directory: {directory}")
     print(f"broker: {client.conf.broker_url}   results: {client.conf.result_backend}")
+    problem = _unreachable(client)
+    if problem is not None:
+        print(f"demo: cannot reach the broker at {args.broker}: {problem}", file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+        return 2
     print("starting a prefork worker with 2 child processes...")
     worker_log = (directory / "worker.log").open("w")
     node = f"demo-{os.getpid()}@localhost"
