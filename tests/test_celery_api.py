@@ -108,6 +108,14 @@ class Broadcasts:
         assert self._bodies, "no broadcast arrived"
         return self._bodies.pop(0)
 
+    def everything(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Every broadcast body that arrives within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._drain(0.1)
+        bodies, self._bodies = self._bodies, []
+        return bodies
+
     def close(self) -> None:
         """Stop consuming and drop the connection."""
         with contextlib.suppress(Exception):
@@ -464,7 +472,8 @@ class TestCli:
     """``celery cancel`` as a real subprocess, against Redis, with no worker online."""
 
     def test_reports_unknown_and_finished(self, app: Celery, tmp_path: Path) -> None:
-        """Ids no worker knows are 'unknown'; finished ones are left alone."""
+        """Ids no worker knows are 'unknown' (recorded; exit 1); finished ones are
+        neither recorded nor broadcast."""
         finished = str(uuid.uuid4())
         app.backend.store_result(finished, 42, "SUCCESS")
         retrying = str(uuid.uuid4())
@@ -476,17 +485,32 @@ class TestCli:
             "--reason", "tidy up", "--by", "ops", "--timeout", "0.3", "--wait", "0",
         )  # fmt: skip
 
-        assert 0 == run.returncode, run.stderr
+        assert 1 == run.returncode, run.stderr
+        assert "1 of 3 task id(s) unknown" in run.stderr
         lines = dict(line.split(": ", 1) for line in run.stdout.strip().splitlines())
         assert lines[unknown].startswith("unknown")
         assert lines[finished].startswith("finished (SUCCESS)")
         assert lines[retrying].startswith("queued (RETRY); will not run")
         assert "SUCCESS" == app.AsyncResult(finished).state
         entries = recorded(app)
-        assert [("task", unknown), ("task", finished), ("task", retrying)] == list(
-            entries[0].targets
-        )
+        assert [("task", unknown), ("task", retrying)] == list(entries[0].targets)
         assert ("tidy up", "ops") == (entries[0].reason.message, entries[0].reason.requested_by)
+
+    def test_only_finished_ids_record_and_send_nothing(
+        self, app: Celery, tmp_path: Path, broadcasts: Broadcasts
+    ) -> None:
+        """Cancelling only finished tasks records nothing, broadcasts no revoke, exits 0."""
+        finished = str(uuid.uuid4())
+        app.backend.store_result(finished, 42, "SUCCESS")
+
+        run = celery_cancel(tmp_path, same_app_source(app), finished, "--timeout", "0.3")
+
+        assert 0 == run.returncode, run.stderr
+        assert run.stdout.strip().endswith("finished (SUCCESS); nothing to cancel")
+        assert [] == recorded(app)
+        methods = [body.get("method") for body in broadcasts.everything()]
+        assert "query_task" in methods  # the listener hears the command's broadcasts
+        assert "revoke" not in methods
 
     def test_empty_id_is_a_usage_error(self, app: Celery, tmp_path: Path) -> None:
         """An empty id is refused with a usage error (exit 2), nothing recorded."""

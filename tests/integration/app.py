@@ -198,6 +198,19 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
         r.set(f"{key}:outcome", outcome)
         return outcome
 
+    def slow_hook(key: str, seconds: float) -> None:
+        time.sleep(seconds)
+        obs().set(f"{key}:cleanup_done", 1)
+
+    @app.task(bind=True, name="cit.slow_cleanup")
+    @cancellable
+    def slow_cleanup(self: Any, key: str, hook_seconds: float = 1.5) -> str:
+        """A checkpoint loop whose cleanup hook takes ``hook_seconds``."""
+        record_start(key)
+        on_cancel(slow_hook, key, hook_seconds)
+        checkpoint_loop(key, 30.0, 0.02)
+        return "done"
+
     @app.task(bind=True, name="cit.retry_on_cancel", max_retries=3)
     @cancellable
     def retry_on_cancel(self: Any, key: str, seconds: float = 20.0) -> str:

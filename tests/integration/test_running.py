@@ -186,6 +186,31 @@ def test_cli_celery_cancel(shared_worker, keys: Keys):
     assert_stopped_at_checkpoint(keys, "t")
 
 
+def test_cli_says_stopped_only_after_the_cleanup_of_the_running_worker(make_worker, keys: Keys):
+    """With two workers, ``celery cancel`` reports "stopped" only once cleanup is done.
+
+    Before, the idle worker stored an early REVOKED for the running task, and
+    the command printed "stopped" about a second before the hook finished.
+    """
+    first = make_worker()
+    second = make_worker(queue=first.queue, control_exchange=first.control_exchange)
+    result = first.send("cit.slow_cleanup", keys.key("t"), 1.5)
+    wait_for(lambda: keys.flag("t", "looping"), 20, message="the task to loop")
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.app", "cancel", result.id,
+         "--reason", "stop", "--wait", "20"],
+        cwd=REPO_ROOT, env=first.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    done_when_cli_returned = keys.flag("t", "cleanup_done")
+
+    assert 0 == cli.returncode, cli.stdout + cli.stderr
+    assert f"{result.id}: running; stopped (REVOKED)" in cli.stdout
+    assert "1" == done_when_cli_returned, "the command said stopped before cleanup ended"
+    assert_revoked(result, "stop")
+    assert second.alive()
+
+
 def test_cancel_with_reason_by_id_and_by_results(shared_worker, keys: Keys):
     """(c) ``cancel()`` takes an id, an AsyncResult or a list; the reason reaches the result."""
     from cancellable import CancelReason

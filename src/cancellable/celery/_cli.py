@@ -67,7 +67,10 @@ def cancel(
     """Cancel tasks by id and report, per id, what it was doing.
 
     Running @cancellable tasks stop at their next checkpoint and end as
-    REVOKED; queued tasks will not run; finished tasks are left alone.
+    REVOKED; queued tasks will not run; finished tasks are left alone (not
+    recorded, not broadcast).  Ids no online worker knows are still recorded
+    (they will not run if they are queued somewhere), reported as unknown,
+    and make the exit status 1.
     """
     app = ctx.obj.app
     ids = list(dict.fromkeys(task_ids))
@@ -83,14 +86,19 @@ def cancel(
         raise click.ClickException(
             f"cannot reach the broker or result backend: {exc}; nothing was cancelled"
         ) from exc
+    to_cancel = [t for t in ids if before[t] not in states.READY_STATES]
     try:
-        cancel_tasks(ids, reason, requested_by=requested_by, app=app)
+        if to_cancel:
+            cancel_tasks(to_cancel, reason, requested_by=requested_by, app=app)
     except BrokerUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from exc
 
-    running = [t for t in ids if where.get(t) == "active" and before[t] not in states.READY_STATES]
+    # "stopped" is read from the stored state: the worker running a task
+    # stores REVOKED only after its cleanup hooks ran (cancel() does not let
+    # idle workers write an early REVOKED).
+    running = [t for t in to_cancel if where.get(t) == "active"]
     stopped: set[str] = set()
     deadline = time.monotonic() + wait
     while running and time.monotonic() < deadline:
@@ -101,6 +109,7 @@ def cancel(
             break
         time.sleep(0.05)
 
+    unknown = 0
     for task_id in ids:
         if before[task_id] in states.READY_STATES:
             line = f"finished ({before[task_id]}); nothing to cancel"
@@ -115,5 +124,9 @@ def cancel(
         elif before[task_id] != states.PENDING:
             line = f"queued ({before[task_id]}); will not run"
         else:
+            unknown += 1
             line = "unknown (not seen by any online worker); recorded, so it will not run if queued"
         click.echo(f"{task_id}: {line}")
+    if unknown:
+        click.echo(f"{unknown} of {len(ids)} task id(s) unknown", err=True)
+        ctx.exit(1)
