@@ -28,12 +28,13 @@ import redis
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 from structlog.testing import capture_logs
+from tests import redis_dbs
 
 import cancellable.celery as cc
 from cancellable import MAX_MESSAGE_LENGTH, CancelReason
 from cancellable.celery import _ledger, _wakeup
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
 @pytest.fixture(name="rdb")

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import redis
+from tests import redis_dbs
 
 from cancellable import CancelReason
 from cancellable.celery import _ledger
 from cancellable.celery._index import TargetIndex
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
 @pytest.fixture(name="rdb")

@@ -33,13 +33,14 @@ from celery.worker.control import Panel
 from celery.worker.request import Request
 from kombu import Connection, Exchange, Queue
 from structlog.testing import capture_logs
+from tests import redis_dbs
 
 import cancellable.celery  # noqa: F401 - installs the wrapper and the Request patches
 from cancellable import CancelReason, CancelScope
 from cancellable.celery import _delivery, _index, _ledger, _registry, _worker
 from cancellable.celery._mailbox import Mailbox
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
 @pytest.fixture(name="rdb")

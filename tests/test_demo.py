@@ -8,9 +8,7 @@ import subprocess
 import sys
 
 import redis
-
-#: A database of the shared Redis used only by this test (read, never flushed).
-DEMO_REDIS_DB = 11
+from tests import redis_dbs
 
 
 class TestDemo:
@@ -82,7 +80,7 @@ class TestDemo:
 
     def test_redis_broker_keeps_results_and_ledger_there(self) -> None:
         """With ``--broker redis://.../N``, results and the ledger go to database N."""
-        url = f"redis://127.0.0.1:6379/{DEMO_REDIS_DB}"
+        url = redis_dbs.url(redis_dbs.DEMO_DB)
         run = subprocess.run(
             [sys.executable, "-m", "cancellable", "demo", "--broker", url],
             capture_output=True,
@@ -95,7 +93,7 @@ class TestDemo:
         ids = re.findall(r"(?:first|second|third)=([0-9a-f-]{36})", run.stdout)
         assert 3 == len(ids), run.stdout
         here = redis.Redis.from_url(url)
-        default = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        default = redis.Redis.from_url(redis_dbs.url(0))
         try:
             assert [1, 1, 1] == [here.exists(f"celery-task-meta-{i}") for i in ids]
             assert [0, 0, 0] == [default.exists(f"celery-task-meta-{i}") for i in ids]

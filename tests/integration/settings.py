@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from celery import Celery
+from tests import redis_dbs
 
 __all__ = ["AMQP_URL", "ENV_PREFIX", "REDIS_URL", "app_from_env", "make_app"]
 
@@ -23,7 +24,7 @@ ENV_PREFIX = "CIT_"
 
 #: Redis database reserved for these tests: broker, results, ledger and
 #: observations.  The session flushes it at start.
-REDIS_URL = os.environ.get("CIT_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("CIT_REDIS_URL") or redis_dbs.url(redis_dbs.INTEGRATION_DB)
 AMQP_URL = os.environ.get("CIT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 

@@ -50,3 +50,42 @@ def test_plain_revoke_of_running_prefork_task_does_not_stop_it(make_worker, keys
 
     assert "slept" == result.get(timeout=20)
     assert keys.flag("t", "done") == "1"
+
+
+def test_a_busy_session_lock_fails_fast_with_its_cause(tmp_path):
+    """A second session finds the lock taken: it fails within its wait, naming the holder.
+
+    The second session runs on another database (10) so as not to touch this
+    session's lock; a pytest-timeout must not be what ends it.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import redis
+
+    from tests import redis_dbs
+
+    from .conftest import REPO_ROOT, SESSION_LOCK_KEY
+
+    other = redis_dbs.url(10)
+    client = redis.Redis.from_url(other, decode_responses=True)
+    client.set(SESSION_LOCK_KEY, "session test-holder (pid 1 on elsewhere)", ex=60)
+    began = time.monotonic()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+             "tests/integration/test_harness.py::test_worker_runs_plain_tasks_and_stops_cleanly"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "CIT_REDIS_URL": other, "CIT_LOCK_WAIT": "2"},
+        )  # fmt: skip
+    finally:
+        client.delete(SESSION_LOCK_KEY)
+        client.close()
+    took = time.monotonic() - began
+
+    assert 0 != run.returncode
+    assert "session test-holder (pid 1 on elsewhere)" in run.stdout, run.stdout[-2000:]
+    assert "Timeout" not in run.stdout
+    assert took < 60, f"the second session took {took:.0f}s to give up"
