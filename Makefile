@@ -3,8 +3,9 @@
 #
 #   make demo   dispatch real tasks to a real prefork worker (no server needed)
 #               and cancel them
-#   make test   lint, type check, docs build (warnings are errors) and the whole
-#               pytest suite with coverage; the integration tests need Redis on
+#   make test   lint, type check, docs build (warnings are errors), the whole
+#               pytest suite with coverage, and the core suite on the other
+#               supported CPythons (nox); the integration tests need Redis on
 #               127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (.ci/run starts
 #               them if they are not running)
 
@@ -15,7 +16,7 @@ PY := $(VENV)/bin/python
 # Lint only the source folders that exist (git does not keep empty ones).
 LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
 
-.PHONY: demo test lint typecheck docs unit bench clean
+.PHONY: demo test lint typecheck docs unit core-pythons bench clean
 
 # The demo needs only the package itself; the test tools come with `make test`.
 $(VENV)/.base: pyproject.toml
@@ -51,10 +52,21 @@ docs: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(PY) -m pytest --cov=cancellable --cov-branch --cov-report=term-missing --cov-fail-under=95
 
-test: lint typecheck docs unit
+# The core suite on the supported CPythons other than this venv's (3.11 runs
+# everything in `unit`).  pyenv's interpreters are made visible by name; on a
+# CI machine (CI set) a missing interpreter fails the run instead of skipping.
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYENV_PYTHONS := $(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.1[0-3]\.[0-9]+$$' | tr '\n' ':')
+OTHER_PYTHONS ?= 3.10 3.12 3.13
+
+core-pythons: $(VENV)/.installed
+	PATH="$(abspath $(VENV))/bin:$$PATH" PYENV_VERSION="$(PYENV_PYTHONS)$${PYENV_VERSION:-}" \
+	  $(PY) -m nox -s $(addprefix core-,$(OTHER_PYTHONS))
+
+test: lint typecheck docs unit core-pythons
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) docs/_build .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .nox docs/_build .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

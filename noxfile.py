@@ -16,7 +16,7 @@ import glob
 
 import nox
 
-nox.options.default_venv_backend = "venv"
+nox.options.default_venv_backend = "uv|venv"
 nox.options.sessions = ["core"]
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
