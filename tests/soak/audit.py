@@ -136,7 +136,7 @@ class Report:
         for v in self.verdicts:
             by_cat.setdefault(v.category, Counter())[v.status] += 1
         for cat in ("uncancelled", "before start", "raced start", "running", "killed", "finished",
-                    "uncertain"):  # fmt: skip
+                    "uncertain", LOST_BY_BROKER):  # fmt: skip
             if cat in by_cat:
                 states = ", ".join(f"{s} {n}" for s, n in sorted(by_cat[cat].items()))
                 lines.append(f"  {cat:>13}: {sum(by_cat[cat].values()):5d}  -> {states}")
@@ -226,6 +226,32 @@ def describe_runs(runs: list[Run], origin: float | None) -> list[str]:
     ]
 
 
+#: The category of a task whose message the broker lost (see `audit_task`).
+LOST_BY_BROKER = "lost by the broker"
+
+
+def lost_by_broker(
+    candidates: list[TaskRecord],
+    events: dict[str, list[dict[str, Any]]],
+    restarts_began: list[float],
+    worker_logs: str,
+) -> frozenset[str]:
+    """Of ``candidates`` (tasks not final), those whose message the broker lost.
+
+    Evidence, all required: the task was sent before a Redis restart began,
+    it has no run, and no worker's log names its id (Celery logs "Task
+    ...[id] received" for every message it takes, even one it then
+    discards).  Only meaningful once nothing is queued or unacked.
+    """
+    return frozenset(
+        task.id
+        for task in candidates
+        if any(task.sent_at < began for began in restarts_began)
+        and not events.get(task.id)
+        and task.id not in worker_logs
+    )
+
+
 def audit_task(
     task: TaskRecord,
     events: list[dict[str, Any]],
@@ -233,13 +259,34 @@ def audit_task(
     cancel: CancelRecord | None,
     kills: list[KillRecord],
     grace: float,
+    lost_by_broker: bool = False,
 ) -> TaskVerdict:
-    """Judge one task; see the module docstring and docs/reliability.md for the rules."""
+    """Judge one task; see the module docstring and docs/reliability.md for the rules.
+
+    ``lost_by_broker``: the driver's evidence that the broker lost this task's
+    message (no worker ever received it, no run, still PENDING, and a Redis
+    restart after it was sent: kombu's Redis transport drops a message popped
+    with BRPOP whose move to the unacked set fails because the server went
+    away).  Such a task is reported in its own category; it says nothing about
+    cancellation, for it reached no worker, cancelled or not.
+    """
     runs, problems = runs_of(events, kills)
     status = str(meta.get("status"))
     result = meta.get("result")
     violations: list[Violation] = []
     notes: list[str] = []
+    if lost_by_broker and not runs and not problems and status == "PENDING":
+        notes.append("the broker lost its message during a Redis restart (never received)")
+        return TaskVerdict(
+            task.id,
+            task.kind,
+            LOST_BY_BROKER,
+            status,
+            cancel.method if cancel is not None else None,
+            0,
+            violations,
+            notes,
+        )
     origin = cancel.t_end if cancel is not None else task.sent_at
 
     def flag(rule: str, detail: str) -> None:
@@ -391,6 +438,7 @@ def audit(
     events: dict[str, list[dict[str, Any]]],
     metas: dict[str, dict[str, Any]],
     grace: float,
+    lost_by_broker: frozenset[str] = frozenset(),
 ) -> Report:
     """Judge every task.  A task's cancellation is the first call that was issued for it."""
     first: dict[str, CancelRecord] = {}
@@ -406,7 +454,15 @@ def audit(
                 continue
             first[task_id] = record
     verdicts = [
-        audit_task(task, events.get(tid, []), metas.get(tid, {}), first.get(tid), kills, grace)
+        audit_task(
+            task,
+            events.get(tid, []),
+            metas.get(tid, {}),
+            first.get(tid),
+            kills,
+            grace,
+            lost_by_broker=tid in lost_by_broker,
+        )
         for tid, task in tasks.items()
     ]
     return Report(verdicts, cancels, kills, grace, anomalies)

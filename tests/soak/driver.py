@@ -563,7 +563,8 @@ class Soak:
             self.supervise(every=0.0)
             last = self.outstanding()
             live_busy = {p for p in last["busy"] if Path(f"/proc/{p}").exists()}
-            if not (last["queued"] or last["unacked"] or last["not_final"] or live_busy):
+            waiting = set(last["not_final"]) - self.lost_by_broker(last["not_final"])
+            if not (last["queued"] or last["unacked"] or waiting or live_busy):
                 self.timings["drain"] = time.monotonic() - began
                 self.note("drained")
                 return True
@@ -587,8 +588,15 @@ class Soak:
                 record.error = (record.error or "") + " (blocked while Redis was down)"
         metas = self.states()
         events = {t: read_events(self.events_dir, t) for t in self.tasks}
+        pending = [t for t, m in metas.items() if m.get("status") == "PENDING"]
         report = audit_mod.audit(
-            self.tasks, self.cancels, self.kills, events, metas, self.mode.grace
+            self.tasks,
+            self.cancels,
+            self.kills,
+            events,
+            metas,
+            self.mode.grace,
+            lost_by_broker=self.lost_by_broker(pending),
         )
         for began, task_id in self.hung:
             report.anomalies.append(
@@ -606,6 +614,17 @@ class Soak:
         for violation in report.violations[:200]:
             violation.evidence.extend(self.log_lines(violation.task_id))
         return report
+
+    def lost_by_broker(self, task_ids: list[str]) -> frozenset[str]:
+        """Of ``task_ids`` (not final), those whose message the broker lost."""
+        candidates = [self.tasks[t] for t in task_ids]
+        events = {t: read_events(self.events_dir, t) for t in task_ids}
+        logs = ""
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                logs += worker.log_path.read_text(errors="replace")
+        restarts = [began for began, _ended in self.restarts]
+        return audit_mod.lost_by_broker(candidates, events, restarts, logs)
 
     def log_lines(self, task_id: str, limit: int = 8) -> list[str]:
         if task_id == "-":

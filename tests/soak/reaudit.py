@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .audit import CancelRecord, KillRecord, TaskRecord, Violation, audit
+from .audit import CancelRecord, KillRecord, TaskRecord, Violation, audit, lost_by_broker
 from .harness import RedisServer, free_port, read_events
 from .settings import make_app
 
@@ -42,7 +42,13 @@ def reaudit(run_dir: Path) -> str:
             app.close()
         finally:
             server.stop()
-    report = audit(tasks, cancels, kills, events, metas, float(data["mode"]["grace"]))
+    pending = [tasks[t] for t, m in metas.items() if m.get("status") == "PENDING"]
+    logs = "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.log")))
+    restarts = [began for began, _ended in data.get("restarts", [])]
+    lost = lost_by_broker(pending, events, restarts, logs)
+    report = audit(
+        tasks, cancels, kills, events, metas, float(data["mode"]["grace"]), lost_by_broker=lost
+    )
     for began, task_id in data.get("hung_cancels", []):
         report.anomalies.append(
             Violation(task_id, "cancel() blocked while the broker was down", f"called at {began}")

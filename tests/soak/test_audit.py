@@ -201,3 +201,30 @@ class TestCancelledFinished:
         verdict = judge("short", events, revoked(), cancel_at(5, "finished"))
 
         assert ["a cancelled task ended REVOKED, expected SUCCESS"] == rules(verdict)
+
+
+class TestLostByBroker:
+    def test_a_message_the_broker_lost_is_its_own_category(self) -> None:
+        """A cancelled task the broker lost (the driver's evidence) is reported, not
+        failed; without that evidence the same record is a violation."""
+        task = TaskRecord("t", "short", [], T0)
+        meta = {"status": "PENDING", "result": None}
+        cancel = cancel_at(2, "queued")
+
+        lost = audit_task(task, [], meta, cancel, [], GRACE, lost_by_broker=True)
+        plain = audit_task(task, [], meta, cancel, [], GRACE)
+
+        assert ("lost by the broker", []) == (lost.category, lost.violations)
+        assert ["a cancelled task did not end"] == rules(plain)
+
+    def test_it_needs_a_task_that_never_ran(self) -> None:
+        """A task with a run is judged as usual even if the driver called it lost."""
+        task = TaskRecord("t", "short", [], T0)
+        events = [started(1)]
+
+        verdict = audit_task(
+            task, events, {"status": "PENDING"}, None, [], GRACE, lost_by_broker=True
+        )
+
+        assert "uncancelled" == verdict.category
+        assert "an uncancelled task did not end SUCCESS" in rules(verdict)
