@@ -141,20 +141,6 @@ def _setup_live(ns: Namespace, options: Options) -> Teardown:
     return _enter(CancelScope(), ns)
 
 
-def _setup_flag_test(ns: Namespace, options: Options) -> Teardown:
-    # Put checkpoint()'s full body (the flag test) in place of the idle one,
-    # as it is on CPython 3.13+ where bodies are never switched, so that one
-    # run compares the two.  Private on purpose: only a benchmark does this.
-    from cancellable import _scope
-
-    # Entering and exiting a scope recompute the flag and put back the body
-    # that matches it: enter first, and let the exit undo the switch.
-    teardown = _enter(CancelScope(), ns)
-    for function, _idle, full in _scope._SWITCHED:
-        function.__code__ = full
-    return teardown
-
-
 def _setup_deadline(ns: Namespace, options: Options) -> Teardown:
     return _enter(CancelScope(deadline=time.monotonic() + DEADLINE_SECONDS), ns)
 
@@ -367,13 +353,6 @@ CASES: tuple[Case, ...] = (
         "checkpoint() inside an entered, not cancelled CancelScope",
         "checkpoint()",
         setup=_setup_live,
-    ),
-    Case(
-        "checkpoint.flag_test",
-        "checkpoint() inside a live scope, running its full body (one flag test) instead of "
-        "the idle one, as on CPython 3.13+ where bodies are not switched",
-        "checkpoint()",
-        setup=_setup_flag_test,
     ),
     Case(
         "checkpoint.deadline_armed",

@@ -112,7 +112,6 @@ def _expected_code() -> dict[str, Any]:
         "baseline.loop_iteration": None,
         "checkpoint.outside_scope": checkpoint_code,
         "checkpoint.live_scope": checkpoint_code,
-        "checkpoint.flag_test": checkpoint_code,
         "checkpoint.deadline_armed": checkpoint_code,
         "checkpoint.ten_hooks": checkpoint_code,
         "checkpoint.with_form": checkpoint_code,
@@ -360,7 +359,6 @@ def test_outside_scope_runs_outside_any_scope(prepare: Callable[[str], Prepared]
     "name",
     [
         "checkpoint.live_scope",
-        "checkpoint.flag_test",
         "checkpoint.deadline_armed",
         "checkpoint.ten_hooks",
         "checkpoint.with_form",

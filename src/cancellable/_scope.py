@@ -301,11 +301,6 @@ def is_cancelled() -> bool:
     return scope is not None and scope._effective_reason is not None
 
 
-#: Always empty: there is one body per function now.  Kept only because the
-#: ``checkpoint.flag_test`` setup in ``benchmarks/cases.py`` still iterates it
-#: (there, now, it changes nothing); remove it together with that case.
-_SWITCHED: Final[tuple[()]] = ()
-
 
 # --------------------------------------------------------------------------
 # Fork safety (invariant 7).
