@@ -546,3 +546,39 @@ def test_warnings_are_user_warnings() -> None:
 
     assert [cc.LedgerUnavailableWarning] == [w.category for w in caught]
     assert issubclass(cc.LedgerUnavailableWarning, UserWarning)
+
+
+class TestPlainRevokeIsDurable:
+    """Celery's own ``Control.revoke`` records in the ledger where the integration is active."""
+
+    def test_plain_revokes_are_recorded(self, app: Celery, broadcasts: Broadcasts) -> None:
+        """``AsyncResult.revoke()`` and ``app.control.revoke([...])`` record their ids
+        with source "revoked", after Celery's own broadcast went out."""
+        one, two, three = (str(uuid.uuid4()) for _ in range(3))
+
+        app.AsyncResult(one).revoke()
+        app.control.revoke([two, three])
+
+        assert "revoke" == broadcasts.get()["method"]
+        entries = recorded(app)
+        assert [[("task", one)], [("task", two), ("task", three)]] == [
+            list(e.targets) for e in entries
+        ]
+        assert {"revoked"} == {e.reason.source for e in entries}
+
+    def test_targeted_and_terminating_revokes_are_not_recorded(self, app: Celery) -> None:
+        """A revoke meant for some workers only, or one that terminates, stays Celery's."""
+        app.control.revoke(str(uuid.uuid4()), destination=["someone@nowhere"])
+        app.control.revoke(str(uuid.uuid4()), terminate=True)
+
+        assert [] == recorded(app)
+
+    def test_a_ledger_failure_never_fails_celerys_call(self, app: Celery) -> None:
+        """With the ledger down, the revoke is still sent and the call returns normally."""
+        app.conf.cancellable_ledger_url = "redis://127.0.0.1:1/0"
+        _ledger.reset()
+
+        with capture_logs() as logs:
+            app.control.revoke(str(uuid.uuid4()))
+
+        assert "ledger.unavailable" in [e["event"] for e in logs]

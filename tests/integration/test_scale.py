@@ -203,3 +203,27 @@ def test_retry_from_a_cancelled_task_ends_revoked_and_never_reruns(shared_worker
     worker.barrier()
     wait_for(worker.idle, 20, interval=0.2, message="the worker to be idle")
     assert 1 == keys.runs("t"), f"the task ran again: {task_meta(result)}"
+
+
+@pytest.mark.parametrize("how", ["AsyncResult.revoke", "GroupResult.revoke"])
+def test_plain_revoke_while_no_worker_is_online(make_worker, keys: Keys, how):
+    """Celery's own revoke, sent while no worker runs, still holds for a worker started later.
+
+    The revoke broadcast reaches nobody; the client side recorded it in the
+    ledger, which the worker reads when it starts.
+    """
+    worker = make_worker(extra_env=SMALL_REVOKED_SET, start=False)
+    if how == "GroupResult.revoke":
+        victims = group(worker.signature("cit.loop", keys.key(f"q{i}"), 0.05) for i in range(150))
+        result = victims.apply_async()
+        members = list(result.results)
+        result.revoke()
+    else:
+        members = quick_tasks(worker, keys, 150)
+        for member in members:
+            member.revoke()
+    worker.start()
+
+    for member in members:
+        assert_revoked(member, "revoked", timeout=60)
+    assert [] == started(keys, 150)

@@ -51,7 +51,11 @@ class CancelRecord:
     #: The reason message and requester given to cancel() (None for plain revokes).
     reason: str | None = None
     requested_by: str | None = None
-    #: "issued", "not_issued" (BrokerUnavailableError) or "uncertain" (another error).
+    #: "issued", "not_issued" (BrokerUnavailableError), "uncertain" (another
+    #: error, or it blocked while Redis was down) or "unheard" (a plain revoke
+    #: that no worker received: it left no trace in the ledger, which every
+    #: worker that receives a plain revoke writes to; Celery's revokes reach
+    #: only online workers, so such a revoke promises nothing).
     outcome: str = "issued"
     error: str | None = None
     #: cancel() warned LedgerUnavailableWarning: broadcast, but not durable.
@@ -136,7 +140,7 @@ class Report:
         for v in self.verdicts:
             by_cat.setdefault(v.category, Counter())[v.status] += 1
         for cat in ("uncancelled", "before start", "raced start", "running", "killed", "finished",
-                    "uncertain", LOST_BY_BROKER):  # fmt: skip
+                    "uncertain", "unheard", LOST_BY_BROKER):  # fmt: skip
             if cat in by_cat:
                 states = ", ".join(f"{s} {n}" for s, n in sorted(by_cat[cat].items()))
                 lines.append(f"  {cat:>13}: {sum(by_cat[cat].values()):5d}  -> {states}")
@@ -224,6 +228,20 @@ def describe_runs(runs: list[Run], origin: float | None) -> list[str]:
         f"raised {at(r.raised)} hooks {r.hooks}/{r.hooks_done} killed={r.killed}"
         for r in runs
     ]
+
+
+def mark_unheard(cancels: list[CancelRecord], recorded: set[str]) -> None:
+    """Mark issued plain revokes none of whose ids the ledger holds as "unheard".
+
+    Every worker that receives a plain revoke records it in the ledger, so
+    such a revoke reached no worker: it was sent while every worker was down
+    or reconnecting (the Redis transport keeps no broadcast for absent
+    subscribers).  ``recorded``: the task ids the ledger names.
+    """
+    for record in cancels:
+        plain = record.method in ("revoke", "control")
+        if plain and record.outcome == "issued" and not recorded & set(record.task_ids):
+            record.outcome = "unheard"
 
 
 #: The category of a task whose message the broker lost (see `audit_task`).
@@ -329,9 +347,9 @@ def audit_task(
             verdict.duplicate = "after a kill -9" if after_kill else "redelivered without a kill"
         return verdict
 
-    if cancel.outcome == "uncertain":
+    if cancel.outcome in ("uncertain", "unheard"):
         verdict = TaskVerdict(
-            task.id, task.kind, "uncertain", status, cancel.method, len(runs), violations, notes
+            task.id, task.kind, cancel.outcome, status, cancel.method, len(runs), violations, notes
         )
         if status not in ("SUCCESS", "REVOKED"):
             flag("a task did not end", f"ended {status}")

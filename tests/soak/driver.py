@@ -586,6 +586,7 @@ class Soak:
                 # took effect is unknown, so only the weak rules apply.
                 record.outcome = "uncertain"
                 record.error = (record.error or "") + " (blocked while Redis was down)"
+        self.mark_unheard_revokes()
         metas = self.states()
         events = {t: read_events(self.events_dir, t) for t in self.tasks}
         pending = [t for t, m in metas.items() if m.get("status") == "PENDING"]
@@ -614,6 +615,15 @@ class Soak:
         for violation in report.violations[:200]:
             violation.evidence.extend(self.log_lines(violation.task_id))
         return report
+
+    def mark_unheard_revokes(self) -> None:
+        """Plain revokes that no worker received become "unheard" (`audit.mark_unheard`)."""
+        from cancellable.celery import _ledger
+
+        assert self.app is not None
+        entries, _cursor = _ledger.ledger_for(self.app).read(None)
+        recorded = {target_id for e in entries for kind, target_id in e.targets if kind == "task"}
+        audit_mod.mark_unheard(self.cancels, recorded)
 
     def lost_by_broker(self, task_ids: list[str]) -> frozenset[str]:
         """Of ``task_ids`` (not final), those whose message the broker lost."""

@@ -16,10 +16,31 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from .audit import CancelRecord, KillRecord, TaskRecord, Violation, audit, lost_by_broker
+from .audit import (
+    CancelRecord,
+    KillRecord,
+    TaskRecord,
+    Violation,
+    audit,
+    lost_by_broker,
+    mark_unheard,
+)
 from .harness import RedisServer, free_port, read_events
 from .settings import make_app
+
+
+def recorded_ids(client: Any) -> set[str]:
+    """Task ids named by every cancellation ledger on this Redis."""
+    from cancellable.celery._ledger import RedisLedger
+
+    found: set[str] = set()
+    for key in client.scan_iter(match="cancellable:*:ledger"):
+        prefix = key.decode()[: -len("ledger")]
+        entries, _cursor = RedisLedger(client, prefix, 7 * 24 * 3600).read(None)
+        found.update(t for e in entries for kind, t in e.targets if kind == "task")
+    return found
 
 
 def reaudit(run_dir: Path) -> str:
@@ -39,9 +60,11 @@ def reaudit(run_dir: Path) -> str:
                 visibility_timeout=30,
             )  # fmt: skip
             metas = {t: dict(app.backend.get_task_meta(t, cache=False)) for t in tasks}
+            recorded = recorded_ids(app.backend.client)
             app.close()
         finally:
             server.stop()
+    mark_unheard(cancels, recorded)
     pending = [tasks[t] for t, m in metas.items() if m.get("status") == "PENDING"]
     logs = "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.log")))
     restarts = [began for began, _ended in data.get("restarts", [])]

@@ -228,3 +228,15 @@ class TestLostByBroker:
 
         assert "uncancelled" == verdict.category
         assert "an uncancelled task did not end SUCCESS" in rules(verdict)
+
+
+class TestUnheardRevoke:
+    def test_an_unheard_plain_revoke_promises_only_an_ending(self) -> None:
+        """A plain revoke no worker received: the task may run to SUCCESS, but must end."""
+        cancel = cancel_at(2, "queued", method="control")
+        cancel.outcome = "unheard"
+        ran = judge("short", [started(4), ev("finished", 5)], SUCCESS, cancel)
+        stuck = judge("short", [], {"status": "PENDING"}, cancel)
+
+        assert ("unheard", []) == (ran.category, rules(ran))
+        assert ["a task did not end"] == rules(stuck)

@@ -20,6 +20,7 @@ __all__ = [
     "LedgerUnavailableWarning",
     "cancel",
     "configure",
+    "install_client_side",
 ]
 
 
@@ -204,6 +205,50 @@ def _ping_once(client: Any) -> None:
         raise
     finally:
         pool.release(connection)
+
+
+def install_client_side() -> None:
+    """Make Celery's own ``Control.revoke`` durable too (idempotent).
+
+    ``AsyncResult.revoke()``, ``GroupResult.revoke()`` and
+    ``app.control.revoke()`` all end in ``Control.revoke``.  In a process
+    where the integration is active, a revoke sent to every worker (no
+    ``destination``, no ``terminate``) is also recorded in the ledger after
+    Celery's broadcast, as ``cancel()`` records its own: so a plain revoke
+    sent while no worker is online is not lost either.  A failure to record
+    is logged (``ledger.unavailable``) and never fails Celery's call.
+    """
+    from celery.app.control import Control
+    from celery.utils.functional import maybe_list
+
+    original = Control.revoke
+    if getattr(original, "_cancellable_original", None) is not None:
+        return
+
+    def revoke(
+        self: Any,
+        task_id: Any,
+        destination: Any = None,
+        terminate: bool = False,
+        signal: Any = "SIGTERM",
+        **kwargs: Any,
+    ) -> Any:
+        result = original(
+            self, task_id, destination=destination, terminate=terminate, signal=signal, **kwargs
+        )
+        if destination is None and not terminate:
+            ids = [str(t) for t in (maybe_list(task_id) or []) if t]
+            try:
+                _ledger.ledger_for(self.app).record(
+                    [("task", t) for t in ids], CancelReason(source="revoked")
+                )
+            except _ledger.LedgerError as exc:
+                logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
+        return result
+
+    revoke._cancellable_original = original  # type: ignore[attr-defined]
+    revoke.__doc__ = original.__doc__
+    Control.revoke = revoke
 
 
 def configure(

@@ -58,7 +58,7 @@ from ..events import (
     LEDGER_UNAVAILABLE,
     PREFORK_UNAVAILABLE,
 )
-from . import _delivery, _index, _ledger, _registry, _task, _wakeup
+from . import _api, _delivery, _index, _ledger, _registry, _task, _wakeup
 from ._ledger import Target
 
 __all__ = ["DEFAULT_POLL_INTERVAL", "install"]
@@ -413,6 +413,7 @@ def install() -> None:
         _installed = True
         _wrap_revoke()
         _patch_request()
+        _api.install_client_side()
         signals.worker_init.connect(_on_worker_init, weak=False)
         signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
         signals.worker_process_init.connect(_on_worker_process_init, weak=False)
