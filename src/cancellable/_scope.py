@@ -301,7 +301,6 @@ def is_cancelled() -> bool:
     return scope is not None and scope._effective_reason is not None
 
 
-
 # --------------------------------------------------------------------------
 # Fork safety (invariant 7).
 
