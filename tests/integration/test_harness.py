@@ -64,7 +64,6 @@ def test_a_busy_session_lock_fails_fast_with_its_cause(tmp_path):
     import time
 
     import redis
-
     from tests import redis_dbs
 
     from .conftest import REPO_ROOT, SESSION_LOCK_KEY
