@@ -215,13 +215,13 @@ def run_async_in_scope(
             _scope.on_cancel(options.on_cancel)
         # Threads started with asyncio.to_thread copy the context: their
         # checkpoints then answer for this scope too.
-        token = _scope._bound.set(_scope._Binding(scope, scope))
+        token = _scope._bind(scope, scope)
         try:
             # Signals (prefork wake-ups) and the timer's hand-over under
             # gevent queue their work for a checkpoint: poll for it.
             result = asyncio.run(_run_bound(scope, wrapped(*args, **kwargs), wrapped, poll=True))
         finally:
-            _scope._bound.reset(token)
+            _scope._unbind(token)
     # The scope never swallows its Cancelled (_catch is False).
     return result
 
@@ -239,7 +239,7 @@ async def call_async(
     except AttributeError:
         base = None
     scope._enter_detached()
-    token = _scope._bound.set(_scope._Binding(scope, base))
+    token = _scope._bind(scope, base)
     try:
         if options.on_cancel is not None:
             _scope.on_cancel(options.on_cancel)
@@ -252,7 +252,7 @@ async def call_async(
         _run_hooks_on_unwind(scope, exc)
         raise
     finally:
-        _scope._bound.reset(token)
+        _scope._unbind(token)
         scope._exit_detached()
 
 

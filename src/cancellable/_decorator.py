@@ -151,6 +151,12 @@ def cancellable(
     bound to the task: revoking the task cancels it, and the task ends as
     REVOKED with the reason.  See :doc:`/celery`.
 
+    On an ``async def``, the decorated function stays a coroutine function;
+    each call's scope is bound to the asyncio task that awaits it, and
+    cancelling it cancels that task at its current ``await``.  As a Celery
+    task body, the coroutine runs to completion in a fresh `asyncio.run`.
+    See :doc:`/async`.
+
     The decorator keeps the signature (`inspect.signature` is unchanged) and
     works on functions, methods, classmethods and staticmethods (put it
     *above* ``@classmethod``/``@staticmethod``, or below, both work).  Calls
@@ -165,7 +171,9 @@ def cancellable(
             the process-wide `configure` setting; None: no limit).
 
     Raises:
-        TypeError: An option has the wrong type.
+        TypeError: An option has the wrong type; or the decorated object is
+            a generator or async generator function, or a Celery task
+            (``@cancellable`` written above ``@app.task``/``@shared_task``).
         ValueError: ``timeout`` or ``hook_timeout`` is negative, NaN or
             infinite.
 

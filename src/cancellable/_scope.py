@@ -41,6 +41,18 @@ assigning ``__code__``; it saved about 2 ns per call on 3.11-3.12 and cost
 straightforward view of the function.  Simple beats clever: see
 ``docs/design.md``.
 
+Coroutines
+----------
+
+The scope of an ``async def`` call (``_async``) is *detached*: entered, but
+on no thread's stack, since it lives across awaits while other coroutines
+use the same thread.  Checkpoints find it through the context variable
+`_bound` (see `_Binding`), read only on the medium path and only while
+``_bindings_live`` says some such call runs.  `CancelScope.add_cancel_callback`
+lets it cancel its asyncio task: `_recalculate` collects the callbacks of
+scopes that just became effectively cancelled and its caller runs them with
+`_fire` after releasing ``_lock``.
+
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0`` or
@@ -51,7 +63,8 @@ Invariants (all mutations happen under ``_lock``, except where noted):
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
-   ``_stack[_depth] is scope`` while it is entered.
+   ``_stack[_depth] is scope`` while it is entered; a detached scope has
+   ``_stack`` None and no parent.
 4. For every thread that has used this module, ``_local.innermost is
    (_local.stack[-1] if _local.stack else None)`` outside `CancelScope.__enter__`
    and `CancelScope._close`, the only writers.  Both run on the owning thread
@@ -219,6 +232,28 @@ _bound: Final[contextvars.ContextVar[_Binding | None]] = contextvars.ContextVar(
 )
 
 
+#: How many bindings are set now (in any context): while none is, the
+#: checkpoint's medium path skips the context-variable read.  Written under
+#: ``_lock`` by `_bind` and `_unbind`.
+_bindings_live: int = 0
+
+
+def _bind(scope: CancelScope, base: CancelScope | None) -> contextvars.Token[_Binding | None]:
+    """Make ``scope`` the current scope of this context (see `_Binding`)."""
+    global _bindings_live
+    with _lock:
+        _bindings_live += 1
+    return _bound.set(_Binding(scope, base))
+
+
+def _unbind(token: contextvars.Token[_Binding | None]) -> None:
+    """Undo `_bind` (in the same context)."""
+    global _bindings_live
+    _bound.reset(token)
+    with _lock:
+        _bindings_live -= 1
+
+
 def _resolve(innermost: CancelScope | None) -> CancelScope | None:
     # The scope a checkpoint answers for, given the thread's innermost one.
     binding = _bound.get()
@@ -236,7 +271,6 @@ def current_scope() -> CancelScope | None:
     `asyncio.to_thread` from it.  See :doc:`/async`.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0 Sees the scope of a ``@cancellable`` coroutine.
     """
     try:
         scope: CancelScope | None = _local.innermost
@@ -302,9 +336,10 @@ def checkpoint() -> _CheckpointContext:
         except AttributeError:  # first checkpoint on this thread
             _init_thread()
             scope = None
-        if _bound.get() is not None:
+        if _bindings_live and _bound.get() is not None:
             # In a @cancellable coroutine (or a thread it started): one
-            # context-variable read more, only while something is pending.
+            # context-variable read more, only while such a call runs
+            # somewhere in the process and something is pending.
             scope = _resolve(scope)
         if _shared_work or (scope is not None and scope._effective_reason is not None):
             _slow_checkpoint()
@@ -614,7 +649,7 @@ class CancelScope:
         Returns:
             A function that unregisters ``fn`` (does nothing once it ran).
 
-        .. versionadded:: 0.2.0
+        .. versionadded:: 0.1.0
         """
         if not callable(fn):
             raise TypeError(f"add_cancel_callback() needs a callable, got {type(fn).__name__}")

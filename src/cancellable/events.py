@@ -63,7 +63,7 @@ CANCEL_OBSERVED: Final = "cancel.observed"
 #: caught it and carried on.  A warning; carries ``function`` and, for a
 #: Celery task, ``task_id`` and ``task_name``.
 #:
-#: .. versionadded:: 0.2.0
+#: .. versionadded:: 0.1.0
 CANCEL_SWALLOWED: Final = "cancel.swallowed"
 
 #: A cleanup hook raised.  Carries ``hook`` and ``error``.
