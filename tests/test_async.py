@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, shared_task
+from celery import _state as celery_state
 from celery.exceptions import TaskRevokedError
 from structlog.testing import capture_logs
 
@@ -186,6 +187,48 @@ class TestCoroutineFunctions:
             asyncio.run(main())
 
         assert ["hook"] == ran
+
+    def test_enclosing_cancellation_reaches_nested_calls(self) -> None:
+        """Cancelling an outer call: a nested call's checkpoints raise, and a nested
+        call running in a task of its own (create_task) is cancelled too."""
+        seen: list[str] = []
+
+        @cancellable
+        async def in_own_task() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                seen.append("own task cancelled")
+                raise
+
+        @cancellable
+        async def nested(outer: CancelScope) -> None:
+            inner = current_scope()
+            assert inner is not None
+            assert outer is not inner
+            outer.cancel("outer stop")
+            assert inner.cancel_called is False
+            try:
+                checkpoint()
+            except Cancelled as exc:
+                seen.append(f"checkpoint: {exc.reason.message}")
+            await asyncio.sleep(30)
+
+        @cancellable
+        async def outer_call() -> None:
+            outer = current_scope()
+            assert outer is not None
+            child = asyncio.ensure_future(in_own_task())
+            await asyncio.sleep(0.01)
+            try:
+                await nested(outer)
+            finally:
+                await asyncio.gather(child, return_exceptions=True)
+
+        with pytest.raises(Cancelled, match="outer stop"):
+            asyncio.run(outer_call())
+
+        assert ["checkpoint: outer stop", "own task cancelled"] == seen
 
     @needs_asyncio_timeout
     def test_asyncio_timeout_around_the_call(self) -> None:
@@ -359,7 +402,7 @@ class TestRefused:
             with pytest.raises(TypeError, match=r"@app\.task\(bind=True\).*\n.*@cancellable"):
 
                 @cancellable
-                @app.task
+                @app.task(shared=False)
                 def job() -> None: ...
 
             app.finalize()
@@ -374,11 +417,17 @@ class TestRefused:
 
     def test_above_shared_task(self) -> None:
         """``@cancellable`` above ``@shared_task``: refused without evaluating the proxy."""
-        with pytest.raises(TypeError, match="@shared_task"):
+        finalizers = set(celery_state._on_app_finalizers)
+        try:
+            with pytest.raises(TypeError, match="@shared_task"):
 
-            @cancellable
-            @shared_task
-            def job() -> None: ...
+                @cancellable
+                @shared_task(name=f"test-async-refused-{uuid.uuid4().hex}")
+                def job() -> None: ...
+
+        finally:
+            # shared_task registers itself with every app finalized later.
+            celery_state._on_app_finalizers.intersection_update(finalizers)
 
 
 class TestSwallowed:

@@ -238,7 +238,10 @@ async def call_async(
         base: _scope.CancelScope | None = _scope._local.innermost
     except AttributeError:
         base = None
-    scope._enter_detached()
+    # The enclosing scope: an enclosing async call's, or the thread's (a
+    # Celery task's, around the loop).  Its cancellation makes this scope
+    # effectively cancelled, so checkpoints in here see it too.
+    scope._enter_detached(_scope.current_scope())
     token = _scope._bind(scope, base)
     try:
         if options.on_cancel is not None:

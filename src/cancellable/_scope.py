@@ -64,7 +64,7 @@ Invariants (all mutations happen under ``_lock``, except where noted):
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
    ``_stack[_depth] is scope`` while it is entered; a detached scope has
-   ``_stack`` None and no parent.
+   ``_stack`` None and learns of its parent's cancellation by callback.
 4. For every thread that has used this module, ``_local.innermost is
    (_local.stack[-1] if _local.stack else None)`` outside `CancelScope.__enter__`
    and `CancelScope._close`, the only writers.  Both run on the owning thread
@@ -484,6 +484,7 @@ class CancelScope:
         "_stack",
         "_state",
         "_thread",
+        "_unlink",
         "cancelled_caught",
         "cleanup_errors",
         "hook_timeout",
@@ -521,6 +522,8 @@ class CancelScope:
         self._stack: list[CancelScope] | None = None
         self._state = _NEW
         self._thread = 0
+        #: Detached scopes: unregisters the cancel callback on the parent.
+        self._unlink: Callable[[], None] | None = None
         #: True if this scope absorbed a `Cancelled` when it exited.
         self.cancelled_caught = False
         #: Exceptions raised by cleanup hooks when this scope unwound.
@@ -701,15 +704,19 @@ class CancelScope:
             self._cancel_for_deadline()
         return self
 
-    def _enter_detached(self) -> None:
+    def _enter_detached(self, parent: CancelScope | None) -> None:
         # Enter the scope without putting it on any thread's stack: the
         # scope of an ``async def`` call (see ``_async``), which lives across
-        # awaits while other coroutines run on the same thread.  It has no
-        # parent here (enclosing cancellation reaches the coroutine the
-        # asyncio way), it is counted in _cancelled_live like any other scope
-        # once cancelled, and checkpoints find it through `_bound`, not
-        # through ``_local``.
+        # awaits while other coroutines run on the same thread.  Checkpoints
+        # find it through `_bound`, not through ``_local``.  It is counted in
+        # _cancelled_live like any other scope once cancelled.  Not being on
+        # the parent's stack, it hears of the parent's cancellation through
+        # a cancel callback (_parent_cancelled), which makes it effectively
+        # cancelled with the parent's reason.
         global _cancelled_live
+        self._parent = parent
+        if parent is not None and not self._log_fields:
+            self._log_fields = parent._log_fields
         with _lock:
             if self._state != _NEW:
                 raise RuntimeError(
@@ -725,12 +732,23 @@ class CancelScope:
             _update_pending()
             expired = self._arm_deadline()
         _fire(fired)
+        if parent is not None:
+            self._unlink = parent.add_cancel_callback(self._parent_cancelled)
         if expired:
             self._cancel_for_deadline()
+
+    def _parent_cancelled(self, reason: CancelReason) -> None:
+        # A detached scope's parent became effectively cancelled.
+        with _lock:
+            fired = _recalculate(self) if self._state == _ENTERED else []
+        _fire(fired)
 
     def _exit_detached(self) -> None:
         # The end of a scope entered with _enter_detached (any thread).
         global _cancelled_live
+        unlink, self._unlink = self._unlink, None
+        if unlink is not None:
+            unlink()
         with _lock:
             if self._state != _ENTERED:
                 return
