@@ -9,14 +9,16 @@ never on a checkpoint's path.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import wrapt
 
-from . import _config
+from . import _async, _config
 from ._scope import CancelScope, on_cancel
 
 __all__ = ["CallOptions", "TaskRunner", "cancellable", "register_task_runner", "run_in_scope"]
@@ -28,7 +30,7 @@ R = TypeVar("R")
 class CallOptions:
     """The options given to ``@cancellable(...)``, validated once."""
 
-    __slots__ = ("hook_timeout", "on_cancel", "timeout")
+    __slots__ = ("hook_timeout", "is_async", "on_cancel", "timeout")
 
     def __init__(
         self,
@@ -43,6 +45,9 @@ class CallOptions:
         if hook_timeout != "default":
             _config.validate_seconds(hook_timeout, "hook_timeout")
         self.hook_timeout = hook_timeout
+        #: Whether the decorated callable is a coroutine function (set by
+        #: the decorator once it knows what it decorates).
+        self.is_async = False
 
     def new_scope(self) -> CancelScope:
         """A fresh, not yet entered scope for one call."""
@@ -97,12 +102,17 @@ def run_in_scope(
     """Call ``wrapped`` inside ``scope`` (or a new one), with the call's hook."""
     if scope is None:
         scope = options.new_scope()
+    if options.is_async:
+        # A coroutine function run to completion (a Celery task body).
+        return _async.run_async_in_scope(wrapped, args, kwargs, options, scope)  # type: ignore[arg-type]
     with scope:
         if options.on_cancel is not None:
             on_cancel(options.on_cancel)
         result = wrapped(*args, **kwargs)
     # A scope made by CallOptions never swallows its Cancelled (_catch is
-    # False), so reaching this line means the call returned.
+    # False), so reaching this line means the call returned, perhaps after
+    # catching a Cancelled: say so.
+    _async.warn_if_swallowed(scope, wrapped, delivered=False)
     return result
 
 
@@ -141,6 +151,12 @@ def cancellable(
     bound to the task: revoking the task cancels it, and the task ends as
     REVOKED with the reason.  See :doc:`/celery`.
 
+    On an ``async def``, the decorated function stays a coroutine function;
+    each call's scope is bound to the asyncio task that awaits it, and
+    cancelling it cancels that task at its current ``await``.  As a Celery
+    task body, the coroutine runs to completion in a fresh `asyncio.run`.
+    See :doc:`/async`.
+
     The decorator keeps the signature (`inspect.signature` is unchanged) and
     works on functions, methods, classmethods and staticmethods (put it
     *above* ``@classmethod``/``@staticmethod``, or below, both work).  Calls
@@ -155,7 +171,9 @@ def cancellable(
             the process-wide `configure` setting; None: no limit).
 
     Raises:
-        TypeError: An option has the wrong type.
+        TypeError: An option has the wrong type; or the decorated object is
+            a generator or async generator function, or a Celery task
+            (``@cancellable`` written above ``@app.task``/``@shared_task``).
         ValueError: ``timeout`` or ``hook_timeout`` is negative, NaN or
             infinite.
 
@@ -171,9 +189,52 @@ def cancellable(
     return _decorate(wrapped, options)
 
 
+def _is_celery_task(func: object) -> bool:
+    # Duck-typed, so the core never imports Celery: a task object is an
+    # instance of a subclass of celery.app.task.Task; `@app.task` before the
+    # app is finalized and `@shared_task` return a celery.local.Proxy.
+    # type() does not go through the proxy, so nothing is evaluated
+    # (evaluating it may finalize an app at import time).
+    for klass in type(func).__mro__:
+        module = getattr(klass, "__module__", "")
+        if (klass.__name__, module) in (("Task", "celery.app.task"), ("Proxy", "celery.local")):
+            return True
+    return False
+
+
+_WRONG_ORDER: Final = (
+    "@cancellable was applied to a Celery task (it is written above @app.task or "
+    "@shared_task), so Celery would run the undecorated function and nothing could "
+    "cancel it. Put @cancellable directly below the task decorator:\n\n"
+    "    @app.task(bind=True)          # or @shared_task(bind=True)\n"
+    "    @cancellable(timeout=600)\n"
+    "    def my_task(self, ...): ..."
+)
+
+
+def _refuse(func: object) -> None:
+    """Raise TypeError for what ``@cancellable`` cannot protect (see :doc:`/async`)."""
+    if _is_celery_task(func):
+        raise TypeError(_WRONG_ORDER)
+    target = getattr(func, "__func__", func)  # classmethod, staticmethod
+    if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
+        what = "an async generator" if inspect.isasyncgenfunction(target) else "a generator"
+        raise TypeError(
+            f"@cancellable cannot decorate {what} function ({target!r:.80}): a call only "
+            "creates the generator, so the scope would close before the first item is "
+            "produced and protect nothing. Open a scope inside the generator instead "
+            "(`with CancelScope(): ...` around the loop), or decorate the function that "
+            "consumes it."
+        )
+
+
 def _decorate(func: object, options: CallOptions) -> Any:
     if not (callable(func) or isinstance(func, (classmethod, staticmethod))):
         raise TypeError(f"@cancellable can only decorate callables, got {type(func).__name__}")
+    _refuse(func)
+    if inspect.iscoroutinefunction(getattr(func, "__func__", func)):
+        options = copy.copy(options)
+        options.is_async = True
 
     @wrapt.decorator
     def wrapper(
@@ -186,6 +247,9 @@ def _decorate(func: object, options: CallOptions) -> Any:
             runner = claim()
             if runner is not None:
                 return runner(wrapped, args, kwargs, options)
+        if options.is_async:
+            # Awaited by the caller: the scope is bound to its asyncio task.
+            return _async.call_async(wrapped, args, kwargs, options)
         return run_in_scope(wrapped, args, kwargs, options)
 
     return wrapper(func)

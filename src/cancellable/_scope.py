@@ -41,6 +41,18 @@ assigning ``__code__``; it saved about 2 ns per call on 3.11-3.12 and cost
 straightforward view of the function.  Simple beats clever: see
 ``docs/design.md``.
 
+Coroutines
+----------
+
+The scope of an ``async def`` call (``_async``) is *detached*: entered, but
+on no thread's stack, since it lives across awaits while other coroutines
+use the same thread.  Checkpoints find it through the context variable
+`_bound` (see `_Binding`), read only on the medium path and only while
+``_bindings_live`` says some such call runs.  `CancelScope.add_cancel_callback`
+lets it cancel its asyncio task: `_recalculate` collects the callbacks of
+scopes that just became effectively cancelled and its caller runs them with
+`_fire` after releasing ``_lock``.
+
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0`` or
@@ -51,7 +63,8 @@ Invariants (all mutations happen under ``_lock``, except where noted):
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
-   ``_stack[_depth] is scope`` while it is entered.
+   ``_stack[_depth] is scope`` while it is entered; a detached scope has
+   ``_stack`` None and learns of its parent's cancellation by callback.
 4. For every thread that has used this module, ``_local.innermost is
    (_local.stack[-1] if _local.stack else None)`` outside `CancelScope.__enter__`
    and `CancelScope._close`, the only writers.  Both run on the owning thread
@@ -72,6 +85,7 @@ Invariants (all mutations happen under ``_lock``, except where noted):
 from __future__ import annotations
 
 import collections
+import contextvars
 import math
 import os
 import threading
@@ -190,8 +204,71 @@ def _get_stack() -> list[CancelScope]:
     return stack
 
 
+class _Binding:
+    """A scope bound to an asyncio task's context, and the thread scope below it.
+
+    ``@cancellable`` on an ``async def`` cannot push its scope on the
+    thread's stack: the scope lives across awaits, while other coroutines
+    run on the same thread (each would see, and exit, the others' scopes).
+    It sets `_bound` instead, a context variable, which each asyncio task
+    has its own copy of (and which `asyncio.to_thread` copies into the
+    worker thread).  The bound scope is the current one while the thread's
+    innermost scope is ``base`` (the one that was innermost when the call
+    began, usually None or a Celery task's scope) or None (another thread
+    that inherited the context); a synchronous scope entered later, inside
+    the coroutine's synchronous stretch, takes precedence.
+    """
+
+    __slots__ = ("base", "scope")
+
+    def __init__(self, scope: CancelScope, base: CancelScope | None) -> None:
+        self.scope = scope
+        self.base = base
+
+
+#: The scope of the ``async def`` call this code runs in (see `_Binding`).
+_bound: Final[contextvars.ContextVar[_Binding | None]] = contextvars.ContextVar(
+    "cancellable_bound_scope", default=None
+)
+
+
+#: How many bindings are set now (in any context): while none is, the
+#: checkpoint's medium path skips the context-variable read.  Written under
+#: ``_lock`` by `_bind` and `_unbind`.
+_bindings_live: int = 0
+
+
+def _bind(scope: CancelScope, base: CancelScope | None) -> contextvars.Token[_Binding | None]:
+    """Make ``scope`` the current scope of this context (see `_Binding`)."""
+    global _bindings_live
+    with _lock:
+        _bindings_live += 1
+    return _bound.set(_Binding(scope, base))
+
+
+def _unbind(token: contextvars.Token[_Binding | None]) -> None:
+    """Undo `_bind` (in the same context)."""
+    global _bindings_live
+    _bound.reset(token)
+    with _lock:
+        _bindings_live -= 1
+
+
+def _resolve(innermost: CancelScope | None) -> CancelScope | None:
+    # The scope a checkpoint answers for, given the thread's innermost one.
+    binding = _bound.get()
+    if binding is not None and (innermost is None or innermost is binding.base):
+        return binding.scope
+    return innermost
+
+
 def current_scope() -> CancelScope | None:
-    """The innermost entered `CancelScope` of the calling thread, or None.
+    """The innermost `CancelScope` of the calling code, or None.
+
+    That is the calling thread's innermost entered scope; inside an
+    ``async def`` decorated with ``@cancellable``, the call's scope (unless
+    a scope was entered synchronously since), also in threads started with
+    `asyncio.to_thread` from it.  See :doc:`/async`.
 
     .. versionadded:: 0.1.0
     """
@@ -200,7 +277,7 @@ def current_scope() -> CancelScope | None:
     except AttributeError:
         _init_thread()
         scope = None
-    return scope
+    return _resolve(scope)
 
 
 # --------------------------------------------------------------------------
@@ -259,6 +336,11 @@ def checkpoint() -> _CheckpointContext:
         except AttributeError:  # first checkpoint on this thread
             _init_thread()
             scope = None
+        if _bindings_live and _bound.get() is not None:
+            # In a @cancellable coroutine (or a thread it started): one
+            # context-variable read more, only while such a call runs
+            # somewhere in the process and something is pending.
+            scope = _resolve(scope)
         if _shared_work or (scope is not None and scope._effective_reason is not None):
             _slow_checkpoint()
     return _CHECKPOINT_CONTEXT
@@ -293,11 +375,7 @@ def is_cancelled() -> bool:
         return False
     if _deferred:
         _run_deferred()
-    try:
-        scope = _local.innermost
-    except AttributeError:
-        _init_thread()
-        scope = None
+    scope = current_scope()
     return scope is not None and scope._effective_reason is not None
 
 
@@ -384,6 +462,7 @@ class CancelScope:
 
     __slots__ = (
         "__weakref__",
+        "_callbacks",
         "_cancel_reason",
         "_catch",
         "_counted",
@@ -399,6 +478,7 @@ class CancelScope:
         "_stack",
         "_state",
         "_thread",
+        "_unlink",
         "cancelled_caught",
         "cleanup_errors",
         "hook_timeout",
@@ -420,6 +500,8 @@ class CancelScope:
         else:
             self.hook_timeout = _config.validate_seconds(hook_timeout, "hook_timeout")
         self._cancel_reason: CancelReason | None = None
+        #: `add_cancel_callback` functions not called yet (None: none ever).
+        self._callbacks: list[Callable[[CancelReason], object]] | None = None
         self._catch = True
         self._counted = False
         self._deadline_handle: _timer.TimerHandle | None = None
@@ -434,6 +516,8 @@ class CancelScope:
         self._stack: list[CancelScope] | None = None
         self._state = _NEW
         self._thread = 0
+        #: Detached scopes: unregisters the cancel callback on the parent.
+        self._unlink: Callable[[], None] | None = None
         #: True if this scope absorbed a `Cancelled` when it exited.
         self.cancelled_caught = False
         #: Exceptions raised by cleanup hooks when this scope unwound.
@@ -495,8 +579,8 @@ class CancelScope:
             raise TypeError(f"shield must be a bool, got {type(value).__name__}")
         with _lock:
             self._shield = value
-            if self._state == _ENTERED:
-                _recalculate(self)
+            fired = _recalculate(self) if self._state == _ENTERED else []
+        _fire(fired)
 
     # -- cancelling ----------------------------------------------------------
 
@@ -525,10 +609,11 @@ class CancelScope:
             if self._deadline_handle is not None:
                 self._deadline_handle.cancel()
                 self._deadline_handle = None
+            fired: _Fired = []
             if self._state == _ENTERED:
                 self._counted = True
                 _cancelled_live += 1
-                _recalculate(self)
+                fired = _recalculate(self)
                 _update_pending()
         logger.info(
             CANCEL_REQUESTED,
@@ -536,7 +621,50 @@ class CancelScope:
             **self._log_fields,
             **_reason_fields(reason),
         )
+        _fire(fired)
         return True
+
+    def add_cancel_callback(self, fn: Callable[[CancelReason], object], /) -> Callable[[], None]:
+        """Call ``fn(reason)`` once, when this scope becomes effectively cancelled.
+
+        "Effectively cancelled" is what makes a checkpoint in the scope
+        raise: its own `cancel`, its deadline, or the cancellation of an
+        unshielded enclosing scope reaching it.  ``fn`` runs at most once,
+        outside the scope's lock, on the thread that caused the cancellation
+        (a thread calling `cancel`, the timer thread for a deadline), so it
+        must be quick, must not block and must be thread-safe; an exception
+        from it is reported through `sys.unraisablehook`.  If the scope is
+        entered and effectively cancelled already, ``fn`` runs at once, on
+        the calling thread.  A scope that is not entered yet calls it when
+        it is entered.
+
+        This is how an integration maps a cancellation onto another
+        framework's (``@cancellable`` on an ``async def`` cancels the
+        asyncio task with it).  Safe from any thread, not from a signal
+        handler.
+
+        Returns:
+            A function that unregisters ``fn`` (does nothing once it ran).
+
+        .. versionadded:: 0.1.0
+        """
+        if not callable(fn):
+            raise TypeError(f"add_cancel_callback() needs a callable, got {type(fn).__name__}")
+        with _lock:
+            reason = self._effective_reason if self._state == _ENTERED else None
+            if reason is None:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+        if reason is not None:
+            _fire([(fn, reason)])
+
+        def remove() -> None:
+            with _lock:
+                if self._callbacks is not None and fn in self._callbacks:
+                    self._callbacks.remove(fn)
+
+        return remove
 
     # -- entering and exiting ------------------------------------------------
 
@@ -561,13 +689,72 @@ class CancelScope:
             if self._cancel_reason is not None:
                 self._counted = True
                 _cancelled_live += 1
-            _recalculate(self)
+            fired = _recalculate(self)
             _update_pending()
             expired = self._arm_deadline()
+        _fire(fired)
         if expired:
             # Outside the lock: cancelling logs (invariant 5).
             self._cancel_for_deadline()
         return self
+
+    def _enter_detached(self, parent: CancelScope | None) -> None:
+        # Enter the scope without putting it on any thread's stack: the
+        # scope of an ``async def`` call (see ``_async``), which lives across
+        # awaits while other coroutines run on the same thread.  Checkpoints
+        # find it through `_bound`, not through ``_local``.  It is counted in
+        # _cancelled_live like any other scope once cancelled.  Not being on
+        # the parent's stack, it hears of the parent's cancellation through
+        # a cancel callback (_parent_cancelled), which makes it effectively
+        # cancelled with the parent's reason.
+        global _cancelled_live
+        self._parent = parent
+        if parent is not None and not self._log_fields:
+            self._log_fields = parent._log_fields
+        with _lock:
+            if self._state != _NEW:
+                raise RuntimeError(
+                    "Each CancelScope may only be used for a single 'with' block; "
+                    "create a new scope for each block."
+                )
+            self._thread = threading.get_ident()
+            self._state = _ENTERED
+            if self._cancel_reason is not None:
+                self._counted = True
+                _cancelled_live += 1
+            fired = _recalculate(self)
+            _update_pending()
+            expired = self._arm_deadline()
+        _fire(fired)
+        if parent is not None:
+            self._unlink = parent.add_cancel_callback(self._parent_cancelled)
+        if expired:
+            self._cancel_for_deadline()
+
+    def _parent_cancelled(self, reason: CancelReason) -> None:
+        # A detached scope's parent became effectively cancelled.
+        with _lock:
+            fired = _recalculate(self) if self._state == _ENTERED else []
+        _fire(fired)
+
+    def _exit_detached(self) -> None:
+        # The end of a scope entered with _enter_detached (any thread).
+        global _cancelled_live
+        unlink, self._unlink = self._unlink, None
+        if unlink is not None:
+            unlink()
+        with _lock:
+            if self._state != _ENTERED:
+                return
+            self._state = _EXITED
+            if self._deadline_handle is not None:
+                self._deadline_handle.cancel()
+                self._deadline_handle = None
+            if self._counted:
+                self._counted = False
+                _cancelled_live -= 1
+            self._callbacks = None
+            _update_pending()
 
     def __exit__(
         self,
@@ -652,6 +839,7 @@ class CancelScope:
         # right thread's (invariant 4).
         _local.innermost = stack[-1] if stack else None
         self._state = _EXITED
+        self._callbacks = None
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
             self._deadline_handle = None
@@ -716,15 +904,20 @@ class CancelScope:
         return errors
 
 
-def _recalculate(scope: CancelScope) -> None:
+#: Callbacks to call (outside the lock) and the reason to call them with.
+_Fired = list[tuple[Callable[[CancelReason], object], CancelReason]]
+
+
+def _recalculate(scope: CancelScope) -> _Fired:
     # Caller holds _lock.  Recompute "effectively cancelled" for `scope` and
     # every scope entered after it on the same thread (its descendants: a
     # thread's stack is a chain, so the descendants are the scopes above it).
+    # Returns the cancel callbacks of scopes that just became effectively
+    # cancelled; the caller calls them with `_fire` once it released the lock.
     stack = scope._stack
-    if stack is None:
-        return
-    for index in range(scope._depth, len(stack)):
-        current = stack[index]
+    scopes = [scope] if stack is None else stack[scope._depth :]
+    fired: _Fired = []
+    for current in scopes:
         parent = current._parent
         if parent is not None and parent._effective_reason is not None and not current._shield:
             # The outermost visible cancelled scope is the one that will catch
@@ -732,6 +925,21 @@ def _recalculate(scope: CancelScope) -> None:
             current._effective_reason = parent._effective_reason
         else:
             current._effective_reason = current._cancel_reason
+        reason = current._effective_reason
+        if reason is not None and current._callbacks:
+            fired.extend((fn, reason) for fn in current._callbacks)
+            current._callbacks.clear()
+    return fired
+
+
+def _fire(fired: _Fired) -> None:
+    # Outside _lock (invariant 6).  A failing callback must not stop the
+    # others, nor the cancel() that triggered it.
+    for fn, reason in fired:
+        try:
+            fn(reason)
+        except Exception as exc:  # noqa: BLE001 - reported, never raised into cancel()
+            _timer.report_unraisable(exc, fn, "Exception in cancellable cancel callback")
 
 
 def _validate_deadline(value: object) -> float:

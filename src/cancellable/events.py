@@ -22,6 +22,7 @@ __all__ = [
     "CANCEL_DELIVERY_FAILED",
     "CANCEL_OBSERVED",
     "CANCEL_REQUESTED",
+    "CANCEL_SWALLOWED",
     "CLEANUP_FAILED",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
@@ -55,6 +56,15 @@ CANCEL_DELIVERY_FAILED: Final = "cancel.delivery_failed"
 #: A checkpoint raised `~cancellable.Cancelled` for the first time in a scope.
 #: Carries ``observed_ms``: requested -> observed.
 CANCEL_OBSERVED: Final = "cancel.observed"
+
+#: A ``@cancellable`` call returned normally although it was cancelled and
+#: the cancellation had been raised into it (a checkpoint raised
+#: `~cancellable.Cancelled`, or its asyncio task was cancelled): the body
+#: caught it and carried on.  A warning; carries ``function`` and, for a
+#: Celery task, ``task_id`` and ``task_name``.
+#:
+#: .. versionadded:: 0.1.0
+CANCEL_SWALLOWED: Final = "cancel.swallowed"
 
 #: A cleanup hook raised.  Carries ``hook`` and ``error``.
 CLEANUP_FAILED: Final = "cleanup.failed"

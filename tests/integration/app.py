@@ -125,6 +125,7 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
                     r.set(f"{key}:looping", 1)
                 time.sleep(step)
         except BaseException as exc:
+            r.set(f"{key}:exc_at", repr(time.time()))
             r.set(f"{key}:exc", type(exc).__name__)
             raise
 
@@ -229,3 +230,63 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     def soft_limit(self: Any, key: str) -> str:
         """A ``@cancellable`` task that relies on Celery's soft time limit."""
         return soft_limit_body(key)
+
+    # ----------------------------------------------------------------------
+    # async def task bodies (docs/async.md).
+
+    import asyncio
+
+    @app.task(bind=True, name="cit.async.sleep")
+    @cancellable
+    async def async_sleep(self: Any, key: str, seconds: float = 3600.0) -> str:
+        """Awaits ``asyncio.sleep(seconds)`` inside try/finally, with a cleanup hook."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        r = obs()
+        try:
+            r.set(f"{key}:looping", 1)
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError as exc:
+            r.set(f"{key}:cancelled_at", repr(time.time()))
+            r.set(f"{key}:exc", type(exc).__name__)
+            r.set(f"{key}:message", str(exc))
+            raise
+        finally:
+            r.set(f"{key}:finally", 1)
+        r.set(f"{key}:done", 1)
+        return "slept"
+
+    @app.task(bind=True, name="cit.async.echo")
+    @cancellable
+    async def async_echo(self: Any, value: Any) -> Any:
+        """Returns its argument after an await."""
+        await asyncio.sleep(0.01)
+        return value
+
+    @app.task(bind=True, name="cit.async.deadline")
+    @cancellable(timeout=0.5)
+    async def async_deadline(self: Any, key: str) -> str:
+        """Overruns its 0.5 s timeout while awaiting."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        try:
+            await asyncio.sleep(30)
+        finally:
+            obs().set(f"{key}:finally", 1)
+        return "overran"
+
+    def thread_helper(key: str, seconds: float) -> str:
+        """A synchronous helper with checkpoints, run with asyncio.to_thread."""
+        checkpoint_loop(key, seconds, 0.02)
+        return "helper done"
+
+    @app.task(bind=True, name="cit.async.to_thread")
+    @cancellable
+    async def async_to_thread(self: Any, key: str, seconds: float = 20.0) -> str:
+        """Awaits a sync checkpoint loop running in a thread (asyncio.to_thread)."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        try:
+            return await asyncio.to_thread(thread_helper, key, seconds)
+        finally:
+            obs().set(f"{key}:finally", repr(time.time()))

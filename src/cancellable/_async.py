@@ -1,0 +1,276 @@
+"""``@cancellable`` on ``async def``: a cancel scope that cancels an asyncio task.
+
+Two ways a decorated coroutine function runs:
+
+Awaited (any event loop, no integration claims the call)
+    `call_async` opens a *detached* scope (`CancelScope._enter_detached`):
+    entered, but on no thread's stack, because it lives across awaits while
+    other coroutines run on the same thread and would see, or exit, it.  The
+    scope is found through the context variable ``_scope._bound`` instead,
+    which every asyncio task has its own copy of.  When the scope becomes
+    cancelled (`CancelScope.cancel` from any thread, its deadline), the
+    asyncio task that awaits the call is cancelled at its current ``await``
+    with the reason as the cancel message.
+
+Run to completion (a Celery task body: the integration's runner calls it)
+    `run_async_in_scope` enters the task's scope on the worker thread, as
+    for a synchronous body, and runs the coroutine with a fresh
+    `asyncio.run`.  The event loop lives entirely inside the scope, so
+    synchronous helpers the coroutine calls see the task's scope as usual.
+
+In both, `_run_bound` maps the scope's cancellation onto the asyncio task
+(`CancelScope.add_cancel_callback` -> ``loop.call_soon_threadsafe(task.cancel,
+message)``) and, when the `asyncio.CancelledError` that this caused comes
+back out of the coroutine, turns it into `Cancelled` with the reason, the
+same exception a synchronous call raises.  A `CancelledError` that someone
+else caused (`asyncio.timeout`, an anyio scope, ``task.cancel()``) passes
+through untouched.
+
+Invariants:
+
+* The canceller calls ``task.cancel`` at most once per call, on the loop's
+  thread, and only while the coroutine runs (``active``): a cancellation that
+  arrives after the call ended does nothing.
+* Every ``task.cancel`` the canceller made is matched by one
+  ``task.uncancel`` (Python 3.11+) when the call ends, so the task's
+  ``cancelling()`` count is what it was before: `asyncio.timeout` and
+  task groups around the call keep working.
+* Signal handlers in a prefork child only queue work for the next checkpoint
+  (`_scope.request_slow_path`); a coroutine waiting in ``await`` never calls
+  one, so while a Celery task's loop runs, a callback every `POLL_INTERVAL`
+  seconds runs that work when ``_scope._shared_work`` says there is some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Protocol, TypeVar
+
+from . import _scope, _timer
+from ._exceptions import Cancelled, CancelReason
+from ._hooks import run_hooks
+from ._log import logger
+from .events import CANCEL_SWALLOWED
+
+__all__ = ["POLL_INTERVAL", "call_async", "run_async_in_scope", "warn_if_swallowed"]
+
+R = TypeVar("R")
+
+#: Seconds between two looks at work queued by signal handlers while a
+#: Celery task's event loop waits (see the module docstring).  Each look
+#: costs a few microseconds; 200 of them a second are well under 1% of a core.
+POLL_INTERVAL: Final = 0.005
+
+
+class CallOptions(Protocol):
+    """What this module needs of ``_decorator.CallOptions`` (which imports us)."""
+
+    def new_scope(self) -> _scope.CancelScope: ...
+    @property
+    def on_cancel(self) -> Callable[[], object] | None: ...
+
+
+class _Canceller:
+    """Cancels one asyncio task when a scope becomes cancelled, from any thread."""
+
+    __slots__ = ("active", "loop", "reason", "scope", "task")
+
+    def __init__(
+        self,
+        scope: _scope.CancelScope,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+    ) -> None:
+        self.scope = scope
+        self.loop = loop
+        self.task = task
+        self.active = True
+        #: The reason the task was cancelled with (None: not cancelled by us).
+        self.reason: CancelReason | None = None
+
+    def __call__(self, reason: CancelReason) -> None:
+        # A scope's cancel callback: any thread, outside the scope's lock.
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, reason)
+        except RuntimeError:
+            pass  # the loop is closed: the call is over
+
+    def _deliver(self, reason: CancelReason) -> None:
+        # On the loop's thread, between two steps of the task.
+        if self.active and self.reason is None:
+            self.reason = reason
+            # The await is this call's checkpoint: observed now (the
+            # latencies of a Celery task count from here).
+            self.scope._observe(reason)
+            self.task.cancel(reason.describe())
+
+    def uncancel(self) -> int:
+        """Undo our ``task.cancel`` (3.11+); return the task's remaining cancel count."""
+        uncancel = getattr(self.task, "uncancel", None)
+        if uncancel is None:  # Python 3.10: no cancel counting
+            return 0
+        remaining: int = uncancel()
+        return remaining
+
+
+class _Poller:
+    """Runs deferred slow-path work every `POLL_INTERVAL` s while a loop waits."""
+
+    __slots__ = ("handle", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.handle: asyncio.TimerHandle | None = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self.handle = self.loop.call_later(POLL_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        if _scope._shared_work and _scope._deferred:
+            _scope._run_deferred()
+        self._schedule()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
+def warn_if_swallowed(scope: _scope.CancelScope, wrapped: object, *, delivered: bool) -> None:
+    """Log `CANCEL_SWALLOWED` if a cancelled call returned as if nothing happened.
+
+    ``delivered``: a `Cancelled` or `asyncio.CancelledError` was raised into
+    the body (a checkpoint raised, or the asyncio task was cancelled).
+    """
+    reason = scope.cancel_reason
+    if reason is None or not (delivered or scope._observed_at is not None):
+        return
+    logger.warning(
+        CANCEL_SWALLOWED,
+        function=getattr(wrapped, "__qualname__", repr(wrapped)),
+        **scope._log_fields,
+        **_scope._reason_fields(reason),
+    )
+
+
+async def _run_bound(
+    scope: _scope.CancelScope,
+    coro: Coroutine[Any, Any, R],
+    wrapped: object,
+    *,
+    poll: bool,
+) -> R:
+    """Await ``coro``; cancel the current task when ``scope`` becomes cancelled."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - a coroutine awaited outside any task
+        raise RuntimeError("@cancellable async calls must run inside an asyncio task")
+    canceller = _Canceller(scope, loop, task)
+    remove = scope.add_cancel_callback(canceller)
+    poller = _Poller(loop) if poll else None
+    try:
+        result = await coro
+    except asyncio.CancelledError as exc:
+        canceller.active = False
+        reason = canceller.reason
+        if reason is None or canceller.uncancel() > 0:
+            # Not ours, or someone else cancelled the task too: theirs wins,
+            # the asyncio way.
+            raise
+        raise Cancelled(reason) from exc
+    except BaseException:
+        canceller.active = False
+        if canceller.reason is not None:
+            canceller.uncancel()
+        raise
+    finally:
+        canceller.active = False
+        remove()
+        if poller is not None:
+            poller.stop()
+    if canceller.reason is not None:
+        canceller.uncancel()
+    warn_if_swallowed(scope, wrapped, delivered=canceller.reason is not None)
+    return result
+
+
+def run_async_in_scope(
+    wrapped: Callable[..., Coroutine[Any, Any, R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: CallOptions,
+    scope: _scope.CancelScope,
+) -> R:
+    """Run the coroutine function ``wrapped`` to completion inside ``scope`` (sync).
+
+    A fresh `asyncio.run` per call: the loop is private to the call, so
+    nothing leaks between tasks, no loop is shared between a threads pool's
+    threads, and none survives into a forked child.  Refuses to run on a
+    thread whose event loop is running (`asyncio.run` raises RuntimeError).
+    """
+    with scope:
+        if options.on_cancel is not None:
+            _scope.on_cancel(options.on_cancel)
+        # Threads started with asyncio.to_thread copy the context: their
+        # checkpoints then answer for this scope too.
+        token = _scope._bind(scope, scope)
+        try:
+            # Signals (prefork wake-ups) and the timer's hand-over under
+            # gevent queue their work for a checkpoint: poll for it.
+            result = asyncio.run(_run_bound(scope, wrapped(*args, **kwargs), wrapped, poll=True))
+        finally:
+            _scope._unbind(token)
+    # The scope never swallows its Cancelled (_catch is False).
+    return result
+
+
+async def call_async(
+    wrapped: Callable[..., Coroutine[Any, Any, R]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: CallOptions,
+) -> R:
+    """Await ``wrapped(*args, **kwargs)`` in a new detached scope (see the module docstring)."""
+    scope = options.new_scope()
+    try:
+        base: _scope.CancelScope | None = _scope._local.innermost
+    except AttributeError:
+        base = None
+    # The enclosing scope: an enclosing async call's, or the thread's (a
+    # Celery task's, around the loop).  Its cancellation makes this scope
+    # effectively cancelled, so checkpoints in here see it too.
+    scope._enter_detached(_scope.current_scope())
+    token = _scope._bind(scope, base)
+    try:
+        if options.on_cancel is not None:
+            _scope.on_cancel(options.on_cancel)
+        # Under gevent or eventlet the timer hands deadlines over to the
+        # next checkpoint, which a waiting coroutine never reaches.
+        return await _run_bound(
+            scope, wrapped(*args, **kwargs), wrapped, poll=_timer.monkey_patched()
+        )
+    except (Cancelled, asyncio.CancelledError) as exc:
+        _run_hooks_on_unwind(scope, exc)
+        raise
+    finally:
+        _scope._unbind(token)
+        scope._exit_detached()
+
+
+def _run_hooks_on_unwind(scope: _scope.CancelScope, exc: BaseException) -> None:
+    # What CancelScope.__exit__ does for a Cancelled passing through, for a
+    # detached scope: its hooks run (last registered first, shielded, each
+    # within the budget) whether this scope or an enclosing one caused it.
+    with _scope._lock:
+        hooks = list(reversed(scope._hooks))
+        scope._hooks.clear()
+    if not hooks:
+        return
+    with _scope.CancelScope(shield=True):
+        errors = run_hooks(hooks, scope.hook_timeout, scope._log_fields)
+    if errors:
+        scope.cleanup_errors = errors
+        if isinstance(exc, Cancelled):
+            exc.hook_errors = exc.hook_errors + errors
