@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
+from tests import redis_dbs
 
 from cancellable import _config, _scope
 
@@ -107,3 +109,18 @@ def _spawn() -> Iterator[Callable[..., ThreadRunner]]:
     yield spawn
     for runner in runners:
         runner.check_finished()
+
+
+@pytest.fixture(name="rdb")
+def rdb_fixture() -> Iterator[redis.Redis]:
+    """The unit tests' Redis database (`redis_dbs.UNIT_DB`), flushed before and after."""
+    url = redis_dbs.url(redis_dbs.UNIT_DB)
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # pragma: no cover - depends on the machine
+        pytest.fail(f"Redis is not answering on {url}: {exc}. Start redis-server.")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()

@@ -37,20 +37,6 @@ from cancellable.celery import _ledger, _wakeup
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
-@pytest.fixture(name="rdb")
-def rdb_fixture() -> Iterator[redis.Redis]:
-    """This module's Redis database, flushed before and after each test."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # pragma: no cover - depends on the machine
-        pytest.fail(f"Redis is not answering on {REDIS_URL}: {exc}. Start redis-server.")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
 def private_app(broker: str, backend: str = REDIS_URL) -> Celery:
     """A Celery app with a private name and control exchange."""
     name = f"capi-{uuid.uuid4().hex[:8]}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,6 @@ from cancellable.celery import _ledger
 from cancellable.celery._index import TargetIndex
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
-
-
-@pytest.fixture(name="rdb")
-def rdb_fixture() -> Iterator[redis.Redis]:
-    """This module's Redis database, flushed before and after each test."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # pragma: no cover - depends on the machine
-        pytest.fail(f"Redis is not answering on {REDIS_URL}: {exc}. Start redis-server.")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def make_ledger(kind: str, rdb: redis.Redis, directory: Path, ttl: float) -> Any:

@@ -43,20 +43,6 @@ from cancellable.celery._mailbox import Mailbox
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
-@pytest.fixture(name="rdb")
-def rdb_fixture() -> Iterator[redis.Redis]:
-    """This module's Redis database, flushed before and after each test."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:  # pragma: no cover - depends on the machine
-        pytest.fail(f"Redis is not answering on {REDIS_URL}: {exc}. Start redis-server.")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
 def _forget_worker_state() -> None:
     """Empty Celery's and our per-process worker bookkeeping."""
     worker_state.revoked.clear()

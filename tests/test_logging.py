@@ -7,9 +7,8 @@ process-wide and the rest of the suite configures it (``capture_logs``).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
+
+from tests.helpers import run_python
 
 WORK = """
 from celery import Celery
@@ -35,19 +34,6 @@ def job():
 
 build_tracer(job.name, job, eager=False, app=app)("t-1", (), {}, {"id": "t-1"})
 """
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter; fail with its output if it fails."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert 0 == done.returncode, done.stdout + done.stderr
-    return done
 
 
 def test_unconfigured_prints_nothing():

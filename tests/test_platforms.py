@@ -10,11 +10,8 @@ has the same limit on every platform.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from tests.helpers import run_python
 
 NO_SIGNALS = """
 import signal
@@ -22,19 +19,6 @@ for name in ("SIGURG", "SIGKILL"):
     if hasattr(signal, name):
         delattr(signal, name)
 """
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter; fail with its output if it fails."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert 0 == done.returncode, done.stdout + done.stderr
-    return done
 
 
 def test_decorating_and_cancelling_without_sigurg_and_sigkill():

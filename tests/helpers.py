@@ -1,0 +1,22 @@
+"""Small helpers shared by test modules (fixtures live in ``conftest.py``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+__all__ = ["run_python"]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a fresh interpreter; fail with its output if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stdout + done.stderr
+    return done
