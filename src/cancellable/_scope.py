@@ -669,29 +669,15 @@ class CancelScope:
     # -- entering and exiting ------------------------------------------------
 
     def __enter__(self) -> CancelScope:
-        global _cancelled_live
         with _lock:
-            if self._state != _NEW:
-                raise RuntimeError(
-                    "Each CancelScope may only be used for a single 'with' block; "
-                    "create a new scope for each block."
-                )
+            self._check_new()
             stack = _get_stack()
-            self._parent = stack[-1] if stack else None
-            if self._parent is not None and not self._log_fields:
-                self._log_fields = self._parent._log_fields
+            self._inherit(stack[-1] if stack else None)
             self._stack = stack
             self._depth = len(stack)
-            self._thread = threading.get_ident()
             stack.append(self)
             _local.innermost = self
-            self._state = _ENTERED
-            if self._cancel_reason is not None:
-                self._counted = True
-                _cancelled_live += 1
-            fired = _recalculate(self)
-            _update_pending()
-            expired = self._arm_deadline()
+            fired, expired = self._mark_entered()
         _fire(fired)
         if expired:
             # Outside the lock: cancelling logs (invariant 5).
@@ -707,29 +693,44 @@ class CancelScope:
         # the parent's stack, it hears of the parent's cancellation through
         # a cancel callback (_parent_cancelled), which makes it effectively
         # cancelled with the parent's reason.
-        global _cancelled_live
-        self._parent = parent
-        if parent is not None and not self._log_fields:
-            self._log_fields = parent._log_fields
         with _lock:
-            if self._state != _NEW:
-                raise RuntimeError(
-                    "Each CancelScope may only be used for a single 'with' block; "
-                    "create a new scope for each block."
-                )
-            self._thread = threading.get_ident()
-            self._state = _ENTERED
-            if self._cancel_reason is not None:
-                self._counted = True
-                _cancelled_live += 1
-            fired = _recalculate(self)
-            _update_pending()
-            expired = self._arm_deadline()
+            self._check_new()
+            self._inherit(parent)
+            fired, expired = self._mark_entered()
         _fire(fired)
         if parent is not None:
             self._unlink = parent.add_cancel_callback(self._parent_cancelled)
         if expired:
             self._cancel_for_deadline()
+
+    def _check_new(self) -> None:
+        # Caller holds _lock.
+        if self._state != _NEW:
+            raise RuntimeError(
+                "Each CancelScope may only be used for a single 'with' block; "
+                "create a new scope for each block."
+            )
+
+    def _inherit(self, parent: CancelScope | None) -> None:
+        # Caller holds _lock.  Link to the enclosing scope, and take its log
+        # fields unless an integration gave this scope its own.
+        self._parent = parent
+        if parent is not None and not self._log_fields:
+            self._log_fields = parent._log_fields
+
+    def _mark_entered(self) -> tuple[_Fired, bool]:
+        # Caller holds _lock; parent (and stack, if any) are set.  Returns the
+        # cancel callbacks to fire and whether the deadline already passed,
+        # both for the caller to act on after releasing the lock.
+        global _cancelled_live
+        self._thread = threading.get_ident()
+        self._state = _ENTERED
+        if self._cancel_reason is not None:
+            self._counted = True
+            _cancelled_live += 1
+        fired = _recalculate(self)
+        _update_pending()
+        return fired, self._arm_deadline()
 
     def _parent_cancelled(self, reason: CancelReason) -> None:
         # A detached scope's parent became effectively cancelled.

@@ -107,7 +107,7 @@ def _run_task(
     task_id: str = request.id
     scope = options.new_scope()
     scope._log_fields = {"task_id": task_id, "task_name": task.name}
-    group_id, root_id = getattr(request, "group", None), getattr(request, "root_id", None)
+    _id, group_id, root_id = _index.request_targets(request)
     entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
     _registry.register(entry)
     _wakeup.ensure_installed()
