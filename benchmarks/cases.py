@@ -241,8 +241,29 @@ class CancelledElsewhere:
         self.thread.join(timeout=10)
 
 
-def _setup_other_cancelled(ns: Namespace, options: Options) -> Teardown:
-    helper = CancelledElsewhere()
+class CleaningUpElsewhere(CancelledElsewhere):
+    """A thread whose cancelled scope is running a cleanup hook (that waits)."""
+
+    def _park(self) -> None:
+        with CancelScope() as scope:
+            self.scope = scope
+            on_cancel(self._hook)
+            scope.cancel("benchmark: a cancelled task running its cleanup")
+            checkpoint()
+
+    def _hook(self) -> None:
+        self._ready.set()
+        self._release.wait()
+
+
+def _setup_other_cleaning_up(ns: Namespace, options: Options) -> Teardown:
+    return _setup_other_cancelled(ns, options, CleaningUpElsewhere())
+
+
+def _setup_other_cancelled(
+    ns: Namespace, options: Options, helper: CancelledElsewhere | None = None
+) -> Teardown:
+    helper = helper or CancelledElsewhere()
     helper.start()
     ns["_helper"] = helper
     exit_scope = _enter(CancelScope(), ns)
@@ -393,6 +414,13 @@ CASES: tuple[Case, ...] = (
         "reached a checkpoint (the slow path: look up this thread's scope, find it live)",
         "checkpoint()",
         setup=_setup_other_cancelled,
+    ),
+    Case(
+        "checkpoint.other_thread_cleaning_up",
+        "checkpoint() in a live scope while another thread's cancelled scope runs its cleanup "
+        "hooks (those scopes are set aside: the one-flag fast path)",
+        "checkpoint()",
+        setup=_setup_other_cleaning_up,
     ),
     Case(
         "is_cancelled.live_scope",

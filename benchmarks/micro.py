@@ -67,6 +67,7 @@ HOT_PATH = (
     "checkpoint.live_scope",
     "checkpoint.outside_scope",
     "checkpoint.other_thread_cancelled",
+    "checkpoint.other_thread_cleaning_up",
 )
 
 
@@ -272,12 +273,18 @@ def print_table(paths: list[str]) -> None:
     print(
         "| CPython | harness loop | empty call | `checkpoint()` in a live scope | x empty "
         "| outside any scope | x empty "
-        "| while another thread's scope is cancelled | x empty | values |"
+        "| while another thread's scope is cancelled | x empty "
+        "| while another thread's scope runs its cleanup | x empty | values |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in hot_path_rows([pyperf.BenchmarkSuite.load(path) for path in paths]):
         cells = [row["python"], f"{row['loop_ns']:.1f} ns", f"{row['empty_ns']:.1f} ns"]
-        for short in ("live_scope", "outside_scope", "other_thread_cancelled"):
+        for short in (
+            "live_scope",
+            "outside_scope",
+            "other_thread_cancelled",
+            "other_thread_cleaning_up",
+        ):
             cells.append(f"{row[short + '_ns']:.1f} ns")
             cells.append(f"{row[short + '_net']:.2f} ({row[short + '_gross']:.2f} gross)")
         cells.append(str(row["values"]))

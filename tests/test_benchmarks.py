@@ -56,6 +56,7 @@ REQUIRED_NAMES = (
     "checkpoint.ten_hooks",
     "checkpoint.eight_threads",
     "checkpoint.other_thread_cancelled",
+    "checkpoint.other_thread_cleaning_up",
     "is_cancelled.live_scope",
     "checkpoint.with_form",
     "celery.request_revoked",
@@ -118,6 +119,7 @@ def _expected_code() -> dict[str, Any]:
         "checkpoint.eight_threads": checkpoint_code,
         "checkpoint.eight_threads_wall": checkpoint_code,
         "checkpoint.other_thread_cancelled": checkpoint_code,
+        "checkpoint.other_thread_cleaning_up": checkpoint_code,
         "is_cancelled.live_scope": _code_of(cancellable.is_cancelled),
         "alt.abortable_is_aborted": _code_of(AbortableAsyncResult.is_aborted),
         "alt.asyncresult_state": _code_of(AsyncResult.state.fget),
@@ -365,6 +367,7 @@ def test_outside_scope_runs_outside_any_scope(prepare: Callable[[str], Prepared]
         "checkpoint.eight_threads",
         "checkpoint.eight_threads_wall",
         "checkpoint.other_thread_cancelled",
+        "checkpoint.other_thread_cleaning_up",
     ],
 )
 def test_checkpoint_statement_raises_once_its_scope_is_cancelled(
@@ -458,6 +461,22 @@ def test_other_thread_cancelled_case_takes_the_slow_path(
     assert helper.scope is not None
     assert helper.scope.cancel_called
     assert _scope._pending is True
+    prepared.run(100)
+    assert not prepared.ns["_scope"].cancel_called
+
+
+def test_other_thread_cleaning_up_case_is_on_the_fast_path(
+    prepare: Callable[[str], Prepared],
+) -> None:
+    """Another thread's cancelled scope is inside its cleanup hook: the flag is down again."""
+    from cancellable import _scope
+
+    prepared = prepare("checkpoint.other_thread_cleaning_up")
+    helper = prepared.ns["_helper"]
+    assert helper.scope is not None
+    assert helper.scope.cancel_called
+    assert "entered" in repr(helper.scope)  # still inside it, in the hook
+    assert _scope._pending is False
     prepared.run(100)
     assert not prepared.ns["_scope"].cancel_called
 
@@ -870,6 +889,7 @@ def test_hot_path_selection_and_table(tmp_path: Path, capsys: pytest.CaptureFixt
         "checkpoint.live_scope",
         "checkpoint.outside_scope",
         "checkpoint.other_thread_cancelled",
+        "checkpoint.other_thread_cleaning_up",
     }
     out = tmp_path / "hot.json"
     proc = subprocess.run(
@@ -887,7 +907,12 @@ def test_hot_path_selection_and_table(tmp_path: Path, capsys: pytest.CaptureFixt
     (row,) = micro.hot_path_rows([pyperf.BenchmarkSuite.load(str(out))])
     loop, empty = row["loop_ns"], row["empty_ns"]
     assert row["python"] == ".".join(map(str, sys.version_info[:3]))
-    for short in ("live_scope", "outside_scope", "other_thread_cancelled"):
+    for short in (
+        "live_scope",
+        "outside_scope",
+        "other_thread_cancelled",
+        "other_thread_cleaning_up",
+    ):
         assert row[f"{short}_net"] == pytest.approx((row[f"{short}_ns"] - loop) / (empty - loop))
         assert row[f"{short}_gross"] == pytest.approx(row[f"{short}_ns"] / empty)
     micro.print_table([str(out)])

@@ -521,3 +521,95 @@ class TestConfigure:
             cancellable.configure(hook_timeout=value)
 
         assert 30.0 == _config.get_hook_timeout()
+
+
+class TestOtherThreadsDuringCleanup:
+    """While one thread's hooks run, the other threads' checkpoints stay on the fast path."""
+
+    def test_pending_drops_while_hooks_run_and_comes_back(self):
+        """Inside a hook the flag is down (nothing else pending); the scope still exits cleanly."""
+        seen = []
+
+        def hook():
+            seen.append((_scope._pending, _scope._cancelled_live))
+            checkpoint()  # under the hooks' shield: must not raise
+
+        outer = CancelScope()
+        inner = CancelScope()
+        with outer:
+            with inner:
+                on_cancel(hook)
+                cancel_and_check(outer)
+            # The inner scope's Cancelled belongs to the outer scope: after the
+            # inner scope exited, the outer one counts again.
+            assert _scope._pending
+            assert 1 == _scope._cancelled_live
+        assert [(False, 0)] == seen
+        assert outer.cancelled_caught
+        assert not _scope._pending
+        assert 0 == _scope._cancelled_live
+
+    def test_other_thread_sees_nothing_pending_during_cleanup(self):
+        """Another thread checking while a hook runs finds the flag down, and never raises."""
+        in_hook = threading.Event()
+        release = threading.Event()
+        observed: list[bool] = []
+
+        def hook():
+            in_hook.set()
+            assert release.wait(10)
+
+        def other():
+            assert in_hook.wait(10)
+            observed.append(_scope._pending)
+            with CancelScope():
+                for _ in range(1000):
+                    checkpoint()
+            release.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        scope = CancelScope()
+        unwind(scope, hook)
+        thread.join(10)
+        assert [False] == observed
+        assert scope.cancelled_caught
+
+    def test_cancel_arriving_during_cleanup_still_counts(self):
+        """A scope below the shield cancelled while hooks run raises the flag, and stays counted."""
+        seen = []
+        outer = CancelScope()
+
+        def hook():
+            outer.cancel("late")
+            seen.append((_scope._pending, _scope._cancelled_live))
+            checkpoint()  # still shielded
+
+        inner = CancelScope()
+        with outer:
+            with pytest.raises(Cancelled):
+                unwind(inner, hook)
+            assert 1 == _scope._cancelled_live
+            with pytest.raises(Cancelled):
+                checkpoint()
+        assert [(True, 1)] == seen
+        assert 0 == _scope._cancelled_live
+        assert not _scope._pending
+
+    def test_counts_restored_when_a_hook_raises_keyboard_interrupt(self):
+        """A fatal exception out of the hooks leaves no scope set aside or counted twice."""
+        outer = CancelScope()
+
+        def interrupt():
+            raise KeyboardInterrupt
+
+        def run() -> None:
+            with outer, CancelScope():
+                on_cancel(interrupt)
+                cancel_and_check(outer)
+
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        assert [] == _scope._get_stack()
+        assert 0 == _scope._cancelled_live
+        assert not _scope._pending

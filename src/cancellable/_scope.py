@@ -25,15 +25,18 @@ process could make a checkpoint raise:
 * a test probe is installed (``_probes``, see `cancellable.testing`).
 
 When it is True, the checkpoint answers the common case in place: "nothing
-for this thread".  That is what every *other* thread sees while one thread's
-scope is cancelled (its hooks may run for seconds), so it must stay cheap:
-one read of ``_shared_work`` (deferred work or probes, which concern every
-thread), one read of this thread's innermost scope from ``_local`` and one
-slot read of that scope's ``_effective_reason``.  Only if one of them says
-so do we call `_slow_checkpoint`, which does the work and raises.  A
-cancellation on one thread therefore makes other threads' checkpoints a
-little slower but never makes them raise: a thread only ever looks at its
-own innermost scope.
+for this thread".  That is what every *other* thread sees between one
+thread's scope being cancelled and that thread reaching its cleanup, so it
+must stay cheap: one read of ``_shared_work`` (deferred work or probes,
+which concern every thread), one read of this thread's innermost scope from
+``_local`` and one slot read of that scope's ``_effective_reason``.  Only if
+one of them says so do we call `_slow_checkpoint`, which does the work and
+raises.  A cancellation on one thread therefore makes other threads'
+checkpoints a little slower but never makes them raise: a thread only ever
+looks at its own innermost scope.  The cleanup itself, which may take
+seconds, does not slow the others: while hooks run under their shield the
+cancelled scopes below it are set aside from the count (invariant 2), and
+the flag drops if nothing else is pending.
 
 There used to be a second, "idle" body on CPython 3.10-3.12, switched in by
 assigning ``__code__``; it saved about 2 ns per call on 3.11-3.12 and cost
@@ -62,6 +65,10 @@ Invariants (all mutations happen under ``_lock``, except where noted):
    finished `_update_pending`.
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
+   One exception: while a thread runs cleanup hooks (under the shield
+   `CancelScope._run_hooks` enters), the counted scopes below that shield
+   are set aside, since none of them can make a checkpoint raise until the
+   shield exits; they count again before it does.
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
    ``_stack[_depth] is scope`` while it is entered; a detached scope has
    ``_stack`` None and learns of its parent's cancellation by callback.
@@ -900,9 +907,50 @@ class CancelScope:
         hooks = list(reversed(self._hooks))
         self._hooks.clear()
         errors: tuple[BaseException, ...] = ()
-        with CancelScope(shield=True):
-            errors = run_hooks(hooks, self.hook_timeout, self._log_fields)
+        with CancelScope(shield=True) as shield:
+            set_aside = _set_aside_below(shield)
+            try:
+                errors = run_hooks(hooks, self.hook_timeout, self._log_fields)
+            finally:
+                _restore_set_aside(set_aside)
         return errors
+
+
+def _set_aside_below(shield: CancelScope) -> list[CancelScope]:
+    # Cleanup may take seconds.  While it runs, the calling thread's
+    # innermost scope is `shield`, so no cancelled scope below it can make a
+    # checkpoint of this thread raise, and no other thread ever looks at
+    # them.  Take them out of _cancelled_live for that time (invariant 2),
+    # so that other threads' checkpoints go back to the one-flag fast path
+    # instead of paying for "nothing for this thread" until we are done.
+    global _cancelled_live
+    stack = shield._stack
+    assert stack is not None
+    set_aside: list[CancelScope] = []
+    with _lock:
+        for scope in stack[: shield._depth]:
+            if scope._counted:
+                scope._counted = False
+                _cancelled_live -= 1
+                set_aside.append(scope)
+        if set_aside:
+            _update_pending()
+    return set_aside
+
+
+def _restore_set_aside(set_aside: list[CancelScope]) -> None:
+    # Undo _set_aside_below once the shield is about to exit: the scopes
+    # below it count again (they are still entered; only _close, later,
+    # takes them out for good).
+    global _cancelled_live
+    if not set_aside:
+        return
+    with _lock:
+        for scope in set_aside:
+            if scope._state == _ENTERED and not scope._counted:
+                scope._counted = True
+                _cancelled_live += 1
+        _update_pending()
 
 
 #: Callbacks to call (outside the lock) and the reason to call them with.
