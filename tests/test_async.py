@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import signal
 import sys
 import threading
 import time
@@ -23,6 +25,7 @@ from cancellable import (
     Cancelled,
     CancelReason,
     CancelScope,
+    _scope,
     cancellable,
     checkpoint,
     current_scope,
@@ -543,6 +546,48 @@ class TestCeleryAsyncBody:
         assert ["finally", "hook"] == ran
         with pytest.raises(TaskRevokedError, match="stop now"):
             result.get()
+
+    @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+    def test_work_queued_by_a_signal_handler_wakes_the_loop(self, app: Celery) -> None:
+        """A signal handler's queued cancel (a prefork wake-up) reaches the await at once.
+
+        The handler only queues work (``request_slow_path``), as the prefork
+        delivery does; the awaiting coroutine reaches no checkpoint, so the
+        loop must be woken to run it.  It is, well within the 30 s sleep.
+        """
+        timings: dict[str, float] = {}
+
+        @app.task(bind=True, shared=False)
+        @cancellable
+        async def job(self: Any) -> str:
+            scope = current_scope()
+            assert scope is not None
+
+            def handler(signum: int, frame: object) -> None:
+                _scope.request_slow_path(lambda: scope.cancel("from a signal"))
+
+            previous = signal.signal(signal.SIGUSR1, handler)
+            try:
+                asyncio.get_running_loop().call_later(
+                    0.05,
+                    lambda: (
+                        timings.update(sent=time.monotonic()),
+                        os.kill(os.getpid(), signal.SIGUSR1),
+                    ),
+                )
+                try:
+                    await asyncio.sleep(30)
+                finally:
+                    timings["woken"] = time.monotonic()
+            finally:
+                signal.signal(signal.SIGUSR1, previous)
+            return "unreachable"
+
+        result = job.apply()
+
+        with pytest.raises(TaskRevokedError, match="from a signal"):
+            result.get()
+        assert timings["woken"] - timings["sent"] < 1.0
 
     def test_swallowed_names_the_task(self, app: Celery) -> None:
         """The warning carries the task's id and name."""

@@ -990,3 +990,43 @@ class TestTimer:
         assert dropped is None
         assert old is not _timer._timer
         assert fired.wait(5)
+
+
+class TestSlowPathWakers:
+    """`request_slow_path` nudges registered wakers (how a waiting event loop hears of work)."""
+
+    def test_waker_called_after_work_is_queued_and_removable(self):
+        """Each queued callback calls every waker once, the work already queued; remove stops it."""
+        seen = []
+        remove = _scope.add_slow_path_waker(lambda: seen.append(len(_scope._deferred)))
+        try:
+            _scope.request_slow_path(lambda: None)
+            assert [1] == seen
+        finally:
+            remove()
+            remove()  # a second removal is harmless
+        _scope.request_slow_path(lambda: None)
+        assert [1] == seen
+        checkpoint()  # runs the queued callbacks
+        assert not _scope._deferred
+        assert not _scope._pending
+
+    def test_failing_waker_does_not_break_the_request(self):
+        """A waker that raises (a closed loop) neither propagates nor stops the others."""
+        seen = []
+
+        def broken():
+            raise RuntimeError("Event loop is closed")
+
+        removers = [
+            _scope.add_slow_path_waker(broken),
+            _scope.add_slow_path_waker(lambda: seen.append(1)),
+        ]
+        try:
+            _scope.request_slow_path(lambda: None)
+        finally:
+            for remove in removers:
+                remove()
+        assert [1] == seen
+        checkpoint()
+        assert not _scope._pending

@@ -37,15 +37,15 @@ Invariants:
   task groups around the call keep working.
 * Signal handlers in a prefork child only queue work for the next checkpoint
   (`_scope.request_slow_path`); a coroutine waiting in ``await`` never calls
-  one, so while a Celery task's loop runs, a callback every `POLL_INTERVAL`
-  seconds runs that work when ``_scope._shared_work`` says there is some.
+  one, so while a Celery task's loop runs, `_Waker` has the loop run that
+  work as soon as it is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _scope, _timer
 from ._exceptions import Cancelled, CancelReason
@@ -53,15 +53,9 @@ from ._hooks import run_hooks
 from ._log import logger
 from .events import CANCEL_SWALLOWED
 
-__all__ = ["POLL_INTERVAL", "call_async", "run_async_in_scope", "warn_if_swallowed"]
+__all__ = ["call_async", "run_async_in_scope", "warn_if_swallowed"]
 
 R = TypeVar("R")
-
-#: Seconds between two looks at work queued by signal handlers while a
-#: Celery task's event loop waits (see the module docstring).  Each look
-#: costs a few microseconds; 200 of them a second are well under 1% of a core.
-POLL_INTERVAL: Final = 0.005
-
 
 class CallOptions(Protocol):
     """What this module needs of ``_decorator.CallOptions`` (which imports us)."""
@@ -114,28 +108,36 @@ class _Canceller:
         return remaining
 
 
-class _Poller:
-    """Runs deferred slow-path work every `POLL_INTERVAL` s while a loop waits."""
+class _Waker:
+    """Runs deferred slow-path work on the loop as soon as it is queued.
 
-    __slots__ = ("handle", "loop")
+    A coroutine waiting in ``await`` reaches no checkpoint, so work that a
+    signal handler (a prefork wake-up) or the timer's OS thread (under gevent)
+    queued with `_scope.request_slow_path` would wait for the next one.
+    `_scope.add_slow_path_waker` calls us right after it is queued, and we
+    hand it to the loop with ``call_soon_threadsafe``: signal-safe (asyncio's
+    own signal handling does the same) and it wakes a loop blocked in its
+    selector.
+    """
+
+    __slots__ = ("loop", "remove")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.handle: asyncio.TimerHandle | None = None
-        self._schedule()
+        self.remove = _scope.add_slow_path_waker(self._wake)
+        if _scope._deferred:  # queued before we were listening
+            loop.call_soon(self._run)
 
-    def _schedule(self) -> None:
-        self.handle = self.loop.call_later(POLL_INTERVAL, self._tick)
+    def _wake(self) -> None:
+        # Any thread, or a signal handler on the loop's thread.
+        self.loop.call_soon_threadsafe(self._run)
 
-    def _tick(self) -> None:
-        if _scope._shared_work and _scope._deferred:
+    def _run(self) -> None:
+        if _scope._deferred:
             _scope._run_deferred()
-        self._schedule()
 
     def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
+        self.remove()
 
 
 def warn_if_swallowed(scope: _scope.CancelScope, wrapped: object, *, delivered: bool) -> None:
@@ -160,7 +162,7 @@ async def _run_bound(
     coro: Coroutine[Any, Any, R],
     wrapped: object,
     *,
-    poll: bool,
+    wake: bool,
 ) -> R:
     """Await ``coro``; cancel the current task when ``scope`` becomes cancelled."""
     loop = asyncio.get_running_loop()
@@ -169,7 +171,7 @@ async def _run_bound(
         raise RuntimeError("@cancellable async calls must run inside an asyncio task")
     canceller = _Canceller(scope, loop, task)
     remove = scope.add_cancel_callback(canceller)
-    poller = _Poller(loop) if poll else None
+    waker = _Waker(loop) if wake else None
     try:
         result = await coro
     except asyncio.CancelledError as exc:
@@ -188,8 +190,8 @@ async def _run_bound(
     finally:
         canceller.active = False
         remove()
-        if poller is not None:
-            poller.stop()
+        if waker is not None:
+            waker.stop()
     if canceller.reason is not None:
         canceller.uncancel()
     warn_if_swallowed(scope, wrapped, delivered=canceller.reason is not None)
@@ -218,8 +220,8 @@ def run_async_in_scope(
         token = _scope._bind(scope, scope)
         try:
             # Signals (prefork wake-ups) and the timer's hand-over under
-            # gevent queue their work for a checkpoint: poll for it.
-            result = asyncio.run(_run_bound(scope, wrapped(*args, **kwargs), wrapped, poll=True))
+            # gevent queue their work for a checkpoint: have the loop run it.
+            result = asyncio.run(_run_bound(scope, wrapped(*args, **kwargs), wrapped, wake=True))
         finally:
             _scope._unbind(token)
     # The scope never swallows its Cancelled (_catch is False).
@@ -249,7 +251,7 @@ async def call_async(
         # Under gevent or eventlet the timer hands deadlines over to the
         # next checkpoint, which a waiting coroutine never reaches.
         return await _run_bound(
-            scope, wrapped(*args, **kwargs), wrapped, poll=_timer.monkey_patched()
+            scope, wrapped(*args, **kwargs), wrapped, wake=_timer.monkey_patched()
         )
     except (Cancelled, asyncio.CancelledError) as exc:
         _run_hooks_on_unwind(scope, exc)

@@ -172,6 +172,38 @@ def request_slow_path(callback: Callable[[], object]) -> None:
     _deferred.append(callback)
     _shared_work = True
     _pending = True
+    # Code that waits without checking (an event loop in ``await``) gets a
+    # nudge.  A copy, since the list may change on another thread meanwhile.
+    for waker in tuple(_wakers):
+        try:
+            waker()
+        except Exception:  # noqa: BLE001 - a closed loop: its call is over
+            pass
+
+
+#: Signal-safe callables that `request_slow_path` calls after queueing work,
+#: so that code waiting without reaching a checkpoint can come and run it.
+#: Appended and removed without the lock (list operations are atomic), since
+#: it is read from signal handlers.
+_wakers: list[Callable[[], object]] = []
+
+
+def add_slow_path_waker(waker: Callable[[], object]) -> Callable[[], None]:
+    """Call ``waker()`` whenever `request_slow_path` queues work; return a remover.
+
+    ``waker`` may run inside a signal handler or on a foreign OS thread: it
+    must take no lock and only schedule the work (for an asyncio loop,
+    ``loop.call_soon_threadsafe``, which asyncio's own signal support uses).
+    """
+    _wakers.append(waker)
+
+    def remove() -> None:
+        try:
+            _wakers.remove(waker)
+        except ValueError:
+            pass
+
+    return remove
 
 
 # Under gevent/eventlet the timer runs on an OS thread of its own, which must
