@@ -10,6 +10,9 @@ Tasks:
 * ``bench.spin``: a ``@cancellable`` busy loop with a checkpoint per
   iteration; it records when it started, when its checkpoint raised and when
   its cleanup hook ran (``latency.py``).
+* ``bench.spin_async``: a ``@cancellable`` ``async def`` awaiting
+  ``asyncio.sleep``; it records when the ``CancelledError`` reached it and
+  when its cleanup hook ran (``latency.py``, beside ``bench.spin``).
 * ``bench.spin_plain``: the same loop without ``@cancellable``, stopped
   with Celery's own ``revoke(terminate=True)`` for comparison.
 * ``bench.abortable_poll``: Celery's ``AbortableTask``, polling
@@ -26,6 +29,7 @@ Tasks:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -104,6 +108,27 @@ def spin(self: Any, key: str) -> str:
                 checkpoint()
                 x = (x * 31 + i) % 65521
     except Cancelled:
+        marks["raised"] = time.time()
+        raise
+    return "not cancelled"
+
+
+@app.task(bind=True, name="bench.spin_async")
+@cancellable
+async def spin_async(self: Any, key: str) -> str:
+    """Await a long ``asyncio.sleep`` until cancelled; record the moments in ``key``."""
+    client = redis_client()
+    marks: dict[str, float] = {}
+
+    def cleanup() -> None:
+        marks["cleanup"] = time.time()
+        client.hset(key, mapping=marks)
+
+    on_cancel(cleanup)
+    client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    try:
+        await asyncio.sleep(SPIN_LIMIT_SECONDS)
+    except asyncio.CancelledError:
         marks["raised"] = time.time()
         raise
     return "not cancelled"

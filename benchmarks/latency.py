@@ -17,6 +17,12 @@ also measures ``--pool=threads`` (``latency.threads_redis.*``) and RabbitMQ
 as the broker (``latency.prefork_rabbitmq.*``, ``latency.threads_rabbitmq.*``),
 each on its own worker.
 
+``latency.async.*`` is the same measurement for an ``async def`` body
+(``bench.spin_async``, awaiting ``asyncio.sleep``) on the same prefork +
+Redis worker as the unnamed variant, in every mode; "checkpoint" there is
+the moment the ``asyncio.CancelledError`` reached the coroutine.  The full
+run adds ``latency.async_threads_redis.*`` on a threads-pool worker.
+
 Celery's own ways, on the prefork + Redis worker, for comparison:
 
 * ``latency.terminate.*``: ``revoke(terminate=True)`` of the same loop
@@ -58,15 +64,19 @@ from _common import DEFAULT_REDIS_URL, log, measured, percentile, selected, skip
 
 STEPS = ("revoke_to_checkpoint", "revoke_to_cleanup", "revoke_to_revoked_state")
 
-#: Variant -> (pool, broker: None for Redis, else a URL).  The unnamed variant
-#: (prefork, Redis broker) has the plain names ``latency.<step>``; the others
-#: are ``latency.<variant>.<step>`` and run in the full run only.
+#: Variant -> (pool, broker: None for Redis, else a URL, task).  The unnamed
+#: variant (prefork, Redis broker) has the plain names ``latency.<step>``; the
+#: others are ``latency.<variant>.<step>``.  Prefork + Redis variants share the
+#: main worker and run in every mode; the others start a worker of their own
+#: and run in the full run only.
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-VARIANTS: dict[str, tuple[str, str | None]] = {
-    "": ("prefork", None),
-    "prefork_rabbitmq": ("prefork", AMQP_URL),
-    "threads_redis": ("threads", None),
-    "threads_rabbitmq": ("threads", AMQP_URL),
+VARIANTS: dict[str, tuple[str, str | None, str]] = {
+    "": ("prefork", None, "bench.spin"),
+    "async": ("prefork", None, "bench.spin_async"),
+    "prefork_rabbitmq": ("prefork", AMQP_URL, "bench.spin"),
+    "threads_redis": ("threads", None, "bench.spin"),
+    "async_threads_redis": ("threads", None, "bench.spin_async"),
+    "threads_rabbitmq": ("threads", AMQP_URL, "bench.spin"),
 }
 #: Celery's own ``revoke(terminate=True)`` on the same loop without
 #: ``@cancellable`` (prefork, Redis).
@@ -126,14 +136,14 @@ def _wait_for(predicate: Any, timeout: float, what: str, worker: Any) -> Any:
         time.sleep(0.002)
 
 
-def one_sample(worker: Any, client: Any) -> dict[str, float]:
-    """Run, revoke and observe one ``bench.spin`` task; latencies in ms, keyed by step."""
+def one_sample(worker: Any, client: Any, task: str = "bench.spin") -> dict[str, float]:
+    """Run, revoke and observe one ``task`` (``bench.spin``); latencies in ms, keyed by step."""
     key = f"cancellable-bench:latency:{uuid.uuid4().hex}"
     task_id = str(uuid.uuid4())
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(f"celery-task-meta-{task_id}")
     try:
-        result = worker.app.send_task("bench.spin", args=(key,), task_id=task_id)
+        result = worker.app.send_task(task, args=(key,), task_id=task_id)
         _wait_for(lambda: client.hget(key, "started"), STEP_TIMEOUT, "the task to start", worker)
         time.sleep(RUNNING_BEFORE_REVOKE)
         revoked_at = time.time()
@@ -326,9 +336,10 @@ def _records(
 def _sample_variant(
     worker: Any, client: Any, variant: str, count: int, names: list[str]
 ) -> list[dict[str, Any]]:
+    task = VARIANTS[variant][2]
     samples: dict[str, list[float]] = {step: [] for step in STEPS}
     for _ in range(count):
-        for step, value in one_sample(worker, client).items():
+        for step, value in one_sample(worker, client, task).items():
             samples[step].append(value)
     return _records(names, variant_names(variant), samples, count)
 
@@ -382,11 +393,11 @@ def run(
     client = redis.Redis.from_url(redis_url)
     records: list[dict[str, Any]] = []
     try:
-        for variant, (pool, broker) in VARIANTS.items():
+        for variant, (pool, broker, _task) in VARIANTS.items():
             wanted = [n for n in variant_names(variant) if n in names]
             if not wanted:
                 continue
-            if not variant:
+            if pool == "prefork" and broker is None:
                 records += _sample_variant(worker, client, variant, counts["main"], wanted)
             elif not counts["others"]:
                 why = f"only in the full run (the {mode} run starts one prefork worker)"
@@ -410,8 +421,10 @@ def run(
 #: The curves of the CDF plot: result name -> legend label.
 CDF_CURVES = {
     "latency.revoke_to_checkpoint": "prefork, Redis: revoke \u2192 checkpoint raises",
+    "latency.async.revoke_to_checkpoint": "prefork, Redis, async def: \u2192 CancelledError",
     "latency.prefork_rabbitmq.revoke_to_checkpoint": "prefork, RabbitMQ: \u2192 checkpoint",
     "latency.threads_redis.revoke_to_checkpoint": "threads, Redis: \u2192 checkpoint",
+    "latency.async_threads_redis.revoke_to_checkpoint": "threads, Redis, async def: \u2192 raised",
     "latency.threads_rabbitmq.revoke_to_checkpoint": "threads, RabbitMQ: \u2192 checkpoint",
     "latency.terminate.to_process_death": "revoke(terminate=True) \u2192 child dead",
     "latency.terminate.to_pool_full": "revoke(terminate=True) \u2192 pool full again",

@@ -105,8 +105,10 @@ def _dist(record: dict[str, Any] | None, samples: dict[str, list[float]], name: 
 
 LATENCY_VARIANTS = (
     ("prefork, Redis broker", "latency."),
+    ("prefork, Redis broker, `async def` body", "latency.async."),
     ("prefork, RabbitMQ broker", "latency.prefork_rabbitmq."),
     ("threads, Redis broker", "latency.threads_redis."),
+    ("threads, Redis broker, `async def` body", "latency.async_threads_redis."),
     ("threads, RabbitMQ broker", "latency.threads_rabbitmq."),
 )
 

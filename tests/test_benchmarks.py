@@ -72,7 +72,11 @@ REQUIRED_NAMES = (
     "latency.revoke_to_checkpoint",
     "latency.revoke_to_cleanup",
     "latency.revoke_to_revoked_state",
+    "latency.async.revoke_to_checkpoint",
+    "latency.async.revoke_to_cleanup",
+    "latency.async.revoke_to_revoked_state",
     "latency.prefork_rabbitmq.revoke_to_checkpoint",
+    "latency.async_threads_redis.revoke_to_checkpoint",
     "latency.threads_redis.revoke_to_checkpoint",
     "latency.threads_rabbitmq.revoke_to_checkpoint",
     "latency.terminate.to_process_death",
@@ -672,7 +676,14 @@ def test_full_run_takes_enough_latency_samples() -> None:
     assert full["main"] >= 200
     assert full["others"] >= 200
     assert full["abortable"] >= 200
-    assert set(latency.VARIANTS) == {"", "prefork_rabbitmq", "threads_redis", "threads_rabbitmq"}
+    assert set(latency.VARIANTS) == {
+        "",
+        "async",
+        "prefork_rabbitmq",
+        "threads_redis",
+        "async_threads_redis",
+        "threads_rabbitmq",
+    }
     assert throughput.SETTINGS["full"][0] == 5000
     assert throughput.SETTINGS["full"][1] >= 2
 
@@ -727,23 +738,26 @@ def test_latency_smoke_run_over_a_real_worker(bench_worker: Any, tmp_path: Path)
     by_name = {r["name"]: r for r in records}
     assert set(by_name) == set(latency.NAMES)
     counts = latency.SAMPLES["smoke"]
-    for name in latency.variant_names(""):
+    for name in (*latency.variant_names(""), *latency.variant_names("async")):
         assert by_name[name]["runs"] == counts["main"] == len(latency.RAW[name])
     for name in latency.TERMINATE_NAMES:
         assert by_name[name]["runs"] == counts["terminate"] == len(latency.RAW[name])
     for name in latency.ABORTABLE_NAMES:
         assert by_name[name]["runs"] == counts["abortable"] == len(latency.RAW[name])
     for name in latency.NAMES:
-        if name.startswith(("latency.threads", "latency.prefork_rabbitmq")):
+        if name.startswith(
+            ("latency.threads", "latency.prefork_rabbitmq", "latency.async_threads")
+        ):
             assert by_name[name]["skipped"], name  # other workers: full run only
         else:
             assert 0 < by_name[name]["median"] < latency.STEP_TIMEOUT * 1000, name
     # Checkpoint before cleanup before nothing else; the child dies before the pool refills.
     raw = latency.RAW
-    for raised, cleanup in zip(
-        raw["latency.revoke_to_checkpoint"], raw["latency.revoke_to_cleanup"], strict=True
-    ):
-        assert raised <= cleanup
+    for prefix in ("latency.", "latency.async."):
+        for raised, cleanup in zip(
+            raw[prefix + "revoke_to_checkpoint"], raw[prefix + "revoke_to_cleanup"], strict=True
+        ):
+            assert raised <= cleanup
     assert (
         0 < raw["latency.terminate.to_process_death"][0] < raw["latency.terminate.to_pool_full"][0]
     )
