@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import pytest
 from celery import Celery, shared_task
 from celery import _state as celery_state
@@ -295,6 +296,97 @@ class TestCoroutineFunctions:
         assert "timed out" == asyncio.run(work())
         assert scopes[0] is not None
         assert not scopes[0].cancel_called
+
+
+class TestAnyio:
+    """anyio's cancel scopes (asyncio backend) nest with a decorated call without surprises."""
+
+    def test_anyio_scope_around_the_call(self) -> None:
+        """anyio.move_on_after around the call: it moves on; our hooks ran; counts balanced."""
+        ran: list[str] = []
+
+        @cancellable(timeout=30)
+        async def work() -> None:
+            on_cancel(ran.append, "hook")
+            await asyncio.sleep(30)
+
+        async def main() -> tuple[bool, int]:
+            with anyio.move_on_after(0.05) as outer:
+                await work()
+            task = asyncio.current_task()
+            assert task is not None
+            return outer.cancelled_caught, task.cancelling() if sys.version_info >= (3, 11) else 0
+
+        assert (True, 0) == anyio.run(main, backend="asyncio")
+        assert ["hook"] == ran
+
+    def test_anyio_scope_inside_the_call(self) -> None:
+        """An anyio scope inside the call works as always; the call's scope is not cancelled."""
+        scopes: list[CancelScope | None] = []
+
+        @cancellable(timeout=30)
+        async def work() -> str:
+            scopes.append(current_scope())
+            with anyio.move_on_after(0.02) as inner:
+                await asyncio.sleep(30)
+            return "moved on" if inner.cancelled_caught else "no timeout"
+
+        assert "moved on" == anyio.run(work, backend="asyncio")
+        assert scopes[0] is not None
+        assert not scopes[0].cancel_called
+
+    def test_our_deadline_inside_an_anyio_scope(self) -> None:
+        """The call's own deadline inside a longer anyio scope raises Cancelled ("deadline")."""
+
+        @cancellable(timeout=0.05)
+        async def work() -> None:
+            with anyio.move_on_after(30):
+                await asyncio.sleep(30)
+
+        async def main() -> str:
+            with anyio.CancelScope() as outer:
+                try:
+                    await work()
+                except Cancelled as exc:
+                    assert not outer.cancel_called
+                    return exc.reason.source
+            raise AssertionError("not cancelled")
+
+        assert "deadline" == anyio.run(main, backend="asyncio")
+
+    def test_cancel_from_another_thread_inside_an_anyio_task_group(self) -> None:
+        """A cross-thread cancel of one call in an anyio task group stops only that call."""
+        results: dict[str, str] = {}
+        scopes: dict[str, CancelScope] = {}
+
+        @cancellable
+        async def job(name: str) -> None:
+            scope = current_scope()
+            assert scope is not None
+            scopes[name] = scope
+            try:
+                await asyncio.sleep(0.3 if name == "keep" else 30)
+                results[name] = "done"
+            except asyncio.CancelledError:
+                results[name] = "cancelled"
+                raise
+
+        async def guarded(name: str) -> None:
+            try:
+                await job(name)
+            except Cancelled as exc:
+                results[name] += f" ({exc.reason.message})"
+
+        async def main() -> None:
+            async with anyio.create_task_group() as group:
+                group.start_soon(guarded, "keep")
+                group.start_soon(guarded, "stop")
+                while "stop" not in scopes:
+                    await asyncio.sleep(0.005)
+                cancel_from_thread(scopes["stop"], "only this one", delay=0.02)
+
+        anyio.run(main, backend="asyncio")
+        assert {"keep": "done", "stop": "cancelled (only this one)"} == results
 
 
 class TestCancelCallback:
