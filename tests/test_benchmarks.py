@@ -933,3 +933,34 @@ def test_hot_path_selection_and_table(tmp_path: Path, capsys: pytest.CaptureFixt
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 3
     assert table[2].startswith(f"| {row['python']} |")
+
+
+# --------------------------------------------------------------------------
+# Instruction counts (valgrind).
+
+
+def test_instructions_program_runs_a_case_with_its_setup() -> None:
+    """``--one CASE LOOPS`` (what valgrind runs) sets the case up, loops and tears it down.
+
+    The valgrind runs themselves take half a minute each on this machine,
+    too long for the suite; the table in docs/performance.md comes from
+    them.
+    """
+    import instructions
+
+    assert set(instructions.CASES) <= set(cases.CASES_BY_NAME)
+    assert set(instructions.BASELINES) <= set(cases.BASELINES)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "instructions.py"),
+            "--one",
+            "checkpoint.other_thread_cancelled",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,8 @@
 prefork and threads receive a plain ``revoke()`` while the task runs; solo
 reads broadcasts only between tasks, so there a running task is reached
 through the ledger poll, which `cancel` feeds, and so does a plain revoke
-sent by a process that loaded the integration (see docs/celery.md).  The tasks are in `tests.integration.app` (``cit.async.*``).
+sent by a process that loaded the integration (see docs/celery.md).  The
+tasks are in `tests.integration.app` (``cit.async.*``).
 """
 
 from __future__ import annotations
