@@ -57,6 +57,7 @@ __all__ = ["call_async", "run_async_in_scope", "warn_if_swallowed"]
 
 R = TypeVar("R")
 
+
 class CallOptions(Protocol):
     """What this module needs of ``_decorator.CallOptions`` (which imports us)."""
 
