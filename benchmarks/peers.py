@@ -65,10 +65,12 @@ OURS = "peers.latency.cancellable.revoke_to_checkpoint"
 DRAMATIQ = "peers.latency.dramatiq_abort.abort_to_raise"
 DRAMATIQ_SETTLED = "peers.latency.dramatiq_abort_settled.abort_to_raise"
 NAMES = (OURS, DRAMATIQ, DRAMATIQ_SETTLED)
+#: Our check in the per-call table, the peers' second yardstick.
+OURS_PER_CALL = "checkpoint.live_scope"
 
 #: (rounds, every how many rounds a settled sample is added) per mode.  A
 #: round is one sample of ours and one of dramatiq-abort at 100 ms.
-SAMPLES = {"full": (200, 4), "quick": (8, 4), "smoke": (2, 2)}
+SAMPLES = {"full": (200, 4), "quick": (8, 4), "smoke": (1, 1)}
 #: How long a task runs before it is cancelled: as in ``latency.py``, and
 #: past dramatiq-abort's 1 s watcher cycle.
 RUNNING_BEFORE_ABORT = 0.1
@@ -337,12 +339,15 @@ def pass_ratios(suites: list[Any]) -> dict[str, dict[str, Any]]:
 
     Each suite is one pass (``micro.py --peers -o FILE``); a pass's ratio
     uses that pass's harness loop and empty call: (case - loop) / (empty -
-    loop), the rule of every table in ``docs/performance.md``.
+    loop), the rule of every table in ``docs/performance.md``.  ``to_ours``
+    is the median over passes of the same ratio with ``checkpoint()`` in a
+    live scope in place of the empty call.
     """
     import cases
 
     values: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
+    to_ours: dict[str, list[float]] = {}
     for suite in suites:
         medians = {}
         for bench in suite.get_benchmarks():
@@ -350,8 +355,11 @@ def pass_ratios(suites: list[Any]) -> dict[str, dict[str, Any]]:
             values.setdefault(bench.get_name(), []).extend(vals)
             medians[bench.get_name()] = statistics.median(vals)
         loop, empty = medians["baseline.timeit_loop"], medians["baseline.empty_call"]
+        ours = medians.get(OURS_PER_CALL)
         for name, median in medians.items():
             ratios.setdefault(name, []).append((median - loop) / (empty - loop))
+            if ours is not None:
+                to_ours.setdefault(name, []).append((median - loop) / (ours - loop))
     rows = {}
     for name in (c.name for c in cases.CASES if c.name in values):
         rows[name] = {
@@ -359,6 +367,7 @@ def pass_ratios(suites: list[Any]) -> dict[str, dict[str, Any]]:
             "ratio": statistics.median(ratios[name]),
             "ratio_min": min(ratios[name]),
             "ratio_max": max(ratios[name]),
+            "to_ours": statistics.median(to_ours[name]) if name in to_ours else None,
             "passes": len(ratios[name]),
             "values": len(values[name]),
         }
@@ -370,14 +379,18 @@ def print_table(paths: list[str]) -> None:
     import pyperf
 
     rows = pass_ratios([pyperf.BenchmarkSuite.load(path) for path in paths])
-    print(f"| case | median | {TIMES} empty call (median of passes) | min {DASH} max over passes |")
-    print("|---|---|---|---|")
+    print(
+        f"| case | median | {TIMES} empty call (median of passes) "
+        f"| min {DASH} max over passes | {TIMES} `checkpoint()` |"
+    )
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
         if name.startswith("baseline.") and name != "baseline.empty_call":
             continue
+        ours = "" if row["to_ours"] is None else f"{row['to_ours']:.1f}"
         print(
             f"| `{name}` | {row['ns']:.1f} ns | {row['ratio']:.2f} "
-            f"| {row['ratio_min']:.2f} {DASH} {row['ratio_max']:.2f} |"
+            f"| {row['ratio_min']:.2f} {DASH} {row['ratio_max']:.2f} | {ours} |"
         )
     passes = {row["passes"] for row in rows.values()}
     print(f"\n{', '.join(map(str, sorted(passes)))} passes")
