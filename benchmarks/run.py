@@ -219,14 +219,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_cdf(raw: dict[str, list[float]], path: Path) -> None:
-    """The CDF plot at ``path`` and the raw samples beside it (``.json``), if any were taken."""
-    if not any(raw.get(name) for name in latency.CDF_CURVES):
+    """The CDF plot at ``path`` and the raw samples beside it (``.json``), if any were taken.
+
+    The plot shows the curves of `latency.CDF_CURVES`; the samples file
+    also keeps the others (``peers.latency.*``), even when none of those
+    curves was sampled.
+    """
+    if not any(raw.values()):
         log("no latency samples were taken: the CDF plot is not written")
         return
-    latency.plot_cdf(raw, path)
     samples = path.with_suffix(".json")
     samples.write_text(json.dumps({"unit": "ms", "samples": raw}, indent=1) + "\n")
-    log(f"CDF plot written to {path}, its samples to {samples}")
+    if any(raw.get(name) for name in latency.CDF_CURVES):
+        latency.plot_cdf(raw, path)
+        log(f"CDF plot written to {path}, its samples to {samples}")
+    else:
+        log(f"none of the CDF curves was sampled: no plot; the samples are in {samples}")
     for name, values in raw.items():
         log(f"  {name}: max {max(values):.2f} ms over {len(values)}")
 
