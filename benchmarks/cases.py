@@ -400,9 +400,8 @@ def _setup_dramatiq_actor(ns: Namespace, options: Options) -> Teardown:
     def bench_actor() -> None:
         """The actor whose message this thread runs (never sent)."""
 
-    actor: Any = dramatiq.actor(
-        bench_actor, broker=broker, queue_name=f"cancellable-bench-peers-{uuid.uuid4().hex[:10]}"
-    )
+    queue = f"cancellable-bench-peers-{uuid.uuid4().hex[:10]}"
+    actor: Any = dramatiq.actor(broker=broker, queue_name=queue)(bench_actor)
     message = MessageProxy(actor.message())
     abortable.before_worker_boot(broker, None)  # its worker argument is not used
     broker.emit_before("process_message", message)

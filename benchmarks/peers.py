@@ -130,8 +130,8 @@ class DramatiqWorker:
             def peers_spin(key: str) -> None:
                 """Stands for the worker's actor of this name (only sent from here)."""
 
-            self._actor = dramatiq.actor(
-                peers_spin, broker=broker, queue_name=self.queue, max_retries=0
+            self._actor = dramatiq.actor(broker=broker, queue_name=self.queue, max_retries=0)(
+                peers_spin
             )
         return self._actor, self._abortable
 
