@@ -29,8 +29,10 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# dev: the test and docs tools; bench: the peers the benchmarks (and their
+# smoke tests) measure beside cancellable.
 $(VENV)/.installed: $(VENV)/.base
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 demo: $(VENV)/.base

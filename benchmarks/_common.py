@@ -26,7 +26,7 @@ REDIS_DB = 14
 DEFAULT_REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 #: Name groups whose nanosecond results are "per call" and get ratios.
-PER_CALL_GROUPS = ("baseline", "checkpoint", "is_cancelled", "celery", "alt")
+PER_CALL_GROUPS = ("baseline", "checkpoint", "is_cancelled", "celery", "alt", "peers")
 
 #: The harness's own loop (one iteration of the timeit-style loop around the
 #: statement).  It is included in every per-call median; ratios subtract it.
@@ -43,7 +43,18 @@ ENVIRONMENT_KEYS = (
     "versions",
     "date",
 )
-VERSION_KEYS = ("cancellable", "celery", "kombu", "redis-py", "pyperf")
+VERSION_KEYS = (
+    "cancellable",
+    "celery",
+    "kombu",
+    "redis-py",
+    "pyperf",
+    # The peers (benchmark-only dependencies; None when not installed).
+    "dramatiq",
+    "dramatiq-abort",
+    "temporalio",
+    "cancelscope",
+)
 MEASURED_KEYS = frozenset({"name", "median", "unit", "runs"})
 OPTIONAL_KEYS = frozenset({"p90", "p99", "stdev"})
 RATIO_KEYS = frozenset({"ratio_to_empty_call", "ratio_to_loop_iteration"})
@@ -162,6 +173,10 @@ def environment() -> dict[str, Any]:
             "kombu": _version("kombu"),
             "redis-py": _version("redis"),
             "pyperf": _version("pyperf"),
+            "dramatiq": _version("dramatiq"),
+            "dramatiq-abort": _version("dramatiq-abort"),
+            "temporalio": _version("temporalio"),
+            "cancelscope": _version("cancelscope"),
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

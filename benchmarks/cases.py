@@ -12,10 +12,19 @@ statement calls the code its name promises.
 
 Names are module globals of the statement's namespace, as they would be in a
 user's module (``from cancellable import checkpoint``).
+
+The ``peers.*`` cases time the per-call check of other libraries, in the
+same pyperf run as ours: dramatiq-abort's ``abort_requested()`` with this
+thread made the thread of a running actor, Temporal's
+``activity.is_cancelled()`` inside its testing ``ActivityEnvironment``, and
+the ``cancelscope`` package's ``checkpoint()`` and ``is_cancelled()`` in a
+live scope.  They need the ``bench`` extra (``pip install -e '.[bench]'``);
+a case whose packages are missing is reported as skipped (`missing`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import threading
 import time
@@ -69,6 +78,12 @@ class Case:
     #: Iterations of the named operation per iteration of the timed loop.
     inner_loops: int = 1
     needs_redis: bool = False
+    #: Modules the case imports (benchmark-only dependencies, the ``bench`` extra).
+    requires: tuple[str, ...] = ()
+    #: Namespace key of a callable that runs the timed loop for it, as
+    #: ``ns[run_inside](inner, loops, clock)`` (Temporal's ``env.run``: the
+    #: loop runs inside an activity); None: the loop is called directly.
+    run_inside: str | None = None
 
     def namespace(self) -> Namespace:
         """A fresh namespace with the names every statement may use."""
@@ -104,6 +119,31 @@ def make_inner(case: Case, ns: Namespace) -> Callable[[int, Callable[[], float]]
 def clock_for(case: Case) -> Callable[[], float]:
     """The clock a case is timed with."""
     return time.thread_time if case.clock == "thread_cpu" else time.perf_counter
+
+
+def timed(
+    case: Case, ns: Namespace, inner: Callable[[int, Callable[[], float]], float]
+) -> Callable[[int], float]:
+    """``loops -> seconds``: the timed loop of ``case`` with its clock, run where it must run.
+
+    Call it only after the case's setup, which may put the ``run_inside``
+    callable into ``ns``.
+    """
+    clock = clock_for(case)
+    if case.run_inside is None:
+        return lambda loops: inner(loops, clock)
+    key = case.run_inside
+
+    def run(loops: int) -> float:
+        elapsed: float = ns[key](inner, loops, clock)
+        return elapsed
+
+    return run
+
+
+def missing(case: Case) -> list[str]:
+    """The modules ``case`` needs that cannot be imported here (empty: it can run)."""
+    return [name for name in case.requires if importlib.util.find_spec(name) is None]
 
 
 def run_setup(case: Case, ns: Namespace, options: Options) -> Teardown:
@@ -347,6 +387,86 @@ def _setup_event(ns: Namespace, options: Options) -> None:
     ns["_ev"] = threading.Event()
 
 
+# -- the peers ---------------------------------------------------------------
+
+#: Distribution names of the peers, for the versions in the results.
+PEER_DISTRIBUTIONS = ("dramatiq", "dramatiq-abort", "temporalio", "cancelscope")
+_DRAMATIQ = ("dramatiq", "dramatiq_abort")
+
+
+def _setup_dramatiq_actor(ns: Namespace, options: Options) -> Teardown:
+    """This thread as the thread of a running dramatiq actor, with dramatiq-abort installed.
+
+    The broker is dramatiq's `RedisBroker` with its default middleware and
+    dramatiq-abort's `Abortable` (Redis event backend) added last, as its
+    README shows, and it is the global broker (``abort_requested()`` finds
+    the middleware there).  `Abortable.before_worker_boot` starts the abort
+    watcher thread, and the broker's ``before_process_message`` hooks run
+    for a message of a real actor in this thread: what dramatiq's
+    ``WorkerThread.process_message`` does just before it calls the actor.
+    The teardown runs the ``after_process_message`` hooks, as the worker
+    does after the actor returns.
+    """
+    import dramatiq
+    from dramatiq.broker import MessageProxy
+    from dramatiq.brokers.redis import RedisBroker
+    from dramatiq_abort import Abortable, abort_requested
+    from dramatiq_abort.backends import RedisBackend
+
+    broker = RedisBroker(url=options.redis_url)
+    abortable = Abortable(backend=RedisBackend.from_url(options.redis_url))
+    broker.add_middleware(abortable)
+    dramatiq.set_broker(broker)
+
+    def bench_actor() -> None:
+        """The actor whose message this thread runs (never sent)."""
+
+    queue = f"cancellable-bench-peers-{uuid.uuid4().hex[:10]}"
+    actor: Any = dramatiq.actor(broker=broker, queue_name=queue)(bench_actor)
+    message = MessageProxy(actor.message())
+    abortable.before_worker_boot(broker, None)  # its worker argument is not used
+    broker.emit_before("process_message", message)
+    ns.update(
+        abort_requested=abort_requested,
+        _abortable=abortable,
+        _message=message,
+        _broker=broker,
+    )
+
+    def teardown() -> None:
+        broker.emit_after("process_message", message, result=None)
+        broker.close()
+
+    return teardown
+
+
+def _setup_temporal(ns: Namespace, options: Options) -> None:
+    # The timed loop runs inside ``env.run`` (`Case.run_inside`): the
+    # activity context (a ContextVar) is set for exactly that call.
+    from temporalio import activity
+    from temporalio.testing import ActivityEnvironment
+
+    env = ActivityEnvironment()
+    ns.update(activity=activity, _env=env, _run_inside=env.run)
+
+
+def _setup_cancelscope(ns: Namespace, options: Options) -> Teardown:
+    import cancelscope
+
+    scope = cancelscope.CancelScope()
+    scope.__enter__()
+    ns.update(
+        cs_checkpoint=cancelscope.checkpoint,
+        cs_is_cancelled=cancelscope.is_cancelled,
+        _cs_scope=scope,
+    )
+
+    def teardown() -> None:
+        scope.__exit__(None, None, None)
+
+    return teardown
+
+
 # --------------------------------------------------------------------------
 
 CASES: tuple[Case, ...] = (
@@ -461,6 +581,47 @@ CASES: tuple[Case, ...] = (
         "_ev.is_set()",
         setup=_setup_event,
     ),
+    Case(
+        "peers.dramatiq_abort_requested",
+        "dramatiq-abort: `abort_requested()` in a running actor (finds the Abortable "
+        "middleware on the global broker, then this thread's abort request)",
+        "abort_requested()",
+        setup=_setup_dramatiq_actor,
+        needs_redis=True,
+        requires=_DRAMATIQ,
+    ),
+    Case(
+        "peers.dramatiq_abort_requested_middleware",
+        "dramatiq-abort: `abort_requested(middleware=abortable)` in a running actor "
+        "(the middleware passed in: no search of the broker's middleware list)",
+        "abort_requested(middleware=_abortable)",
+        setup=_setup_dramatiq_actor,
+        needs_redis=True,
+        requires=_DRAMATIQ,
+    ),
+    Case(
+        "peers.temporal_is_cancelled",
+        "Temporal: `activity.is_cancelled()` in a sync activity run by the testing "
+        "`ActivityEnvironment`",
+        "activity.is_cancelled()",
+        setup=_setup_temporal,
+        requires=("temporalio",),
+        run_inside="_run_inside",
+    ),
+    Case(
+        "peers.cancelscope_checkpoint",
+        "cancelscope 0.1: `checkpoint()` inside an entered, not cancelled `CancelScope`",
+        "cs_checkpoint()",
+        setup=_setup_cancelscope,
+        requires=("cancelscope",),
+    ),
+    Case(
+        "peers.cancelscope_is_cancelled",
+        "cancelscope 0.1: `is_cancelled()` inside an entered, not cancelled `CancelScope`",
+        "cs_is_cancelled()",
+        setup=_setup_cancelscope,
+        requires=("cancelscope",),
+    ),
 )
 
 CASES_BY_NAME = {case.name: case for case in CASES}
@@ -472,11 +633,14 @@ __all__ = [
     "BASELINES",
     "CASES",
     "CASES_BY_NAME",
+    "PEER_DISTRIBUTIONS",
     "Case",
     "Options",
     "celery_app",
     "clock_for",
     "empty",
     "make_inner",
+    "missing",
     "run_setup",
+    "timed",
 ]

@@ -19,6 +19,10 @@ hits every case and every interpreter a little, instead of one a lot)::
     done
     python benchmarks/micro.py table hot-*.json
 
+``--peers`` selects the cases of the peers table (`PEERS_TABLE`: every
+``peers.*`` case, ours beside them, and the baselines); ``peers.py table``
+prints that table from passes taken the same way.
+
 `run.py` does not call it that way by hand: it uses `run` below, which starts
 this script as a subprocess with options tuned for ``--quick`` or the full
 run, loads pyperf's JSON with ``pyperf.BenchmarkSuite.load`` and turns each
@@ -42,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
-from cases import BASELINES, CASES, Case, Options, clock_for, make_inner, run_setup
+from cases import BASELINES, CASES, Case, Options, make_inner, missing, run_setup, timed
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,18 +75,43 @@ HOT_PATH = (
 )
 
 
-def select_cases(only: str | None, *, redis: bool = True, hot_path: bool = False) -> list[Case]:
-    """The cases to run for ``--only`` (or ``--hot-path``), plus the baselines the ratios need."""
+#: The cases of the peers table (``--peers``): every ``peers.*`` case and
+#: ours beside them.
+PEERS_TABLE = (
+    "checkpoint.live_scope",
+    "checkpoint.outside_scope",
+    "is_cancelled.live_scope",
+    *(case.name for case in CASES if case.name.startswith("peers.")),
+)
+
+
+def select_cases(
+    only: str | None,
+    *,
+    redis: bool = True,
+    hot_path: bool = False,
+    peers: bool = False,
+    available: bool = False,
+) -> list[Case]:
+    """The cases to run for ``--only`` (or ``--hot-path``, ``--peers``), plus the baselines.
+
+    ``redis=False`` leaves out the cases that need Redis, ``available=True``
+    those whose packages cannot be imported here (`cases.missing`).
+    """
     chosen = [
         case
         for case in CASES
-        if selected(case.name, only) and (not hot_path or case.name in HOT_PATH)
+        if selected(case.name, only)
+        and (not hot_path or case.name in HOT_PATH)
+        and (not peers or case.name in PEERS_TABLE)
     ]
     if chosen:
         chosen_names = {case.name for case in chosen}
         chosen = [case for case in CASES if case.name in chosen_names or case.name in BASELINES]
     if not redis:
         chosen = [case for case in chosen if not case.needs_redis]
+    if available:
+        chosen = [case for case in chosen if not missing(case)]
     return chosen
 
 
@@ -90,7 +119,7 @@ def make_time_func(case: Case, options: Options) -> Callable[[int], float]:
     """A pyperf time function: time ``loops`` iterations of the case's statement."""
     ns = case.namespace()
     inner = make_inner(case, ns)
-    clock = clock_for(case)
+    timed_loop = timed(case, ns, inner)
 
     ready = False
 
@@ -106,7 +135,7 @@ def make_time_func(case: Case, options: Options) -> Callable[[int], float]:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return inner(loops, clock)
+            return timed_loop(loops)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -132,6 +161,8 @@ def _forward_args(cmd: list[str], args: Any) -> None:
         cmd.append("--no-redis")
     if args.hot_path:
         cmd.append("--hot-path")
+    if args.peers:
+        cmd.append("--peers")
 
 
 def main() -> None:
@@ -147,10 +178,19 @@ def main() -> None:
     runner.argparser.add_argument(
         "--hot-path", action="store_true", help="only the cases of the hot-path table"
     )
+    runner.argparser.add_argument(
+        "--peers", action="store_true", help="only the cases of the peers table"
+    )
     args = runner.parse_args()
     quiet_logs()
     options = Options(redis_url=args.redis_url)
-    for case in select_cases(args.only, redis=not args.no_redis, hot_path=args.hot_path):
+    for case in select_cases(
+        args.only,
+        redis=not args.no_redis,
+        hot_path=args.hot_path,
+        peers=args.peers,
+        available=True,
+    ):
         runner.bench_time_func(
             case.name,
             make_time_func(case, options),
@@ -189,10 +229,20 @@ def run(
     """
     import pyperf
 
-    cases = select_cases(only, redis=redis_error is None)
-    left_out = [c for c in select_cases(only) if c.needs_redis and c not in cases]
+    cases = select_cases(only, redis=redis_error is None, available=True)
+    reasons = {}
+    for case in select_cases(only):
+        if case in cases:
+            continue
+        if case.needs_redis and redis_error is not None:
+            reasons[case.name] = redis_error
+        else:
+            reasons[case.name] = (
+                f"needs {', '.join(missing(case))}, not installed: "
+                "pip install -e '.[bench]' (the benchmark-only dependencies)"
+            )
     if not cases:
-        return [skipped(c.name, redis_error or "not selected") for c in left_out]
+        return [skipped(name, reason) for name, reason in reasons.items()]
     passes, processes = PASSES[mode]
     suites = []
     with tempfile.TemporaryDirectory(prefix="cancellable-bench-") as tmp:
@@ -209,7 +259,7 @@ def run(
             _run_pyperf(cmd, timeout)
             suites.append(pyperf.BenchmarkSuite.load(str(out)))
     records = records_from_suites(suites)
-    records += [skipped(c.name, redis_error or "not run") for c in left_out]
+    records += [skipped(name, reason) for name, reason in reasons.items()]
     return records
 
 

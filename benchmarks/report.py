@@ -148,6 +148,42 @@ def latency_table(results: dict[str, Any], samples: dict[str, list[float]] | Non
     return "\n".join(rows)
 
 
+#: Ours beside the peers in the per-call table of the peers.
+PEERS_OURS = ("checkpoint.live_scope", "checkpoint.outside_scope", "is_cancelled.live_scope")
+
+PEERS_LATENCY = (
+    (
+        "peers.latency.cancellable.revoke_to_checkpoint",
+        "cancellable, prefork + Redis: `revoke()` → checkpoint raises (100 ms after start)",
+    ),
+    (
+        "peers.latency.dramatiq_abort.abort_to_raise",
+        "dramatiq-abort, Redis: `abort(id)` → `Abort` raised (100 ms after start)",
+    ),
+    (
+        "peers.latency.dramatiq_abort_settled.abort_to_raise",
+        "dramatiq-abort, Redis: `abort(id)` → `Abort` raised (1.2 s after start)",
+    ),
+)
+
+
+def peers_latency_table(
+    results: dict[str, Any], samples: dict[str, list[float]] | None = None
+) -> str:
+    """Delivery latency of ours and dramatiq-abort's, sampled in turns in one run."""
+    samples = samples or {}
+    rows = ["| cancelled by | p50 / p90 / p99 / max (ms) | samples |", "|---|---|---|"]
+    for name, label in PEERS_LATENCY:
+        record = results.get(name)
+        if record is None:
+            continue
+        if record.get("skipped"):
+            rows.append(f"| {label} | skipped: {record['reason']} | |")
+            continue
+        rows.append(f"| {label} | {_dist(record, samples, name)} | {record['runs']} |")
+    return "\n".join(rows)
+
+
 def throughput_table(results: dict[str, Any]) -> str:
     """Throughput rows."""
     rows = ["| name | median | stdev | rounds |", "|---|---|---|---|"]
@@ -200,6 +236,12 @@ def main(argv: list[str]) -> int:
     print()
     print(latency_table(results, samples))
     print()
+    peer_names = [n for n in results if n.startswith("peers.") and ".latency." not in n]
+    if peer_names:
+        print(per_call_table(results, [*PEERS_OURS, *peer_names], vs_live=True))
+        print()
+        print(peers_latency_table(results, samples))
+        print()
     print(throughput_table(results))
     return 0
 

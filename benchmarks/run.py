@@ -25,6 +25,12 @@ Parts, each a module of this directory:
   distributions (PNG) and writes their raw samples, in ms, next to it
   (``FILE`` with the suffix ``.json``: ``{"unit": "ms", "samples": {name:
   [...]}}``), the only place the maxima are kept.
+* ``peers.py``: ``peers.latency.*``, dramatiq-abort's delivery latency
+  through a real dramatiq worker on the same Redis, sampled in turns with
+  ours over the shared Celery worker.  The peers' per-call checks
+  (``peers.*`` in ``cases.py``: dramatiq-abort, Temporal, cancelscope) are
+  micro cases; they and the dramatiq worker need the ``bench`` extra, and
+  are reported as skipped without it.
 * ``bulk.py``: ``bulk.*``, one ``cancellable.celery.cancel()`` of 1,000 to
   100,000 queued ids and the sustained cancel rate, over a worker of its own
   (Celery's revoked set capped at 100 ids).
@@ -51,6 +57,7 @@ import latency
 import micro
 import overhead
 import paired
+import peers
 import throughput
 from _common import (
     DEFAULT_REDIS_URL,
@@ -66,7 +73,7 @@ from _common import (
 )
 from cases import CASES
 
-CELERY_PARTS = (in_task, latency, throughput)
+CELERY_PARTS = (in_task, latency, throughput, peers)
 #: Errors of parts that failed (they are reported as skipped; the exit status is 1).
 FAILURES: list[str] = []
 
@@ -83,6 +90,7 @@ def expected_names(only: str | None = None) -> list[str]:
                 names.append(name)
     names += [name for name in latency.NAMES if selected(name, only)]
     names += [name for name in throughput.NAMES if selected(name, only)]
+    names += [name for name in peers.NAMES if selected(name, only)]
     names += [name for name in bulk.NAMES if selected(name, only)]
     return names
 
@@ -135,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_celery_parts(
     mode: str, only: str | None, redis_url: str, redis_error: str | None
 ) -> list[dict[str, Any]]:
-    """``celery.*``, ``latency.*`` and ``throughput.*``, sharing one real worker.
+    """``celery.*``, ``latency.*``, ``throughput.*`` and ``peers.latency.*``, sharing one worker.
 
     Each is reported as skipped, with the reason, when Redis is missing, in
     ``--smoke`` mode (no workers), or when the worker fails; a failure is
@@ -206,19 +214,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overhead.plot(raw, Path(args.plot), net)
         log(f"plot written to {args.plot}")
     if args.cdf:
-        write_cdf(dict(latency.RAW), Path(args.cdf))
+        write_cdf({**latency.RAW, **peers.RAW}, Path(args.cdf))
     return {"environment": env, "results": results}
 
 
 def write_cdf(raw: dict[str, list[float]], path: Path) -> None:
-    """The CDF plot at ``path`` and the raw samples beside it (``.json``), if any were taken."""
-    if not any(raw.get(name) for name in latency.CDF_CURVES):
+    """The CDF plot at ``path`` and the raw samples beside it (``.json``), if any were taken.
+
+    The plot shows the curves of `latency.CDF_CURVES`; the samples file
+    also keeps the others (``peers.latency.*``), even when none of those
+    curves was sampled.
+    """
+    if not any(raw.values()):
         log("no latency samples were taken: the CDF plot is not written")
         return
-    latency.plot_cdf(raw, path)
     samples = path.with_suffix(".json")
     samples.write_text(json.dumps({"unit": "ms", "samples": raw}, indent=1) + "\n")
-    log(f"CDF plot written to {path}, its samples to {samples}")
+    if any(raw.get(name) for name in latency.CDF_CURVES):
+        latency.plot_cdf(raw, path)
+        log(f"CDF plot written to {path}, its samples to {samples}")
+    else:
+        log(f"none of the CDF curves was sampled: no plot; the samples are in {samples}")
     for name, values in raw.items():
         log(f"  {name}: max {max(values):.2f} ms over {len(values)}")
 

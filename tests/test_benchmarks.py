@@ -13,14 +13,16 @@ They check three things, quickly:
 * the helpers (ratios, name selection, schema check, overhead loops) do what
   the numbers in ``docs/performance.md`` rely on.
 
-Redis on 127.0.0.1:6379 (DB 14) is required; without it these tests fail with
-a message that says so.
+Redis (DB 14 of ``CANCELLABLE_TEST_REDIS``, see ``tests/redis_dbs.py``) is
+required; without it these tests fail with a message that says so.  The
+``peers.*`` benchmarks need the ``bench`` extra, which ``make test`` installs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import redis_dbs
 
 import cancellable
 from cancellable import Cancelled, CancelScope, current_scope
@@ -43,7 +46,7 @@ import cases  # noqa: E402
 import in_task  # noqa: E402
 import overhead  # noqa: E402
 
-REDIS_URL = _common.DEFAULT_REDIS_URL
+REDIS_URL = redis_dbs.url(_common.REDIS_DB)
 
 #: The names the brief asks for, spelled out here so that renaming or
 #: dropping a benchmark fails a test.
@@ -88,10 +91,22 @@ REQUIRED_NAMES = (
     "throughput.cancellable_tasks_per_s",
     "throughput.per_task_overhead_us",
     "throughput.cancellable_to_plain_ratio",
+    "peers.dramatiq_abort_requested",
+    "peers.dramatiq_abort_requested_middleware",
+    "peers.temporal_is_cancelled",
+    "peers.cancelscope_checkpoint",
+    "peers.cancelscope_is_cancelled",
+    "peers.latency.cancellable.revoke_to_checkpoint",
+    "peers.latency.dramatiq_abort.abort_to_raise",
+    "peers.latency.dramatiq_abort_settled.abort_to_raise",
 )
 
-#: Names that need the Celery integration (skipped with a reason until it exists).
-CELERY_NAMES = {n for n in REQUIRED_NAMES if n.split(".")[0] in ("celery", "latency", "throughput")}
+#: Names measured over real workers (skipped, with the reason, in ``--smoke`` mode).
+CELERY_NAMES = {
+    n
+    for n in REQUIRED_NAMES
+    if n.split(".")[0] in ("celery", "latency", "throughput") or n.startswith("peers.latency.")
+}
 
 
 def _code_of(fn: Any) -> Any:
@@ -105,10 +120,13 @@ def _expected_code() -> dict[str, Any]:
     body answers in place, also in ``checkpoint.other_thread_cancelled``
     (another thread's scope is cancelled), so no case reaches the slow path.
     """
+    import cancelscope
+    import dramatiq_abort
     import redis
     from celery.contrib.abortable import AbortableAsyncResult
     from celery.result import AsyncResult
     from celery.utils.collections import LimitedSet
+    from temporalio import activity
 
     checkpoint_code = _code_of(cancellable.checkpoint)
     return {
@@ -130,6 +148,11 @@ def _expected_code() -> dict[str, Any]:
         "alt.redis_get": _code_of(redis.Redis.get),
         "alt.limitedset_contains": _code_of(LimitedSet.__contains__),
         "alt.event_is_set": _code_of(threading.Event.is_set),
+        "peers.dramatiq_abort_requested": _code_of(dramatiq_abort.abort_requested),
+        "peers.dramatiq_abort_requested_middleware": _code_of(dramatiq_abort.abort_requested),
+        "peers.temporal_is_cancelled": _code_of(activity.is_cancelled),
+        "peers.cancelscope_checkpoint": _code_of(cancelscope.checkpoint),
+        "peers.cancelscope_is_cancelled": _code_of(cancelscope.is_cancelled),
     }
 
 
@@ -161,8 +184,8 @@ class Prepared:
         self.teardown = cases.run_setup(case, self.ns, cases.Options(redis_url=REDIS_URL))
 
     def run(self, loops: int = 1) -> float:
-        """Run the timed loop ``loops`` times, as pyperf would."""
-        return self.inner(loops, cases.clock_for(self.case))
+        """Run the timed loop ``loops`` times, as pyperf would (inside ``run_inside``, if any)."""
+        return cases.timed(self.case, self.ns, self.inner)(loops)
 
 
 @pytest.fixture
@@ -215,6 +238,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, redis_client: Any) -> di
             str(json_path),
             "--plot",
             str(png_path),
+            "--redis-url",
+            REDIS_URL,
         ],
         capture_output=True,
         text=True,
@@ -271,9 +296,21 @@ def test_smoke_run_json_schema(smoke_run: dict[str, Any]) -> None:
         "versions",
         "date",
     }
-    assert set(env["versions"]) == {"cancellable", "celery", "kombu", "redis-py", "pyperf"}
+    assert set(env["versions"]) == {
+        "cancellable",
+        "celery",
+        "kombu",
+        "redis-py",
+        "pyperf",
+        "dramatiq",
+        "dramatiq-abort",
+        "temporalio",
+        "cancelscope",
+    }
     assert env["versions"]["pyperf"]
     assert env["versions"]["celery"]
+    for peer in cases.PEER_DISTRIBUTIONS:
+        assert env["versions"][peer], f"{peer} is not installed (the bench extra)"
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
     assert _common.check_schema(doc, REQUIRED_NAMES) == []
     by_name = {r["name"]: r for r in doc["results"]}
@@ -800,6 +837,9 @@ def test_abortable_task_polls_until_is_aborted(
     answers = iter([False, False, True])
     monkeypatch.setattr(AbortableTask, "is_aborted", lambda self, **kw: next(answers))
     monkeypatch.setattr(bench_app, "ABORT_POLL_SECONDS", 0.001)
+    # The task's own client, on the tests' Redis (not the module's default URL).
+    monkeypatch.setattr(bench_app, "REDIS_URL", REDIS_URL)
+    monkeypatch.setattr(bench_app, "_client", None)
     key = "cancellable-bench:test-abortable"
     try:
         assert bench_app.abortable_poll.run(key) == "aborted"
@@ -811,8 +851,6 @@ def test_abortable_task_polls_until_is_aborted(
 
 def test_throughput_ratio_over_a_real_worker(bench_worker: Any) -> None:
     """Alternating plain/cancellable rounds give the rates and their per-pair ratio."""
-    import statistics
-
     import throughput
 
     records = throughput.worker_records("smoke", bench_worker)
@@ -964,3 +1002,183 @@ def test_instructions_program_runs_a_case_with_its_setup() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------
+# The peers side by side.
+
+
+def _wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_dramatiq_case_runs_in_a_registered_actor_thread(
+    prepare: Callable[[str], Prepared],
+) -> None:
+    """``abort_requested()`` runs with this thread registered as a running actor's thread.
+
+    Before an abort it answers None; a real ``abort(id, abort_timeout=60 s)``
+    over Redis reaches dramatiq-abort's watcher thread, after which the same
+    statement answers the milliseconds left before the forced abort.
+    """
+    import dramatiq
+    from dramatiq_abort import Abortable
+
+    prepared = prepare("peers.dramatiq_abort_requested")
+    abortable, message = prepared.ns["_abortable"], prepared.ns["_message"]
+    assert isinstance(abortable, Abortable)
+    assert dramatiq.get_broker() is prepared.ns["_broker"]
+    assert abortable in prepared.ns["_broker"].middleware
+    assert abortable.manager.abortable_messages[message.message_id] is threading.current_thread()
+    assert eval(prepared.case.stmt, prepared.ns) is None
+    prepared.run(100)
+    abortable.abort(message.message_id, abort_timeout=60_000)
+    # The watcher re-reads the running messages once a second (BLPOP, 1 s).
+    _wait_until(lambda: eval(prepared.case.stmt, prepared.ns) is not None, 5, "the abort")
+    left = eval(prepared.case.stmt, prepared.ns)
+    assert 50_000 < left <= 60_000
+    other = prepare("peers.dramatiq_abort_requested_middleware")
+    assert "middleware=_abortable" in other.case.stmt
+
+
+def test_temporal_case_runs_inside_an_activity(prepare: Callable[[str], Prepared]) -> None:
+    """``activity.is_cancelled()`` is timed inside ``ActivityEnvironment.run``; it sees a cancel."""
+    from temporalio import activity
+    from temporalio.testing import ActivityEnvironment
+
+    prepared = prepare("peers.temporal_is_cancelled")
+    env = prepared.ns["_env"]
+    assert isinstance(env, ActivityEnvironment)
+    assert prepared.case.run_inside == "_run_inside"
+    with pytest.raises(RuntimeError, match="Not in activity context"):
+        activity.is_cancelled()  # outside env.run there is no activity
+    assert prepared.run(100) > 0
+    assert env.run(eval, prepared.case.stmt, prepared.ns) is False
+    env.cancel()
+    assert env.run(eval, prepared.case.stmt, prepared.ns) is True
+
+
+def test_cancelscope_cases_check_a_live_scope(prepare: Callable[[str], Prepared]) -> None:
+    """cancelscope's checkpoint() and is_cancelled() read the entered scope; cancelling it tells."""
+    import cancelscope
+
+    prepared = prepare("peers.cancelscope_checkpoint")
+    scope = prepared.ns["_cs_scope"]
+    assert cancelscope.current_scope() is scope
+    prepared.run(100)
+    checked = prepare("peers.cancelscope_is_cancelled")
+    inner_scope = checked.ns["_cs_scope"]
+    assert eval(checked.case.stmt, checked.ns) is False
+    inner_scope.cancel("test")
+    assert eval(checked.case.stmt, checked.ns) is True
+    # The checkpoint case's statement now raises: this thread's scope is cancelled.
+    with pytest.raises(cancelscope.Cancelled):
+        prepared.run(1)
+    # The outer scope of the first case is not cancelled (it is the parent).
+    assert not scope.cancel_called
+
+
+def test_peer_cases_need_their_packages_and_are_skipped_without() -> None:
+    """Every peers.* case names the packages it imports; a missing one makes it skip."""
+    import micro
+
+    peer_cases = [case for case in cases.CASES if case.name.startswith("peers.")]
+    assert len(peer_cases) == 5
+    assert all(case.requires and not cases.missing(case) for case in peer_cases)
+    absent = cases.Case("peers.probe", "probe", "pass", requires=("no_such_module_here",))
+    assert cases.missing(absent) == ["no_such_module_here"]
+    names = [case.name for case in micro.select_cases(None, peers=True)]
+    assert names == [
+        case.name for case in cases.CASES if case.name in {*cases.BASELINES, *micro.PEERS_TABLE}
+    ]
+    assert {"checkpoint.live_scope", "is_cancelled.live_scope"} <= set(names)
+    assert {case.name for case in peer_cases} <= set(names)
+
+
+def test_peers_table_from_pyperf_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``micro.py --peers`` times ours and the peers; ``peers.py table`` gives per-pass ratios."""
+    import pyperf
+
+    import micro
+    import peers
+
+    out = tmp_path / "peers-1.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "micro.py"), "--peers", "-o", str(out)]
+        + micro.PYPERF_OPTIONS["smoke"]
+        + ["--processes", "1", "--redis-url", REDIS_URL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    suite = pyperf.BenchmarkSuite.load(str(out))
+    benches = suite.get_benchmarks()
+    medians = {b.get_name(): statistics.median(b.get_values()) * 1e9 for b in benches}
+    assert set(medians) == {case.name for case in micro.select_cases(None, peers=True)}
+    loop, empty = medians["baseline.timeit_loop"], medians["baseline.empty_call"]
+    ours = medians["checkpoint.live_scope"]
+    rows = peers.pass_ratios([suite, suite])  # the same pass twice: min == median == max
+    assert set(rows) == set(medians)
+    for name, row in rows.items():
+        assert row["passes"] == 2, name
+        net = medians[name] - loop
+        assert (
+            row["ratio"]
+            == row["ratio_min"]
+            == row["ratio_max"]
+            == pytest.approx(net / (empty - loop))
+        )
+        assert row["to_ours"] == pytest.approx(net / (ours - loop))
+    assert rows["baseline.empty_call"]["ratio"] == pytest.approx(1.0)
+    peers.print_table([str(out)])
+    table = capsys.readouterr().out
+    for name in micro.PEERS_TABLE:
+        assert f"| `{name}` |" in table
+
+
+def test_peers_latency_is_skipped_with_a_reason_in_smoke_mode(smoke_run: dict[str, Any]) -> None:
+    """``run.py --smoke`` starts no worker: the peers' latency is an explicit skip."""
+    import peers
+
+    by_name = {r["name"]: r for r in smoke_run["doc"]["results"]}
+    for name in peers.NAMES:
+        assert by_name[name]["skipped"] is True, name
+        assert "smoke" in by_name[name]["reason"]
+    for case in cases.CASES:
+        if case.name.startswith("peers."):
+            assert "ratio_to_empty_call" in by_name[case.name], case.name
+
+
+def test_peers_latency_smoke_run_over_real_workers(bench_worker: Any, redis_client: Any) -> None:
+    """Ours and dramatiq-abort's delivery, sampled in turns over real workers on the same Redis.
+
+    A real ``dramatiq peers_app`` worker runs the actor; `Abort` reaches it
+    within the watcher's 1 s cycle (plus slack) when aborted 100 ms after it
+    started, and within a few milliseconds once the watcher waits on it
+    (1.2 s after start).  Our revoke reaches the checkpoint in milliseconds.
+    """
+    import peers
+
+    records = peers.run("smoke", None, REDIS_URL, bench_worker)
+    by_name = {r["name"]: r for r in records}
+    assert set(by_name) == set(peers.NAMES)
+    rounds, settled_every = peers.SAMPLES["smoke"]
+    counts = {
+        peers.OURS: rounds,
+        peers.DRAMATIQ: rounds,
+        peers.DRAMATIQ_SETTLED: rounds // settled_every,
+    }
+    for name, count in counts.items():
+        assert by_name[name]["unit"] == "ms"
+        assert by_name[name]["runs"] == count == len(peers.RAW[name]), name
+        assert all(0 < value < peers.STEP_TIMEOUT * 1000 for value in peers.RAW[name]), name
+    assert max(peers.RAW[peers.DRAMATIQ]) < 2500
+    assert max(peers.RAW[peers.DRAMATIQ_SETTLED]) < 1000
+    assert max(peers.RAW[peers.OURS]) < 1000
+    # Nothing is left behind in Redis by the samples.
+    assert not list(redis_client.scan_iter("cancellable-bench:peers:*"))
