@@ -65,6 +65,7 @@ __all__ = [
     "configure_worker",
     "ending_of",
     "start",
+    "stop_check_kill",
     "terminate",
     "tick",
 ]
@@ -339,20 +340,15 @@ def _billiard_process(pid: int) -> Any:
     return proc
 
 
-def terminate(pid: int, task_id: str, rung: _Rung | None = None) -> str:
-    """Kill the prefork child ``pid`` if, once stopped, it still runs ``task_id``.
+def stop_check_kill(table: ChildTable, pid: int, task_id: str, before_kill: Any = None) -> str:
+    """Stop ``pid``, and kill it only if its row in ``table`` still names ``task_id``.
 
-    Returns ``"killed"``, ``"moved_on"`` (it runs something else now: it was
-    continued, untouched), ``"retry"`` (it could not be seen stopped in
-    time: continued, try again) or ``"unavailable"`` (the child has no row
-    in the table, or the pool does not know it).
+    The race-free core of the terminate step.  ``before_kill()``, if given,
+    runs while the child is stopped and known to run the task, just before
+    the ``SIGKILL``.  Returns ``"killed"``, ``"moved_on"`` (the child runs
+    something else, or is gone: it was continued, untouched) or ``"retry"``
+    (it could not be seen stopped within `STOP_WAIT`: continued).
     """
-    table = _table
-    if table is None or not table.knows(pid):
-        return "unavailable"
-    proc = _billiard_process(pid)
-    if proc is None:
-        return "unavailable"
     try:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
@@ -370,18 +366,45 @@ def terminate(pid: int, task_id: str, rung: _Rung | None = None) -> str:
                 return "retry"
             time.sleep(0.0005)
         if not table.runs(pid, task_id):
-            logger.info(TERMINATE_AVERTED, task_id=task_id, pid=pid)
             return "moved_on"
-        after = "" if rung is None else f" after {time.monotonic() - rung.since:.1f} s"
+        if before_kill is not None:
+            before_kill()
+        os.kill(pid, signal.SIGKILL)
+        killed = True
+        return "killed"
+    finally:
+        if not killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def terminate(pid: int, task_id: str, rung: _Rung | None = None) -> str:
+    """Kill the prefork child ``pid`` if, once stopped, it still runs ``task_id``.
+
+    Returns what `stop_check_kill` returns, or ``"unavailable"`` (the child
+    has no row in the table, or the pool does not know it).
+    """
+    table = _table
+    if table is None or not table.knows(pid):
+        return "unavailable"
+    proc = _billiard_process(pid)
+    if proc is None:
+        return "unavailable"
+
+    def before_kill() -> None:
         if rung is not None:
+            after = time.monotonic() - rung.since
             with _lock:
-                _endings[task_id] = f"{rung.reason.describe()} (terminated{after})"
+                _endings[task_id] = f"{rung.reason.describe()} (terminated after {after:.1f} s)"
         # What billiard's terminate_job marks: the pool then reports the job
         # as Terminated (REVOKED, acknowledged), not as a lost worker.
         proc._controlled_termination = True
         proc._job_terminated = True
-        os.kill(pid, signal.SIGKILL)
-        killed = True
+
+    outcome = stop_check_kill(table, pid, task_id, before_kill)
+    if outcome == "moved_on":
+        logger.info(TERMINATE_AVERTED, task_id=task_id, pid=pid)
+    elif outcome == "killed":
         logger.warning(
             TASK_TERMINATED,
             task_id=task_id,
@@ -390,8 +413,4 @@ def terminate(pid: int, task_id: str, rung: _Rung | None = None) -> str:
             after_s=None if rung is None else round(time.monotonic() - rung.since, 3),
             **({} if rung is None else _reason_fields(rung.reason)),
         )
-        return "killed"
-    finally:
-        if not killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+    return outcome
