@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +104,8 @@ class TestStopCheckKill:
                 time.sleep(0.001)
 
             assert "moved_on" == _ladder.stop_check_kill(table, pid, "task-x")
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            state = stat.rsplit(")", 1)[1].split()[0]
             assert state in ("S", "R")
         finally:
             os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import cancellable
-from cancellable import CancelScope, Cancelled, _scope, _sleep, move_on_after, shield
+from cancellable import Cancelled, CancelScope, _scope, _sleep, move_on_after, shield
 
 #: How late a wake-up may be on this shared machine (seconds).
 SLACK = 0.3
@@ -50,9 +50,8 @@ class TestSleep:
         """The Cancelled raised out of the sleep carries the scope's reason."""
         with CancelScope() as scope:
             later(0.05, lambda: scope.cancel("why not"))
-            with pytest.raises(Cancelled) as info:
-                with CancelScope():
-                    cancellable.sleep(60)
+            with pytest.raises(Cancelled) as info, CancelScope():
+                cancellable.sleep(60)
 
         assert "why not" == info.value.reason.message
 
