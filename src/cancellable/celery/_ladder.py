@@ -265,7 +265,7 @@ def _advance(rung: _Rung, request: Any, entry: _registry.RunningTask | None, now
         pid = getattr(request, "worker_pid", None)
         if not pid:
             return
-        outcome = terminate(pid, rung.task_id, rung)
+        outcome = terminate(pid, rung.task_id, rung, request)
         if outcome == "killed":
             rung.step = "done"
             _log_step(rung, "terminate", now, pid=pid)
@@ -378,11 +378,14 @@ def stop_check_kill(table: ChildTable, pid: int, task_id: str, before_kill: Any 
                 os.kill(pid, signal.SIGCONT)
 
 
-def terminate(pid: int, task_id: str, rung: _Rung | None = None) -> str:
+def terminate(pid: int, task_id: str, rung: _Rung | None = None, request: Any = None) -> str:
     """Kill the prefork child ``pid`` if, once stopped, it still runs ``task_id``.
 
     Returns what `stop_check_kill` returns, or ``"unavailable"`` (the child
-    has no row in the table, or the pool does not know it).
+    has no row in the table, or the pool does not know it).  After a kill,
+    the task's ending (REVOKED, acknowledged) is announced on the worker's
+    event loop at once (`_announce_terminated`), rather than when billiard
+    next looks at its dead children (seconds later).
     """
     table = _table
     if table is None or not table.knows(pid):
@@ -413,4 +416,16 @@ def terminate(pid: int, task_id: str, rung: _Rung | None = None) -> str:
             after_s=None if rung is None else round(time.monotonic() - rung.since, 3),
             **({} if rung is None else _reason_fields(rung.reason)),
         )
+        hub = getattr(_worker, "hub", None)
+        if request is not None and hub is not None:
+            hub.call_soon(_announce_terminated, request)
     return outcome
+
+
+def _announce_terminated(request: Any) -> None:
+    # On the worker's event loop thread (kombu's Hub.call_soon), where
+    # Celery itself announces a terminate: store REVOKED, acknowledge, send
+    # task_revoked.  When billiard later reports the job Terminated,
+    # Celery sees it was announced already and does nothing more.
+    if not request._already_revoked:
+        request._announce_revoked("terminated", True, int(signal.SIGKILL), False)
