@@ -92,7 +92,7 @@ def _start(worker: Any, task: str) -> tuple[Any, int]:
     key = f"ladder:{uuid.uuid4().hex}"
     result = worker.app.send_task(task, args=(key,), queue=worker.queue)
     client = redis.Redis.from_url(worker.redis_url)
-    if _wait(lambda: client.hget(key, "pid"), 30) is None:
+    if _wait(lambda: client.hget(key, "pid"), 60) is None:
         raise RuntimeError(f"{task} did not start; {worker.tail()}")
     time.sleep(0.2)  # well inside the body
     return result, int(client.hget(key, "pid"))

@@ -172,6 +172,23 @@ class TestInProcessPools:
         assert worker.alive()
         assert 3 == worker.send("cit.plain.add", 1, 2).get(timeout=20)
 
+    def test_solo_pool_gets_the_grace_of_the_call_through_the_ledger(
+        self, shared_worker, keys: Keys
+    ):
+        """Solo, a task without a grace of its own: ``cancel(grace=1)`` still applies.
+
+        The busy solo worker learns of the cancellation from its ledger
+        poll, and the ledger entry carries the grace.
+        """
+        worker = shared_worker(pool="solo")
+        result = start(worker, keys, "cit.ladder.sleep", "s")
+
+        cancel(result, "solo call grace", grace=1, app=worker.app)
+        elapsed = timed_revoked(result, "solo call grace", "interrupted after 1.")
+
+        assert 1.0 <= elapsed <= 1.0 + 0.5 + LATENCY, elapsed
+        assert ["cleanup"] == keys.hooks("s")
+
 
 class TestTorture:
     """Done-when 2: cancellations that race the end of their task and the start of the next."""

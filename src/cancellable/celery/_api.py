@@ -140,7 +140,7 @@ def cancel(
     with app.pool.acquire(block=True) as conn:
         _check_broker(conn, app)
         try:
-            _ledger.ledger_for(app).record(targets, cancel_reason)
+            _ledger.ledger_for(app).record(targets, cancel_reason, grace_s)
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
             warnings.warn(

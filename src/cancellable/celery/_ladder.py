@@ -279,6 +279,9 @@ def _advance(rung: _Rung, request: Any, entry: _registry.RunningTask | None, now
 def _interrupt_step(
     rung: _Rung, request: Any, entry: _registry.RunningTask | None, now: float
 ) -> None:
+    if _pool_kind in ("gevent", "eventlet"):
+        _not_escalated(rung, f"the {_pool_kind} pool cannot interrupt a greenlet")
+        return
     if entry is not None:
         # In this process: threads or solo pool.
         if entry.thread != threading.main_thread().ident:
@@ -418,14 +421,26 @@ def terminate(pid: int, task_id: str, rung: _Rung | None = None, request: Any = 
         )
         hub = getattr(_worker, "hub", None)
         if request is not None and hub is not None:
-            hub.call_soon(_announce_terminated, request)
+            hub.call_soon(_announce_terminated, hub, request)
     return outcome
 
 
-def _announce_terminated(request: Any) -> None:
+#: Seconds after a kill at which the pool is asked to replace the child.
+REPLACE_AFTER: Final = (0.05, 0.5)
+
+
+def _announce_terminated(hub: Any, request: Any) -> None:
     # On the worker's event loop thread (kombu's Hub.call_soon), where
     # Celery itself announces a terminate: store REVOKED, acknowledge, send
     # task_revoked.  When billiard later reports the job Terminated,
     # Celery sees it was announced already and does nothing more.
     if not request._already_revoked:
         request._announce_revoked("terminated", True, int(signal.SIGKILL), False)
+    # billiard replaces dead children when it next maintains the pool (a
+    # 5 s timer); ask for it now, once the kernel has reaped the child.
+    maintain = getattr(
+        getattr(getattr(_worker, "pool", None), "_pool", None), "maintain_pool", None
+    )
+    if maintain is not None:
+        for delay in REPLACE_AFTER:
+            hub.call_later(delay, maintain)

@@ -103,11 +103,16 @@ def _grace_from(payload: Any) -> float | None:
     return None
 
 
-def deliver_targets(targets: Iterable[Target], grace: float | None = None) -> int:
+def deliver_targets(
+    targets: Iterable[Target],
+    grace: float | None = None,
+    graces: dict[str, float] | None = None,
+) -> int:
     """Deliver newly indexed targets to the tasks this worker holds; return how many.
 
     Each task reached is also put on the cancellation ladder
-    (`cancellable.celery._ladder`), with ``grace`` if given.
+    (`cancellable.celery._ladder`), with ``grace`` if given (a broadcast),
+    or its own entry of ``graces`` (ledger entries, by task id).
     """
     task_ids: list[str] = []
     wide = False
@@ -131,7 +136,8 @@ def deliver_targets(targets: Iterable[Target], grace: float | None = None) -> in
         if reason is not None and _delivery.deliver(task_id, reason) != "none":
             delivered += 1
             name = getattr(request, "name", None) or getattr(request, "task_name", None)
-            _ladder.start(task_id, reason, name, grace)
+            given = grace if graces is None else graces.get(task_id, grace)
+            _ladder.start(task_id, reason, name, given)
     return delivered
 
 
@@ -295,7 +301,14 @@ class _Poller:
             added = _index.index.add_entries(entries)
             _index.index.cursor = cursor
             if added:
-                deliver_targets(added)
+                graces = {
+                    target_id: entry.grace
+                    for entry in entries
+                    if entry.grace is not None
+                    for kind, target_id in entry.targets
+                    if kind == "task"
+                }
+                deliver_targets(added, graces=graces)
 
 
 _poller: _Poller | None = None
