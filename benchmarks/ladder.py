@@ -143,14 +143,32 @@ def _measure(worker: Any, task_id: str, pid: int, began: float) -> dict[str, flo
 
 
 def _task_still_running(worker: Any, pid: int) -> bool:
-    # A child busy with the task uses CPU (gil) or is in the sleep; ask the
-    # worker which tasks are active instead of guessing.
+    """Whether the child ``pid`` still runs its task: it is listed active, or it spins.
+
+    Celery forgets a task it has signalled, so a child that ignored the
+    signal is found by its CPU use (the GIL-holding task never sleeps).
+    """
     replies = worker.app.control.inspect(destination=[worker.nodename], timeout=1.0).active()
     for tasks in (replies or {}).values():
         for task in tasks:
             if task.get("worker_pid") == pid:
                 return True
-    return False
+    return _cpu_seconds(pid, 0.3) > 0.05
+
+
+def _cpu_seconds(pid: int, window: float) -> float:
+    """CPU seconds ``pid`` used during the next ``window`` seconds."""
+
+    def used() -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = used()
+    time.sleep(window)
+    return used() - before
 
 
 def _settle(worker: Any) -> None:

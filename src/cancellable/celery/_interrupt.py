@@ -172,10 +172,15 @@ def thread_interrupt_available() -> bool:
 
 
 def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
+    # exc None withdraws a pending exception: the C function wants NULL,
+    # which an empty py_object passes (a bare None would pass Py_None).
     if not thread_interrupt_available():
         return 0
-    arg = None if exc is None else ctypes.py_object(exc)
-    return int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), arg))
+    function = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    function.argtypes = (ctypes.c_ulong, ctypes.py_object)
+    function.restype = ctypes.c_int
+    arg = ctypes.py_object() if exc is None else ctypes.py_object(exc)
+    return int(function(thread, arg))
 
 
 def interrupt_thread(entry: _registry.RunningTask) -> bool:
