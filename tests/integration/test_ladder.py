@@ -205,7 +205,7 @@ class TestTorture:
         plus its duration, give or take 15 ms), so the interrupt and the
         terminate steps land around its end and the start of the next task
         in the same child.  Thirty cancelled tasks are stubborn: they swallow
-        the interrupt and block 0.15-0.35 s more, so their natural end races
+        the interrupt and block 0.15-0.5 s more, so their natural end races
         the terminate step (0.2-0.3 s after the interrupt): some children are
         killed, others are stopped after their task ended and must be
         continued untouched.  Every task records its start, interrupts and
@@ -219,7 +219,7 @@ class TestTorture:
         chosen = set(rng.sample(range(self.TASKS), self.TASKS // 2))
         stubborn = set(rng.sample(sorted(chosen), self.STUBBORN))
         key = keys.key("t")
-        extra = {n: rng.uniform(0.15, 0.35) for n in stubborn}
+        extra = {n: rng.uniform(0.15, 0.5) for n in stubborn}
         results = [
             worker.send("cit.ladder.short", key, n, durations[n], extra.get(n, 0.0))
             for n in range(self.TASKS)

@@ -160,12 +160,17 @@ def start(task_id: str, reason: CancelReason, task_name: str | None, grace: floa
     ``grace`` is the one given to `~cancellable.celery.cancel` (None: use
     the task's, then the app's).
     """
-    resolved = _resolve_grace(grace, _task_grace(task_name))
+    try:
+        resolved = _resolve_grace(grace, _task_grace(task_name))
+        kill_after = validate_seconds(
+            _setting("cancellable_kill_after", DEFAULT_KILL_AFTER), "cancellable_kill_after"
+        )
+    except (TypeError, ValueError) as exc:
+        # A bad setting must not stop the cooperative cancellation.
+        logger.warning(CANCEL_NOT_ESCALATED, task_id=task_id, task_name=task_name, why=str(exc))
+        return
     if resolved is None:
         return
-    kill_after = validate_seconds(
-        _setting("cancellable_kill_after", DEFAULT_KILL_AFTER), "cancellable_kill_after"
-    )
     with _lock:
         if task_id in _rungs:
             return
