@@ -300,6 +300,7 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     # The terminate step's delay after the interrupt (seconds); short, so
     # the tests of the last step are quick.
     app.conf.cancellable_kill_after = float(os.environ.get("CIT_KILL_AFTER", "1.0"))
+    app.conf.cancellable_kill_process_group = os.environ.get("CIT_KILL_GROUP") == "1"
 
     def record_exc(key: str, exc: BaseException) -> None:
         # Every Cancelled as "Cancelled" (the threads pool raises a subclass).
@@ -399,3 +400,15 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
                     pass
         r.rpush(f"{key}:finished", f"{task_no}:{pid}")
         return pid
+
+    @app.task(bind=True, name="cit.ladder.gil_with_child")
+    @cancellable
+    def ladder_gil_with_child(self: Any, key: str) -> int:
+        """Starts a ``sleep 3600`` subprocess, then holds the GIL in one C call."""
+        import subprocess
+
+        record_start(key)
+        child = subprocess.Popen(["sleep", "3600"])
+        obs().set(f"{key}:subprocess", child.pid)
+        obs().set(f"{key}:looping", 1)
+        return sum(range(10**12))

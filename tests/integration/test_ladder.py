@@ -132,6 +132,32 @@ class TestPrefork:
         assert children == worker.children()
 
 
+class TestProcessGroup:
+    """The opt-in on the last step: kill what the task started, too."""
+
+    def test_kill_process_group_also_ends_the_tasks_subprocess(self, make_worker, keys: Keys):
+        """``cancellable_kill_process_group``: the task's ``sleep 3600`` dies with its child.
+
+        Without the setting (the other prefork tests), subprocesses are
+        orphaned, as with Celery's terminate.
+        """
+        worker = make_worker(pool="prefork", concurrency=2, extra_env={"CIT_KILL_GROUP": "1"})
+        result = start(worker, keys, "cit.ladder.gil_with_child", "g")
+        sub = int(keys.flag("g", "subprocess") or 0)
+        assert pid_alive(sub)
+
+        cancel(result, "with its children", grace=0, app=worker.app)
+        timed_revoked(result, "with its children", "terminated after")
+
+        wait_for(lambda: not pid_alive(sub), 10, message="the task's subprocess to be killed")
+        wait_for(
+            lambda: len(worker.children()) == worker.concurrency,
+            20,
+            message="the pool to be back to full strength",
+        )
+        assert 3 == worker.send("cit.plain.add", 1, 2).get(timeout=20)
+
+
 class TestInProcessPools:
     """Done-when 3: the interrupt step in the threads and solo pools."""
 

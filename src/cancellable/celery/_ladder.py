@@ -108,12 +108,17 @@ _app: Any = None
 _worker: Any = None
 _pool_kind = ""
 _table: ChildTable | None = None
+#: ``cancellable_kill_process_group``: each child leads its own process
+#: group, and the terminate step kills the whole group (the task's
+#: subprocesses too).
+_kill_group = False
 
 
 def configure_worker(app: Any, worker: Any, pool_kind: str) -> ChildTable | None:
     """Set up the ladder for a worker that is starting (``worker_init``, before the fork)."""
-    global _app, _worker, _pool_kind, _table
+    global _app, _worker, _pool_kind, _table, _kill_group
     _app, _worker, _pool_kind = app, worker, pool_kind
+    _kill_group = bool(app.conf.get("cancellable_kill_process_group", False))
     with _lock:
         _rungs.clear()
         _endings.clear()
@@ -124,6 +129,15 @@ def configure_worker(app: Any, worker: Any, pool_kind: str) -> ChildTable | None
 def child_table() -> ChildTable | None:
     """The table shared with this worker's prefork children, if any."""
     return _table
+
+
+def child_started() -> None:
+    """In a new prefork child: lead a process group of its own, if so configured."""
+    if _kill_group and hasattr(os, "setpgid"):
+        try:
+            os.setpgid(0, 0)
+        except OSError as exc:
+            logger.warning(CANCEL_NOT_ESCALATED, why=f"cannot lead a process group: {exc}")
 
 
 def _setting(name: str, default: Any) -> Any:
@@ -348,14 +362,18 @@ def _billiard_process(pid: int) -> Any:
     return proc
 
 
-def stop_check_kill(table: ChildTable, pid: int, task_id: str, before_kill: Any = None) -> str:
+def stop_check_kill(
+    table: ChildTable, pid: int, task_id: str, before_kill: Any = None, group: bool = False
+) -> str:
     """Stop ``pid``, and kill it only if its row in ``table`` still names ``task_id``.
 
     The race-free core of the terminate step.  ``before_kill()``, if given,
     runs while the child is stopped and known to run the task, just before
-    the ``SIGKILL``.  Returns ``"killed"``, ``"moved_on"`` (the child runs
-    something else, or is gone: it was continued, untouched) or ``"retry"``
-    (it could not be seen stopped within `STOP_WAIT`: continued).
+    the ``SIGKILL``.  With ``group``, a child that leads its own process
+    group is killed with its whole group (what the task started, too).
+    Returns ``"killed"``, ``"moved_on"`` (the child runs something else, or
+    is gone: it was continued, untouched) or ``"retry"`` (it could not be
+    seen stopped within `STOP_WAIT`: continued).
     """
     try:
         os.kill(pid, signal.SIGSTOP)
@@ -377,7 +395,10 @@ def stop_check_kill(table: ChildTable, pid: int, task_id: str, before_kill: Any 
             return "moved_on"
         if before_kill is not None:
             before_kill()
-        os.kill(pid, signal.SIGKILL)
+        if group and os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
         killed = True
         return "killed"
     finally:
@@ -412,7 +433,7 @@ def terminate(pid: int, task_id: str, rung: _Rung | None = None, request: Any = 
         proc._controlled_termination = True
         proc._job_terminated = True
 
-    outcome = stop_check_kill(table, pid, task_id, before_kill)
+    outcome = stop_check_kill(table, pid, task_id, before_kill, _kill_group)
     if outcome == "moved_on":
         logger.info(TERMINATE_AVERTED, task_id=task_id, pid=pid)
     elif outcome == "killed":

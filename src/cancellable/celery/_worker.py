@@ -440,6 +440,7 @@ def _on_worker_process_init(**kwargs: Any) -> None:
         _warn_prefork("the pool does not fork its children (spawn start method)")
         return
     _wakeup.install(_delivery.check_mailbox, _interrupt.raise_if_asked)
+    _ladder.child_started()
     table = _ladder.child_table()
     if table is not None and table.owner == os.getppid():
         from billiard.process import current_process
