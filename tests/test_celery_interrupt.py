@@ -207,11 +207,15 @@ class TestInterruptThread:
         ready.wait(5)
         wait_until_in_sleep(thread)
 
+        began = time.monotonic()
         landed = _interrupt.interrupt_thread(entries[0])
         thread.join(5)
+        sleeping_on = time.monotonic() - began
 
+        assert sleeping_on >= 0.2  # the 0.3 s sleep was not broken
         if landed:
-            assert {"slept": True, "cancelled": REASON} == outcome
+            assert REASON == outcome.get("cancelled")
+            assert "finished" not in outcome
         else:
             assert {"slept": True, "finished": True} == outcome
 
