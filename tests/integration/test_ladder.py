@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import heapq
 import random
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 from cancellable.celery import cancel
 
 from .conftest import (
+    REPO_ROOT,
     Keys,
     Worker,
     assert_revoked,
@@ -113,6 +116,27 @@ class TestPrefork:
         time.sleep(1.0)
         assert 0 == worker.queue_length()
         assert 1 == keys.runs("g")
+
+    def test_cli_grace(self, shared_worker, keys: Keys):
+        """``celery cancel ID --grace 1``: the blocked task is interrupted, the command says so."""
+        worker = shared_worker(pool="prefork")
+        result = start(worker, keys, "cit.ladder.sleep", "s")
+
+        cli = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tests.integration.app", "cancel", result.id,
+             "--reason", "cli grace", "--grace", "1", "--wait", "10"],
+            cwd=REPO_ROOT,
+            env=worker.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+
+        assert 0 == cli.returncode, cli.stdout + cli.stderr
+        line = next((ln for ln in cli.stdout.splitlines() if result.id in ln), "")
+        assert "stopped (REVOKED)" in line, cli.stdout + cli.stderr
+        assert_revoked(result, "cli grace", "interrupted after 1.")
+        assert ["cleanup"] == keys.hooks("s")
 
     def test_cancellable_sleep_stops_within_the_normal_latency(self, shared_worker, keys: Keys):
         """``cancellable.sleep(3600)``, no grace: REVOKED at once, by the cooperative path."""
