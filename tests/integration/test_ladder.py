@@ -29,6 +29,7 @@ from .conftest import (
     task_meta,
     wait_for,
 )
+from .test_crash import redis_unacked_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -115,6 +116,7 @@ class TestPrefork:
         assert ledger_keys(result.id)
         time.sleep(1.0)
         assert 0 == worker.queue_length()
+        assert result.id not in redis_unacked_ids()
         assert 1 == keys.runs("g")
 
     def test_cli_grace(self, shared_worker, keys: Keys):
