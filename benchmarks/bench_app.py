@@ -25,6 +25,12 @@ Tasks:
   and Celery revoked-set size.
 * ``bench.measure_revoked``: times ``current_task.request.revoked()``
   inside a running ``@cancellable`` task (``in_task.py``).
+* ``bench.ladder_sleep`` / ``bench.ladder_gil``: ``@cancellable`` tasks
+  that never reach a checkpoint, blocked in ``time.sleep`` or in one C call
+  that holds the GIL (``ladder.py``); ``bench.plain_sleep`` /
+  ``bench.plain_gil``, the same without ``@cancellable``, for Celery's
+  ``revoke(terminate=True)``.  Each records its pid and start time.
+  ``CANCELLABLE_BENCH_KILL_AFTER`` sets ``cancellable_kill_after``.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ def make_app(broker_url: str, redis_url: str, queue: str, control_exchange: str)
 
 
 app = make_app(BROKER_URL, REDIS_URL, QUEUE, CONTROL_EXCHANGE)
+if os.environ.get("CANCELLABLE_BENCH_KILL_AFTER"):
+    app.conf.cancellable_kill_after = float(os.environ["CANCELLABLE_BENCH_KILL_AFTER"])
 
 _client: Any = None
 _client_pid = 0
@@ -166,6 +174,42 @@ def abortable_poll(self: Any, key: str) -> str:
             return "aborted"
         time.sleep(ABORT_POLL_SECONDS)
     return "not aborted"
+
+
+def _mark_started(key: str) -> None:
+    redis_client().hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+
+
+@app.task(name="bench.ladder_sleep")
+@cancellable
+def ladder_sleep(key: str) -> str:
+    """Blocked in ``time.sleep`` with no checkpoint (``ladder.py``)."""
+    _mark_started(key)
+    time.sleep(3600)
+    return "slept"
+
+
+@app.task(name="bench.ladder_gil")
+@cancellable
+def ladder_gil(key: str) -> int:
+    """Stuck in one C call that holds the GIL (``ladder.py``)."""
+    _mark_started(key)
+    return sum(range(10**12))
+
+
+@app.task(name="bench.plain_sleep")
+def plain_sleep(key: str) -> str:
+    """``bench.ladder_sleep`` without ``@cancellable``."""
+    _mark_started(key)
+    time.sleep(3600)
+    return "slept"
+
+
+@app.task(name="bench.plain_gil")
+def plain_gil(key: str) -> int:
+    """``bench.ladder_gil`` without ``@cancellable``."""
+    _mark_started(key)
+    return sum(range(10**12))
 
 
 def _count(key: str, total: int) -> None:

@@ -1183,3 +1183,25 @@ def test_peers_latency_smoke_run_over_real_workers(bench_worker: Any, redis_clie
     # stretches.  Each arrived within the step timeout (asserted above).
     # Nothing is left behind in Redis by the samples.
     assert not list(redis_client.scan_iter("cancellable-bench:peers:*"))
+
+
+def test_ladder_table_says_when_a_task_was_not_stopped() -> None:
+    """``ladder.table``: one row per case; a missing median reads "not stopped"."""
+    import ladder
+
+    records = [
+        {"name": "ladder.gil.grace_1.revoked_s", "median": 2.06},
+        {"name": "ladder.gil.grace_1.stopped_s", "median": 2.06},
+        {"name": "ladder.gil.grace_1.full_strength_s", "median": 2.16},
+        {"name": "ladder.gil.terminate_SIGTERM.revoked_s", "median": 0.01},
+        {"name": "ladder.gil.terminate_SIGTERM.stopped_s", "median": None},
+        {"name": "ladder.gil.terminate_SIGTERM.full_strength_s", "median": 8.35},
+    ]
+
+    rows = ladder.table(records).splitlines()[2:]
+
+    assert ["| gil | `cancel(grace=1)` | 2.06 | 2.06 | 2.16 |",
+            "| gil | `revoke(terminate=True, signal=SIGTERM)` | 0.01 | not stopped | 8.35 |",
+            ] == rows  # fmt: skip
+    assert ladder._median([1.0, None]) is None
+    assert 2.0 == ladder._median([1.0, 2.0, 3.0])

@@ -64,6 +64,14 @@ class TestContract:
         assert cursor is not None
         assert abs(time.time() - entries[0].recorded_at) < 5
 
+    def test_grace_round_trips(self, ledger: Any) -> None:
+        """A grace recorded with a cancellation comes back with it; none given reads None."""
+        ledger.record([("task", "a")], CancelReason(), 2.5)
+        ledger.record([("task", "b")], CancelReason())
+        entries, _cursor = ledger.read(None)
+
+        assert [2.5, None] == [entry.grace for entry in entries]
+
     def test_empty_record_writes_nothing(self, ledger: Any) -> None:
         """Recording no targets adds no entry."""
         ledger.record([], CancelReason())

@@ -14,8 +14,8 @@ from cancellable.celery._mailbox import Mailbox
 
 
 def slot_offset(box: Mailbox, slot: int) -> int:
-    """Where ``slot``'s payload area starts in the map (after the key and ack tables)."""
-    return box.slots * _mailbox.KEY_SIZE + box.slots + slot * _mailbox.SLOT_SIZE
+    """Where ``slot``'s payload area starts in the map (after the key, ack and step tables)."""
+    return box.slots * _mailbox.KEY_SIZE + 2 * box.slots + slot * _mailbox.SLOT_SIZE
 
 
 class TestAllocation:
@@ -98,6 +98,21 @@ class TestFind:
 
         assert {t: str(len(t)) for t in ids} == {t: f.reason.message for t, f in found.items()}
         assert {} == box.find({base + "y" * 460})
+
+    def test_a_new_slot_is_cooperative_until_escalated(self) -> None:
+        """The step byte starts COOPERATIVE, goes to INTERRUPT, and a reused slot starts over."""
+        box = Mailbox(64)
+        slot = box.allocate("a", CancelReason(), 1.0)
+        assert slot is not None
+        first = box.step(slot)
+        box.escalate(slot)
+        escalated = box.step(slot)
+        box.release(slot)
+        again = box.allocate("b", CancelReason(), 1.0)
+        assert again is not None
+
+        assert (_mailbox.COOPERATIVE, _mailbox.INTERRUPT) == (first, escalated)
+        assert _mailbox.COOPERATIVE == box.step(again)
 
     def test_a_slot_being_rewritten_is_skipped(self) -> None:
         """A key whose slot holds garbage (caught mid-rewrite) is not a match."""

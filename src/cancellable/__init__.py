@@ -37,6 +37,7 @@ from ._scope import (
     on_cancel,
     shield,
 )
+from ._sleep import sleep, wait
 
 _register_integrations()
 
@@ -66,4 +67,6 @@ __all__ = [
     "move_on_at",
     "on_cancel",
     "shield",
+    "sleep",
+    "wait",
 ]

@@ -30,15 +30,20 @@ R = TypeVar("R")
 class CallOptions:
     """The options given to ``@cancellable(...)``, validated once."""
 
-    __slots__ = ("hook_timeout", "is_async", "on_cancel", "timeout")
+    __slots__ = ("grace", "hook_timeout", "is_async", "on_cancel", "timeout")
 
     def __init__(
         self,
         timeout: float | None,
         on_cancel: Callable[[], object] | None,
         hook_timeout: float | Literal["default"] | None,
+        grace: float | Literal["default"] | None = "default",
     ) -> None:
         self.timeout = _config.validate_seconds(timeout, "timeout")
+        #: Seconds a cancelled call may take to stop cooperatively before an
+        #: integration escalates (``"default"``: the integration's setting;
+        #: None: never escalate).  The core itself never escalates.
+        self.grace = grace if grace == "default" else _config.validate_seconds(grace, "grace")
         if on_cancel is not None and not callable(on_cancel):
             raise TypeError(f"on_cancel must be a callable or None, got {type(on_cancel).__name__}")
         self.on_cancel = on_cancel
@@ -128,6 +133,7 @@ def cancellable(
     timeout: float | None = None,
     on_cancel: Callable[[], object] | None = None,
     hook_timeout: float | Literal["default"] | None = "default",
+    grace: float | Literal["default"] | None = "default",
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -138,6 +144,7 @@ def cancellable(
     timeout: float | None = None,
     on_cancel: Callable[[], object] | None = None,
     hook_timeout: float | Literal["default"] | None = "default",
+    grace: float | Literal["default"] | None = "default",
 ) -> Any:
     """Run each call of the decorated callable in its own `CancelScope`.
 
@@ -169,17 +176,22 @@ def cancellable(
             of every call.
         hook_timeout: Seconds each cleanup hook of the call may run (default:
             the process-wide `configure` setting; None: no limit).
+        grace: Under Celery, seconds a cancelled task may take to stop at a
+            checkpoint before it is interrupted, then terminated (see
+            :doc:`/grace`).  ``"default"``: the app's
+            ``cancellable_grace``; None: cooperative only.  Outside Celery
+            it has no effect.
 
     Raises:
         TypeError: An option has the wrong type; or the decorated object is
             a generator or async generator function, or a Celery task
             (``@cancellable`` written above ``@app.task``/``@shared_task``).
-        ValueError: ``timeout`` or ``hook_timeout`` is negative, NaN or
-            infinite.
+        ValueError: ``timeout``, ``hook_timeout`` or ``grace`` is negative,
+            NaN or infinite.
 
     .. versionadded:: 0.1.0
     """
-    options = CallOptions(timeout, on_cancel, hook_timeout)
+    options = CallOptions(timeout, on_cancel, hook_timeout, grace)
     if wrapped is None:
 
         def decorate(func: Callable[..., Any]) -> Any:
@@ -252,4 +264,9 @@ def _decorate(func: object, options: CallOptions) -> Any:
             return _async.call_async(wrapped, args, kwargs, options)
         return run_in_scope(wrapped, args, kwargs, options)
 
-    return wrapper(func)
+    decorated: Any = wrapper(func)
+    # Integrations read the options of a decorated callable here (the
+    # Celery worker's main process looks up a task's grace); wrapt keeps
+    # `_self_` attributes on the wrapper itself.
+    decorated._self_cancellable_options = options
+    return decorated

@@ -20,6 +20,8 @@ from typing import Final
 __all__ = [
     "CANCEL_DELIVERED",
     "CANCEL_DELIVERY_FAILED",
+    "CANCEL_ESCALATED",
+    "CANCEL_NOT_ESCALATED",
     "CANCEL_OBSERVED",
     "CANCEL_REQUESTED",
     "CANCEL_SWALLOWED",
@@ -35,6 +37,8 @@ __all__ = [
     "TASK_CANCELLED",
     "TASK_RESULT_NOT_STORED",
     "TASK_SKIPPED",
+    "TASK_TERMINATED",
+    "TERMINATE_AVERTED",
 ]
 
 #: The structlog logger name all events are emitted on.
@@ -79,8 +83,39 @@ SCOPE_CANCELLED: Final = "scope.cancelled"
 
 #: A Celery task ended as REVOKED because it was cancelled while running.
 #: Carries the latencies ``delivered_ms``, ``observed_ms`` and
-#: ``cleanup_done_ms``, each measured from the request.
+#: ``cleanup_done_ms``, each measured from the request, and ``ended_by``:
+#: ``"checkpoint"`` (it stopped cooperatively) or ``"interrupt"`` (its grace
+#: was over and `~cancellable.Cancelled` was raised in its thread).
 TASK_CANCELLED: Final = "task.cancelled"
+
+#: A worker's main process moved a cancelled task up the ladder (see
+#: :doc:`/grace`).  Carries ``step`` (``"interrupt"`` or ``"terminate"``),
+#: ``after_s`` (seconds since the worker got the cancellation), and
+#: ``grace_s`` or ``pid``.
+#:
+#: .. versionadded:: 0.1.0
+CANCEL_ESCALATED: Final = "cancel.escalated"
+
+#: The ladder could not take its next step for a task (the pool cannot
+#: terminate, the interpreter cannot interrupt a thread...).  A warning,
+#: once per task; carries ``step`` and ``why``.
+#:
+#: .. versionadded:: 0.1.0
+CANCEL_NOT_ESCALATED: Final = "cancel.not_escalated"
+
+#: The last step of the ladder: the prefork child running the task was
+#: killed (it was stopped and still ran the task).  A warning; carries
+#: ``pid`` and ``after_s``.  The task ends REVOKED, "terminated after N s".
+#:
+#: .. versionadded:: 0.1.0
+TASK_TERMINATED: Final = "task.terminated"
+
+#: Before killing a child, the worker stopped it and found that it no
+#: longer ran the cancelled task: it was continued, untouched.  Carries
+#: ``pid``.
+#:
+#: .. versionadded:: 0.1.0
+TERMINATE_AVERTED: Final = "cancel.terminate_averted"
 
 #: A cancelled Celery task was about to start and its body was skipped.
 TASK_SKIPPED: Final = "task.skipped"

@@ -290,3 +290,125 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
             return await asyncio.to_thread(thread_helper, key, seconds)
         finally:
             obs().set(f"{key}:finally", repr(time.time()))
+
+    # ----------------------------------------------------------------------
+    # The cancellation ladder (docs/grace.md): tasks that ignore checkpoints.
+
+    import cancellable as _cancellable
+    from cancellable import Cancelled
+
+    # The terminate step's delay after the interrupt (seconds); short, so
+    # the tests of the last step are quick.
+    app.conf.cancellable_kill_after = float(os.environ.get("CIT_KILL_AFTER", "1.0"))
+    app.conf.cancellable_kill_process_group = os.environ.get("CIT_KILL_GROUP") == "1"
+
+    def record_exc(key: str, exc: BaseException) -> None:
+        # Every Cancelled as "Cancelled" (the threads pool raises a subclass).
+        r = obs()
+        r.set(f"{key}:exc", "Cancelled" if isinstance(exc, Cancelled) else type(exc).__name__)
+        r.set(f"{key}:exc_at", repr(time.time()))
+
+    def sleep_body(key: str, seconds: float) -> str:
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        obs().set(f"{key}:looping", 1)
+        try:
+            time.sleep(seconds)
+        except BaseException as exc:
+            record_exc(key, exc)
+            raise
+        obs().set(f"{key}:done", 1)
+        return "slept"
+
+    @app.task(bind=True, name="cit.ladder.sleep")
+    @cancellable
+    def ladder_sleep(self: Any, key: str, seconds: float = 3600.0) -> str:
+        """Blocks in ``time.sleep`` (no checkpoint); one cleanup hook."""
+        return sleep_body(key, seconds)
+
+    @app.task(bind=True, name="cit.ladder.sleep_graced")
+    @cancellable(grace=1.0)
+    def ladder_sleep_graced(self: Any, key: str, seconds: float = 3600.0) -> str:
+        """Like ``cit.ladder.sleep``, with ``@cancellable(grace=1.0)``."""
+        return sleep_body(key, seconds)
+
+    @app.task(bind=True, name="cit.ladder.gil", acks_late=True, reject_on_worker_lost=True)
+    @cancellable
+    def ladder_gil(self: Any, key: str) -> int:
+        """Stuck in one C call that holds the GIL and never runs signal handlers."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        obs().set(f"{key}:looping", 1)
+        return sum(range(10**12))
+
+    @app.task(bind=True, name="cit.ladder.busy")
+    @cancellable
+    def ladder_busy(self: Any, key: str, seconds: float = 60.0) -> int:
+        """A pure-Python loop without checkpoints (interruptible in any thread)."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        obs().set(f"{key}:looping", 1)
+        end = time.monotonic() + seconds
+        n = 0
+        try:
+            while time.monotonic() < end:
+                n += 1
+        except BaseException as exc:
+            record_exc(key, exc)
+            raise
+        obs().set(f"{key}:done", 1)
+        return n
+
+    @app.task(bind=True, name="cit.ladder.csleep")
+    @cancellable
+    def ladder_csleep(self: Any, key: str, seconds: float = 3600.0) -> str:
+        """``cancellable.sleep(seconds)``: stops as soon as it is cancelled."""
+        record_start(key)
+        on_cancel(hook, key, "cleanup")
+        obs().set(f"{key}:looping", 1)
+        try:
+            _cancellable.sleep(seconds)
+        except BaseException as exc:
+            record_exc(key, exc)
+            raise
+        obs().set(f"{key}:done", 1)
+        return "slept"
+
+    @app.task(bind=True, name="cit.ladder.short")
+    @cancellable
+    def ladder_short(self: Any, key: str, task_no: int, ms: float, stubborn: float = 0.0) -> int:
+        """The torture test's task: blocks ``ms`` ms; records how it ended, with its pid.
+
+        ``stubborn`` seconds: on an interrupt, block that long more,
+        swallowing every further interrupt (only the terminate step, or the
+        end of that time, ends it).
+        """
+        r = obs()
+        pid = os.getpid()
+        r.rpush(f"{key}:started", f"{task_no}:{pid}:{time.time()!r}")
+        try:
+            time.sleep(ms / 1000.0)
+        except Cancelled:
+            r.rpush(f"{key}:interrupted", f"{task_no}:{pid}")
+            if not stubborn:
+                raise
+            end = time.monotonic() + stubborn
+            while time.monotonic() < end:
+                try:
+                    time.sleep(max(0.0, end - time.monotonic()))
+                except Cancelled:
+                    pass
+        r.rpush(f"{key}:finished", f"{task_no}:{pid}")
+        return pid
+
+    @app.task(bind=True, name="cit.ladder.gil_with_child")
+    @cancellable
+    def ladder_gil_with_child(self: Any, key: str) -> int:
+        """Starts a ``sleep 3600`` subprocess, then holds the GIL in one C call."""
+        import subprocess
+
+        record_start(key)
+        child = subprocess.Popen(["sleep", "3600"])
+        obs().set(f"{key}:subprocess", child.pid)
+        obs().set(f"{key}:looping", 1)
+        return sum(range(10**12))

@@ -16,12 +16,14 @@ See :doc:`/celery` for how it works in each pool and broker.
 from __future__ import annotations
 
 from ._api import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
+from ._ladder import DEFAULT_KILL_AFTER
 from ._ledger import DEFAULT_LEDGER_TTL
 from ._worker import DEFAULT_POLL_INTERVAL, PreforkDeliveryWarning, install
 
 install()
 
 __all__ = [
+    "DEFAULT_KILL_AFTER",
     "DEFAULT_LEDGER_TTL",
     "DEFAULT_POLL_INTERVAL",
     "BrokerUnavailableError",

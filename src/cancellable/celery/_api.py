@@ -77,6 +77,7 @@ def cancel(
     *,
     requested_by: str | None = None,
     app: Any = None,
+    grace: float | None = None,
 ) -> CancelReason:
     """Cancel Celery tasks, durably and with a reason.
 
@@ -96,13 +97,18 @@ def cancel(
         requested_by: Who is cancelling (a user, a service); stored with
             the reason.
         app: The Celery app; defaults to the result's app or the current app.
+        grace: Seconds a running ``@cancellable`` task may take to stop at a
+            checkpoint before it is interrupted, and later terminated (see
+            :doc:`/grace`).  None: the task's ``@cancellable(grace=)``, else
+            the app's ``cancellable_grace`` (default: cooperative only).
 
     Returns:
         The `~cancellable.CancelReason` that was recorded and sent.
 
     Raises:
-        TypeError: ``task_or_id`` or ``reason`` has the wrong type.
-        ValueError: An id is empty, or the reason message is too long.
+        TypeError: ``task_or_id``, ``reason`` or ``grace`` has the wrong type.
+        ValueError: An id is empty, the reason message is too long, or
+            ``grace`` is negative, NaN or infinite.
         BrokerUnavailableError: The broker cannot be reached; nothing was
             recorded or sent.
 
@@ -112,6 +118,7 @@ def cancel(
 
     .. versionadded:: 0.1.0
     """
+    grace_s = validate_seconds(grace, "grace")
     ids: list[str] = []
     apps: list[Any] = []
     _collect(task_or_id, ids, apps)
@@ -133,7 +140,7 @@ def cancel(
     with app.pool.acquire(block=True) as conn:
         _check_broker(conn, app)
         try:
-            _ledger.ledger_for(app).record(targets, cancel_reason)
+            _ledger.ledger_for(app).record(targets, cancel_reason, grace_s)
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
             warnings.warn(
@@ -149,6 +156,7 @@ def cancel(
                 "terminate": False,
                 "signal": "SIGTERM",
                 "cancellable": cancel_reason.to_dict(),
+                "cancellable_grace": grace_s,
             },
             connection=conn,
         )

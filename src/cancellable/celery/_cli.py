@@ -38,6 +38,13 @@ def _where(app: Any, task_ids: list[str], timeout: float) -> dict[str, str]:
 )
 @click.option("--by", "requested_by", cls=CeleryOption, default=None, help="Who is cancelling.")
 @click.option(
+    "--grace",
+    cls=CeleryOption,
+    type=float,
+    default=None,
+    help="Seconds to stop at a checkpoint before the task is interrupted, then terminated.",
+)
+@click.option(
     "--wait",
     cls=CeleryOption,
     type=float,
@@ -60,6 +67,7 @@ def cancel(
     task_ids: tuple[str, ...],
     reason: str | None,
     requested_by: str | None,
+    grace: float | None,
     wait: float,
     timeout: float,
     **kwargs: Any,
@@ -89,7 +97,7 @@ def cancel(
     to_cancel = [t for t in ids if before[t] not in states.READY_STATES]
     try:
         if to_cancel:
-            cancel_tasks(to_cancel, reason, requested_by=requested_by, app=app)
+            cancel_tasks(to_cancel, reason, requested_by=requested_by, app=app, grace=grace)
     except BrokerUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
     except (TypeError, ValueError) as exc:

@@ -106,6 +106,8 @@ class Entry:
     reason: CancelReason
     #: When the store recorded it (seconds since the epoch, the store's clock).
     recorded_at: float
+    #: The grace given to `~cancellable.celery.cancel` (None: not given).
+    grace: float | None = None
 
 
 class Ledger(Protocol):
@@ -116,8 +118,14 @@ class Ledger(Protocol):
 
     durable: bool
 
-    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
-        """Append one cancellation of ``targets``; raise `LedgerError` if the store is down."""
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
+        """Append one cancellation of ``targets``; raise `LedgerError` if the store is down.
+
+        ``grace`` (seconds, or None) is kept with it for the cancellation
+        ladder of workers that learn of it from the ledger.
+        """
 
     def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
         """Live entries recorded after ``cursor`` (None: all), and the cursor to pass next.
@@ -162,7 +170,9 @@ class NullLedger:
 
     durable = False
 
-    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
         """Do nothing."""
 
     def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
@@ -184,15 +194,19 @@ class RedisLedger:
         self._ttl_ms = max(1, int(ttl * 1000))
         self._last_trim = 0.0
 
-    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
         """One ``XADD`` per `CHUNK` targets, all in one round trip."""
         if not targets:
             return
         fields_reason = json.dumps(reason.to_dict())
+        extra = {} if grace is None else {"grace": repr(float(grace))}
         try:
             pipe = self._client.pipeline(transaction=False)
             for chunk in _chunks(targets):
-                pipe.xadd(self._key, {"reason": fields_reason, "targets": _encode_targets(chunk)})
+                fields = {"reason": fields_reason, "targets": _encode_targets(chunk), **extra}
+                pipe.xadd(self._key, fields)
             ids = pipe.execute()
         except Exception as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
@@ -242,9 +256,19 @@ class RedisLedger:
         try:
             reason = CancelReason.from_dict(json.loads(values["reason"]))
             targets = _decode_targets(values["targets"])
+            grace = _grace(values.get("grace"))
         except (AttributeError, KeyError, TypeError, ValueError):
             return None  # not ours, or damaged: skip it rather than stop reading
-        return Entry(targets, reason, recorded_ms / 1000.0)
+        return Entry(targets, reason, recorded_ms / 1000.0, grace)
+
+
+def _grace(value: object) -> float | None:
+    # A recorded grace; anything unreadable counts as none given.
+    try:
+        grace = None if value is None else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return grace if grace is not None and 0 <= grace < float("inf") else None
 
 
 def _text(value: bytes | str) -> str:
@@ -305,14 +329,22 @@ class FileLedger:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.Lock()
 
-    def record(self, targets: Sequence[Target], reason: CancelReason) -> None:
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
         """Append one line per `CHUNK` targets."""
         if not targets:
             return
         now = time.time()
+        extra = {} if grace is None else {"grace": float(grace)}
         lines = b"".join(
             json.dumps(
-                {"at": now, "reason": reason.to_dict(), "targets": [list(t) for t in chunk]}
+                {
+                    "at": now,
+                    "reason": reason.to_dict(),
+                    "targets": [list(t) for t in chunk],
+                    **extra,
+                }
             ).encode()
             + b"\n"
             for chunk in _chunks(targets)
@@ -382,11 +414,12 @@ class FileLedger:
                 for kind, target_id in data["targets"]
                 if kind in _KINDS and isinstance(target_id, str)
             )
+            grace = _grace(data.get("grace"))
         except (AttributeError, KeyError, TypeError, ValueError):
             return None
         if now - recorded_at > self._ttl:
             return None
-        return Entry(targets, reason, recorded_at)
+        return Entry(targets, reason, recorded_at, grace)
 
 
 _cache: dict[tuple[int, str], Ledger] = {}

@@ -6,8 +6,10 @@ that the main process creates at ``worker_init``, before the pool forks, so
 every child maps the same pages.
 
 Layout: a key table (`KEY_SIZE` bytes per slot: the task id, NUL-padded),
-an acknowledgement table (one byte per slot), then the slots themselves
-(``[u32 length][JSON: id, reason, delivered_at]``).
+an acknowledgement table (one byte per slot), a step table (one byte per
+slot: `COOPERATIVE` or `INTERRUPT`, the ladder step the main process asks
+for), then the slots themselves (``[u32 length][JSON: id, reason,
+delivered_at]``).
 
 Invariants:
 
@@ -24,6 +26,11 @@ Invariants:
   reads the slot and checks the id inside it, so a slot caught mid-rewrite
   is skipped, never misread; the writer keeps delivering until the child
   acknowledges.
+* **Steps only go up.**  A slot starts `COOPERATIVE` (cancel the scope at
+  the next checkpoint); once its grace is over, the main process sets it to
+  `INTERRUPT` (raise in the task's thread from the signal handler, see
+  `cancellable.celery._interrupt`) and keeps signalling.  A new slot is
+  written `COOPERATIVE` before its key is published.
 * **Acknowledged by the reader.**  A child that has acted on a slot (it
   cancelled the running task's scope, or skipped a task at start) sets the
   slot's acknowledgement byte; the main process stops waking the child.
@@ -42,7 +49,7 @@ from typing import Final
 
 from .._exceptions import CancelReason
 
-__all__ = ["MAX_SLOTS", "MIN_SLOTS", "Mailbox"]
+__all__ = ["COOPERATIVE", "INTERRUPT", "MAX_SLOTS", "MIN_SLOTS", "Mailbox", "key_of"]
 
 #: Bytes per key: a 36-character UUID and its NUL; longer ids are hashed.
 KEY_SIZE: Final = 40
@@ -50,9 +57,13 @@ SLOT_SIZE: Final = 8192
 MIN_SLOTS: Final = 64
 MAX_SLOTS: Final = 4096
 _SLOT_HEAD: Final = struct.Struct("<I")
+#: Ladder steps a slot can ask for (its byte in the step table).
+COOPERATIVE: Final = 0
+INTERRUPT: Final = 1
 
 
-def _key(task_id: str) -> bytes:
+def key_of(task_id: str) -> bytes:
+    """The fixed-size key of a task id (shared with `cancellable.celery._childtable`)."""
     raw = task_id.encode()
     if len(raw) >= KEY_SIZE:
         raw = b"#" + hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
@@ -74,7 +85,8 @@ class Mailbox:
     def __init__(self, slots: int) -> None:
         self.slots = max(MIN_SLOTS, min(MAX_SLOTS, slots))
         self._acks_at = self.slots * KEY_SIZE
-        self._slots_at = self._acks_at + self.slots
+        self._steps_at = self._acks_at + self.slots
+        self._slots_at = self._steps_at + self.slots
         self._map = mmap.mmap(-1, self._slots_at + self.slots * SLOT_SIZE)
         self._free = list(range(self.slots - 1, -1, -1))
         self._lock = threading.Lock()
@@ -94,7 +106,7 @@ class Mailbox:
         if len(payload) > SLOT_SIZE - _SLOT_HEAD.size:
             # Only a long non-ASCII message can do this: keep the id, trim the text.
             payload = encode(dataclasses.replace(reason, message=reason.message[:500]))
-        key = _key(task_id)
+        key = key_of(task_id)
         with self._lock:
             if not self._free:
                 return None
@@ -106,6 +118,7 @@ class Mailbox:
             start = slot_at + _SLOT_HEAD.size
             self._map[start : start + len(payload)] = payload
             self._map[self._acks_at + slot] = 0
+            self._map[self._steps_at + slot] = COOPERATIVE
             self._map[key_at : key_at + KEY_SIZE] = key
         return slot
 
@@ -120,6 +133,10 @@ class Mailbox:
         """Whether a child has acted on ``slot``."""
         return bool(self._map[self._acks_at + slot])
 
+    def escalate(self, slot: int) -> None:
+        """Ask the child to interrupt the slot's task (its grace is over)."""
+        self._map[self._steps_at + slot] = INTERRUPT
+
     @property
     def free(self) -> int:
         """Slots not in use."""
@@ -131,7 +148,7 @@ class Mailbox:
         """Slots that name one of ``task_ids``."""
         found: dict[str, Found] = {}
         for task_id in task_ids:
-            key = _key(task_id)
+            key = key_of(task_id)
             at = self._map.find(key, 0, self._acks_at)
             while at != -1:
                 slot, misaligned = divmod(at, KEY_SIZE)
@@ -156,6 +173,10 @@ class Mailbox:
         except (ValueError, KeyError, TypeError):
             pass  # being rewritten right now: the writer keeps delivering
         return None
+
+    def step(self, slot: int) -> int:
+        """The ladder step the main process asks of ``slot``'s task."""
+        return self._map[self._steps_at + slot]
 
     def acknowledge(self, slot: int) -> None:
         """Tell the main process this child has acted on ``slot``."""

@@ -30,6 +30,20 @@ class RunningTask:
     started_at: float = field(default_factory=time.time)
     #: When the cancellation reached this process (seconds since the epoch).
     delivered_at: float | None = None
+    #: The thread running the task (`threading.get_ident`).
+    thread: int = field(default_factory=threading.get_ident)
+    #: The task's own ``@cancellable(grace=...)`` (``"default"``: the app's).
+    grace: float | str | None = "default"
+    #: True while the task's body runs: the only time it may be interrupted
+    #: (see `cancellable.celery._interrupt`).  Written by the task's thread
+    #: under ``window_lock``.
+    interruptible: bool = False
+    window_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: In-process pools: the interrupt the worker asked for (None: none yet).
+    interrupt_reason: CancelReason | None = None
+    #: How the task was ended, for its REVOKED message ("interrupted after
+    #: 1.0 s"); None: it stopped at a checkpoint.
+    ended_by: str | None = None
 
     def revoked(self) -> bool:
         """``request.revoked()``: has this task been cancelled?"""

@@ -47,7 +47,7 @@ from .._exceptions import Cancelled, CancelReason
 from .._log import logger
 from .._scope import _reason_fields
 from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
-from . import _delivery, _index, _registry, _wakeup
+from . import _delivery, _index, _interrupt, _ladder, _registry, _wakeup
 
 __all__ = ["claim"]
 
@@ -68,19 +68,24 @@ def claim() -> Callable[..., Any] | None:
     return functools.partial(_run_task, task, request)
 
 
-def mark_revoked(backend: Any, task_id: str, reason: CancelReason, **options: Any) -> None:
+def mark_revoked(
+    backend: Any, task_id: str, reason: CancelReason, how: str | None = None, **options: Any
+) -> None:
     """Store REVOKED with a `TaskRevokedError` that describes ``reason``.
 
     Celery's own message for a revoke is "revoked"; ours starts the same way
-    and adds who and why: "revoked by alice: user pressed stop".
+    and adds who and why: "revoked by alice: user pressed stop", and how it
+    ended when the ladder went past the cooperative step ("... (interrupted
+    after 1.0 s)").
     """
-    backend.mark_as_revoked(task_id, reason=reason.describe(), **options)
+    text = reason.describe() if how is None else f"{reason.describe()} ({how})"
+    backend.mark_as_revoked(task_id, reason=text, **options)
 
 
-def _store_revoked(task: Any, request: Any, reason: CancelReason) -> None:
+def _store_revoked(task: Any, request: Any, reason: CancelReason, how: str | None = None) -> None:
     store = not request.ignore_result or task.store_errors_even_if_ignored
     try:
-        mark_revoked(task.backend, request.id, reason, request=request, store_result=store)
+        mark_revoked(task.backend, request.id, reason, how, request=request, store_result=store)
     except Exception as exc:  # noqa: BLE001 - the task must still end cleanly
         logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
 
@@ -109,7 +114,13 @@ def _run_task(
     scope._log_fields = {"task_id": task_id, "task_name": task.name}
     _id, group_id, root_id = _index.request_targets(request)
     entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
+    entry.grace = options.grace
     _registry.register(entry)
+    # Prefork: say "this child runs task_id" before the body can start (the
+    # terminate step kills a stopped child only if it still says so).
+    table = _ladder.child_table()
+    if table is not None:
+        table.publish(task_id)
     _wakeup.ensure_installed()
     # The tutorial idiom `current_task.request.revoked()` (Context has no
     # such method in Celery itself).
@@ -126,7 +137,8 @@ def _run_task(
             )
             _end(request, reason)
         try:
-            return run_in_scope(wrapped, args, kwargs, options, scope)
+            body = _interruptible(wrapped, entry, options)
+            return run_in_scope(body, args, kwargs, options, scope)
         except Cancelled as exc:
             # Ours, or one that a nested scope let through (a @cancellable
             # helper's timeout): either way the task was cancelled, and a
@@ -143,6 +155,30 @@ def _run_task(
             _end(request, reason)
     finally:
         _registry.unregister(entry)
+        if table is not None:
+            table.clear()
+
+
+def _interruptible(
+    wrapped: Callable[..., Any], entry: _registry.RunningTask, options: CallOptions
+) -> Callable[..., Any]:
+    # The task's body, with the window in which the interrupt step may
+    # raise in its thread (see _interrupt).  An async body is cancelled the
+    # asyncio way instead: its window stays closed.
+    if options.is_async:
+        return wrapped
+
+    def body(*args: Any, **kwargs: Any) -> Any:
+        _interrupt.open_window(entry)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            _interrupt.close_window(entry)
+
+    # What a swallowed-cancellation warning names (functools.wraps costs
+    # a microsecond per task for attributes nobody reads here).
+    body.__qualname__ = getattr(wrapped, "__qualname__", body.__qualname__)
+    return body
 
 
 def _end(request: Any, reason: CancelReason) -> NoReturn:
@@ -161,7 +197,7 @@ def _finish_cancelled(
     task: Any, request: Any, entry: _registry.RunningTask, exc: Cancelled
 ) -> None:
     reason = entry.scope.cancel_reason or exc.reason
-    _store_revoked(task, request, reason)
+    _store_revoked(task, request, reason, entry.ended_by)
     done = time.time()
 
     def since_request(moment: float | None) -> float | None:
@@ -179,6 +215,7 @@ def _finish_cancelled(
         observed_ms=since_request(observed_at),
         cleanup_done_ms=since_request(done),
         hook_errors=len(exc.hook_errors),
+        ended_by="checkpoint" if entry.ended_by is None else "interrupt",
     )
     signals.task_revoked.send(
         sender=task,

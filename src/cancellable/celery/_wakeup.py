@@ -4,7 +4,13 @@ The main process sends the child a signal (``SIGURG`` by default) after
 writing a mailbox slot for a task the child holds.  The handler does the
 least a signal handler may: it asks the core to run the mailbox check at the
 next checkpoint (`cancellable._scope.request_slow_path` takes no lock and
-does no I/O), once, however many signals arrive before that checkpoint.
+does no I/O), once, however many signals arrive before that checkpoint;
+wakes any `cancellable.sleep` or `cancellable.wait` in progress so that
+checkpoint happens now (`cancellable._sleep.wake_sleepers`, lock-free too);
+and, last, calls the interrupt check, which raises `Cancelled` right in the
+handler if the task's grace is over (`cancellable.celery._interrupt`).  The
+solo pool installs the same handler in the worker's own process, whose main
+thread runs the tasks.
 
 Why ``SIGURG``: its default action is to do nothing, so a child that has not
 installed the handler yet (or a process that is not a pool child at all) is
@@ -25,12 +31,14 @@ import signal
 import threading
 from collections.abc import Callable
 
-from .. import _scope
+from .. import _scope, _sleep
 
-__all__ = ["available", "install", "set_signal", "signum", "wake"]
+__all__ = ["available", "install", "installed_here", "set_signal", "signum", "wake"]
 
 _signum: int | None = getattr(signal, "SIGURG", None)
 _callback: Callable[[], object] | None = None
+#: Called last in the handler; may raise (the interrupt step).
+_interrupt: Callable[[], None] | None = None
 #: Whether a mailbox check is already queued; the signal handler's one bit
 #: of state (a plain bool: set in the handler, cleared by the check).
 _queued = False
@@ -66,14 +74,27 @@ def _on_signal(number: int, frame: object) -> None:
     if not _queued:
         _queued = True
         _scope.request_slow_path(_run_callback)
+    _sleep.wake_sleepers()
+    if _interrupt is not None:
+        _interrupt()
 
 
-def install(callback: Callable[[], object]) -> None:
-    """Install the handler in this process (a pool child); ``callback`` checks the mailbox."""
-    global _callback
+def install(callback: Callable[[], object], interrupt: Callable[[], None] | None = None) -> None:
+    """Install the handler in this process (a pool child, or a solo worker).
+
+    ``callback`` checks the mailbox at the next checkpoint; ``interrupt``,
+    called in the handler itself, raises `Cancelled` when asked to.
+    """
+    global _callback, _interrupt
     _callback = callback
+    _interrupt = interrupt
     if _signum is not None:
         signal.signal(_signum, _on_signal)
+
+
+def installed_here() -> bool:
+    """Whether the handler is installed in this process."""
+    return _signum is not None and signal.getsignal(_signum) is _on_signal
 
 
 _checked_pid = 0

@@ -58,7 +58,7 @@ from ..events import (
     LEDGER_UNAVAILABLE,
     PREFORK_UNAVAILABLE,
 )
-from . import _api, _delivery, _index, _ledger, _registry, _task, _wakeup
+from . import _api, _delivery, _index, _interrupt, _ladder, _ledger, _registry, _task, _wakeup
 from ._ledger import Target
 
 __all__ = ["DEFAULT_POLL_INTERVAL", "install"]
@@ -96,8 +96,24 @@ def _reason_from(payload: Any) -> CancelReason | None:
     return None
 
 
-def deliver_targets(targets: Iterable[Target]) -> int:
-    """Deliver newly indexed targets to the tasks this worker holds; return how many."""
+def _grace_from(payload: Any) -> float | None:
+    """The grace `cancel()` sent along with a revoke (None: not given, or invalid)."""
+    if isinstance(payload, (int, float)) and not isinstance(payload, bool) and payload >= 0:
+        return float(payload)
+    return None
+
+
+def deliver_targets(
+    targets: Iterable[Target],
+    grace: float | None = None,
+    graces: dict[str, float] | None = None,
+) -> int:
+    """Deliver newly indexed targets to the tasks this worker holds; return how many.
+
+    Each task reached is also put on the cancellation ladder
+    (`cancellable.celery._ladder`), with ``grace`` if given (a broadcast),
+    or its own entry of ``graces`` (ledger entries, by task id).
+    """
     task_ids: list[str] = []
     wide = False
     for kind, target_id in targets:
@@ -119,15 +135,24 @@ def deliver_targets(targets: Iterable[Target]) -> int:
             reason = _index.index.match(task_id)
         if reason is not None and _delivery.deliver(task_id, reason) != "none":
             delivered += 1
+            name = getattr(request, "name", None) or getattr(request, "task_name", None)
+            given = grace if graces is None else graces.get(task_id, grace)
+            _ladder.start(task_id, reason, name, given)
     return delivered
 
 
-def _on_revoke(state: Any, task_ids: list[str], reason: CancelReason, from_cancel: bool) -> None:
+def _on_revoke(
+    state: Any,
+    task_ids: list[str],
+    reason: CancelReason,
+    from_cancel: bool,
+    grace: float | None = None,
+) -> None:
     targets: list[Target] = [("task", task_id) for task_id in task_ids]
     _index.index.add(targets, reason)
     # Deliver every id this worker holds, even one indexed before: a second
     # revoke of a running task must not be a no-op if the first was missed.
-    deliver_targets(targets)
+    deliver_targets(targets, grace)
     if not from_cancel:
         # A plain revoke: make it durable too (cancel() wrote the ledger itself).
         app = getattr(state, "app", None) or _current_app()
@@ -155,7 +180,11 @@ def _wrap_revoke() -> None:
         if not terminate:
             try:
                 _on_revoke(
-                    state, task_ids, given or CancelReason(source="revoked"), given is not None
+                    state,
+                    task_ids,
+                    given or CancelReason(source="revoked"),
+                    given is not None,
+                    _grace_from(kwargs.get("cancellable_grace")),
                 )
             except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
                 logger.error(
@@ -190,7 +219,10 @@ def _patch_request() -> None:
     def announce_revoked(
         self: Any, reason: str, terminated: bool, signum: Any, expired: bool
     ) -> Any:
-        if reason == "revoked" and not terminated and not expired:
+        if reason == "terminated" and terminated:
+            # The ladder's last step: say why and after how long.
+            reason = _ladder.ending_of(self.id) or reason
+        elif reason == "revoked" and not terminated and not expired:
             recorded = _index.index.match_request(self)
             if recorded is not None:
                 reason = recorded.describe()
@@ -241,6 +273,7 @@ class _Poller:
             try:
                 with _tick_lock:
                     _delivery.tick()
+                    _ladder.tick()
                 now = time.monotonic()
                 if now >= next_sync:
                     next_sync = now + self.interval
@@ -268,7 +301,14 @@ class _Poller:
             added = _index.index.add_entries(entries)
             _index.index.cursor = cursor
             if added:
-                deliver_targets(added)
+                graces = {
+                    target_id: entry.grace
+                    for entry in entries
+                    if entry.grace is not None
+                    for kind, target_id in entry.targets
+                    if kind == "task"
+                }
+                deliver_targets(added, graces=graces)
 
 
 _poller: _Poller | None = None
@@ -307,6 +347,12 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
         _delivery.create_mailbox(_mailbox_slots(sender, app))
+        kind = _pool_kind(sender)
+        _ladder.configure_worker(app, sender, kind)
+        if kind == "solo" and _wakeup.available():
+            # The solo pool runs tasks on this process's main thread: the
+            # interrupt step signals this very process.
+            _wakeup.install(_no_mailbox, _interrupt.raise_if_asked)
         if _is_prefork(sender):
             if not _wakeup.available():
                 _warn_prefork("this platform has no SIGURG to wake pool children")
@@ -353,9 +399,21 @@ class _PollerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
 
 
 def _is_prefork(sender: Any) -> bool:
+    return _pool_kind(sender) == "prefork"
+
+
+def _pool_kind(sender: Any) -> str:
+    """``"prefork"``, ``"threads"``, ``"solo"``, ``"gevent"``, ``"eventlet"`` or ``""``."""
     pool = getattr(sender, "pool_cls", None)
-    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    return "prefork" in str(name)
+    name = str(pool if isinstance(pool, str) else getattr(pool, "__module__", ""))
+    for kind in ("prefork", "threads", "solo", "gevent", "eventlet"):
+        if kind in name or (kind == "threads" and "thread" in name):
+            return kind
+    return ""
+
+
+def _no_mailbox() -> None:
+    """A solo worker has no mailbox to read after a wake-up signal."""
 
 
 _warned_prefork = False
@@ -381,7 +439,15 @@ def _on_worker_process_init(**kwargs: Any) -> None:
         # started it with the spawn (or forkserver) start method.
         _warn_prefork("the pool does not fork its children (spawn start method)")
         return
-    _wakeup.install(_delivery.check_mailbox)
+    _wakeup.install(_delivery.check_mailbox, _interrupt.raise_if_asked)
+    _ladder.child_started()
+    table = _ladder.child_table()
+    if table is not None and table.owner == os.getppid():
+        from billiard.process import current_process
+
+        index = getattr(current_process(), "index", None)
+        if isinstance(index, int):
+            table.claim(index)
 
 
 def _before_fork() -> None:

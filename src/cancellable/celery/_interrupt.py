@@ -1,0 +1,230 @@
+"""The interrupt step: raising `Cancelled` in a task's own thread.
+
+Once a cancelled task's grace is over, the worker raises `Cancelled` in
+the thread that runs it, wherever that thread is, so ``finally`` blocks and
+cleanup hooks still run.  Two ways in, depending on the thread:
+
+The main thread of its process (prefork children, the solo pool)
+    A Python signal handler runs on the main thread between two bytecodes,
+    and a blocking call interrupted by the signal (``time.sleep``, a socket
+    read, ``Event.wait``, ``select``...) runs the handler before it resumes.
+    So the wake-up signal's handler (`cancellable.celery._wakeup`) calls
+    `raise_if_asked`, which raises `Cancelled` right there, breaking the
+    blocking call.  In a prefork child the main process asks through the
+    task's mailbox slot (step `~cancellable.celery._mailbox.INTERRUPT`); in
+    the solo pool the worker's poller thread sets ``interrupt_reason`` on the
+    task's registry entry and signals its own process.
+
+Any other thread (the threads pool)
+    ``PyThreadState_SetAsyncExc`` makes the thread raise at its next
+    bytecode boundary (`interrupt_thread`).  It cannot break a blocking call
+    or a C call: it lands when the call returns.
+
+When it may land (both ways):
+
+* only while the task's *body* runs (``entry.interruptible``, set and
+  cleared by the task boundary under ``entry.window_lock``), and only in the
+  thread that runs that task: a signal or request that arrives after the
+  task ended, or while the thread already runs the next task, finds no
+  match and does nothing;
+* never while the core holds its lock (`cancellable._scope._lock`), so it
+  cannot cut a scope's bookkeeping in half; never inside a shield (cleanup
+  hooks run inside one; a task's own shields are respected too).  The
+  signal handler checks that on the spot and otherwise does nothing: the
+  main process signals again at its next tick (0.1 s), so the interrupt is
+  deferred, not lost.  For another thread, the caller takes the core lock
+  itself (without waiting) and holds it until the exception has landed, or
+  for at most `LAND_WAIT` seconds, after which it withdraws the pending
+  exception (``PyThreadState_SetAsyncExc(thread, NULL)``) and retries
+  later.
+
+The task boundary then ends the task as for any cancellation (REVOKED with
+the reason, hooks run), adding how it ended: "interrupted after 1.0 s".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from typing import Final
+
+from .. import _scope
+from .._exceptions import Cancelled, CancelReason
+from . import _delivery, _registry, _wakeup
+from ._mailbox import INTERRUPT
+
+__all__ = [
+    "LAND_WAIT",
+    "close_window",
+    "interrupt_in_process",
+    "open_window",
+    "raise_if_asked",
+    "thread_interrupt_available",
+]
+
+#: Seconds `interrupt_thread` waits for an asynchronous exception to land.
+LAND_WAIT: Final = 0.01
+
+
+def open_window(entry: _registry.RunningTask) -> None:
+    """The task's body starts: it may be interrupted from now on."""
+    with entry.window_lock:
+        entry.interruptible = True
+
+
+def close_window(entry: _registry.RunningTask) -> None:
+    """The task's body is over: no interrupt may land from now on.
+
+    Also withdraws an asynchronous exception that was set but has not
+    landed yet (it could only land in the boundary code that follows).
+    """
+    with entry.window_lock:
+        entry.interruptible = False
+        if _landing.get(entry.thread) is entry:
+            _set_async_exc(entry.thread, None)
+            _landing.pop(entry.thread, None)
+
+
+def _ending(delivered_at: float | None) -> str:
+    if delivered_at is None:
+        return "interrupted"
+    return f"interrupted after {max(0.0, time.time() - delivered_at):.1f} s"
+
+
+def _safe_here(entry: _registry.RunningTask) -> bool:
+    # On the task's own thread (a signal handler on the main thread).
+    if not entry.interruptible or entry.thread != threading.get_ident():
+        return False
+    if entry.window_lock.locked():
+        return False  # the boundary is opening or closing the window
+    if _scope._lock._is_owned():  # type: ignore[attr-defined]  # RLock has it
+        return False
+    innermost = getattr(_scope._local, "innermost", None)
+    return innermost is None or not innermost._shield
+
+
+def raise_if_asked() -> None:
+    """Raise `Cancelled` here if the worker asked to interrupt the task of this thread.
+
+    Called from the wake-up signal handler, so on the main thread, between
+    two bytecodes of whatever it runs: it takes no lock and does no I/O
+    (a look at the mailbox is a read of shared memory).  It raises only for
+    the task that runs on this thread now, only if the mailbox slot or the
+    registry entry of *that* task asks for an interrupt, and only at a safe
+    moment (see the module docstring); otherwise it returns and the next
+    signal tries again.
+    """
+    me = threading.get_ident()
+    for entry in tuple(_registry._running.values()):
+        if entry.thread != me:
+            continue
+        reason = entry.interrupt_reason
+        delivered_at = entry.delivered_at
+        if reason is None:
+            box = _delivery.mailbox()
+            if box is None:
+                continue
+            found = box.find({entry.task_id}).get(entry.task_id)
+            if found is None or box.step(found.slot) != INTERRUPT:
+                continue
+            reason, delivered_at = found.reason, found.delivered_at
+        if not _safe_here(entry):
+            continue
+        entry.ended_by = _ending(delivered_at)
+        # The cooperative path (check_mailbox) is queued too, so the scope
+        # becomes cancelled at the next checkpoint: cancellation stays sticky.
+        raise Cancelled(reason)
+
+
+# --------------------------------------------------------------------------
+# Other threads: an asynchronous exception.
+
+#: Thread id -> the entry whose interrupt was set for it and has not landed.
+_landing: dict[int, _registry.RunningTask] = {}
+
+
+class _Interrupted(Cancelled):
+    """What `interrupt_thread` raises in a pool thread (a `Cancelled`).
+
+    CPython raises an asynchronous exception by calling its class with no
+    arguments, in the target thread, where it lands: so the constructor is
+    where we learn that it landed, and where it finds its reason.
+    """
+
+    def __init__(self, reason: CancelReason | None = None) -> None:
+        entry = _landing.pop(threading.get_ident(), None)
+        if reason is None and entry is not None:
+            reason = entry.interrupt_reason or entry.scope.cancel_reason
+        super().__init__(reason)
+        if entry is not None:
+            entry.ended_by = _ending(entry.delivered_at)
+            _landed.set()
+
+
+_landed = threading.Event()
+
+
+def thread_interrupt_available() -> bool:
+    """Whether this interpreter can raise in another thread (CPython)."""
+    return hasattr(ctypes, "pythonapi") and hasattr(ctypes.pythonapi, "PyThreadState_SetAsyncExc")
+
+
+def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
+    # exc None withdraws a pending exception: the C function wants NULL,
+    # which an empty py_object passes (a bare None would pass Py_None).
+    if not thread_interrupt_available():
+        return 0
+    function = ctypes.pythonapi.PyThreadState_SetAsyncExc
+    function.argtypes = (ctypes.c_ulong, ctypes.py_object)
+    function.restype = ctypes.c_int
+    arg = ctypes.py_object() if exc is None else ctypes.py_object(exc)
+    return int(function(thread, arg))
+
+
+def interrupt_thread(entry: _registry.RunningTask) -> bool:
+    """Raise `Cancelled` in the (non-main) thread running ``entry``; True if it landed.
+
+    Called by the worker's poller thread.  Lands only inside the task's
+    body and outside the core's lock (held here while we wait).
+    """
+    with entry.window_lock:
+        if not entry.interruptible or _registry.running(entry.task_id) is not entry:
+            return False
+        if not _scope._lock.acquire(blocking=False):
+            return False  # a thread is inside the core: try at the next tick
+        try:
+            stack = entry.scope._stack or []
+            shielded = any(scope._shield for scope in stack[entry.scope._depth + 1 :])
+            if shielded:
+                return False
+            _landed.clear()
+            _landing[entry.thread] = entry
+            if _set_async_exc(entry.thread, _Interrupted) != 1:
+                _landing.pop(entry.thread, None)
+                return False
+            if _landed.wait(LAND_WAIT):
+                return True
+            # Not landed (a blocking or C call): withdraw it, so it cannot
+            # land later, somewhere unsafe.
+            _set_async_exc(entry.thread, None)
+            _landing.pop(entry.thread, None)
+            return _landed.is_set()
+        finally:
+            _scope._lock.release()
+
+
+def interrupt_in_process(entry: _registry.RunningTask, reason: CancelReason) -> bool:
+    """Interrupt a task running in this process (threads and solo pools).
+
+    On the main thread (solo) it asks through the registry entry and sends
+    this process the wake-up signal; on another thread it raises an
+    asynchronous exception.  Returns whether an attempt was made.
+    """
+    entry.interrupt_reason = reason
+    if entry.thread == threading.main_thread().ident:
+        if _wakeup.signum() is None or not _wakeup.installed_here():
+            return False
+        return _wakeup.wake(os.getpid())
+    return interrupt_thread(entry)

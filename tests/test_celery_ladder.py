@@ -1,0 +1,232 @@
+"""The race-free core of the ladder's terminate step, on real forked processes.
+
+`cancellable.celery._ladder.stop_check_kill` stops a process, reads its row
+in the shared `ChildTable` and kills it only if the row names the task.
+Here the "child" flips its row between task ids as fast as it can, the
+worst case for a check-then-kill; every kill must have found the victim's
+id in the row, frozen, and every process that was spared must run on.
+"""
+
+# style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+
+from cancellable import CancelReason
+from cancellable.celery import _ladder
+from cancellable.celery._childtable import ROW_SIZE, ChildTable
+from cancellable.celery._mailbox import KEY_SIZE, key_of
+from cancellable.events import CANCEL_NOT_ESCALATED
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+
+
+def row_key(table: ChildTable, row: int) -> bytes:
+    """The key bytes in ``row`` of ``table``, as the main process would read them."""
+    at = row * ROW_SIZE + 4
+    return bytes(table._map[at : at + KEY_SIZE])
+
+
+def flipping_child(table: ChildTable) -> int:
+    """Fork a process that publishes task-0, clears, publishes task-1, ... forever."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            table.claim(0)
+            n = 0
+            while True:
+                table.publish(f"task-{n % 7}")
+                table.clear()
+                n += 1
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 5
+    while not table.knows(pid):
+        assert time.monotonic() < deadline, "the child never claimed its row"
+        time.sleep(0.001)
+    return pid
+
+
+def reap(pid: int) -> int:
+    """Wait for ``pid`` to exit; return the signal that ended it (0 if none)."""
+    _pid, status = os.waitpid(pid, 0)
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+class TestStopCheckKill:
+    """`stop_check_kill` against a process that races it on purpose."""
+
+    def test_kills_only_a_process_that_still_runs_the_task(self) -> None:
+        """300 tries on flipping children: each kill froze the victim's id; the rest ran on."""
+        table = ChildTable()
+        pid = flipping_child(table)
+        outcomes: dict[str, int] = {}
+        try:
+            for attempt in range(300):
+                victim = f"task-{attempt % 7}"
+                outcome = _ladder.stop_check_kill(table, pid, victim)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                if outcome == "killed":
+                    assert signal.SIGKILL == reap(pid)
+                    # The row is as the child left it when it was killed.
+                    assert key_of(victim) == row_key(table, 0)
+                    pid = flipping_child(table)
+                else:
+                    assert "moved_on" == outcome
+                    before = row_key(table, 0)
+                    deadline = time.monotonic() + 2
+                    while row_key(table, 0) == before:  # it was continued: it runs on
+                        assert time.monotonic() < deadline, "a spared child did not run on"
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+
+        print(f"stop_check_kill outcomes: {outcomes}")
+        assert outcomes.get("killed", 0) >= 1, outcomes
+        assert outcomes.get("moved_on", 0) >= 1, outcomes
+
+    def test_a_process_between_tasks_is_continued(self) -> None:
+        """A row that names no task: the process is stopped, found idle, continued."""
+        table = ChildTable()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            table.claim(1)
+            time.sleep(30)
+            os._exit(0)
+        try:
+            deadline = time.monotonic() + 5
+            while not table.knows(pid):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+
+            assert "moved_on" == _ladder.stop_check_kill(table, pid, "task-x")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            state = stat.rsplit(")", 1)[1].split()[0]
+            assert state in ("S", "R")
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+
+    def test_a_gone_process_is_not_an_error(self) -> None:
+        """A pid that no longer exists: "moved_on", nothing raised."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os._exit(0)
+        reap(pid)
+
+        assert "moved_on" == _ladder.stop_check_kill(ChildTable(), pid, "task-x")
+
+
+def _make_app() -> Any:
+    """A real Celery app with two @cancellable tasks (made once: task names are global)."""
+    from celery import Celery
+
+    from cancellable import cancellable
+
+    app = Celery("ladder-unit", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+    @app.task(name="ladder-unit.graced")
+    @cancellable(grace=3.0)
+    def graced() -> None:
+        """A task with its own grace."""
+
+    @app.task(bind=True, name="ladder-unit.plain")
+    @cancellable
+    def plain(self: Any) -> None:
+        """A bound task without a grace of its own."""
+
+    return app
+
+
+_APP = _make_app()
+
+
+@pytest.fixture(name="app")
+def app_fixture() -> Any:
+    """The app, wired into the ladder as a threads worker's would be, settings reset."""
+    _APP.conf.cancellable_grace = None
+    _ladder.configure_worker(_APP, None, "threads")
+    yield _APP
+    _APP.conf.cancellable_grace = None
+    _ladder.configure_worker(_APP, None, "")
+    _ladder._app = None
+
+
+class TestSettings:
+    """Which grace applies: the call's, then the task's, then the app's."""
+
+    def test_the_calls_grace_wins(self, app: Any) -> None:
+        """A grace given to cancel() is used whatever the task and app say."""
+        app.conf.cancellable_grace = 9.0
+
+        assert 1.0 == _ladder._resolve_grace(1.0, _ladder._task_grace("ladder-unit.graced"))
+
+    def test_then_the_tasks_own(self, app: Any) -> None:
+        """``@cancellable(grace=3.0)`` is found through the app's task registry."""
+        app.conf.cancellable_grace = 9.0
+
+        assert 3.0 == _ladder._resolve_grace(None, _ladder._task_grace("ladder-unit.graced"))
+
+    def test_then_the_apps(self, app: Any) -> None:
+        """A task without a grace (bound task, wrapper in the registry) takes the app's."""
+        app.conf.cancellable_grace = 9.0
+
+        assert "default" == _ladder._task_grace("ladder-unit.plain")
+        assert 9.0 == _ladder._resolve_grace(None, _ladder._task_grace("ladder-unit.plain"))
+
+    def test_none_by_default(self, app: Any) -> None:
+        """No grace anywhere: cooperative only, the task is not put on the ladder."""
+        _ladder.start("id-1", CancelReason(), "ladder-unit.plain", None)
+
+        assert {} == _ladder.rungs()
+
+    def test_a_bad_setting_is_logged_not_raised(self, app: Any) -> None:
+        """``cancellable_grace = -1``: logged as not escalated, nothing raised."""
+        app.conf.cancellable_grace = -1
+        with structlog.testing.capture_logs() as logs:
+            _ladder.start("id-2", CancelReason(), "ladder-unit.plain", None)
+
+        assert {} == _ladder.rungs()
+        assert [CANCEL_NOT_ESCALATED] == [entry["event"] for entry in logs]
+
+    def test_a_task_this_worker_does_not_hold_leaves_the_ladder(self, app: Any) -> None:
+        """On the ladder, then neither held nor running here: the next tick drops it."""
+        _ladder.start("id-3", CancelReason(), "ladder-unit.graced", None)
+        assert ["id-3"] == list(_ladder.rungs())
+
+        _ladder.tick()
+
+        assert {} == _ladder.rungs()
+
+
+class TestStopped:
+    """How the terminate step tells that a child is stopped."""
+
+    def test_a_stopped_and_a_running_process(self) -> None:
+        """/proc says T for a stopped child, not for a running one; None once it is gone."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            time.sleep(30)
+            os._exit(0)
+        try:
+            running = _ladder._stopped(pid)
+            os.kill(pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 5
+            while not _ladder._stopped(pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            stopped = _ladder._stopped(pid)
+            by_waitid = _ladder._stopped_waitid(pid)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+
+        assert (False, True, True) == (running, stopped, by_waitid)
+        assert _ladder._stopped(pid) is None
