@@ -205,14 +205,15 @@ def _resolve_bare(app: Any, task_id: str, plan: _Plan) -> None:
     ``("root", id)`` always: workers cancel every task whose id or root id
     it is, or whose later work includes it.  The backend stores a task's
     parent id and group id once the task has a state; we climb the parent
-    ids to the workflow's first task and name it by root id (and its group,
-    if it was a member of a group).  A task with no stored state (still
-    queued, or not sent) tells us nothing more.
+    ids to the workflow's first task and name it by root id, and name every
+    group met on the way (a member of a top-level group has no parent).  A
+    task with no stored state (still queued, or not sent) tells us nothing
+    more.
     """
     plan.wide.append(("root", task_id))
     backend = app.backend
     current, seen = task_id, {task_id}
-    group_id = None
+    groups: list[str] = []
     for _ in range(_MAX_CLIMB):
         try:
             meta = backend.get_task_meta(current)
@@ -220,7 +221,9 @@ def _resolve_bare(app: Any, task_id: str, plan: _Plan) -> None:
             break
         if meta.get("status") != states.PENDING:
             plan.seen[current] = str(meta.get("status"))
-        group_id = meta.get("group_id") or None
+        group_id = meta.get("group_id")
+        if isinstance(group_id, str) and group_id:
+            groups.append(group_id)
         parent_id = meta.get("parent_id")
         if not isinstance(parent_id, str) or not parent_id or parent_id in seen:
             break
@@ -228,8 +231,7 @@ def _resolve_bare(app: Any, task_id: str, plan: _Plan) -> None:
         current = parent_id
     if current != task_id:
         plan.wide.append(("root", current))
-    if isinstance(group_id, str) and group_id:
-        plan.wide.append(("group", group_id))
+    plan.wide.extend(("group", group_id) for group_id in groups)
 
 
 def workflow_targets(
