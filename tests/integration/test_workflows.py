@@ -405,3 +405,94 @@ def test_without_the_option_a_failure_leaves_its_siblings_alone(make_worker, key
     assert "FAILURE" == wait_state(result.results[0], ("SUCCESS", "FAILURE", "REVOKED"), 30)
     for sibling in result.results[1:]:
         assert "SUCCESS" == wait_state(sibling, ("SUCCESS", "FAILURE", "REVOKED"), 30)
+
+
+# --------------------------------------------------------------------------
+# Durable: acks_late redeliveries of a cancelled group's members never run.
+
+
+@pytest.mark.parametrize("broker", BROKER_NAMES)
+def test_acks_late_members_of_a_cancelled_group_never_rerun(make_worker, keys: Keys, broker):
+    """A group of two ``acks_late`` members cancelled in a checkpoint-free section, kill -9.
+
+    Neither can stop, so both messages stay unacknowledged; the broker
+    redelivers them to a new worker, which finds the group target in the
+    ledger and discards both: each ran once, and both end REVOKED.
+    """
+    from cancellable.celery import cancel
+
+    from .test_crash import VISIBILITY_TIMEOUT, awaiting_redelivery, redelivered_and_settled
+
+    first = make_worker(broker=broker, visibility_timeout=VISIBILITY_TIMEOUT)
+    members = [si(first, "cit.blind_then_loop", keys.key(f"m{i}"), 30.0, 20.0) for i in range(2)]
+    result = group(members).apply_async()
+    wait_for(lambda: keys.flag("m0", "blind") and keys.flag("m1", "blind"), 20,
+             message="both members to enter their blind section")  # fmt: skip
+
+    cancel(result, reason="group stop before the crash")
+    first.barrier()
+    first.kill9()
+    for member in result.results:
+        wait_for(lambda m=member: awaiting_redelivery(first, m.id) or first.queue_length() == 2,
+                 15, message="the broker to hold the messages for redelivery")  # fmt: skip
+
+    second = make_worker(
+        broker=broker,
+        queue=first.queue,
+        control_exchange=first.control_exchange,
+        visibility_timeout=VISIBILITY_TIMEOUT,
+    )
+    for member in result.results:
+        assert_revoked(member, "group stop before the crash", timeout=VISIBILITY_TIMEOUT + 30)
+    wait_for(
+        lambda: all(redelivered_and_settled(second, m.id) for m in result.results),
+        VISIBILITY_TIMEOUT + 25,
+        interval=0.2,
+        message="the redeliveries to settle",
+    )
+    assert [1, 1] == [keys.runs("m0"), keys.runs("m1")], "a cancelled member ran again"
+
+
+# --------------------------------------------------------------------------
+# The command line.
+
+
+@pytest.mark.parametrize("broker", BROKER_NAMES)
+def test_cli_cancels_a_workflow_by_id_and_reports(make_worker, keys: Keys, broker):
+    """``celery cancel --workflow <last link id>`` while the first link runs.
+
+    It reports one running member that stopped and exits 0; the whole chain
+    ends REVOKED with the reason.  An id nothing knows is reported unknown
+    and makes the exit status 1.
+    """
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, worker_env
+
+    worker = make_worker(broker=broker)
+    result = chain(loop(worker, keys, "a"), loop(worker, keys, "b"), loop(worker, keys, "c"))()
+    wait_for(lambda: keys.flag("a", "looping"), 20, message="the first link to loop")
+    env = worker_env(
+        broker_url=worker.app.conf.broker_url,
+        queue=worker.queue,
+        control_exchange=worker.control_exchange,
+    )
+    unknown = str(uuid.uuid4())
+
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.app", "cancel", "--workflow",
+         result.id, unknown, "--reason", "from the shell", "--by", "ops"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+
+    assert 1 == done.returncode, done.stdout + done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert (
+        "workflow cancelled: 1 running (1 stopped), 0 queued (will not run), 0 finished"
+        == (lines[result.id])
+    )
+    assert lines[unknown].startswith("workflow unknown")
+    for link in (result.parent.parent, result.parent, result):
+        assert_revoked(link, "revoked by ops: from the shell")
+    assert_stopped(keys, "a")
