@@ -781,6 +781,48 @@ def profile(redis_url: str, seconds: float, batch: int) -> None:
         stats.sort_stats("tottime").print_stats(25)
 
 
+def plot_groups(results_json: Path, png: Path) -> None:
+    """Draw the ``bulk.group_*`` results of a results JSON as one PNG (four panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {r["name"]: r for r in json.loads(results_json.read_text())["results"]}
+    labels = {
+        "group": "cancel(group_result)",
+        "ids": "cancel(list_of_ids)",
+        "celery": "GroupResult.revoke()",
+    }
+    panels = (
+        ("client_ms", "client time of the call (ms)"),
+        ("broadcast_wire_bytes", "broadcast on the wire (bytes)"),
+        ("index_targets_added", "entries added to each worker's index"),
+        ("all_revoked_s", "until every member is REVOKED (s)"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    for ax, (suffix, title) in zip(axes.flat, panels, strict=True):
+        for how, label in labels.items():
+            sizes, values = [], []
+            for n in GROUP_SIZES["full"]:
+                record = records.get(f"bulk.group_{n}.{how}.{suffix}")
+                if record and not record.get("skipped"):
+                    sizes.append(n)
+                    values.append(max(record["median"], 0.5))
+            if sizes:
+                ax.plot(sizes, values, marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("members in the group")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Cancelling a queued group: one call, prefork worker, Redis", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run this part alone (``--mode``), or ``--profile`` the client."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
@@ -791,7 +833,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the profiled loop")
     parser.add_argument("--batch", type=int, default=1, help="ids per profiled cancel() call")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument(
+        "--plot",
+        nargs=2,
+        metavar=("RESULTS_JSON", "PNG"),
+        help="draw the bulk.group_* results of RESULTS_JSON into PNG, and run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.plot:
+        plot_groups(Path(args.plot[0]), Path(args.plot[1]))
+        return 0
     if args.profile:
         profile(args.redis_url, args.seconds, args.batch)
         return 0
