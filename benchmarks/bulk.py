@@ -790,9 +790,9 @@ def plot_groups(results_json: Path, png: Path) -> None:
 
     records = {r["name"]: r for r in json.loads(results_json.read_text())["results"]}
     labels = {
-        "group": "cancel(group_result)",
-        "ids": "cancel(list_of_ids)",
-        "celery": "GroupResult.revoke()",
+        "group": ("cancel(group_result)", "-", "o"),
+        "ids": ("cancel(list_of_ids)", "--", "s"),
+        "celery": ("GroupResult.revoke()", ":", "^"),
     }
     panels = (
         ("client_ms", "client time of the call (ms)"),
@@ -802,7 +802,7 @@ def plot_groups(results_json: Path, png: Path) -> None:
     )
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     for ax, (suffix, title) in zip(axes.flat, panels, strict=True):
-        for how, label in labels.items():
+        for how, (label, style, marker) in labels.items():
             sizes, values = [], []
             for n in GROUP_SIZES["full"]:
                 record = records.get(f"bulk.group_{n}.{how}.{suffix}")
@@ -810,7 +810,7 @@ def plot_groups(results_json: Path, png: Path) -> None:
                     sizes.append(n)
                     values.append(max(record["median"], 0.5))
             if sizes:
-                ax.plot(sizes, values, marker="o", label=label)
+                ax.plot(sizes, values, linestyle=style, marker=marker, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("members in the group")
