@@ -11,7 +11,9 @@ process that ran it records one ``group`` target in the ledger and
 broadcasts it, exactly as ``cancel(group_result)`` would: running
 ``@cancellable`` siblings stop at their next checkpoint, queued ones never
 run, and all of them end REVOKED with a reason that names the member that
-failed.  The failed member itself stays FAILURE.  A chord's header is a
+failed.  The failed member itself stays FAILURE.  The target also goes
+into the failing process's own index at once, so the next sibling that
+process picks up is skipped even if the broadcast is still on its way.  A chord's header is a
 group, so a failed header member also ends the chord: its body is REVOKED
 by the first sibling that ends cancelled (see `cancellable.celery._workflow`).
 """
@@ -25,6 +27,8 @@ from celery import signals
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_DELIVERY_FAILED, SIBLINGS_CANCELLED
+from . import _index
+from ._ledger import Target
 
 __all__ = ["OPTION", "SETTING", "install", "wants_fail_fast"]
 
@@ -60,8 +64,12 @@ def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, 
         source="revoked",
         message=f"group member {task_id} failed: {type(exception).__name__}: {exception}"[:500],
     )
+    target: list[Target] = [("group", group_id)]
+    # This process first: the sibling a prefork child (or a threads worker)
+    # picks up next must not start before the broadcast reaches the worker.
+    _index.index.add(target, reason)
     try:
-        _api.cancel_targets(task.app, [], [("group", group_id)], reason)
+        _api.cancel_targets(task.app, [], target, reason)
     except Exception as exc:  # noqa: BLE001 - a failing task must still end as FAILURE
         logger.error(CANCEL_DELIVERY_FAILED, task_id=task_id, group=group_id, error=repr(exc))
         return
