@@ -292,3 +292,87 @@ class TestFailFastOption:
 
         assert _failfast.wants_fail_fast(silent)
         assert not _failfast.wants_fail_fast(declined)
+
+
+class TestClientPlanGroups:
+    """Groups inside the held tree."""
+
+    def test_group_after_a_link_is_named_by_the_root_and_marked(
+        self, app: Celery, rdb: redis.Redis
+    ) -> None:
+        """chain(a, group(b, c)) held as its GroupResult: root a; b and c (unsent) REVOKED."""
+        result = chain(t(app, 1), group(t(app), t(app))).apply_async()
+        first = result.parent
+
+        cc.cancel(result, "after a", workflow=True)
+        entries, _ = _ledger.ledger_for(app).read(None)
+
+        assert [(("root", first.id),)] == [e.targets for e in entries]
+        for member in result.results:
+            assert "REVOKED" == app.AsyncResult(member.id).state
+        assert "PENDING" == app.AsyncResult(first.id).state
+
+    def test_nested_group_results_each_get_a_group_target(self, app: Celery) -> None:
+        """A GroupResult holding a GroupResult: both group ids, no member ids."""
+        inner = GroupResult("inner", [app.AsyncResult("i1"), app.AsyncResult("i2")], app=app)
+        outer = GroupResult("outer", [inner, app.AsyncResult("o1")], app=app)
+
+        cc.cancel(outer)
+        entries, _ = _ledger.ledger_for(app).read(None)
+
+        assert [(("group", "outer"), ("group", "inner"))] == [e.targets for e in entries]
+
+    def test_result_with_an_empty_id_is_refused(self, app: Celery) -> None:
+        """An AsyncResult whose id is blank is a ValueError, before anything is sent."""
+        with pytest.raises(ValueError, match="non-empty"):
+            cc.cancel(app.AsyncResult(" "), app=app)
+
+
+class TestFailFastSignal:
+    """What the ``task_failure`` receiver records (a real task, its real request stack)."""
+
+    def test_member_of_a_group_records_one_group_target(self, app: Celery) -> None:
+        """A failing opted-in member: one group target, in the ledger and this process's index."""
+
+        @app.task(name=f"{app.main}.member", cancel_siblings_on_failure=True)
+        def member() -> None:
+            """Opted in."""
+
+        member.push_request(id="m1", group="g1")
+        try:
+            _failfast._on_failure(sender=member, task_id="m1", exception=ValueError("bad"))
+        finally:
+            member.pop_request()
+        entries, _ = _ledger.ledger_for(app).read(None)
+
+        try:
+            assert [(("group", "g1"),)] == [e.targets for e in entries]
+            assert "revoked: group member m1 failed: ValueError: bad" == (
+                entries[0].reason.describe()
+            )
+            assert _index.index.has("group", "g1")
+        finally:
+            _index.index.clear()
+
+    def test_outside_a_group_or_not_opted_in_records_nothing(self, app: Celery) -> None:
+        """No group id, or no opt-in: nothing is recorded."""
+
+        @app.task(name=f"{app.main}.alone", cancel_siblings_on_failure=True)
+        def alone() -> None:
+            """Opted in, but not in a group."""
+
+        @app.task(name=f"{app.main}.plain")
+        def plain() -> None:
+            """Not opted in."""
+
+        alone.push_request(id="a1")
+        plain.push_request(id="p1", group="g2")
+        try:
+            _failfast._on_failure(sender=alone, task_id="a1", exception=ValueError("x"))
+            _failfast._on_failure(sender=plain, task_id="p1", exception=ValueError("x"))
+        finally:
+            alone.pop_request()
+            plain.pop_request()
+        entries, _ = _ledger.ledger_for(app).read(None)
+
+        assert [] == entries
