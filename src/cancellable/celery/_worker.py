@@ -23,6 +23,17 @@ its children, so ``worker_init`` creates the shared mailbox in time and
   discarded whenever one of its targets is live, whatever the size of
   Celery's revoked set; and Celery's discard stores the recorded reason
   instead of a bare "revoked".
+* **Workflows.**  ``cancel()`` can also send ``group`` and ``root`` targets
+  (under the extra argument ``cancellable_targets``); they are indexed and
+  delivered to every held task they match.  A ``root`` target also matches a
+  task that would send its id later (`cancellable.celery._workflow`); when
+  one does, the worker records the task's real root id as well
+  (`promote_workflow`), so the rest of that workflow matches by root id
+  everywhere.  A task discarded for a cancellation we know stores its
+  reason, does not report to its chord, and its unsent parts (rest of the
+  chain, links, chord body) are stored REVOKED.  The read-only control
+  command ``cancellable_members`` lists the held tasks some targets name
+  (for ``celery cancel --workflow``).
 * **Poller**, one thread per running worker, started at ``worker_init`` and
   stopped at ``worker_shutdown``: every 0.1 s it advances the forwards to
   prefork children (`_delivery.tick`); every ``cancellable_poll_interval``
