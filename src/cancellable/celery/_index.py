@@ -123,6 +123,8 @@ class TargetIndex:
     def match_workflow(self, request: Any) -> CancelReason | None:
         """The reason a ``root`` target names the request's id or a task it would send."""
         roots = self._roots
+        if not roots:
+            return None
         task_id = getattr(request, "id", None)
         record = roots.get(task_id) if isinstance(task_id, str) else None
         if record is None:
