@@ -459,11 +459,11 @@ def test_acks_late_members_of_a_cancelled_group_never_rerun(make_worker, keys: K
 
 @pytest.mark.parametrize("broker", BROKER_NAMES)
 def test_cli_cancels_a_workflow_by_id_and_reports(make_worker, keys: Keys, broker):
-    """``celery cancel --workflow <last link id>`` while the first link runs.
+    """``celery cancel --workflow <last link id>`` while the second link runs.
 
-    It reports one running member that stopped and exits 0; the whole chain
-    ends REVOKED with the reason.  An id nothing knows is reported unknown
-    and makes the exit status 1.
+    It reports the running member (stopped) and the finished first link; the
+    rest of the chain ends REVOKED with the reason.  An id nothing knows is
+    reported unknown and makes the exit status 1.
     """
     import subprocess
     import sys
@@ -471,8 +471,9 @@ def test_cli_cancels_a_workflow_by_id_and_reports(make_worker, keys: Keys, broke
     from .conftest import REPO_ROOT, worker_env
 
     worker = make_worker(broker=broker)
-    result = chain(loop(worker, keys, "a"), loop(worker, keys, "b"), loop(worker, keys, "c"))()
-    wait_for(lambda: keys.flag("a", "looping"), 20, message="the first link to loop")
+    flow = chain(loop(worker, keys, "a", 0.1), loop(worker, keys, "b"), loop(worker, keys, "c"))
+    result = flow()
+    wait_for(lambda: keys.flag("b", "looping"), 20, message="the second link to loop")
     env = worker_env(
         broker_url=worker.app.conf.broker_url,
         queue=worker.queue,
@@ -488,11 +489,11 @@ def test_cli_cancels_a_workflow_by_id_and_reports(make_worker, keys: Keys, broke
 
     assert 1 == done.returncode, done.stdout + done.stderr
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
-    assert (
-        "workflow cancelled: 1 running (1 stopped), 0 queued (will not run), 0 finished"
-        == (lines[result.id])
-    )
+    expected = "workflow cancelled: 1 running (1 stopped), 0 queued (will not run), 1 finished"
+    assert expected == lines[result.id]
     assert lines[unknown].startswith("workflow unknown")
-    for link in (result.parent.parent, result.parent, result):
+    assert "SUCCESS" == state_of(result.parent.parent)
+    for link in (result.parent, result):
         assert_revoked(link, "revoked by ops: from the shell")
-    assert_stopped(keys, "a")
+    assert_stopped(keys, "b")
+    assert [] == keys.started("c")

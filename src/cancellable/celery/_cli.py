@@ -146,9 +146,13 @@ def cancel(
         ctx.exit(1)
 
 
-def _members(app: Any, targets: list[Any], timeout: float) -> dict[str, str]:
-    """Tasks online workers hold that ``targets`` name: ``{id: "active" | "reserved"}``."""
+def _members(app: Any, targets: list[Any], timeout: float) -> tuple[dict[str, str], set[str]]:
+    """Tasks online workers hold that ``targets`` name, and their parents' ids.
+
+    Returns ``({id: "active" | "reserved"}, {parent id, ...})``.
+    """
     found: dict[str, str] = {}
+    parents: set[str] = set()
     replies = app.control.broadcast(
         MEMBERS_COMMAND,
         arguments={"targets": [list(t) for t in targets]},
@@ -157,10 +161,14 @@ def _members(app: Any, targets: list[Any], timeout: float) -> dict[str, str]:
     )
     for reply in replies or []:
         for held in reply.values():
-            for task_id, state in (held or {}).items() if isinstance(held, dict) else ():
+            for task_id, (state, parent_id) in (
+                (held or {}).items() if isinstance(held, dict) else ()
+            ):
                 if state == "active" or task_id not in found:
                     found[task_id] = str(state)
-    return found
+                if isinstance(parent_id, str) and parent_id:
+                    parents.add(parent_id)
+    return found, parents
 
 
 def _cancel_workflows(
@@ -171,7 +179,13 @@ def _cancel_workflows(
     wait: float,
     timeout: float,
 ) -> None:
-    """``--workflow``: cancel each id's workflow and say what was found in it."""
+    """``--workflow``: cancel each id's workflow and say what was found in it.
+
+    Members found: the tasks online workers hold that the workflow's targets
+    name (running or queued), and the tasks the result backend knows from
+    climbing the parent ids of the given id and of those held tasks
+    (finished ones are counted as finished).
+    """
     app = ctx.obj.app
     try:
         with app.pool.acquire(block=True) as conn:
@@ -179,7 +193,12 @@ def _cancel_workflows(
         found = {}
         for task_id in ids:
             targets, seen = workflow_targets(app, [task_id])
-            found[task_id] = (_members(app, targets, timeout), seen)
+            members, parents = _members(app, targets, timeout)
+            if parents:
+                # The members' parents (finished links before them) and theirs.
+                _more, earlier = workflow_targets(app, sorted(parents - set(members)))
+                seen = {**earlier, **seen}
+            found[task_id] = (members, seen)
         cancel_tasks(ids, reason, requested_by=requested_by, app=app, workflow=True)
     except OperationalError as exc:
         raise click.ClickException(

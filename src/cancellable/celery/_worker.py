@@ -298,18 +298,23 @@ def _promote_quietly(request: Any, reason: CancelReason) -> None:
         logger.error(CANCEL_DELIVERY_FAILED, task_ids=[request.id], error=repr(exc), exc_info=exc)
 
 
-def _members(state: Any, targets: Any = None, **kwargs: Any) -> dict[str, str]:
-    """Which tasks this worker holds that the given targets name (``active``/``reserved``).
+def _members(state: Any, targets: Any = None, **kwargs: Any) -> dict[str, list[Any]]:
+    """The tasks this worker holds that the given targets name.
 
-    A read-only probe for ``celery cancel --workflow``: it indexes nothing.
+    ``{task id: ["active" | "reserved", parent id or None]}``.  A read-only
+    probe for ``celery cancel --workflow``: it indexes nothing.
     """
     probe = _index.TargetIndex()
     probe.add(targets_from(targets), CancelReason(source="revoked"))
     active = {request.id for request in list(worker_state.active_requests)}
-    found: dict[str, str] = {}
+    found: dict[str, list[Any]] = {}
     for task_id, request in list(worker_state.requests.items()):
         if probe.match_request(request) is not None:
-            found[task_id] = "active" if task_id in active else "reserved"
+            parent_id = getattr(request, "parent_id", None)
+            found[task_id] = [
+                "active" if task_id in active else "reserved",
+                parent_id if isinstance(parent_id, str) else None,
+            ]
     return found
 
 
