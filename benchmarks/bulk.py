@@ -60,6 +60,21 @@ broker check (``_check_broker``: a PING), the ledger write
 (``RedisLedger.record``: one XADD pipeline) and the revoke broadcast
 (``app.control.broadcast``: a PUBLISH), in µs per call.
 
+Group cancellation (``bulk.group_<N>.<how>.*``, N = 1,000 / 10,000 /
+100,000): N messages of one group (every message carries the same group
+id, as ``group(...).apply_async()`` sends them) are queued as above, and
+cancelled in one of three ways, in the same run: ``group``,
+``cancel(group_result)`` (one ``group`` target); ``ids``,
+``cancel(list_of_member_ids)``; ``celery``, Celery's own
+``GroupResult.revoke()``.  Measured: ``client_ms`` (the call's wall time),
+``broadcasts`` and ``broadcast_wire_bytes`` (revoke messages seen on the
+pidbox exchange), ``ledger_entries`` (stream growth), ``index_targets_added``
+and ``worker_rss_kb`` (growth of the worker main process's index and RSS),
+``worker_handled_ms`` (until the worker answered its next control command),
+``tasks_run`` (must be 0) and ``all_revoked_s``: from the call until every
+one of the N members is stored REVOKED, the worker consuming the queue from
+the moment the call returned.
+
 ``python benchmarks/bulk.py --profile`` runs the single-id loop under
 cProfile for a few seconds and prints where the client's time goes.
 """
@@ -131,6 +146,21 @@ PER_KIND = (
     ("tasks_revoked", "tasks"),
 )
 PARTS = ("broker_check_us", "ledger_record_us", "broadcast_us", "cancel_us")
+#: The three ways of cancelling a group, in the order they run.
+GROUP_HOWS = ("group", "ids", "celery")
+GROUP_SIZES = SIZES
+PER_GROUP = (
+    ("client_ms", "ms"),
+    ("broadcasts", "messages"),
+    ("broadcast_wire_bytes", "bytes"),
+    ("ledger_entries", "entries"),
+    ("index_targets_added", "targets"),
+    ("worker_rss_kb", "kB"),
+    ("worker_handled_ms", "ms"),
+    ("tasks_run", "tasks"),
+    ("tasks_revoked", "tasks"),
+    ("all_revoked_s", "s"),
+)
 
 
 def size_names(sizes: Sequence[int]) -> list[str]:
@@ -142,7 +172,24 @@ SUSTAINED_NAMES = tuple(
     f"bulk.sustained.{kind}.{suffix}" for kind, _batch in SUSTAINED_KINDS for suffix, _ in PER_KIND
 )
 PARTS_NAMES = tuple(f"bulk.parts.{part}" for part in PARTS)
-NAMES = (*size_names(SIZES["full"]), *SUSTAINED_NAMES, *PARTS_NAMES)
+
+
+def group_names(sizes: Sequence[int]) -> list[str]:
+    """The group-cancellation result names for ``sizes``."""
+    return [
+        f"bulk.group_{n}.{how}.{suffix}"
+        for n in sizes
+        for how in GROUP_HOWS
+        for suffix, _unit in PER_GROUP
+    ]
+
+
+NAMES = (
+    *size_names(SIZES["full"]),
+    *group_names(GROUP_SIZES["full"]),
+    *SUSTAINED_NAMES,
+    *PARTS_NAMES,
+)
 
 
 #: Tries per round when another process flushes DB 14 in the middle of one.
@@ -234,16 +281,21 @@ def ledger_key(app: Any) -> str:
     return f"cancellable:{app.main or 'default'}:ledger"
 
 
-def publish(app: Any, client: Any, queue: str, key: str, count: int) -> list[str]:
+def publish(
+    app: Any, client: Any, queue: str, key: str, count: int, group_id: str | None = None
+) -> list[str]:
     """Put ``count`` ``bench.bulk_count(key)`` messages on ``queue``; return their ids.
 
     The first goes through ``app.send_task``; the others are copies of its
     kombu envelope (as LPUSHed by kombu's Redis transport) with a fresh task
-    id and delivery tag each.
+    id and delivery tag each.  With ``group_id`` every message carries it as
+    its group, as a group's members do.
     """
     first = str(uuid.uuid4())
     with app.producer_or_acquire() as producer:
-        app.send_task(TASK, args=(key,), queue=queue, producer=producer, task_id=first)
+        app.send_task(
+            TASK, args=(key,), queue=queue, producer=producer, task_id=first, group_id=group_id
+        )
     template = client.lindex(queue, 0)
     envelope = json.loads(template)
     tag = envelope["properties"]["delivery_tag"]
@@ -439,6 +491,69 @@ def one_size(worker: Any, client: Any, count: int, repeats: int) -> dict[str, li
     return values
 
 
+def one_group(worker: Any, client: Any, count: int, how: str) -> dict[str, float]:
+    """Every ``bulk.group_<count>.<how>`` value (see the module docstring)."""
+    from celery.result import GroupResult
+
+    from cancellable.celery import cancel
+
+    app = worker.app
+    token = uuid.uuid4().hex[:10]
+    queue = f"{worker.queue}-group-{token}"
+    key = f"cancellable-bench:group:{token}"
+    group_id = str(uuid.uuid4())
+    stream = ledger_key(app)
+    set_canary(client, key)
+    ids = publish(app, client, queue, key, count, group_id=group_id)
+    result = GroupResult(group_id, [app.AsyncResult(task_id) for task_id in ids], app=app)
+    values: dict[str, float] = {}
+    try:
+        listener = BroadcastListener(client, worker.control_exchange)
+        try:
+            before = worker_report(worker)
+            xlen = client.xlen(stream)
+            t0 = time.perf_counter()
+            if how == "group":
+                cancel(result, reason="group benchmark", app=app)
+            elif how == "ids":
+                cancel(ids, reason="group benchmark", app=app)
+            else:
+                result.revoke()
+            t1 = time.perf_counter()
+            after = worker_report(worker)
+            t2 = time.perf_counter()
+            seen = listener.revokes()
+        finally:
+            listener.close()
+        values["client_ms"] = (t1 - t0) * 1000
+        values["worker_handled_ms"] = (t2 - t1) * 1000
+        values["broadcasts"] = float(len(seen))
+        values["broadcast_wire_bytes"] = float(sum(wire for wire, _body in seen))
+        values["ledger_entries"] = float(client.xlen(stream) - xlen)
+        values["index_targets_added"] = float(after["targets"] - before["targets"])
+        values["worker_rss_kb"] = float(after["rss_kb"] - before["rss_kb"])
+        drain(worker, client, queue, key)
+        deadline = time.monotonic() + TIMEOUT
+        while (revoked := count_revoked(client, ids)) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        values["all_revoked_s"] = time.perf_counter() - t0
+        values["tasks_revoked"] = float(revoked)
+        values["tasks_run"] = float(int(client.get(key) or 0))
+        check_canary(client, key)
+    finally:
+        cleanup(client, queue, key, ids)
+    log(
+        f"bulk: group of {count}, {how}: client {values['client_ms']:.1f} ms, "
+        f"{values['broadcasts']:.0f} broadcast(s) of {values['broadcast_wire_bytes']:.0f} B, "
+        f"{values['ledger_entries']:.0f} ledger entries, "
+        f"{values['index_targets_added']:.0f} index targets, "
+        f"RSS +{values['worker_rss_kb']:.0f} kB, worker answered after "
+        f"{values['worker_handled_ms']:.0f} ms, {values['tasks_run']:.0f} ran, "
+        f"{values['tasks_revoked']:.0f} REVOKED after {values['all_revoked_s']:.1f} s"
+    )
+    return values
+
+
 def wait_indexed(worker: Any, targets: int) -> float:
     """Seconds until the worker's index holds at least ``targets``."""
     t0 = time.perf_counter()
@@ -567,11 +682,12 @@ def run(
     capped); None starts one.
     """
     sizes = SIZES[mode]
-    wanted = [n for n in (*size_names(sizes), *SUSTAINED_NAMES, *PARTS_NAMES) if selected(n, only)]
+    here = (*size_names(sizes), *group_names(GROUP_SIZES[mode]), *SUSTAINED_NAMES, *PARTS_NAMES)
+    wanted = [n for n in here if selected(n, only)]
     not_run = [
         skipped(n, f"not run in {mode} mode")
-        for n in size_names(SIZES["full"])
-        if n not in size_names(sizes) and selected(n, only)
+        for n in (*size_names(SIZES["full"]), *group_names(GROUP_SIZES["full"]))
+        if n not in here and selected(n, only)
     ]
     if not wanted:
         return not_run
@@ -600,6 +716,17 @@ def run(
                             tails=False,
                         )
                     )
+        for count in GROUP_SIZES[mode]:
+            for how in GROUP_HOWS:
+                prefix = f"bulk.group_{count}.{how}."
+                if not any(n.startswith(prefix) for n in wanted):
+                    continue
+                result = retried(f"group of {count}, {how}", one_group, worker, client, count, how)
+                for suffix, unit in PER_GROUP:
+                    if prefix + suffix in wanted:
+                        records.append(
+                            measured(prefix + suffix, [result[suffix]], unit, runs=1, tails=False)
+                        )
         seconds, pool_single, pool_batch = SUSTAINED[mode]
         for kind, batch in SUSTAINED_KINDS:
             prefix = f"bulk.sustained.{kind}."
@@ -654,6 +781,48 @@ def profile(redis_url: str, seconds: float, batch: int) -> None:
         stats.sort_stats("tottime").print_stats(25)
 
 
+def plot_groups(results_json: Path, png: Path) -> None:
+    """Draw the ``bulk.group_*`` results of a results JSON as one PNG (four panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {r["name"]: r for r in json.loads(results_json.read_text())["results"]}
+    labels = {
+        "group": ("cancel(group_result)", "-", "o"),
+        "ids": ("cancel(list_of_ids)", "--", "s"),
+        "celery": ("GroupResult.revoke()", ":", "^"),
+    }
+    panels = (
+        ("client_ms", "client time of the call (ms)"),
+        ("broadcast_wire_bytes", "broadcast on the wire (bytes)"),
+        ("index_targets_added", "entries added to each worker's index"),
+        ("all_revoked_s", "until every member is REVOKED (s)"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    for ax, (suffix, title) in zip(axes.flat, panels, strict=True):
+        for how, (label, style, marker) in labels.items():
+            sizes, values = [], []
+            for n in GROUP_SIZES["full"]:
+                record = records.get(f"bulk.group_{n}.{how}.{suffix}")
+                if record and not record.get("skipped"):
+                    sizes.append(n)
+                    values.append(max(record["median"], 0.5))
+            if sizes:
+                ax.plot(sizes, values, linestyle=style, marker=marker, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("members in the group")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Cancelling a queued group: one call, prefork worker, Redis", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run this part alone (``--mode``), or ``--profile`` the client."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
@@ -664,7 +833,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the profiled loop")
     parser.add_argument("--batch", type=int, default=1, help="ids per profiled cancel() call")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument(
+        "--plot",
+        nargs=2,
+        metavar=("RESULTS_JSON", "PNG"),
+        help="draw the bulk.group_* results of RESULTS_JSON into PNG, and run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.plot:
+        plot_groups(Path(args.plot[0]), Path(args.plot[1]))
+        return 0
     if args.profile:
         profile(args.redis_url, args.seconds, args.batch)
         return 0

@@ -892,7 +892,8 @@ def test_bulk_smoke_run_over_a_real_worker(redis_client: Any) -> None:
     """100 queued ids, one cancel(): one ledger entry, 100 indexed, none ran, all REVOKED.
 
     The worker is the part's own (Celery's revoked set capped at 100), and
-    the sustained loops lose nothing either.
+    the sustained loops lose nothing either.  A group of 100 cancelled three
+    ways runs none of them; cancel(group_result) is one target.
     """
     import bulk
 
@@ -920,7 +921,22 @@ def test_bulk_smoke_run_over_a_real_worker(redis_client: Any) -> None:
         assert value[prefix + "calls_per_s"] > 0
     for name in bulk.PARTS_NAMES:
         assert value[name] > 0
-    for name in bulk.size_names(bulk.SIZES["full"]):
+    for how in bulk.GROUP_HOWS:
+        prefix = f"bulk.group_100.{how}."
+        assert value[prefix + "tasks_run"] == 0
+        assert value[prefix + "tasks_revoked"] == 100
+        assert value[prefix + "broadcasts"] == 1
+        assert value[prefix + "client_ms"] > 0
+        assert value[prefix + "all_revoked_s"] > 0
+    # One group target, against one per member id.
+    assert value["bulk.group_100.group.ledger_entries"] == 1
+    assert value["bulk.group_100.group.index_targets_added"] == 1
+    assert value["bulk.group_100.ids.index_targets_added"] == 100
+    assert (
+        value["bulk.group_100.group.broadcast_wire_bytes"]
+        < value["bulk.group_100.ids.broadcast_wire_bytes"] / 5
+    )
+    for name in (*bulk.size_names(bulk.SIZES["full"]), *bulk.group_names(bulk.SIZES["full"])):
         assert by_name[name]["skipped"]
         assert "smoke" in by_name[name]["reason"]
 

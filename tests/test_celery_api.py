@@ -203,7 +203,11 @@ class TestCancel:
         assert [((("task", task_id),), reason)] == [(e.targets, e.reason) for e in entries]
 
     def test_accepts_results_groups_and_lists(self, app: Celery, broadcasts: Broadcasts) -> None:
-        """AsyncResult, GroupResult and lists flatten to ids, duplicates dropped."""
+        """AsyncResults and lists flatten to ids (duplicates dropped); a GroupResult is one target.
+
+        The group's members are not named one by one: the group id is
+        recorded and broadcast once, and workers match members by it.
+        """
         from celery.result import GroupResult
 
         ids = [str(uuid.uuid4()) for _ in range(3)]
@@ -212,8 +216,11 @@ class TestCancel:
         cc.cancel([app.AsyncResult(ids[0]), group, ids[0]], app=app)
         body = broadcasts.get()
 
-        assert ids == body["arguments"]["task_id"]
-        assert [("task", i) for i in ids] == [t for e in recorded(app) for t in e.targets]
+        assert [ids[0]] == body["arguments"]["task_id"]
+        assert [["group", group.id]] == body["arguments"]["cancellable_targets"]
+        assert [("task", ids[0]), ("group", group.id)] == [
+            t for e in recorded(app) for t in e.targets
+        ]
 
     def test_takes_the_app_from_the_result(self, app: Celery, broadcasts: Broadcasts) -> None:
         """Without ``app=``, the AsyncResult's own app is used."""

@@ -34,6 +34,7 @@ __all__ = [
     "MAILBOX_FULL",
     "PREFORK_UNAVAILABLE",
     "SCOPE_CANCELLED",
+    "SIBLINGS_CANCELLED",
     "TASK_CANCELLED",
     "TASK_RESULT_NOT_STORED",
     "TASK_SKIPPED",
@@ -80,6 +81,13 @@ CLEANUP_TIMED_OUT: Final = "cleanup.timed_out"
 #: the `~cancellable.Cancelled`), ``hooks_run``, ``hook_errors`` and
 #: ``cleanup_ms`` (time spent in hooks).
 SCOPE_CANCELLED: Final = "scope.cancelled"
+
+#: A group member that opted in to fail-fast (``cancel_siblings_on_failure``)
+#: failed, and the rest of its group was cancelled (one ``group`` target).
+#: Carries ``task_id``, ``task_name`` and ``group``.
+#:
+#: .. versionadded:: 0.1.0
+SIBLINGS_CANCELLED: Final = "siblings.cancelled"
 
 #: A Celery task ended as REVOKED because it was cancelled while running.
 #: Carries the latencies ``delivered_ms``, ``observed_ms`` and

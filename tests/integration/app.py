@@ -97,6 +97,12 @@ def plain_soft_limit(key: str) -> str:
     return soft_limit_body(key)
 
 
+@app.task(name="cit.plain.count")
+def plain_count(key: str) -> None:
+    """A no-op that counts its runs (batches of thousands)."""
+    obs().incr(f"{key}:runs")
+
+
 # --------------------------------------------------------------------------
 # @cancellable tasks.
 
@@ -230,6 +236,14 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     def soft_limit(self: Any, key: str) -> str:
         """A ``@cancellable`` task that relies on Celery's soft time limit."""
         return soft_limit_body(key)
+
+    @app.task(bind=True, name="cit.fail_fast", cancel_siblings_on_failure=True)
+    @cancellable
+    def fail_fast(self: Any, key: str, after: float = 1.0) -> str:
+        """Opted in to fail-fast: raises after ``after`` seconds."""
+        record_start(key)
+        time.sleep(after)
+        raise RuntimeError("member failed on purpose")
 
     # ----------------------------------------------------------------------
     # async def task bodies (docs/async.md).

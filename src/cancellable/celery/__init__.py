@@ -5,7 +5,9 @@ Decorate a task with ``@cancellable`` (directly under ``@app.task``) and put
 next checkpoint: ``AsyncResult.revoke()``, ``app.control.revoke()``,
 ``GroupResult.revoke()``, ``celery control revoke``, monitoring tools, and
 `cancel`, which adds a reason and durability.  The task runs its cleanup
-hooks and ends as REVOKED, acknowledged, never retried.
+hooks and ends as REVOKED, acknowledged, never retried.  ``cancel(group_result)``
+cancels a group of any size as one target, and ``cancel(result,
+workflow=True)`` a whole chain, group or chord (see :doc:`/workflows`).
 
 Importing this module (importing `cancellable` arranges it for you as soon
 as Celery is imported) installs the worker-side machinery; no worker flags

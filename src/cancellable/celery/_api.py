@@ -9,18 +9,23 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
+from celery import states
+from celery.exceptions import TaskRevokedError
+
 from .._config import validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
-from ..events import LEDGER_UNAVAILABLE
+from ..events import LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _ledger, _wakeup
 
 __all__ = [
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
     "cancel",
+    "cancel_targets",
     "configure",
     "install_client_side",
+    "workflow_targets",
 ]
 
 
@@ -41,34 +46,205 @@ class LedgerUnavailableWarning(UserWarning):
     """
 
 
-def _collect(task_or_id: object, ids: list[str], apps: list[Any]) -> None:
+@dataclasses.dataclass
+class _Plan:
+    """What one `cancel` call names, gathered from its arguments."""
+
+    workflow: bool
+    task_ids: list[str] = dataclasses.field(default_factory=list)
+    #: Group and root targets.
+    wide: list[_ledger.Target] = dataclasses.field(default_factory=list)
+    #: Bare ids whose workflow must be looked up in the result backend.
+    bare: list[str] = dataclasses.field(default_factory=list)
+    #: Result trees held by the client (to mark their unsent members).
+    trees: list[Any] = dataclasses.field(default_factory=list)
+    #: States the result backend gave while resolving bare ids, by task id.
+    seen: dict[str, str] = dataclasses.field(default_factory=dict)
+    apps: list[Any] = dataclasses.field(default_factory=list)
+
+    def targets(self) -> list[_ledger.Target]:
+        tasks: list[_ledger.Target] = [("task", task_id) for task_id in self.task_ids]
+        return list(dict.fromkeys([*tasks, *self.wide]))
+
+
+def _is_group_result(obj: object) -> bool:
+    return getattr(obj, "results", None) is not None and hasattr(obj, "revoke")
+
+
+def _collect(task_or_id: object, plan: _Plan) -> None:
     if isinstance(task_or_id, str):
         if not task_or_id.strip():
             raise ValueError("a task id must be a non-empty string")
-        ids.append(task_or_id)
+        if plan.workflow:
+            plan.bare.append(task_or_id)
+        else:
+            plan.task_ids.append(task_or_id)
         return
     if task_or_id is None:
         raise TypeError("cancel() needs a task id, an AsyncResult or a list of them, got None")
-    results = getattr(task_or_id, "results", None)
-    if results is not None and hasattr(task_or_id, "revoke"):
-        # A GroupResult: its members (and nested groups).
-        apps.append(getattr(task_or_id, "app", None))
-        for member in results:
-            _collect(member, ids, apps)
+    if _is_group_result(task_or_id):
+        plan.apps.append(getattr(task_or_id, "app", None))
+        plan.trees.append(task_or_id)
+        if plan.workflow:
+            _collect_workflow(task_or_id, plan)
+        else:
+            _cover(task_or_id, plan)
         return
     task_id = getattr(task_or_id, "id", None)
     if isinstance(task_id, str) and hasattr(task_or_id, "revoke"):
-        apps.append(getattr(task_or_id, "app", None))
-        _collect(task_id, ids, apps)
+        if not task_id.strip():
+            raise ValueError("a task id must be a non-empty string")
+        plan.apps.append(getattr(task_or_id, "app", None))
+        if plan.workflow:
+            plan.trees.append(task_or_id)
+            _collect_workflow(task_or_id, plan)
+        else:
+            plan.task_ids.append(task_id)
         return
     if isinstance(task_or_id, (list, tuple, set, frozenset)):
         for item in task_or_id:
-            _collect(item, ids, apps)
+            _collect(item, plan)
         return
     raise TypeError(
         "cancel() needs a task id (str), an AsyncResult, a GroupResult or a list of them, "
         f"got {type(task_or_id).__name__}"
     )
+
+
+#: How far up a chain of ``.parent`` results (or stored parent ids) we climb.
+_MAX_CLIMB = 10_000
+
+
+def _top(node: Any) -> Any:
+    """The first result of the workflow ``node`` is part of (climbing ``.parent``)."""
+    for _ in range(_MAX_CLIMB):
+        parent = getattr(node, "parent", None)
+        if parent is None:
+            break
+        node = parent
+    return node
+
+
+def _collect_workflow(node: Any, plan: _Plan) -> None:
+    # ("root", held id) reaches every task whose later work includes it (the
+    # worker checks that), and the workflow's top covers the rest by root id.
+    if not _is_group_result(node):
+        plan.wide.append(("root", node.id))
+    _cover(_top(node), plan)
+
+
+def _cover(top: Any, plan: _Plan) -> None:
+    """Targets that name every task sent from ``top`` on (a task, or a group)."""
+    if not _is_group_result(top):
+        plan.wide.append(("root", top.id))
+        return
+    # A group's members carry its id, but the first link of a chain inside
+    # a group does not (Celery gives it no group, and its own id as root id):
+    # such a chain is named by its first link.
+    plan.wide.append(("group", top.id))
+    for member in top.results or ():
+        if _is_group_result(member):
+            _cover(member, plan)
+        elif getattr(member, "parent", None) is not None:
+            _cover(_top(member), plan)
+
+
+def _succeeded(node: Any) -> bool:
+    if _is_group_result(node):
+        return all(_succeeded(member) for member in node.results or ())
+    return bool(node.state == states.SUCCESS)
+
+
+def _leaf_ids(node: Any) -> list[str]:
+    """Every task id inside a result node (a group's members and their chains)."""
+    if _is_group_result(node):
+        ids: list[str] = []
+        for member in node.results or ():
+            ids.extend(_leaf_ids(member))
+        return ids
+    ids = [node.id]
+    parent = getattr(node, "parent", None)
+    for _ in range(_MAX_CLIMB):
+        if parent is None or _is_group_result(parent):
+            break
+        ids.append(parent.id)
+        parent = getattr(parent, "parent", None)
+    return ids
+
+
+def _unsent(tree: Any) -> list[str]:
+    """Ids in a held result tree that cannot have been sent yet.
+
+    Celery sends a chain link (or a chord's body, or a group after a link)
+    only when the result before it succeeded; so every node after the first
+    one whose predecessor has not succeeded is unsent, and after the
+    cancellation it never will be.  Reads one state per node climbed (a
+    group's members until the first that has not succeeded).
+    """
+    path = [tree]
+    for _ in range(_MAX_CLIMB):
+        parent = getattr(path[-1], "parent", None)
+        if parent is None:
+            break
+        path.append(parent)
+    for i in range(len(path) - 1, 0, -1):
+        if not _succeeded(path[i]):
+            ids: list[str] = []
+            for node in path[:i]:
+                if _is_group_result(node):
+                    ids.extend(_leaf_ids(node))
+                else:
+                    ids.append(node.id)
+            return ids
+    return []
+
+
+def _resolve_bare(app: Any, task_id: str, plan: _Plan) -> None:
+    """Targets for ``cancel(id, workflow=True)`` from what the result backend knows.
+
+    ``("root", id)`` always: workers cancel every task whose id or root id
+    it is, or whose later work includes it.  The backend stores a task's
+    parent id and group id once the task has a state; we climb the parent
+    ids to the workflow's first task and name it by root id, and name every
+    group met on the way (a member of a top-level group has no parent).  A
+    task with no stored state (still queued, or not sent) tells us nothing
+    more.
+    """
+    plan.wide.append(("root", task_id))
+    backend = app.backend
+    current, seen = task_id, {task_id}
+    groups: list[str] = []
+    for _ in range(_MAX_CLIMB):
+        try:
+            meta = backend.get_task_meta(current)
+        except Exception:  # noqa: BLE001 - an unknown id is not an error here
+            break
+        if meta.get("status") != states.PENDING:
+            plan.seen[current] = str(meta.get("status"))
+        group_id = meta.get("group_id")
+        if isinstance(group_id, str) and group_id:
+            groups.append(group_id)
+        parent_id = meta.get("parent_id")
+        if not isinstance(parent_id, str) or not parent_id or parent_id in seen:
+            break
+        seen.add(parent_id)
+        current = parent_id
+    if current != task_id:
+        plan.wide.append(("root", current))
+    plan.wide.extend(("group", group_id) for group_id in groups)
+
+
+def workflow_targets(
+    app: Any, task_ids: Iterable[str]
+) -> tuple[list[_ledger.Target], dict[str, str]]:
+    """The targets ``cancel(task_ids, workflow=True)`` records, and the states seen on the way.
+
+    For ``celery cancel --workflow``, which reports on what it found.
+    """
+    plan = _Plan(workflow=True)
+    for task_id in dict.fromkeys(task_ids):
+        _resolve_bare(app, task_id, plan)
+    return plan.targets(), plan.seen
 
 
 def cancel(
@@ -77,9 +253,10 @@ def cancel(
     *,
     requested_by: str | None = None,
     app: Any = None,
+    workflow: bool = False,
     grace: float | None = None,
 ) -> CancelReason:
-    """Cancel Celery tasks, durably and with a reason.
+    """Cancel Celery tasks, groups or whole workflows, durably and with a reason.
 
     A queued or reserved task will not run; a running ``@cancellable`` task
     stops at its next checkpoint, runs its cleanup hooks and ends as REVOKED
@@ -89,6 +266,17 @@ def cancel(
     messages.  It is also a standard ``revoke`` broadcast, so tasks that are
     not ``@cancellable`` are revoked the usual way.
 
+    A `~celery.result.GroupResult` is cancelled as one *group target*,
+    however many members it has: one ledger record, one broadcast, one
+    entry in each worker's memory.  With ``workflow=True`` each result or id
+    stands for the whole workflow it belongs to (chain links, group members,
+    chord headers and bodies, nested canvases, tasks not sent yet), named by
+    its root id; see :doc:`/workflows`.  Whenever a member of a canvas ends
+    cancelled, the parts it would have sent (the rest of its chain, its
+    links, its chord's body) are stored REVOKED with the same reason, so
+    nothing is left PENDING and ``get()`` raises
+    `~celery.exceptions.TaskRevokedError`.
+
     Args:
         task_or_id: A task id, an `~celery.result.AsyncResult`, a
             `~celery.result.GroupResult`, or a list of them.
@@ -97,6 +285,10 @@ def cancel(
         requested_by: Who is cancelling (a user, a service); stored with
             the reason.
         app: The Celery app; defaults to the result's app or the current app.
+        workflow: Cancel the whole workflow each result or id belongs to.
+            For a held result the workflow is found from the result tree
+            (``.parent`` links); for a bare id, from the result backend and
+            from the workers that hold its workflow's tasks.
         grace: Seconds a running ``@cancellable`` task may take to stop at a
             checkpoint before it is interrupted, and later terminated (see
             :doc:`/grace`).  None: the task's ``@cancellable(grace=)``, else
@@ -117,50 +309,88 @@ def cancel(
             but the cancellation is not durable.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.1.0
+       ``workflow=True``; a `~celery.result.GroupResult` is one group target.
     """
     grace_s = validate_seconds(grace, "grace")
-    ids: list[str] = []
-    apps: list[Any] = []
-    _collect(task_or_id, ids, apps)
-    if not ids:
+    plan = _Plan(workflow=bool(workflow))
+    _collect(task_or_id, plan)
+    if not plan.task_ids and not plan.wide and not plan.bare:
         raise ValueError("cancel() was given no task ids")
-    ids = list(dict.fromkeys(ids))
     cancel_reason = CancelReason.coerce(reason, default_source="revoked")
     if requested_by is not None:
         cancel_reason = dataclasses.replace(cancel_reason, requested_by=requested_by)
     if app is None:
-        app = next((a for a in apps if a is not None), None)
+        app = next((a for a in plan.apps if a is not None), None)
     if app is None:
         from celery import current_app
 
         app = current_app._get_current_object()
+    for task_id in dict.fromkeys(plan.bare):
+        _resolve_bare(app, task_id, plan)
 
-    targets: list[_ledger.Target] = [("task", task_id) for task_id in ids]
+    task_ids = list(dict.fromkeys(plan.task_ids))
+    wide = [t for t in plan.targets() if t[0] != "task"]
+    cancel_targets(app, task_ids, wide, cancel_reason, grace_s)
+    if plan.trees:
+        _mark_unsent(app, plan.trees, cancel_reason)
+    return cancel_reason
+
+
+def cancel_targets(
+    app: Any,
+    task_ids: list[str],
+    wide: list[_ledger.Target],
+    reason: CancelReason,
+    grace: float | None = None,
+) -> None:
+    """Record targets in the ledger, then broadcast them in one revoke.
+
+    ``task_ids`` travel as Celery's own ``task_id`` argument; group and root
+    targets under ``cancellable_targets`` and the grace under
+    ``cancellable_grace``, which only this library's interceptor reads.
+    """
+    targets: list[_ledger.Target] = [("task", task_id) for task_id in task_ids]
+    targets.extend(wide)
+    _ledger.check_targets(targets)
     # A pooled connection: repeated cancels reuse one open connection.
     with app.pool.acquire(block=True) as conn:
         _check_broker(conn, app)
         try:
-            _ledger.ledger_for(app).record(targets, cancel_reason, grace_s)
+            _ledger.ledger_for(app).record(targets, reason, grace)
         except _ledger.LedgerError as exc:
-            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
+            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
             warnings.warn(
-                f"cancellation of {len(ids)} task(s) sent to online workers but not recorded "
-                f"durably: {exc}",
+                f"cancellation of {len(targets)} target(s) sent to online workers but not "
+                f"recorded durably: {exc}",
                 LedgerUnavailableWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        app.control.broadcast(
-            "revoke",
-            arguments={
-                "task_id": ids,
-                "terminate": False,
-                "signal": "SIGTERM",
-                "cancellable": cancel_reason.to_dict(),
-                "cancellable_grace": grace_s,
-            },
-            connection=conn,
-        )
-    return cancel_reason
+        arguments: dict[str, Any] = {
+            "task_id": task_ids,
+            "terminate": False,
+            "signal": "SIGTERM",
+            "cancellable": reason.to_dict(),
+            "cancellable_grace": grace,
+        }
+        if wide:
+            arguments["cancellable_targets"] = [list(target) for target in wide]
+        app.control.broadcast("revoke", arguments=arguments, connection=conn)
+
+
+def _mark_unsent(app: Any, trees: list[Any], reason: CancelReason) -> None:
+    # Best effort: a worker marks these too when the member before them
+    # ends cancelled; the client does it at once for the ones it holds.
+    try:
+        ids: list[str] = []
+        for tree in trees:
+            ids.extend(_unsent(tree))
+        if ids:
+            error = TaskRevokedError(reason.describe())
+            for task_id in dict.fromkeys(ids):
+                app.backend.store_result(task_id, error, states.REVOKED)
+    except Exception as exc:  # noqa: BLE001 - the cancellation itself is done
+        logger.warning(TASK_RESULT_NOT_STORED, error=repr(exc), task_ids=ids[:20])
 
 
 #: Seconds `cancel` waits for the broker before it gives up.

@@ -1,7 +1,9 @@
 """``celery cancel``: cancel tasks from the command line, and say what happened.
 
 Registered through the ``celery.commands`` entry point, so it runs as
-``celery -A proj cancel ID [ID ...] [--reason TEXT]``.
+``celery -A proj cancel ID [ID ...] [--reason TEXT]``, or
+``celery -A proj cancel --workflow ID [ID ...]`` to cancel the whole
+workflow each id belongs to.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from celery import states
 from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 from kombu.exceptions import OperationalError
 
-from ._api import BrokerUnavailableError
+from ._api import BrokerUnavailableError, workflow_targets
 from ._api import cancel as cancel_tasks
+from ._worker import MEMBERS_COMMAND
 
 __all__ = ["cancel"]
 
@@ -60,6 +63,13 @@ def _where(app: Any, task_ids: list[str], timeout: float) -> dict[str, str]:
     show_default=True,
     help="Seconds to wait for workers to answer.",
 )
+@click.option(
+    "--workflow",
+    cls=CeleryOption,
+    is_flag=True,
+    default=False,
+    help="Cancel the whole workflow (chain, group, chord) each id belongs to.",
+)
 @click.pass_context
 @handle_preload_options
 def cancel(
@@ -70,6 +80,7 @@ def cancel(
     grace: float | None,
     wait: float,
     timeout: float,
+    workflow: bool,
     **kwargs: Any,
 ) -> None:
     """Cancel tasks by id and report, per id, what it was doing.
@@ -85,6 +96,9 @@ def cancel(
     empty = [task_id for task_id in ids if not task_id.strip()]
     if empty:
         raise click.BadParameter("a task id must be a non-empty string", param_hint="TASK_IDS")
+    if workflow:
+        _cancel_workflows(ctx, ids, reason, requested_by, wait, timeout, grace)
+        return
     try:
         with app.pool.acquire(block=True) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
@@ -137,4 +151,105 @@ def cancel(
         click.echo(f"{task_id}: {line}")
     if unknown:
         click.echo(f"{unknown} of {len(ids)} task id(s) unknown", err=True)
+        ctx.exit(1)
+
+
+def _members(app: Any, targets: list[Any], timeout: float) -> tuple[dict[str, str], set[str]]:
+    """Tasks online workers hold that ``targets`` name, and their parents' ids.
+
+    Returns ``({id: "active" | "reserved"}, {parent id, ...})``.
+    """
+    found: dict[str, str] = {}
+    parents: set[str] = set()
+    replies = app.control.broadcast(
+        MEMBERS_COMMAND,
+        arguments={"targets": [list(t) for t in targets]},
+        reply=True,
+        timeout=timeout,
+    )
+    for reply in replies or []:
+        for held in reply.values():
+            for task_id, (state, parent_id) in (
+                (held or {}).items() if isinstance(held, dict) else ()
+            ):
+                if state == "active" or task_id not in found:
+                    found[task_id] = str(state)
+                if isinstance(parent_id, str) and parent_id:
+                    parents.add(parent_id)
+    return found, parents
+
+
+def _cancel_workflows(
+    ctx: click.Context,
+    ids: list[str],
+    reason: str | None,
+    requested_by: str | None,
+    wait: float,
+    timeout: float,
+    grace: float | None = None,
+) -> None:
+    """``--workflow``: cancel each id's workflow and say what was found in it.
+
+    Members found: the tasks online workers hold that the workflow's targets
+    name (running or queued), and the tasks the result backend knows from
+    climbing the parent ids of the given id and of those held tasks
+    (finished ones are counted as finished).
+    """
+    app = ctx.obj.app
+    try:
+        with app.pool.acquire(block=True) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+        found = {}
+        for task_id in ids:
+            targets, seen = workflow_targets(app, [task_id])
+            members, parents = _members(app, targets, timeout)
+            if parents:
+                # The members' parents (finished links before them) and theirs.
+                _more, earlier = workflow_targets(app, sorted(parents - set(members)))
+                seen = {**earlier, **seen}
+            found[task_id] = (members, seen)
+        cancel_tasks(ids, reason, requested_by=requested_by, app=app, workflow=True, grace=grace)
+    except OperationalError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker or result backend: {exc}; nothing was cancelled"
+        ) from exc
+    except BrokerUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+    running = {t for members, _seen in found.values() for t, s in members.items() if s == "active"}
+    stopped: set[str] = set()
+    deadline = time.monotonic() + wait
+    while running - stopped and time.monotonic() < deadline:
+        for task_id in running - stopped:
+            if app.AsyncResult(task_id).state in states.READY_STATES:
+                stopped.add(task_id)
+        time.sleep(0.05)
+
+    unknown = 0
+    for task_id in ids:
+        members, seen = found[task_id]
+        active = [t for t, s in members.items() if s == "active"]
+        queued = [t for t, s in members.items() if s != "active"]
+        finished = [t for t, s in seen.items() if s in states.READY_STATES and t not in members]
+        if not members and not seen:
+            unknown += 1
+            click.echo(
+                f"{task_id}: workflow unknown (no online worker holds a task of it and the "
+                "result backend knows nothing of it); recorded, so nothing of it will run"
+            )
+            continue
+        parts = []
+        if active:
+            done = len([t for t in active if t in stopped])
+            still = len(active) - done
+            text = f"{len(active)} running ({done} stopped"
+            text += f", {still} still running after {wait:g}s)" if still else ")"
+            parts.append(text)
+        parts.append(f"{len(queued)} queued (will not run)")
+        parts.append(f"{len(finished)} finished")
+        click.echo(f"{task_id}: workflow cancelled: " + ", ".join(parts))
+    if unknown:
+        click.echo(f"{unknown} of {len(ids)} workflow id(s) unknown", err=True)
         ctx.exit(1)

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from .._exceptions import CancelReason
+from . import _workflow
 from ._ledger import Entry, Ledger, Target, TargetKind
 
 __all__ = ["TargetIndex", "index", "request_targets"]
@@ -103,8 +104,39 @@ class TargetIndex:
         return None if record is None else record[0]
 
     def match_request(self, request: Any) -> CancelReason | None:
-        """`match` for a Celery worker ``Request`` or task ``Context``."""
-        return self.match(*request_targets(request))
+        """`match` for a Celery worker ``Request`` or task ``Context``, workflows included.
+
+        Besides its own id, group and root id, a request is cancelled when a
+        ``root`` target names its own id or the id of any task it would send
+        later (the rest of its chain, its links, its chord's body): a root
+        target stands for "the workflow this id belongs to", so
+        ``cancel(last_link_id, workflow=True)`` reaches the running first
+        link.  That walk costs nothing unless root targets are live and the
+        request carries a canvas.
+        """
+        task_id, group_id, root_id = request_targets(request)
+        reason = self.match(task_id, group_id, root_id)
+        if reason is None and self._roots:
+            reason = self.match_workflow(request)
+        return reason
+
+    def match_workflow(self, request: Any) -> CancelReason | None:
+        """The reason a ``root`` target names the request's id or a task it would send."""
+        roots = self._roots
+        if not roots:
+            return None
+        task_id = getattr(request, "id", None)
+        record = roots.get(task_id) if isinstance(task_id, str) else None
+        if record is None:
+            for later_id in _workflow.downstream_ids(request):
+                record = roots.get(later_id)
+                if record is not None:
+                    break
+        return None if record is None else record[0]
+
+    def has(self, kind: TargetKind, target_id: str) -> bool:
+        """Is ``(kind, target_id)`` a live target here?"""
+        return target_id in self._table(kind)
 
     def purge(self, ttl: float, now: float | None = None) -> int:
         """Drop targets recorded more than ``ttl`` seconds ago; return how many."""

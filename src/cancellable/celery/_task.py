@@ -12,8 +12,10 @@ Celery task execution.  If it does, we:
 3. run the body; if `Cancelled` reaches us (our scope was cancelled, or a
    nested ``@cancellable`` call's timeout let its `Cancelled` through), the
    hooks have run (the scope ran them while unwinding), so we record the
-   REVOKED state with the reason and raise `celery.exceptions.Ignore`, which
-   acknowledges the message and stops Celery from storing anything else.
+   REVOKED state with the reason (and the same for the parts of its canvas
+   that will now never be sent: `cancellable.celery._workflow`) and raise
+   `celery.exceptions.Ignore`, which acknowledges the message and stops
+   Celery from storing anything else.
    A ``self.retry()`` raised from a cancelled scope ends the same way (the
    retry message it sent is discarded on arrival: it carries the same id).
    Under ``task_always_eager`` there is no worker to honour `Ignore`, so we
@@ -47,7 +49,7 @@ from .._exceptions import Cancelled, CancelReason
 from .._log import logger
 from .._scope import _reason_fields
 from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
-from . import _delivery, _index, _interrupt, _ladder, _registry, _wakeup
+from . import _delivery, _index, _interrupt, _ladder, _registry, _wakeup, _workflow
 
 __all__ = ["claim"]
 
@@ -68,24 +70,19 @@ def claim() -> Callable[..., Any] | None:
     return functools.partial(_run_task, task, request)
 
 
-def mark_revoked(
-    backend: Any, task_id: str, reason: CancelReason, how: str | None = None, **options: Any
-) -> None:
-    """Store REVOKED with a `TaskRevokedError` that describes ``reason``.
-
-    Celery's own message for a revoke is "revoked"; ours starts the same way
-    and adds who and why: "revoked by alice: user pressed stop", and how it
-    ended when the ladder went past the cooperative step ("... (interrupted
-    after 1.0 s)").
-    """
-    text = reason.describe() if how is None else f"{reason.describe()} ({how})"
-    backend.mark_as_revoked(task_id, reason=text, **options)
-
-
 def _store_revoked(task: Any, request: Any, reason: CancelReason, how: str | None = None) -> None:
+    # REVOKED with a TaskRevokedError that describes the reason ("revoked by
+    # alice: user pressed stop") and, when the ladder went past the
+    # cooperative step, how it ended ("... (interrupted after 1.0 s)"); and
+    # the same reason for every part of the canvas this task would have sent
+    # (the rest of its chain, its links, its chord's body), which now never
+    # will be.
     store = not request.ignore_result or task.store_errors_even_if_ignored
+    message = reason.describe() if how is None else f"{reason.describe()} ({how})"
     try:
-        mark_revoked(task.backend, request.id, reason, how, request=request, store_result=store)
+        _workflow.revoke_member(
+            task.backend, request.id, reason, request, store_result=store, message=message
+        )
     except Exception as exc:  # noqa: BLE001 - the task must still end cleanly
         logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
 

@@ -23,6 +23,17 @@ its children, so ``worker_init`` creates the shared mailbox in time and
   discarded whenever one of its targets is live, whatever the size of
   Celery's revoked set; and Celery's discard stores the recorded reason
   instead of a bare "revoked".
+* **Workflows.**  ``cancel()`` can also send ``group`` and ``root`` targets
+  (under the extra argument ``cancellable_targets``); they are indexed and
+  delivered to every held task they match.  A ``root`` target also matches a
+  task that would send its id later (`cancellable.celery._workflow`); when
+  one does, the worker records the task's real root id as well
+  (`promote_workflow`), so the rest of that workflow matches by root id
+  everywhere.  A task discarded for a cancellation we know stores its
+  reason, does not report to its chord, and its unsent parts (rest of the
+  chain, links, chord body) are stored REVOKED.  The read-only control
+  command ``cancellable_members`` lists the held tasks some targets name
+  (for ``celery cancel --workflow``).
 * **Poller**, one thread per running worker, started at ``worker_init`` and
   stopped at ``worker_shutdown``: every 0.1 s it advances the forwards to
   prefork children (`_delivery.tick`); every ``cancellable_poll_interval``
@@ -57,8 +68,21 @@ from ..events import (
     LEDGER_POLL_FAILED,
     LEDGER_UNAVAILABLE,
     PREFORK_UNAVAILABLE,
+    TASK_RESULT_NOT_STORED,
 )
-from . import _api, _delivery, _index, _interrupt, _ladder, _ledger, _registry, _task, _wakeup
+from . import (
+    _api,
+    _delivery,
+    _failfast,
+    _index,
+    _interrupt,
+    _ladder,
+    _ledger,
+    _registry,
+    _task,
+    _wakeup,
+    _workflow,
+)
 from ._ledger import Target
 
 __all__ = ["DEFAULT_POLL_INTERVAL", "install"]
@@ -68,6 +92,9 @@ DEFAULT_POLL_INTERVAL: Final = 2.0
 
 #: Seconds between the poller's forwarding ticks.
 TICK: Final = 0.1
+
+#: The remote-control command that lists the held tasks some targets name.
+MEMBERS_COMMAND: Final = "cancellable_members"
 
 #: Seconds between purges of expired index entries.
 PURGE_EVERY: Final = 600.0
@@ -103,6 +130,18 @@ def _grace_from(payload: Any) -> float | None:
     return None
 
 
+def targets_from(payload: Any) -> list[Target]:
+    """The group and root targets `cancel()` sent along with a revoke (bad ones dropped)."""
+    targets: list[Target] = []
+    for item in payload if isinstance(payload, (list, tuple)) else ():
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            try:
+                targets.extend(_ledger.check_targets([(item[0], item[1])]))
+            except ValueError:
+                continue
+    return targets
+
+
 def deliver_targets(
     targets: Iterable[Target],
     grace: float | None = None,
@@ -126,6 +165,7 @@ def deliver_targets(
         held = list(worker_state.requests.copy()) + list(_registry.running_ids())
         task_ids = list(dict.fromkeys([*task_ids, *held]))
     delivered = 0
+    promoted: list[Target] = []
     for task_id in task_ids:
         if task_id not in worker_state.requests and _registry.running(task_id) is None:
             continue
@@ -138,7 +178,38 @@ def deliver_targets(
             name = getattr(request, "name", None) or getattr(request, "task_name", None)
             given = grace if graces is None else graces.get(task_id, grace)
             _ladder.start(task_id, reason, name, given)
+        if reason is not None and request is not None:
+            promoted.extend(promote_workflow(request, reason))
+    if promoted:
+        delivered += deliver_targets(promoted, grace, graces)
     return delivered
+
+
+def promote_workflow(request: Any, reason: CancelReason) -> list[Target]:
+    """Cancel a request's whole workflow when a root target names it by a member's id.
+
+    ``cancel(id, workflow=True)`` records ``("root", id)``.  A request that
+    matches it through its own id or a task it would send later (not
+    through its root id) tells us the workflow's real root id: we index it,
+    record it in the ledger, and return the new target so the caller
+    delivers it.  Its other members (the siblings of a group sent by a link
+    that finished) then match by their root id, here and on every other
+    worker.  Returns ``[]`` when there is nothing new.
+    """
+    _task_id, _group_id, root_id = _index.request_targets(request)
+    if not root_id or _index.index.has("root", root_id):
+        return []
+    if _index.index.match_workflow(request) is None:
+        return []
+    added = _index.index.add([("root", root_id)], reason)
+    if added:
+        app = _current_app()
+        if app is not None:
+            try:
+                _ledger.ledger_for(app).record(added, reason)
+            except _ledger.LedgerError as exc:
+                logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=[root_id])
+    return added
 
 
 def _on_revoke(
@@ -147,8 +218,10 @@ def _on_revoke(
     reason: CancelReason,
     from_cancel: bool,
     grace: float | None = None,
+    wide: Iterable[Target] = (),
 ) -> None:
     targets: list[Target] = [("task", task_id) for task_id in task_ids]
+    targets.extend(wide)
     _index.index.add(targets, reason)
     # Deliver every id this worker holds, even one indexed before: a second
     # revoke of a running task must not be a no-op if the first was missed.
@@ -185,6 +258,7 @@ def _wrap_revoke() -> None:
                     given or CancelReason(source="revoked"),
                     given is not None,
                     _grace_from(kwargs.get("cancellable_grace")),
+                    targets_from(kwargs.get("cancellable_targets")) if given else (),
                 )
             except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
                 logger.error(
@@ -207,32 +281,89 @@ def _patch_request() -> None:
     original_announce = Request._announce_revoked
 
     def revoked(self: Any) -> bool:
-        if (
-            not self._already_revoked
-            and self.id not in worker_state.revoked
-            and _index.index.match_request(self) is not None
-        ):
-            # Celery discards what its revoked set names; the index says so.
-            worker_state.revoked.add(self.id)
+        if not self._already_revoked and self.id not in worker_state.revoked:
+            reason = _index.index.match_request(self)
+            if reason is not None:
+                # Celery discards what its revoked set names; the index says so.
+                worker_state.revoked.add(self.id)
+                _promote_quietly(self, reason)
         return bool(original_revoked(self))
 
     def announce_revoked(
         self: Any, reason: str, terminated: bool, signum: Any, expired: bool
     ) -> Any:
+        recorded = None
+        text = reason
         if reason == "terminated" and terminated:
             # The ladder's last step: say why and after how long.
-            reason = _ladder.ending_of(self.id) or reason
+            ending = _ladder.ending_of(self.id)
+            if ending is not None:
+                text = ending
+                recorded = _index.index.match_request(self)
         elif reason == "revoked" and not terminated and not expired:
             recorded = _index.index.match_request(self)
             if recorded is not None:
-                reason = recorded.describe()
-        return original_announce(self, reason, terminated, signum, expired)
+                text = recorded.describe()
+            recorded = _index.index.match_request(self)
+        if recorded is None:
+            return original_announce(self, text, terminated, signum, expired)
+        # Discarded by a cancellation we know: store its reason, keep it out
+        # of its chord's count (the body is REVOKED below instead), and end
+        # what it would have sent.
+        context = self._context
+        chord = getattr(context, "chord", None)
+        context.chord = None
+        try:
+            return original_announce(self, text, terminated, signum, expired)
+        finally:
+            context.chord = chord
+            try:
+                _workflow.revoke_downstream(self.task.backend, context, recorded)
+            except Exception as exc:  # noqa: BLE001 - never break the consumer
+                logger.warning(
+                    TASK_RESULT_NOT_STORED, task_id=self.id, error=repr(exc), exc_info=exc
+                )
 
     revoked._cancellable_original = original_revoked  # type: ignore[attr-defined]
     announce_revoked._cancellable_original = original_announce  # type: ignore[attr-defined]
     revoked.__doc__ = original_revoked.__doc__
     Request.revoked = revoked
     Request._announce_revoked = announce_revoked
+
+
+def _promote_quietly(request: Any, reason: CancelReason) -> None:
+    # From Celery's consumer: a failure here must not stop the discard.
+    try:
+        added = promote_workflow(request, reason)
+        if added:
+            deliver_targets(added)
+    except Exception as exc:  # noqa: BLE001 - never break the consumer
+        logger.error(CANCEL_DELIVERY_FAILED, task_ids=[request.id], error=repr(exc), exc_info=exc)
+
+
+def _members(state: Any, targets: Any = None, **kwargs: Any) -> dict[str, list[Any]]:
+    """The tasks this worker holds that the given targets name.
+
+    ``{task id: ["active" | "reserved", parent id or None]}``.  A read-only
+    probe for ``celery cancel --workflow``: it indexes nothing.
+    """
+    probe = _index.TargetIndex()
+    probe.add(targets_from(targets), CancelReason(source="revoked"))
+    active = {request.id for request in list(worker_state.active_requests)}
+    found: dict[str, list[Any]] = {}
+    for task_id, request in list(worker_state.requests.items()):
+        if probe.match_request(request) is not None:
+            parent_id = getattr(request, "parent_id", None)
+            found[task_id] = [
+                "active" if task_id in active else "reserved",
+                parent_id if isinstance(parent_id, str) else None,
+            ]
+    return found
+
+
+def _register_members() -> None:
+    if MEMBERS_COMMAND not in Panel.data:
+        Panel.register(_members, name=MEMBERS_COMMAND, type="inspect")
 
 
 # --------------------------------------------------------------------------
@@ -478,6 +609,7 @@ def install() -> None:
             return
         _installed = True
         _wrap_revoke()
+        _register_members()
         _patch_request()
         _api.install_client_side()
         signals.worker_init.connect(_on_worker_init, weak=False)
@@ -490,3 +622,4 @@ def install() -> None:
                 after_in_child=_after_fork_in_child,
             )
         _decorator.register_task_runner(_task.claim)
+        _failfast.install()
