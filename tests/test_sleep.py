@@ -11,7 +11,7 @@ import time
 import pytest
 
 import cancellable
-from cancellable import Cancelled, CancelScope, _scope, _sleep, move_on_after, shield
+from cancellable import Cancelled, CancelScope, _scope, move_on_after, shield
 
 #: How late a wake-up may be on this shared machine (seconds).
 SLACK = 0.3
@@ -124,18 +124,18 @@ class TestSleep:
         assert {"other": True} == outcome
 
     def test_a_signal_handler_can_wake_it(self) -> None:
-        """A handler hands a cancel to the core and wakes sleepers: the sleep raises.
+        """A handler that hands a cancel to the core wakes the sleep, which raises.
 
         This is what the Celery wake-up signal does in a prefork child: the
-        handler may not take locks, so it queues the cancel with
-        ``request_slow_path`` and wakes the sleepers, whose checkpoint runs it.
+        handler may not take locks, so it only queues the cancel with
+        ``request_slow_path``; the core wakes the sleepers (they are one of
+        its slow-path wakers), and their checkpoint runs it.
         """
         began = time.monotonic()
         with CancelScope() as scope:
 
             def handler(signum: int, frame: object) -> None:
                 _scope.request_slow_path(lambda: scope.cancel("from a signal"))
-                _sleep.wake_sleepers()
 
             previous = signal.signal(signal.SIGALRM, handler)
             try:
@@ -156,7 +156,6 @@ class TestSleep:
 
             def handler(signum: int, frame: object) -> None:
                 _scope.request_slow_path(lambda: ran.append(True))
-                _sleep.wake_sleepers()
 
             previous = signal.signal(signal.SIGALRM, handler)
             try:

@@ -15,10 +15,12 @@ release it:
 
 * the scope's cancel callback (`CancelScope.add_cancel_callback`): a
   `~CancelScope.cancel` from another thread, or the deadline timer;
-* `wake_sleepers`, called by an integration's signal handler after it has
-  handed work to the core with `~cancellable._scope.request_slow_path` (the
-  Celery prefork wake-up signal): the waiter then runs a checkpoint, which
-  runs that work (the cancellation of this task) and raises;
+* `wake_sleepers`, which `~cancellable._scope.request_slow_path` calls
+  (it is registered with `~cancellable._scope.add_slow_path_waker`) whenever
+  work is handed to the core from a signal handler (the Celery prefork
+  wake-up signal) or the timer's OS thread under gevent: the waiter then
+  runs a checkpoint, which runs that work (the cancellation of this task)
+  and raises;
 * for `wait`, the event's own ``set()``: the waiter is put in the event's
   list of waiters, exactly as `threading.Condition.wait` does with its own.
 
@@ -36,7 +38,7 @@ import threading
 import time
 from typing import Any, Final
 
-from . import _config
+from . import _config, _scope
 from ._scope import CancelScope, checkpoint, current_scope
 
 __all__ = ["sleep", "wait", "wake_sleepers"]
@@ -91,14 +93,17 @@ _sleepers: Final[dict[_Waiter, None]] = {}
 def wake_sleepers() -> None:
     """Wake every `sleep` and `wait` in progress so each runs a checkpoint.
 
-    Safe from a signal handler: it takes no lock and does no I/O.  Call it
-    after `~cancellable._scope.request_slow_path`, so a task blocked in
-    `sleep` runs the handed-over work (and raises if it cancels its scope)
-    instead of sleeping on.  Waiters whose scope is not cancelled go back to
-    sleep.
+    Safe from a signal handler: it takes no lock and does no I/O.
+    `~cancellable._scope.request_slow_path` calls it after queueing work, so
+    a task blocked in `sleep` runs the handed-over work (and raises if it
+    cancels its scope) instead of sleeping on.  Waiters whose scope is not
+    cancelled go back to sleep.
     """
     for waiter in tuple(_sleepers):
         waiter.wake()
+
+
+_scope.add_slow_path_waker(wake_sleepers)
 
 
 def _seconds(value: float | None, name: str) -> float | None:

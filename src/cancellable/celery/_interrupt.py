@@ -101,8 +101,16 @@ def _safe_here(entry: _registry.RunningTask) -> bool:
         return False  # the boundary is opening or closing the window
     if _scope._lock._is_owned():  # type: ignore[attr-defined]  # RLock has it
         return False
-    innermost = getattr(_scope._local, "innermost", None)
-    return innermost is None or not innermost._shield
+    # No shield entered inside the task's scope (cleanup hooks run in one).
+    # This thread's own stack, read on this thread with the core's lock not
+    # held by it, so nobody is changing it under us.
+    return not _shielded_inside(entry.scope)
+
+
+def _shielded_inside(scope: _scope.CancelScope) -> bool:
+    """Whether a shield was entered above ``scope`` on its thread's stack."""
+    stack = scope._stack or []
+    return any(inner._shield for inner in stack[scope._depth + 1 :])
 
 
 def raise_if_asked() -> None:
@@ -195,9 +203,7 @@ def interrupt_thread(entry: _registry.RunningTask) -> bool:
         if not _scope._lock.acquire(blocking=False):
             return False  # a thread is inside the core: try at the next tick
         try:
-            stack = entry.scope._stack or []
-            shielded = any(scope._shield for scope in stack[entry.scope._depth + 1 :])
-            if shielded:
+            if _shielded_inside(entry.scope):
                 return False
             _landed.clear()
             _landing[entry.thread] = entry

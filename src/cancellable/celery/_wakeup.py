@@ -4,9 +4,9 @@ The main process sends the child a signal (``SIGURG`` by default) after
 writing a mailbox slot for a task the child holds.  The handler does the
 least a signal handler may: it asks the core to run the mailbox check at the
 next checkpoint (`cancellable._scope.request_slow_path` takes no lock and
-does no I/O), once, however many signals arrive before that checkpoint;
-wakes any `cancellable.sleep` or `cancellable.wait` in progress so that
-checkpoint happens now (`cancellable._sleep.wake_sleepers`, lock-free too);
+does no I/O), once, however many signals arrive before that checkpoint
+(the core then also wakes any `cancellable.sleep` or `cancellable.wait` in
+progress, and a task's waiting event loop, so that checkpoint happens now);
 and, last, calls the interrupt check, which raises `Cancelled` right in the
 handler if the task's grace is over (`cancellable.celery._interrupt`).  The
 solo pool installs the same handler in the worker's own process, whose main
@@ -31,7 +31,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from .. import _scope, _sleep
+from .. import _scope
 
 __all__ = ["available", "install", "installed_here", "set_signal", "signum", "wake"]
 
@@ -73,8 +73,8 @@ def _on_signal(number: int, frame: object) -> None:
     global _queued
     if not _queued:
         _queued = True
+        # Also wakes `cancellable.sleep` and `wait` (a waker of the core).
         _scope.request_slow_path(_run_callback)
-    _sleep.wake_sleepers()
     if _interrupt is not None:
         _interrupt()
 
