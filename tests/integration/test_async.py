@@ -123,6 +123,55 @@ def test_async_task_cancelled_while_awaiting_a_thread(shared_worker, keys: Keys,
     assert ["cleanup"] == keys.hooks("t")
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_async_first_link_of_a_cancelled_workflow(shared_worker, keys: Keys, pool):
+    """``cancel(chain, workflow=True)`` while its async first link awaits: the await is cancelled.
+
+    The first link sees CancelledError with the reason at its await (finally
+    and hook ran); it and the link that never ran both end REVOKED with it.
+    """
+    from celery import chain
+
+    from cancellable.celery import cancel
+
+    worker = shared_worker(pool=pool)
+    first = worker.app.signature(
+        "cit.async.sleep", args=(keys.key("t"),), options={"queue": worker.queue}, immutable=True
+    )
+    second = worker.app.signature(
+        "cit.async.echo", args=("never",), options={"queue": worker.queue}, immutable=True
+    )
+    result = chain(first, second).apply_async()
+    wait_for(lambda: keys.flag("t", "looping"), 20, message="the first link to await")
+
+    cancel(result, reason="report closed", workflow=True, app=worker.app)
+
+    assert_revoked(result.parent, "report closed")
+    assert_cancelled_at_await(keys, "t", "report closed")
+    assert_revoked(result, "report closed")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_async_task_cancelled_with_a_grace_stops_at_its_await(shared_worker, keys: Keys, pool):
+    """``cancel(grace=30)``: an awaiting async body is cancelled at once, not after the grace.
+
+    The grace only bounds how long the cooperative step may take; an await
+    is a cancellation point, so nothing escalates.
+    """
+    from cancellable.celery import cancel
+
+    worker = shared_worker(pool=pool)
+    result = start(worker, keys, "cit.async.sleep", "t")
+    began = time.monotonic()
+
+    cancel(result.id, reason="stop", grace=30, app=worker.app)
+
+    assert_revoked(result, "stop")
+    assert time.monotonic() - began < 10, "waited for the grace instead of stopping at the await"
+    assert "(interrupted" not in str(task_meta(result)["result"])
+    assert_cancelled_at_await(keys, "t", "stop")
+
+
 def _revoke_latencies_ms(worker: Worker, keys: Keys, task: str, rounds: int) -> list[float]:
     """revoke() -> the body sees the cancellation (CancelledError or Cancelled), per round."""
     latencies = []
