@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 # Lint only the source folders that exist (git does not keep empty ones).
 LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
 
-.PHONY: demo test lint typecheck docs unit unit-main unit-soak core-pythons bench clean
+.PHONY: demo test lint typecheck docs unit unit-main unit-integration unit-soak core-pythons bench clean
 
 # The demo needs only the package itself; the test tools come with `make test`.
 $(VENV)/.base: pyproject.toml
@@ -52,16 +52,22 @@ docs: $(VENV)/.installed
 
 # pytest exits 5 when it collected no tests; make treats that as a failure.
 # The soak (its own Redis server and workers) runs beside the rest of the
-# suite; each writes its own coverage data, combined for the one gate.
+# suite, and the integration tests (real workers, Redis database 13) beside
+# the other tests (database 12 and others): they share no database, and the
+# integration tests spend most of their time waiting on workers.  Each run
+# writes its own coverage data, combined for the one gate.
 COV := --cov=cancellable --cov-branch --cov-report=
 unit: $(VENV)/.installed
 	rm -f .coverage .coverage.*
-	$(MAKE) --no-print-directory --output-sync=target -j2 unit-main unit-soak
-	$(PY) -m coverage combine .coverage.main .coverage.soak
+	$(MAKE) --no-print-directory --output-sync=target -j3 unit-main unit-integration unit-soak
+	$(PY) -m coverage combine .coverage.main .coverage.integration .coverage.soak
 	$(PY) -m coverage report --fail-under=95
 
 unit-main: $(VENV)/.installed
-	COVERAGE_FILE=.coverage.main $(PY) -m pytest --ignore=tests/soak $(COV)
+	COVERAGE_FILE=.coverage.main $(PY) -m pytest --ignore=tests/soak --ignore=tests/integration $(COV)
+
+unit-integration: $(VENV)/.installed
+	COVERAGE_FILE=.coverage.integration $(PY) -m pytest tests/integration $(COV)
 
 unit-soak: $(VENV)/.installed
 	COVERAGE_FILE=.coverage.soak $(PY) -m pytest tests/soak $(COV)
