@@ -75,6 +75,38 @@ class TestRaiseIfAsked:
 
         assert entry.ended_by is None
 
+    def test_only_once_per_task(self, entry: _registry.RunningTask) -> None:
+        """After one interrupt, later signals do not land in the code that handles it."""
+        _interrupt.open_window(entry)
+        with pytest.raises(Cancelled):
+            _interrupt.raise_if_asked()
+        try:
+            _interrupt.raise_if_asked()  # e.g. in the body's finally block
+        finally:
+            _interrupt.close_window(entry)
+
+    def test_not_while_the_signal_interrupted_library_code(
+        self, entry: _registry.RunningTask
+    ) -> None:
+        """The frame the signal arrived in is cancellable's own: wait for the next signal.
+
+        A scope's ``__exit__`` before it takes the core's lock, or the run of
+        queued work, must not be cut in half; user code is fair game.
+        """
+        _interrupt.open_window(entry)
+        try:
+            _interrupt.raise_if_asked(sys._getframe().f_back)  # pytest's own frame: fair game
+        except Cancelled:
+            pass
+        else:
+            raise AssertionError("did not raise in user code")
+        entry.interruptible = True
+        library_frame = _frame_of(_scope.current_scope)
+        _interrupt.raise_if_asked(library_frame)
+        _interrupt.close_window(entry)
+
+        assert "cancellable._scope" == library_frame.f_globals["__name__"]
+
     def test_not_for_a_task_of_another_thread(self) -> None:
         """An entry running on another thread is never interrupted from this one."""
         ready = threading.Event()
@@ -117,6 +149,23 @@ class TestRaiseIfAsked:
                 _registry.unregister(entry)
 
         assert entry.ended_by is None
+
+
+def _frame_of(function: object) -> object:
+    """A real frame of ``function`` (its globals are those of its module)."""
+    frames: list[object] = []
+
+    def tracer(frame: object, event: str, arg: object) -> None:
+        if event == "call" and getattr(frame, "f_code", None) is getattr(function, "__code__", 0):
+            frames.append(frame)
+
+    previous = sys.getprofile()
+    sys.setprofile(tracer)
+    try:
+        function()  # type: ignore[operator]
+    finally:
+        sys.setprofile(previous)
+    return frames[0]
 
 
 def spin_in_task(

@@ -27,9 +27,17 @@ When it may land (both ways):
   thread that runs that task: a signal or request that arrives after the
   task ended, or while the thread already runs the next task, finds no
   match and does nothing;
-* never while the core holds its lock (`cancellable._scope._lock`), so it
-  cannot cut a scope's bookkeeping in half; never inside a shield (cleanup
-  hooks run inside one; a task's own shields are respected too).  The
+* at most once per task: the first one that lands closes the window, so
+  later signals never land in the ``finally`` blocks and cleanup that
+  handle it (a body that swallows it meets the terminate step instead);
+* never while the core holds its lock (`cancellable._scope._lock`), and, on
+  the signal path, never while the interrupted frame is this library's own
+  code (a scope's ``__exit__`` before it takes the lock, the run of queued
+  work), so it cannot cut a scope's bookkeeping in half; never inside a
+  shield (cleanup hooks run inside one; a task's own shields are respected
+  too).  An asynchronous exception cannot be aimed that finely: holding
+  the core's lock keeps it out of everything done under the lock, and the
+  few bytecodes outside it remain a (small) window in the threads pool.  The
   signal handler checks that on the spot and otherwise does nothing: the
   main process signals again at its next tick (0.1 s), so the interrupt is
   deferred, not lost.  For another thread, the caller takes the core lock
@@ -93,9 +101,22 @@ def _ending(delivered_at: float | None) -> str:
     return f"interrupted after {max(0.0, time.time() - delivered_at):.1f} s"
 
 
-def _safe_here(entry: _registry.RunningTask) -> bool:
+def _in_library_code(frame: object) -> bool:
+    """Whether ``frame`` (where a signal arrived) is this library's own code.
+
+    Its bookkeeping outside the core's lock (a scope's ``__exit__`` before
+    it takes the lock, the run of work queued by a signal handler) must not
+    be cut in half by an exception: the interrupt waits for the next signal.
+    """
+    name = getattr(frame, "f_globals", {}).get("__name__", "")
+    return isinstance(name, str) and (name == "cancellable" or name.startswith("cancellable."))
+
+
+def _safe_here(entry: _registry.RunningTask, frame: object = None) -> bool:
     # On the task's own thread (a signal handler on the main thread).
     if not entry.interruptible or entry.thread != threading.get_ident():
+        return False
+    if frame is not None and _in_library_code(frame):
         return False
     if entry.window_lock.locked():
         return False  # the boundary is opening or closing the window
@@ -113,7 +134,7 @@ def _shielded_inside(scope: _scope.CancelScope) -> bool:
     return any(inner._shield for inner in stack[scope._depth + 1 :])
 
 
-def raise_if_asked() -> None:
+def raise_if_asked(frame: object = None) -> None:
     """Raise `Cancelled` here if the worker asked to interrupt the task of this thread.
 
     Called from the wake-up signal handler, so on the main thread, between
@@ -138,8 +159,12 @@ def raise_if_asked() -> None:
             if found is None or box.step(found.slot) != INTERRUPT:
                 continue
             reason, delivered_at = found.reason, found.delivered_at
-        if not _safe_here(entry):
+        if not _safe_here(entry, frame):
             continue
+        # Once per task: later signals must not land in the code that
+        # handles this one (its ``finally`` blocks, its cleanup, the task
+        # boundary).  If the body swallows it, the terminate step follows.
+        entry.interruptible = False
         entry.ended_by = _ending(delivered_at)
         # The cooperative path (check_mailbox) is queued too, so the scope
         # becomes cancelled at the next checkpoint: cancellation stays sticky.
@@ -167,6 +192,7 @@ class _Interrupted(Cancelled):
             reason = entry.interrupt_reason or entry.scope.cancel_reason
         super().__init__(reason)
         if entry is not None:
+            entry.interruptible = False  # once per task, as in raise_if_asked
             entry.ended_by = _ending(entry.delivered_at)
             _landed.set()
 

@@ -54,6 +54,7 @@ from .._scope import _reason_fields
 from ..events import (
     CANCEL_ESCALATED,
     CANCEL_NOT_ESCALATED,
+    TASK_RESULT_NOT_STORED,
     TASK_TERMINATED,
     TERMINATE_AVERTED,
 )
@@ -156,15 +157,25 @@ def _resolve_grace(call_grace: float | None, task_grace: Any) -> float | None:
     return validate_seconds(value, "cancellable_grace")
 
 
+#: `_task_grace` for a task that is not ``@cancellable``: never on the ladder.
+_NOT_CANCELLABLE: Final = "not cancellable"
+
+
 def _task_grace(task_name: str | None) -> Any:
     # The task's @cancellable(grace=...), read from the task registry.
     if _app is None or task_name is None:
         return "default"
     task = _app.tasks.get(task_name)
+    if task is None:
+        return "default"
     run = getattr(task, "__wrapped__", None)
     options = getattr(run, "_self_cancellable_options", None)
     if options is None:  # a staticmethod around the wrapper (bind=False)
         options = getattr(getattr(run, "__func__", None), "_self_cancellable_options", None)
+    if options is None:
+        # A plain task: it has no task boundary to interrupt at, and Celery's
+        # own revoke handles it; signalling its child would only disturb it.
+        return _NOT_CANCELLABLE
     return getattr(options, "grace", "default")
 
 
@@ -174,8 +185,11 @@ def start(task_id: str, reason: CancelReason, task_name: str | None, grace: floa
     ``grace`` is the one given to `~cancellable.celery.cancel` (None: use
     the task's, then the app's).
     """
+    task_grace = _task_grace(task_name)
+    if task_grace == _NOT_CANCELLABLE:
+        return
     try:
-        resolved = _resolve_grace(grace, _task_grace(task_name))
+        resolved = _resolve_grace(grace, task_grace)
         kill_after = validate_seconds(
             _setting("cancellable_kill_after", DEFAULT_KILL_AFTER), "cancellable_kill_after"
         )
@@ -274,7 +288,10 @@ def _advance(rung: _Rung, request: Any, entry: _registry.RunningTask | None, now
     if rung.step == "interrupt":
         if rung.kill_after is not None and now - rung.interrupted_at >= rung.kill_after:
             if _pool_kind != "prefork":
+                # No process to kill: say so once, and keep trying to
+                # interrupt (a blocking call may return, and then it lands).
                 _not_escalated(rung, f"the {_pool_kind} pool cannot terminate a task")
+                _interrupt_step(rung, request, entry, now)
                 return
             rung.step = "terminate"
         else:
@@ -460,8 +477,19 @@ def _announce_terminated(hub: Any, request: Any) -> None:
     # Celery itself announces a terminate: store REVOKED, acknowledge, send
     # task_revoked.  When billiard later reports the job Terminated,
     # Celery sees it was announced already and does nothing more.
-    if not request._already_revoked:
-        request._announce_revoked("terminated", True, int(signal.SIGKILL), False)
+    # A failure here must not escape: kombu runs call_soon callbacks
+    # unguarded, and an exception would stop the worker's event loop.
+    try:
+        if not request._already_revoked:
+            request._announce_revoked("terminated", True, int(signal.SIGKILL), False)
+    except Exception as exc:  # noqa: BLE001 - log it; billiard still reports the job
+        logger.warning(
+            TASK_RESULT_NOT_STORED,
+            task_id=getattr(request, "id", None),
+            task_name=getattr(request, "type", None),
+            error=repr(exc),
+            exc_info=exc,
+        )
     # billiard replaces dead children when it next maintains the pool (a
     # 5 s timer); ask for it now, once the kernel has reaped the child.
     maintain = getattr(

@@ -115,7 +115,10 @@ def _run_task(
     _registry.register(entry)
     # Prefork: say "this child runs task_id" before the body can start (the
     # terminate step kills a stopped child only if it still says so).
-    table = _ladder.child_table()
+    # An eager task run inside another (``y.apply()`` in x's body) runs in
+    # x's process and thread: x stays the one its child's row names, so the
+    # terminate step still finds it there.
+    table = None if getattr(request, "is_eager", False) else _ladder.child_table()
     if table is not None:
         table.publish(task_id)
     _wakeup.ensure_installed()

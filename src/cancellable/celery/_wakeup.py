@@ -38,7 +38,7 @@ __all__ = ["available", "install", "installed_here", "set_signal", "signum", "wa
 _signum: int | None = getattr(signal, "SIGURG", None)
 _callback: Callable[[], object] | None = None
 #: Called last in the handler; may raise (the interrupt step).
-_interrupt: Callable[[], None] | None = None
+_interrupt: Callable[[object], None] | None = None
 #: Whether a mailbox check is already queued; the signal handler's one bit
 #: of state (a plain bool: set in the handler, cleared by the check).
 _queued = False
@@ -76,14 +76,17 @@ def _on_signal(number: int, frame: object) -> None:
         # Also wakes `cancellable.sleep` and `wait` (a waker of the core).
         _scope.request_slow_path(_run_callback)
     if _interrupt is not None:
-        _interrupt()
+        _interrupt(frame)
 
 
-def install(callback: Callable[[], object], interrupt: Callable[[], None] | None = None) -> None:
+def install(
+    callback: Callable[[], object], interrupt: Callable[[object], None] | None = None
+) -> None:
     """Install the handler in this process (a pool child, or a solo worker).
 
     ``callback`` checks the mailbox at the next checkpoint; ``interrupt``,
-    called in the handler itself, raises `Cancelled` when asked to.
+    called in the handler itself with the interrupted frame, raises
+    `Cancelled` when asked to.
     """
     global _callback, _interrupt
     _callback = callback

@@ -175,7 +175,9 @@ def deliver_targets(
             reason = _index.index.match(task_id)
         if reason is not None and _delivery.deliver(task_id, reason) != "none":
             delivered += 1
-            name = getattr(request, "name", None) or getattr(request, "task_name", None)
+            # The registered name (``type``), not a shadow name: the ladder
+            # looks the task's own grace up in the registry by it.
+            name = getattr(request, "type", None) or getattr(request, "task_name", None)
             given = grace if graces is None else graces.get(task_id, grace)
             _ladder.start(task_id, reason, name, given)
         if reason is not None and request is not None:
