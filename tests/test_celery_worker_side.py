@@ -560,6 +560,28 @@ class TestLedgerPoll:
         assert ["ledger.unavailable"] == [e["event"] for e in logs]
         assert "5-0" == _index.index.cursor
 
+    def test_a_group_target_from_the_ledger_keeps_its_grace(self, app: Celery) -> None:
+        """``cancel(group, grace=7)`` read from the ledger: the group's task is laddered at 7 s.
+
+        (A worker that missed the broadcast, or a busy solo worker, must honour
+        the grace the call gave, not fall back to the task's or the app's.)
+        """
+        from cancellable.celery import _ladder
+
+        group = str(uuid.uuid4())
+        _ledger.ledger_for(app).record([("group", group)], CancelReason(message="late"), 7.0)
+        with running("in-group", group=group) as entry:
+            try:
+                _worker._Poller(app).sync()
+                rung = _ladder.rungs().get("in-group")
+            finally:
+                with _ladder._lock:
+                    _ladder._rungs.pop("in-group", None)
+
+        assert entry.scope.cancel_called
+        assert rung is not None
+        assert 7.0 == rung.grace
+
     def test_a_group_target_reaches_a_held_request(self, box: Mailbox, messages: Messages) -> None:
         """A group target is delivered to the held request of that group, and only it."""
         group = str(uuid.uuid4())

@@ -434,6 +434,9 @@ class _Poller:
             added = _index.index.add_entries(entries)
             _index.index.cursor = cursor
             if added:
+                # The grace a cancel() gave travels in its entry: by task id
+                # for task targets, and for each group or root target, to
+                # every held task that target reaches.
                 graces = {
                     target_id: entry.grace
                     for entry in entries
@@ -441,7 +444,17 @@ class _Poller:
                     for kind, target_id in entry.targets
                     if kind == "task"
                 }
-                deliver_targets(added, graces=graces)
+                fresh = set(added)
+                wide: dict[float, list[Target]] = {}
+                for entry in entries:
+                    if entry.grace is not None:
+                        for target in entry.targets:
+                            if target[0] != "task" and target in fresh:
+                                wide.setdefault(entry.grace, []).append(target)
+                for grace, targets in wide.items():
+                    deliver_targets(targets, grace)
+                in_wide = {target for targets in wide.values() for target in targets}
+                deliver_targets([t for t in added if t not in in_wide], graces=graces)
 
 
 _poller: _Poller | None = None
