@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from cancellable import CancelReason
-from cancellable.celery import _ladder
+from cancellable import Cancelled, CancelReason, CancelScope
+from cancellable.celery import _interrupt, _ladder, _registry
 from cancellable.celery._childtable import ROW_SIZE, ChildTable
 from cancellable.celery._mailbox import KEY_SIZE, key_of
 from cancellable.events import CANCEL_NOT_ESCALATED
@@ -143,6 +144,10 @@ def _make_app() -> Any:
     def plain(self: Any) -> None:
         """A bound task without a grace of its own."""
 
+    @app.task(name="ladder-unit.undecorated")
+    def undecorated() -> None:
+        """A task without ``@cancellable``."""
+
     return app
 
 
@@ -205,6 +210,84 @@ class TestSettings:
         _ladder.tick()
 
         assert {} == _ladder.rungs()
+
+    def test_a_task_without_cancellable_is_never_on_the_ladder(self, app: Any) -> None:
+        """An undecorated task has no boundary to interrupt at: no rung, whatever the grace."""
+        app.conf.cancellable_grace = 1.0
+        _ladder.start("id-4", CancelReason(), "ladder-unit.undecorated", 5.0)
+
+        assert {} == _ladder.rungs()
+
+    def test_a_task_name_the_app_does_not_know_takes_the_calls_grace(self, app: Any) -> None:
+        """A name missing from the registry: the call's grace (then the app's) applies."""
+        _ladder.start("id-5", CancelReason(), "no.such.task", 2.0)
+        try:
+            rung = _ladder.rungs()["id-5"]
+        finally:
+            with _ladder._lock:
+                _ladder._rungs.clear()
+
+        assert 2.0 == rung.grace
+
+
+def _spin_as_a_pool_thread(
+    entries: list[Any], ready: threading.Event, outcome: dict[str, object], blocking: float
+) -> None:
+    """A threads-pool task: a blocking call, then a loop without checkpoints."""
+    with CancelScope() as scope:
+        entry = _registry.RunningTask(f"ladder-{threading.get_ident()}", "t", scope)
+        _registry.register(entry)
+        entries.append(entry)
+        _interrupt.open_window(entry)
+        try:
+            ready.set()
+            time.sleep(blocking)
+            end = time.monotonic() + 10
+            while time.monotonic() < end:
+                pass
+            outcome["finished"] = True
+        except Cancelled as exc:
+            outcome["cancelled"] = exc.reason
+        finally:
+            _interrupt.close_window(entry)
+            _registry.unregister(entry)
+
+
+class TestThreadsPool:
+    """The ladder in a threads-pool worker, on a real pool-like thread."""
+
+    def test_keeps_interrupting_after_kill_after_when_it_cannot_terminate(self, app: Any) -> None:
+        """Past ``kill_after`` the threads pool says it cannot terminate, and keeps trying.
+
+        The task is in a blocking call when the interrupt is first due (it
+        cannot land there); once the call returns, a later try lands.
+        """
+        app.conf.cancellable_kill_after = 0
+        entries: list[Any] = []
+        ready = threading.Event()
+        outcome: dict[str, object] = {}
+        thread = threading.Thread(
+            target=_spin_as_a_pool_thread, args=(entries, ready, outcome, 0.6), daemon=True
+        )
+        thread.start()
+        assert ready.wait(5)
+        reason = CancelReason(message="stop")
+        try:
+            with structlog.testing.capture_logs() as logs:
+                _ladder.start(entries[0].task_id, reason, "ladder-unit.plain", 0.0)
+                deadline = time.monotonic() + 8
+                while thread.is_alive() and time.monotonic() < deadline:
+                    _ladder.tick()
+                    time.sleep(0.05)
+        finally:
+            app.conf.pop("cancellable_kill_after", None)
+            thread.join(12)
+            with _ladder._lock:
+                _ladder._rungs.clear()
+
+        assert {"cancelled": reason} == outcome
+        whys = [e.get("why", "") for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
+        assert ["the threads pool cannot terminate a task"] == whys
 
 
 class TestStopped:
