@@ -575,3 +575,52 @@ class TestPlainRevokeIsDurable:
             app.control.revoke(str(uuid.uuid4()))
 
         assert "ledger.unavailable" in [e["event"] for e in logs]
+
+
+class TestCommandLine:
+    """``celery cancel`` (`cancellable.celery._cli.cancel`) run in-process with click's runner.
+
+    A real app on Redis DB 12; no worker is online, so every id is unknown.
+    """
+
+    @staticmethod
+    def invoke(app: Celery, *args: str) -> Any:
+        """Run the command with ``app`` as Celery's CLI would hand it over."""
+        from celery.bin.base import CLIContext
+        from click.testing import CliRunner
+
+        from cancellable.celery._cli import cancel as command
+
+        context = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
+        return CliRunner().invoke(command, list(args), obj=context, catch_exceptions=False)
+
+    def test_a_negative_grace_is_a_usage_error(self, app: Celery) -> None:
+        """``--grace -1``: a clear error and a non-zero exit, nothing recorded."""
+        outcome = self.invoke(app, "some-id", "--grace", "-1", "--wait", "0", "--timeout", "0.2")
+
+        assert outcome.exit_code != 0
+        assert "grace" in outcome.output
+        assert [] == recorded(app)
+
+    def test_an_unknown_id_is_recorded_and_exits_1(self, app: Celery) -> None:
+        """No worker knows the id: reported unknown, recorded with the grace, exit status 1."""
+        outcome = self.invoke(
+            app, "queued-id", "--reason", "typo", "--grace", "2", "--wait", "0", "--timeout", "0.2"
+        )
+
+        assert 1 == outcome.exit_code, outcome.output
+        assert "unknown" in outcome.output
+        (entry,) = recorded(app)
+        assert [("task", "queued-id")] == list(entry.targets)
+        assert 2.0 == entry.grace
+
+    def test_an_unreachable_broker_is_one_clear_line(self) -> None:
+        """A broker that does not answer: a ClickException naming it, nothing else."""
+        app = private_app("redis://127.0.0.1:1/0")
+        try:
+            outcome = self.invoke(app, "any-id", "--wait", "0", "--timeout", "0.2")
+        finally:
+            app.close()
+
+        assert outcome.exit_code != 0
+        assert "Traceback" not in outcome.output

@@ -299,6 +299,42 @@ class TestInterruptThread:
         assert not landed
         assert {"finished": True} == outcome
 
+    def test_not_inside_a_shield_of_the_task(self) -> None:
+        """The task's code runs inside a shield (its own, or cleanup): no attempt."""
+        entries: list[_registry.RunningTask] = []
+        ready = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def task() -> None:
+            # The entry's scope is entered first; the shield goes inside it.
+            with CancelScope() as scope:
+                entry = _registry.RunningTask(f"task-{threading.get_ident()}", "t", scope)
+                entry.interrupt_reason = REASON
+                _registry.register(entry)
+                entries.append(entry)
+                _interrupt.open_window(entry)
+                try:
+                    with shield():
+                        ready.set()
+                        end = time.monotonic() + 0.5
+                        while time.monotonic() < end:
+                            pass
+                        outcome["finished"] = True
+                except Cancelled as exc:
+                    outcome["cancelled"] = exc.reason
+                finally:
+                    _interrupt.close_window(entry)
+                    _registry.unregister(entry)
+
+        thread = threading.Thread(target=task)
+        thread.start()
+        ready.wait(5)
+        landed = _interrupt.interrupt_thread(entries[0])
+        thread.join(5)
+
+        assert not landed
+        assert {"finished": True} == outcome
+
     def test_not_after_the_body(self) -> None:
         """Once the window is closed the entry is never interrupted."""
         with CancelScope() as scope:
