@@ -679,3 +679,43 @@ class TestPollerLifecycle:
             "pollers alive": left,
             "reads after the last stop": late_reads,
         }
+
+
+class TestBroadcastPayload:
+    """What the revoke interceptor takes from a `cancel()` broadcast, and what it drops."""
+
+    def test_targets_keep_the_valid_ones(self) -> None:
+        """Group and root targets pass; malformed items are dropped, not raised."""
+        payload = [
+            ["group", "g-1"],
+            ("root", "r-1"),
+            ["no-such-kind", "x"],
+            ["group"],
+            "group:g-2",
+            ["root", ""],
+        ]
+
+        assert [("group", "g-1"), ("root", "r-1")] == _worker.targets_from(payload)
+        assert [] == _worker.targets_from(None)
+        assert [] == _worker.targets_from({"group": "g"})
+
+    @pytest.mark.parametrize(
+        ("payload", "expected"),
+        [(0, 0.0), (2, 2.0), (0.5, 0.5), (-1, None), (float("inf"), None), (float("nan"), None),
+         (True, None), ("3", None), (None, None)],
+    )  # fmt: skip
+    def test_grace_is_a_finite_number_of_seconds(self, payload: object, expected: object) -> None:
+        """The grace travels as a number; anything else (or inf, NaN, < 0) is no grace."""
+        assert expected == _worker._grace_from(payload)
+
+    def test_mailbox_slots_follow_prefetch_and_concurrency(self) -> None:
+        """Slots: prefetch plus one per child plus headroom; unlimited prefetch is capped."""
+        app = Celery("slots", set_as_current=False)
+        sender = AttributeDict(concurrency=2)
+        app.conf.worker_prefetch_multiplier = 3
+        assert 2 * 3 + 2 + 16 == _worker._mailbox_slots(sender, app)
+        app.conf.worker_prefetch_multiplier = 0
+        assert 1 << 30 == _worker._mailbox_slots(sender, app)
+        app.conf.worker_prefetch_multiplier = -5
+        assert 2 * 4 + 2 + 16 == _worker._mailbox_slots(sender, app)
+        assert _worker._mailbox_slots(AttributeDict(concurrency=None), app) > 16

@@ -48,6 +48,7 @@ its children, so ``worker_init`` creates the shared mailbox in time and
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -125,7 +126,9 @@ def _reason_from(payload: Any) -> CancelReason | None:
 
 def _grace_from(payload: Any) -> float | None:
     """The grace `cancel()` sent along with a revoke (None: not given, or invalid)."""
-    if isinstance(payload, (int, float)) and not isinstance(payload, bool) and payload >= 0:
+    # The same rule as cancel()'s own check: a finite number >= 0.
+    number = isinstance(payload, (int, float)) and not isinstance(payload, bool)
+    if number and math.isfinite(payload) and payload >= 0:
         return float(payload)
     return None
 
