@@ -13,7 +13,7 @@ and the kill.
 Layout: one row per pool *index* (billiard gives each child an index from 0
 to concurrency - 1, and a replacement child takes the index of the child it
 replaces), so a child only ever writes its own row and rows never need
-allocating.  A row is ``[u32 pid][40-byte task key]``
+allocating.  A row is ``[u32 pid][u8 busy][40-byte task key]``
 (`cancellable.celery._mailbox.KEY_SIZE`, the same key as the mailbox).
 
 Invariants (the child is the only writer of its row):
@@ -23,10 +23,12 @@ Invariants (the child is the only writer of its row):
   blanks it *before* it can take another task (the task boundary,
   `cancellable.celery._task`).  A stopped child whose row names task X is
   therefore inside X's boundary, and nothing else.
-* A torn read (a child stopped in the middle of writing its key) cannot
-  name the cancelled task unless that task is the one the child runs: keys
+* The child sets its row's busy byte before it writes the key and clears
+  it after, so a child stopped in the middle of writing is seen as busy
+  (`ChildTable.busy`), and the main process asks again later rather than
+  read a blend (a task id cut short can equal another, shorter id).  Keys
   go from blank to a key and back to blank, never from one key straight to
-  another, and a blend of a key and blanks never equals a different key.
+  another.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ from ._mailbox import KEY_SIZE, key_of
 __all__ = ["ChildTable"]
 
 _PID: Final = struct.Struct("<I")
-ROW_SIZE: Final = _PID.size + KEY_SIZE
+#: Offset of the busy byte, then of the key, in a row.
+_BUSY: Final = _PID.size
+_KEY: Final = _BUSY + 1
+ROW_SIZE: Final = _KEY + KEY_SIZE
 #: Rows in the table: pool indexes at or above this cannot be terminated
 #: race-free (the ladder then stops at the interrupt step, and says so).
 ROWS: Final = 1024
@@ -67,21 +72,25 @@ class ChildTable:
             return False
         self.row = index
         at = index * ROW_SIZE
-        self._map[at + _PID.size : at + ROW_SIZE] = _BLANK
+        self._map[at + _BUSY] = 0
+        self._map[at + _KEY : at + ROW_SIZE] = _BLANK
         _PID.pack_into(self._map, at, os.getpid())
         return True
 
     def publish(self, task_id: str) -> None:
         """Say that this child runs ``task_id`` from now on (before its body starts)."""
-        if self.row is not None:
-            at = self.row * ROW_SIZE + _PID.size
-            self._map[at : at + KEY_SIZE] = key_of(task_id)
+        self._write(key_of(task_id))
 
     def clear(self) -> None:
         """Say that this child runs no task (before it can take another one)."""
+        self._write(_BLANK)
+
+    def _write(self, key: bytes) -> None:
         if self.row is not None:
-            at = self.row * ROW_SIZE + _PID.size
-            self._map[at : at + KEY_SIZE] = _BLANK
+            at = self.row * ROW_SIZE
+            self._map[at + _BUSY] = 1
+            self._map[at + _KEY : at + ROW_SIZE] = key
+            self._map[at + _BUSY] = 0
 
     # -- the main process (reader) -----------------------------------------
 
@@ -91,18 +100,23 @@ class ChildTable:
         Only meaningful while that child is stopped: then the answer holds
         until it is continued.
         """
-        key = key_of(task_id)
+        at = self._row_of(pid)
+        return at is not None and self._map[at + _KEY : at + ROW_SIZE] == key_of(task_id)
+
+    def busy(self, pid: int) -> bool:
+        """Whether the child ``pid`` was stopped while writing its row (read it again later)."""
+        at = self._row_of(pid)
+        return at is not None and self._map[at + _BUSY] != 0
+
+    def knows(self, pid: int) -> bool:
+        """Whether the child ``pid`` has a row (it can be terminated race-free)."""
+        return self._row_of(pid) is not None
+
+    def _row_of(self, pid: int) -> int | None:
+        # The offset of the row of child ``pid``, or None.
         for row in range(ROWS):
             at = row * ROW_SIZE
             (row_pid,) = _PID.unpack_from(self._map, at)
             if row_pid == pid:
-                return self._map[at + _PID.size : at + ROW_SIZE] == key
-        return False
-
-    def knows(self, pid: int) -> bool:
-        """Whether the child ``pid`` has a row (it can be terminated race-free)."""
-        for row in range(ROWS):
-            (row_pid,) = _PID.unpack_from(self._map, row * ROW_SIZE)
-            if row_pid == pid:
-                return True
-        return False
+                return at
+        return None

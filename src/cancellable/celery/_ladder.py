@@ -390,7 +390,8 @@ def stop_check_kill(
     group is killed with its whole group (what the task started, too).
     Returns ``"killed"``, ``"moved_on"`` (the child runs something else, or
     is gone: it was continued, untouched) or ``"retry"`` (it could not be
-    seen stopped within `STOP_WAIT`: continued).
+    seen stopped within `STOP_WAIT`, or it was stopped in the middle of
+    writing its row: continued).
     """
     try:
         os.kill(pid, signal.SIGSTOP)
@@ -408,6 +409,8 @@ def stop_check_kill(
             if time.monotonic() >= deadline:
                 return "retry"
             time.sleep(0.0005)
+        if table.busy(pid):
+            return "retry"  # stopped mid-write of its row: look again next tick
         if not table.runs(pid, task_id):
             return "moved_on"
         if before_kill is not None:
