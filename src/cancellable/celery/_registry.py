@@ -32,8 +32,6 @@ class RunningTask:
     delivered_at: float | None = None
     #: The thread running the task (`threading.get_ident`).
     thread: int = field(default_factory=threading.get_ident)
-    #: The task's own ``@cancellable(grace=...)`` (``"default"``: the app's).
-    grace: float | str | None = "default"
     #: True while the task's body runs: the only time it may be interrupted
     #: (see `cancellable.celery._interrupt`).  Written by the task's thread
     #: under ``window_lock``.

@@ -111,7 +111,6 @@ def _run_task(
     scope._log_fields = {"task_id": task_id, "task_name": task.name}
     _id, group_id, root_id = _index.request_targets(request)
     entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
-    entry.grace = options.grace
     _registry.register(entry)
     # Prefork: say "this child runs task_id" before the body can start (the
     # terminate step kills a stopped child only if it still says so).
