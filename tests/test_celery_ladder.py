@@ -347,3 +347,57 @@ class TestStopped:
 
         assert (False, True, True) == (running, stopped, by_waitid)
         assert _ladder._stopped(pid) is None
+
+    def test_a_zombie_is_gone_and_a_stranger_cannot_be_asked(self) -> None:
+        """A dead, unreaped child reads as gone (None); waitid on a process that is not our
+        child cannot tell (None), rather than raise."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os._exit(0)
+        deadline = time.monotonic() + 5
+        while _ladder._stopped(pid) is not None:  # running, then a zombie
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.001)
+        reap(pid)
+
+        assert _ladder._stopped_waitid(1) is None  # init: not our child
+        assert _ladder._stopped(pid) is None  # reaped: no /proc entry
+
+
+class TestTerminateStep:
+    """When the terminate step cannot act, it says so and leaves the process alone."""
+
+    def test_a_gone_process_has_moved_on(self) -> None:
+        """Stopping a pid that no longer exists: "moved_on", nothing raised."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os._exit(0)
+        reap(pid)
+
+        assert "moved_on" == _ladder.stop_check_kill(ChildTable(), pid, "t")
+
+    def test_no_table_or_no_row_is_unavailable(self) -> None:
+        """Outside a prefork worker (no table), or for a pid without a row: "unavailable"."""
+        saved = _ladder._table
+        try:
+            _ladder._table = None
+            assert "unavailable" == _ladder.terminate(os.getpid(), "t")
+            _ladder._table = ChildTable()
+            assert "unavailable" == _ladder.terminate(os.getpid(), "t")
+        finally:
+            _ladder._table = saved
+
+    def test_a_greenlet_pool_cannot_interrupt_and_says_so_once(self) -> None:
+        """gevent/eventlet: the interrupt step logs "cannot interrupt a greenlet", once."""
+        rung = _ladder._Rung("g-1", "t", CancelReason(message="x"), time.monotonic(), 0.0, None)
+        saved = _ladder._pool_kind
+        try:
+            _ladder._pool_kind = "gevent"
+            with structlog.testing.capture_logs() as logs:
+                _ladder._interrupt_step(rung, None, None, time.monotonic())
+                _ladder._interrupt_step(rung, None, None, time.monotonic())
+        finally:
+            _ladder._pool_kind = saved
+
+        whys = [e["why"] for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
+        assert ["the gevent pool cannot interrupt a greenlet"] == whys
