@@ -286,3 +286,50 @@ class TestWait:
 
         assert scope.cancelled_caught
         assert time.monotonic() - began < 0.1 + 0.05 + SLACK
+
+
+class TestEdges:
+    """Zero timeouts and event objects without `threading.Event`'s internals."""
+
+    def test_zero_seconds_in_a_scope_returns_at_once(self) -> None:
+        """``sleep(0)`` in a live scope returns without blocking (and checks once)."""
+        with CancelScope():
+            began = time.monotonic()
+            cancellable.sleep(0)
+        assert time.monotonic() - began < SLACK
+
+    def test_an_event_set_while_joining_returns_true(self) -> None:
+        """The event is set by another thread at once: the wait sees it and returns True."""
+        event = threading.Event()
+        threading.Timer(0.01, event.set).start()
+        with CancelScope():
+            assert cancellable.wait(event, timeout=5)
+
+    def test_an_event_like_object_is_waited_on_in_slices(self) -> None:
+        """An object with only ``is_set`` and ``wait`` (no Condition inside): a timeout
+        returns False, a set returns True, and a cancel still raises."""
+
+        class Flag:
+            """The least an event must offer."""
+
+            def __init__(self) -> None:
+                self._flag = threading.Event()  # hidden: no `_cond` on Flag itself
+
+            def is_set(self) -> bool:
+                return self._flag.is_set()
+
+            def wait(self, timeout: float | None = None) -> bool:
+                return self._flag.wait(timeout)
+
+            def set(self) -> None:
+                self._flag.set()
+
+        flag = Flag()
+        with CancelScope():
+            assert not cancellable.wait(flag, timeout=0.12)  # type: ignore[arg-type]
+            threading.Timer(0.02, flag.set).start()
+            assert cancellable.wait(flag, timeout=5)  # type: ignore[arg-type]
+        with CancelScope() as scope:
+            threading.Timer(0.05, scope.cancel, args=("stop",)).start()
+            cancellable.wait(Flag(), timeout=5)  # type: ignore[arg-type]
+        assert scope.cancelled_caught
