@@ -30,6 +30,33 @@ HERE = Path(__file__).resolve().parent
 START_TIMEOUT = 60.0
 
 
+def log_tail(logfile: Path, lines: int = 15) -> str:
+    """The end of a worker's log file, for error messages."""
+    try:
+        text = logfile.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "no log"
+    return "log tail:\n" + "\n".join(text)
+
+
+def stop_process_group(proc: subprocess.Popen[Any] | None) -> None:
+    """Stop a worker started in its own session, and every process of its group.
+
+    SIGTERM first (a warm shutdown, up to 10 s), then SIGKILL to the group:
+    pool children may outlive the main process.
+    """
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 class WorkerError(RuntimeError):
     """A worker did not start, or died."""
 
@@ -139,27 +166,12 @@ class Worker:
 
     def tail(self, lines: int = 15) -> str:
         """The end of the worker's log, for error messages."""
-        try:
-            text = self.logfile.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return "no log"
-        return "log tail:\n" + "\n".join(text)
+        return log_tail(self.logfile, lines)
 
     def stop(self) -> None:
         """Stop the worker and every process of its group; idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        if proc is not None:
-            # Pool children may outlive the main process: kill the whole group.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
         if self.broker_url.startswith("amqp"):
             self._delete_amqp_entities()
         if self._app is not None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_REDIS_URL, log, measured, percentile, selected, skipped
+from _workers import log_tail, stop_process_group
 
 HERE = Path(__file__).resolve().parent
 TIMES = "\u00d7"  # multiplication sign
@@ -186,24 +186,12 @@ class DramatiqWorker:
 
     def tail(self, lines: int = 15) -> str:
         """The end of the worker's log, for error messages."""
-        try:
-            text = self.logfile.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return "no log"
-        return "log tail:\n" + "\n".join(text)
+        return log_tail(self.logfile, lines)
 
     def stop(self) -> None:
         """Stop the worker and every process of its group; idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
         if self._actor is not None:
             self._actor.broker.close()
             self._actor = None
