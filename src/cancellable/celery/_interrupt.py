@@ -101,15 +101,37 @@ def _ending(delivered_at: float | None) -> str:
     return f"interrupted after {max(0.0, time.time() - delivered_at):.1f} s"
 
 
-def _in_library_code(frame: object) -> bool:
-    """Whether ``frame`` (where a signal arrived) is this library's own code.
+#: Modules of this library whose frames may be on the stack when an interrupt
+#: lands: they only call the task's code (the decorator, the task boundary,
+#: the async runner) or wait (`cancellable.sleep`), and an exception there
+#: unwinds the way a `Cancelled` from a checkpoint does.  Every other module
+#: of the library does bookkeeping that must not be cut in half.
+_CALLS_OUT: Final = frozenset(
+    {
+        "cancellable._decorator",
+        "cancellable._async",
+        "cancellable._sleep",
+        "cancellable.celery._task",
+    }
+)
 
-    Its bookkeeping outside the core's lock (a scope's ``__exit__`` before
-    it takes the lock, the run of work queued by a signal handler) must not
-    be cut in half by an exception: the interrupt waits for the next signal.
+
+def _in_library_code(frame: object) -> bool:
+    """Whether the stack at ``frame`` (where a signal arrived) is inside our bookkeeping.
+
+    True if ``frame`` or any frame that called it belongs to this library,
+    other than the modules of `_CALLS_OUT`: a scope's ``__exit__`` before
+    it takes the lock, the run of work queued by a signal handler (and the
+    standard library code it calls: a mailbox read decodes JSON).  The
+    interrupt then waits for the next signal.
     """
-    name = getattr(frame, "f_globals", {}).get("__name__", "")
-    return isinstance(name, str) and (name == "cancellable" or name.startswith("cancellable."))
+    while frame is not None:
+        name = getattr(frame, "f_globals", {}).get("__name__", "")
+        ours = isinstance(name, str) and (name == "cancellable" or name.startswith("cancellable."))
+        if ours and name not in _CALLS_OUT:
+            return True
+        frame = getattr(frame, "f_back", None)
+    return False
 
 
 def _safe_here(entry: _registry.RunningTask, frame: object = None) -> bool:
