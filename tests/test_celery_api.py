@@ -624,3 +624,17 @@ class TestCommandLine:
 
         assert outcome.exit_code != 0
         assert "Traceback" not in outcome.output
+
+    def test_without_an_app_the_current_one_is_used(self, app: Celery) -> None:
+        """``cancel(id)`` with no app and no result object: Celery's current app records it."""
+        from celery import _state
+
+        previous = _state.get_current_app()
+        app.set_current()
+        try:
+            cc.cancel("current-app-id", reason="no app given")
+        finally:
+            previous.set_current()
+
+        (entry,) = recorded(app)
+        assert [("task", "current-app-id")] == list(entry.targets)

@@ -401,3 +401,33 @@ class TestTerminateStep:
 
         whys = [e["why"] for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
         assert ["the gevent pool cannot interrupt a greenlet"] == whys
+
+
+class TestChildTableEdges:
+    """The child table outside its normal use: no row, rows out of range, unknown pids."""
+
+    def test_a_pool_index_out_of_range_gets_no_row(self) -> None:
+        """Indexes beyond the table cannot be terminated race-free: no row, writes ignored."""
+        from cancellable.celery._childtable import ROWS
+
+        table = ChildTable()
+        assert not table.claim(ROWS)
+        assert not table.claim(-1)
+        assert table.row is None
+        table.publish("t")  # no row: nothing written
+        table.clear()
+        assert not table.knows(os.getpid())
+        assert not table.busy(os.getpid())
+        assert not table.runs(os.getpid(), "t")
+
+    def test_a_claimed_row_says_what_runs(self) -> None:
+        """publish / clear as the task boundary does; never busy between writes."""
+        table = ChildTable()
+        assert table.claim(3)
+        table.publish("task-a")
+        assert table.runs(os.getpid(), "task-a")
+        assert not table.runs(os.getpid(), "task-b")
+        assert not table.busy(os.getpid())
+        table.clear()
+        assert not table.runs(os.getpid(), "task-a")
+        assert table.knows(os.getpid())
