@@ -431,3 +431,33 @@ class TestChildTableEdges:
         table.clear()
         assert not table.runs(os.getpid(), "task-a")
         assert table.knows(os.getpid())
+
+
+def test_a_child_that_cannot_be_stopped_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Terminate keeps failing to see the child stopped (uninterruptible sleep): after
+    `MAX_STOP_TRIES` ticks the ladder gives up, says so once, and stops holding up the poller.
+
+    (The terminate step itself is replaced: a process in uninterruptible
+    sleep cannot be made to order; what is tested is the ladder's counting.)
+    """
+    calls: list[int] = []
+    monkeypatch.setattr(_ladder, "terminate", lambda pid, *rest: calls.append(pid) or "retry")
+    rung = _ladder._Rung("d-1", "t", CancelReason(message="x"), time.monotonic(), 0.0, 0.0)
+    rung.step = "terminate"
+
+    class Held:
+        """Only what the terminate step reads of a held request: its child's pid."""
+
+        worker_pid = 4242
+
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(_ladder.MAX_STOP_TRIES + 5):
+            if rung.step == "done":
+                break
+            _ladder._advance(rung, Held(), None, time.monotonic())
+
+    assert [4242] * _ladder.MAX_STOP_TRIES == calls
+    assert "done" == rung.step
+    whys = [e["why"] for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
+    assert 1 == len(whys)
+    assert "could not be stopped" in whys[0]

@@ -75,7 +75,12 @@ __all__ = [
 DEFAULT_KILL_AFTER: Final = 10.0
 
 #: How long `terminate` waits for a stopped child to be reported stopped.
-STOP_WAIT: Final = 1.0
+#: A child normally is within a millisecond; one in uninterruptible sleep
+#: (disk or NFS I/O) is not until that ends.  The wait holds up the
+#: worker's poller (every other delivery), so it is short, and retried at
+#: the next tick, at most `MAX_STOP_TRIES` times for one task.
+STOP_WAIT: Final = 0.05
+MAX_STOP_TRIES: Final = 20
 
 #: Seconds between two interrupt attempts on a pool thread (each may hold
 #: the core's lock for up to `~cancellable.celery._interrupt.LAND_WAIT`).
@@ -95,6 +100,8 @@ class _Rung:
     interrupted_at: float = 0.0
     last_try: float = 0.0
     warned: bool = False
+    #: Terminate attempts whose child could not be seen stopped in time.
+    stop_tries: int = 0
 
 
 _rungs: dict[str, _Rung] = {}
@@ -310,6 +317,15 @@ def _advance(rung: _Rung, request: Any, entry: _registry.RunningTask | None, now
         elif outcome == "unavailable":
             rung.step = "done"
             _not_escalated(rung, "the child has no row in the child table")
+        else:  # "retry"
+            rung.stop_tries += 1
+            if rung.stop_tries >= MAX_STOP_TRIES:
+                rung.step = "done"
+                _not_escalated(
+                    rung,
+                    f"the child could not be stopped in {MAX_STOP_TRIES} tries "
+                    "(uninterruptible sleep?); left running",
+                )
 
 
 def _interrupt_step(
