@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import signal as signal_module
 import warnings
 from collections.abc import Iterable
@@ -115,14 +116,20 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
 _MAX_CLIMB = 10_000
 
 
-def _top(node: Any) -> Any:
-    """The first result of the workflow ``node`` is part of (climbing ``.parent``)."""
+def _lineage(node: Any) -> list[Any]:
+    """``node``, then the results before it (its ``.parent``, and theirs), first task last."""
+    path = [node]
     for _ in range(_MAX_CLIMB):
-        parent = getattr(node, "parent", None)
+        parent = getattr(path[-1], "parent", None)
         if parent is None:
             break
-        node = parent
-    return node
+        path.append(parent)
+    return path
+
+
+def _top(node: Any) -> Any:
+    """The first result of the workflow ``node`` is part of."""
+    return _lineage(node)[-1]
 
 
 def _collect_workflow(node: Any, plan: _Plan) -> None:
@@ -162,14 +169,12 @@ def _leaf_ids(node: Any) -> list[str]:
         for member in node.results or ():
             ids.extend(_leaf_ids(member))
         return ids
-    ids = [node.id]
-    parent = getattr(node, "parent", None)
-    for _ in range(_MAX_CLIMB):
-        if parent is None or _is_group_result(parent):
-            break
-        ids.append(parent.id)
-        parent = getattr(parent, "parent", None)
-    return ids
+    # The chain that ends at this task, up to the group it started in.
+    return [step.id for step in itertools.takewhile(_is_task_result, _lineage(node))]
+
+
+def _is_task_result(node: Any) -> bool:
+    return not _is_group_result(node)
 
 
 def _unsent(tree: Any) -> list[str]:
@@ -181,12 +186,7 @@ def _unsent(tree: Any) -> list[str]:
     cancellation it never will be.  Reads one state per node climbed (a
     group's members until the first that has not succeeded).
     """
-    path = [tree]
-    for _ in range(_MAX_CLIMB):
-        parent = getattr(path[-1], "parent", None)
-        if parent is None:
-            break
-        path.append(parent)
+    path = _lineage(tree)
     for i in range(len(path) - 1, 0, -1):
         if not _succeeded(path[i]):
             ids: list[str] = []
