@@ -508,12 +508,6 @@ CASES: tuple[Case, ...] = (
         setup=_setup_hooks,
     ),
     Case(
-        "checkpoint.with_form",
-        "`with checkpoint(): pass` inside a live scope (checks on entry and exit)",
-        "with checkpoint():\n    pass",
-        setup=_setup_live,
-    ),
-    Case(
         "checkpoint.eight_threads",
         f"checkpoint() in a live scope while {OTHER_THREADS} other threads, each in its own "
         "scope, loop on checkpoint(); CPU time of the measuring thread",

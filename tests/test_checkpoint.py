@@ -1,4 +1,4 @@
-"""Tests for checkpoint(), ``with checkpoint():``, is_cancelled() and request_slow_path()."""
+"""Tests for checkpoint(), is_cancelled() and request_slow_path()."""
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
 
@@ -29,7 +29,7 @@ class TestOutsideScopes:
         for _ in range(3):
             checkpoint()
 
-        assert _scope._CHECKPOINT_CONTEXT is checkpoint()
+        assert checkpoint() is None
 
     def test_is_cancelled_is_false(self):
         """Outside any scope, is_cancelled() is False."""
@@ -51,8 +51,6 @@ class TestOutsideScopes:
         assert cancelled.wait(5)
         pending = _scope._pending
         checkpoint()
-        with checkpoint():
-            pass
         answer = is_cancelled()
         release.set()
         runner.result()
@@ -71,8 +69,6 @@ class TestHotPath:
         monkeypatch.setattr(_scope, "_slow_checkpoint", slow)
         with CancelScope():
             checkpoint()
-            with checkpoint():
-                pass
             result = is_cancelled()
 
         assert not result
@@ -138,50 +134,14 @@ class TestHotPath:
         assert outer.cancelled_caught
 
 
-class TestWithCheckpoint:
-    def test_checks_on_entry(self):
-        """``with checkpoint():`` raises before the body when already cancelled."""
-        ran = []
+class TestNoContextManagerForm:
+    def test_with_checkpoint_fails_loudly(self):
+        """checkpoint() returns None: ``with checkpoint():`` is an error, not a silent no-op."""
         with CancelScope() as scope:
-            scope.cancel()
-            with checkpoint():
-                ran.append("body")  # pragma: no cover - must not run
+            assert checkpoint() is None
+            with pytest.raises((TypeError, AttributeError)), checkpoint():  # type: ignore[attr-defined]
+                pass  # pragma: no cover - the with statement fails first
 
-        assert [] == ran
-        assert scope.cancelled_caught
-
-    def test_checks_on_exit(self):
-        """A cancellation during the body raises when the block ends."""
-        ran = []
-        with CancelScope() as scope:
-            with checkpoint():
-                scope.cancel()
-                ran.append("body")
-            ran.append("unreachable")  # pragma: no cover - must not run
-
-        assert ["body"] == ran
-        assert scope.cancelled_caught
-
-    def test_does_not_replace_a_propagating_exception(self):
-        """An exception leaving the block is not replaced by Cancelled."""
-        scope = CancelScope()
-
-        def cancel_then_fail():
-            with scope, checkpoint():
-                scope.cancel()
-                raise KeyError("original")
-
-        with pytest.raises(KeyError, match="original"):
-            cancel_then_fail()
-
-        assert not scope.cancelled_caught
-
-    def test_quiet_when_not_cancelled(self):
-        """Without cancellation, ``with checkpoint():`` is transparent."""
-        with CancelScope() as scope, checkpoint() as value:
-            pass
-
-        assert value is None
         assert not scope.cancel_called
 
 
@@ -244,6 +204,20 @@ class TestThreadIndependence:
         assert (True, False, False) == runner_b.result()
         assert runner_a.result() is True
 
+    def test_first_checkpoint_of_a_thread_runs_shared_work(self, spawn):
+        """A thread's very first checkpoint still runs work queued for every thread."""
+        ran_on = []
+
+        def fresh_thread():
+            checkpoint()
+            return threading.get_ident()
+
+        request_slow_path(lambda: ran_on.append(threading.get_ident()))
+        fresh_ident = spawn(fresh_thread).result()
+
+        assert [fresh_ident] == ran_on
+        assert not _scope._pending
+
     def test_other_threads_answer_without_the_slow_path(self, spawn, monkeypatch):
         """While A's scope is cancelled, B's checkpoints return without calling the slow path.
 
@@ -269,8 +243,6 @@ class TestThreadIndependence:
 
         def fresh_thread():
             checkpoint()
-            with checkpoint():
-                pass
             return is_cancelled()
 
         runner_a = spawn(thread_a)
@@ -291,9 +263,8 @@ class TestThreadIndependence:
         assert not fresh_answer
         assert not answer
         assert not mine.cancel_called
-        # Only `with checkpoint():` on exit goes to the slow path (it is not
-        # hot); the plain calls never did.
-        assert 1 == len(own_thread_calls)
+        # Neither the fresh thread nor this one went to the slow path.
+        assert [] == own_thread_calls
 
     def test_cancelling_another_threads_scope_reaches_it(self, spawn):
         """A cancel from this thread reaches a scope another thread is looping in."""

@@ -17,7 +17,10 @@ The hot path
 
 `checkpoint` must cost about as much as an empty function call.  It has one
 body, and while nothing is pending that body tests exactly one module global,
-``_pending``, and returns.  ``_pending`` is False unless something in this
+``_pending``, and returns None.  It keeps no local variable and returns no
+object, since on CPython 3.11+ either costs every call a tenth of an empty
+call (which is why there is no ``with checkpoint():`` form: see
+``docs/design.md``).  ``_pending`` is False unless something in this
 process could make a checkpoint raise:
 
 * some entered scope (on any thread) has been cancelled, or
@@ -29,8 +32,10 @@ for this thread".  That is what every *other* thread sees between one
 thread's scope being cancelled and that thread reaching its cleanup, so it
 must stay cheap: one read of ``_shared_work`` (deferred work or probes,
 which concern every thread), one read of this thread's innermost scope from
-``_local`` and one slot read of that scope's ``_effective_reason``.  Only if
-one of them says so do we call `_slow_checkpoint`, which does the work and
+``_local`` and one slot read of that scope's ``_effective_reason`` (and,
+only while some ``async def`` call is bound, of the context variable
+`_bound`).  Only if one of them says so do we call `_slow_checkpoint`,
+which does the work and
 raises.  A cancellation on one thread therefore makes other threads'
 checkpoints a little slower but never makes them raise: a thread only ever
 looks at its own innermost scope.  The cleanup itself, which may take
@@ -228,7 +233,11 @@ def _run_deferred() -> None:
 def _init_thread() -> list[CancelScope]:
     # First use of this module on the calling thread: give it an empty stack
     # and no innermost scope (invariant 4).  Afterwards both attributes exist
-    # for this thread, so the reads below never raise again.
+    # for this thread, so the reads below never raise again.  (A subclass of
+    # threading.local with an __init__ would save the callers their
+    # try/except, but every read of its attributes costs about 120
+    # instructions more, a third of an empty call, on the checkpoint's
+    # pending path.)
     stack: list[CancelScope] = []
     _local.stack = stack
     _local.innermost = None
@@ -323,38 +332,22 @@ def current_scope() -> CancelScope | None:
 # The hot path.
 
 
-class _CheckpointContext:
-    """What ``checkpoint()`` returns, so ``with checkpoint():`` also checks on exit."""
+class _NoScope:
+    """What the hot path reads instead of None: "no scope here, nothing to raise"."""
 
     __slots__ = ()
-
-    def __enter__(self) -> None:
-        # The call to checkpoint() that produced us already checked on entry.
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # Do not replace an exception that is already propagating.
-        if exc_type is None and _pending:
-            _slow_checkpoint()
+    _effective_reason: Final = None
 
 
-_CHECKPOINT_CONTEXT: Final = _CheckpointContext()
+_NO_SCOPE: Final = _NoScope()
 
 
-def checkpoint() -> _CheckpointContext:
+def checkpoint() -> None:
     """Raise `Cancelled` if the calling thread's innermost scope is cancelled.
 
     Call it in loops and between steps of long work.  It never blocks and
     never does I/O: while nothing in the process is cancelled it costs about
     what calling an empty function costs.  Outside any scope it never raises.
-
-    Used as a context manager, ``with checkpoint(): ...`` checks when the
-    block starts and again when it ends without an exception.
 
     Raises:
         Cancelled: The innermost scope is effectively cancelled (it or an
@@ -362,27 +355,39 @@ def checkpoint() -> _CheckpointContext:
 
     .. versionadded:: 0.1.0
     """
-    # Hot path: while nothing is pending, one global load and a branch.  Keep
-    # it that way; everything that does work belongs in _slow_checkpoint.
+    # Hot path: while nothing is pending, one global load, a branch and the
+    # implicit ``return None``.  Keep it that way: anything that does work
+    # belongs in _slow_checkpoint.
+    #
+    # This function has no local variable on purpose.  On CPython 3.11+ the
+    # frame sets up each local on every call, branch taken or not: one local
+    # here cost 30-40 instructions, a tenth of an empty call.  Returning an
+    # object (which ``with checkpoint():`` would need) costs about as much:
+    # a second global load.  See "No local variables" in docs/design.md.
     if _pending:
-        # Something in the process is pending, most often another thread's
-        # cancelled scope.  Say "nothing for this thread" here, in three
-        # cheap reads (invariants 1 and 4), rather than in _slow_checkpoint:
-        # a second call would cost as much as all of them.  Reading a stale
-        # value is fine: it is the answer a moment earlier.
+        # Most often another thread's scope is cancelled.  Say "nothing for
+        # this thread" here, in cheap reads (invariants 1 and 4), rather than
+        # in _slow_checkpoint: a second call would cost as much as all of
+        # them.  Reading a stale value is fine: it is the answer a moment
+        # earlier.  ``or _NO_SCOPE`` stands in for "outside any scope"
+        # without a local.  Inside a @cancellable coroutine (or a thread it
+        # started) the answer is the bound scope's, which only
+        # _slow_checkpoint resolves; that context-variable read happens only
+        # while such a call runs somewhere in the process.
         try:
-            scope = _local.innermost
-        except AttributeError:  # first checkpoint on this thread
+            if not (
+                _shared_work
+                or (_local.innermost or _NO_SCOPE)._effective_reason is not None
+                or (_bindings_live and _bound.get() is not None)
+            ):
+                return
+        except AttributeError:
+            # This thread's first checkpoint: it has entered no scope, so
+            # only the other two tests can concern it.
             _init_thread()
-            scope = None
-        if _bindings_live and _bound.get() is not None:
-            # In a @cancellable coroutine (or a thread it started): one
-            # context-variable read more, only while such a call runs
-            # somewhere in the process and something is pending.
-            scope = _resolve(scope)
-        if _shared_work or (scope is not None and scope._effective_reason is not None):
-            _slow_checkpoint()
-    return _CHECKPOINT_CONTEXT
+            if not (_shared_work or (_bindings_live and _bound.get() is not None)):
+                return
+        _slow_checkpoint()
 
 
 def _slow_checkpoint() -> None:
@@ -409,9 +414,14 @@ def is_cancelled() -> bool:
 
     .. versionadded:: 0.1.0
     """
-    # The same shape as checkpoint(); probes count checkpoints only.
-    if not _pending:
-        return False
+    # The same shape as checkpoint(), and for the same reason no local
+    # variable; probes count checkpoints only.
+    if _pending:
+        return _slow_is_cancelled()
+    return False
+
+
+def _slow_is_cancelled() -> bool:
     if _deferred:
         _run_deferred()
     scope = current_scope()

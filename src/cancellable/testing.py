@@ -78,8 +78,7 @@ def cancel_after(
     *n*-th one raises `~cancellable.Cancelled`, and the scope catches it
     like any scope catches its own cancellation, so execution continues
     after the ``with`` block.  `~cancellable.is_cancelled` calls do not
-    count; ``with checkpoint():`` counts twice (it checks on entry and on
-    exit).
+    count.
 
     Args:
         n: Which checkpoint raises; 1 means the first.
