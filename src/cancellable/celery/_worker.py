@@ -309,7 +309,6 @@ def _patch_request() -> None:
             recorded = _index.index.match_request(self)
             if recorded is not None:
                 text = recorded.describe()
-            recorded = _index.index.match_request(self)
         if recorded is None:
             return original_announce(self, text, terminated, signum, expired)
         # Discarded by a cancellation we know: store its reason, keep it out
