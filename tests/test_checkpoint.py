@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import os
 import signal
 import sys
@@ -12,8 +14,10 @@ import threading
 import pytest
 
 from cancellable import (
+    Cancelled,
     CancelScope,
     _scope,
+    cancellable,
     checkpoint,
     current_scope,
     is_cancelled,
@@ -137,12 +141,116 @@ class TestHotPath:
 class TestNoContextManagerForm:
     def test_with_checkpoint_fails_loudly(self):
         """checkpoint() returns None: ``with checkpoint():`` is an error, not a silent no-op."""
-        with CancelScope() as scope:
+        with CancelScope():
             assert checkpoint() is None
+            # TypeError from 3.11 on, AttributeError (__enter__) on 3.10.
             with pytest.raises((TypeError, AttributeError)), checkpoint():  # type: ignore[attr-defined]
                 pass  # pragma: no cover - the with statement fails first
 
-        assert not scope.cancel_called
+
+class TestPendingPathEdges:
+    """The "nothing for this thread" test inside checkpoint(), case by case."""
+
+    @staticmethod
+    def _hold_cancelled_scope(spawn):
+        # Another thread's cancelled scope keeps the flag up until released.
+        cancelled = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with CancelScope() as scope:
+                scope.cancel("another thread")
+                cancelled.set()
+                assert release.wait(5)
+
+        runner = spawn(hold)
+        assert cancelled.wait(5)
+        return release, runner
+
+    def test_attribute_error_from_inside_the_test_propagates(self, monkeypatch, spawn):
+        """An AttributeError raised during the test (as a signal handler may) is not
+        mistaken for a thread's first use: it propagates and the stack stays intact."""
+
+        class RaisingVar:
+            def get(self):
+                raise AttributeError("raised by a signal handler")
+
+        release, runner = self._hold_cancelled_scope(spawn)
+        try:
+            with CancelScope() as mine:
+                monkeypatch.setattr(_scope, "_bindings_live", 1)
+                monkeypatch.setattr(_scope, "_bound", RaisingVar())
+                with pytest.raises(AttributeError, match="signal handler"):
+                    checkpoint()
+                monkeypatch.undo()
+                stack = list(_scope._get_stack())
+                innermost = current_scope()
+        finally:
+            release.set()
+            runner.result()
+
+        assert [mine] == stack
+        assert mine is innermost
+
+    def test_bound_coroutine_answers_without_the_slow_path(self, monkeypatch, spawn):
+        """In a @cancellable coroutine, while another thread's scope is cancelled, the
+        checkpoint answers from the bound scope in place; cancelling that scope raises."""
+        slow_calls = []
+        real_slow = _scope._slow_checkpoint
+
+        def counting_slow():
+            slow_calls.append(1)
+            real_slow()
+
+        @cancellable
+        async def work():
+            for _ in range(50):
+                checkpoint()
+            quiet = len(slow_calls)
+            scope = current_scope()
+            assert scope is not None
+            scope.cancel("the coroutine's own")
+            checkpoint()
+            return quiet  # pragma: no cover - the checkpoint raised
+
+        release, runner = self._hold_cancelled_scope(spawn)
+        monkeypatch.setattr(_scope, "_slow_checkpoint", counting_slow)
+        try:
+            with pytest.raises(Cancelled, match="the coroutine's own"):
+                asyncio.run(work())
+        finally:
+            release.set()
+            runner.result()
+
+        assert [1] == slow_calls
+
+    def test_first_checkpoint_of_a_thread_in_a_bound_context_raises(self):
+        """A fresh thread running in a cancelled coroutine's context: its very first
+        library call, a checkpoint, raises Cancelled."""
+        seen = []
+
+        def helper():
+            try:
+                checkpoint()
+            except Cancelled as exc:
+                seen.append(str(exc))
+
+        @cancellable
+        async def work():
+            scope = current_scope()
+            assert scope is not None
+            scope.cancel("stop the fresh thread")
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(helper,))
+            thread.start()
+            thread.join(5)
+            assert not thread.is_alive()
+            checkpoint()
+
+        with pytest.raises(Cancelled):
+            asyncio.run(work())
+
+        assert 1 == len(seen)
+        assert "stop the fresh thread" in seen[0]
 
 
 class TestIsCancelled:

@@ -33,11 +33,11 @@ thread's scope being cancelled and that thread reaching its cleanup, so it
 must stay cheap: one read of ``_shared_work`` (deferred work or probes,
 which concern every thread), one read of this thread's innermost scope from
 ``_local`` and one slot read of that scope's ``_effective_reason`` (and,
-only while some ``async def`` call is bound, of the context variable
-`_bound`).  Only if one of them says so do we call `_slow_checkpoint`,
-which does the work and
-raises.  A cancellation on one thread therefore makes other threads'
-checkpoints a little slower but never makes them raise: a thread only ever
+only while some ``async def`` call is bound, the context variable `_bound`
+and the bound scope's answer, through `_resolve`).  Only if one of them
+says so do we call `_slow_checkpoint`, which does the work and raises.  A
+cancellation on one thread therefore makes other threads' checkpoints a
+little slower but never makes them raise: a thread only ever
 looks at its own innermost scope.  The cleanup itself, which may take
 seconds, does not slow the others: while hooks run under their shield the
 cancelled scopes below it are set aside from the count (invariant 2), and
@@ -55,8 +55,8 @@ Coroutines
 The scope of an ``async def`` call (``_async``) is *detached*: entered, but
 on no thread's stack, since it lives across awaits while other coroutines
 use the same thread.  Checkpoints find it through the context variable
-`_bound` (see `_Binding`), read only on the medium path and only while
-``_bindings_live`` says some such call runs.  `CancelScope.add_cancel_callback`
+`_bound` (see `_Binding` and `_resolve`), read only while the flag is up
+and ``_bindings_live`` says some such call runs.  `CancelScope.add_cancel_callback`
 lets it cancel its asyncio task: `_recalculate` collects the callbacks of
 scopes that just became effectively cancelled and its caller runs them with
 `_fire` after releasing ``_lock``.
@@ -370,22 +370,34 @@ def checkpoint() -> None:
         # in _slow_checkpoint: a second call would cost as much as all of
         # them.  Reading a stale value is fine: it is the answer a moment
         # earlier.  ``or _NO_SCOPE`` stands in for "outside any scope"
-        # without a local.  Inside a @cancellable coroutine (or a thread it
-        # started) the answer is the bound scope's, which only
-        # _slow_checkpoint resolves; that context-variable read happens only
-        # while such a call runs somewhere in the process.
+        # without a local (CancelScope defines neither __bool__ nor __len__,
+        # so a scope is always true here).  Inside a @cancellable coroutine
+        # (or a thread it started) the answer is the bound scope's, which
+        # _resolve finds; that context-variable read happens only while such
+        # a call runs somewhere in the process.
         try:
             if not (
                 _shared_work
                 or (_local.innermost or _NO_SCOPE)._effective_reason is not None
-                or (_bindings_live and _bound.get() is not None)
+                or (
+                    _bindings_live
+                    and _bound.get() is not None
+                    and (_resolve(_local.innermost) or _NO_SCOPE)._effective_reason is not None
+                )
             ):
                 return
         except AttributeError:
+            if "innermost" in _local.__dict__:
+                # Not the first-use miss below: the read succeeded, so this
+                # came from a signal handler that ran during the test.
+                raise
             # This thread's first checkpoint: it has entered no scope, so
-            # only the other two tests can concern it.
+            # only deferred work, probes or a bound coroutine can concern it.
             _init_thread()
-            if not (_shared_work or (_bindings_live and _bound.get() is not None)):
+            if not (
+                _shared_work
+                or (_bindings_live and (_resolve(None) or _NO_SCOPE)._effective_reason is not None)
+            ):
                 return
         _slow_checkpoint()
 

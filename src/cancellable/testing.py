@@ -140,8 +140,8 @@ class CheckpointCounter:
 def count_checkpoints() -> Iterator[CheckpointCounter]:
     """Count the checkpoints the calling thread reaches inside the block.
 
-    Checkpoints count inside and outside cancel scopes; ``with
-    checkpoint():`` counts twice, `~cancellable.is_cancelled` not at all.
+    Checkpoints count inside and outside cancel scopes;
+    `~cancellable.is_cancelled` calls do not count.
     Use it to check that a loop really checks for cancellation::
 
         with count_checkpoints() as counter:
