@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 # Lint only the source folders that exist (git does not keep empty ones).
 LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
 
-.PHONY: demo test lint typecheck docs unit unit-main unit-integration unit-soak core-pythons bench clean
+.PHONY: demo test lint typecheck docs unit unit-main unit-integration unit-integration-a unit-integration-b unit-soak core-pythons bench clean
 
 # The demo needs only the package itself; the test tools come with `make test`.
 $(VENV)/.base: pyproject.toml
@@ -52,22 +52,37 @@ docs: $(VENV)/.installed
 
 # pytest exits 5 when it collected no tests; make treats that as a failure.
 # The soak (its own Redis server and workers) runs beside the rest of the
-# suite, and the integration tests (real workers, Redis database 13) beside
-# the other tests (database 12 and others): they share no database, and the
+# suite, and the integration tests (real workers) beside the other tests
+# (database 12 and others), in two halves: one on Redis database 13, the
+# other on 15 (tests/redis_dbs.py).  They share no database, and the
 # integration tests spend most of their time waiting on workers.  Each run
 # writes its own coverage data, combined for the one gate.
 COV := --cov=cancellable --cov-branch --cov-report=
+INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_start.py \
+	tests/integration/test_crash.py tests/integration/test_faults.py \
+	tests/integration/test_harness.py tests/integration/test_ladder.py \
+	tests/integration/test_running.py
+INTEGRATION_B := tests/integration/test_logging.py tests/integration/test_pools.py \
+	tests/integration/test_scale.py tests/integration/test_workflows.py
 unit: $(VENV)/.installed
 	rm -f .coverage .coverage.*
-	$(MAKE) --no-print-directory --output-sync=target -j3 unit-main unit-integration unit-soak
-	$(PY) -m coverage combine .coverage.main .coverage.integration .coverage.soak
+	$(MAKE) --no-print-directory --output-sync=target -j4 unit-main unit-integration-a unit-integration-b unit-soak
+	$(PY) -m coverage combine .coverage.main .coverage.integration-a .coverage.integration-b .coverage.soak
 	$(PY) -m coverage report --fail-under=95
 
 unit-main: $(VENV)/.installed
 	COVERAGE_FILE=.coverage.main $(PY) -m pytest --ignore=tests/soak --ignore=tests/integration $(COV)
 
+# The whole integration suite in one run (database 13), for working on it.
 unit-integration: $(VENV)/.installed
 	COVERAGE_FILE=.coverage.integration $(PY) -m pytest tests/integration $(COV)
+
+unit-integration-a: $(VENV)/.installed
+	COVERAGE_FILE=.coverage.integration-a $(PY) -m pytest $(INTEGRATION_A) $(COV)
+
+unit-integration-b: $(VENV)/.installed
+	CANCELLABLE_TEST_INTEGRATION_DB=15 COVERAGE_FILE=.coverage.integration-b \
+		$(PY) -m pytest $(INTEGRATION_B) $(COV)
 
 unit-soak: $(VENV)/.installed
 	COVERAGE_FILE=.coverage.soak $(PY) -m pytest tests/soak $(COV)

@@ -1,8 +1,8 @@
 """The Redis the test suite uses, and which of its databases each part owns.
 
 One setting: ``CANCELLABLE_TEST_REDIS`` (default ``redis://127.0.0.1:6379``),
-the server without a database number.  The suite **empties** databases 12
-and 13 of it and writes to 11 and 14:
+the server without a database number.  The suite **empties** databases 12,
+13 and 15 of it and writes to 11 and 14:
 
 ====  ==========================================  ============================
  DB   used by                                     emptied
@@ -11,9 +11,15 @@ and 13 of it and writes to 11 and 14:
  12   unit tests of the Celery integration        before and after each test
  13   integration tests (real workers)            once per session
  14   benchmarks and their smoke tests            by the benchmarks, per round
+ 15   the second half of the integration tests,   once per session
+      when ``make unit`` runs the two halves
+      side by side
 ====  ==========================================  ============================
 
-The soak test starts a Redis server of its own on a private port.  This
+``make unit`` gives the second half its database through
+``CANCELLABLE_TEST_INTEGRATION_DB=15``, an internal switch of the Makefile
+(each half then has its own session lock and data).  The soak test starts a
+Redis server of its own on a private port.  This
 module must not import `cancellable`: the integration harness imports it.
 """
 
@@ -26,7 +32,7 @@ __all__ = ["BASE", "DEMO_DB", "INTEGRATION_DB", "UNIT_DB", "url"]
 BASE = os.environ.get("CANCELLABLE_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
 DEMO_DB = 11
 UNIT_DB = 12
-INTEGRATION_DB = 13
+INTEGRATION_DB = int(os.environ.get("CANCELLABLE_TEST_INTEGRATION_DB", "13"))
 
 
 def url(db: int) -> str:

@@ -60,6 +60,12 @@ def rabbit_consumer_count(queue: str) -> int:
         return int(conn.channel().queue_declare(queue, passive=True).consumer_count)
 
 
+def finished_on(worker: Worker, task_id: str) -> bool:
+    """The worker answered inspect and no longer lists ``task_id`` as active."""
+    replies = worker.inspect().active() or {}
+    return worker.name in replies and all(r["id"] != task_id for r in replies[worker.name])
+
+
 def awaiting_redelivery(worker: Worker, task_id: str) -> bool:
     """True once the broker holds the message for redelivery."""
     if worker.broker == "redis":
@@ -156,6 +162,11 @@ def test_acks_late_task_stopped_at_checkpoint_is_acknowledged(make_worker, keys:
 
     result.revoke()
     assert_revoked(result, "revoked")
+    # REVOKED is written by the child; the main process acknowledges when it
+    # handles the child's result.  Kill only after that, or the test races
+    # the ack (the main process answers inspect only between two handlers).
+    wait_for(lambda: finished_on(worker, result.id), 10,
+             message="the worker's main process to finish the task")  # fmt: skip
     worker.kill9()
 
     assert ["cleanup"] == keys.hooks("t")

@@ -1,0 +1,34 @@
+"""The way ``make unit`` runs the suite: no integration test is left out."""
+
+# style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _make_list(text: str, name: str) -> list[str]:
+    joined = text.replace("\\\n", " ")
+    match = re.search(rf"^{name} := (.*)$", joined, re.MULTILINE)
+    assert match is not None, f"{name} is not defined in the Makefile"
+    return match.group(1).split()
+
+
+def test_the_two_integration_halves_run_every_integration_file_once() -> None:
+    """``make unit`` runs the integration tests in two halves, which together name
+    every ``tests/integration/test_*.py`` exactly once: a new file cannot be skipped."""
+    makefile = (ROOT / "Makefile").read_text()
+    first = _make_list(makefile, "INTEGRATION_A")
+    second = _make_list(makefile, "INTEGRATION_B")
+    files = sorted(
+        path.relative_to(ROOT).as_posix() for path in (ROOT / "tests/integration").glob("test_*.py")
+    )
+
+    assert files == sorted(first + second)
+    assert len(first + second) == len(set(first + second))
+    assert (
+        "unit-integration-a unit-integration-b" in makefile.split("\nunit:", 1)[1].split("\n\n")[0]
+    )
