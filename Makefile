@@ -77,11 +77,13 @@ unit-main: $(VENV)/.installed
 unit-integration: $(VENV)/.installed
 	COVERAGE_FILE=.coverage.integration $(PY) -m pytest tests/integration $(COV)
 
+# Each half names its database, whatever the caller's environment says.
 unit-integration-a: $(VENV)/.installed
-	COVERAGE_FILE=.coverage.integration-a $(PY) -m pytest $(INTEGRATION_A) $(COV)
+	CANCELLABLE_TEST_INTEGRATION_DB=13 CIT_REDIS_URL= COVERAGE_FILE=.coverage.integration-a \
+		$(PY) -m pytest $(INTEGRATION_A) $(COV)
 
 unit-integration-b: $(VENV)/.installed
-	CANCELLABLE_TEST_INTEGRATION_DB=15 COVERAGE_FILE=.coverage.integration-b \
+	CANCELLABLE_TEST_INTEGRATION_DB=15 CIT_REDIS_URL= COVERAGE_FILE=.coverage.integration-b \
 		$(PY) -m pytest $(INTEGRATION_B) $(COV)
 
 unit-soak: $(VENV)/.installed

@@ -2,11 +2,13 @@
 
 One setting: ``CANCELLABLE_TEST_REDIS`` (default ``redis://127.0.0.1:6379``),
 the server without a database number.  The suite **empties** databases 12,
-13 and 15 of it and writes to 11 and 14:
+13 and 15 of it and writes to 10, 11 and 14:
 
 ====  ==========================================  ============================
  DB   used by                                     emptied
 ====  ==========================================  ============================
+ 10   the test that a busy session lock fails     no (one key, 60 s expiry)
+      fast (``test_harness.py``)
  11   the demo test (``--broker redis://.../11``)  no (it only adds keys)
  12   unit tests of the Celery integration        before and after each test
  13   integration tests (real workers)            once per session

@@ -29,6 +29,21 @@ def test_the_two_integration_halves_run_every_integration_file_once() -> None:
 
     assert files == sorted(first + second)
     assert len(first + second) == len(set(first + second))
-    assert (
-        "unit-integration-a unit-integration-b" in makefile.split("\nunit:", 1)[1].split("\n\n")[0]
-    )
+    assert "unit-integration-a unit-integration-b" in _recipe(makefile, "unit")
+    recipe_a = _recipe(makefile, "unit-integration-a")
+    recipe_b = _recipe(makefile, "unit-integration-b")
+    assert "$(INTEGRATION_A)" in recipe_a
+    assert "$(INTEGRATION_B)" in recipe_b
+    # Each half has a database of its own (its own session lock and data).
+    db_a = re.search(r"CANCELLABLE_TEST_INTEGRATION_DB=(\d+)", recipe_a)
+    db_b = re.search(r"CANCELLABLE_TEST_INTEGRATION_DB=(\d+)", recipe_b)
+    assert db_a is not None
+    assert db_b is not None
+    assert db_a.group(1) != db_b.group(1)
+
+
+def _recipe(makefile: str, target: str) -> str:
+    # The target's line and its recipe, up to the next blank line.
+    match = re.search(rf"^{re.escape(target)}:.*?(?=\n\n|\Z)", makefile, re.MULTILINE | re.DOTALL)
+    assert match is not None, f"no target {target} in the Makefile"
+    return match.group(0)

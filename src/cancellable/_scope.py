@@ -389,7 +389,9 @@ def checkpoint() -> None:
         except AttributeError:
             if "innermost" in _local.__dict__:
                 # Not the first-use miss below: the read succeeded, so this
-                # came from a signal handler that ran during the test.
+                # came from a signal handler that ran during the test.  (One
+                # raised during a thread's very first read cannot be told
+                # apart here: gevent's local sets no ``.obj`` on its errors.)
                 raise
             # This thread's first checkpoint: it has entered no scope, so
             # only deferred work, probes or a bound coroutine can concern it.

@@ -159,6 +159,7 @@ def test_acks_late_task_stopped_at_checkpoint_is_acknowledged(make_worker, keys:
     worker = make_worker(broker=broker, visibility_timeout=VISIBILITY_TIMEOUT)
     result = worker.send("cit.blind_then_loop", keys.key("t"), 0.0, 20.0)
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the task to loop")
+    wait_for(lambda: result.id in worker.active_ids(), 10, message="the task to be active")
 
     result.revoke()
     assert_revoked(result, "revoked")
