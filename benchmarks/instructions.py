@@ -57,15 +57,15 @@ def run_one(name: str, loops: int) -> None:
         teardown()
 
 
-def count(python: str, name: str, loops: int) -> int:
-    """Instructions valgrind counted for one run of ``name`` with ``loops`` iterations."""
+def callgrind(python: str, script: str, name: str, loops: int) -> int:
+    """Instructions valgrind counted for ``python script --one name loops``."""
     proc = subprocess.run(
         [
             "valgrind",
             "--tool=callgrind",
             "--callgrind-out-file=/dev/null",
             python,
-            __file__,
+            script,
             "--one",
             name,
             str(loops),
@@ -79,6 +79,11 @@ def count(python: str, name: str, loops: int) -> int:
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"valgrind run of {name} with {python} failed:\n{proc.stderr[-2000:]}")
     return int(match.group(1))
+
+
+def count(python: str, name: str, loops: int) -> int:
+    """Instructions valgrind counted for one run of ``name`` with ``loops`` iterations."""
+    return callgrind(python, __file__, name, loops)
 
 
 def per_iteration(python: str, name: str) -> float:

@@ -15,11 +15,15 @@ Markdown table.  Run with ``--one NAME LOOPS`` it is the program valgrind runs.
 from __future__ import annotations
 
 import contextvars
-import re
 import subprocess
 import sys
 import threading
 from _thread import get_ident
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from instructions import callgrind
 
 SHORT, LONG = 20_000, 120_000
 
@@ -82,15 +86,7 @@ def _loop(fn: object, loops: int) -> None:
 
 def count(python: str, name: str, loops: int) -> int:
     """Instructions valgrind counted for one run of ``name``."""
-    proc = subprocess.run(
-        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", python, __file__,
-         "--one", name, str(loops)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    match = re.search(r"Collected : (\d+)", proc.stderr)
-    if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"valgrind run of {name} with {python} failed:\n{proc.stderr[-2000:]}")
-    return int(match.group(1))
+    return callgrind(python, __file__, name, loops)
 
 
 def per_iteration(python: str, name: str) -> float:
