@@ -15,7 +15,6 @@ Markdown table.  Run with ``--one NAME LOOPS`` it is the program valgrind runs.
 from __future__ import annotations
 
 import contextvars
-import subprocess
 import sys
 import threading
 from _thread import get_ident
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from instructions import callgrind
+from instructions import callgrind, version
 
 SHORT, LONG = 20_000, 120_000
 
@@ -104,13 +103,9 @@ def table(pythons: list[str]) -> str:
         "|---" * (2 + 2 * len(names)) + "|",
     ]
     for python in pythons:
-        version = subprocess.run(
-            [python, "-c", "import platform; print(platform.python_version())"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
         loop = per_iteration(python, "loop")
         call = per_iteration(python, "empty") - loop
-        cells = [version, f"{call:.0f}"]
+        cells = [version(python), f"{call:.0f}"]
         for name in names:
             added = per_iteration(python, name) - loop - call
             cells += [f"{added:.0f}", f"{added / call:.2f}"]
