@@ -17,11 +17,11 @@ The hot path
 
 `checkpoint` must cost about as much as an empty function call.  It has one
 body, and while nothing is pending that body tests exactly one module global,
-``_pending``, and returns None.  It keeps no local variable and returns no
-object, since on CPython 3.11+ either costs every call a tenth of an empty
-call (which is why there is no ``with checkpoint():`` form: see
-``docs/design.md``).  ``_pending`` is False unless something in this
-process could make a checkpoint raise:
+``_pending``, and returns the shared context manager that makes ``with
+checkpoint():`` check again on exit (`_CheckpointContext`).  It keeps no
+local variable: on CPython 3.11+ one costs every call a tenth of an empty
+call (see ``docs/design.md``).  ``_pending`` is False unless something in
+this process could make a checkpoint raise:
 
 * some entered scope (on any thread) has been cancelled, or
 * work was handed to us from a signal handler (``_deferred``), or
@@ -103,6 +103,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Final, Literal
 
@@ -342,12 +343,48 @@ class _NoScope:
 _NO_SCOPE: Final = _NoScope()
 
 
-def checkpoint() -> None:
+class _CheckpointContext:
+    """What `checkpoint` returns, so that ``with checkpoint():`` checks again on exit.
+
+    One shared instance: nothing is created per call.  Entering does nothing
+    (the call that returned it checked already); leaving the block without
+    an exception checks again, so a step cancelled while it ran is not
+    reported as done.  An exception leaving the block is never replaced.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The flag test first, as in checkpoint(): a block that ends while
+        # nothing is pending costs no second call.
+        if exc_type is None and _pending:
+            checkpoint()
+
+
+_CHECKPOINT: Final = _CheckpointContext()
+
+
+def checkpoint() -> AbstractContextManager[None, None]:
     """Raise `Cancelled` if the calling thread's innermost scope is cancelled.
 
     Call it in loops and between steps of long work.  It never blocks and
     never does I/O: while nothing in the process is cancelled it costs about
     what calling an empty function costs.  Outside any scope it never raises.
+
+    Used as a context manager, ``with checkpoint(): ...`` checks when the
+    block starts and again when it ends without an exception.
+
+    Returns:
+        A context manager (the same object on every call) whose exit checks
+        again; ignore it when you call ``checkpoint()`` on its own.
 
     Raises:
         Cancelled: The innermost scope is effectively cancelled (it or an
@@ -355,15 +392,16 @@ def checkpoint() -> None:
 
     .. versionadded:: 0.1.0
     """
-    # Hot path: while nothing is pending, one global load, a branch and the
-    # implicit ``return None``.  Keep it that way: anything that does work
+    # Hot path: while nothing is pending, one global load, a branch, a second
+    # global load and the return.  Keep it that way: anything that does work
     # belongs in _slow_checkpoint.
     #
     # This function has no local variable on purpose.  On CPython 3.11+ the
     # frame sets up each local on every call, branch taken or not: one local
-    # here cost 30-40 instructions, a tenth of an empty call.  Returning an
-    # object (which ``with checkpoint():`` would need) costs about as much:
-    # a second global load.  See "No local variables" in docs/design.md.
+    # here cost 30-40 instructions, a tenth of an empty call.  Returning the
+    # shared context manager (for ``with checkpoint():``) costs about as much
+    # again, and is what the user asked for.  See "No local variables" in
+    # docs/design.md.
     if _pending:
         # Most often another thread's scope is cancelled.  Say "nothing for
         # this thread" here, in cheap reads (invariants 1 and 4), rather than
@@ -385,7 +423,7 @@ def checkpoint() -> None:
                     and (_resolve(_local.innermost) or _NO_SCOPE)._effective_reason is not None
                 )
             ):
-                return
+                return _CHECKPOINT
         except AttributeError:
             if "innermost" in _local.__dict__:
                 # Not the first-use miss below: the read succeeded, so this
@@ -401,8 +439,9 @@ def checkpoint() -> None:
                 _shared_work
                 or (_bindings_live and (_resolve(None) or _NO_SCOPE)._effective_reason is not None)
             ):
-                return
+                return _CHECKPOINT
         _slow_checkpoint()
+    return _CHECKPOINT
 
 
 def _slow_checkpoint() -> None:

@@ -78,7 +78,8 @@ def cancel_after(
     *n*-th one raises `~cancellable.Cancelled`, and the scope catches it
     like any scope catches its own cancellation, so execution continues
     after the ``with`` block.  `~cancellable.is_cancelled` calls do not
-    count.
+    count; ``with checkpoint():`` counts twice (it checks on entry and on
+    exit).
 
     Args:
         n: Which checkpoint raises; 1 means the first.
@@ -141,7 +142,8 @@ def count_checkpoints() -> Iterator[CheckpointCounter]:
     """Count the checkpoints the calling thread reaches inside the block.
 
     Checkpoints count inside and outside cancel scopes;
-    `~cancellable.is_cancelled` calls do not count.
+    `~cancellable.is_cancelled` calls do not count, and ``with checkpoint():``
+    counts twice (entry and exit).
     Use it to check that a loop really checks for cancellation::
 
         with count_checkpoints() as counter:
