@@ -55,15 +55,11 @@ def _installed(probe: Callable[[], object]) -> Iterator[None]:
     # A probe is called at every checkpoint in the process (on whichever
     # thread), before the checkpoint looks at its scope; installing one keeps
     # the process-wide pending flag set so no checkpoint skips it.
-    with _scope._lock:
-        _scope._probes.append(probe)
-        _scope._update_pending()
+    _scope.add_probe(probe)
     try:
         yield
     finally:
-        with _scope._lock:
-            _scope._probes.remove(probe)
-            _scope._update_pending()
+        _scope.remove_probe(probe)
 
 
 @contextlib.contextmanager
@@ -111,7 +107,7 @@ def cancel_after(
 
         def probe() -> None:
             nonlocal seen
-            if threading.get_ident() != owner or scope._state != _scope._ENTERED:
+            if threading.get_ident() != owner or not _scope.is_entered(scope):
                 return
             seen += 1
             if seen == n:
