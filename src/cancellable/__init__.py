@@ -23,21 +23,18 @@ from ._exceptions import (
     HookTimeoutError,
     TooSlowError,
 )
+from ._hooks import HookHandle
 from ._integrations import register_all as _register_integrations
 from ._scope import (
     CancelScope,
-    HookHandle,
     checkpoint,
     current_scope,
-    fail_after,
-    fail_at,
     is_cancelled,
-    move_on_after,
-    move_on_at,
     on_cancel,
     shield,
 )
 from ._sleep import sleep, wait
+from ._timeouts import fail_after, fail_at, move_on_after, move_on_at
 
 _register_integrations()
 

@@ -19,7 +19,7 @@ from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, overload
 import wrapt
 
 from . import _async, _config
-from ._scope import CancelScope, on_cancel
+from ._scope import CancelScope, on_cancel, propagate_own_cancellation
 
 __all__ = ["CallOptions", "TaskRunner", "cancellable", "register_task_runner", "run_in_scope"]
 
@@ -60,7 +60,7 @@ class CallOptions:
         scope = CancelScope(deadline=deadline, hook_timeout=self.hook_timeout)
         # A decorated call that was cancelled must not return None as if it
         # had finished: the scope lets its own Cancelled propagate.
-        scope._catch = False
+        propagate_own_cancellation(scope)
         return scope
 
 
@@ -114,8 +114,8 @@ def run_in_scope(
         if options.on_cancel is not None:
             on_cancel(options.on_cancel)
         result = wrapped(*args, **kwargs)
-    # A scope made by CallOptions never swallows its Cancelled (_catch is
-    # False), so reaching this line means the call returned, perhaps after
+    # A scope made by CallOptions never swallows its Cancelled
+    # (propagate_own_cancellation), so reaching this line means the call returned, perhaps after
     # catching a Cancelled: say so.
     _async.warn_if_swallowed(scope, wrapped, delivered=False)
     return result

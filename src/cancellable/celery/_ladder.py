@@ -50,7 +50,7 @@ from celery.worker import state as worker_state
 from .._config import validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
-from .._scope import _reason_fields
+from .._log import reason_fields as _reason_fields
 from ..events import (
     CANCEL_ESCALATED,
     CANCEL_NOT_ESCALATED,
