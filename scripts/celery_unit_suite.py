@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,24 +138,38 @@ def run_suite(py: Path, source: Path, results: Path, name: str, plugin: str | No
     return time.monotonic() - started
 
 
-def outcomes(junit: Path) -> dict[str, str]:
-    """Test id -> passed / failed / error / skipped, from a JUnit XML report.
+def outcomes(junit: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Test id -> passed / failed / error / skipped, and test id -> why it failed.
 
-    A test whose call failed and whose teardown errored counts as ``error``.
+    From a JUnit XML report, where a test whose call failed and whose teardown
+    errored has two entries.  A test with an error in any phase counts as
+    ``error``.  The reason is the call's failure message if there is one, else
+    the error's, with numbers and addresses blanked so that one cause reads
+    the same in every test.
     """
-    found: dict[str, str] = {}
+    kinds: dict[str, set[str]] = {}
+    messages: dict[str, dict[str, str]] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         test_id = f"{case.get('classname')}::{case.get('name')}"
-        kinds = {child.tag for child in case}
-        if "error" in kinds:
+        kinds.setdefault(test_id, set()).update(child.tag for child in case)
+        for child in case:
+            if child.tag in ("error", "failure"):
+                message = re.sub(r"0x[0-9a-f]+|\d+", "N", child.get("message") or "")
+                messages.setdefault(test_id, {})[child.tag] = " ".join(message.split())[:160]
+    found: dict[str, str] = {}
+    for test_id, tags in kinds.items():
+        if "error" in tags:
             found[test_id] = "error"
-        elif "failure" in kinds:
+        elif "failure" in tags:
             found[test_id] = "failed"
-        elif "skipped" in kinds:
+        elif "skipped" in tags:
             found[test_id] = "skipped"
         else:
             found[test_id] = "passed"
-    return found
+    why = {
+        test_id: by_tag.get("failure") or by_tag["error"] for test_id, by_tag in messages.items()
+    }
+    return found, why
 
 
 def test_files(source: Path) -> list[str]:
@@ -176,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs to make"
     )
+    parser.add_argument(
+        "--no-run", action="store_true", help="only compare the reports of the last runs"
+    )
     args = parser.parse_args(argv)
     if "plain" not in args.runs:
         parser.error("the plain run is the baseline: include it")
@@ -185,31 +203,29 @@ def main(argv: list[str] | None = None) -> int:
     work: Path = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     source = fetch_sources(args.celery, work)
-    py = make_venv(args.python, args.celery, source, work)
+    py = make_venv(args.python, args.celery, source, work) if not args.no_run else None
     results = work / f"results-{args.celery}"
     results.mkdir(exist_ok=True)
 
     seconds: dict[str, float] = {}
     found: dict[str, dict[str, str]] = {}
+    why: dict[str, dict[str, str]] = {}
     for name in args.runs:
-        seconds[name] = run_suite(py, source, results, name, RUNS[name])
+        if py is not None:
+            seconds[name] = run_suite(py, source, results, name, RUNS[name])
         junit = results / f"{name}.xml"
         if not junit.exists():
             print(f"the {name} run wrote no report; see {results / f'{name}.log'}")
             return 2
-        found[name] = outcomes(junit)
+        found[name], why[name] = outcomes(junit)
 
-    version = subprocess.run(
-        [str(py), "-c", "import importlib.metadata as m; print(m.version('cancellable'))"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
     commit = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
     files = test_files(source)
     print()
-    print(f"Celery {args.celery} unit suite, cancellable {version} ({commit or 'no git'})")
+    print(f"Celery {args.celery} unit suite, cancellable at {commit or 'no git'}")
     print(f"{len(files)} test modules from {', '.join(TEST_PATHS)}:")
     print(textwrap.fill(" ".join(files), width=100, initial_indent="  ", subsequent_indent="  "))
     header = ("tests", 6), ("passed", 7), ("failed", 7), ("errors", 7), ("skipped", 8), ("s", 6)
@@ -218,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = Counter(found[name].values())
         print(
             f"{name:<12} {len(found[name]):>6} {counts['passed']:>7} {counts['failed']:>7} "
-            f"{counts['error']:>7} {counts['skipped']:>8} {seconds[name]:>6.0f}"
+            f"{counts['error']:>7} {counts['skipped']:>8} "
+            + (f"{seconds[name]:>6.0f}" if name in seconds else f"{'-':>6}")
         )
 
     baseline = found["plain"]
@@ -237,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         listing.write_text("".join(f"{found[name][t]} {t}\n" for t in new))
         print(f"\n{name}: {len(new)} new failures/errors, {len(missing)} tests missing")
         print(f"  (all listed in {listing})")
+        causes = Counter(why[name].get(test_id, "") for test_id in new)
+        for cause, count in causes.most_common(5):
+            print(f"  {count:>5} x {cause}")
         for test_id in new[: args.show]:
             print(f"  {found[name][test_id]:<7} {test_id}")
         if len(new) > args.show:
