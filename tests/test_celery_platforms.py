@@ -91,20 +91,6 @@ print("pollers:", [t.name for t in threading.enumerate() if t.name == "cancellab
     assert "pollers: []" in done.stdout
 
 
-def test_importing_cancellable_does_not_import_celery():
-    """The core never imports the integration, nor Celery, on its own."""
-    done = run_python(
-        """
-import sys
-import cancellable
-from cancellable import cancellable as decorate, checkpoint
-decorate(lambda: checkpoint())()
-print(sorted(m for m in sys.modules if m == "celery" or m.startswith("cancellable.celery")))
-"""
-    )
-    assert "[]" == done.stdout.strip()
-
-
 @pytest.mark.parametrize("order", ["cancellable first", "celery first"])
 def test_importing_celery_activates_the_integration(order):
     """Whichever is imported first, once both are, the integration is active."""
