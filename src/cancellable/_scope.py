@@ -61,6 +61,17 @@ lets it cancel its asyncio task: `_recalculate` collects the callbacks of
 scopes that just became effectively cancelled and its caller runs them with
 `_fire` after releasing ``_lock``.
 
+Other modules
+-------------
+
+The rest of the core and the integrations use scopes through the public API
+and the small functions at the end of this module (`cancel_with`,
+`set_log_fields`, `observe`, `shield_inside`, `run_deferred`,
+`acquire_lock_if_free`, ...), never through a scope's private attributes.
+Cleanup hooks run in one place, `run_cleanup`, for a thread's scope and for
+a coroutine's alike; ``_hooks`` keeps the registry and the runner, and
+``_timeouts`` the deadline constructors.
+
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0`` or
