@@ -21,7 +21,6 @@ from cancellable import (
     checkpoint,
     current_scope,
     is_cancelled,
-    shield,
 )
 from cancellable._scope import request_slow_path
 from cancellable.testing import capture_events
@@ -229,7 +228,7 @@ class TestWithCheckpoint:
         ran = []
         with CancelScope() as outer:
             outer.cancel()
-            with shield(), checkpoint():
+            with CancelScope(shield=True), checkpoint():
                 ran.append("body")
             ran.append("after the shield")
             checkpoint()
@@ -351,7 +350,7 @@ class TestIsCancelled:
             answers.append(is_cancelled())
             outer.cancel()
             answers.append(is_cancelled())
-            with shield():
+            with CancelScope(shield=True):
                 answers.append(is_cancelled())
             with CancelScope():
                 answers.append(is_cancelled())

@@ -30,7 +30,6 @@ from cancellable import (
     is_cancelled,
     move_on_after,
     move_on_at,
-    shield,
 )
 from cancellable.events import CANCEL_OBSERVED, CANCEL_REQUESTED, SCOPE_CANCELLED
 
@@ -189,10 +188,10 @@ class TestNesting:
 
 class TestShield:
     def test_shield_hides_outer_cancellation(self):
-        """Inside shield(), checkpoints ignore a cancelled enclosing scope."""
+        """Inside a shield, checkpoints ignore a cancelled enclosing scope."""
         with CancelScope() as outer:
             outer.cancel()
-            with shield() as shielded:
+            with CancelScope(shield=True) as shielded:
                 checkpoint()
                 checked = is_cancelled()
             with pytest.raises(Cancelled):
@@ -203,7 +202,7 @@ class TestShield:
         assert not shielded.cancelled_caught
 
     def test_shield_keyword(self):
-        """CancelScope(shield=True) is the same as shield()."""
+        """Leaving a shield, the enclosing cancellation raises at the next checkpoint."""
         with CancelScope() as outer:
             outer.cancel()
             with CancelScope(shield=True):
@@ -218,7 +217,7 @@ class TestShield:
         """A shield hides only enclosing scopes; cancelling the shield itself raises."""
         with CancelScope() as outer:
             outer.cancel("outer")
-            with shield() as shielded:
+            with CancelScope(shield=True) as shielded:
                 shielded.cancel("own")
                 with pytest.raises(Cancelled) as exc_info:
                     checkpoint()
@@ -235,7 +234,7 @@ class TestShield:
         """Unshielded scopes nested in a shield do not see cancellation outside the shield."""
         with CancelScope() as outer:
             outer.cancel()
-            with shield(), CancelScope():
+            with CancelScope(shield=True), CancelScope():
                 checkpoint()
                 seen = is_cancelled()
             checkpoint()
@@ -797,10 +796,12 @@ class TestRepr:
 
 class TestHookTimeoutArgument:
     def test_defaults_to_configured_value(self):
-        """A scope takes the process-wide hook budget when it is created."""
+        """A scope takes the process-wide hook budget when it is created, also when
+        DEFAULT is passed explicitly."""
         cancellable.configure(hook_timeout=3.5)
 
         assert 3.5 == CancelScope().hook_timeout
+        assert 3.5 == CancelScope(hook_timeout=cancellable.DEFAULT).hook_timeout
 
     @pytest.mark.parametrize(("value", "expected"), [(None, None), (2, 2.0), (0.5, 0.5)])
     def test_explicit_value(self, value, expected):
@@ -808,7 +809,8 @@ class TestHookTimeoutArgument:
         assert expected == CancelScope(hook_timeout=value).hook_timeout
 
     @pytest.mark.parametrize(
-        ("value", "error"), [(-1, ValueError), (math.inf, ValueError), ("x", TypeError)]
+        ("value", "error"),
+        [(-1, ValueError), (math.inf, ValueError), ("x", TypeError), ("default", TypeError)],
     )
     def test_bad_value(self, value, error):
         """A bad hook_timeout is refused when the scope is created."""
@@ -1062,10 +1064,10 @@ class TestIntegrationInterface:
         with outer:
             seen.append(_scope.is_entered(outer))
             seen.append(_scope.shield_inside(outer))
-            with CancelScope(), shield():
+            with CancelScope(), CancelScope(shield=True):
                 seen.append(_scope.shield_inside(outer))
             seen.append(_scope.shield_inside(outer))
-            with shield(), CancelScope() as inner:
+            with CancelScope(shield=True), CancelScope() as inner:
                 seen.append(_scope.shield_inside(inner))
         seen.append(_scope.is_entered(outer))
 

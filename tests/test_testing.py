@@ -20,7 +20,6 @@ from cancellable import (
     is_cancelled,
     move_on_after,
     on_cancel,
-    shield,
 )
 from cancellable.testing import (
     CheckpointCounter,
@@ -109,7 +108,7 @@ class TestCancelAfter:
         """The n-th checkpoint inside a shield cancels; the next unshielded one raises."""
         progress = []
         with cancel_after(2) as scope:
-            with shield():
+            with CancelScope(shield=True):
                 checkpoint()
                 checkpoint()
                 progress.append("shield finished")

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._config import configure
+from ._config import DEFAULT, configure
 from ._decorator import cancellable
 from ._exceptions import (
-    MAX_MESSAGE_LENGTH,
     Cancelled,
     CancelReason,
     CancelSource,
@@ -31,7 +30,6 @@ from ._scope import (
     current_scope,
     is_cancelled,
     on_cancel,
-    shield,
 )
 from ._sleep import sleep, wait
 from ._timeouts import fail_after, fail_at, move_on_after, move_on_at
@@ -44,7 +42,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "MAX_MESSAGE_LENGTH",
+    "DEFAULT",
     "CancelReason",
     "CancelScope",
     "CancelSource",
@@ -63,7 +61,6 @@ __all__ = [
     "move_on_after",
     "move_on_at",
     "on_cancel",
-    "shield",
     "sleep",
     "wait",
 ]

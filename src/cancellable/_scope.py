@@ -61,6 +61,17 @@ lets it cancel its asyncio task: `_recalculate` collects the callbacks of
 scopes that just became effectively cancelled and its caller runs them with
 `_fire` after releasing ``_lock``.
 
+Other modules
+-------------
+
+The rest of the core and the integrations use scopes through the public API
+and the small functions at the end of this module (`cancel_with`,
+`set_log_fields`, `observe`, `shield_inside`, `run_deferred`,
+`acquire_lock_if_free`, ...), never through a scope's private attributes.
+Cleanup hooks run in one place, `run_cleanup`, for a thread's scope and for
+a coroutine's alike; ``_hooks`` keeps the registry and the runner, and
+``_timeouts`` the deadline constructors.
+
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0`` or
@@ -105,9 +116,10 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from . import _config, _timer
+from ._config import DEFAULT, _Default
 from ._exceptions import Cancelled, CancelReason
 from ._hooks import HookHandle, register, run_hooks, take_for_cleanup
 from ._log import logger, reason_fields
@@ -139,7 +151,6 @@ __all__ = [
     "run_cleanup",
     "run_deferred",
     "set_log_fields",
-    "shield",
     "shield_inside",
     "thread_innermost",
     "unbind",
@@ -575,7 +586,8 @@ class CancelScope:
         shield: If True, cancellation of enclosing scopes is not seen inside
             this one (its own `cancel` and deadline still work).
         hook_timeout: Seconds each cleanup hook registered on this scope may
-            run; defaults to the process-wide setting (`configure`).
+            run (None: no limit); `DEFAULT`, the default, takes the
+            process-wide setting (`configure`).
 
     .. versionadded:: 0.1.0
     """
@@ -609,13 +621,13 @@ class CancelScope:
         *,
         deadline: float = math.inf,
         shield: bool = False,
-        hook_timeout: float | Literal["default"] | None = "default",
+        hook_timeout: float | _Default | None = DEFAULT,
     ) -> None:
         self._deadline = _validate_deadline(deadline)
         if not isinstance(shield, bool):
             raise TypeError(f"shield must be a bool, got {type(shield).__name__}")
         self._shield = shield
-        if hook_timeout == "default":
+        if hook_timeout is DEFAULT:
             self.hook_timeout = _config.get_hook_timeout()
         else:
             self.hook_timeout = _config.validate_seconds(hook_timeout, "hook_timeout")
@@ -1265,21 +1277,6 @@ def acquire_lock_if_free() -> bool:
 def release_lock() -> None:
     """Release the lock taken with `acquire_lock_if_free`."""
     _lock.release()
-
-
-# --------------------------------------------------------------------------
-# Convenience constructors.
-
-
-def shield() -> CancelScope:
-    """A shielding scope: ``with shield(): ...`` hides outer cancellation.
-
-    Checkpoints inside do not raise because of enclosing scopes; use it for
-    cleanup that must finish.  Equivalent to ``CancelScope(shield=True)``.
-
-    .. versionadded:: 0.1.0
-    """
-    return CancelScope(shield=True)
 
 
 # --------------------------------------------------------------------------
