@@ -29,10 +29,12 @@ from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 from structlog.testing import capture_logs
 from tests import redis_dbs
+from tests.helpers import run_python
 
 import cancellable.celery as cc
 from cancellable import MAX_MESSAGE_LENGTH, CancelReason
-from cancellable.celery import _ledger, _wakeup
+from cancellable.celery import _client, _ledger
+from cancellable.celery._runtime import WorkerRuntime, runtime
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
@@ -50,15 +52,13 @@ def private_app(broker: str, backend: str = REDIS_URL) -> Celery:
 def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
     """A Celery app on Redis DB 12 (broker, backend and so ledger)."""
     app = private_app(REDIS_URL)
-    _ledger.reset()
     yield app
-    _ledger.reset()
     app.close()
 
 
 def recorded(app: Celery) -> list[_ledger.Entry]:
     """Everything the app's ledger holds, read from the start."""
-    entries, _ = _ledger.ledger_for(app).read(None)
+    entries, _ = runtime().ledgers.get(app).read(None)
     return entries
 
 
@@ -338,35 +338,38 @@ class TestLedgerSelection:
 
     def test_selection(self, app: Celery, tmp_path: Path) -> None:
         """URL setting first, then a Redis or file backend, then a Redis broker."""
-        assert isinstance(_ledger.ledger_for(app), _ledger.RedisLedger)
+        assert isinstance(runtime().ledgers.get(app), _ledger.RedisLedger)
 
         files = Celery("f", broker="memory://", backend=f"file://{tmp_path}")
-        assert isinstance(_ledger.ledger_for(files), _ledger.FileLedger)
+        assert isinstance(runtime().ledgers.get(files), _ledger.FileLedger)
 
         broker_only = Celery("b", broker=REDIS_URL, backend="rpc://")
-        assert isinstance(_ledger.ledger_for(broker_only), _ledger.RedisLedger)
+        assert isinstance(runtime().ledgers.get(broker_only), _ledger.RedisLedger)
 
         explicit = Celery("e", broker="memory://", backend="rpc://")
         explicit.conf.cancellable_ledger_url = f"file://{tmp_path / 'x'}"
-        assert isinstance(_ledger.ledger_for(explicit), _ledger.FileLedger)
+        assert isinstance(runtime().ledgers.get(explicit), _ledger.FileLedger)
 
         disabled = Celery("d", broker=REDIS_URL, backend=REDIS_URL)
         disabled.conf.cancellable_ledger_url = "none"
-        assert isinstance(_ledger.ledger_for(disabled), _ledger.NullLedger)
+        assert isinstance(runtime().ledgers.get(disabled), _ledger.NullLedger)
 
         bad = Celery("x", broker="memory://", backend="rpc://")
         bad.conf.cancellable_ledger_url = "http://example.invalid/"
         with pytest.raises(ValueError, match="ledger_url"):
-            _ledger.ledger_for(bad)
+            runtime().ledgers.get(bad)
 
     def test_one_ledger_per_app_and_process(self, app: Celery) -> None:
-        """ledger_for() returns the same object for the same app; a TTL change makes a new one."""
-        first = _ledger.ledger_for(app)
-        again = _ledger.ledger_for(app)
-        app.conf.cancellable_ledger_ttl = 60
+        """The process's ledgers give the same object for the same app, another for
+        another app; a forked child would make its own (`Ledgers` is per process)."""
+        first = runtime().ledgers.get(app)
+        again = runtime().ledgers.get(app)
+        other = private_app(REDIS_URL)
 
         assert first is again
-        assert first is not _ledger.ledger_for(app)
+        assert first is not runtime().ledgers.get(other)
+        assert first is not _ledger.Ledgers().get(app)
+        other.close()
 
     def test_the_ledger_is_shared_with_other_clients(self, app: Celery) -> None:
         """Another app object with the same name and Redis reads what this one recorded."""
@@ -374,7 +377,7 @@ class TestLedgerSelection:
         other = private_app(REDIS_URL)
         other.main = app.main
         try:
-            entries, _ = _ledger.ledger_for(other).read(None)
+            entries, _ = runtime().ledgers.get(other).read(None)
         finally:
             other.close()
 
@@ -382,10 +385,10 @@ class TestLedgerSelection:
 
     def test_no_durable_store_warns_once(self) -> None:
         """With nothing durable available, one ledger.not_durable event says so."""
-        _ledger.reset()
+        ledgers = _ledger.Ledgers()
         with capture_logs() as logs:
-            first = _ledger.ledger_for(Celery("n1", broker="memory://", backend="rpc://"))
-            _ledger.ledger_for(Celery("n2", broker="memory://", backend="rpc://"))
+            first = ledgers.get(Celery("n1", broker="memory://", backend="rpc://"))
+            ledgers.get(Celery("n2", broker="memory://", backend="rpc://"))
         first.record([("task", "x")], CancelReason())
 
         assert isinstance(first, _ledger.NullLedger)
@@ -430,14 +433,16 @@ class TestConfigure:
             cc.configure(app, **options)
 
     def test_signal_by_name_or_number(self, app: Celery) -> None:
-        """A catchable, unused signal can be chosen by name or number."""
-        try:
-            cc.configure(app, signal="winch")
-            assert signal.SIGWINCH == _wakeup.signum()
-            cc.configure(app, signal=int(signal.SIGURG))
-            assert signal.SIGURG == _wakeup.signum()
-        finally:
-            _wakeup.set_signal(signal.SIGURG)
+        """A catchable, unused signal can be chosen by name or number; the app's worker
+        then wakes its children with it."""
+        cc.configure(app, signal="winch")
+        by_name = WorkerRuntime(app).tasks.wakeup.signum
+        other = private_app(REDIS_URL)
+        cc.configure(other, signal=int(signal.SIGURG))
+        by_number = WorkerRuntime(other).tasks.wakeup.signum
+        other.close()
+
+        assert (signal.SIGWINCH, signal.SIGURG) == (by_name, by_number)
 
 
 def celery_cancel(tmp_path: Path, app_source: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -542,7 +547,51 @@ def test_warnings_are_user_warnings() -> None:
 
 
 class TestPlainRevokeIsDurable:
-    """Celery's own ``Control.revoke`` records in the ledger where the integration is active."""
+    """Celery's own ``Control.revoke`` records in the ledger once the process has cancelled."""
+
+    @pytest.fixture(autouse=True)
+    def _recorder(self) -> None:
+        """What the first `cancel` (or a worker's start) installs."""
+        _client.install_revoke_recorder()
+
+    def test_importing_patches_nothing_and_cancel_patches_control_revoke(self) -> None:
+        """A fresh process that imports ``cancellable.celery`` has Celery untouched; its
+        first `cancel` patches ``Control.revoke`` and nothing of the worker."""
+        done = run_python(
+            f"""
+            import warnings
+            from celery import Celery
+            from celery.app.control import Control
+            from celery.worker.control import Panel
+            from celery.worker.request import Request
+            import cancellable.celery as cc
+
+            def patched():
+                return [
+                    name
+                    for name, thing in [
+                        ("Control.revoke", Control.revoke),
+                        ("Request.revoked", Request.revoked),
+                        ("Request._announce_revoked", Request._announce_revoked),
+                        ("Panel revoke", Panel.data["revoke"]),
+                    ]
+                    if hasattr(thing, "_cancellable_original")
+                ]
+
+            print("imported", patched(), "cancellable_members" in Panel.data)
+            app = Celery("fresh", broker={REDIS_URL!r}, backend={REDIS_URL!r})
+            app.conf.control_exchange = "fresh-unit-exchange"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cc.cancel("fresh-id", app=app)
+            print("cancelled", patched(), "cancellable_members" in Panel.data)
+            """
+        )
+
+        assert [
+            "imported [] False",
+            "cancelled ['Control.revoke'] False",
+        ] == done.stdout.splitlines()
 
     def test_plain_revokes_are_recorded(self, app: Celery, broadcasts: Broadcasts) -> None:
         """``AsyncResult.revoke()`` and ``app.control.revoke([...])`` record their ids
@@ -569,7 +618,6 @@ class TestPlainRevokeIsDurable:
     def test_a_ledger_failure_never_fails_celerys_call(self, app: Celery) -> None:
         """With the ledger down, the revoke is still sent and the call returns normally."""
         app.conf.cancellable_ledger_url = "redis://127.0.0.1:1/0"
-        _ledger.reset()
 
         with capture_logs() as logs:
             app.control.revoke(str(uuid.uuid4()))

@@ -34,56 +34,84 @@ from celery.worker.request import Request
 from kombu import Connection, Exchange, Queue
 from structlog.testing import capture_logs
 from tests import redis_dbs
+from tests.celery_runtime import running_worker
 
-import cancellable.celery  # noqa: F401 - installs the wrapper and the Request patches
-from cancellable import CancelReason, CancelScope
-from cancellable.celery import _delivery, _index, _ledger, _registry, _worker
+import cancellable.celery
+from cancellable import CancelReason, CancelScope, cancellable
+from cancellable.celery import _celery_internals as celery_internals
+from cancellable.celery import _ledger
+from cancellable.celery._activation import _mailbox_slots, install_patches
+from cancellable.celery._delivery import RESIGNAL_AFTER, Delivery
 from cancellable.celery._mailbox import Mailbox
+from cancellable.celery._poller import Poller
+from cancellable.celery._registry import RunningTask, RunningTasks
+from cancellable.celery._revokes import (
+    _grace_from,
+    _reason_from,
+    deliver_targets,
+    revoke_command,
+    targets_from,
+)
+from cancellable.celery._runtime import WorkerRuntime, runtime
+from cancellable.celery._wakeup import Wakeup
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
 def _forget_worker_state() -> None:
-    """Empty Celery's and our per-process worker bookkeeping."""
+    """Empty Celery's own per-process worker bookkeeping (``celery.worker.state``)."""
     worker_state.revoked.clear()
     worker_state.requests.clear()
     worker_state.reserved_requests.clear()
     worker_state.active_requests.clear()
-    _index.index.clear()
-    with _delivery._lock:
-        _delivery._forwards.clear()
 
 
 @pytest.fixture(autouse=True)
-def _clean_worker_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts and ends with empty worker state and no mailbox."""
+def _clean_worker_state() -> Iterator[None]:
+    """Each test starts and ends with Celery's worker state empty."""
     _forget_worker_state()
-    monkeypatch.setattr(_delivery, "_mailbox", None)
-    monkeypatch.setattr(_delivery, "_warned_full", False)
     yield
     _forget_worker_state()
 
 
-@pytest.fixture(name="app")
-def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
+def make_app(**conf: Any) -> Celery:
     """An app on Redis DB 12 (broker, result backend, ledger) with one task."""
     app = Celery(f"ws-{uuid.uuid4().hex[:8]}", broker=REDIS_URL, backend=REDIS_URL)
     app.conf.broker_connection_retry_on_startup = True
+    app.conf.update(conf)
 
     @app.task(name="ws.job", shared=False)
     def job() -> str:
         return "ran"
 
-    _ledger.reset()
+    @app.task(name="ws.cancellable_job", shared=False)
+    @cancellable
+    def cancellable_job() -> str:
+        return "ran"
+
+    return app
+
+
+@pytest.fixture(name="app")
+def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
+    """An app on Redis DB 12 (broker, result backend, ledger) with one task."""
+    app = make_app()
     yield app
-    _ledger.reset()
     app.close()
 
 
+@pytest.fixture(name="rt")
+def rt_fixture(app: Celery) -> Iterator[WorkerRuntime]:
+    """A running worker's runtime for ``app`` (a 64-slot mailbox), this process's."""
+    with running_worker(app, mailbox_slots=64) as rt:
+        yield rt
+
+
 @pytest.fixture(name="box")
-def box_fixture() -> Mailbox:
-    """A prefork worker's main-process mailbox (64 slots), as worker_init makes it."""
-    return _delivery.create_mailbox(64)
+def box_fixture(rt: WorkerRuntime) -> Mailbox:
+    """The worker's mailbox (64 slots), shared with prefork children."""
+    assert rt.mailbox is not None
+    return rt.mailbox
 
 
 class Messages:
@@ -142,43 +170,63 @@ def revoke(app: Celery, task_id: str | list[str], **extra: object) -> object:
 
 
 @contextlib.contextmanager
-def running(task_id: str, **fields: Any) -> Iterator[_registry.RunningTask]:
-    """A ``@cancellable`` task registered as running in this process."""
-    entry = _registry.RunningTask(task_id, "ws.job", CancelScope(), **fields)
-    _registry.register(entry)
+def running(rt: WorkerRuntime, task_id: str, **fields: Any) -> Iterator[RunningTask]:
+    """A ``@cancellable`` task registered as running in the worker's own process."""
+    entry = RunningTask(task_id, "ws.cancellable_job", CancelScope(), **fields)
+    rt.tasks.running.register(entry)
     try:
         yield entry
     finally:
-        _registry.unregister(entry)
+        rt.tasks.running.unregister(entry)
 
 
 def ledger_entries(app: Celery) -> list[_ledger.Entry]:
     """Everything the app's ledger holds."""
-    entries, _ = _ledger.ledger_for(app).read(None)
+    entries, _ = runtime().ledgers.get(app).read(None)
     return entries
 
 
+class TestWithoutAWorker:
+    """The patches act only while a worker runs in this process."""
+
+    def test_without_a_running_worker_celerys_handler_runs_alone(self, app: Celery) -> None:
+        """No worker runtime active here: the wrapper is Celery's handler, nothing
+        indexed or recorded, even for a cancel() payload."""
+        install_patches()
+        task_id = str(uuid.uuid4())
+
+        revoke(app, task_id, cancellable={"source": "revoked", "message": "x"})
+
+        assert runtime().worker is None
+        assert task_id in worker_state.revoked
+        assert runtime().tasks.index.match(task_id) is None
+        assert [] == ledger_entries(app)
+
+
+@pytest.mark.usefixtures("rt")
 class TestRevokeHandler:
-    """The wrapper around Celery's own revoke command (`_wrap_revoke`, `_on_revoke`)."""
+    """The wrapper around Celery's own revoke command (`revoke_command`, `_on_revoke`)."""
 
     def test_wrapper_is_installed_once(self) -> None:
         """Installing again does not wrap the handler twice."""
+        install_patches()
         handler = Panel.data["revoke"]
 
-        _worker.install()
-        _worker._wrap_revoke()
+        install_patches()
+        wrapped_again = celery_internals.wrap_control_command("revoke", revoke_command)
 
         assert handler is Panel.data["revoke"]
+        assert not wrapped_again
         assert "revoke" == handler._cancellable_original.__name__  # type: ignore[attr-defined]
 
-    def test_plain_revoke_is_recorded_and_indexed(self, app: Celery) -> None:
+    def test_plain_revoke_is_recorded_and_indexed(self, rt: WorkerRuntime, app: Celery) -> None:
         """A plain revoke: Celery's own bookkeeping, plus a ledger entry and an index
         entry with source "revoked"."""
         task_id = str(uuid.uuid4())
 
         revoke(app, task_id)
         entries = ledger_entries(app)
-        indexed = _index.index.match(task_id)
+        indexed = rt.index.match(task_id)
 
         assert task_id in worker_state.revoked
         assert "REVOKED" == app.AsyncResult(task_id).state
@@ -187,7 +235,7 @@ class TestRevokeHandler:
         assert indexed is not None
         assert "revoked" == indexed.source
 
-    def test_cancel_payload_bypasses_celerys_handler(self, app: Celery) -> None:
+    def test_cancel_payload_bypasses_celerys_handler(self, rt: WorkerRuntime, app: Celery) -> None:
         """cancel()'s revoke is indexed with its reason and not passed to Celery's
         handler: no per-id backend write, no revoked-set entry, no second ledger entry."""
         reason = CancelReason(source="revoked", message="stop", requested_by="alice")
@@ -196,15 +244,17 @@ class TestRevokeHandler:
         result = revoke(app, ids, cancellable=reason.to_dict())
 
         assert ids == result
-        assert [reason] * 3 == [_index.index.match(i) for i in ids]
+        assert [reason] * 3 == [rt.index.match(i) for i in ids]
         assert ["PENDING"] * 3 == [app.AsyncResult(i).state for i in ids]
         assert [] == [i for i in ids if i in worker_state.revoked]
         assert [] == ledger_entries(app)
 
-    def test_running_task_in_this_process_is_cancelled(self, app: Celery) -> None:
+    def test_running_task_in_this_process_is_cancelled(
+        self, rt: WorkerRuntime, app: Celery
+    ) -> None:
         """A task running here (threads pool) is cancelled directly, with the reason."""
         task_id = str(uuid.uuid4())
-        with running(task_id) as entry, capture_logs() as logs:
+        with running(rt, task_id) as entry, capture_logs() as logs:
             revoke(app, task_id, cancellable={"source": "revoked", "message": "halt"})
 
         assert entry.revoked()
@@ -219,41 +269,42 @@ class TestRevokeHandler:
 
         assert task_id in worker_state.revoked
         assert ["revoked"] == [e.reason.source for e in ledger_entries(app)]
-        assert _worker._reason_from(42) is None
+        assert _reason_from(42) is None
 
-    def test_ledger_down_is_logged_not_raised(self, app: Celery) -> None:
+    def test_ledger_down_is_logged_not_raised(self, rdb: redis.Redis) -> None:
         """A plain revoke with the ledger unreachable still revokes, with an event."""
-        app.conf.cancellable_ledger_url = "redis://127.0.0.1:1/0"
+        app = make_app(cancellable_ledger_url="redis://127.0.0.1:1/0")
         task_id = str(uuid.uuid4())
 
-        with capture_logs() as logs:
+        with running_worker(app) as rt, capture_logs() as logs:
             revoke(app, task_id)
 
         assert task_id in worker_state.revoked
-        assert _index.index.match(task_id) is not None
+        assert rt.index.match(task_id) is not None
         assert "ledger.unavailable" in [e["event"] for e in logs]
+        app.close()
 
-    def test_terminate_is_left_to_celery(self, app: Celery) -> None:
+    def test_terminate_is_left_to_celery(self, rt: WorkerRuntime, app: Celery) -> None:
         """revoke(terminate=True) goes to Celery alone: nothing indexed or recorded."""
         task_id = str(uuid.uuid4())
 
         revoke(app, task_id, terminate=True, signal="SIGTERM")
 
         assert task_id in worker_state.revoked
-        assert _index.index.match(task_id) is None
+        assert rt.index.match(task_id) is None
         assert [] == ledger_entries(app)
 
 
 class TestDelivery:
     """`_delivery.deliver` and `tick`: getting a cancellation to the task it names."""
 
-    def test_local_task_is_cancelled_once(self, box: Mailbox) -> None:
+    def test_local_task_is_cancelled_once(self, rt: WorkerRuntime, box: Mailbox) -> None:
         """A task in this process's registry is cancelled directly; a second delivery
         keeps the first reason and logs nothing more."""
         first = CancelReason(source="revoked", message="first")
-        with running("here") as entry, capture_logs() as logs:
-            how = _delivery.deliver("here", first)
-            again = _delivery.deliver("here", CancelReason(message="second"))
+        with running(rt, "here") as entry, capture_logs() as logs:
+            how = rt.delivery.deliver("here", first)
+            again = rt.delivery.deliver("here", CancelReason(message="second"))
 
         assert ("local", "local") == (how, again)
         assert first == entry.scope.cancel_reason
@@ -261,41 +312,44 @@ class TestDelivery:
         assert box.slots == box.free
 
     def test_held_request_gets_a_forward_with_a_slot(
-        self, box: Mailbox, messages: Messages
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
     ) -> None:
         """A request the worker holds gets one mailbox slot with the reason, however
         often it is delivered."""
         request = messages.held()
         reason = CancelReason(source="revoked", message="stop")
 
-        how = _delivery.deliver(request.id, reason)
-        again = _delivery.deliver(request.id, reason)
-        forward = _delivery.forwarding()[request.id]
+        how = rt.delivery.deliver(request.id, reason)
+        again = rt.delivery.deliver(request.id, reason)
+        forward = rt.delivery.forwarding()[request.id]
 
         assert ("forward", "forward") == (how, again)
         assert forward.slot is not None
         assert reason == box.find({request.id})[request.id].reason
         assert box.slots - 1 == box.free
 
-    def test_a_task_not_held_gets_nothing(self, box: Mailbox, messages: Messages) -> None:
+    def test_a_task_not_held_gets_nothing(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
+    ) -> None:
         """No registry entry and no held request: "none", no slot."""
         request = messages.request()
 
-        assert "none" == _delivery.deliver(request.id, CancelReason())
-        assert {} == _delivery.forwarding()
+        assert "none" == rt.delivery.deliver(request.id, CancelReason())
+        assert {} == rt.delivery.forwarding()
         assert box.slots == box.free
 
     def test_without_a_mailbox_nothing_is_forwarded(self, messages: Messages) -> None:
-        """In-process pools have no mailbox: a held request that has not started
-        finds the index when it starts, so nothing is forwarded."""
+        """Without a mailbox, a held request that has not started finds the index
+        when it starts, so nothing is forwarded."""
         request = messages.held()
+        delivery = Delivery(RunningTasks(), None, Wakeup())
 
-        assert "none" == _delivery.deliver(request.id, CancelReason())
-        assert {} == _delivery.forwarding()
+        assert "none" == delivery.deliver(request.id, CancelReason())
+        assert {} == delivery.forwarding()
 
     @pytest.mark.parametrize("payload", ["cancel", "plain"])
     def test_one_revoke_of_200_ids_writes_one_slot(
-        self, app: Celery, box: Mailbox, messages: Messages, payload: str
+        self, rt: WorkerRuntime, app: Celery, box: Mailbox, messages: Messages, payload: str
     ) -> None:
         """A revoke naming 200 ids of which this worker holds 1 uses exactly one
         slot, and the held task's slot survives (a 64-slot ring lost it)."""
@@ -308,45 +362,47 @@ class TestDelivery:
         revoke(app, ids, **extra)
         found = box.find(set(ids))
 
-        assert [held.id] == list(_delivery.forwarding())
+        assert [held.id] == list(rt.delivery.forwarding())
         assert box.slots - 1 == box.free
         assert [held.id] == list(found)
         assert "revoked" == found[held.id].reason.source
 
     def test_tick_frees_the_slot_when_the_task_leaves(
-        self, box: Mailbox, messages: Messages
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
     ) -> None:
         """tick() keeps a forward while its request is held and frees its slot once
         the request has left worker_state.requests."""
         request = messages.held()
-        _delivery.deliver(request.id, CancelReason())
-        _delivery.tick()
-        kept = list(_delivery.forwarding())
+        rt.delivery.deliver(request.id, CancelReason())
+        rt.delivery.tick()
+        kept = list(rt.delivery.forwarding())
 
         worker_state.task_ready(request)
-        _delivery.tick()
+        rt.delivery.tick()
 
         assert [request.id] == kept
-        assert {} == _delivery.forwarding()
+        assert {} == rt.delivery.forwarding()
         assert box.slots == box.free
         assert {} == box.find({request.id})
 
-    def test_a_full_mailbox_waits_for_a_free_slot(self, box: Mailbox, messages: Messages) -> None:
+    def test_a_full_mailbox_waits_for_a_free_slot(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
+    ) -> None:
         """With every slot taken, a new forward is kept without a slot (one warning)
         and gets one at the first tick after another task left."""
         held = [messages.held() for _ in range(box.slots + 1)]
         with capture_logs() as logs:
             for request in held:
-                _delivery.deliver(request.id, CancelReason(message=request.id))
-        waiting = _delivery.forwarding()[held[-1].id]
+                rt.delivery.deliver(request.id, CancelReason(message=request.id))
+        waiting = rt.delivery.forwarding()[held[-1].id]
         slot_while_full = waiting.slot
 
         worker_state.task_ready(held[0])
-        _delivery.tick()
+        rt.delivery.tick()
 
         assert slot_while_full is None
         assert ["mailbox.full"] == [e["event"] for e in logs if e["event"] == "mailbox.full"]
-        assert _delivery.forwarding()[held[-1].id].slot is not None
+        assert rt.delivery.forwarding()[held[-1].id].slot is not None
         assert held[-1].id == box.find({held[-1].id})[held[-1].id].reason.message
         assert 0 == box.free
 
@@ -389,7 +445,7 @@ class TestWakeUpSignals:
     """Wake-up signals go to the child running a task until it acknowledges."""
 
     def test_signals_the_child_until_it_acknowledges(
-        self, box: Mailbox, messages: Messages, child: subprocess.Popen[bytes]
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages, child: subprocess.Popen[bytes]
     ) -> None:
         """One signal at delivery, another after RESIGNAL_AFTER, none once the slot
         is acknowledged."""
@@ -399,17 +455,17 @@ class TestWakeUpSignals:
         request.on_accepted(child.pid, time.monotonic())
 
         with capture_logs() as logs:
-            _delivery.deliver(request.id, CancelReason(message="wake up"))
+            rt.delivery.deliver(request.id, CancelReason(message="wake up"))
             at_delivery = read_for(out, 0.3)
-            _delivery.tick()
+            rt.delivery.tick()
             too_soon = read_for(out, 0.1)
-            time.sleep(_delivery.RESIGNAL_AFTER)
-            _delivery.tick()
+            time.sleep(RESIGNAL_AFTER)
+            rt.delivery.tick()
             resent = read_for(out, 0.3)
-            box.acknowledge(_delivery.forwarding()[request.id].slot)  # type: ignore[arg-type]
-            time.sleep(_delivery.RESIGNAL_AFTER + 0.1)
-            _delivery.tick()
-            _delivery.tick()
+            box.acknowledge(rt.delivery.forwarding()[request.id].slot)  # type: ignore[arg-type]
+            time.sleep(RESIGNAL_AFTER + 0.1)
+            rt.delivery.tick()
+            rt.delivery.tick()
             after_ack = read_for(out, 0.3)
 
         assert (b"S", b"", b"S", b"") == (at_delivery, too_soon, resent, after_ack)
@@ -417,7 +473,9 @@ class TestWakeUpSignals:
         assert [("signal", child.pid)] == [(e["how"], e["pid"]) for e in signalled]
 
     @pytest.mark.parametrize("pid", ["none", "self"])
-    def test_no_signal_without_a_child(self, box: Mailbox, messages: Messages, pid: str) -> None:
+    def test_no_signal_without_a_child(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages, pid: str
+    ) -> None:
         """A task not in a child yet (no pid), or in this process, is never signalled;
         its slot waits for it."""
         received: list[int] = []
@@ -426,9 +484,9 @@ class TestWakeUpSignals:
             request = messages.held()
             if pid == "self":
                 request.on_accepted(os.getpid(), time.monotonic())
-            how = _delivery.deliver(request.id, CancelReason())
-            time.sleep(_delivery.RESIGNAL_AFTER + 0.1)
-            _delivery.tick()
+            how = rt.delivery.deliver(request.id, CancelReason())
+            time.sleep(RESIGNAL_AFTER + 0.1)
+            rt.delivery.tick()
             time.sleep(0.1)
         finally:
             signal.signal(signal.SIGURG, previous)
@@ -437,33 +495,36 @@ class TestWakeUpSignals:
         assert [] == received
         assert request.id in box.find({request.id})
 
-    def test_a_child_that_is_gone_is_not_an_error(self, box: Mailbox, messages: Messages) -> None:
+    def test_a_child_that_is_gone_is_not_an_error(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
+    ) -> None:
         """Signalling a pid that has exited fails quietly; the forward and slot stay."""
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         request = messages.held()
         request.on_accepted(gone.pid, time.monotonic())
 
-        how = _delivery.deliver(request.id, CancelReason())
-        _delivery.tick()
+        how = rt.delivery.deliver(request.id, CancelReason())
+        rt.delivery.tick()
 
         assert "forward" == how
-        assert [request.id] == list(_delivery.forwarding())
+        assert [request.id] == list(rt.delivery.forwarding())
         assert request.id in box.find({request.id})
 
 
+@pytest.mark.usefixtures("rt")
 class TestRequestPatches:
     """Celery's pre-pool check (``Request.revoked``) consults the index, and its
     discard stores the recorded reason."""
 
     def test_an_indexed_task_is_discarded_with_its_reason(
-        self, app: Celery, messages: Messages
+        self, rt: WorkerRuntime, app: Celery, messages: Messages
     ) -> None:
         """Indexed but not in Celery's revoked set: revoked() is True, the request
         leaves the worker and REVOKED carries the recorded reason."""
         request = messages.held()
         reason = CancelReason(source="revoked", message="stop", requested_by="alice")
-        _index.index.add([("task", request.id)], reason)
+        rt.index.add([("task", request.id)], reason)
         before = request.id in worker_state.revoked
 
         discarded = request.revoked()
@@ -494,22 +555,24 @@ class TestRequestPatches:
 
     @pytest.mark.parametrize("kind", ["group", "root"])
     def test_matched_through_its_group_or_root(
-        self, app: Celery, messages: Messages, kind: str
+        self, rt: WorkerRuntime, app: Celery, messages: Messages, kind: str
     ) -> None:
         """A request whose group id or root id is a live target is discarded too."""
         target = str(uuid.uuid4())
         option = {"group_id": target} if kind == "group" else {"root_id": target}
         request = messages.request(**option)
-        _index.index.add([(kind, target)], CancelReason(source="revoked", message=kind))  # type: ignore[list-item]
+        rt.index.add([(kind, target)], CancelReason(source="revoked", message=kind))  # type: ignore[list-item]
 
         discarded = request.revoked()
 
         assert discarded
         assert f"revoked: {kind}" == str(app.AsyncResult(request.id).result)
 
-    def test_a_request_not_in_the_index_is_untouched(self, app: Celery, messages: Messages) -> None:
+    def test_a_request_not_in_the_index_is_untouched(
+        self, rt: WorkerRuntime, app: Celery, messages: Messages
+    ) -> None:
         """Not indexed and not revoked: revoked() is False and nothing is stored."""
-        _index.index.add([("task", "someone-else")], CancelReason())
+        rt.index.add([("task", "someone-else")], CancelReason())
         request = messages.held()
 
         discarded = request.revoked()
@@ -533,74 +596,74 @@ class TestRequestPatches:
 class TestLedgerPoll:
     """The poller's read of the ledger (`_Poller.sync`) and `deliver_targets`."""
 
-    def test_sync_indexes_and_delivers_once(self, app: Celery) -> None:
+    def test_sync_indexes_and_delivers_once(self, rt: WorkerRuntime, app: Celery) -> None:
         """A cancellation recorded elsewhere is indexed and delivered once."""
         task_id, queued = str(uuid.uuid4()), str(uuid.uuid4())
-        _ledger.ledger_for(app).record(
+        runtime().ledgers.get(app).record(
             [("task", task_id), ("task", queued)], CancelReason(message="late")
         )
-        poller = _worker._Poller(app)
-        with running(task_id) as entry, capture_logs() as logs:
+        poller = Poller(rt)
+        with running(rt, task_id) as entry, capture_logs() as logs:
             poller.sync()
             poller.sync()
 
         assert entry.revoked()
         assert "late" == entry.scope.cancel_reason.message  # type: ignore[union-attr]
         assert 1 == [e["event"] for e in logs].count("cancel.delivered")
-        assert "late" == _index.index.match(queued).message  # type: ignore[union-attr]
+        assert "late" == rt.index.match(queued).message  # type: ignore[union-attr]
 
-    def test_sync_with_the_ledger_down_logs(self, app: Celery) -> None:
+    def test_sync_with_the_ledger_down_logs(self, rdb: redis.Redis) -> None:
         """An unreachable ledger is logged; the cursor is kept."""
-        app.conf.cancellable_ledger_url = "redis://127.0.0.1:1/0"
-        _index.index.cursor = "5-0"
+        app = make_app(cancellable_ledger_url="redis://127.0.0.1:1/0")
+        with running_worker(app) as rt:
+            rt.index.cursor = "5-0"
 
-        with capture_logs() as logs:
-            _worker._Poller(app).sync()
+            with capture_logs() as logs:
+                Poller(rt).sync()
 
         assert ["ledger.unavailable"] == [e["event"] for e in logs]
-        assert "5-0" == _index.index.cursor
+        assert "5-0" == rt.index.cursor
+        app.close()
 
-    def test_a_group_target_from_the_ledger_keeps_its_grace(self, app: Celery) -> None:
+    def test_a_group_target_from_the_ledger_keeps_its_grace(
+        self, rt: WorkerRuntime, app: Celery
+    ) -> None:
         """``cancel(group, grace=7)`` read from the ledger: the group's task is laddered at 7 s.
 
         (A worker that missed the broadcast, or a busy solo worker, must honour
         the grace the call gave, not fall back to the task's or the app's.)
         """
-        from cancellable.celery import _ladder
-
         group = str(uuid.uuid4())
-        _ledger.ledger_for(app).record([("group", group)], CancelReason(message="late"), 7.0)
-        with running("in-group", group=group) as entry:
-            try:
-                _worker._Poller(app).sync()
-                rung = _ladder.rungs().get("in-group")
-            finally:
-                with _ladder._lock:
-                    _ladder._rungs.pop("in-group", None)
+        runtime().ledgers.get(app).record([("group", group)], CancelReason(message="late"), 7.0)
+        with running(rt, "in-group", group=group) as entry:
+            Poller(rt).sync()
+            rung = rt.ladder.rungs().get("in-group")
 
         assert entry.scope.cancel_called
         assert rung is not None
         assert 7.0 == rung.grace
 
-    def test_a_group_target_reaches_a_held_request(self, box: Mailbox, messages: Messages) -> None:
+    def test_a_group_target_reaches_a_held_request(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
+    ) -> None:
         """A group target is delivered to the held request of that group, and only it."""
         group = str(uuid.uuid4())
         member, other = messages.held(group_id=group), messages.held()
-        added = _index.index.add([("group", group)], CancelReason(message="group"))
+        added = rt.index.add([("group", group)], CancelReason(message="group"))
 
-        delivered = _worker.deliver_targets(added)
+        delivered = deliver_targets(rt, added)
 
         assert 1 == delivered
-        assert [member.id] == list(_delivery.forwarding())
+        assert [member.id] == list(rt.delivery.forwarding())
         assert other.id not in box.find({other.id})
 
-    def test_a_group_target_reaches_a_task_running_here(self) -> None:
+    def test_a_group_target_reaches_a_task_running_here(self, rt: WorkerRuntime) -> None:
         """A group target cancels a @cancellable task of that group running in this
         process (threads pool), found through the registry."""
         group = str(uuid.uuid4())
-        added = _index.index.add([("group", group)], CancelReason(message="group"))
-        with running("in-group", group=group) as entry, running("not-in-group") as other:
-            delivered = _worker.deliver_targets(added)
+        added = rt.index.add([("group", group)], CancelReason(message="group"))
+        with running(rt, "in-group", group=group) as entry, running(rt, "not-in-group") as other:
+            delivered = deliver_targets(rt, added)
 
         assert 1 == delivered
         assert entry.scope.cancel_called
@@ -626,15 +689,15 @@ class TestPollerLifecycle:
     """One poller per running worker, gone when the worker is."""
 
     def test_a_poller_stops_and_reads_no_more(
-        self, app: Celery, monkeypatch: pytest.MonkeyPatch
+        self, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A started poller reads the ledger every interval; after stop() its thread
         has ended and it reads nothing more."""
-        app.conf.cancellable_poll_interval = 0.1
-        ledger = _ledger.ledger_for(app)
+        app = make_app(cancellable_poll_interval=0.1)
+        ledger = runtime().ledgers.get(app)
         reads: list[float] = []
         monkeypatch.setattr(ledger, "read", count_calls(reads, ledger.read))
-        poller = _worker._Poller(app)
+        poller = Poller(WorkerRuntime(app))
 
         poller.start()
         time.sleep(0.5)
@@ -645,6 +708,7 @@ class TestPollerLifecycle:
         assert at_stop >= 2
         assert not poller.thread.is_alive()
         assert at_stop == len(reads)
+        app.close()
 
     def test_twenty_embedded_workers_leave_no_poller(
         self, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
@@ -655,8 +719,7 @@ class TestPollerLifecycle:
         app.conf.cancellable_ledger_url = REDIS_URL
         app.conf.cancellable_poll_interval = 0.1
         app.conf.broker_connection_retry_on_startup = True
-        _ledger.reset()
-        ledger = _ledger.ledger_for(app)
+        ledger = runtime().ledgers.get(app)
         reads: list[float] = []
         monkeypatch.setattr(ledger, "read", count_calls(reads, ledger.read))
         alive_during: list[int] = []
@@ -669,11 +732,10 @@ class TestPollerLifecycle:
             left = [t.name for t in pollers()]
             late_reads = len([t for t in reads if t > stopped_at])
         finally:
-            _worker._on_worker_shutdown()
-            _ledger.reset()
             app.close()
 
         assert [1] * 20 == alive_during
+        assert runtime().worker is None
         assert len(reads) >= 20
         assert {"pollers alive": [], "reads after the last stop": 0} == {
             "pollers alive": left,
@@ -695,9 +757,9 @@ class TestBroadcastPayload:
             ["root", ""],
         ]
 
-        assert [("group", "g-1"), ("root", "r-1")] == _worker.targets_from(payload)
-        assert [] == _worker.targets_from(None)
-        assert [] == _worker.targets_from({"group": "g"})
+        assert [("group", "g-1"), ("root", "r-1")] == targets_from(payload)
+        assert [] == targets_from(None)
+        assert [] == targets_from({"group": "g"})
 
     @pytest.mark.parametrize(
         ("payload", "expected"),
@@ -706,16 +768,16 @@ class TestBroadcastPayload:
     )  # fmt: skip
     def test_grace_is_a_finite_number_of_seconds(self, payload: object, expected: object) -> None:
         """The grace travels as a number; anything else (or inf, NaN, < 0) is no grace."""
-        assert expected == _worker._grace_from(payload)
+        assert expected == _grace_from(payload)
 
     def test_mailbox_slots_follow_prefetch_and_concurrency(self) -> None:
         """Slots: prefetch plus one per child plus headroom; unlimited prefetch is capped."""
         app = Celery("slots", set_as_current=False)
         sender = AttributeDict(concurrency=2)
         app.conf.worker_prefetch_multiplier = 3
-        assert 2 * 3 + 2 + 16 == _worker._mailbox_slots(sender, app)
+        assert 2 * 3 + 2 + 16 == _mailbox_slots(sender, app)
         app.conf.worker_prefetch_multiplier = 0
-        assert 1 << 30 == _worker._mailbox_slots(sender, app)
+        assert 1 << 30 == _mailbox_slots(sender, app)
         app.conf.worker_prefetch_multiplier = -5
-        assert 2 * 4 + 2 + 16 == _worker._mailbox_slots(sender, app)
-        assert _worker._mailbox_slots(AttributeDict(concurrency=None), app) > 16
+        assert 2 * 4 + 2 + 16 == _mailbox_slots(sender, app)
+        assert _mailbox_slots(AttributeDict(concurrency=None), app) > 16

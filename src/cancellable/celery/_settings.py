@@ -53,7 +53,10 @@ DEFAULT_POLL_INTERVAL: Final = 2.0
 DEFAULT_KILL_AFTER: Final = 10.0
 
 #: The signal that wakes a prefork child (None where the platform has no SIGURG).
-DEFAULT_WAKEUP_SIGNAL: Final[signal.Signals | None] = getattr(signal.Signals, "SIGURG", None)
+#: (The module's attribute, not the enum's: a platform without it has no such signal.)
+DEFAULT_WAKEUP_SIGNAL: Final[signal.Signals | None] = (
+    signal.Signals(signal.SIGURG) if hasattr(signal, "SIGURG") else None
+)
 
 #: Signals a wake-up signal may not be: billiard installs or resets handlers
 #: for these in pool children, and SIGKILL/SIGSTOP cannot be caught.

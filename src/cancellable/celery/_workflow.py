@@ -31,6 +31,7 @@ from celery import states
 from celery.exceptions import TaskRevokedError
 
 from .._exceptions import CancelReason
+from . import _celery_internals as celery_internals
 
 __all__ = ["downstream_ids", "pending_signatures", "revoke_downstream", "revoke_member"]
 
@@ -40,11 +41,14 @@ MAX_DEPTH: Final = 64
 
 def _embed(request: Any) -> tuple[Any, Any, Any]:
     """``(callbacks, chain, chord)`` of a worker ``Request`` or a task ``Context``."""
-    payload = getattr(type(request), "_payload", None)
+    try:
+        payload = celery_internals.request_payload(request)
+    except (TypeError, ValueError, AttributeError):
+        payload = ()
     if payload is not None:
         # A worker Request (main process): the canvas rides in the message body.
         try:
-            _args, _kwargs, embed = request._payload
+            _args, _kwargs, embed = payload
         except (TypeError, ValueError):
             embed = None
         embed = embed if isinstance(embed, dict) else {}

@@ -1,4 +1,9 @@
-"""The client side: `cancel` and `configure`."""
+"""The client side: `cancel`, `configure`, and the recorder of plain revokes.
+
+Nothing here is installed when the module is imported: the first `cancel`
+patches ``Control.revoke`` (`install_revoke_recorder`), as a worker does
+when it starts.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,22 @@ import contextlib
 import dataclasses
 import itertools
 import signal as signal_module
+import threading
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from celery import states
 from celery.exceptions import TaskRevokedError
+from celery.utils.functional import maybe_list
 
 from .._config import validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
-from . import _ledger, _wakeup
+from . import _celery_internals as celery_internals
+from . import _ledger
+from ._runtime import runtime
 
 __all__ = [
     "BrokerUnavailableError",
@@ -25,7 +34,7 @@ __all__ = [
     "cancel",
     "cancel_targets",
     "configure",
-    "install_client_side",
+    "install_revoke_recorder",
     "workflow_targets",
 ]
 
@@ -313,6 +322,7 @@ def cancel(
        ``workflow=True``; a `~celery.result.GroupResult` is one group target.
     """
     grace_s = validate_seconds(grace, "grace")
+    install_revoke_recorder()
     plan = _Plan(workflow=bool(workflow))
     _collect(task_or_id, plan)
     if not plan.task_ids and not plan.wide and not plan.bare:
@@ -357,7 +367,7 @@ def cancel_targets(
     with app.pool.acquire(block=True) as conn:
         _check_broker(conn, app)
         try:
-            _ledger.ledger_for(app).record(targets, reason, grace)
+            runtime().ledgers.get(app).record(targets, reason, grace)
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
             warnings.warn(
@@ -414,7 +424,7 @@ def _check_broker(conn: Any, app: Any) -> None:
         client = getattr(channel, "client", None)
         ping = getattr(client, "ping", None)
         if callable(ping):
-            _ping_once(client)
+            celery_internals.ping_once(client, BROKER_CHECK_TIMEOUT)
     except Exception as exc:
         with contextlib.suppress(Exception):
             conn.collect()  # do not give the broken connection back to the pool
@@ -423,46 +433,36 @@ def _check_broker(conn: Any, app: Any) -> None:
         ) from exc
 
 
-def _ping_once(client: Any) -> None:
-    # One PING with a bounded wait and no retry, whatever the client's own
-    # retry policy (redis-py retries connection errors with back-off).
-    pool = client.connection_pool
-    try:
-        connection = pool.get_connection()
-    except TypeError:  # redis-py < 5.3 wants a command name
-        connection = pool.get_connection("PING")
-    try:
-        connection.socket_timeout = BROKER_CHECK_TIMEOUT
-        connection.socket_connect_timeout = BROKER_CHECK_TIMEOUT
-        if connection._sock is not None:
-            connection._sock.settimeout(BROKER_CHECK_TIMEOUT)
-        connection.send_command("PING")
-        connection.read_response()
-    except Exception:
-        connection.disconnect()
-        raise
-    finally:
-        pool.release(connection)
+class _Installed:
+    """Whether this process has installed the revoke recorder (set under ``lock``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
 
 
-def install_client_side() -> None:
+_recorder: Final = _Installed()
+
+
+def install_revoke_recorder() -> None:
     """Make Celery's own ``Control.revoke`` durable too (idempotent).
 
     ``AsyncResult.revoke()``, ``GroupResult.revoke()`` and
-    ``app.control.revoke()`` all end in ``Control.revoke``.  In a process
-    where the integration is active, a revoke sent to every worker (no
-    ``destination``, no ``terminate``) is also recorded in the ledger after
-    Celery's broadcast, as ``cancel()`` records its own: so a plain revoke
-    sent while no worker is online is not lost either.  A failure to record
-    is logged (``ledger.unavailable``) and never fails Celery's call.
+    ``app.control.revoke()`` all end in ``Control.revoke``.  Once a process
+    has called `cancel` (or runs a worker), a revoke it sends to every worker
+    (no ``destination``, no ``terminate``) is also recorded in the ledger
+    after Celery's broadcast, as ``cancel()`` records its own: so a plain
+    revoke sent while no worker is online is not lost either.  A failure to
+    record is logged (``ledger.unavailable``) and never fails Celery's call.
     """
-    from celery.app.control import Control
-    from celery.utils.functional import maybe_list
+    with _recorder.lock:
+        if _recorder.done:
+            return
+        _recorder.done = True
+        celery_internals.patch_control_revoke(_recording_revoke)
 
-    original = Control.revoke
-    if getattr(original, "_cancellable_original", None) is not None:
-        return
 
+def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
     def revoke(
         self: Any,
         task_id: Any,
@@ -477,16 +477,14 @@ def install_client_side() -> None:
         if destination is None and not terminate:
             ids = [str(t) for t in (maybe_list(task_id) or []) if t]
             try:
-                _ledger.ledger_for(self.app).record(
+                runtime().ledgers.get(self.app).record(
                     [("task", t) for t in ids], CancelReason(source="revoked")
                 )
             except _ledger.LedgerError as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
         return result
 
-    revoke._cancellable_original = original  # type: ignore[attr-defined]
-    revoke.__doc__ = original.__doc__
-    Control.revoke = revoke
+    return revoke
 
 
 def configure(
@@ -557,13 +555,9 @@ def configure(
             signum = signal
         else:
             raise TypeError("signal must be a signal name or number")
-        from billiard.common import TERMSIGS_FULL
-
-        taken = {getattr(signal_module, name, None) for name in TERMSIGS_FULL}
-        taken |= {getattr(signal_module, name, None) for name in ("SIGKILL", "SIGSTOP", "SIGINT")}
-        if signum in taken:
+        if signum in celery_internals.reserved_signals():
             raise ValueError(
                 f"signal {signum} cannot be caught, or billiard uses it in pool children; "
                 "keep the default (SIGURG) or pick one such as SIGWINCH"
             )
-        _wakeup.set_signal(signum)
+        app.conf.cancellable_wakeup_signal = signum
