@@ -398,47 +398,66 @@ class TestLedgerSelection:
 
 
 class TestConfigure:
-    """`cancellable.celery.configure` validates and stores options."""
+    """`cancellable.celery.configure` validates every setting and stores them."""
 
     def test_sets_options(self, app: Celery) -> None:
-        """Valid options land in the app's configuration."""
-        cc.configure(app, ledger_url="redis://h:1/2", ledger_ttl=60, poll_interval=0.5)
+        """Valid options land in the app's configuration; the settings are returned."""
+        settings = cc.configure(
+            app, ledger_url="redis://h:1/2", ledger_ttl=60, poll_interval=0.5, grace=0
+        )
 
         assert "redis://h:1/2" == app.conf.cancellable_ledger_url
-        assert 60.0 == app.conf.cancellable_ledger_ttl
+        assert 60 == app.conf.cancellable_ledger_ttl
         assert 0.5 == app.conf.cancellable_poll_interval
+        assert (60.0, 0.5, 0.0) == (settings.ledger_ttl, settings.poll_interval, settings.grace)
+        assert isinstance(settings, cc.Settings)
+
+    def test_covers_every_setting(self) -> None:
+        """One keyword per ``cancellable_*`` setting, named as the setting."""
+        import inspect
+
+        from cancellable.celery._settings import SETTINGS
+
+        options = list(inspect.signature(cc.configure).parameters)[1:]
+
+        assert sorted(SETTINGS) == sorted("cancellable_" + option for option in options)
 
     @pytest.mark.parametrize(
-        ("options", "error"),
+        ("options", "setting"),
         [
-            ({"ledger_url": 5}, TypeError),
-            ({"ledger_url": "http://x"}, ValueError),
-            ({"ledger_ttl": -1}, ValueError),
-            ({"ledger_ttl": 0}, ValueError),
-            ({"ledger_ttl": "1"}, TypeError),
-            ({"poll_interval": 0}, ValueError),
-            ({"poll_interval": float("nan")}, ValueError),
-            ({"signal": "SIGUSR1"}, ValueError),
-            ({"signal": "SIGUSR2"}, ValueError),
-            ({"signal": "SIGKILL"}, ValueError),
-            ({"signal": "NOPE"}, ValueError),
-            ({"signal": 1.5}, TypeError),
+            ({"ledger_url": 5}, "cancellable_ledger_url"),
+            ({"ledger_url": "http://x"}, "cancellable_ledger_url"),
+            ({"ledger_ttl": -1}, "cancellable_ledger_ttl"),
+            ({"ledger_ttl": 0}, "cancellable_ledger_ttl"),
+            ({"ledger_ttl": "1"}, "cancellable_ledger_ttl"),
+            ({"poll_interval": 0}, "cancellable_poll_interval"),
+            ({"poll_interval": float("nan")}, "cancellable_poll_interval"),
+            ({"grace": -1}, "cancellable_grace"),
+            ({"kill_after": "7d"}, "cancellable_kill_after"),
+            ({"kill_process_group": "yes"}, "cancellable_kill_process_group"),
+            ({"cancel_siblings_on_failure": 1}, "cancellable_cancel_siblings_on_failure"),
+            ({"wakeup_signal": "SIGUSR1"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGUSR2"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGKILL"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "NOPE"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": 1.5}, "cancellable_wakeup_signal"),
         ],
     )
-    def test_bad_options(
-        self, app: Celery, options: dict[str, Any], error: type[Exception]
-    ) -> None:
-        """Each invalid option raises a clear TypeError or ValueError."""
-        with pytest.raises(error):
+    def test_bad_options(self, app: Celery, options: dict[str, Any], setting: str) -> None:
+        """Each invalid option raises a SettingError naming the setting; nothing is stored."""
+        with pytest.raises(cc.SettingError) as caught:
             cc.configure(app, **options)
+
+        assert (setting,) == caught.value.settings
+        assert setting not in app.conf
 
     def test_signal_by_name_or_number(self, app: Celery) -> None:
         """A catchable, unused signal can be chosen by name or number; the app's worker
         then wakes its children with it."""
-        cc.configure(app, signal="winch")
+        cc.configure(app, wakeup_signal="winch")
         by_name = WorkerRuntime(app).tasks.wakeup.signum
         other = private_app(REDIS_URL)
-        cc.configure(other, signal=int(signal.SIGURG))
+        cc.configure(other, wakeup_signal=int(signal.SIGURG))
         by_number = WorkerRuntime(other).tasks.wakeup.signum
         other.close()
 

@@ -213,7 +213,7 @@ class TestRevokeHandler:
         handler = Panel.data["revoke"]
 
         install_patches()
-        wrapped_again = celery_internals.wrap_control_command("revoke", revoke_command)
+        wrapped_again = celery_internals.wrap_revoke_command(revoke_command)
 
         assert handler is Panel.data["revoke"]
         assert not wrapped_again

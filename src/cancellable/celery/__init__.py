@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from ._activation import PreforkDeliveryWarning, activate
 from ._client import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
-from ._settings import DEFAULT_KILL_AFTER, DEFAULT_LEDGER_TTL, DEFAULT_POLL_INTERVAL
+from ._settings import (
+    DEFAULT_KILL_AFTER,
+    DEFAULT_LEDGER_TTL,
+    DEFAULT_POLL_INTERVAL,
+    SettingError,
+    Settings,
+)
 
 activate()
 
@@ -31,6 +37,8 @@ __all__ = [
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
     "PreforkDeliveryWarning",
+    "SettingError",
+    "Settings",
     "cancel",
     "configure",
 ]

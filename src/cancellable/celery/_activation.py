@@ -105,7 +105,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             _failfast.install()
     # The blueprint is built right after worker_init: the step is in it.
     app.steps["worker"].add(WorkerStep)
-    if pool_kind(sender) == "prefork":
+    if celery_internals.worker_pool_kind(sender) == "prefork":
         # Said here, before Celery builds the pool (which fails outright on
         # a platform without the signals billiard needs).
         try:
@@ -128,11 +128,12 @@ def install_patches() -> None:
         if _once.patches:
             return
         _once.patches = True
-        celery_internals.wrap_control_command("revoke", _revokes.revoke_command)
+        celery_internals.wrap_revoke_command(_revokes.revoke_command)
         celery_internals.register_inspect_command(
-            _revokes.MEMBERS_COMMAND, _revokes.members_command
+            _revokes.members_command, _revokes.MEMBERS_COMMAND
         )
-        celery_internals.patch_request(_revokes.request_revoked, _revokes.announce_revoked)
+        celery_internals.wrap_request_revoked(_revokes.request_revoked)
+        celery_internals.wrap_request_announce_revoked(_revokes.announce_revoked)
     _client.install_revoke_recorder()
 
 
@@ -144,7 +145,7 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         app = parent.app
-        kind = pool_kind(parent)
+        kind = celery_internals.worker_pool_kind(parent)
         # Raises SettingError for a bad setting: the worker is not built.
         self.runtime = WorkerRuntime(app, None, parent, kind, _mailbox_slots(parent, app))
         old = runtime().worker
@@ -212,16 +213,6 @@ def _on_worker_process_init(**kwargs: Any) -> None:
         # The child did not inherit the main process's mailbox: the pool
         # started it with the spawn (or forkserver) start method.
         _warn_prefork("the pool does not fork its children (spawn start method)")
-
-
-def pool_kind(worker: Any) -> str:
-    """``"prefork"``, ``"threads"``, ``"solo"``, ``"gevent"``, ``"eventlet"`` or ``""``."""
-    pool = getattr(worker, "pool_cls", None)
-    name = str(pool if isinstance(pool, str) else getattr(pool, "__module__", ""))
-    for kind in ("prefork", "threads", "solo", "gevent", "eventlet"):
-        if kind in name or (kind == "threads" and "thread" in name):
-            return kind
-    return ""
 
 
 def _mailbox_slots(worker: Any, app: Any) -> int:

@@ -7,10 +7,10 @@ when it starts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
-import signal as signal_module
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -18,7 +18,6 @@ from typing import Any, Final
 
 from celery import states
 from celery.exceptions import TaskRevokedError
-from celery.utils.functional import maybe_list
 
 from .._config import validate_seconds
 from .._exceptions import CancelReason
@@ -27,6 +26,7 @@ from ..events import LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ledger
 from ._runtime import runtime
+from ._settings import PREFIX, SettingError, Settings
 
 __all__ = [
     "BrokerUnavailableError",
@@ -420,11 +420,9 @@ def _check_broker(conn: Any, app: Any) -> None:
         conn.ensure_connection(
             max_retries=1, interval_start=0, interval_step=0.2, timeout=BROKER_CHECK_TIMEOUT
         )
-        channel = conn.default_channel
-        client = getattr(channel, "client", None)
-        ping = getattr(client, "ping", None)
-        if callable(ping):
-            celery_internals.ping_once(client, BROKER_CHECK_TIMEOUT)
+        client = celery_internals.redis_broker_client(conn)
+        if client is not None:
+            celery_internals.ping_redis_once(client, BROKER_CHECK_TIMEOUT)
     except Exception as exc:
         with contextlib.suppress(Exception):
             conn.collect()  # do not give the broken connection back to the pool
@@ -459,7 +457,7 @@ def install_revoke_recorder() -> None:
         if _recorder.done:
             return
         _recorder.done = True
-        celery_internals.patch_control_revoke(_recording_revoke)
+        celery_internals.wrap_control_revoke(_recording_revoke)
 
 
 def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -475,89 +473,96 @@ def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
             self, task_id, destination=destination, terminate=terminate, signal=signal, **kwargs
         )
         if destination is None and not terminate:
-            ids = [str(t) for t in (maybe_list(task_id) or []) if t]
+            ids = celery_internals.task_ids(task_id)
             try:
                 runtime().ledgers.get(self.app).record(
                     [("task", t) for t in ids], CancelReason(source="revoked")
                 )
-            except _ledger.LedgerError as exc:
+            except (_ledger.LedgerError, SettingError) as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
         return result
 
     return revoke
 
 
+class _Unchanged:
+    """The default of `configure`'s options: leave the setting as it is."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: `configure`'s default for every option: the setting is left as it is.
+UNCHANGED: Final[Any] = _Unchanged()
+
+
 def configure(
     app: Any,
     *,
-    ledger_url: str | None = None,
-    ledger_ttl: float | None = None,
-    poll_interval: float | None = None,
-    signal: int | str | None = None,
-) -> None:
-    """Set `cancellable`'s options on a Celery app (all optional).
+    ledger_url: str | None = UNCHANGED,
+    ledger_ttl: float = UNCHANGED,
+    poll_interval: float = UNCHANGED,
+    grace: float | None = UNCHANGED,
+    kill_after: float | None = UNCHANGED,
+    kill_process_group: bool = UNCHANGED,
+    cancel_siblings_on_failure: bool = UNCHANGED,
+    wakeup_signal: int | str | None = UNCHANGED,
+) -> Settings:
+    """Set `cancellable`'s settings on a Celery app, checked now (all optional).
 
-    The same options can be set in the app's configuration as
-    ``cancellable_ledger_url``, ``cancellable_ledger_ttl`` and
-    ``cancellable_poll_interval``.  Call it where you create the app, before
-    the worker starts.
+    Each option is the app setting ``cancellable_<option>`` (see
+    :doc:`/settings` for what each means and accepts); the same can be set in
+    the app's configuration directly.  The new values are validated together
+    with the app's other ``cancellable_*`` settings, by the rules a worker
+    applies when it starts, and stored only if all are valid.  Call it where
+    you create the app, before a worker starts or the first `cancel`: both
+    read the settings once per app.
 
     Args:
         app: The Celery app.
-        ledger_url: Where to record cancellations durably: ``redis://...``,
-            ``file:///path`` or ``"none"``.  Default: the app's Redis or
-            filesystem result backend, else its Redis broker.
-        ledger_ttl: How long a cancellation is remembered, in seconds
-            (default one week).  Keep it longer than a task can wait in a
-            queue.
-        poll_interval: How often a worker asks the ledger about the tasks it
-            is running, in seconds (default 2).  A safety net only; normal
-            delivery is pushed.
-        signal: The signal used to wake prefork children (default
-            ``SIGURG``, whose default action is to do nothing).  Signals
-            that billiard uses or resets in pool children (``SIGUSR1``,
-            ``SIGUSR2``, ``SIGTERM``, ``SIGHUP``, ...) are refused.
+        ledger_url: ``cancellable_ledger_url``: ``redis://...``,
+            ``file:///path``, ``"none"``, or None (the app's Redis or
+            filesystem result backend, else its Redis broker).
+        ledger_ttl: ``cancellable_ledger_ttl``: seconds a cancellation is
+            remembered (default one week).
+        poll_interval: ``cancellable_poll_interval``: seconds between a
+            worker's reads of the ledger (default 2).
+        grace: ``cancellable_grace``: seconds before a cancelled task is
+            interrupted (None: cooperative only, the default).
+        kill_after: ``cancellable_kill_after``: seconds from the interrupt to
+            the terminate step (None: never terminate; default 10).
+        kill_process_group: ``cancellable_kill_process_group``.
+        cancel_siblings_on_failure: ``cancellable_cancel_siblings_on_failure``.
+        wakeup_signal: ``cancellable_wakeup_signal``: the signal that wakes
+            prefork children (default ``SIGURG``); signals billiard uses in
+            pool children are refused.
+
+    Returns:
+        The app's settings as a worker will read them.
 
     Raises:
-        TypeError, ValueError: An option is invalid.
+        SettingError: A value is invalid (or another ``cancellable_*``
+            setting of the app is); the message names each one.  Nothing
+            is stored then.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       Covers every setting; ``signal=`` is now ``wakeup_signal=``; raises
+       `SettingError`.
     """
-    if ledger_url is not None:
-        if not isinstance(ledger_url, str):
-            raise TypeError("ledger_url must be a str")
-        if ledger_url.lower() != "none" and not ledger_url.startswith(
-            ("redis://", "rediss://", "unix://", "file://")
-        ):
-            raise ValueError(
-                "ledger_url must be a redis://, rediss://, unix:// or file:// URL, or 'none'"
-            )
-        app.conf.cancellable_ledger_url = ledger_url
-    if ledger_ttl is not None:
-        ttl = validate_seconds(ledger_ttl, "ledger_ttl", allow_none=False)
-        if not ttl:
-            raise ValueError("ledger_ttl must be positive")
-        app.conf.cancellable_ledger_ttl = ttl
-    if poll_interval is not None:
-        interval = validate_seconds(poll_interval, "poll_interval", allow_none=False)
-        if not interval:
-            raise ValueError("poll_interval must be positive")
-        app.conf.cancellable_poll_interval = interval
-    if signal is not None:
-        if isinstance(signal, str):
-            name = signal.upper()
-            name = name if name.startswith("SIG") else "SIG" + name
-            try:
-                signum = int(getattr(signal_module, name))
-            except AttributeError:
-                raise ValueError(f"unknown signal {signal!r}") from None
-        elif isinstance(signal, int) and not isinstance(signal, bool):
-            signum = signal
-        else:
-            raise TypeError("signal must be a signal name or number")
-        if signum in celery_internals.reserved_signals():
-            raise ValueError(
-                f"signal {signum} cannot be caught, or billiard uses it in pool children; "
-                "keep the default (SIGURG) or pick one such as SIGWINCH"
-            )
-        app.conf.cancellable_wakeup_signal = signum
+    given = {
+        "ledger_url": ledger_url,
+        "ledger_ttl": ledger_ttl,
+        "poll_interval": poll_interval,
+        "grace": grace,
+        "kill_after": kill_after,
+        "kill_process_group": kill_process_group,
+        "cancel_siblings_on_failure": cancel_siblings_on_failure,
+        "wakeup_signal": wakeup_signal,
+    }
+    updates = {PREFIX + name: value for name, value in given.items() if value is not UNCHANGED}
+    settings = Settings.from_conf(
+        collections.ChainMap(updates, app.conf), namespace=getattr(app, "namespace", None)
+    )
+    app.conf.update(updates)
+    return settings

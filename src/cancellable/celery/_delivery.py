@@ -48,7 +48,7 @@ from .. import _scope
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_DELIVERED, MAILBOX_FULL
-from ._celery_internals import held_request
+from ._celery_internals import request_worker_pid, worker_requests
 from ._mailbox import Mailbox
 from ._registry import RunningTasks, cancel
 from ._wakeup import Wakeup
@@ -103,7 +103,7 @@ class Delivery:
             if cancel(entry, reason, now):
                 _log_delivered(task_id, entry.task_name, reason, now, "local")
             return "local"
-        request = held_request(task_id)
+        request = worker_requests().get(task_id)
         if request is None or self.mailbox is None:
             return "none"
         with self._lock:
@@ -131,7 +131,7 @@ class Delivery:
                 return
         if box.acknowledged(forward.slot):
             return
-        pid = getattr(request, "worker_pid", None)
+        pid = request_worker_pid(request)
         if not pid or pid == os.getpid():
             return  # not in a child yet: it finds the slot when it starts
         if forward.signalled_pid == pid and now - forward.signalled_at < RESIGNAL_AFTER:
@@ -166,7 +166,7 @@ class Delivery:
             items = list(self._forwards.items())
         now = time.monotonic()
         for task_id, forward in items:
-            request = held_request(task_id)
+            request = worker_requests().get(task_id)
             if request is None:
                 with self._lock:
                     if self._forwards.get(task_id) is forward:

@@ -228,7 +228,7 @@ class Ladder:
                 self._advance_one(rung, now)
 
     def _advance_one(self, rung: _Rung, now: float) -> None:
-        request = celery_internals.held_request(rung.task_id)
+        request = celery_internals.worker_requests().get(rung.task_id)
         entry = self._running.get(rung.task_id)
         if (request is None and entry is None) or rung.step == "done":
             with self._lock:
@@ -246,7 +246,7 @@ class Ladder:
         if rung.step == "cooperative":
             if now - rung.since < rung.grace:
                 return
-            if entry is None and not celery_internals.child_pid(request):
+            if entry is None and not celery_internals.request_worker_pid(request):
                 return  # not started yet: it is skipped when it starts
             rung.step, rung.interrupted_at = "interrupt", now
             _log_step(rung, "interrupt", now, grace_s=rung.grace)
@@ -263,7 +263,7 @@ class Ladder:
                 self._interrupt_step(rung, request, entry, now)
                 return
         if rung.step == "terminate":
-            pid = celery_internals.child_pid(request)
+            pid = celery_internals.request_worker_pid(request)
             if not pid:
                 return
             outcome = self.terminate(pid, rung.task_id, rung, request)
@@ -303,7 +303,7 @@ class Ladder:
             self._interrupts.interrupt_in_process(entry, rung.reason)
             return
         # A prefork child: ask through the mailbox slot, then signal.
-        pid = celery_internals.child_pid(request)
+        pid = celery_internals.request_worker_pid(request)
         if pid:
             self._delivery.escalate(rung.task_id, pid)
 
@@ -321,7 +321,7 @@ class Ladder:
         table = self.table
         if table is None or not table.knows(pid):
             return "unavailable"
-        proc = celery_internals.pool_process(self.worker, pid)
+        proc = celery_internals.pool_process(getattr(self.worker, "pool", None), pid)
         if proc is None:
             return "unavailable"
 
@@ -334,7 +334,7 @@ class Ladder:
                     )
             # The pool then reports the job as Terminated (REVOKED,
             # acknowledged), not as a lost worker.
-            celery_internals.mark_terminated_on_purpose(proc)
+            celery_internals.mark_process_terminated(proc)
 
         outcome = stop_check_kill(
             table, pid, task_id, before_kill, self.settings.kill_process_group
@@ -350,7 +350,7 @@ class Ladder:
                 after_s=None if rung is None else round(time.monotonic() - rung.since, 3),
                 **({} if rung is None else _reason_fields(rung.reason)),
             )
-            hub = getattr(self.worker, "hub", None)
+            hub = celery_internals.worker_hub(self.worker)
             if request is not None and hub is not None:
                 hub.call_soon(self._announce_terminated, hub, request)
         return outcome
@@ -363,7 +363,7 @@ class Ladder:
         # A failure here must not escape: kombu runs call_soon callbacks
         # unguarded, and an exception would stop the worker's event loop.
         try:
-            if not celery_internals.already_revoked(request):
+            if not celery_internals.request_already_revoked(request):
                 celery_internals.announce_revoked(
                     request, "terminated", True, int(signal.SIGKILL), False
                 )
@@ -377,7 +377,7 @@ class Ladder:
             )
         # billiard replaces dead children when it next maintains the pool (a
         # 5 s timer); ask for it now, once the kernel has reaped the child.
-        maintain = celery_internals.pool_maintainer(self.worker)
+        maintain = celery_internals.pool_maintainer(getattr(self.worker, "pool", None))
         if maintain is not None:
             for delay in REPLACE_AFTER:
                 hub.call_later(delay, maintain)

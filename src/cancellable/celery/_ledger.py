@@ -63,6 +63,7 @@ from typing import IO, Any, Final, Literal, Protocol, get_args
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
+from . import _celery_internals as celery_internals
 from ._settings import DEFAULT_LEDGER_TTL, settings_for
 
 __all__ = [
@@ -474,11 +475,11 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     if url:
         return _ledger_from_url(url, prefix, ttl)
     backend = app.backend
-    backend_name = type(backend).__name__
-    if backend_name in ("RedisBackend", "SentinelBackend") and hasattr(backend, "client"):
-        return RedisLedger(backend.client, prefix, ttl)
-    if backend_name == "FilesystemBackend":
-        base = backend.path.decode() if isinstance(backend.path, bytes) else str(backend.path)
+    client = celery_internals.redis_backend_client(backend)
+    if client is not None:
+        return RedisLedger(client, prefix, ttl)
+    base = celery_internals.filesystem_backend_path(backend)
+    if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
     broker = app.conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):

@@ -43,8 +43,6 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from celery.utils.functional import maybe_list
-
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_DELIVERY_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
@@ -102,7 +100,7 @@ def targets_from(payload: Any) -> list[Target]:
 
 def _held(rt: WorkerRuntime, task_id: str) -> Any:
     """The request (or running-task entry) of a task this worker holds, or None."""
-    return celery_internals.held_request(task_id) or rt.tasks.running.get(task_id)
+    return celery_internals.worker_requests().get(task_id) or rt.tasks.running.get(task_id)
 
 
 def deliver_targets(
@@ -126,7 +124,7 @@ def deliver_targets(
             wide = True
     if wide:
         # A group or root target can name any held task: look at all of them.
-        held = list(celery_internals.held_requests()) + list(rt.tasks.running.ids())
+        held = list(dict(celery_internals.worker_requests())) + list(rt.tasks.running.ids())
         task_ids = list(dict.fromkeys([*task_ids, *held]))
     delivered = 0
     promoted: list[Target] = []
@@ -214,7 +212,7 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
         if rt is None:
             return original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         given = _reason_from(kwargs.get("cancellable"))
-        task_ids = [str(t) for t in (maybe_list(task_id) or [])]
+        task_ids = celery_internals.task_ids(task_id)
         if terminate or given is None:
             result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         else:
@@ -245,13 +243,13 @@ def request_revoked(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
         rt = _active_worker(getattr(self, "app", None))
         if (
             rt is not None
-            and not celery_internals.already_revoked(self)
-            and not celery_internals.in_revoked_set(self.id)
+            and not celery_internals.request_already_revoked(self)
+            and not celery_internals.is_revoked_id(self.id)
         ):
             reason = rt.index.match_request(self)
             if reason is not None:
                 # Celery discards what its revoked set names; the index says so.
-                celery_internals.add_to_revoked_set(self.id)
+                celery_internals.add_revoked_id(self.id)
                 _promote_quietly(rt, self, reason)
         return bool(original(self))
 
@@ -319,7 +317,7 @@ def members_command(state: Any, targets: Any = None, **kwargs: Any) -> dict[str,
     probe.add(targets_from(targets), CancelReason(source="revoked"))
     active = celery_internals.active_request_ids()
     found: dict[str, list[Any]] = {}
-    for task_id, request in celery_internals.held_requests().items():
+    for task_id, request in dict(celery_internals.worker_requests()).items():
         if probe.match_request(request) is not None:
             parent_id = getattr(request, "parent_id", None)
             found[task_id] = [

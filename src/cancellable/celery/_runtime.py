@@ -114,7 +114,7 @@ class TaskRuntime:
         reason = self.index.match_request(request)
         if reason is None:
             reason = mailbox_reason(self.mailbox, request.id)
-        if reason is None and celery_internals.in_revoked_set(request.id):
+        if reason is None and celery_internals.is_revoked_id(request.id):
             reason = CancelReason(source="revoked", message="revoked before it started")
         return reason
 
@@ -137,7 +137,7 @@ class TaskRuntime:
                 logger.warning(CANCEL_NOT_ESCALATED, why=f"cannot lead a process group: {exc}")
         table = self.table
         if table is not None and table.owner == os.getppid():
-            index = celery_internals.child_index()
+            index = celery_internals.process_index()
             if index is not None:
                 table.claim(index)
         return True

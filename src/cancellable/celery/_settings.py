@@ -25,8 +25,9 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from billiard.common import TERMSIGS_FULL
 from celery.exceptions import ImproperlyConfigured
+
+from ._celery_internals import BILLIARD_TERMSIGS
 
 __all__ = [
     "DEFAULT_KILL_AFTER",
@@ -58,12 +59,14 @@ DEFAULT_WAKEUP_SIGNAL: Final[signal.Signals | None] = (
     signal.Signals(signal.SIGURG) if hasattr(signal, "SIGURG") else None
 )
 
+#: Signals that cannot be caught (or that a worker needs for itself).
+UNCATCHABLE: Final = ("SIGKILL", "SIGSTOP", "SIGINT")
+
 #: Signals a wake-up signal may not be: billiard installs or resets handlers
 #: for these in pool children, and SIGKILL/SIGSTOP cannot be caught.
 _TAKEN_SIGNALS: Final = frozenset(
-    getattr(signal.Signals, name)
-    for name in (*TERMSIGS_FULL, "SIGKILL", "SIGSTOP", "SIGINT")
-    if hasattr(signal.Signals, name)
+    {signal.Signals(number) for number in BILLIARD_TERMSIGS}
+    | {getattr(signal.Signals, name) for name in UNCATCHABLE if hasattr(signal.Signals, name)}
 )
 
 

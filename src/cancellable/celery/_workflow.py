@@ -41,18 +41,10 @@ MAX_DEPTH: Final = 64
 
 def _embed(request: Any) -> tuple[Any, Any, Any]:
     """``(callbacks, chain, chord)`` of a worker ``Request`` or a task ``Context``."""
-    try:
-        payload = celery_internals.request_payload(request)
-    except (TypeError, ValueError, AttributeError):
-        payload = ()
-    if payload is not None:
+    embedded = celery_internals.request_embed(request)
+    if embedded is not None:
         # A worker Request (main process): the canvas rides in the message body.
-        try:
-            _args, _kwargs, embed = payload
-        except (TypeError, ValueError):
-            embed = None
-        embed = embed if isinstance(embed, dict) else {}
-        return embed.get("callbacks"), embed.get("chain"), embed.get("chord")
+        return embedded
     return (
         getattr(request, "callbacks", None),
         getattr(request, "chain", None),
