@@ -27,7 +27,7 @@ from tests.celery_runtime import running_worker
 
 import cancellable.celery as cc
 from cancellable import CancelReason
-from cancellable.celery import _client, _failfast, _index, _workflow
+from cancellable.celery import _failfast, _index, _workflow
 from cancellable.celery._runtime import runtime
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
@@ -258,7 +258,7 @@ class TestClientPlan:
             child_id, 2, states.SUCCESS, request=Context(parent_id=parent_id, group=group_id)
         )
 
-        targets, seen = _client.workflow_targets(app, [child_id])
+        targets, seen = _workflow.workflow_targets(app, [child_id])
 
         assert [("root", child_id), ("root", parent_id), ("group", group_id)] == targets
         assert {child_id: "SUCCESS", parent_id: "SUCCESS"} == seen
@@ -267,7 +267,7 @@ class TestClientPlan:
         """Nothing stored: the id alone, as a root target."""
         task_id = str(uuid.uuid4())
 
-        assert ([("root", task_id)], {}) == _client.workflow_targets(app, [task_id])
+        assert ([("root", task_id)], {}) == _workflow.workflow_targets(app, [task_id])
 
     def test_empty_id_is_refused(self, app: Celery) -> None:
         """An empty id in workflow mode is a ValueError, before anything is sent."""

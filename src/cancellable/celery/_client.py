@@ -1,5 +1,8 @@
 """The client side: `cancel`, `configure`, and the recorder of plain revokes.
 
+What a workflow is made of (a result tree, or ids in the result backend) is
+worked out by `cancellable.celery._workflow`.
+
 Nothing here is installed when the module is imported: the first `cancel`
 patches ``Control.revoke`` (`install_revoke_recorder`), as a worker does
 when it starts.
@@ -10,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import itertools
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -27,6 +29,7 @@ from . import _celery_internals as celery_internals
 from . import _ledger
 from ._runtime import runtime
 from ._settings import PREFIX, SettingError, Settings
+from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
 
 __all__ = [
     "BrokerUnavailableError",
@@ -35,7 +38,6 @@ __all__ = [
     "cancel_targets",
     "configure",
     "install_revoke_recorder",
-    "workflow_targets",
 ]
 
 
@@ -77,10 +79,6 @@ class _Plan:
         return list(dict.fromkeys([*tasks, *self.wide]))
 
 
-def _is_group_result(obj: object) -> bool:
-    return getattr(obj, "results", None) is not None and hasattr(obj, "revoke")
-
-
 def _collect(task_or_id: object, plan: _Plan) -> None:
     if isinstance(task_or_id, str):
         if not task_or_id.strip():
@@ -92,13 +90,13 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         return
     if task_or_id is None:
         raise TypeError("cancel() needs a task id, an AsyncResult or a list of them, got None")
-    if _is_group_result(task_or_id):
+    if is_group_result(task_or_id):
         plan.apps.append(getattr(task_or_id, "app", None))
         plan.trees.append(task_or_id)
         if plan.workflow:
-            _collect_workflow(task_or_id, plan)
+            plan.wide.extend(workflow_of(task_or_id))
         else:
-            _cover(task_or_id, plan)
+            plan.wide.extend(tree_targets(task_or_id))
         return
     task_id = getattr(task_or_id, "id", None)
     if isinstance(task_id, str) and hasattr(task_or_id, "revoke"):
@@ -107,7 +105,7 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         plan.apps.append(getattr(task_or_id, "app", None))
         if plan.workflow:
             plan.trees.append(task_or_id)
-            _collect_workflow(task_or_id, plan)
+            plan.wide.extend(workflow_of(task_or_id))
         else:
             plan.task_ids.append(task_id)
         return
@@ -119,141 +117,6 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         "cancel() needs a task id (str), an AsyncResult, a GroupResult or a list of them, "
         f"got {type(task_or_id).__name__}"
     )
-
-
-#: How far up a chain of ``.parent`` results (or stored parent ids) we climb.
-_MAX_CLIMB = 10_000
-
-
-def _lineage(node: Any) -> list[Any]:
-    """``node``, then the results before it (its ``.parent``, and theirs), first task last."""
-    path = [node]
-    for _ in range(_MAX_CLIMB):
-        parent = getattr(path[-1], "parent", None)
-        if parent is None:
-            break
-        path.append(parent)
-    return path
-
-
-def _top(node: Any) -> Any:
-    """The first result of the workflow ``node`` is part of."""
-    return _lineage(node)[-1]
-
-
-def _collect_workflow(node: Any, plan: _Plan) -> None:
-    # ("root", held id) reaches every task whose later work includes it (the
-    # worker checks that), and the workflow's top covers the rest by root id.
-    if not _is_group_result(node):
-        plan.wide.append(("root", node.id))
-    _cover(_top(node), plan)
-
-
-def _cover(top: Any, plan: _Plan) -> None:
-    """Targets that name every task sent from ``top`` on (a task, or a group)."""
-    if not _is_group_result(top):
-        plan.wide.append(("root", top.id))
-        return
-    # A group's members carry its id, but the first link of a chain inside
-    # a group does not (Celery gives it no group, and its own id as root id):
-    # such a chain is named by its first link.
-    plan.wide.append(("group", top.id))
-    for member in top.results or ():
-        if _is_group_result(member):
-            _cover(member, plan)
-        elif getattr(member, "parent", None) is not None:
-            _cover(_top(member), plan)
-
-
-def _succeeded(node: Any) -> bool:
-    if _is_group_result(node):
-        return all(_succeeded(member) for member in node.results or ())
-    return bool(node.state == states.SUCCESS)
-
-
-def _leaf_ids(node: Any) -> list[str]:
-    """Every task id inside a result node (a group's members and their chains)."""
-    if _is_group_result(node):
-        ids: list[str] = []
-        for member in node.results or ():
-            ids.extend(_leaf_ids(member))
-        return ids
-    # The chain that ends at this task, up to the group it started in.
-    return [step.id for step in itertools.takewhile(_is_task_result, _lineage(node))]
-
-
-def _is_task_result(node: Any) -> bool:
-    return not _is_group_result(node)
-
-
-def _unsent(tree: Any) -> list[str]:
-    """Ids in a held result tree that cannot have been sent yet.
-
-    Celery sends a chain link (or a chord's body, or a group after a link)
-    only when the result before it succeeded; so every node after the first
-    one whose predecessor has not succeeded is unsent, and after the
-    cancellation it never will be.  Reads one state per node climbed (a
-    group's members until the first that has not succeeded).
-    """
-    path = _lineage(tree)
-    for i in range(len(path) - 1, 0, -1):
-        if not _succeeded(path[i]):
-            ids: list[str] = []
-            for node in path[:i]:
-                if _is_group_result(node):
-                    ids.extend(_leaf_ids(node))
-                else:
-                    ids.append(node.id)
-            return ids
-    return []
-
-
-def _resolve_bare(app: Any, task_id: str, plan: _Plan) -> None:
-    """Targets for ``cancel(id, workflow=True)`` from what the result backend knows.
-
-    ``("root", id)`` always: workers cancel every task whose id or root id
-    it is, or whose later work includes it.  The backend stores a task's
-    parent id and group id once the task has a state; we climb the parent
-    ids to the workflow's first task and name it by root id, and name every
-    group met on the way (a member of a top-level group has no parent).  A
-    task with no stored state (still queued, or not sent) tells us nothing
-    more.
-    """
-    plan.wide.append(("root", task_id))
-    backend = app.backend
-    current, seen = task_id, {task_id}
-    groups: list[str] = []
-    for _ in range(_MAX_CLIMB):
-        try:
-            meta = backend.get_task_meta(current)
-        except Exception:  # noqa: BLE001 - an unknown id is not an error here
-            break
-        if meta.get("status") != states.PENDING:
-            plan.seen[current] = str(meta.get("status"))
-        group_id = meta.get("group_id")
-        if isinstance(group_id, str) and group_id:
-            groups.append(group_id)
-        parent_id = meta.get("parent_id")
-        if not isinstance(parent_id, str) or not parent_id or parent_id in seen:
-            break
-        seen.add(parent_id)
-        current = parent_id
-    if current != task_id:
-        plan.wide.append(("root", current))
-    plan.wide.extend(("group", group_id) for group_id in groups)
-
-
-def workflow_targets(
-    app: Any, task_ids: Iterable[str]
-) -> tuple[list[_ledger.Target], dict[str, str]]:
-    """The targets ``cancel(task_ids, workflow=True)`` records, and the states seen on the way.
-
-    For ``celery cancel --workflow``, which reports on what it found.
-    """
-    plan = _Plan(workflow=True)
-    for task_id in dict.fromkeys(task_ids):
-        _resolve_bare(app, task_id, plan)
-    return plan.targets(), plan.seen
 
 
 def cancel(
@@ -337,7 +200,9 @@ def cancel(
 
         app = current_app._get_current_object()
     for task_id in dict.fromkeys(plan.bare):
-        _resolve_bare(app, task_id, plan)
+        targets, seen = resolve_id(app.backend, task_id)
+        plan.wide.extend(targets)
+        plan.seen.update(seen)
 
     task_ids = list(dict.fromkeys(plan.task_ids))
     wide = [t for t in plan.targets() if t[0] != "task"]
@@ -394,7 +259,7 @@ def _mark_unsent(app: Any, trees: list[Any], reason: CancelReason) -> None:
     try:
         ids: list[str] = []
         for tree in trees:
-            ids.extend(_unsent(tree))
+            ids.extend(unsent_ids(tree))
         if ids:
             error = TaskRevokedError(reason.describe())
             for task_id in dict.fromkeys(ids):

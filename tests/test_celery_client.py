@@ -1,4 +1,4 @@
-"""The Celery integration's client side: `cancel`, `configure`, the ledger choice, the CLI.
+"""The client side (`cancellable.celery._client`): `cancel`, `configure`, the ledger, the CLI.
 
 Real Redis (DB 12, flushed per test) and a real broker: the broadcast that
 `cancel` sends is read back from the broker's fanout exchange by a kombu
