@@ -65,7 +65,8 @@ app.conf.broker_connection_retry_on_startup = True
 def test_building_a_worker_starts_nothing_and_starting_it_installs_everything() -> None:
     """Imported: nothing patched.  A worker built but never started: its runtime
     exists, but no thread and no patch.  Started: every patch and one poller.
-    Stopped: no poller, no worker runtime (the patches stay, inert)."""
+    Stopped: no poller, no worker runtime, and the worker's patches removed
+    (``Control.revoke``, the client's, stays)."""
     done = run_python(
         PROBE
         + """
@@ -92,30 +93,37 @@ report("stopped")
         "imported [] 0 none",
         "built [] 0 built",
         f"started {every} 1 active",
-        f"stopped {every} 0 none",
+        "stopped ['Control.revoke'] 0 none",
     ] == done.stdout.splitlines()
 
 
-def test_once_the_worker_stopped_the_patches_are_celerys_own_behaviour() -> None:
-    """After the worker stopped, the patched revoke command (still installed)
-    behaves as Celery's: Celery's reply and revoked set, nothing indexed."""
+def test_once_the_worker_stopped_the_revoke_command_is_celerys_own() -> None:
+    """After the worker stopped, the revoke command is Celery's own again: its
+    reply and revoked set, nothing indexed; and a second worker patches again."""
     done = run_python(
         PROBE
         + """
 from celery.contrib.testing.worker import start_worker
 from celery.utils.collections import AttributeDict
-from celery.worker import state as worker_state
+from celery.worker import state as celery_state
 
 with start_worker(app, pool="threads", perform_ping_check=False, shutdown_timeout=10):
     pass
 tasks = runtime().tasks
 reply = Panel.data["revoke"](AttributeDict(app=app), task_id="t-1")
-print(patched()[-1], "flagged as revoked" in reply["ok"], "t-1" in worker_state.revoked)
+print(patched(), "flagged as revoked" in reply["ok"], "t-1" in celery_state.revoked)
 print(tasks.index.match("t-1"), len(tasks.index))
+with start_worker(app, pool="threads", perform_ping_check=False, shutdown_timeout=10):
+    report("again")
 """
     )
 
-    assert ["members command True True", "None 0"] == done.stdout.splitlines()
+    assert [
+        "['Control.revoke'] True True",
+        "None 0",
+        "again ['Control.revoke', 'Request.revoked', 'Request._announce_revoked', "
+        "'revoke command', 'members command'] 1 active",
+    ] == done.stdout.splitlines()
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,8 @@ The bootstep's ``start`` (the worker starts; before its consumer does)
     ``Control.revoke``), installs the wake-up handler of a solo worker, and
     starts the poller thread.
 The bootstep's ``stop``, ``terminate`` and ``shutdown`` (however the worker ends)
-    stop the poller and drop the worker runtime; the patches stay, and act
-    only while a worker runs in the process.
+    stop the poller, drop the worker runtime and remove the worker's
+    patches (``Control.revoke`` stays patched).
 `~cancellable.celery.cancel` (the client)
     at its first call, patches ``Control.revoke`` so that plain revokes
     from the same process are recorded in the ledger too.
@@ -55,7 +55,7 @@ from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import SettingError, settings_for
 
-__all__ = ["PreforkDeliveryWarning", "WorkerStep", "activate", "install_patches"]
+__all__ = ["PreforkDeliveryWarning", "WorkerStep", "activate", "install_patches", "remove_patches"]
 
 
 class PreforkDeliveryWarning(RuntimeWarning):
@@ -122,7 +122,9 @@ def install_patches() -> None:
     """Patch Celery where a running worker needs it (idempotent; see :doc:`/celery`).
 
     Each patch acts only while a worker runs in this process, for that
-    worker's app; otherwise it calls Celery's own code unchanged.
+    worker's app; otherwise it calls Celery's own code unchanged.  The
+    worker's patches are removed again when it stops (`remove_patches`);
+    ``Control.revoke`` stays patched.
     """
     with _once.lock:
         if _once.patches:
@@ -135,6 +137,17 @@ def install_patches() -> None:
         celery_internals.wrap_request_revoked(_revokes.request_revoked)
         celery_internals.wrap_request_announce_revoked(_revokes.announce_revoked)
     _client.install_revoke_recorder()
+
+
+def remove_patches() -> None:
+    """Put Celery's worker back as it was (the last worker here stopped)."""
+    with _once.lock:
+        if not _once.patches:
+            return
+        _once.patches = False
+        celery_internals.unwrap_revoke_command()
+        celery_internals.unregister_inspect_command(_revokes.MEMBERS_COMMAND)
+        celery_internals.unwrap_request_methods()
 
 
 class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
@@ -196,7 +209,8 @@ def _stop(rt: WorkerRuntime) -> None:
     poller, rt.poller = rt.poller, None
     if poller is not None:
         poller.stop()
-    remove_worker(rt)
+    if remove_worker(rt) and runtime().worker is None:
+        remove_patches()
 
 
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
