@@ -53,7 +53,7 @@ from . import _celery_internals as celery_internals
 from . import _client, _failfast, _ledger, _revokes, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
-from ._settings import SettingError, settings_for
+from ._settings import settings_for
 
 __all__ = ["PreforkDeliveryWarning", "WorkerStep", "activate", "install_patches", "remove_patches"]
 
@@ -110,8 +110,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         # a platform without the signals billiard needs).
         try:
             signum = settings_for(app).wakeup_signal
-        except SettingError:
-            return  # the worker's step raises it: the worker does not start
+        except Exception:  # noqa: BLE001 - the worker's step raises it: the worker does not start
+            return
         if signum is None:
             _warn_prefork("this platform has no SIGURG to wake pool children")
         elif getattr(sender, "pool_start_method", "fork") != "fork":
@@ -220,10 +220,10 @@ def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
 
 
 def _on_worker_process_init(**kwargs: Any) -> None:
-    tasks = runtime().tasks
-    if tasks.mailbox is None:
-        return  # not a child of a worker this integration runs in
-    if not tasks.child_started():
+    here = runtime()
+    if here.worker is not None or here.tasks.mailbox is None:
+        return  # not a forked child of a worker this integration runs in
+    if not here.tasks.child_started():
         # The child did not inherit the main process's mailbox: the pool
         # started it with the spawn (or forkserver) start method.
         _warn_prefork("the pool does not fork its children (spawn start method)")

@@ -29,7 +29,7 @@ from .._log import logger
 from ..events import CANCEL_DELIVERY_FAILED, SIBLINGS_CANCELLED
 from ._ledger import Target
 from ._runtime import runtime
-from ._settings import settings_for
+from ._settings import SettingError, settings_for
 
 __all__ = ["OPTION", "SETTING", "install", "wants_fail_fast"]
 
@@ -51,7 +51,10 @@ def wants_fail_fast(task: Any) -> bool:
     chosen = getattr(task, OPTION, None)
     if chosen is None:
         app = getattr(task, "app", None)
-        chosen = settings_for(app).cancel_siblings_on_failure if app is not None else None
+        try:
+            chosen = settings_for(app).cancel_siblings_on_failure if app is not None else None
+        except SettingError:
+            return False  # a worker of this app does not start; an eager run does not fail fast
     return bool(chosen)
 
 
