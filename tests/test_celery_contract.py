@@ -5,9 +5,10 @@ Celery, kombu, billiard and redis-py, with real objects: a real app, real
 task messages published to and fetched back from Redis (DB 12) turned into
 ``celery.worker.request.Request`` objects, an embedded worker
 (``start_worker``, threads pool) for the remote-control path, a real
-prefork ``TaskPool`` for billiard's internals.  Each docstring names the
-touchpoint and what breaks in cancellable if the test fails.  The nox
-sessions run this file on every Celery minor the package claims.
+prefork ``TaskPool`` (in a fresh interpreter) for billiard's internals.
+Each docstring names the touchpoint and what breaks in cancellable if the
+test fails.  The nox sessions run this file on every Celery minor the
+package claims.
 
 Where cancellable has already wrapped a Celery method in this process (it
 activates when Celery is imported), a test reaches Celery's own function
@@ -17,7 +18,7 @@ with `original_of`, so it checks Celery, not our wrapper.
 from __future__ import annotations
 
 import os
-import signal
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,10 +26,8 @@ from typing import Any
 
 import pytest
 import redis
-from billiard.exceptions import Terminated
 from celery import Celery, chain, signals
 from celery.app.control import Control
-from celery.concurrency.prefork import TaskPool
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, TaskRevokedError
@@ -608,99 +607,138 @@ class TestTaskSide:
         assert "ours" in str(ignored.result)
 
     def test_worker_init_sender_names_its_pool_and_hub(self, app: Celery) -> None:
-        """``worker_pool_kind`` (``WorkController.pool_cls``) and ``worker_hub``
-        (``WorkController.hub``) on the ``worker_init`` sender: the pool class's
-        module names the pool, and a threads worker has no event-loop hub.  If
-        not, the ladder picks the wrong way to stop a task for the pool."""
-        kinds: list[tuple[str, Any]] = []
+        """``worker_pool_kind`` (``WorkController.pool_cls``), ``worker_hub``
+        (``.hub``), ``worker_concurrency`` (``.concurrency``) and
+        ``worker_pool_start_method`` (``.pool_start_method``, Celery 5.7+) on the
+        ``worker_init`` sender: the pool class's module names the pool, an
+        in-process pool has no event-loop hub, the concurrency is the one asked
+        for, children are forked.  If not, the ladder picks the wrong way to stop
+        a task, or the mailbox is sized wrong."""
+        kinds: list[tuple[str, Any, int | None, str]] = []
 
         def on_init(sender: Any = None, **_: Any) -> None:
-            kinds.append((internals.worker_pool_kind(sender), internals.worker_hub(sender)))
+            kinds.append(
+                (
+                    internals.worker_pool_kind(sender),
+                    internals.worker_hub(sender),
+                    internals.worker_concurrency(sender),
+                    internals.worker_pool_start_method(sender),
+                )
+            )
 
         signals.worker_init.connect(on_init, weak=False)
         try:
-            with start_worker(app, pool="threads", perform_ping_check=False):
+            with start_worker(app, pool="threads", concurrency=3, perform_ping_check=False):
                 pass
             with start_worker(app, pool="solo", perform_ping_check=False):
                 pass
         finally:
             signals.worker_init.disconnect(on_init)
 
-        assert [("threads", None), ("solo", None)] == kinds
+        assert [("threads", None, 3, "fork"), ("solo", None, 1, "fork")] == kinds
 
 
 # --------------------------------------------------------------------------
 # billiard
 
 
-def _unwrap(error: Any) -> Any:
+#: Runs in a fresh interpreter (`run_python`): Celery's prefork ``TaskPool``
+#: with one child, started as a worker starts it, forked from a process with
+#: no other threads (an embedded worker earlier in this test process leaves
+#: threads behind, and a fork while one of them holds a lock can hang the
+#: child: a hang here must fail, not stall the suite).
+PREFORK = """
+import os, signal, time
+from celery import Celery
+from celery.concurrency.prefork import TaskPool
+from cancellable.celery import _celery_internals as internals
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+def unwrap(error):
     # billiard hands error callbacks an ExceptionInfo whose ``exception``
     # wraps the real one (``.exc``).
     error = getattr(error, "exception", error)
     return getattr(error, "exc", error)
 
-
-def _child_index() -> int | None:
+def child_index():
     return internals.process_index()
 
-
-def _sleep(seconds: float) -> None:
-    time.sleep(seconds)
-
-
-@pytest.fixture(name="prefork")
-def prefork_fixture(app: Celery) -> Iterator[TaskPool]:
-    """Celery's prefork ``TaskPool`` with one child, started as a worker starts it."""
-    pool = TaskPool(limit=1, app=app, initargs=(app, "contract@test"))
-    pool.start()
-    yield pool
+app = Celery("contract-prefork")
+pool = TaskPool(limit=1, app=app, initargs=(app, "contract@test"))
+pool.start()
+try:
+    BODY
+finally:
     pool.terminate()
+"""
+
+
+def _run_with_prefork(body: str) -> str:
+    """Run ``body`` (a block using ``pool``) in a fresh interpreter; its stdout."""
+    indented = textwrap.indent(textwrap.dedent(body), "    ").strip()
+    return run_python(PREFORK.replace("BODY", indented)).stdout.strip()
 
 
 class TestBilliard:
     """billiard's pool internals the terminate step uses."""
 
-    def test_a_marked_child_killed_ends_its_job_terminated(self, prefork: TaskPool) -> None:
+    def test_a_marked_child_killed_ends_its_job_terminated(self) -> None:
         """``pool_process`` (``TaskPool._pool._process_by_pid``) finds the child
         running a job, and ``mark_process_terminated`` (``_controlled_termination``,
         ``_job_terminated``) makes the kill end the job with ``Terminated``, not
         ``WorkerLostError``; ``pool_maintainer`` then keeps one live child.  If
         not, a terminated task is reported as a lost worker (FAILURE, or
         redelivered with ``acks_late``) instead of REVOKED."""
-        accepted: list[int] = []
-        errors: list[BaseException] = []
-        prefork.apply_async(
-            _sleep,
-            args=(30,),
-            accept_callback=lambda pid, *_: accepted.append(pid),
-            error_callback=errors.append,
+        out = _run_with_prefork(
+            """
+            accepted, errors = [], []
+            pool.apply_async(
+                time.sleep,
+                args=(30,),
+                accept_callback=lambda pid, *_: accepted.append(pid),
+                error_callback=errors.append,
+            )
+            assert wait_for(lambda: accepted), "the job was not accepted"
+            pid = accepted[0]
+            proc = internals.pool_process(pool, pid)
+            print("found", proc is not None and proc.pid == pid)
+            print("unknown", internals.pool_process(pool, 1))
+            internals.mark_process_terminated(proc)
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: errors), "the job did not end"
+            print("ended", type(unwrap(errors[0])).__name__)
+            maintain = internals.pool_maintainer(pool)
+            maintain()
+            children = wait_for(lambda: [p for p in pool.info["processes"] if p and p != pid])
+            print("children", len(children))
+            """
         )
-        assert _wait_for(lambda: accepted), "the job was not accepted"
-        pid = accepted[0]
-        proc = internals.pool_process(prefork, pid)
-        assert proc is not None
-        assert pid == proc.pid
-        assert internals.pool_process(prefork, 1) is None
 
-        internals.mark_process_terminated(proc)
-        os.kill(pid, signal.SIGKILL)
+        assert ["found True", "unknown None", "ended Terminated", "children 1"] == (
+            out.splitlines()
+        )
 
-        assert _wait_for(lambda: errors), "the job did not end"
-        assert isinstance(_unwrap(errors[0]), Terminated)
-        maintain = internals.pool_maintainer(prefork)
-        assert maintain is not None
-        maintain()
-        children = _wait_for(lambda: [p for p in prefork.info["processes"] if p and p != pid])
-        assert 1 == len(children)
-
-    def test_a_child_knows_its_index(self, prefork: TaskPool) -> None:
+    def test_a_child_knows_its_index(self) -> None:
         """``process_index`` (``current_process().index``): a pool child knows its
         index (0 with one child).  If not, the child table gives children no row
         and the terminate step never kills."""
-        results: list[Any] = []
-        prefork.apply_async(_child_index, callback=results.append)
+        out = _run_with_prefork(
+            """
+            results = []
+            pool.apply_async(child_index, callback=results.append)
+            print("index", wait_for(lambda: results))
+            """
+        )
 
-        assert [0] == _wait_for(lambda: results)
+        assert "index [0]" == out
 
     def test_billiard_resets_its_signals_and_leaves_sigurg(self) -> None:
         """``BILLIARD_TERMSIGS`` (``billiard.common.TERMSIGS_FULL``): billiard's

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cancellable import Cancelled, CancelReason, CancelScope, _scope, shield
+from cancellable import Cancelled, CancelReason, CancelScope, _scope
 from cancellable.celery._interrupt import thread_interrupt_available
 from cancellable.celery._registry import RunningTask
 from cancellable.celery._runtime import TaskRuntime
@@ -81,7 +81,7 @@ class TestRaiseIfAsked:
     def test_not_inside_a_shield(self, tasks: TaskRuntime, entry: RunningTask) -> None:
         """Cleanup hooks run in a shield, and user shields are respected too."""
         tasks.interrupts.open_window(entry)
-        with shield():
+        with CancelScope(shield=True):
             tasks.interrupts.raise_if_asked()
         tasks.interrupts.close_window(entry)
 
@@ -333,7 +333,7 @@ class TestInterruptThread:
                 entries.append(entry)
                 tasks.interrupts.open_window(entry)
                 try:
-                    with shield():
+                    with CancelScope(shield=True):
                         ready.set()
                         end = time.monotonic() + 0.5
                         while time.monotonic() < end:

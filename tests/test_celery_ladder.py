@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from cancellable import Cancelled, CancelReason, CancelScope
+from cancellable import DEFAULT, Cancelled, CancelReason, CancelScope
 from cancellable.celery import _ladder
 from cancellable.celery._childtable import ROW_SIZE, ChildTable
 from cancellable.celery._ladder import Ladder
@@ -219,7 +219,7 @@ class TestSettings:
         """A task without a grace (bound task, wrapper in the registry) takes the app's."""
         ladder = threads_worker(cancellable_grace=9.0).ladder
 
-        assert "default" == ladder.task_grace("ladder-unit.plain")
+        assert ladder.task_grace("ladder-unit.plain") is DEFAULT
         assert 9.0 == graces(ladder, "ladder-unit.plain", None)
 
     def test_none_by_default(self) -> None:

@@ -18,6 +18,13 @@ in each pool and broker.
 
 from __future__ import annotations
 
+try:  # The integration needs Celery, an optional dependency of the package.
+    import celery as _celery  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        f"cancellable.celery needs Celery ({exc}): pip install 'cancellable[celery]'"
+    ) from exc
+
 from ._activation import PreforkDeliveryWarning, activate
 from ._client import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
 from ._settings import (

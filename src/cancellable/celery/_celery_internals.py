@@ -62,8 +62,10 @@ __all__ = [
     "unregister_inspect_command",
     "unwrap_request_methods",
     "unwrap_revoke_command",
+    "worker_concurrency",
     "worker_hub",
     "worker_pool_kind",
+    "worker_pool_start_method",
     "worker_requests",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
@@ -398,6 +400,28 @@ def worker_pool_kind(worker: Any) -> str:
         if kind in name or (kind == "threads" and "thread" in name):
             return kind
     return ""
+
+
+def worker_concurrency(worker: Any) -> int | None:
+    """How many tasks the worker's pool runs at once (None: not known yet).
+
+    ``WorkController.concurrency``: an int by ``worker_init`` (the
+    ``--concurrency`` option, ``worker_concurrency``, or the CPU count).
+    Undocumented attribute; same in 5.3 to 5.7.
+    """
+    concurrency = getattr(worker, "concurrency", None)
+    return concurrency if isinstance(concurrency, int) and concurrency > 0 else None
+
+
+def worker_pool_start_method(worker: Any) -> str:
+    """How the prefork pool starts its children: ``"fork"`` or ``"spawn"``.
+
+    ``WorkController.pool_start_method`` (the ``worker_pool_start_method``
+    setting) exists from Celery 5.7 on; before, children are always forked
+    and this returns ``"fork"``.
+    """
+    method = getattr(worker, "pool_start_method", None)
+    return method if isinstance(method, str) and method else "fork"
 
 
 def worker_hub(worker: Any) -> Any | None:

@@ -44,9 +44,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .. import _scope
 from .._exceptions import CancelReason
-from .._log import logger
+from .._log import logger, reason_fields
 from ..events import CANCEL_DELIVERED, MAILBOX_FULL
 from ._celery_internals import request_worker_pid, worker_requests
 from ._mailbox import Mailbox
@@ -191,7 +190,7 @@ def _log_delivered(
         task_name=task_name,
         how=how,
         delivered_ms=round((delivered_at - reason.requested_at) * 1000.0, 3),
-        **_scope._reason_fields(reason),
+        **reason_fields(reason),
         **extra,
     )
 

@@ -117,7 +117,7 @@ def _safe_here(entry: RunningTask, frame: object = None) -> bool:
         return False
     if entry.window_lock.locked():
         return False  # the boundary is opening or closing the window
-    if _scope._lock._is_owned():  # type: ignore[attr-defined]  # RLock has it
+    if _scope.lock_held_here():
         return False
     # No shield entered inside the task's scope (cleanup hooks run in one).
     # This thread's own stack, read on this thread with the core's lock not
@@ -127,8 +127,7 @@ def _safe_here(entry: RunningTask, frame: object = None) -> bool:
 
 def _shielded_inside(scope: _scope.CancelScope) -> bool:
     """Whether a shield was entered above ``scope`` on its thread's stack."""
-    stack = scope._stack or []
-    return any(inner._shield for inner in stack[scope._depth + 1 :])
+    return _scope.shield_inside(scope)
 
 
 class _Interrupted(Cancelled):
@@ -254,7 +253,7 @@ class Interrupts:
         with entry.window_lock:
             if not entry.interruptible or self._running.get(entry.task_id) is not entry:
                 return False
-            if not _scope._lock.acquire(blocking=False):
+            if not _scope.acquire_lock_if_free():
                 return False  # a thread is inside the core: try at the next tick
             try:
                 if _shielded_inside(entry.scope):
@@ -272,7 +271,7 @@ class Interrupts:
                 self._landing.pop(entry.thread, None)
                 return self._landed.is_set()
             finally:
-                _scope._lock.release()
+                _scope.release_lock()
 
     def interrupt_in_process(self, entry: RunningTask, reason: CancelReason) -> bool:
         """Interrupt a task running in this process (threads and solo pools).

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .._config import validate_seconds
+from .._config import DEFAULT, validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
-from .._scope import _reason_fields
+from .._log import reason_fields as _reason_fields
 from ..events import (
     CANCEL_ESCALATED,
     CANCEL_NOT_ESCALATED,
@@ -149,21 +149,21 @@ class Ladder:
         """The grace that applies: the call's, else the task's, else the app's."""
         if call_grace is not None:
             return call_grace
-        if task_grace != "default":
+        if task_grace is not DEFAULT:
             return None if task_grace is None else validate_seconds(task_grace, "grace")
         return self.settings.grace
 
     def task_grace(self, task_name: str | None) -> Any:
         """The task's ``@cancellable(grace=...)``, read from the app's task registry.
 
-        ``"default"`` when it gives none, `NOT_CANCELLABLE` for a task that is
+        `~cancellable.DEFAULT` when it gives none, `NOT_CANCELLABLE` for a task that is
         not ``@cancellable``.
         """
         if self.app is None or task_name is None:
-            return "default"
+            return DEFAULT
         task = self.app.tasks.get(task_name)
         if task is None:
-            return "default"
+            return DEFAULT
         run = getattr(task, "__wrapped__", None)
         options = getattr(run, "_self_cancellable_options", None)
         if options is None:  # a staticmethod around the wrapper (bind=False)
@@ -172,7 +172,7 @@ class Ladder:
             # A plain task: it has no task boundary to interrupt at, and Celery's
             # own revoke handles it; signalling its child would only disturb it.
             return NOT_CANCELLABLE
-        return getattr(options, "grace", "default")
+        return getattr(options, "grace", DEFAULT)
 
     def start(
         self, task_id: str, reason: CancelReason, task_name: str | None, grace: float | None
