@@ -115,8 +115,8 @@ def select_cases(only: str | None, *, hot_path: bool = False, peers: bool = Fals
     }
     if chosen:
         chosen.update(BASELINES)
-        if any(name.startswith("peers.") for name in chosen):
-            chosen.add(LIVE)  # their second yardstick
+        if any(name.startswith(("peers.", "context.")) for name in chosen):
+            chosen.add(LIVE)  # the peers' second yardstick, the overhead model's cost
     return [case for case in CASES if case.name in chosen]
 
 

@@ -564,13 +564,18 @@ def run(
                 began = time.monotonic()
                 try:
                     records += part(worker, client, wanted)
-                    took = time.monotonic() - began
-                    log(f"real workers: {wanted[0].split('.')[0]} took {took:.1f} s")
                 except Exception as exc:
                     log(f"error: {wanted[0].split('.')[0]}: {exc!r}")
                     done = {r["name"] for r in records}
                     records += [skipped(n, f"failed: {exc!r}") for n in wanted if n not in done]
-                    worker.check_alive()
+                    worker.check_alive()  # a dead worker ends the run
+                log(
+                    f"real workers: {wanted[0].split('.')[0]} took {time.monotonic() - began:.1f} s"
+                )
+    except Exception as exc:
+        log(f"error: the real-worker harness stopped: {exc!r}")
+        done = {r["name"] for r in records}
+        records += [skipped(n, f"failed: {exc!r}") for n in wanted_names if n not in done]
     finally:
         client.close()
         with contextlib.suppress(Exception):
