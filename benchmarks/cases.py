@@ -437,8 +437,6 @@ def _setup_event(ns: Namespace, options: Options) -> None:
 
 # -- the peers ---------------------------------------------------------------
 
-#: Distribution names of the peers, for the versions in the results.
-PEER_DISTRIBUTIONS = ("dramatiq", "dramatiq-abort", "temporalio", "cancelscope")
 _DRAMATIQ = ("dramatiq", "dramatiq_abort")
 
 
@@ -702,7 +700,6 @@ __all__ = [
     "CASES",
     "CASES_BY_NAME",
     "CONTEXT_BODIES",
-    "PEER_DISTRIBUTIONS",
     "Case",
     "Options",
     "celery_app",
