@@ -22,9 +22,16 @@ a little) and turns pyperf's JSON into result records.  Every per-call record
 carries its ratios to the harness loop, the empty call and the bare loop
 iteration *of the same pass*, as the median over the passes
 (`_common.ratios`), and ``ratio_to_checkpoint``, the same with
-``checkpoint.live_scope`` in place of the empty call.  The ``context.*``
-pairs become ``context.body_<label>.overhead_pct`` (the checkpoint's share
-of the loop, per pass), ``.added_ns`` and ``.body_ns``.
+``checkpoint.live_scope`` in place of the empty call.
+
+The loop overhead (``context.body_<label>.*``) is a difference of a few
+percent between two loops, too small for measurements taken seconds apart
+on a shared machine: `context_records` times the two ``context.*`` cases of
+``cases.py`` (a body with and without a checkpoint before it) in this
+process, in alternating ABBA pairs of a few milliseconds each, and reports
+the median over the pairs of the overhead (``.overhead_pct``) and of the
+added time per iteration (``.added_ns``), and the body's own cost
+(``.body_ns``).
 
 ``--quick`` and ``--smoke`` skip pyperf's calibration: each case runs its own
 ``quick_loops`` per value (about a millisecond), one process per case.
@@ -50,6 +57,7 @@ from _common import DEFAULT_REDIS_URL, log, measured, ratios, selected, skipped
 from cases import (
     BASELINES,
     CASES,
+    CASES_BY_NAME,
     CONTEXT_BODIES,
     Case,
     Options,
@@ -72,6 +80,8 @@ PYPERF_OPTIONS = {
 }
 #: (passes, worker processes per case per pass) per mode.
 PASSES = {"full": (4, 5), "quick": (1, 1), "smoke": (1, 1)}
+#: (pairs, seconds per timed loop) of the ``context.*`` measurement per mode.
+CONTEXT_PAIRS = {"full": (401, 0.005), "quick": (15, 0.002), "smoke": (2, 0.0002)}
 #: Divisor of each case's ``quick_loops`` (loops per value without calibration) per mode.
 FIXED_LOOPS = {"quick": 1, "smoke": 64}
 
@@ -92,44 +102,43 @@ PEERS_TABLE = (
 CONTEXT_SUFFIXES = ("overhead_pct", "added_ns", "body_ns")
 
 
-def select_cases(only: str | None, *, hot_path: bool = False, peers: bool = False) -> list[Case]:
-    """The cases for ``--only`` (or ``--hot-path``, ``--peers``), with the baselines.
+def context_labels(only: str | None) -> list[str]:
+    """The loop bodies whose ``context.body_<label>.*`` results ``--only`` selects."""
+    return [
+        label
+        for label, _size in CONTEXT_BODIES
+        if any(selected(f"context.body_{label}.{suffix}", only) for suffix in CONTEXT_SUFFIXES)
+    ]
 
-    A ``context.body_*`` result selects both cases of its pair.
+
+def select_cases(only: str | None, *, hot_path: bool = False, peers: bool = False) -> list[Case]:
+    """The cases pyperf times for ``--only`` (or ``--hot-path``, ``--peers``), with the baselines.
+
+    The ``context.*`` cases are timed in pairs instead (`context_records`);
+    when they are selected, the baselines and ``checkpoint.live_scope`` (the
+    overhead model's cost) are timed beside them.
     """
     chosen = {
         case.name
         for case in CASES
-        if (
-            selected(case.name, only)
-            or (
-                any(
-                    selected(f"{case.name.rsplit('.', 1)[0]}.{suffix}", only)
-                    for suffix in CONTEXT_SUFFIXES
-                )
-                and case.name.startswith("context.")
-            )
-        )
+        if selected(case.name, only)
+        and not case.name.startswith("context.")
         and (not hot_path or case.name in HOT_PATH)
         and (not peers or case.name in PEERS_TABLE)
     }
-    if chosen:
+    if chosen or context_labels(only):
         chosen.update(BASELINES)
-        if any(name.startswith(("peers.", "context.")) for name in chosen):
+        if any(n.startswith("peers.") for n in chosen) or context_labels(only):
             chosen.add(LIVE)  # the peers' second yardstick, the overhead model's cost
     return [case for case in CASES if case.name in chosen]
 
 
 def expected_names(only: str | None) -> list[str]:
     """Every result name `run` gives for ``--only`` (measured or skipped)."""
-    names = []
-    for case in select_cases(only):
-        if case.name.startswith("context."):
-            prefix = case.name.rsplit(".", 1)[0]
-            names += [f"{prefix}.{suffix}" for suffix in CONTEXT_SUFFIXES]
-        else:
-            names.append(case.name)
-    return list(dict.fromkeys(names))
+    names = [case.name for case in select_cases(only)]
+    for label in context_labels(only):
+        names += [f"context.body_{label}.{suffix}" for suffix in CONTEXT_SUFFIXES]
+    return names
 
 
 # --------------------------------------------------------------------------
@@ -252,7 +261,7 @@ def records_from_suites(suites: list[Any]) -> list[dict[str, Any]]:
 
     for case in CASES:
         name = case.name
-        if name not in values or name.startswith("context."):
+        if name not in values:
             continue
         record = measured(name, values[name], "ns", runs=len(values[name]))
         if all(base in values for base in BASELINES):
@@ -265,18 +274,47 @@ def records_from_suites(suites: list[Any]) -> list[dict[str, Any]]:
                     lambda p, n=name: (p[n] - p[LOOP]) / (p[LIVE] - p[LOOP])
                 )
         records.append(record)
-    for label, _size in CONTEXT_BODIES:
-        plain, with_cp = f"context.body_{label}.plain", f"context.body_{label}.checkpoint"
-        if plain not in values or with_cp not in values:
-            continue
-        pct = [(p[with_cp] / p[plain] - 1) * 100 for p in passes]
-        added = [p[with_cp] - p[plain] for p in passes]
+    return records
+
+
+def context_records(mode: str, only: str | None) -> list[dict[str, Any]]:
+    """``context.body_<label>.*``: each body with and without a checkpoint, ABBA pairs, here."""
+    pairs, seconds = CONTEXT_PAIRS[mode]
+    records = []
+    for label in context_labels(only):
+        loops, teardowns = [], []
+        try:
+            for kind in ("plain", "checkpoint"):  # the second runs in the first's live scope
+                case = CASES_BY_NAME[f"context.body_{label}.{kind}"]
+                ns = case.namespace()
+                inner = make_inner(case, ns)
+                teardowns.append(run_setup(case, ns, Options()))
+                loops.append(inner)
+            count = 1
+            while loops[0](count, time.perf_counter) < seconds and count < 1 << 30:
+                count *= 2
+            plain_ns, with_ns = [], []
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                for k in range(pairs):
+                    order = (0, 1) if k % 2 == 0 else (1, 0)  # ABBA: drift hits both alike
+                    times = {i: loops[i](count, time.perf_counter) / count * 1e9 for i in order}
+                    plain_ns.append(times[0])
+                    with_ns.append(times[1])
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+        finally:
+            for teardown in reversed(teardowns):
+                teardown()
+        pct = [(w / p - 1) * 100 for p, w in zip(plain_ns, with_ns, strict=True)]
+        added = [w - p for p, w in zip(plain_ns, with_ns, strict=True)]
         prefix = f"context.body_{label}"
-        records.append(measured(f"{prefix}.overhead_pct", pct, "%", runs=len(pct)))
-        records.append(measured(f"{prefix}.added_ns", added, "ns", runs=len(added)))
-        records.append(
-            measured(f"{prefix}.body_ns", values[plain], "ns", runs=len(values[plain]), tails=False)
-        )
+        records.append(measured(f"{prefix}.overhead_pct", pct, "%", runs=pairs))
+        records.append(measured(f"{prefix}.added_ns", added, "ns", runs=pairs))
+        records.append(measured(f"{prefix}.body_ns", plain_ns, "ns", runs=pairs, tails=False))
+        log(f"per-call: {prefix}: {statistics.median(pct):+.2f} % over {pairs} pairs")
     return records
 
 
@@ -295,9 +333,9 @@ def run(
     """
     import pyperf
 
-    wanted = expected_names(only)
+    wanted = [case.name for case in select_cases(only)]
     if not wanted:
-        return []
+        return context_records(mode, only)
     reasons = {}
     for case in select_cases(only):
         reason = unavailable(case) or (redis_error if case.needs_redis else None)
@@ -320,11 +358,8 @@ def run(
             suites.append(pyperf.BenchmarkSuite.load(str(out)))
     records = [r for r in records_from_suites(suites) if r["name"] in wanted]
     done = {r["name"] for r in records}
-    for name in wanted:
-        if name not in done:
-            case_name = name if name in reasons else name.rsplit(".", 1)[0] + ".checkpoint"
-            records.append(skipped(name, reasons.get(case_name, "the pair did not run")))
-    return records
+    records += [skipped(n, reasons.get(n, "not measured")) for n in wanted if n not in done]
+    return records + context_records(mode, only)
 
 
 def _run_pyperf(cmd: list[str], timeout: float) -> None:
