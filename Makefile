@@ -4,21 +4,23 @@
 #   make demo   dispatch real tasks to a real prefork worker (no server needed)
 #               and cancel them
 #   make test   lint, type check, docs build (warnings are errors), the whole
-#               pytest suite with coverage, and the core suite on the other
-#               supported CPythons (nox); the integration tests need Redis on
-#               127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (.ci/run starts
-#               them if they are not running)
+#               pytest suite with coverage, the core suite without Celery on
+#               the other supported CPythons, and the Celery integration's
+#               unit tests on the older Celery minors (nox); the integration
+#               tests need Redis on 127.0.0.1:6379 and RabbitMQ on
+#               127.0.0.1:5672 (.ci/run starts them if they are not running)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 # Lint only the source folders that exist (git does not keep empty ones).
-LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
+LINT_PATHS := $(wildcard src tests benchmarks scripts docs/conf.py noxfile.py)
 
-.PHONY: demo test lint typecheck docs unit unit-main unit-integration unit-integration-a unit-integration-b unit-soak core-pythons bench clean
+.PHONY: demo test lint typecheck docs unit unit-main unit-integration unit-integration-a unit-integration-b unit-soak core-pythons celery-minors bench clean
 
-# The demo needs only the package itself; the test tools come with `make test`.
+# The demo needs the package and its Celery integration; the test tools come
+# with `make test`.
 $(VENV)/.base: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
 	  echo "cancellable needs Python 3.10 or newer; '$(PYTHON)' is $$($(PYTHON) --version 2>&1)." >&2; \
@@ -26,7 +28,7 @@ $(VENV)/.base: pyproject.toml
 	  exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[celery]'
 	touch $@
 
 # dev: the test and docs tools; bench: the peers the benchmarks (and their
@@ -90,20 +92,33 @@ unit-soak: $(VENV)/.installed
 	COVERAGE_FILE=.coverage.soak $(PY) -m pytest tests/soak $(COV)
 
 # The core suite on the supported CPythons other than this venv's (3.11 runs
-# everything in `unit`).  pyenv's interpreters are made visible by name; on a
-# CI machine (CI set) a missing interpreter fails the run instead of skipping.
+# everything in `unit`), each in a venv made with `pip install .[core-tests]`:
+# no Celery there, and a test checks it.  pyenv's interpreters are made
+# visible by name; on a CI machine (CI set) a missing interpreter fails the
+# run instead of skipping.
 PYENV_ROOT ?= $(HOME)/.pyenv
 PYENV_PYTHONS := $(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.1[0-3]\.[0-9]+$$' | tr '\n' ':')
 OTHER_PYTHONS ?= 3.10 3.12 3.13
+NOX := PATH="$(abspath $(VENV))/bin:$$PATH" PYENV_VERSION="$(PYENV_PYTHONS)$${PYENV_VERSION:-}" \
+	$(PY) -m nox
 
 core-pythons: $(VENV)/.installed
-	PATH="$(abspath $(VENV))/bin:$$PATH" PYENV_VERSION="$(PYENV_PYTHONS)$${PYENV_VERSION:-}" \
-	  $(PY) -m nox -s $(addprefix core-,$(OTHER_PYTHONS))
+	$(NOX) -s $(addprefix core-,$(OTHER_PYTHONS))
 
-# The two test runs overlap (they share nothing: the core suite needs no
-# worker and no broker); each one's output is printed when it has finished.
+# The Celery integration's unit and contract tests (tests/test_celery_*.py) on
+# the older Celery minors pyproject.toml claims; .venv has the newest, where
+# `unit` runs everything.  Redis database 9, so they run beside `unit`
+# (tests/redis_dbs.py).  The whole integration suite on one minor, by hand:
+# `.venv/bin/python -m nox -s integration-5.3` (see noxfile.py).
+OLDER_CELERY_MINORS ?= 5.3 5.4 5.5 5.6
+celery-minors: $(VENV)/.installed
+	CANCELLABLE_TEST_UNIT_DB=9 $(NOX) -s $(addprefix celery-,$(OLDER_CELERY_MINORS))
+
+# The three test runs overlap (they share no Redis database; the core suite
+# needs no worker and no broker); each one's output is printed when it has
+# finished.
 test: lint typecheck docs
-	$(MAKE) --no-print-directory --output-sync=target -j2 unit core-pythons
+	$(MAKE) --no-print-directory --output-sync=target -j3 unit core-pythons celery-minors
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py

@@ -5,8 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
-__all__ = ["run_python"]
+from cancellable import CancelScope
+
+__all__ = ["cancel_from_thread", "run_python"]
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -20,3 +24,15 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     )
     assert 0 == done.returncode, done.stdout + done.stderr
     return done
+
+
+def cancel_from_thread(scope: CancelScope, reason: str, delay: float = 0.05) -> threading.Thread:
+    """Cancel ``scope`` from another thread after ``delay`` seconds."""
+
+    def run() -> None:
+        time.sleep(delay)
+        scope.cancel(reason)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

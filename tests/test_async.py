@@ -6,27 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import pytest
-from celery import Celery, shared_task
-from celery import _state as celery_state
-from celery.exceptions import TaskRevokedError
 from structlog.testing import capture_logs
+from tests.helpers import cancel_from_thread
 
 from cancellable import (
     Cancelled,
     CancelReason,
     CancelScope,
-    _scope,
     cancellable,
     checkpoint,
     current_scope,
@@ -36,18 +30,6 @@ from cancellable import (
 needs_asyncio_timeout = pytest.mark.skipif(
     sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11"
 )
-
-
-def cancel_from_thread(scope: CancelScope, reason: str, delay: float = 0.05) -> threading.Thread:
-    """Cancel ``scope`` from another thread after ``delay`` seconds."""
-
-    def run() -> None:
-        time.sleep(delay)
-        scope.cancel(reason)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 class TestCoroutineFunctions:
@@ -177,6 +159,36 @@ class TestCoroutineFunctions:
             asyncio.run(work())
 
         assert ["Cancelled"] == helper_saw
+
+    def test_failing_hook_reported_like_a_synchronous_scope(self) -> None:
+        """A hook that fails in an async call's cleanup: its error is on the scope and the
+        Cancelled (and in its notes on 3.11+), and the other hooks still run, as for a
+        ``with CancelScope()`` block (the same cleanup code runs both)."""
+        ran: list[str] = []
+        error = ValueError("hook broke")
+        scopes: list[CancelScope] = []
+
+        def fail() -> None:
+            raise error
+
+        @cancellable
+        async def work() -> None:
+            scope = current_scope()
+            assert scope is not None
+            scopes.append(scope)
+            on_cancel(ran.append, "first registered")
+            on_cancel(fail)
+            scope.cancel("stop")
+            await asyncio.sleep(30)
+
+        with pytest.raises(Cancelled) as info:
+            asyncio.run(work())
+
+        assert ["first registered"] == ran
+        assert (error,) == info.value.hook_errors
+        assert (error,) == scopes[0].cleanup_errors
+        if sys.version_info >= (3, 11):
+            assert [f"cleanup hook failed: {error!r}"] == info.value.__notes__
 
     def test_someone_elses_cancel_passes_through_and_runs_hooks(self) -> None:
         """task.cancel() by other code stays a CancelledError; the call's hooks still run."""
@@ -496,40 +508,6 @@ class TestRefused:
                 def items() -> Iterator[int]:
                     yield 1
 
-    def test_above_app_task(self) -> None:
-        """``@cancellable`` written above ``@app.task``: the message shows the right order."""
-        app = Celery(f"order-{uuid.uuid4().hex[:8]}", broker="memory://", set_as_current=False)
-        try:
-            with pytest.raises(TypeError, match=r"@app\.task\(bind=True\).*\n.*@cancellable"):
-
-                @cancellable
-                @app.task(shared=False)
-                def job() -> None: ...
-
-            app.finalize()
-            with pytest.raises(TypeError, match="directly below the task decorator"):
-
-                @cancellable
-                @app.task(shared=False)
-                def evaluated() -> None: ...
-
-        finally:
-            app.close()
-
-    def test_above_shared_task(self) -> None:
-        """``@cancellable`` above ``@shared_task``: refused without evaluating the proxy."""
-        finalizers = set(celery_state._on_app_finalizers)
-        try:
-            with pytest.raises(TypeError, match="@shared_task"):
-
-                @cancellable
-                @shared_task(name=f"test-async-refused-{uuid.uuid4().hex}")
-                def job() -> None: ...
-
-        finally:
-            # shared_task registers itself with every app finalized later.
-            celery_state._on_app_finalizers.intersection_update(finalizers)
-
 
 class TestSwallowed:
     """A cancelled call that catches the cancellation and returns: ``cancel.swallowed``."""
@@ -586,121 +564,3 @@ class TestSwallowed:
             fine()
 
         assert [] == [e for e in logs if e["event"] == "cancel.swallowed"]
-
-
-@pytest.fixture(name="app")
-def app_fixture() -> Iterator[Celery]:
-    """An in-memory app: tasks run in this process through Celery's tracer."""
-    app = Celery(
-        f"async-{uuid.uuid4().hex[:8]}",
-        broker="memory://",
-        backend="cache+memory://",
-        set_as_current=False,
-    )
-    app.conf.cancellable_ledger_url = "none"
-    yield app
-    app.close()
-
-
-class TestCeleryAsyncBody:
-    """An ``async def`` task body run through Celery's tracer (eagerly)."""
-
-    def test_result_comes_back(self, app: Celery) -> None:
-        """The coroutine runs to completion; Celery gets its value."""
-
-        @app.task(bind=True, shared=False)
-        @cancellable
-        async def job(self: Any, x: int) -> dict[str, int]:
-            await asyncio.sleep(0)
-            return {"x": x}
-
-        assert {"x": 3} == job.apply(args=(3,)).get()
-
-    def test_cancelled_at_await_ends_revoked(self, app: Celery) -> None:
-        """Cancelling the task's scope from another thread: REVOKED with the reason, hook ran."""
-        ran: list[str] = []
-
-        @app.task(bind=True, shared=False)
-        @cancellable
-        async def job(self: Any) -> str:
-            on_cancel(ran.append, "hook")
-            scope = current_scope()
-            assert scope is not None
-            cancel_from_thread(scope, "stop now")
-            try:
-                await asyncio.sleep(30)
-            finally:
-                ran.append("finally")
-            return "unreachable"
-
-        result = job.apply()
-
-        assert ["finally", "hook"] == ran
-        with pytest.raises(TaskRevokedError, match="stop now"):
-            result.get()
-
-    @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
-    def test_work_queued_by_a_signal_handler_wakes_the_loop(self, app: Celery) -> None:
-        """A signal handler's queued cancel (a prefork wake-up) reaches the await at once.
-
-        The handler only queues work (``request_slow_path``), as the prefork
-        delivery does; the awaiting coroutine reaches no checkpoint, so the
-        loop must be woken to run it.  It is, well within the 30 s sleep.
-        """
-        timings: dict[str, float] = {}
-
-        @app.task(bind=True, shared=False)
-        @cancellable
-        async def job(self: Any) -> str:
-            scope = current_scope()
-            assert scope is not None
-
-            def handler(signum: int, frame: object) -> None:
-                _scope.request_slow_path(lambda: scope.cancel("from a signal"))
-
-            previous = signal.signal(signal.SIGUSR1, handler)
-            try:
-                asyncio.get_running_loop().call_later(
-                    0.05,
-                    lambda: (
-                        timings.update(sent=time.monotonic()),
-                        os.kill(os.getpid(), signal.SIGUSR1),
-                    ),
-                )
-                try:
-                    await asyncio.sleep(30)
-                finally:
-                    timings["woken"] = time.monotonic()
-            finally:
-                signal.signal(signal.SIGUSR1, previous)
-            return "unreachable"
-
-        result = job.apply()
-
-        with pytest.raises(TaskRevokedError, match="from a signal"):
-            result.get()
-        assert timings["woken"] - timings["sent"] < 1.0
-
-    def test_swallowed_names_the_task(self, app: Celery) -> None:
-        """The warning carries the task's id and name."""
-
-        @app.task(bind=True, shared=False, name="async.stubborn")
-        @cancellable
-        async def job(self: Any) -> str:
-            scope = current_scope()
-            assert scope is not None
-            cancel_from_thread(scope, "stop", delay=0)
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                pass
-            return "carried on"
-
-        with capture_logs() as logs:
-            result = job.apply()
-
-        assert "carried on" == result.get()
-        swallowed = [e for e in logs if e["event"] == "cancel.swallowed"]
-        assert [("async.stubborn", result.id)] == [
-            (e["task_name"], e["task_id"]) for e in swallowed
-        ]

@@ -165,7 +165,9 @@ def test_group_members_discarded_before_start_keep_the_reason(make_worker, keys:
 def test_celery_cancel_command_keeps_the_reason_of_queued_tasks(make_worker, keys: Keys):
     """``celery cancel A B --reason`` on two queued tasks: both REVOKED with the reason."""
     worker = make_worker(prefetch=1)
-    blockers = [worker.send("cit.plain.sleep_late", keys.key(f"b{i}"), 3.0) for i in range(2)]
+    # The blockers outlast the `celery` command's start (up to 5 s with Celery 5.3 on a busy
+    # 2-core machine), so the victims are still queued when it runs.
+    blockers = [worker.send("cit.plain.sleep_late", keys.key(f"b{i}"), 8.0) for i in range(2)]
     wait_for(lambda: keys.started("b0") and keys.started("b1"), 20, message="blockers to start")
     victims = quick_tasks(worker, keys, 2)
 

@@ -17,6 +17,13 @@ See :doc:`/celery` for how it works in each pool and broker.
 
 from __future__ import annotations
 
+try:  # The integration needs Celery, an optional dependency of the package.
+    import celery as _celery  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        f"cancellable.celery needs Celery ({exc}): pip install 'cancellable[celery]'"
+    ) from exc
+
 from ._api import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
 from ._ladder import DEFAULT_KILL_AFTER
 from ._ledger import DEFAULT_LEDGER_TTL
