@@ -5,10 +5,15 @@ Every other benchmark module uses only the public API (`cancellable`,
 no public name gives, and reads them here:
 
 * the size of a worker main process's cancellation index (`index_size`, in
-  the ``cancellable_bench_index`` inspect command of ``bench_app.py``);
+  the ``cancellable_bench_index`` inspect command of ``bench_app.py``), from
+  the process's runtime object or, in the layout before it, a module global;
 * the index's class, to count its bytes per entry (`new_index`);
 * the two round trips of ``cancel()`` before its broadcast, to time them
   apart (`cancel_steps`: the broker check and the ledger write).
+
+Each accessor knows the layout of ``cancellable.celery`` with a runtime
+object (``_runtime.runtime()``, ``_client``) and the one before it
+(module globals, ``_api``).
 
 When the library moves one of them, the accessor raises `PrivateNameMoved`
 and the results that need it are reported as skipped with its message:
@@ -34,9 +39,21 @@ def _load(module: str, name: str) -> Any:
         raise PrivateNameMoved(f"{module}.{name} is gone ({exc}): update _internals.py") from exc
 
 
+def _runtime() -> Any:
+    # The process's runtime object (cancellable.celery._runtime), where the
+    # library has one; PrivateNameMoved where it has module globals instead.
+    return _load("cancellable.celery._runtime", "runtime")()
+
+
 def index_size() -> int:
     """Targets in this process's cancellation index (a worker's main process)."""
-    return len(_load("cancellable.celery._index", "index"))
+    try:
+        worker = _runtime().worker
+    except PrivateNameMoved:
+        return len(_load("cancellable.celery._index", "index"))
+    if worker is None:
+        raise PrivateNameMoved("this process runs no worker: no index to measure")
+    return len(worker.index)
 
 
 def new_index() -> Any:
@@ -46,8 +63,12 @@ def new_index() -> Any:
 
 def cancel_steps(app: Any, reason: Any) -> dict[str, Callable[[str], None]]:
     """``cancel()``'s broker check and ledger write for ``app``, each a call on one task id."""
-    check_broker = _load("cancellable.celery._api", "_check_broker")
-    ledger = _load("cancellable.celery._ledger", "ledger_for")(app)
+    try:
+        check_broker = _load("cancellable.celery._client", "_check_broker")
+        ledger = _runtime().ledgers.get(app)
+    except PrivateNameMoved:
+        check_broker = _load("cancellable.celery._api", "_check_broker")
+        ledger = _load("cancellable.celery._ledger", "ledger_for")(app)
 
     def check(task_id: str) -> None:
         with app.pool.acquire(block=True) as conn:
