@@ -92,20 +92,29 @@ def redis_client() -> Any:
     return _client
 
 
-@app.task(bind=True, name="bench.spin")
-@cancellable
-def spin(self: Any, key: str) -> str:
-    """Loop with a checkpoint per iteration until cancelled; record the moments in ``key``."""
+def _record_cancellation(key: str) -> dict[str, float]:
+    """Mark ``started`` in ``key``; return the dict the task puts its ``raised`` time in.
+
+    An ``on_cancel`` hook stamps ``cleanup`` and writes both moments to
+    ``key``, after both are taken, so the write is not measured.
+    """
     client = redis_client()
     marks: dict[str, float] = {}
 
     def cleanup() -> None:
         marks["cleanup"] = time.time()
-        # Written after both moments are taken, so the write is not measured.
         client.hset(key, mapping=marks)
 
     on_cancel(cleanup)
     client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    return marks
+
+
+@app.task(bind=True, name="bench.spin")
+@cancellable
+def spin(self: Any, key: str) -> str:
+    """Loop with a checkpoint per iteration until cancelled; record the moments in ``key``."""
+    marks = _record_cancellation(key)
     limit = time.monotonic() + SPIN_LIMIT_SECONDS
     x = 1
     try:
@@ -123,15 +132,7 @@ def spin(self: Any, key: str) -> str:
 @cancellable
 async def spin_async(self: Any, key: str) -> str:
     """Await a long ``asyncio.sleep`` until cancelled; record the moments in ``key``."""
-    client = redis_client()
-    marks: dict[str, float] = {}
-
-    def cleanup() -> None:
-        marks["cleanup"] = time.time()
-        client.hset(key, mapping=marks)
-
-    on_cancel(cleanup)
-    client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    marks = _record_cancellation(key)
     try:
         await asyncio.sleep(SPIN_LIMIT_SECONDS)
     except asyncio.CancelledError:
