@@ -160,6 +160,36 @@ class TestCoroutineFunctions:
 
         assert ["Cancelled"] == helper_saw
 
+    def test_failing_hook_reported_like_a_synchronous_scope(self) -> None:
+        """A hook that fails in an async call's cleanup: its error is on the scope and the
+        Cancelled (and in its notes on 3.11+), and the other hooks still run, as for a
+        ``with CancelScope()`` block (the same cleanup code runs both)."""
+        ran: list[str] = []
+        error = ValueError("hook broke")
+        scopes: list[CancelScope] = []
+
+        def fail() -> None:
+            raise error
+
+        @cancellable
+        async def work() -> None:
+            scope = current_scope()
+            assert scope is not None
+            scopes.append(scope)
+            on_cancel(ran.append, "first registered")
+            on_cancel(fail)
+            scope.cancel("stop")
+            await asyncio.sleep(30)
+
+        with pytest.raises(Cancelled) as info:
+            asyncio.run(work())
+
+        assert ["first registered"] == ran
+        assert (error,) == info.value.hook_errors
+        assert (error,) == scopes[0].cleanup_errors
+        if sys.version_info >= (3, 11):
+            assert [f"cleanup hook failed: {error!r}"] == info.value.__notes__
+
     def test_someone_elses_cancel_passes_through_and_runs_hooks(self) -> None:
         """task.cancel() by other code stays a CancelledError; the call's hooks still run."""
         ran: list[str] = []

@@ -31,7 +31,7 @@ from structlog.testing import capture_logs
 from tests import redis_dbs
 
 import cancellable.celery as cc
-from cancellable import MAX_MESSAGE_LENGTH, CancelReason
+from cancellable import CancelReason
 from cancellable.celery import _ledger, _wakeup
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
@@ -274,9 +274,9 @@ class TestCancel:
         assert [] == recorded(app)
 
     def test_huge_reason(self, app: Celery) -> None:
-        """A message over MAX_MESSAGE_LENGTH is refused and nothing is recorded."""
+        """A message over CancelReason.MAX_MESSAGE_LENGTH is refused and nothing is recorded."""
         with pytest.raises(ValueError, match="limit"):
-            cc.cancel("some-id", "x" * (MAX_MESSAGE_LENGTH + 1), app=app)
+            cc.cancel("some-id", "x" * (CancelReason.MAX_MESSAGE_LENGTH + 1), app=app)
 
         assert [] == recorded(app)
 

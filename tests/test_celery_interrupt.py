@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cancellable import Cancelled, CancelReason, CancelScope, _scope, shield
+from cancellable import Cancelled, CancelReason, CancelScope, _scope
 from cancellable.celery import _interrupt, _registry
 
 REASON = CancelReason(source="revoked", message="grace over")
@@ -69,7 +69,7 @@ class TestRaiseIfAsked:
     def test_not_inside_a_shield(self, entry: _registry.RunningTask) -> None:
         """Cleanup hooks run in a shield, and user shields are respected too."""
         _interrupt.open_window(entry)
-        with shield():
+        with CancelScope(shield=True):
             _interrupt.raise_if_asked()
         _interrupt.close_window(entry)
 
@@ -320,7 +320,7 @@ class TestInterruptThread:
                 entries.append(entry)
                 _interrupt.open_window(entry)
                 try:
-                    with shield():
+                    with CancelScope(shield=True):
                         ready.set()
                         end = time.monotonic() + 0.5
                         while time.monotonic() < end:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from cancellable import Cancelled, CancelReason, CancelScope
+from cancellable import DEFAULT, Cancelled, CancelReason, CancelScope
 from cancellable.celery import _interrupt, _ladder, _registry
 from cancellable.celery._childtable import ROW_SIZE, ChildTable
 from cancellable.celery._mailbox import KEY_SIZE, key_of
@@ -218,7 +218,7 @@ class TestSettings:
         """A task without a grace (bound task, wrapper in the registry) takes the app's."""
         app.conf.cancellable_grace = 9.0
 
-        assert "default" == _ladder._task_grace("ladder-unit.plain")
+        assert _ladder._task_grace("ladder-unit.plain") is DEFAULT
         assert 9.0 == _ladder._resolve_grace(None, _ladder._task_grace("ladder-unit.plain"))
 
     def test_none_by_default(self, app: Any) -> None:

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from cancellable import MAX_MESSAGE_LENGTH, CancelReason
+from cancellable import CancelReason
 from cancellable.celery import _mailbox
 from cancellable.celery._mailbox import Mailbox
 
@@ -141,7 +141,7 @@ class TestFind:
     def test_huge_message_is_trimmed_not_lost(self) -> None:
         """A message too large for a slot is shortened; the id still matches."""
         box = Mailbox(64)
-        box.allocate("big", CancelReason(message="é" * MAX_MESSAGE_LENGTH), 1.0)
+        box.allocate("big", CancelReason(message="é" * CancelReason.MAX_MESSAGE_LENGTH), 1.0)
 
         found = box.find({"big"})["big"]
 

@@ -1,4 +1,4 @@
-"""Tests for checkpoint(), is_cancelled() and request_slow_path()."""
+"""Tests for checkpoint(), ``with checkpoint():``, is_cancelled() and request_slow_path()."""
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
 
@@ -21,7 +21,6 @@ from cancellable import (
     checkpoint,
     current_scope,
     is_cancelled,
-    shield,
 )
 from cancellable._scope import request_slow_path
 from cancellable.testing import capture_events
@@ -33,7 +32,7 @@ class TestOutsideScopes:
         for _ in range(3):
             checkpoint()
 
-        assert checkpoint() is None
+        assert checkpoint() is checkpoint()
 
     def test_is_cancelled_is_false(self):
         """Outside any scope, is_cancelled() is False."""
@@ -138,14 +137,104 @@ class TestHotPath:
         assert outer.cancelled_caught
 
 
-class TestNoContextManagerForm:
-    def test_with_checkpoint_fails_loudly(self):
-        """checkpoint() returns None: ``with checkpoint():`` is an error, not a silent no-op."""
-        with CancelScope():
-            assert checkpoint() is None
-            # TypeError from 3.11 on, AttributeError (__enter__) on 3.10.
-            with pytest.raises((TypeError, AttributeError)), checkpoint():  # type: ignore[attr-defined]
-                pass  # pragma: no cover - the with statement fails first
+class TestWithCheckpoint:
+    def test_checks_on_entry(self):
+        """``with checkpoint():`` raises before the body when already cancelled."""
+        ran = []
+        with CancelScope() as scope:
+            scope.cancel()
+            with checkpoint():
+                ran.append("body")  # pragma: no cover - must not run
+
+        assert [] == ran
+        assert scope.cancelled_caught
+
+    def test_checks_on_exit(self):
+        """A cancellation during the body raises when the block ends."""
+        ran = []
+        with CancelScope() as scope:
+            with checkpoint():
+                scope.cancel()
+                ran.append("body")
+            ran.append("after the block")  # pragma: no cover - must not run
+
+        assert ["body"] == ran
+        assert scope.cancelled_caught
+
+    def test_checks_on_exit_for_another_threads_cancel(self, spawn):
+        """A cancel from another thread during the body raises when the block ends."""
+        ran = []
+        with CancelScope() as scope:
+            with checkpoint():
+                spawn(scope.cancel, "from another thread").result()
+                ran.append("body")
+            ran.append("after the block")  # pragma: no cover - must not run
+
+        assert ["body"] == ran
+        assert scope.cancelled_caught
+        assert "from another thread" == scope.cancel_reason.message
+
+    def test_does_not_replace_a_propagating_exception(self):
+        """An exception leaving the block is not replaced by Cancelled."""
+        scope = CancelScope()
+
+        def cancel_then_fail():
+            with scope, checkpoint():
+                scope.cancel()
+                raise KeyError("original")
+
+        with pytest.raises(KeyError, match="original"):
+            cancel_then_fail()
+
+        assert not scope.cancelled_caught
+
+    def test_quiet_when_not_cancelled(self):
+        """Without cancellation, ``with checkpoint():`` runs the body and binds None."""
+        ran = []
+        with CancelScope() as scope, checkpoint() as value:
+            ran.append("body")
+
+        assert ["body"] == ran
+        assert value is None
+        assert not scope.cancel_called
+
+    def test_noop_outside_any_scope(self, spawn):
+        """Outside any scope the block runs and exits quietly, even while another
+        thread's cancelled scope keeps the pending flag up."""
+        cancelled = threading.Event()
+        release = threading.Event()
+
+        def hold_a_cancelled_scope():
+            with CancelScope() as scope:
+                scope.cancel()
+                cancelled.set()
+                assert release.wait(5)
+
+        runner = spawn(hold_a_cancelled_scope)
+        assert cancelled.wait(5)
+        ran = []
+        try:
+            with checkpoint():
+                ran.append("pending" if _scope._pending else "idle")
+            ran.append("after")
+        finally:
+            release.set()
+            runner.result()
+
+        assert ["pending", "after"] == ran
+
+    def test_shielded_block_is_quiet(self):
+        """Inside a shield, an outer cancellation does not raise at entry or exit."""
+        ran = []
+        with CancelScope() as outer:
+            outer.cancel()
+            with CancelScope(shield=True), checkpoint():
+                ran.append("body")
+            ran.append("after the shield")
+            checkpoint()
+
+        assert ["body", "after the shield"] == ran
+        assert outer.cancelled_caught
 
 
 class TestPendingPathEdges:
@@ -261,7 +350,7 @@ class TestIsCancelled:
             answers.append(is_cancelled())
             outer.cancel()
             answers.append(is_cancelled())
-            with shield():
+            with CancelScope(shield=True):
                 answers.append(is_cancelled())
             with CancelScope():
                 answers.append(is_cancelled())

@@ -376,13 +376,31 @@ class TestHookTimeoutOption:
 
         assert (7.0, None) == (default(), unbounded())
 
+    def test_default_sentinel_is_the_default(self):
+        """Passing DEFAULT explicitly is the same as leaving the option out, for
+        hook_timeout and grace."""
+        import cancellable as package
+
+        package.configure(hook_timeout=7)
+
+        @cancellable(hook_timeout=package.DEFAULT, grace=package.DEFAULT)
+        def explicit():
+            return current_scope().hook_timeout
+
+        assert 7.0 == explicit()
+        assert package.DEFAULT is explicit._self_cancellable_options.grace
+        assert "DEFAULT" == repr(package.DEFAULT)
+
     @pytest.mark.parametrize(
-        ("value", "error"), [(-1, ValueError), (math.inf, ValueError), ("x", TypeError)]
+        ("value", "error"),
+        [(-1, ValueError), (math.inf, ValueError), ("x", TypeError), ("default", TypeError)],
     )
-    def test_bad_hook_timeout(self, value, error):
-        """A bad hook_timeout is rejected when decorating."""
-        with pytest.raises(error, match="hook_timeout"):
-            cancellable(hook_timeout=value)
+    @pytest.mark.parametrize("option", ["hook_timeout", "grace"])
+    def test_bad_hook_timeout_or_grace(self, option, value, error):
+        """A bad hook_timeout or grace is rejected when decorating; the string
+        "default" is not the DEFAULT sentinel."""
+        with pytest.raises(error, match=option):
+            cancellable(**{option: value})
 
 
 class TestCancelledCall:

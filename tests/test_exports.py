@@ -126,6 +126,43 @@ class TestPublicModules:
 
 
 class TestRootPackage:
+    def test_root_names(self):
+        """The root package's public names, spelled out: a change to the surface is a
+        deliberate edit here (no ``shield()``: ``CancelScope(shield=True)``, as in trio;
+        ``MAX_MESSAGE_LENGTH`` lives on ``CancelReason``)."""
+        assert [
+            "DEFAULT",
+            "CancelReason",
+            "CancelScope",
+            "CancelSource",
+            "Cancelled",
+            "HookHandle",
+            "HookTimeoutError",
+            "TooSlowError",
+            "__version__",
+            "cancellable",
+            "checkpoint",
+            "configure",
+            "current_scope",
+            "fail_after",
+            "fail_at",
+            "is_cancelled",
+            "move_on_after",
+            "move_on_at",
+            "on_cancel",
+            "sleep",
+            "wait",
+        ] == cancellable.__all__
+
+    def test_max_message_length_is_on_cancel_reason(self):
+        """The message limit is a class attribute of CancelReason, not a field."""
+        import dataclasses
+
+        assert 4096 == cancellable.CancelReason.MAX_MESSAGE_LENGTH
+        assert "MAX_MESSAGE_LENGTH" not in {
+            f.name for f in dataclasses.fields(cancellable.CancelReason)
+        }
+
     def test_public_names_come_from_private_modules(self):
         """The root package only re-exports: each name is defined in a private module."""
         defined_in = {

@@ -30,7 +30,6 @@ from cancellable import (
     is_cancelled,
     move_on_after,
     move_on_at,
-    shield,
 )
 from cancellable.events import CANCEL_OBSERVED, CANCEL_REQUESTED, SCOPE_CANCELLED
 
@@ -189,10 +188,10 @@ class TestNesting:
 
 class TestShield:
     def test_shield_hides_outer_cancellation(self):
-        """Inside shield(), checkpoints ignore a cancelled enclosing scope."""
+        """Inside a shield, checkpoints ignore a cancelled enclosing scope."""
         with CancelScope() as outer:
             outer.cancel()
-            with shield() as shielded:
+            with CancelScope(shield=True) as shielded:
                 checkpoint()
                 checked = is_cancelled()
             with pytest.raises(Cancelled):
@@ -203,7 +202,7 @@ class TestShield:
         assert not shielded.cancelled_caught
 
     def test_shield_keyword(self):
-        """CancelScope(shield=True) is the same as shield()."""
+        """Leaving a shield, the enclosing cancellation raises at the next checkpoint."""
         with CancelScope() as outer:
             outer.cancel()
             with CancelScope(shield=True):
@@ -218,7 +217,7 @@ class TestShield:
         """A shield hides only enclosing scopes; cancelling the shield itself raises."""
         with CancelScope() as outer:
             outer.cancel("outer")
-            with shield() as shielded:
+            with CancelScope(shield=True) as shielded:
                 shielded.cancel("own")
                 with pytest.raises(Cancelled) as exc_info:
                     checkpoint()
@@ -235,7 +234,7 @@ class TestShield:
         """Unshielded scopes nested in a shield do not see cancellation outside the shield."""
         with CancelScope() as outer:
             outer.cancel()
-            with shield(), CancelScope():
+            with CancelScope(shield=True), CancelScope():
                 checkpoint()
                 seen = is_cancelled()
             checkpoint()
@@ -797,10 +796,12 @@ class TestRepr:
 
 class TestHookTimeoutArgument:
     def test_defaults_to_configured_value(self):
-        """A scope takes the process-wide hook budget when it is created."""
+        """A scope takes the process-wide hook budget when it is created, also when
+        DEFAULT is passed explicitly."""
         cancellable.configure(hook_timeout=3.5)
 
         assert 3.5 == CancelScope().hook_timeout
+        assert 3.5 == CancelScope(hook_timeout=cancellable.DEFAULT).hook_timeout
 
     @pytest.mark.parametrize(("value", "expected"), [(None, None), (2, 2.0), (0.5, 0.5)])
     def test_explicit_value(self, value, expected):
@@ -808,7 +809,8 @@ class TestHookTimeoutArgument:
         assert expected == CancelScope(hook_timeout=value).hook_timeout
 
     @pytest.mark.parametrize(
-        ("value", "error"), [(-1, ValueError), (math.inf, ValueError), ("x", TypeError)]
+        ("value", "error"),
+        [(-1, ValueError), (math.inf, ValueError), ("x", TypeError), ("default", TypeError)],
     )
     def test_bad_value(self, value, error):
         """A bad hook_timeout is refused when the scope is created."""
@@ -990,6 +992,134 @@ class TestTimer:
         assert dropped is None
         assert old is not _timer._timer
         assert fired.wait(5)
+
+
+class TestDeadlineMovedBeforeTheTimerFired:
+    """trio's ``_registered_deadline`` rule: the timer fires for the deadline it was armed
+    with, which may have moved since; the scope compares with its current deadline."""
+
+    @staticmethod
+    def _record_armings(monkeypatch):
+        # The callbacks the scope arms the timer with; the test fires them.
+        armed = []
+
+        def recording(when, callback):
+            armed.append(callback)
+            return _timer.TimerHandle(when, callback)
+
+        monkeypatch.setattr(_timer, "schedule", recording)
+        return armed
+
+    def test_a_late_fire_for_a_moved_deadline_does_not_cancel(self, monkeypatch):
+        """The callback of the first arming runs after the deadline was extended (the
+        timer took it just before the setter disarmed it): the scope stays uncancelled."""
+        armed = self._record_armings(monkeypatch)
+        with CancelScope(deadline=time.monotonic() + 3600) as scope:
+            scope.deadline = time.monotonic() + 7200
+            armed[0]()
+            checkpoint()
+            answer = is_cancelled()
+
+        assert 2 == len(armed)
+        assert not answer
+        assert not scope.cancel_called
+        assert not scope.cancelled_caught
+
+    def test_a_fire_for_a_passed_deadline_cancels(self, monkeypatch):
+        """When the current deadline has passed, the timer's callback cancels with "deadline"."""
+        armed = self._record_armings(monkeypatch)
+        with CancelScope(deadline=time.monotonic() + 0.02) as scope:
+            time.sleep(0.05)
+            armed[0]()
+            checkpoint()
+
+        assert scope.cancelled_caught
+        assert "deadline" == scope.cancel_reason.source
+
+
+class TestIntegrationInterface:
+    """The named functions integrations use instead of a scope's private attributes."""
+
+    def test_cancel_with_says_whether_it_cancelled(self):
+        """The first call cancels (True, its reason wins); later calls and exited scopes: False."""
+        first = CancelReason(message="first")
+        with CancelScope() as scope:
+            answers = [
+                _scope.cancel_with(scope, first),
+                _scope.cancel_with(scope, CancelReason(message="second")),
+            ]
+        exited = CancelScope()
+        with exited:
+            pass
+        answers.append(_scope.cancel_with(exited, first))
+
+        assert [True, False, False] == answers
+        assert first == scope.cancel_reason
+        assert not exited.cancel_called
+
+    def test_shield_inside_and_is_entered(self):
+        """shield_inside sees a shield entered above the scope on its stack, not below it."""
+        outer = CancelScope()
+        seen = [_scope.is_entered(outer)]
+        with outer:
+            seen.append(_scope.is_entered(outer))
+            seen.append(_scope.shield_inside(outer))
+            with CancelScope(), CancelScope(shield=True):
+                seen.append(_scope.shield_inside(outer))
+            seen.append(_scope.shield_inside(outer))
+            with CancelScope(shield=True), CancelScope() as inner:
+                seen.append(_scope.shield_inside(inner))
+        seen.append(_scope.is_entered(outer))
+
+        assert [False, True, False, True, False, False, False] == seen
+
+    def test_observed_at_and_log_fields(self):
+        """observed_at is set by the first checkpoint that raises; log fields reach events
+        and are inherited by nested scopes."""
+        scope = CancelScope()
+        _scope.set_log_fields(scope, {"task_id": "t-1"})
+        before = _scope.observed_at(scope)
+        with structlog.testing.capture_logs() as logs, scope:
+            with CancelScope() as inner:
+                inherited = _scope.log_fields(inner)
+            scope.cancel("stop")
+            checkpoint()
+        observed = _scope.observed_at(scope)
+
+        assert before is None
+        assert observed is not None
+        assert {"task_id": "t-1"} == inherited
+        assert ["t-1"] == [e.get("task_id") for e in logs if e["event"] == CANCEL_OBSERVED]
+
+    def test_lock_functions(self, spawn):
+        """acquire_lock_if_free takes the core's lock only if it is free; lock_held_here
+        tells the holder from the others."""
+        taken = _scope.acquire_lock_if_free()
+        try:
+            held_here = _scope.lock_held_here()
+            elsewhere = spawn(lambda: (_scope.lock_held_here(), _scope.acquire_lock_if_free()))
+            other_thread = elsewhere.result()
+        finally:
+            _scope.release_lock()
+
+        assert taken
+        assert held_here
+        assert (False, False) == other_thread
+        assert not _scope.lock_held_here()
+
+    def test_deferred_work_functions(self):
+        """deferred_work_waiting is True while queued work waits; run_deferred runs it."""
+        ran = []
+        idle = _scope.deferred_work_waiting()
+        _scope.run_deferred()  # nothing waits: nothing happens
+        _scope.request_slow_path(lambda: ran.append("ran"))
+        waiting = _scope.deferred_work_waiting()
+        _scope.run_deferred()
+
+        assert (False, True) == (idle, waiting)
+        assert ["ran"] == ran
+        assert not _scope.deferred_work_waiting()
+        assert not _scope._pending
 
 
 class TestSlowPathWakers:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import cancellable
-from cancellable import Cancelled, CancelScope, _scope, move_on_after, shield
+from cancellable import Cancelled, CancelScope, _scope, move_on_after
 
 #: How late a wake-up may be on this shared machine (seconds).
 SLACK = 0.3
@@ -79,7 +79,7 @@ class TestSleep:
         with CancelScope() as outer:
             later(0.05, outer.cancel)
             began = time.monotonic()
-            with shield():
+            with CancelScope(shield=True):
                 cancellable.sleep(0.3)
             slept = time.monotonic() - began
             cancellable.sleep(0)  # outside the shield: raises at once

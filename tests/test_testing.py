@@ -20,7 +20,6 @@ from cancellable import (
     is_cancelled,
     move_on_after,
     on_cancel,
-    shield,
 )
 from cancellable.testing import (
     CheckpointCounter,
@@ -109,7 +108,7 @@ class TestCancelAfter:
         """The n-th checkpoint inside a shield cancels; the next unshielded one raises."""
         progress = []
         with cancel_after(2) as scope:
-            with shield():
+            with CancelScope(shield=True):
                 checkpoint()
                 checkpoint()
                 progress.append("shield finished")
@@ -117,6 +116,17 @@ class TestCancelAfter:
             progress.append("unreachable")
 
         assert ["shield finished"] == progress
+        assert scope.cancelled_caught
+
+    def test_with_checkpoint_counts_twice(self):
+        """``with checkpoint():`` checks on entry and exit, so it counts two."""
+        progress = []
+        with cancel_after(2) as scope:
+            with checkpoint():
+                progress.append("body")
+            progress.append("unreachable")  # pragma: no cover - must not run
+
+        assert ["body"] == progress
         assert scope.cancelled_caught
 
     def test_other_threads_do_not_count(self, spawn):
@@ -194,15 +204,16 @@ class TestCancelAfter:
 
 class TestCountCheckpoints:
     def test_counts(self):
-        """Each checkpoint adds one, inside or outside scopes."""
+        """Each checkpoint adds one, inside or outside scopes; ``with checkpoint()`` adds two."""
         with count_checkpoints() as counter:
             checkpoint()
             with CancelScope():
                 checkpoint()
-                checkpoint()
+                with checkpoint():
+                    pass
             checkpoint()
 
-        assert 4 == counter.count
+        assert 5 == counter.count
 
     def test_is_cancelled_does_not_count(self):
         """is_cancelled() is not a checkpoint."""

@@ -13,31 +13,26 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._config import configure
+from ._config import DEFAULT, configure
 from ._decorator import cancellable
 from ._exceptions import (
-    MAX_MESSAGE_LENGTH,
     Cancelled,
     CancelReason,
     CancelSource,
     HookTimeoutError,
     TooSlowError,
 )
+from ._hooks import HookHandle
 from ._integrations import register_all as _register_integrations
 from ._scope import (
     CancelScope,
-    HookHandle,
     checkpoint,
     current_scope,
-    fail_after,
-    fail_at,
     is_cancelled,
-    move_on_after,
-    move_on_at,
     on_cancel,
-    shield,
 )
 from ._sleep import sleep, wait
+from ._timeouts import fail_after, fail_at, move_on_after, move_on_at
 
 _register_integrations()
 
@@ -47,7 +42,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
-    "MAX_MESSAGE_LENGTH",
+    "DEFAULT",
     "CancelReason",
     "CancelScope",
     "CancelSource",
@@ -66,7 +61,6 @@ __all__ = [
     "move_on_after",
     "move_on_at",
     "on_cancel",
-    "shield",
     "sleep",
     "wait",
 ]

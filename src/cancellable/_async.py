@@ -3,7 +3,7 @@
 Two ways a decorated coroutine function runs:
 
 Awaited (any event loop, no integration claims the call)
-    `call_async` opens a *detached* scope (`CancelScope._enter_detached`):
+    `call_async` opens a *detached* scope (`_scope.enter_detached`):
     entered, but on no thread's stack, because it lives across awaits while
     other coroutines run on the same thread and would see, or exit, it.  The
     scope is found through the context variable ``_scope._bound`` instead,
@@ -49,8 +49,7 @@ from typing import Any, Protocol, TypeVar
 
 from . import _scope, _timer
 from ._exceptions import Cancelled, CancelReason
-from ._hooks import run_hooks
-from ._log import logger
+from ._log import logger, reason_fields
 from .events import CANCEL_SWALLOWED
 
 __all__ = ["call_async", "run_async_in_scope", "warn_if_swallowed"]
@@ -97,7 +96,7 @@ class _Canceller:
             self.reason = reason
             # The await is this call's checkpoint: observed now (the
             # latencies of a Celery task count from here).
-            self.scope._observe(reason)
+            _scope.observe(self.scope, reason)
             self.task.cancel(reason.describe())
 
     def uncancel(self) -> int:
@@ -126,7 +125,7 @@ class _Waker:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.remove = _scope.add_slow_path_waker(self._wake)
-        if _scope._deferred:  # queued before we were listening
+        if _scope.deferred_work_waiting():  # queued before we were listening
             loop.call_soon(self._run)
 
     def _wake(self) -> None:
@@ -134,8 +133,7 @@ class _Waker:
         self.loop.call_soon_threadsafe(self._run)
 
     def _run(self) -> None:
-        if _scope._deferred:
-            _scope._run_deferred()
+        _scope.run_deferred()
 
     def stop(self) -> None:
         self.remove()
@@ -148,13 +146,13 @@ def warn_if_swallowed(scope: _scope.CancelScope, wrapped: object, *, delivered: 
     the body (a checkpoint raised, or the asyncio task was cancelled).
     """
     reason = scope.cancel_reason
-    if reason is None or not (delivered or scope._observed_at is not None):
+    if reason is None or not (delivered or _scope.observed_at(scope) is not None):
         return
     logger.warning(
         CANCEL_SWALLOWED,
         function=getattr(wrapped, "__qualname__", repr(wrapped)),
-        **scope._log_fields,
-        **_scope._reason_fields(reason),
+        **_scope.log_fields(scope),
+        **reason_fields(reason),
     )
 
 
@@ -218,14 +216,14 @@ def run_async_in_scope(
             _scope.on_cancel(options.on_cancel)
         # Threads started with asyncio.to_thread copy the context: their
         # checkpoints then answer for this scope too.
-        token = _scope._bind(scope, scope)
+        token = _scope.bind(scope, scope)
         try:
             # Signals (prefork wake-ups) and the timer's hand-over under
             # gevent queue their work for a checkpoint: have the loop run it.
             result = asyncio.run(_run_bound(scope, wrapped(*args, **kwargs), wrapped, wake=True))
         finally:
-            _scope._unbind(token)
-    # The scope never swallows its Cancelled (_catch is False).
+            _scope.unbind(token)
+    # The scope never swallows its Cancelled (see CallOptions.new_scope).
     return result
 
 
@@ -237,15 +235,12 @@ async def call_async(
 ) -> R:
     """Await ``wrapped(*args, **kwargs)`` in a new detached scope (see the module docstring)."""
     scope = options.new_scope()
-    try:
-        base: _scope.CancelScope | None = _scope._local.innermost
-    except AttributeError:
-        base = None
+    base = _scope.thread_innermost()
     # The enclosing scope: an enclosing async call's, or the thread's (a
     # Celery task's, around the loop).  Its cancellation makes this scope
     # effectively cancelled, so checkpoints in here see it too.
-    scope._enter_detached(_scope.current_scope())
-    token = _scope._bind(scope, base)
+    _scope.enter_detached(scope, _scope.current_scope())
+    token = _scope.bind(scope, base)
     try:
         if options.on_cancel is not None:
             _scope.on_cancel(options.on_cancel)
@@ -255,25 +250,11 @@ async def call_async(
             scope, wrapped(*args, **kwargs), wrapped, wake=_timer.monkey_patched()
         )
     except (Cancelled, asyncio.CancelledError) as exc:
-        _run_hooks_on_unwind(scope, exc)
+        # What CancelScope.__exit__ does for a Cancelled passing through, for
+        # a detached scope: its hooks run, whether this scope or an enclosing
+        # one (or asyncio) caused it.
+        _scope.run_cleanup(scope, exc)
         raise
     finally:
-        _scope._unbind(token)
-        scope._exit_detached()
-
-
-def _run_hooks_on_unwind(scope: _scope.CancelScope, exc: BaseException) -> None:
-    # What CancelScope.__exit__ does for a Cancelled passing through, for a
-    # detached scope: its hooks run (last registered first, shielded, each
-    # within the budget) whether this scope or an enclosing one caused it.
-    with _scope._lock:
-        hooks = list(reversed(scope._hooks))
-        scope._hooks.clear()
-    if not hooks:
-        return
-    with _scope.CancelScope(shield=True):
-        errors = run_hooks(hooks, scope.hook_timeout, scope._log_fields)
-    if errors:
-        scope.cleanup_errors = errors
-        if isinstance(exc, Cancelled):
-            exc.hook_errors = exc.hook_errors + errors
+        _scope.unbind(token)
+        _scope.exit_detached(scope)

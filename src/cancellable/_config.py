@@ -7,10 +7,18 @@ this module.
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import Final
 
-__all__ = ["DEFAULT_HOOK_TIMEOUT", "UNSET", "configure", "get_hook_timeout", "reset_defaults"]
+__all__ = [
+    "DEFAULT",
+    "DEFAULT_HOOK_TIMEOUT",
+    "UNSET",
+    "configure",
+    "get_hook_timeout",
+    "reset_defaults",
+]
 
 #: Seconds each cleanup hook may run before it is interrupted.
 DEFAULT_HOOK_TIMEOUT: Final = 30.0
@@ -29,6 +37,22 @@ class _Unset:
 
 #: Default of `configure` options: an option left at UNSET keeps its value.
 UNSET: Final = _Unset()
+
+
+class _Default(enum.Enum):
+    """The type of `DEFAULT` (an enum of one member, so type checkers narrow it)."""
+
+    DEFAULT = "DEFAULT"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "Use the configured default": the default value of the options that fall
+#: back to a setting made elsewhere, such as ``hook_timeout`` (`configure`)
+#: and ``grace`` (the Celery app's ``cancellable_grace``).  Pass it to ask for
+#: that fallback explicitly; None means "no limit" for those options.
+DEFAULT: Final = _Default.DEFAULT
 
 
 def validate_seconds(value: object, name: str, *, allow_none: bool = True) -> float | None:

@@ -14,12 +14,13 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Final, ParamSpec, Protocol, TypeVar, overload
 
 import wrapt
 
 from . import _async, _config
-from ._scope import CancelScope, on_cancel
+from ._config import DEFAULT, _Default
+from ._scope import CancelScope, on_cancel, propagate_own_cancellation
 
 __all__ = ["CallOptions", "TaskRunner", "cancellable", "register_task_runner", "run_in_scope"]
 
@@ -36,18 +37,20 @@ class CallOptions:
         self,
         timeout: float | None,
         on_cancel: Callable[[], object] | None,
-        hook_timeout: float | Literal["default"] | None,
-        grace: float | Literal["default"] | None = "default",
+        hook_timeout: float | _Default | None,
+        grace: float | _Default | None = DEFAULT,
     ) -> None:
         self.timeout = _config.validate_seconds(timeout, "timeout")
         #: Seconds a cancelled call may take to stop cooperatively before an
-        #: integration escalates (``"default"``: the integration's setting;
+        #: integration escalates (`DEFAULT`: the integration's setting;
         #: None: never escalate).  The core itself never escalates.
-        self.grace = grace if grace == "default" else _config.validate_seconds(grace, "grace")
+        self.grace: float | _Default | None = (
+            grace if grace is DEFAULT else _config.validate_seconds(grace, "grace")
+        )
         if on_cancel is not None and not callable(on_cancel):
             raise TypeError(f"on_cancel must be a callable or None, got {type(on_cancel).__name__}")
         self.on_cancel = on_cancel
-        if hook_timeout != "default":
+        if hook_timeout is not DEFAULT:
             _config.validate_seconds(hook_timeout, "hook_timeout")
         self.hook_timeout = hook_timeout
         #: Whether the decorated callable is a coroutine function (set by
@@ -60,7 +63,7 @@ class CallOptions:
         scope = CancelScope(deadline=deadline, hook_timeout=self.hook_timeout)
         # A decorated call that was cancelled must not return None as if it
         # had finished: the scope lets its own Cancelled propagate.
-        scope._catch = False
+        propagate_own_cancellation(scope)
         return scope
 
 
@@ -114,8 +117,8 @@ def run_in_scope(
         if options.on_cancel is not None:
             on_cancel(options.on_cancel)
         result = wrapped(*args, **kwargs)
-    # A scope made by CallOptions never swallows its Cancelled (_catch is
-    # False), so reaching this line means the call returned, perhaps after
+    # A scope made by CallOptions never swallows its Cancelled
+    # (propagate_own_cancellation), so reaching this line means the call returned, perhaps after
     # catching a Cancelled: say so.
     _async.warn_if_swallowed(scope, wrapped, delivered=False)
     return result
@@ -132,8 +135,8 @@ def cancellable(
     *,
     timeout: float | None = None,
     on_cancel: Callable[[], object] | None = None,
-    hook_timeout: float | Literal["default"] | None = "default",
-    grace: float | Literal["default"] | None = "default",
+    hook_timeout: float | _Default | None = DEFAULT,
+    grace: float | _Default | None = DEFAULT,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -143,8 +146,8 @@ def cancellable(
     *,
     timeout: float | None = None,
     on_cancel: Callable[[], object] | None = None,
-    hook_timeout: float | Literal["default"] | None = "default",
-    grace: float | Literal["default"] | None = "default",
+    hook_timeout: float | _Default | None = DEFAULT,
+    grace: float | _Default | None = DEFAULT,
 ) -> Any:
     """Run each call of the decorated callable in its own `CancelScope`.
 
@@ -174,11 +177,11 @@ def cancellable(
             ``"deadline"`` (None: no limit).
         on_cancel: A hook, called with no arguments, registered at the start
             of every call.
-        hook_timeout: Seconds each cleanup hook of the call may run (default:
+        hook_timeout: Seconds each cleanup hook of the call may run (`DEFAULT`:
             the process-wide `configure` setting; None: no limit).
         grace: Under Celery, seconds a cancelled task may take to stop at a
             checkpoint before it is interrupted, then terminated (see
-            :doc:`/grace`).  ``"default"``: the app's
+            :doc:`/grace`).  `DEFAULT`: the app's
             ``cancellable_grace``; None: cooperative only.  Outside Celery
             it has no effect.
 

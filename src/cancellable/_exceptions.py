@@ -12,10 +12,9 @@ import dataclasses
 import math
 import pickle
 import time
-from typing import Any, Final, Literal, get_args
+from typing import Any, ClassVar, Final, Literal, get_args
 
 __all__ = [
-    "MAX_MESSAGE_LENGTH",
     "CancelReason",
     "CancelSource",
     "Cancelled",
@@ -23,15 +22,11 @@ __all__ = [
     "TooSlowError",
 ]
 
-#: Where a cancellation came from.
-CancelSource = Literal["revoked", "deadline", "manual", "parent", "shutdown"]
+#: Where a cancellation came from.  ``"shutdown"`` is reserved: nothing
+#: produces it yet (a worker's warm shutdown will).
+CancelSource = Literal["revoked", "deadline", "manual", "shutdown"]
 
 _SOURCES: Final = frozenset(get_args(CancelSource))
-
-#: The longest ``message`` a `CancelReason` accepts.  A reason travels in
-#: broadcasts, ledger entries and result meta; an unbounded one would turn a
-#: typo (``reason=open(f).read()``) into megabytes on every worker.
-MAX_MESSAGE_LENGTH: Final = 4096
 
 _MAX_REQUESTED_BY_LENGTH: Final = 256
 
@@ -43,9 +38,9 @@ class CancelReason:
     Args:
         source: What kind of event cancelled the scope: ``"revoked"`` (a
             Celery revoke or `cancellable.celery.cancel`), ``"deadline"`` (a
-            timeout), ``"manual"`` (`CancelScope.cancel` in user code),
-            ``"parent"`` (an enclosing unit of work was cancelled) or
-            ``"shutdown"`` (the process is stopping).
+            timeout), ``"manual"`` (`CancelScope.cancel` in user code) or
+            ``"shutdown"`` (the process is stopping; reserved: the library
+            does not produce it yet, a worker's warm shutdown will).
         message: Free text for humans, at most `MAX_MESSAGE_LENGTH`
             characters.
         requested_by: Who asked for it (a user name, a service), if known.
@@ -59,6 +54,11 @@ class CancelReason:
 
     .. versionadded:: 0.1.0
     """
+
+    #: The longest ``message`` a reason accepts.  A reason travels in
+    #: broadcasts, ledger entries and result meta; an unbounded one would
+    #: turn a typo (``reason=open(f).read()``) into megabytes on every worker.
+    MAX_MESSAGE_LENGTH: ClassVar[int] = 4096
 
     source: CancelSource = "manual"
     message: str = ""
@@ -76,10 +76,10 @@ class CancelReason:
             raise TypeError(
                 f"CancelReason.message must be a str, got {type(self.message).__name__}"
             )
-        if len(self.message) > MAX_MESSAGE_LENGTH:
+        if len(self.message) > self.MAX_MESSAGE_LENGTH:
             raise ValueError(
                 f"CancelReason.message is {len(self.message)} characters long; "
-                f"the limit is {MAX_MESSAGE_LENGTH}. Put large details somewhere else "
+                f"the limit is {self.MAX_MESSAGE_LENGTH}. Put large details somewhere else "
                 "and refer to them in the message."
             )
         if self.requested_by is not None:

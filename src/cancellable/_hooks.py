@@ -1,4 +1,20 @@
-"""Running cleanup hooks: in order, isolated from each other, within a time budget.
+"""Cleanup hooks: registering them on a scope, and running them.
+
+Registering
+-----------
+
+`on_cancel` (in ``_scope``, which knows the current scope) calls `register`,
+which appends a `HookHandle` to the scope's list of hooks; `HookHandle.remove`
+takes it out again; `take_for_cleanup` empties the list and returns the hooks
+in the order they run, last registered first.  All three hold ``_lock``, a
+lock of this module that guards every scope's list and under which nothing
+blocks.  A scope's hooks run exactly once, when a `Cancelled` unwinds through
+it, whether it is a thread's scope (`CancelScope.__exit__`) or the detached
+scope of an ``async def`` call: both go through ``_scope.run_cleanup``, which
+takes the hooks here and runs them with `run_hooks` under a shield.
+
+Running
+-------
 
 Hooks run on the thread that owns the scope, because cleanup usually touches
 thread-bound resources (a database connection, a transaction, a temp file a
@@ -30,7 +46,7 @@ from ._exceptions import HookTimeoutError
 from ._log import logger
 from .events import CLEANUP_FAILED, CLEANUP_TIMED_OUT
 
-__all__ = ["Hook", "run_hooks"]
+__all__ = ["Hook", "HookHandle", "register", "run_hooks", "take_for_cleanup"]
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
@@ -38,12 +54,7 @@ _set_async_exc.restype = ctypes.c_int
 
 
 class Hook(Protocol):
-    """What `run_hooks` runs: ``fn(*args, **kwargs)`` (a `HookHandle` is one).
-
-    A protocol rather than the handle class itself so that this module does
-    not depend on the one that registers hooks on scopes: ``_scope`` imports
-    us, never the other way round.
-    """
+    """What `run_hooks` runs: ``fn(*args, **kwargs)`` (a `HookHandle` is one)."""
 
     @property
     def fn(self) -> Callable[..., object]: ...
@@ -51,6 +62,73 @@ class Hook(Protocol):
     def args(self) -> tuple[Any, ...]: ...
     @property
     def kwargs(self) -> dict[str, Any]: ...
+
+
+#: Guards every scope's list of hooks (`register`, `HookHandle.remove`,
+#: `take_for_cleanup`).  Held only for a list operation; replaced in the child
+#: after a fork, where the thread that held it may not exist.
+_lock = threading.Lock()
+
+
+class HookHandle:
+    """A registered cleanup hook; returned by `on_cancel`.
+
+    Attributes:
+        scope: The `CancelScope` the hook is registered on.
+        fn: The hook.
+        args: Positional arguments it is called with.
+        kwargs: Keyword arguments it is called with.
+
+    .. versionadded:: 0.1.0
+    """
+
+    __slots__ = ("_hooks", "args", "fn", "kwargs", "scope")
+
+    def __init__(
+        self,
+        scope: Any,  # a CancelScope: this module sits below _scope, which imports it
+        fn: Callable[..., object],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        hooks: list[HookHandle] | None = None,
+    ) -> None:
+        self.scope = scope
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        #: The list of the scope this handle is registered in (None: none).
+        self._hooks = hooks
+
+    def __repr__(self) -> str:
+        return f"<HookHandle {self.fn!r}>"
+
+    def remove(self) -> None:
+        """Unregister the hook.  Does nothing if it already ran or was removed."""
+        with _lock:
+            if self._hooks is not None and self in self._hooks:
+                self._hooks.remove(self)
+
+
+def register(
+    hooks: list[HookHandle],
+    scope: Any,
+    fn: Callable[..., object],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> HookHandle:
+    """Append a hook to ``hooks``, the list of ``scope``; return its handle."""
+    handle = HookHandle(scope, fn, args, kwargs, hooks)
+    with _lock:
+        hooks.append(handle)
+    return handle
+
+
+def take_for_cleanup(hooks: list[HookHandle]) -> list[HookHandle]:
+    """Empty ``hooks`` and return them in the order they run: last registered first."""
+    with _lock:
+        taken = hooks[::-1]
+        hooks.clear()
+    return taken
 
 
 class _Budget:
@@ -78,6 +156,10 @@ _running: set[_Budget] = set()
 
 
 def _after_fork_in_child() -> None:
+    # A thread that held the registration lock at the fork is gone: start
+    # with a free one.
+    global _lock
+    _lock = threading.Lock()
     # Only the forking thread survives; if it is inside a hook, that hook's
     # budget is the one to keep (with a lock nobody holds: the timer thread
     # that might have held it is gone, and so is the timer entry, so the

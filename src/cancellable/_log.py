@@ -25,9 +25,10 @@ from typing import Any, Final
 
 import structlog
 
+from ._exceptions import CancelReason
 from .events import LOGGER_NAME
 
-__all__ = ["logger"]
+__all__ = ["logger", "reason_fields"]
 
 _stdlib: Final = logging.getLogger(LOGGER_NAME)
 _stdlib.addHandler(logging.NullHandler())
@@ -78,3 +79,12 @@ class EventLogger:
 
 #: The library's one logger.
 logger: Final = EventLogger()
+
+
+def reason_fields(reason: CancelReason) -> dict[str, Any]:
+    """The fields every event about a cancellation carries: who, why, from where."""
+    return {
+        "source": reason.source,
+        "message": reason.message,
+        "requested_by": reason.requested_by,
+    }

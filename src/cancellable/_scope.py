@@ -17,11 +17,11 @@ The hot path
 
 `checkpoint` must cost about as much as an empty function call.  It has one
 body, and while nothing is pending that body tests exactly one module global,
-``_pending``, and returns None.  It keeps no local variable and returns no
-object, since on CPython 3.11+ either costs every call a tenth of an empty
-call (which is why there is no ``with checkpoint():`` form: see
-``docs/design.md``).  ``_pending`` is False unless something in this
-process could make a checkpoint raise:
+``_pending``, and returns the shared context manager that makes ``with
+checkpoint():`` check again on exit (`_CheckpointContext`).  It keeps no
+local variable: on CPython 3.11+ one costs every call a tenth of an empty
+call (see ``docs/design.md``).  ``_pending`` is False unless something in
+this process could make a checkpoint raise:
 
 * some entered scope (on any thread) has been cancelled, or
 * work was handed to us from a signal handler (``_deferred``), or
@@ -61,6 +61,17 @@ lets it cancel its asyncio task: `_recalculate` collects the callbacks of
 scopes that just became effectively cancelled and its caller runs them with
 `_fire` after releasing ``_lock``.
 
+Other modules
+-------------
+
+The rest of the core and the integrations use scopes through the public API
+and the small functions at the end of this module (`cancel_with`,
+`set_log_fields`, `observe`, `shield_inside`, `run_deferred`,
+`acquire_lock_if_free`, ...), never through a scope's private attributes.
+Cleanup hooks run in one place, `run_cleanup`, for a thread's scope and for
+a coroutine's alike; ``_hooks`` keeps the registry and the runner, and
+``_timeouts`` the deadline constructors.
+
 Invariants (all mutations happen under ``_lock``, except where noted):
 
 1. ``_pending`` is True whenever ``_cancelled_live > 0`` or
@@ -71,7 +82,7 @@ Invariants (all mutations happen under ``_lock``, except where noted):
 2. ``_cancelled_live`` counts scopes that are entered, not yet exited, and
    have ``cancel_called``.  Each scope adds itself at most once (``_counted``).
    One exception: while a thread runs cleanup hooks (under the shield
-   `CancelScope._run_hooks` enters), the counted scopes below that shield
+   `run_cleanup` enters), the counted scopes below that shield
    are set aside, since none of them can make a checkpoint raise until the
    shield exits; they count again before it does.
 3. A scope's ``_stack`` is the stack of the thread that entered it, and
@@ -103,28 +114,46 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from . import _config, _timer
-from ._exceptions import Cancelled, CancelReason, TooSlowError
-from ._hooks import run_hooks
-from ._log import logger
+from ._config import DEFAULT, _Default
+from ._exceptions import Cancelled, CancelReason
+from ._hooks import HookHandle, register, run_hooks, take_for_cleanup
+from ._log import logger, reason_fields
 from .events import CANCEL_OBSERVED, CANCEL_REQUESTED, SCOPE_CANCELLED
 
 __all__ = [
     "CancelScope",
-    "HookHandle",
+    "acquire_lock_if_free",
+    "add_probe",
+    "add_slow_path_waker",
+    "bind",
+    "cancel_with",
     "checkpoint",
     "current_scope",
-    "fail_after",
-    "fail_at",
+    "deferred_work_waiting",
+    "enter_detached",
+    "exit_detached",
     "is_cancelled",
-    "move_on_after",
-    "move_on_at",
+    "is_entered",
+    "lock_held_here",
+    "log_fields",
+    "observe",
+    "observed_at",
     "on_cancel",
+    "propagate_own_cancellation",
+    "release_lock",
+    "remove_probe",
     "request_slow_path",
-    "shield",
+    "run_cleanup",
+    "run_deferred",
+    "set_log_fields",
+    "shield_inside",
+    "thread_innermost",
+    "unbind",
 ]
 
 # --------------------------------------------------------------------------
@@ -282,11 +311,11 @@ _bound: Final[contextvars.ContextVar[_Binding | None]] = contextvars.ContextVar(
 
 #: How many bindings are set now (in any context): while none is, the
 #: checkpoint's medium path skips the context-variable read.  Written under
-#: ``_lock`` by `_bind` and `_unbind`.
+#: ``_lock`` by `bind` and `unbind`.
 _bindings_live: int = 0
 
 
-def _bind(scope: CancelScope, base: CancelScope | None) -> contextvars.Token[_Binding | None]:
+def bind(scope: CancelScope, base: CancelScope | None) -> contextvars.Token[_Binding | None]:
     """Make ``scope`` the current scope of this context (see `_Binding`)."""
     global _bindings_live
     with _lock:
@@ -294,8 +323,8 @@ def _bind(scope: CancelScope, base: CancelScope | None) -> contextvars.Token[_Bi
     return _bound.set(_Binding(scope, base))
 
 
-def _unbind(token: contextvars.Token[_Binding | None]) -> None:
-    """Undo `_bind` (in the same context)."""
+def unbind(token: contextvars.Token[_Binding | None]) -> None:
+    """Undo `bind` (in the same context)."""
     global _bindings_live
     _bound.reset(token)
     with _lock:
@@ -342,12 +371,48 @@ class _NoScope:
 _NO_SCOPE: Final = _NoScope()
 
 
-def checkpoint() -> None:
+class _CheckpointContext:
+    """What `checkpoint` returns, so that ``with checkpoint():`` checks again on exit.
+
+    One shared instance: nothing is created per call.  Entering does nothing
+    (the call that returned it checked already); leaving the block without
+    an exception checks again, so a step cancelled while it ran is not
+    reported as done.  An exception leaving the block is never replaced.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The flag test first, as in checkpoint(): a block that ends while
+        # nothing is pending costs no second call.
+        if exc_type is None and _pending:
+            checkpoint()
+
+
+_CHECKPOINT: Final = _CheckpointContext()
+
+
+def checkpoint() -> AbstractContextManager[None, None]:
     """Raise `Cancelled` if the calling thread's innermost scope is cancelled.
 
     Call it in loops and between steps of long work.  It never blocks and
     never does I/O: while nothing in the process is cancelled it costs about
     what calling an empty function costs.  Outside any scope it never raises.
+
+    Used as a context manager, ``with checkpoint(): ...`` checks when the
+    block starts and again when it ends without an exception.
+
+    Returns:
+        A context manager (the same object on every call) whose exit checks
+        again; ignore it when you call ``checkpoint()`` on its own.
 
     Raises:
         Cancelled: The innermost scope is effectively cancelled (it or an
@@ -355,15 +420,16 @@ def checkpoint() -> None:
 
     .. versionadded:: 0.1.0
     """
-    # Hot path: while nothing is pending, one global load, a branch and the
-    # implicit ``return None``.  Keep it that way: anything that does work
+    # Hot path: while nothing is pending, one global load, a branch, a second
+    # global load and the return.  Keep it that way: anything that does work
     # belongs in _slow_checkpoint.
     #
     # This function has no local variable on purpose.  On CPython 3.11+ the
     # frame sets up each local on every call, branch taken or not: one local
-    # here cost 30-40 instructions, a tenth of an empty call.  Returning an
-    # object (which ``with checkpoint():`` would need) costs about as much:
-    # a second global load.  See "No local variables" in docs/design.md.
+    # here cost 30-40 instructions, a tenth of an empty call.  Returning the
+    # shared context manager (for ``with checkpoint():``) costs about as much
+    # again, and is what the user asked for.  See "No local variables" in
+    # docs/design.md.
     if _pending:
         # Most often another thread's scope is cancelled.  Say "nothing for
         # this thread" here, in cheap reads (invariants 1 and 4), rather than
@@ -385,7 +451,7 @@ def checkpoint() -> None:
                     and (_resolve(_local.innermost) or _NO_SCOPE)._effective_reason is not None
                 )
             ):
-                return
+                return _CHECKPOINT
         except AttributeError:
             if "innermost" in _local.__dict__:
                 # Not the first-use miss below: the read succeeded, so this
@@ -401,8 +467,9 @@ def checkpoint() -> None:
                 _shared_work
                 or (_bindings_live and (_resolve(None) or _NO_SCOPE)._effective_reason is not None)
             ):
-                return
+                return _CHECKPOINT
         _slow_checkpoint()
+    return _CHECKPOINT
 
 
 def _slow_checkpoint() -> None:
@@ -519,7 +586,8 @@ class CancelScope:
         shield: If True, cancellation of enclosing scopes is not seen inside
             this one (its own `cancel` and deadline still work).
         hook_timeout: Seconds each cleanup hook registered on this scope may
-            run; defaults to the process-wide setting (`configure`).
+            run (None: no limit); `DEFAULT`, the default, takes the
+            process-wide setting (`configure`).
 
     .. versionadded:: 0.1.0
     """
@@ -553,13 +621,13 @@ class CancelScope:
         *,
         deadline: float = math.inf,
         shield: bool = False,
-        hook_timeout: float | Literal["default"] | None = "default",
+        hook_timeout: float | _Default | None = DEFAULT,
     ) -> None:
         self._deadline = _validate_deadline(deadline)
         if not isinstance(shield, bool):
             raise TypeError(f"shield must be a bool, got {type(shield).__name__}")
         self._shield = shield
-        if hook_timeout == "default":
+        if hook_timeout is DEFAULT:
             self.hook_timeout = _config.get_hook_timeout()
         else:
             self.hook_timeout = _config.validate_seconds(hook_timeout, "hook_timeout")
@@ -664,10 +732,17 @@ class CancelScope:
         """
         self._cancel(CancelReason.coerce(reason))
 
-    def _cancel(self, reason: CancelReason) -> bool:
+    def _cancel(self, reason: CancelReason, *, at_deadline: bool = False) -> bool:
+        # Returns whether this call cancelled the scope.  ``at_deadline``: the
+        # timer fired (or an arming found the deadline passed).  It fired for
+        # the deadline it was armed with, which may since have moved (trio's
+        # ``_registered_deadline`` rule): compare with the current one, under
+        # the lock that every deadline change takes.
         global _cancelled_live
         with _lock:
             if self._cancel_reason is not None or self._state >= _EXITED:
+                return False
+            if at_deadline and self._deadline > time.monotonic():
                 return False
             self._cancel_reason = reason
             if self._deadline_handle is not None:
@@ -683,7 +758,7 @@ class CancelScope:
             CANCEL_REQUESTED,
             scope=hex(id(self)),
             **self._log_fields,
-            **_reason_fields(reason),
+            **reason_fields(reason),
         )
         _fire(fired)
         return True
@@ -848,15 +923,7 @@ class CancelScope:
         hooks_run = 0
         try:
             if isinstance(exc, Cancelled) and self._hooks:
-                hooks_run = len(self._hooks)
-                errors = self._run_hooks()
-                if errors:
-                    self.cleanup_errors = errors
-                    exc.hook_errors = exc.hook_errors + errors
-                    add_note = getattr(exc, "add_note", None)  # Python 3.11+
-                    if add_note is not None:
-                        for error in errors:
-                            add_note(f"cleanup hook failed: {error!r}")
+                hooks_run = run_cleanup(self, exc)
         finally:
             # Even when a hook re-raised KeyboardInterrupt or SystemExit, the
             # scope must leave its thread's stack and the live count.
@@ -887,7 +954,7 @@ class CancelScope:
                 hooks_run=hooks_run,
                 hook_errors=len(self.cleanup_errors),
                 cleanup_ms=round(cleanup_ms, 3),
-                **(_reason_fields(reason) if reason is not None else {}),
+                **(reason_fields(reason) if reason is not None else {}),
             )
         if caught:
             self.cancelled_caught = True
@@ -943,7 +1010,7 @@ class CancelScope:
         return False
 
     def _cancel_for_deadline(self) -> None:
-        self._cancel(CancelReason(source="deadline", message="deadline expired"))
+        self._cancel(CancelReason(source="deadline", message="deadline expired"), at_deadline=True)
 
     # -- the slow path -------------------------------------------------------
 
@@ -956,21 +1023,40 @@ class CancelScope:
                 scope=hex(id(self)),
                 **self._log_fields,
                 observed_ms=round((time.time() - reason.requested_at) * 1000.0, 3),
-                **_reason_fields(reason),
+                **reason_fields(reason),
             )
         return Cancelled(reason)
 
-    def _run_hooks(self) -> tuple[BaseException, ...]:
-        hooks = list(reversed(self._hooks))
-        self._hooks.clear()
-        errors: tuple[BaseException, ...] = ()
-        with CancelScope(shield=True) as shield:
-            set_aside = _set_aside_below(shield)
-            try:
-                errors = run_hooks(hooks, self.hook_timeout, self._log_fields)
-            finally:
-                _restore_set_aside(set_aside)
-        return errors
+
+def run_cleanup(scope: CancelScope, exc: BaseException) -> int:
+    """Run ``scope``'s cleanup hooks for ``exc`` unwinding through it; return how many ran.
+
+    The one place hooks run: `CancelScope.__exit__` calls it for a
+    `Cancelled` leaving a thread's scope, ``_async`` for the detached scope
+    of an ``async def`` call.  Hooks run last registered first, each
+    isolated and within ``scope.hook_timeout`` (`run_hooks`), inside a
+    shield on the calling thread.  Their errors go to
+    ``scope.cleanup_errors`` and, if ``exc`` is a `Cancelled`, to its
+    ``hook_errors`` and notes.
+    """
+    hooks = take_for_cleanup(scope._hooks)
+    if not hooks:
+        return 0
+    with CancelScope(shield=True) as shield:
+        set_aside = _set_aside_below(shield)
+        try:
+            errors = run_hooks(hooks, scope.hook_timeout, scope._log_fields)
+        finally:
+            _restore_set_aside(set_aside)
+    if errors:
+        scope.cleanup_errors = errors
+        if isinstance(exc, Cancelled):
+            exc.hook_errors = exc.hook_errors + errors
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                for error in errors:
+                    add_note(f"cleanup hook failed: {error!r}")
+    return len(hooks)
 
 
 def _set_aside_below(shield: CancelScope) -> list[CancelScope]:
@@ -1060,135 +1146,141 @@ def _validate_deadline(value: object) -> float:
 _NO_FIELDS: Final[dict[str, Any]] = {}
 
 
-def _reason_fields(reason: CancelReason) -> dict[str, Any]:
-    return {
-        "source": reason.source,
-        "message": reason.message,
-        "requested_by": reason.requested_by,
-    }
+# --------------------------------------------------------------------------
+# What the rest of the core and the integrations need of scopes beyond the
+# public API, by name, instead of reaching into private attributes.  None of
+# it is on the hot path.
+
+
+def thread_innermost() -> CancelScope | None:
+    """The calling thread's innermost entered scope, ignoring a bound coroutine's."""
+    try:
+        scope: CancelScope | None = _local.innermost
+    except AttributeError:
+        scope = None
+    return scope
+
+
+def enter_detached(scope: CancelScope, parent: CancelScope | None) -> None:
+    """Enter ``scope`` on no thread's stack, below ``parent`` (an ``async def`` call's scope)."""
+    scope._enter_detached(parent)
+
+
+def exit_detached(scope: CancelScope) -> None:
+    """Exit a scope entered with `enter_detached` (any thread)."""
+    scope._exit_detached()
+
+
+def propagate_own_cancellation(scope: CancelScope) -> None:
+    """Make ``scope`` (not entered yet) let its own `Cancelled` propagate on exit.
+
+    A ``@cancellable`` call's scope: a cancelled call must not return None
+    as if it had finished.
+    """
+    scope._catch = False
+
+
+def set_log_fields(scope: CancelScope, fields: dict[str, Any]) -> None:
+    """Add ``fields`` (a Celery task's id and name) to every event about ``scope``.
+
+    Call it before entering the scope; scopes entered inside inherit them.
+    """
+    scope._log_fields = fields
+
+
+def log_fields(scope: CancelScope) -> dict[str, Any]:
+    """The fields `set_log_fields` gave ``scope`` (or an enclosing scope it inherited)."""
+    return scope._log_fields
+
+
+def cancel_with(scope: CancelScope, reason: CancelReason) -> bool:
+    """`CancelScope.cancel` with a `CancelReason`; True if this call cancelled the scope.
+
+    False if it was cancelled already (the first reason wins) or has exited.
+    """
+    return scope._cancel(reason)
+
+
+def observe(scope: CancelScope, reason: CancelReason) -> Cancelled:
+    """The `Cancelled` to raise where code in ``scope`` sees ``reason``.
+
+    The first observation is logged (``cancel.observed``) and its time kept
+    (`observed_at`); an integration calls this where the scope's
+    cancellation is seen without a checkpoint (an ``await`` cancelled).
+    """
+    return scope._observe(reason)
+
+
+def observed_at(scope: CancelScope) -> float | None:
+    """When (`time.time`) code in ``scope`` first saw its cancellation, or None."""
+    return scope._observed_at
+
+
+def is_entered(scope: CancelScope) -> bool:
+    """Whether ``scope`` is entered and not exited yet."""
+    return scope._state == _ENTERED
+
+
+def shield_inside(scope: CancelScope) -> bool:
+    """Whether a shield is entered inside ``scope`` on its thread (cleanup hooks run in one).
+
+    Reliable when called on ``scope``'s own thread, or with the core's lock
+    held (`acquire_lock_if_free`): only then does nobody change that stack.
+    """
+    stack = scope._stack or []
+    return any(inner._shield for inner in stack[scope._depth + 1 :])
+
+
+def deferred_work_waiting() -> bool:
+    """Whether work queued with `request_slow_path` waits for a checkpoint."""
+    return bool(_deferred)
+
+
+def run_deferred() -> None:
+    """Run the work queued with `request_slow_path` now, on this thread (if any waits)."""
+    if _deferred:
+        _run_deferred()
+
+
+def add_probe(probe: Callable[[], object]) -> None:
+    """Call ``probe()`` at every checkpoint in the process, before it looks at its scope.
+
+    Keeps the pending flag up while installed (`cancellable.testing` counts
+    checkpoints with it); `remove_probe` takes it out.
+    """
+    with _lock:
+        _probes.append(probe)
+        _update_pending()
+
+
+def remove_probe(probe: Callable[[], object]) -> None:
+    """Undo `add_probe`."""
+    with _lock:
+        _probes.remove(probe)
+        _update_pending()
+
+
+def lock_held_here() -> bool:
+    """Whether the calling thread holds the core's lock (it is inside the core)."""
+    return bool(_lock._is_owned())  # type: ignore[attr-defined]  # RLock has it
+
+
+def acquire_lock_if_free() -> bool:
+    """Take the core's lock if no thread holds it; True if taken (then `release_lock`).
+
+    While it is held no thread is inside the core's bookkeeping, so an
+    asynchronous exception raised into another thread cannot land there.
+    """
+    return _lock.acquire(blocking=False)
+
+
+def release_lock() -> None:
+    """Release the lock taken with `acquire_lock_if_free`."""
+    _lock.release()
 
 
 # --------------------------------------------------------------------------
-# Convenience constructors.
-
-
-def shield() -> CancelScope:
-    """A shielding scope: ``with shield(): ...`` hides outer cancellation.
-
-    Checkpoints inside do not raise because of enclosing scopes; use it for
-    cleanup that must finish.  Equivalent to ``CancelScope(shield=True)``.
-
-    .. versionadded:: 0.1.0
-    """
-    return CancelScope(shield=True)
-
-
-def move_on_at(deadline: float) -> CancelScope:
-    """A scope that cancels itself at ``deadline`` (`time.monotonic` time).
-
-    .. versionadded:: 0.1.0
-    """
-    return CancelScope(deadline=deadline)
-
-
-def move_on_after(seconds: float) -> CancelScope:
-    """A scope that cancels itself ``seconds`` from now.
-
-    The block is abandoned at the first checkpoint after the deadline and
-    execution continues after it; check ``scope.cancelled_caught`` to tell.
-
-    Raises:
-        TypeError: ``seconds`` is not a number.
-        ValueError: ``seconds`` is negative, NaN or infinite.
-
-    .. versionadded:: 0.1.0
-    """
-    seconds_f = _config.validate_seconds(seconds, "seconds", allow_none=False)
-    assert seconds_f is not None
-    return CancelScope(deadline=time.monotonic() + seconds_f)
-
-
-class _FailScope:
-    """Context manager behind `fail_after`: a scope that raises if it fired."""
-
-    __slots__ = ("_scope",)
-
-    def __init__(self, deadline: float) -> None:
-        self._scope = CancelScope(deadline=deadline)
-
-    def __enter__(self) -> CancelScope:
-        return self._scope.__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        caught = self._scope.__exit__(exc_type, exc, tb)
-        reason = self._scope.cancel_reason
-        if caught and reason is not None and reason.source == "deadline":
-            raise TooSlowError("the deadline expired") from exc
-        return caught
-
-
-def fail_at(deadline: float) -> _FailScope:
-    """Like `move_on_at`, but raise `TooSlowError` if the deadline cancels the block.
-
-    .. versionadded:: 0.1.0
-    """
-    return _FailScope(_validate_deadline(deadline))
-
-
-def fail_after(seconds: float) -> _FailScope:
-    """Like `move_on_after`, but raise `TooSlowError` if the deadline cancels the block.
-
-    Raises:
-        TypeError: ``seconds`` is not a number.
-        ValueError: ``seconds`` is negative, NaN or infinite.
-        TooSlowError: On exit, when the deadline cancelled the block.
-
-    .. versionadded:: 0.1.0
-    """
-    seconds_f = _config.validate_seconds(seconds, "seconds", allow_none=False)
-    assert seconds_f is not None
-    return _FailScope(time.monotonic() + seconds_f)
-
-
-# --------------------------------------------------------------------------
-# Cleanup hooks.
-
-
-class HookHandle:
-    """A registered cleanup hook; returned by `on_cancel`.
-
-    .. versionadded:: 0.1.0
-    """
-
-    __slots__ = ("args", "fn", "kwargs", "scope")
-
-    def __init__(
-        self,
-        scope: CancelScope,
-        fn: Callable[..., object],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.scope = scope
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-
-    def __repr__(self) -> str:
-        return f"<HookHandle {self.fn!r}>"
-
-    def remove(self) -> None:
-        """Unregister the hook.  Does nothing if it already ran or was removed."""
-        with _lock:
-            try:
-                self.scope._hooks.remove(self)
-            except ValueError:
-                pass
+# Cleanup hooks (the registry and the runner are ``_hooks``).
 
 
 def on_cancel(fn: Callable[..., object], /, *args: Any, **kwargs: Any) -> HookHandle:
@@ -1220,7 +1312,4 @@ def on_cancel(fn: Callable[..., object], /, *args: Any, **kwargs: Any) -> HookHa
             "run the hook. Call it inside a @cancellable function or a "
             "`with CancelScope():` block."
         )
-    handle = HookHandle(scope, fn, args, kwargs)
-    with _lock:
-        scope._hooks.append(handle)
-    return handle
+    return register(scope._hooks, scope, fn, args, kwargs)

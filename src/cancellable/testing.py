@@ -55,15 +55,11 @@ def _installed(probe: Callable[[], object]) -> Iterator[None]:
     # A probe is called at every checkpoint in the process (on whichever
     # thread), before the checkpoint looks at its scope; installing one keeps
     # the process-wide pending flag set so no checkpoint skips it.
-    with _scope._lock:
-        _scope._probes.append(probe)
-        _scope._update_pending()
+    _scope.add_probe(probe)
     try:
         yield
     finally:
-        with _scope._lock:
-            _scope._probes.remove(probe)
-            _scope._update_pending()
+        _scope.remove_probe(probe)
 
 
 @contextlib.contextmanager
@@ -78,7 +74,8 @@ def cancel_after(
     *n*-th one raises `~cancellable.Cancelled`, and the scope catches it
     like any scope catches its own cancellation, so execution continues
     after the ``with`` block.  `~cancellable.is_cancelled` calls do not
-    count.
+    count; ``with checkpoint():`` counts twice (it checks on entry and on
+    exit).
 
     Args:
         n: Which checkpoint raises; 1 means the first.
@@ -110,7 +107,7 @@ def cancel_after(
 
         def probe() -> None:
             nonlocal seen
-            if threading.get_ident() != owner or scope._state != _scope._ENTERED:
+            if threading.get_ident() != owner or not _scope.is_entered(scope):
                 return
             seen += 1
             if seen == n:
@@ -141,7 +138,8 @@ def count_checkpoints() -> Iterator[CheckpointCounter]:
     """Count the checkpoints the calling thread reaches inside the block.
 
     Checkpoints count inside and outside cancel scopes;
-    `~cancellable.is_cancelled` calls do not count.
+    `~cancellable.is_cancelled` calls do not count, and ``with checkpoint():``
+    counts twice (entry and exit).
     Use it to check that a loop really checks for cancellation::
 
         with count_checkpoints() as counter:

@@ -143,7 +143,7 @@ def test_cancel_rejects_bad_arguments_and_does_nothing(task_or_id, reason, error
     import cancellable
     from cancellable.celery import cancel
 
-    assert 4096 == cancellable.MAX_MESSAGE_LENGTH
+    assert 4096 == cancellable.CancelReason.MAX_MESSAGE_LENGTH
     app = client_app("redis")
     marker = f"ok-id-{uuid.uuid4()}"
 
@@ -167,10 +167,10 @@ def test_cancel_accepts_reason_of_max_length(shared_worker):
     from cancellable.celery import cancel
 
     worker = shared_worker()
-    returned = cancel(str(uuid.uuid4()), reason="x" * cancellable.MAX_MESSAGE_LENGTH,
+    returned = cancel(str(uuid.uuid4()), reason="x" * cancellable.CancelReason.MAX_MESSAGE_LENGTH,
                       app=worker.app)  # fmt: skip
 
-    assert cancellable.MAX_MESSAGE_LENGTH == len(returned.message)
+    assert cancellable.CancelReason.MAX_MESSAGE_LENGTH == len(returned.message)
 
 
 @pytest.mark.parametrize("task", ["cit.plain.soft_limit", "cit.soft_limit"])

@@ -44,9 +44,8 @@ from typing import Any, Final
 
 from celery.worker import state as worker_state
 
-from .. import _scope
 from .._exceptions import CancelReason
-from .._log import logger
+from .._log import logger, reason_fields
 from ..events import CANCEL_DELIVERED, MAILBOX_FULL
 from . import _registry, _wakeup
 from ._mailbox import Mailbox
@@ -193,7 +192,7 @@ def _log_delivered(
         task_name=task_name,
         how=how,
         delivered_ms=round((delivered_at - reason.requested_at) * 1000.0, 3),
-        **_scope._reason_fields(reason),
+        **reason_fields(reason),
         **extra,
     )
 

@@ -142,7 +142,7 @@ def _safe_here(entry: _registry.RunningTask, frame: object = None) -> bool:
         return False
     if entry.window_lock.locked():
         return False  # the boundary is opening or closing the window
-    if _scope._lock._is_owned():  # type: ignore[attr-defined]  # RLock has it
+    if _scope.lock_held_here():
         return False
     # No shield entered inside the task's scope (cleanup hooks run in one).
     # This thread's own stack, read on this thread with the core's lock not
@@ -152,8 +152,7 @@ def _safe_here(entry: _registry.RunningTask, frame: object = None) -> bool:
 
 def _shielded_inside(scope: _scope.CancelScope) -> bool:
     """Whether a shield was entered above ``scope`` on its thread's stack."""
-    stack = scope._stack or []
-    return any(inner._shield for inner in stack[scope._depth + 1 :])
+    return _scope.shield_inside(scope)
 
 
 def raise_if_asked(frame: object = None) -> None:
@@ -248,7 +247,7 @@ def interrupt_thread(entry: _registry.RunningTask) -> bool:
     with entry.window_lock:
         if not entry.interruptible or _registry.running(entry.task_id) is not entry:
             return False
-        if not _scope._lock.acquire(blocking=False):
+        if not _scope.acquire_lock_if_free():
             return False  # a thread is inside the core: try at the next tick
         try:
             if _shielded_inside(entry.scope):
@@ -266,7 +265,7 @@ def interrupt_thread(entry: _registry.RunningTask) -> bool:
             _landing.pop(entry.thread, None)
             return _landed.is_set()
         finally:
-            _scope._lock.release()
+            _scope.release_lock()
 
 
 def interrupt_in_process(entry: _registry.RunningTask, reason: CancelReason) -> bool:

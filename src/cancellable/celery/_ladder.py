@@ -47,10 +47,10 @@ from typing import Any, Final
 
 from celery.worker import state as worker_state
 
-from .._config import validate_seconds
+from .._config import DEFAULT, validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
-from .._scope import _reason_fields
+from .._log import reason_fields as _reason_fields
 from ..events import (
     CANCEL_ESCALATED,
     CANCEL_NOT_ESCALATED,
@@ -158,7 +158,7 @@ def _setting(name: str, default: Any) -> Any:
 def _resolve_grace(call_grace: float | None, task_grace: Any) -> float | None:
     if call_grace is not None:
         return call_grace
-    if task_grace != "default":
+    if task_grace is not DEFAULT:
         return None if task_grace is None else float(task_grace)
     value = _setting("cancellable_grace", None)
     return validate_seconds(value, "cancellable_grace")
@@ -171,10 +171,10 @@ _NOT_CANCELLABLE: Final = "not cancellable"
 def _task_grace(task_name: str | None) -> Any:
     # The task's @cancellable(grace=...), read from the task registry.
     if _app is None or task_name is None:
-        return "default"
+        return DEFAULT
     task = _app.tasks.get(task_name)
     if task is None:
-        return "default"
+        return DEFAULT
     run = getattr(task, "__wrapped__", None)
     options = getattr(run, "_self_cancellable_options", None)
     if options is None:  # a staticmethod around the wrapper (bind=False)
@@ -183,7 +183,7 @@ def _task_grace(task_name: str | None) -> Any:
         # A plain task: it has no task boundary to interrupt at, and Celery's
         # own revoke handles it; signalling its child would only disturb it.
         return _NOT_CANCELLABLE
-    return getattr(options, "grace", "default")
+    return getattr(options, "grace", DEFAULT)
 
 
 def start(task_id: str, reason: CancelReason, task_name: str | None, grace: float | None) -> None:

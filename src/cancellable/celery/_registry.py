@@ -45,8 +45,7 @@ class RunningTask:
 
     def revoked(self) -> bool:
         """``request.revoked()``: has this task been cancelled?"""
-        if _scope._deferred:
-            _scope._run_deferred()
+        _scope.run_deferred()
         return self.scope.cancel_called
 
 
@@ -82,7 +81,7 @@ def cancel(entry: RunningTask, reason: CancelReason, delivered_at: float) -> boo
     """Cancel a running task's scope; True if this was its first cancellation."""
     if entry.delivered_at is None:
         entry.delivered_at = delivered_at
-    return entry.scope._cancel(reason)
+    return _scope.cancel_with(entry.scope, reason)
 
 
 def reset_after_fork() -> None:

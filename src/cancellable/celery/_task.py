@@ -47,7 +47,8 @@ from celery.worker import state as worker_state
 from .._decorator import CallOptions, run_in_scope
 from .._exceptions import Cancelled, CancelReason
 from .._log import logger
-from .._scope import _reason_fields
+from .._log import reason_fields as _reason_fields
+from .._scope import observed_at, set_log_fields
 from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
 from . import _delivery, _index, _interrupt, _ladder, _registry, _wakeup, _workflow
 
@@ -108,7 +109,7 @@ def _run_task(
 ) -> Any:
     task_id: str = request.id
     scope = options.new_scope()
-    scope._log_fields = {"task_id": task_id, "task_name": task.name}
+    set_log_fields(scope, {"task_id": task_id, "task_name": task.name})
     _id, group_id, root_id = _index.request_targets(request)
     entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
     _registry.register(entry)
@@ -204,14 +205,14 @@ def _finish_cancelled(
             return None
         return round((moment - reason.requested_at) * 1000.0, 3)
 
-    observed_at = entry.scope._observed_at
+    observed = observed_at(entry.scope)
     logger.info(
         TASK_CANCELLED,
         task_id=request.id,
         task_name=task.name,
         **_reason_fields(reason),
         delivered_ms=since_request(entry.delivered_at),
-        observed_ms=since_request(observed_at),
+        observed_ms=since_request(observed),
         cleanup_done_ms=since_request(done),
         hook_errors=len(exc.hook_errors),
         ended_by="checkpoint" if entry.ended_by is None else "interrupt",

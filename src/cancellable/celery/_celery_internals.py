@@ -1,0 +1,529 @@
+"""Every reach into Celery, kombu, billiard and redis-py internals, in one place.
+
+The integration relies on things these libraries do not promise: private
+attributes, module-level worker state, a control command's handler replaced
+in a registry, a class's methods wrapped.  Each such reach is one small
+function or constant here, named for what it gets, with a docstring that
+says what it relies on and for which versions that was checked.  Nothing
+here adds behaviour: it names and isolates the reach.  Every entry has a
+contract test in ``tests/test_celery_contract.py`` that runs against the
+installed Celery and fails when Celery changes the thing we rely on; the
+nox sessions run those tests on every Celery minor the package claims.
+
+Checked against the sources of Celery 5.3.0, 5.3.6, 5.4.0, 5.5.0, 5.6.0,
+5.6.3 and 5.7.0 (billiard 4.1 to 4.3, kombu 5.3 to 5.7, redis-py 4.5 to 8)
+unless an entry says otherwise.
+
+What is *public* (documented for users) needs no entry: signals
+(``worker_init``, ``worker_process_init``, ``worker_shutdown``,
+``task_failure``, ``task_revoked``), bootsteps (``app.steps["worker"]``),
+``app.control.broadcast``/``inspect``, ``app.pool.acquire``,
+``Connection.ensure_connection``, ``app.backend.store_result`` and
+``get_task_meta``, ``celery.exceptions.Ignore``.  Two documented things are
+here all the same because we use them in an undocumented way: wrapping
+``Control.revoke`` (we rely on every revoke path ending in it) and
+registering an inspect command on ``Panel``.
+"""
+
+from __future__ import annotations
+
+import signal as signal_module
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
+
+from billiard.common import TERMSIGS_FULL as _BILLIARD_TERMSIGS_FULL
+from celery._state import get_current_task
+from celery.utils.functional import maybe_list as _maybe_list
+from celery.worker import state as _worker_state
+
+__all__ = [
+    "BILLIARD_TERMSIGS",
+    "ORIGINAL",
+    "active_request_ids",
+    "add_revoked_id",
+    "announce_revoked",
+    "current_task",
+    "filesystem_backend_path",
+    "is_revoked_id",
+    "mark_process_terminated",
+    "original_of",
+    "ping_redis_once",
+    "pool_maintainer",
+    "pool_process",
+    "process_index",
+    "redis_backend_client",
+    "redis_broker_client",
+    "register_inspect_command",
+    "request_already_revoked",
+    "request_context",
+    "request_embed",
+    "request_worker_pid",
+    "task_ids",
+    "worker_concurrency",
+    "worker_hub",
+    "worker_pool_kind",
+    "worker_pool_start_method",
+    "worker_requests",
+    "wrap_control_revoke",
+    "wrap_request_announce_revoked",
+    "wrap_request_revoked",
+    "wrap_revoke_command",
+]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: The attribute under which a wrapper keeps what it wraps (idempotence).
+ORIGINAL: Final = "_cancellable_original"
+
+
+def original_of(function: _F) -> _F:
+    """What ``function`` wraps if it is one of our wrappers, else ``function`` itself."""
+    original: _F | None = getattr(function, ORIGINAL, None)
+    return function if original is None else original
+
+
+def _wrapper(original: Callable[..., Any], wrapper: _F) -> _F:
+    setattr(wrapper, ORIGINAL, original)
+    wrapper.__doc__ = original.__doc__
+    return wrapper
+
+
+# --------------------------------------------------------------------------
+# celery.worker.state: the worker's module-level bookkeeping.
+
+
+def worker_requests() -> Mapping[str, Any]:
+    """The requests this worker holds, by task id: reserved and running.
+
+    ``celery.worker.state.requests``: a module-level dict that
+    ``task_reserved`` fills and ``task_ready`` empties (the consumer's main
+    thread writes it; copy before iterating from another thread).  Values
+    are ``celery.worker.request.Request`` objects.  Undocumented; same in
+    5.3 to 5.7.
+    """
+    requests: Mapping[str, Any] = _worker_state.requests
+    return requests
+
+
+def active_request_ids() -> set[str]:
+    """Ids of the requests this worker has handed to its pool (started).
+
+    ``celery.worker.state.active_requests``: a module-level set of
+    ``Request`` objects, added by ``task_accepted``.  Undocumented; same in
+    5.3 to 5.7.
+    """
+    return {request.id for request in list(_worker_state.active_requests)}
+
+
+def is_revoked_id(task_id: str) -> bool:
+    """Is ``task_id`` in this worker's revoked set?
+
+    ``celery.worker.state.revoked``: a module-level ``LimitedSet`` (bounded
+    by ``CELERY_WORKER_REVOKES_MAX``, default 50,000, and expiring) that
+    the revoke command fills and ``Request.revoked()`` reads.
+    Undocumented; same in 5.3 to 5.7.
+    """
+    return task_id in _worker_state.revoked
+
+
+def add_revoked_id(task_id: str) -> None:
+    """Put ``task_id`` in this worker's revoked set (see `is_revoked_id`).
+
+    ``Request.revoked()`` then discards the request (stores REVOKED,
+    acknowledges, sends ``task_revoked``).
+    """
+    _worker_state.revoked.add(task_id)
+
+
+# --------------------------------------------------------------------------
+# celery.worker.request.Request: the worker's view of one task message.
+
+
+def _request_class() -> Any:
+    from celery.worker.request import Request
+
+    return Request
+
+
+def request_worker_pid(request: Any) -> int | None:
+    """The pid of the pool child running ``request`` (None: not started, or no child).
+
+    ``Request.worker_pid``: a class attribute ``None``, set by
+    ``on_accepted(pid, ...)`` when the pool reports the job accepted.  For
+    the prefork pool it is the child's pid; the threads and solo pools
+    report this process's pid.  Undocumented; same in 5.3 to 5.7.
+    """
+    pid = getattr(request, "worker_pid", None)
+    return pid if isinstance(pid, int) and pid else None
+
+
+def request_embed(request: Any) -> tuple[Any, Any, Any] | None:
+    """``(callbacks, chain, chord)`` a worker ``Request`` carries; None for anything else.
+
+    ``Request._payload``: a private property, the decoded body of a
+    protocol-2 task message, ``(args, kwargs, embed)``, where ``embed`` is a
+    dict with ``callbacks``, ``errbacks``, ``chain`` (the rest of a chain,
+    last task first) and ``chord`` (signature dicts).  A task ``Context``
+    (in the task's own process) has no ``_payload``: read its ``callbacks``,
+    ``chain`` and ``chord`` attributes instead.  Same in 5.3 to 5.7.
+    """
+    if getattr(type(request), "_payload", None) is None:
+        return None
+    try:
+        _args, _kwargs, embed = request._payload
+    except (TypeError, ValueError):
+        embed = None
+    embed = embed if isinstance(embed, dict) else {}
+    return embed.get("callbacks"), embed.get("chain"), embed.get("chord")
+
+
+def request_context(request: Any) -> Any:
+    """The task ``Context`` Celery hands the result backend for ``request``.
+
+    ``Request._context``: a private cached property (one object per
+    request).  ``backend.mark_as_revoked(..., request=context)`` reports to
+    the task's chord only when ``context.chord`` is set, so clearing it
+    around ``_announce_revoked`` keeps a discarded member out of its
+    chord's count.  Same in 5.3 to 5.7.
+    """
+    return request._context
+
+
+def request_already_revoked(request: Any) -> bool:
+    """Has Celery already announced ``request`` as revoked?
+
+    ``Request._already_revoked``: private; a class attribute ``False`` that
+    ``_announce_revoked`` sets, and that makes ``revoked()`` return True and
+    the pool's later report of a terminated job a no-op.  Same in 5.3 to 5.7.
+    """
+    return bool(getattr(request, "_already_revoked", False))
+
+
+def announce_revoked(
+    request: Any, reason: str, terminated: bool, signum: int | None, expired: bool
+) -> None:
+    """Have Celery end ``request`` as revoked, as its own discard or terminate does.
+
+    ``Request._announce_revoked(reason, terminated, signum, expired)``:
+    private.  It calls ``task_ready``, sends the ``task-revoked`` event,
+    stores REVOKED with ``reason`` (``backend.mark_as_revoked``, which also
+    reports to the task's chord), acknowledges the message, sets
+    ``_already_revoked`` and sends the ``task_revoked`` signal.  Same
+    signature and effects in 5.3 to 5.7.
+    """
+    request._announce_revoked(reason, terminated, signum, expired)
+
+
+def wrap_request_revoked(make: Callable[[Callable[[Any], bool]], Callable[[Any], bool]]) -> bool:
+    """Replace ``Request.revoked`` with ``make(original)``; False if already wrapped.
+
+    Celery calls ``request.revoked()`` in ``Request.execute_using_pool``
+    (also in the per-task subclass ``create_request_cls`` builds, which
+    inherits the method), ``Request.execute`` and, on receipt, in the
+    default strategy when the request expires or its id is in the revoked
+    set.  A True result means "discarded": the original has announced it
+    (REVOKED stored, acknowledged) when it returns True for a revoked id.
+    Patching the base class reaches every request class Celery builds
+    unless a task sets its own ``Request`` class that overrides
+    ``revoked``.  Same in 5.3 to 5.7.
+    """
+    request_cls = _request_class()
+    original = request_cls.revoked
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    request_cls.revoked = _wrapper(original, make(original))
+    return True
+
+
+def wrap_request_announce_revoked(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``Request._announce_revoked`` with ``make(original)``; False if already wrapped.
+
+    Every way Celery ends a request as revoked goes through it: the
+    discard in ``revoked()`` (``reason="revoked"`` or ``"expired"``) and
+    ``terminate()`` / the pool's Terminated report (``"terminated"``,
+    ``terminated=True``).  Signature ``(self, reason, terminated, signum,
+    expired)``; see `announce_revoked`.  Same in 5.3 to 5.7.
+    """
+    request_cls = _request_class()
+    original = request_cls._announce_revoked
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    request_cls._announce_revoked = _wrapper(original, make(original))
+    return True
+
+
+# --------------------------------------------------------------------------
+# Remote control: the worker's command registry and the client's revoke.
+
+#: A remote-control handler: ``handler(state, **arguments)``.
+ControlHandler = Callable[..., Any]
+
+
+def wrap_revoke_command(make: Callable[[ControlHandler], ControlHandler]) -> bool:
+    """Replace the worker's ``revoke`` command with ``make(original)``; False if already so.
+
+    ``celery.worker.control.Panel.data``: the class-level dict the worker's
+    pidbox dispatches remote-control commands from, by name.  The handler
+    is called as ``handler(state, task_id, terminate=False, signal=None,
+    **kwargs)``, where ``state`` has ``.app`` and ``.consumer`` and
+    ``kwargs`` are the broadcast's other ``arguments``, passed through
+    unchanged (so ``cancel()`` can send ``cancellable=...``).  The handler's
+    return value is the reply.  Undocumented.  Celery 5.6.3 and later's
+    handler also stores REVOKED in the backend for every id (5.3 to 5.6.2:
+    only the revoked set and, with ``terminate``, the kill).
+    """
+    from celery.worker.control import Panel
+
+    original = Panel.data.get("revoke")
+    if original is None or getattr(original, ORIGINAL, None) is not None:
+        return False
+    Panel.data["revoke"] = _wrapper(original, make(original))
+    return True
+
+
+def register_inspect_command(handler: ControlHandler, name: str) -> bool:
+    """Register a read-only remote-control command; False if ``name`` is taken.
+
+    ``Panel.register(fun, name=..., type="inspect")``: what the documented
+    ``@inspect_command(name=...)`` decorator does ("Writing your own remote
+    control commands"); callers reach it with
+    ``app.control.broadcast(name, reply=True, arguments=...)``.  Same in 5.3
+    to 5.7.
+    """
+    from celery.worker.control import Panel
+
+    if name in Panel.data:
+        return False
+    Panel.register(handler, name=name, type="inspect")
+    return True
+
+
+def wrap_control_revoke(make: Callable[[ControlHandler], ControlHandler]) -> bool:
+    """Replace ``celery.app.control.Control.revoke`` with ``make(original)``; False if so.
+
+    ``Control.revoke(self, task_id, destination=None, terminate=False,
+    signal="SIGTERM", **kwargs)`` is public, but wrapping it relies on the
+    undocumented fact that ``AsyncResult.revoke()``, ``GroupResult.revoke()``
+    and ``app.control.revoke()`` all end in it (the CLI's ``celery control
+    revoke`` and Flower broadcast ``revoke`` themselves and do not).  Same
+    in 5.3 to 5.7.
+    """
+    from celery.app.control import Control
+
+    original = Control.revoke
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    Control.revoke = _wrapper(original, make(original))
+    return True
+
+
+def task_ids(value: Any) -> list[str]:
+    """The task ids a revoke names: one id or a list of them, as strings.
+
+    ``celery.utils.functional.maybe_list``, the helper Celery's revoke
+    command and ``Control.revoke`` use on their ``task_id`` argument.
+    Undocumented; same in 5.3 to 5.7.
+    """
+    return [str(task_id) for task_id in (_maybe_list(value) or []) if task_id]
+
+
+# --------------------------------------------------------------------------
+# The task side (in the process that runs the task).
+
+
+def current_task() -> Any | None:
+    """The task whose body runs in this thread, or None.
+
+    ``celery._state.get_current_task()``: the top of Celery's task stack,
+    which ``Task.__call__`` (and so ``celery.app.trace``) pushes around the
+    body, with ``task.request`` the task's ``Context`` (``id``,
+    ``called_directly``, ``is_eager``, ``group``, ``root_id``).  The public
+    ``celery.current_task`` is a proxy to the same call, one lookup
+    slower.  Private module; same in 5.3 to 5.7.
+    """
+    return get_current_task()
+
+
+# --------------------------------------------------------------------------
+# The worker object (the sender of worker_init) and its pool.
+
+
+def worker_pool_kind(worker: Any) -> str:
+    """``"prefork"``, ``"threads"``, ``"solo"``, ``"gevent"``, ``"eventlet"`` or ``""``.
+
+    ``WorkController.pool_cls``: by ``worker_init`` it is the pool class
+    (``celery.concurrency.<kind>.TaskPool``), earlier a name; we read the
+    kind from its module.  Undocumented; same in 5.3 to 5.7.
+    """
+    pool = getattr(worker, "pool_cls", None)
+    name = str(pool if isinstance(pool, str) else getattr(pool, "__module__", ""))
+    for kind in ("prefork", "threads", "solo", "gevent", "eventlet"):
+        if kind in name or (kind == "threads" and "thread" in name):
+            return kind
+    return ""
+
+
+def worker_concurrency(worker: Any) -> int | None:
+    """How many tasks the worker's pool runs at once (None: not known yet).
+
+    ``WorkController.concurrency``: an int by ``worker_init`` (the
+    ``--concurrency`` option, ``worker_concurrency``, or the CPU count).
+    Undocumented attribute; same in 5.3 to 5.7.
+    """
+    concurrency = getattr(worker, "concurrency", None)
+    return concurrency if isinstance(concurrency, int) and concurrency > 0 else None
+
+
+def worker_pool_start_method(worker: Any) -> str:
+    """How the prefork pool starts its children: ``"fork"`` or ``"spawn"``.
+
+    ``WorkController.pool_start_method`` (the ``worker_pool_start_method``
+    setting) exists from Celery 5.7 on; before, children are always forked
+    and this returns ``"fork"``.
+    """
+    method = getattr(worker, "pool_start_method", None)
+    return method if isinstance(method, str) and method else "fork"
+
+
+def worker_hub(worker: Any) -> Any | None:
+    """The worker's kombu event loop (``call_soon``, ``call_later``), or None.
+
+    ``WorkController.hub``: a ``kombu.asynchronous.Hub`` for pools that use
+    the event loop (prefork on Redis and RabbitMQ), else None.  Its
+    ``call_soon(callback, *args)`` runs the callback on the loop's thread,
+    unguarded (an exception stops the loop).  Undocumented; same in 5.3 to 5.7.
+    """
+    return getattr(worker, "hub", None)
+
+
+def pool_process(task_pool: Any, pid: int) -> Any | None:
+    """The billiard process object of the prefork child ``pid``, or None.
+
+    ``task_pool`` is the worker's ``WorkController.pool`` (Celery's prefork
+    ``TaskPool``).  ``task_pool._pool._process_by_pid(pid)``: private on
+    both sides (``TaskPool._pool`` is billiard's ``Pool``, Celery's
+    ``AsynPool`` in a worker, once the pool has started), returning
+    ``(process, index)`` or ``(None, None)``.  billiard 4.1 to 4.3.
+    """
+    finder = getattr(getattr(task_pool, "_pool", None), "_process_by_pid", None)
+    if finder is None:
+        return None
+    process, _index = finder(pid)
+    return process
+
+
+def mark_process_terminated(process: Any) -> None:
+    """Mark a billiard child as terminated on purpose, before it is killed.
+
+    What billiard's own ``Pool.terminate_job`` sets after its kill:
+    ``_controlled_termination`` (no "exited with" error log) and
+    ``_job_terminated`` (its job ends with ``Terminated``, which Celery
+    turns into REVOKED and acknowledged, instead of ``WorkerLostError``).
+    Private; billiard 4.1 to 4.3.
+    """
+    process._controlled_termination = True
+    process._job_terminated = True
+
+
+def pool_maintainer(task_pool: Any) -> Callable[[], None] | None:
+    """billiard's ``Pool.maintain_pool`` of a prefork ``TaskPool`` (replaces dead children).
+
+    Public in billiard but reached through Celery's private
+    ``TaskPool._pool``; the pool calls it itself on a timer (every 5 s in
+    Celery's event loop).  billiard 4.1 to 4.3.
+    """
+    pool = getattr(task_pool, "_pool", None)
+    maintain: Callable[[], None] | None = getattr(pool, "maintain_pool", None)
+    return maintain
+
+
+def process_index() -> int | None:
+    """This prefork child's index in its pool (0 to concurrency-1), or None.
+
+    ``billiard.process.current_process().index``, set by billiard's pool
+    on each worker process it creates; a replacement child gets the index
+    of the one it replaces.  Undocumented; billiard 4.1 to 4.3.
+    """
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", None)
+    return index if isinstance(index, int) else None
+
+
+#: Signal numbers billiard installs or resets handlers for in pool children
+#: (``billiard.common.TERMSIGS_FULL``, names; private).  A wake-up signal
+#: must be none of them.  billiard 4.1 to 4.3.
+BILLIARD_TERMSIGS: Final = frozenset(
+    number
+    for number in (getattr(signal_module, name, None) for name in _BILLIARD_TERMSIGS_FULL)
+    if isinstance(number, int)
+)
+
+
+# --------------------------------------------------------------------------
+# Result backends, the broker connection, redis-py.
+
+
+def redis_backend_client(backend: Any) -> Any | None:
+    """The redis-py client of a Redis (or Sentinel) result backend, or None.
+
+    ``RedisBackend.client``: a cached property (one ``redis.Redis`` per
+    backend, on the backend's connection pool).  Undocumented; same in 5.3
+    to 5.7.
+    """
+    if type(backend).__name__ not in ("RedisBackend", "SentinelBackend"):
+        return None
+    return getattr(backend, "client", None)
+
+
+def filesystem_backend_path(backend: Any) -> str | None:
+    """The directory of a filesystem result backend (``file://...``), or None.
+
+    ``FilesystemBackend.path``: bytes (the URL's path, encoded).
+    Undocumented; same in 5.3 to 5.7.
+    """
+    if type(backend).__name__ != "FilesystemBackend":
+        return None
+    path = backend.path
+    return path.decode() if isinstance(path, bytes) else str(path)
+
+
+def redis_broker_client(connection: Any) -> Any | None:
+    """The redis-py client behind a kombu connection to Redis, or None for other brokers.
+
+    ``Connection.default_channel.client``: the Redis transport's
+    ``Channel.client`` (a ``redis.Redis`` on the channel's pool).  Opening
+    the default channel connects.  Undocumented; kombu 5.3 to 5.7.
+    """
+    client = getattr(connection.default_channel, "client", None)
+    return client if callable(getattr(client, "ping", None)) else None
+
+
+def ping_redis_once(client: Any, timeout: float) -> None:
+    """One ``PING`` on ``client``'s pool, waiting at most ``timeout`` s, never retried.
+
+    ``client.ping()`` would follow the client's retry policy (back-off on
+    connection errors).  So we take a connection from the pool and set its
+    timeouts ourselves: ``ConnectionPool.get_connection()`` (redis-py 5.3
+    and later; earlier versions want a command name), the connection's
+    ``socket_timeout`` / ``socket_connect_timeout`` and private ``_sock``,
+    ``send_command`` / ``read_response``, ``disconnect`` and
+    ``pool.release``.  redis-py 4.5 to 8.
+    """
+    pool = client.connection_pool
+    try:
+        connection = pool.get_connection()
+    except TypeError:  # redis-py < 5.3 wants a command name
+        connection = pool.get_connection("PING")
+    try:
+        connection.socket_timeout = timeout
+        connection.socket_connect_timeout = timeout
+        if connection._sock is not None:
+            connection._sock.settimeout(timeout)
+        connection.send_command("PING")
+        connection.read_response()
+    except Exception:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)

@@ -1,0 +1,780 @@
+"""Contract tests: what `cancellable.celery._celery_internals` relies on still holds.
+
+One test (or a few) per entry of the boundary module, against the installed
+Celery, kombu, billiard and redis-py, with real objects: a real app, real
+task messages published to and fetched back from Redis (DB 12) turned into
+``celery.worker.request.Request`` objects, an embedded worker
+(``start_worker``, threads pool) for the remote-control path, a real
+prefork ``TaskPool`` (in a fresh interpreter) for billiard's internals.
+Each docstring names the touchpoint and what breaks in cancellable if the
+test fails.  The nox sessions run this file on every Celery minor the
+package claims.
+
+Where cancellable has already wrapped a Celery method in this process (it
+activates when Celery is imported), a test reaches Celery's own function
+with `original_of`, so it checks Celery, not our wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery, chain, signals
+from celery.app.control import Control
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.contrib.testing.worker import start_worker
+from celery.exceptions import Ignore, TaskRevokedError
+from celery.result import AsyncResult, GroupResult
+from celery.worker import state as worker_state
+from celery.worker.control import Panel
+from celery.worker.request import Request, create_request_cls
+from kombu import Connection, Exchange, Queue
+from kombu.exceptions import OperationalError
+from tests import redis_dbs
+from tests.helpers import run_python
+
+from cancellable.celery import _celery_internals as internals
+from cancellable.celery._celery_internals import original_of
+
+REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
+
+#: A loopback port nothing listens on (connection refused at once).
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+def _forget_worker_state() -> None:
+    worker_state.revoked.clear()
+    worker_state.requests.clear()
+    worker_state.reserved_requests.clear()
+    worker_state.active_requests.clear()
+
+
+@pytest.fixture(autouse=True)
+def _clean_worker_state() -> Iterator[None]:
+    """Each test starts and ends with Celery's worker bookkeeping empty."""
+    _forget_worker_state()
+    yield
+    _forget_worker_state()
+
+
+@pytest.fixture(name="app")
+def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
+    """An app on Redis DB 12 (broker and result backend) with one task."""
+    app = Celery(f"contract-{uuid.uuid4().hex[:8]}", broker=REDIS_URL, backend=REDIS_URL)
+    app.conf.broker_connection_retry_on_startup = True
+    app.conf.cancellable_ledger_url = "none"
+
+    @app.task(name="contract.job", shared=False)
+    def job() -> str:
+        return "ran"
+
+    @app.task(name="contract.whoami", shared=False)
+    def whoami() -> list[Any]:
+        task = internals.current_task()
+        if task is None:
+            return []
+        request = task.request
+        return [task.name, request.id, bool(request.called_directly), bool(request.is_eager)]
+
+    @app.task(name="contract.ignored", shared=False)
+    def ignored() -> None:
+        task = internals.current_task()
+        assert task is not None
+        task.backend.store_result(task.request.id, TaskRevokedError("ours"), "REVOKED")
+        raise Ignore()
+
+    yield app
+    app.close()
+
+
+class Messages:
+    """Task messages sent to a private queue on Redis and fetched back as the
+    worker's consumer receives them, turned into real ``Request`` objects."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        name = f"contract-q-{uuid.uuid4().hex[:8]}"
+        self.queue = Queue(name, Exchange(name), name)
+        self.conn = Connection(REDIS_URL)
+        self.queue(self.conn.default_channel).declare()
+
+    def fetch(self) -> Any:
+        """The next message on the queue (fails after 5 s)."""
+        bound = self.queue(self.conn.default_channel)
+        deadline = time.monotonic() + 5
+        message = bound.get(no_ack=False)
+        while message is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            message = bound.get(no_ack=False)
+        assert message is not None, "the task message did not arrive"
+        return message
+
+    def request(self, task_id: str | None = None, **options: Any) -> Request:
+        """Send ``contract.job`` with ``options`` and build the Request the consumer would."""
+        task_id = task_id or str(uuid.uuid4())
+        self.app.tasks["contract.job"].apply_async(
+            task_id=task_id, queue=self.queue.name, **options
+        )
+        return self.as_request(self.fetch())
+
+    def as_request(self, message: Any) -> Request:
+        """The worker's ``Request`` for a fetched message."""
+        return Request(
+            message,
+            on_ack=message.ack_log_error,
+            on_reject=message.reject_log_error,
+            app=self.app,
+            task=self.app.tasks[message.headers["task"]],
+        )
+
+    def close(self) -> None:
+        """Drop the connection."""
+        self.conn.close()
+
+
+@pytest.fixture(name="messages")
+def messages_fixture(app: Celery) -> Iterator[Messages]:
+    """Real task messages for ``app``."""
+    messages = Messages(app)
+    yield messages
+    messages.close()
+
+
+@pytest.fixture(name="celery_revoked")
+def celery_revoked_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Request.revoked`` and ``_announce_revoked`` as Celery defines them, for one test."""
+    monkeypatch.setattr(Request, "revoked", original_of(Request.revoked))
+    monkeypatch.setattr(Request, "_announce_revoked", original_of(Request._announce_revoked))
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+
+# --------------------------------------------------------------------------
+# celery.worker.state
+
+
+class TestWorkerState:
+    """``celery.worker.state``: the module-level bookkeeping we read."""
+
+    def test_worker_requests_holds_reserved_requests_until_ready(self, messages: Messages) -> None:
+        """``worker_requests()`` (``worker_state.requests``) names a request from
+        ``task_reserved`` until ``task_ready``.  If not, delivery and the ladder
+        cannot find the tasks a worker holds, and cancellations reach nothing."""
+        request = messages.request()
+
+        worker_state.task_reserved(request)
+        held = dict(internals.worker_requests())
+        worker_state.task_ready(request)
+
+        assert {request.id: request} == held
+        assert request.id not in internals.worker_requests()
+
+    def test_active_request_ids_names_accepted_requests(self, messages: Messages) -> None:
+        """``active_request_ids()`` (``worker_state.active_requests``) holds a request
+        once the pool accepted it, not while only reserved.  If not,
+        ``celery cancel --workflow`` reports running members as reserved."""
+        request = messages.request()
+        worker_state.task_reserved(request)
+        reserved_only = internals.active_request_ids()
+
+        request.on_accepted(pid=os.getpid(), time_accepted=time.monotonic())
+
+        assert set() == reserved_only
+        assert {request.id} == internals.active_request_ids()
+
+    @pytest.mark.usefixtures("celery_revoked")
+    def test_an_id_added_to_the_revoked_set_makes_celery_discard_the_request(
+        self, app: Celery, messages: Messages
+    ) -> None:
+        """``add_revoked_id`` / ``is_revoked_id`` (``worker_state.revoked``): Celery's
+        own ``Request.revoked()`` discards a request whose id is in the set, storing
+        REVOKED and acknowledging it.  If not, tasks cancelled before they start run."""
+        request = messages.request()
+        before = internals.is_revoked_id(request.id)
+
+        internals.add_revoked_id(request.id)
+        discarded = request.revoked()
+
+        assert (False, True, True) == (before, internals.is_revoked_id(request.id), discarded)
+        assert "REVOKED" == app.AsyncResult(request.id).state
+        assert request.acknowledged
+        assert internals.request_already_revoked(request)
+
+
+# --------------------------------------------------------------------------
+# celery.worker.request.Request
+
+
+class TestRequest:
+    """Private parts of the worker's ``Request`` we read or call."""
+
+    def test_worker_pid_is_set_when_the_pool_accepts_the_request(self, messages: Messages) -> None:
+        """``request_worker_pid`` (``Request.worker_pid``) is None until ``on_accepted``
+        gives the pool child's pid.  If not, the ladder never signals or kills the
+        child running a task, and delivery never wakes it."""
+        request = messages.request()
+        before = internals.request_worker_pid(request)
+
+        request.on_accepted(pid=4242, time_accepted=time.monotonic())
+
+        assert (None, 4242) == (before, internals.request_worker_pid(request))
+
+    def test_targets_attributes_of_a_request(self, messages: Messages) -> None:
+        """A Request has ``id``, ``group``, ``root_id``, ``parent_id`` and ``type``
+        as a task's ``Context`` has them.  If not, group and workflow targets match
+        nothing in the worker's main process (``_index.request_targets``)."""
+        task_id, group_id, root_id, parent_id = (str(uuid.uuid4()) for _ in range(4))
+
+        request = messages.request(task_id, group_id=group_id, root_id=root_id, parent_id=parent_id)
+
+        assert (task_id, group_id, root_id, parent_id, "contract.job") == (
+            request.id,
+            request.group,
+            request.root_id,
+            request.parent_id,
+            request.type,
+        )
+
+    def test_request_embed_reads_the_rest_of_a_chain_and_links(
+        self, app: Celery, messages: Messages
+    ) -> None:
+        """``request_embed`` (``Request._payload``): the first task of a chain
+        carries the rest of it (last task first) and its links as signature dicts
+        with their task ids.  If not, ``cancel(..., workflow=True)`` cannot reach a
+        chain's running first task, and the unsent rest is not marked REVOKED."""
+        job = app.tasks["contract.job"]
+        first, second, third, linked = (str(uuid.uuid4()) for _ in range(4))
+        workflow = chain(
+            job.si().set(task_id=first, queue=messages.queue.name),
+            job.si().set(task_id=second),
+            job.si().set(task_id=third),
+        )
+        workflow.tasks[0].link(job.si().set(task_id=linked))
+
+        workflow.apply_async()
+        request = messages.as_request(messages.fetch())
+        embed = internals.request_embed(request)
+
+        assert embed is not None
+        callbacks, rest, chord = embed
+        assert first == request.id
+        assert [third, second] == [sig["options"]["task_id"] for sig in rest]
+        assert [linked] == [sig["options"]["task_id"] for sig in callbacks]
+        assert chord is None
+        assert internals.request_embed(request._context) is None
+
+    @pytest.mark.usefixtures("celery_revoked")
+    def test_announce_revoked_stores_acks_and_signals(
+        self, app: Celery, messages: Messages
+    ) -> None:
+        """``announce_revoked`` (``Request._announce_revoked``) takes the request
+        out of ``worker_state``, stores REVOKED with the given reason, acknowledges,
+        marks it announced and sends ``task_revoked``.  If not, a terminated task's
+        reason is lost, its message stays unacknowledged, or the pool's later
+        Terminated report announces it a second time."""
+        request = messages.request()
+        worker_state.task_reserved(request)
+        heard: list[tuple[Any, bool]] = []
+
+        def on_revoked(request: Any = None, terminated: bool = False, **_: Any) -> None:
+            heard.append((request.id, terminated))
+
+        signals.task_revoked.connect(on_revoked, weak=False)
+        try:
+            internals.announce_revoked(request, "stopped by contract", True, 9, False)
+        finally:
+            signals.task_revoked.disconnect(on_revoked)
+
+        result = app.AsyncResult(request.id)
+        assert "REVOKED" == result.state
+        assert "stopped by contract" in str(result.result)
+        assert request.acknowledged
+        assert internals.request_already_revoked(request)
+        assert [(request.id, True)] == heard
+        assert request.id not in internals.worker_requests()
+
+    @pytest.mark.usefixtures("celery_revoked")
+    def test_clearing_the_context_chord_keeps_the_member_out_of_its_chord(
+        self, app: Celery, messages: Messages, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``request_context`` (``Request._context``) is one object per request, and
+        ``_announce_revoked`` reports to the chord (``on_chord_part_return``) only
+        while its ``chord`` is set.  If not, a discarded member counts toward its
+        chord and the body may run, or fail with a ChordError, after a cancel."""
+        backend = app.backend
+        reported: list[str] = []
+        monkeypatch.setattr(
+            backend, "on_chord_part_return", lambda request, *a, **k: reported.append(request.id)
+        )
+        body = app.tasks["contract.job"].si().set(task_id=str(uuid.uuid4()))
+        kept = messages.request(chord=body)
+        cleared = messages.request(chord=body)
+
+        internals.announce_revoked(kept, "revoked", False, None, False)
+        context = internals.request_context(cleared)
+        assert context is internals.request_context(cleared)
+        assert context.chord is not None
+        context.chord = None
+        internals.announce_revoked(cleared, "revoked", False, None, False)
+
+        assert [kept.id] == reported
+
+    def test_wrapped_revoked_is_asked_before_the_pool(
+        self, app: Celery, messages: Messages, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_request_revoked``: Celery asks ``revoked()`` in
+        ``execute_using_pool``, also in the per-task subclass
+        ``create_request_cls`` builds, and a True answer keeps the request from the
+        pool.  If not, a task cancelled while queued starts anyway."""
+        monkeypatch.setattr(Request, "revoked", original_of(Request.revoked))
+        asked: list[str] = []
+
+        def make(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
+            def revoked(self: Any) -> bool:
+                asked.append(self.id)
+                return True
+
+            return revoked
+
+        wrapped = internals.wrap_request_revoked(make)
+        again = internals.wrap_request_revoked(make)
+        request = messages.request()
+        subclass = create_request_cls(
+            Request, app.tasks["contract.job"], SoloPool(), "h", None, app=app
+        )
+        per_task = subclass(request._message, app=app, task=app.tasks["contract.job"])
+
+        with pytest.raises(TaskRevokedError):
+            request.execute_using_pool(pool=None)
+        with pytest.raises(TaskRevokedError):
+            per_task.execute_using_pool(pool=None)
+
+        assert (True, False) == (wrapped, again)
+        assert [request.id, request.id] == asked
+
+    def test_wrapped_announce_revoked_receives_every_discard(
+        self, messages: Messages, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_request_announce_revoked``: Celery's own ``revoked()`` ends a
+        discarded request through ``_announce_revoked(reason, terminated, signum,
+        expired)``.  If not, a task discarded for a cancellation stores a bare
+        "revoked" instead of its reason, and its chord and unsent parts are not handled."""
+        monkeypatch.setattr(Request, "revoked", original_of(Request.revoked))
+        monkeypatch.setattr(Request, "_announce_revoked", original_of(Request._announce_revoked))
+        calls: list[tuple[Any, ...]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def announce(
+                self: Any, reason: str, terminated: bool, signum: Any, expired: bool
+            ) -> Any:
+                calls.append((self.id, reason, terminated, signum, expired))
+                return original(self, reason, terminated, signum, expired)
+
+            return announce
+
+        assert internals.wrap_request_announce_revoked(make)
+        request = messages.request()
+        internals.add_revoked_id(request.id)
+
+        assert request.revoked()
+        assert [(request.id, "revoked", False, None, False)] == calls
+
+
+# --------------------------------------------------------------------------
+# Remote control
+
+
+@pytest.fixture(name="worker")
+def worker_fixture(app: Celery) -> Iterator[Any]:
+    """An embedded threads-pool worker for ``app`` on Redis DB 12."""
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False) as worker:
+        yield worker
+
+
+class TestRemoteControl:
+    """The worker's control-command registry and the client's revoke."""
+
+    def test_wrapped_revoke_command_gets_extra_arguments_and_state(
+        self, app: Celery, worker: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_revoke_command`` (``Panel.data["revoke"]``): a ``revoke``
+        broadcast reaches the wrapper as ``(state, task_id, terminate, signal,
+        **kwargs)`` with the broadcast's extra arguments passed through and
+        ``state.app`` the worker's app, and Celery's handler still fills the
+        revoked set.  If not, ``cancel()``'s reason, grace and workflow targets
+        never reach a worker, and plain revokes are not intercepted."""
+        monkeypatch.setitem(Panel.data, "revoke", original_of(Panel.data["revoke"]))
+        seen: list[tuple[Any, Any, dict[str, Any]]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def revoke(state: Any, task_id: Any, **kwargs: Any) -> Any:
+                seen.append((state.app, task_id, kwargs))
+                return original(state, task_id, **kwargs)
+
+            return revoke
+
+        assert internals.wrap_revoke_command(make)
+        assert not internals.wrap_revoke_command(make)
+        task_id = str(uuid.uuid4())
+
+        replies = app.control.broadcast(
+            "revoke",
+            arguments={"task_id": [task_id], "terminate": False, "signal": "SIGTERM", "extra": 7},
+            reply=True,
+            timeout=5,
+            limit=1,
+        )
+
+        assert 1 == len(replies)
+        assert 1 == len(seen)
+        state_app, ids, kwargs = seen[0]
+        assert state_app is app
+        assert [task_id] == internals.task_ids(ids)
+        assert (False, "SIGTERM", 7) == (kwargs["terminate"], kwargs["signal"], kwargs["extra"])
+        assert internals.is_revoked_id(task_id)
+
+    def test_registered_inspect_command_answers_a_broadcast(self, app: Celery, worker: Any) -> None:
+        """``register_inspect_command`` (``Panel.register(type="inspect")``): the
+        command answers ``app.control.broadcast(name, reply=True, arguments=...)``
+        with what it returns.  If not, ``celery cancel --workflow`` cannot ask
+        workers which workflow members they hold."""
+        name = f"contract_probe_{uuid.uuid4().hex[:8]}"
+
+        def probe(state: Any, targets: Any = None, **kwargs: Any) -> dict[str, Any]:
+            return {"targets": targets}
+
+        try:
+            registered = internals.register_inspect_command(probe, name)
+            again = internals.register_inspect_command(probe, name)
+            replies = app.control.broadcast(
+                name, arguments={"targets": [["root", "r1"]]}, reply=True, timeout=5, limit=1
+            )
+        finally:
+            # The worker's pidbox holds Panel.data itself: take ours out again.
+            Panel.data.pop(name, None)
+            Panel.meta.pop(name, None)
+
+        assert (True, False) == (registered, again)
+        assert [{"targets": [["root", "r1"]]}] == [
+            answer for reply in replies for answer in reply.values()
+        ]
+
+    def test_every_client_revoke_ends_in_control_revoke(
+        self, app: Celery, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_control_revoke`` (``Control.revoke``): ``AsyncResult.revoke()``,
+        ``GroupResult.revoke()`` and ``app.control.revoke()`` all call it, with
+        ``destination`` and ``terminate`` as keywords.  If not, a plain revoke sent
+        while no worker is online is not recorded in the ledger and is lost."""
+        monkeypatch.setattr(Control, "revoke", original_of(Control.revoke))
+        calls: list[tuple[list[str], Any, bool]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def revoke(
+                self: Any,
+                task_id: Any,
+                destination: Any = None,
+                terminate: bool = False,
+                signal: Any = "SIGTERM",
+                **kwargs: Any,
+            ) -> None:
+                calls.append((internals.task_ids(task_id), destination, terminate))
+
+            return revoke
+
+        assert internals.wrap_control_revoke(make)
+        assert not internals.wrap_control_revoke(make)
+        one, two, three = (str(uuid.uuid4()) for _ in range(3))
+
+        AsyncResult(one, app=app).revoke()
+        GroupResult(str(uuid.uuid4()), [AsyncResult(two, app=app)], app=app).revoke()
+        app.control.revoke(three, terminate=True)
+
+        assert [([one], None, False), ([two], None, False), ([three], None, True)] == calls
+
+    def test_task_ids_reads_one_id_or_a_list(self) -> None:
+        """``task_ids`` (``celery.utils.functional.maybe_list``): one id or a list
+        of ids, as the revoke command receives them.  If not, a revoke of one id
+        is read as a list of its characters."""
+        assert (["a"], ["a", "b"], []) == (
+            internals.task_ids("a"),
+            internals.task_ids(["a", "b"]),
+            internals.task_ids(None),
+        )
+
+
+# --------------------------------------------------------------------------
+# The task side and the worker object
+
+
+class TestTaskSide:
+    """What the task boundary reads inside Celery's tracer."""
+
+    def test_current_task_in_an_eager_and_a_direct_call(self, app: Celery) -> None:
+        """``current_task`` (``celery._state.get_current_task``): in a task's body it
+        is the task, with ``request.id`` and ``is_eager``; a direct call has
+        ``called_directly``.  If not, ``@cancellable`` tasks run without a
+        cancel scope bound to their id, and nothing can cancel them."""
+        whoami = app.tasks["contract.whoami"]
+        task_id = str(uuid.uuid4())
+
+        eager = whoami.apply(task_id=task_id).get()
+        direct = whoami()
+
+        assert ["contract.whoami", task_id, False, True] == eager
+        assert "contract.whoami" == direct[0]
+        assert direct[2]
+        assert internals.current_task() is None
+
+    def test_current_task_and_ignore_in_a_worker(self, app: Celery, worker: Any) -> None:
+        """In a worker's pool the body sees its task (not eager, not called
+        directly), and a body that stores REVOKED itself and raises ``Ignore``
+        keeps that state (``celery.app.trace``).  If not, a cancelled task's
+        REVOKED state with its reason is overwritten."""
+        task_id = str(uuid.uuid4())
+
+        seen = app.tasks["contract.whoami"].apply_async(task_id=task_id).get(timeout=10)
+        ignored = app.tasks["contract.ignored"].apply_async()
+        state = _wait_for(lambda: ignored.state if ignored.state != "PENDING" else None)
+        time.sleep(0.3)  # a late overwrite would land here
+
+        assert ["contract.whoami", task_id, False, False] == seen
+        assert "REVOKED" == state == ignored.state
+        assert "ours" in str(ignored.result)
+
+    def test_worker_init_sender_names_its_pool_and_hub(self, app: Celery) -> None:
+        """``worker_pool_kind`` (``WorkController.pool_cls``), ``worker_hub``
+        (``.hub``), ``worker_concurrency`` (``.concurrency``) and
+        ``worker_pool_start_method`` (``.pool_start_method``, Celery 5.7+) on the
+        ``worker_init`` sender: the pool class's module names the pool, an
+        in-process pool has no event-loop hub, the concurrency is the one asked
+        for, children are forked.  If not, the ladder picks the wrong way to stop
+        a task, or the mailbox is sized wrong."""
+        kinds: list[tuple[str, Any, int | None, str]] = []
+
+        def on_init(sender: Any = None, **_: Any) -> None:
+            kinds.append(
+                (
+                    internals.worker_pool_kind(sender),
+                    internals.worker_hub(sender),
+                    internals.worker_concurrency(sender),
+                    internals.worker_pool_start_method(sender),
+                )
+            )
+
+        signals.worker_init.connect(on_init, weak=False)
+        try:
+            with start_worker(app, pool="threads", concurrency=3, perform_ping_check=False):
+                pass
+            with start_worker(app, pool="solo", perform_ping_check=False):
+                pass
+        finally:
+            signals.worker_init.disconnect(on_init)
+
+        assert [("threads", None, 3, "fork"), ("solo", None, 1, "fork")] == kinds
+
+
+# --------------------------------------------------------------------------
+# billiard
+
+
+#: Runs in a fresh interpreter (`run_python`): Celery's prefork ``TaskPool``
+#: with one child, started as a worker starts it, forked from a process with
+#: no other threads (an embedded worker earlier in this test process leaves
+#: threads behind, and a fork while one of them holds a lock can hang the
+#: child: a hang here must fail, not stall the suite).
+PREFORK = """
+import os, signal, time
+from celery import Celery
+from celery.concurrency.prefork import TaskPool
+from cancellable.celery import _celery_internals as internals
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+def unwrap(error):
+    # billiard hands error callbacks an ExceptionInfo whose ``exception``
+    # wraps the real one (``.exc``).
+    error = getattr(error, "exception", error)
+    return getattr(error, "exc", error)
+
+def child_index():
+    return internals.process_index()
+
+app = Celery("contract-prefork")
+pool = TaskPool(limit=1, app=app, initargs=(app, "contract@test"))
+pool.start()
+try:
+    BODY
+finally:
+    pool.terminate()
+"""
+
+
+def _run_with_prefork(body: str) -> str:
+    """Run ``body`` (a block using ``pool``) in a fresh interpreter; its stdout."""
+    indented = textwrap.indent(textwrap.dedent(body), "    ").strip()
+    return run_python(PREFORK.replace("BODY", indented)).stdout.strip()
+
+
+class TestBilliard:
+    """billiard's pool internals the terminate step uses."""
+
+    def test_a_marked_child_killed_ends_its_job_terminated(self) -> None:
+        """``pool_process`` (``TaskPool._pool._process_by_pid``) finds the child
+        running a job, and ``mark_process_terminated`` (``_controlled_termination``,
+        ``_job_terminated``) makes the kill end the job with ``Terminated``, not
+        ``WorkerLostError``; ``pool_maintainer`` then keeps one live child.  If
+        not, a terminated task is reported as a lost worker (FAILURE, or
+        redelivered with ``acks_late``) instead of REVOKED."""
+        out = _run_with_prefork(
+            """
+            accepted, errors = [], []
+            pool.apply_async(
+                time.sleep,
+                args=(30,),
+                accept_callback=lambda pid, *_: accepted.append(pid),
+                error_callback=errors.append,
+            )
+            assert wait_for(lambda: accepted), "the job was not accepted"
+            pid = accepted[0]
+            proc = internals.pool_process(pool, pid)
+            print("found", proc is not None and proc.pid == pid)
+            print("unknown", internals.pool_process(pool, 1))
+            internals.mark_process_terminated(proc)
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: errors), "the job did not end"
+            print("ended", type(unwrap(errors[0])).__name__)
+            maintain = internals.pool_maintainer(pool)
+            maintain()
+            children = wait_for(lambda: [p for p in pool.info["processes"] if p and p != pid])
+            print("children", len(children))
+            """
+        )
+
+        assert ["found True", "unknown None", "ended Terminated", "children 1"] == (
+            out.splitlines()
+        )
+
+    def test_a_child_knows_its_index(self) -> None:
+        """``process_index`` (``current_process().index``): a pool child knows its
+        index (0 with one child).  If not, the child table gives children no row
+        and the terminate step never kills."""
+        out = _run_with_prefork(
+            """
+            results = []
+            pool.apply_async(child_index, callback=results.append)
+            print("index", wait_for(lambda: results))
+            """
+        )
+
+        assert "index [0]" == out
+
+    def test_billiard_resets_its_signals_and_leaves_sigurg(self) -> None:
+        """``BILLIARD_TERMSIGS`` (``billiard.common.TERMSIGS_FULL``): billiard's
+        ``reset_signals(full=True)``, what a pool child runs, resets exactly
+        handlers we must not use, and leaves ``SIGURG`` (our default wake-up
+        signal) alone.  If not, the wake-up handler is lost in pool children and
+        running tasks are never reached."""
+        done = run_python(
+            """
+            import signal
+            from billiard.common import reset_signals
+            from cancellable.celery._celery_internals import BILLIARD_TERMSIGS
+
+            def handler(*args):
+                pass
+
+            ours = [signal.SIGURG, *sorted(BILLIARD_TERMSIGS)]
+            for number in ours:
+                signal.signal(number, handler)
+            reset_signals(full=True)
+            kept = [number for number in ours if signal.getsignal(number) is handler]
+            print(kept == [signal.SIGURG], signal.SIGUSR1 in BILLIARD_TERMSIGS)
+            """
+        )
+
+        assert "True True" == done.stdout.strip()
+
+
+# --------------------------------------------------------------------------
+# Backends, the broker connection, redis-py
+
+
+class TestConnections:
+    """Result backends, kombu's Redis channel and redis-py's pool."""
+
+    def test_redis_backend_client_is_a_working_redis_client(self, app: Celery) -> None:
+        """``redis_backend_client`` (``RedisBackend.client``): the backend's
+        redis-py client, None for other backends.  If not, the ledger falls back
+        to no durability on a Redis result backend."""
+        client = internals.redis_backend_client(app.backend)
+        other = Celery("contract-cache", backend="cache+memory://")
+
+        assert client is not None
+        assert client.ping()
+        assert internals.redis_backend_client(other.backend) is None
+
+    def test_filesystem_backend_path(self, tmp_path: Any) -> None:
+        """``filesystem_backend_path`` (``FilesystemBackend.path``): the backend's
+        directory.  If not, the file ledger lands in the wrong place or fails."""
+        app = Celery("contract-fs", backend=f"file://{tmp_path}")
+
+        assert str(tmp_path) == internals.filesystem_backend_path(app.backend)
+
+    def test_redis_broker_client_and_one_ping(self, rdb: redis.Redis) -> None:
+        """``redis_broker_client`` (kombu Redis ``Channel.client``) gives the
+        broker's redis-py client, None on other transports, and ``ping_redis_once``
+        answers on it.  If not, ``cancel()`` cannot check the broker first and
+        blocks in kombu's retry loop while Redis is down."""
+        with Connection(REDIS_URL) as conn:
+            client = internals.redis_broker_client(conn)
+            assert client is not None
+            internals.ping_redis_once(client, 2.0)
+        with Connection("memory://") as conn:
+            assert internals.redis_broker_client(conn) is None
+
+    def test_ping_redis_once_fails_fast_without_retry(self) -> None:
+        """``ping_redis_once`` (redis-py ``get_connection``, ``send_command``,
+        ``read_response``) on a dead server raises at once, whatever the client's
+        retry policy.  If not, ``cancel()`` hangs instead of raising
+        ``BrokerUnavailableError``."""
+        client = redis.Redis.from_url(DEAD_REDIS)
+        started = time.monotonic()
+
+        with pytest.raises(redis.ConnectionError):
+            internals.ping_redis_once(client, 1.0)
+
+        assert time.monotonic() - started < 1.0
+
+    def test_ensure_connection_takes_a_timeout(self) -> None:
+        """kombu's ``Connection.ensure_connection(max_retries=1, ..., timeout=)``
+        (public) gives up on a dead broker.  If not, ``cancel()`` and ``celery
+        cancel`` wait for the broker instead of failing fast."""
+        started = time.monotonic()
+
+        with Connection(DEAD_REDIS) as conn, pytest.raises(OperationalError):
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=1)
+
+        assert time.monotonic() - started < 5.0
