@@ -101,13 +101,14 @@ class TestRevokeHandler:
 
     def test_cancel_payload_bypasses_celerys_handler(self, rt: WorkerRuntime, app: Celery) -> None:
         """cancel()'s revoke is indexed with its reason and not passed to Celery's
-        handler: no per-id backend write, no revoked-set entry, no second ledger entry."""
+        handler: no per-id backend write, no revoked-set entry, no second ledger entry;
+        the reply has the shape of Celery's own ({"ok": ...})."""
         reason = CancelReason(source="revoked", message="stop", requested_by="alice")
         ids = [str(uuid.uuid4()) for _ in range(3)]
 
         result = revoke(app, ids, cancellable=reason.to_dict())
 
-        assert ids == result
+        assert {"ok": f"tasks {', '.join(ids)} flagged as revoked"} == result
         assert [reason] * 3 == [rt.index.match(i) for i in ids]
         assert ["PENDING"] * 3 == [app.AsyncResult(i).state for i in ids]
         assert [] == [i for i in ids if i in worker_state.revoked]

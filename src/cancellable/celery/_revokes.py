@@ -216,7 +216,9 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
         if terminate or given is None:
             result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         else:
-            result = task_ids
+            # The reply shape of Celery's own handler (``ok(...)``), for any
+            # caller that asks for replies.
+            result = {"ok": f"tasks {', '.join(task_ids)} flagged as revoked"}
         if not terminate:
             try:
                 _on_revoke(
