@@ -219,13 +219,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         found[name], why[name] = outcomes(junit)
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip()  # fmt: skip
+    tested_at = results / "tested-at.txt"
+    if py is not None:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+        tested_at.write_text(commit or "no git")
+    commit = tested_at.read_text() if tested_at.exists() else "unknown"
     files = test_files(source)
     print()
-    print(f"Celery {args.celery} unit suite, cancellable at {commit or 'no git'}")
+    print(f"Celery {args.celery} unit suite, cancellable at {commit}")
     print(f"{len(files)} test modules from {', '.join(TEST_PATHS)}:")
     print(textwrap.fill(" ".join(files), width=100, initial_indent="  ", subsequent_indent="  "))
     header = ("tests", 6), ("passed", 7), ("failed", 7), ("errors", 7), ("skipped", 8), ("s", 6)
