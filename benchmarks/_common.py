@@ -4,8 +4,8 @@ Every benchmark module returns a list of *result records* (plain dicts), one
 per stable dotted name.  A measured record has the keys ``name``, ``median``,
 ``unit`` and ``runs`` and, where they apply, ``p90``, ``p99`` and ``stdev``;
 per-call results in nanoseconds also get ``ratio_to_empty_call`` and
-``ratio_to_loop_iteration`` (added by `add_ratios` once the baselines are
-known).  A benchmark that cannot run says so with a *skipped* record:
+``ratio_to_loop_iteration`` (`ratios`, from baselines of the same run), and
+may get ``ratio_to_checkpoint``.  A benchmark that cannot run says so with a *skipped* record:
 ``{"name": ..., "skipped": True, "reason": ...}``, never with a made-up number.
 """
 
@@ -58,6 +58,8 @@ VERSION_KEYS = (
 MEASURED_KEYS = frozenset({"name", "median", "unit", "runs"})
 OPTIONAL_KEYS = frozenset({"p90", "p99", "stdev"})
 RATIO_KEYS = frozenset({"ratio_to_empty_call", "ratio_to_loop_iteration"})
+#: Per-call results may also carry the ratio to ``checkpoint.live_scope``.
+OPTIONAL_RATIO_KEYS = frozenset({"ratio_to_checkpoint"})
 SKIPPED_KEYS = frozenset({"name", "skipped", "reason"})
 
 
@@ -129,34 +131,16 @@ def is_per_call(record: dict[str, Any]) -> bool:
     )
 
 
-def add_ratios(results: list[dict[str, Any]]) -> None:
-    """Add ``ratio_to_empty_call`` and ``ratio_to_loop_iteration`` in place.
+def ratios(value: float, harness: float, empty: float, loop: float) -> dict[str, float]:
+    """The net ratios of a per-call ``value`` (ns, harness loop included) to its baselines.
 
-    Both ratios are *net*: the harness loop (`TIMEIT_LOOP`) is subtracted
-    from the result and from the empty call first, so ``1.0`` means "costs
-    exactly an empty function call".  ``ratio_to_loop_iteration`` divides the
-    net cost by one iteration of a bare ``for i in range(n): pass`` loop.
-    A record measured in another process (``celery.request_revoked``) may
-    carry its own baselines in a private ``_baselines`` key, taken in the
-    same run; it is removed here.
+    ``ratio_to_empty_call`` is (value - harness) / (empty - harness): 1.0
+    means "costs exactly an empty function call"; ``ratio_to_loop_iteration``
+    is (value - harness) / one iteration of a bare ``for`` loop.  All four
+    numbers must come from the same run.
     """
-    by_name = {r["name"]: r for r in results if not r.get("skipped")}
-    try:
-        harness = by_name[TIMEIT_LOOP]["median"]
-        empty = by_name[EMPTY_CALL]["median"]
-        loop = by_name[LOOP_ITERATION]["median"]
-    except KeyError:
-        harness = empty = loop = None
-    for record in results:
-        own = record.pop("_baselines", None)
-        if not is_per_call(record):
-            continue
-        h, e, lp = (own["harness"], own["empty"], own["loop"]) if own else (harness, empty, loop)
-        if h is None or e is None or lp is None:
-            continue
-        net = record["median"] - h
-        record["ratio_to_empty_call"] = net / (e - h)
-        record["ratio_to_loop_iteration"] = net / lp
+    net = value - harness
+    return {"ratio_to_empty_call": net / (empty - harness), "ratio_to_loop_iteration": net / loop}
 
 
 def environment() -> dict[str, Any]:
@@ -216,12 +200,13 @@ def check_schema(doc: dict[str, Any], expected_names: Iterable[str] = ()) -> lis
         if not keys >= MEASURED_KEYS:
             problems.append(f"{name}: missing {sorted(MEASURED_KEYS - keys)}")
             continue
-        allowed = MEASURED_KEYS | OPTIONAL_KEYS | (RATIO_KEYS if is_per_call(record) else set())
+        ratio_keys = RATIO_KEYS | OPTIONAL_RATIO_KEYS if is_per_call(record) else set()
+        allowed = MEASURED_KEYS | OPTIONAL_KEYS | ratio_keys
         if keys - allowed:
             problems.append(f"{name}: unexpected keys {sorted(keys - allowed)}")
         if is_per_call(record) and not keys >= RATIO_KEYS:
             problems.append(f"{name}: per-call result without ratios")
-        for key in keys & (OPTIONAL_KEYS | RATIO_KEYS | {"median"}):
+        for key in keys & (OPTIONAL_KEYS | ratio_keys | {"median"}):
             if not isinstance(record[key], (int, float)) or isinstance(record[key], bool):
                 problems.append(f"{name}: {key} is not a number")
         if not isinstance(record["runs"], int) or record["runs"] < 1:

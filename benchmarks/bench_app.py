@@ -1,30 +1,28 @@
 """The Celery app that the benchmarks' real workers run (``celery -A bench_app worker``).
 
-`_workers.Worker` starts ``celery -A bench_app worker --pool=prefork`` with
-this directory on ``PYTHONPATH`` and the settings below in the environment,
-so that each run has its own queue and its own control exchange and never
-talks to other workers on the same Redis.
-
-Tasks:
+`_workers.Worker` starts ``celery -A bench_app worker`` with this directory
+on ``PYTHONPATH`` and the settings below in the environment, so that each
+run has its own queue and its own control exchange and never talks to other
+workers on the same Redis.  The tasks serve `real_workers.py` and its parts:
 
 * ``bench.spin``: a ``@cancellable`` busy loop with a checkpoint per
   iteration; it records when it started, when its checkpoint raised and when
-  its cleanup hook ran (``latency.py``).
+  its cleanup hook ran.
 * ``bench.spin_async``: a ``@cancellable`` ``async def`` awaiting
   ``asyncio.sleep``; it records when the ``CancelledError`` reached it and
-  when its cleanup hook ran (``latency.py``, beside ``bench.spin``).
+  when its cleanup hook ran.
 * ``bench.spin_plain``: the same loop without ``@cancellable``, stopped
   with Celery's own ``revoke(terminate=True)`` for comparison.
 * ``bench.abortable_poll``: Celery's ``AbortableTask``, polling
   ``self.is_aborted()`` every 100 ms (the documented idiom), for comparison.
 * ``bench.noop_plain`` / ``bench.noop_cancellable``: no-op tasks, the second
-  under ``@cancellable``; each counts itself in Redis (``throughput.py``).
+  under ``@cancellable``; each counts itself in Redis (throughput).
 * ``bench.bulk_count``: counts its runs, result stored (``bulk.py``: a
   cancelled task must never run); the inspect command
   ``cancellable_bench_index`` reports the main process's index size, RSS
   and Celery revoked-set size.
 * ``bench.measure_revoked``: times ``current_task.request.revoked()``
-  inside a running ``@cancellable`` task (``in_task.py``).
+  inside a running ``@cancellable`` task (``celery.*``).
 * ``bench.ladder_sleep`` / ``bench.ladder_gil``: ``@cancellable`` tasks
   that never reach a checkpoint, blocked in ``time.sleep`` or in one C call
   that holds the GIL (``ladder.py``); ``bench.plain_sleep`` /
@@ -94,20 +92,29 @@ def redis_client() -> Any:
     return _client
 
 
-@app.task(bind=True, name="bench.spin")
-@cancellable
-def spin(self: Any, key: str) -> str:
-    """Loop with a checkpoint per iteration until cancelled; record the moments in ``key``."""
+def _record_cancellation(key: str) -> dict[str, float]:
+    """Mark ``started`` in ``key``; return the dict the task puts its ``raised`` time in.
+
+    An ``on_cancel`` hook stamps ``cleanup`` and writes both moments to
+    ``key``, after both are taken, so the write is not measured.
+    """
     client = redis_client()
     marks: dict[str, float] = {}
 
     def cleanup() -> None:
         marks["cleanup"] = time.time()
-        # Written after both moments are taken, so the write is not measured.
         client.hset(key, mapping=marks)
 
     on_cancel(cleanup)
     client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    return marks
+
+
+@app.task(bind=True, name="bench.spin")
+@cancellable
+def spin(self: Any, key: str) -> str:
+    """Loop with a checkpoint per iteration until cancelled; record the moments in ``key``."""
+    marks = _record_cancellation(key)
     limit = time.monotonic() + SPIN_LIMIT_SECONDS
     x = 1
     try:
@@ -125,15 +132,7 @@ def spin(self: Any, key: str) -> str:
 @cancellable
 async def spin_async(self: Any, key: str) -> str:
     """Await a long ``asyncio.sleep`` until cancelled; record the moments in ``key``."""
-    client = redis_client()
-    marks: dict[str, float] = {}
-
-    def cleanup() -> None:
-        marks["cleanup"] = time.time()
-        client.hset(key, mapping=marks)
-
-    on_cancel(cleanup)
-    client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})
+    marks = _record_cancellation(key)
     try:
         await asyncio.sleep(SPIN_LIMIT_SECONDS)
     except asyncio.CancelledError:
@@ -240,9 +239,9 @@ def noop_cancellable(key: str, total: int) -> None:
 @cancellable
 def measure_revoked(self: Any, seconds_per_value: float, values: int) -> dict[str, Any]:
     """Time ``current_task.request.revoked()`` per call, with its baselines, in this task."""
-    import in_task
+    import real_workers
 
-    return in_task.measure_here(seconds_per_value, values)
+    return real_workers.measure_here(seconds_per_value, values)
 
 
 @app.task(name="bench.bulk_count")
@@ -259,15 +258,16 @@ def _index_report(state: Any, **kwargs: Any) -> dict[str, Any]:
     """What the worker's main process holds: its index, Celery's revoked set, its RSS."""
     from celery.worker import state as worker_state
 
-    from cancellable.celery import _index
+    import _internals
 
-    rss_kb = 0
     with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
+        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    try:
+        targets = _internals.index_size()
+    except _internals.PrivateNameMoved as exc:
+        return {"error": str(exc)}
     return {
-        "targets": len(_index.index),
+        "targets": targets,
         "celery_revoked": len(worker_state.revoked),
         "celery_revoked_maxlen": worker_state.revoked.maxlen,
         "rss_kb": rss_kb,

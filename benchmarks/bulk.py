@@ -1,10 +1,10 @@
 """Bulk cancellation over a real prefork worker: one ``cancel()`` of many queued ids.
 
 The worker is ``celery worker --pool=prefork -c 2`` of ``bench_app``,
-started with ``CELERY_WORKER_REVOKES_MAX=100``, so Celery's own in-memory
-revoked set holds at most 100 ids and cannot be what stops the tasks: the
-worker's local index (`cancellable.celery._index`) must.  Each run uses its
-own queues and control exchange (`_workers.Worker`).
+the harness's shared worker (`real_workers.py`), started with
+``CELERY_WORKER_REVOKES_MAX=100``, so Celery's own in-memory revoked set
+holds at most 100 ids and cannot be what stops the tasks: the worker's local
+index must.  Each round uses queues of its own.
 
 Per size N (1,000 / 10,000 / 100,000 ids; ``bulk.ids_<N>.*``):
 
@@ -75,48 +75,46 @@ and ``worker_rss_kb`` (growth of the worker main process's index and RSS),
 one of the N members is stored REVOKED, the worker consuming the queue from
 the moment the call returned.
 
-``python benchmarks/bulk.py --profile`` runs the single-id loop under
-cProfile for a few seconds and prints where the client's time goes.
+The index size, its bytes per entry and the first two round trips need
+private names of the library, read in `_internals` (the results that need
+one are skipped, saying why, when it moves).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
-import contextlib
 import json
-import os
 import statistics
-import sys
 import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import DEFAULT_REDIS_URL, log, measured, selected, skipped
+import _internals
+from _common import log, measured
 
 #: Queued ids per ``cancel()`` call, per mode.
-SIZES = {"full": (1000, 10000, 100000), "quick": (1000, 10000), "smoke": (100,)}
+SIZES = {"full": (1000, 10000, 100000), "quick": (200,), "smoke": (100,)}
+#: Members of the cancelled groups, per mode.
+GROUP_SIZES = {"full": SIZES["full"], "quick": (100,), "smoke": (50,)}
 #: ``cancel()`` calls per size for the client-time median (the first on queued ids).
-REPEATS = {"full": 5, "quick": 3, "smoke": 2}
+REPEATS = {"full": 5, "quick": 2, "smoke": 2}
 #: Fewer repeats of the largest size (each is 100,000 ids through the worker).
 LARGE = 100000
 LARGE_REPEATS = 3
 #: (seconds, pool of queued ids for ``single``, pool for ``batch100``) per mode.
 SUSTAINED = {
     "full": (10.0, 20000, 50000),
-    "quick": (3.0, 5000, 20000),
-    "smoke": (1.0, 300, 1000),
+    "quick": (0.5, 100, 300),
+    "smoke": (0.3, 100, 300),
 }
 #: (kind, ids per call) of the sustained loops.
 SUSTAINED_KINDS = (("single", 1), ("batch100", 100))
 #: Seconds per part in ``bulk.parts.*``, per mode.
-PARTS_SECONDS = {"full": 2.0, "quick": 1.0, "smoke": 0.2}
+PARTS_SECONDS = {"full": 2.0, "quick": 0.5, "smoke": 0.2}
 #: Longest wait for the worker to answer, to index, or to drain a queue.
 TIMEOUT = 300.0
 #: Celery's revoked set is capped at this size in the benchmark's worker.
@@ -148,7 +146,6 @@ PER_KIND = (
 PARTS = ("broker_check_us", "ledger_record_us", "broadcast_us", "cancel_us")
 #: The three ways of cancelling a group, in the order they run.
 GROUP_HOWS = ("group", "ids", "celery")
-GROUP_SIZES = SIZES
 PER_GROUP = (
     ("client_ms", "ms"),
     ("broadcasts", "messages"),
@@ -184,12 +181,10 @@ def group_names(sizes: Sequence[int]) -> list[str]:
     ]
 
 
-NAMES = (
-    *size_names(SIZES["full"]),
-    *group_names(GROUP_SIZES["full"]),
-    *SUSTAINED_NAMES,
-    *PARTS_NAMES,
-)
+def names(mode: str) -> tuple[str, ...]:
+    """Every ``bulk.*`` result name of a run in ``mode`` (the sizes depend on it)."""
+    sizes = (*size_names(SIZES[mode]), *group_names(GROUP_SIZES[mode]))
+    return (*sizes, *SUSTAINED_NAMES, *PARTS_NAMES)
 
 
 #: Tries per round when another process flushes DB 14 in the middle of one.
@@ -231,35 +226,6 @@ def retried(what: str, round_: Any, *args: Any) -> Any:
 # The worker, the queue and the checks.
 
 
-@contextlib.contextmanager
-def bulk_worker(redis_url: str) -> Iterator[Any]:
-    """A started worker whose Celery revoked set holds `REVOKES_MAX` ids; DB 14 flushed after."""
-    import _workers
-
-    worker = _workers.Worker(redis_url)
-    old = os.environ.get("CELERY_WORKER_REVOKES_MAX")
-    os.environ["CELERY_WORKER_REVOKES_MAX"] = str(REVOKES_MAX)
-    try:
-        worker.start()  # copies os.environ
-    except BaseException:
-        worker.stop()
-        _workers.flush_benchmark_db(redis_url)
-        raise
-    finally:
-        if old is None:
-            os.environ.pop("CELERY_WORKER_REVOKES_MAX", None)
-        else:
-            os.environ["CELERY_WORKER_REVOKES_MAX"] = old
-    try:
-        yield worker
-    except BaseException:
-        sys.stderr.write(worker.tail() + "\n")
-        raise
-    finally:
-        worker.stop()
-        _workers.flush_benchmark_db(redis_url)
-
-
 def worker_report(worker: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
     """The worker main process's index size, Celery revoked set size and RSS."""
     replies = worker.app.control.broadcast(
@@ -271,7 +237,10 @@ def worker_report(worker: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
     )
     for reply in replies or []:
         if worker.nodename in reply:
-            return dict(reply[worker.nodename])
+            report = dict(reply[worker.nodename])
+            if "error" in report:
+                raise BulkError(report["error"])
+            return report
     worker.check_alive()
     raise BulkError(f"worker {worker.nodename} did not answer within {timeout} s")
 
@@ -405,15 +374,14 @@ class BroadcastListener:
 
 
 def index_bytes_per_entry(count: int) -> float:
-    """Bytes per target of a `TargetIndex` filled like the worker fills it (tracemalloc)."""
+    """Bytes per target of an index filled like the worker fills it (tracemalloc)."""
     from cancellable import CancelReason
-    from cancellable.celery._index import TargetIndex
 
     reason = CancelReason.coerce("bulk benchmark", default_source="revoked")
     payload = json.dumps([str(uuid.uuid4()) for _ in range(count)])
     tracemalloc.start()
     try:
-        index = TargetIndex()
+        index = _internals.new_index()
         before = tracemalloc.get_traced_memory()[0]
         ids = json.loads(payload)  # fresh strings, as the worker decodes them
         index.add([("task", task_id) for task_id in ids], reason)
@@ -617,41 +585,21 @@ def sustained(worker: Any, client: Any, batch: int, seconds: float, pool: int) -
 def parts(worker: Any, seconds: float) -> dict[str, list[float]]:
     """µs per call of each round trip of ``cancel()``, timed apart (one id each)."""
     from cancellable import CancelReason
-    from cancellable.celery import _api, _ledger, cancel
+    from cancellable.celery import cancel
 
     app = worker.app
     reason = CancelReason.coerce("parts benchmark", default_source="revoked")
-    ledger = _ledger.ledger_for(app)
 
-    def check() -> None:
+    def broadcast(task_id: str) -> None:
         with app.pool.acquire(block=True) as conn:
-            _api._check_broker(conn, app)
+            arguments = {"task_id": [task_id], "terminate": False, "signal": "SIGTERM"}
+            arguments["cancellable"] = reason.to_dict()
+            app.control.broadcast("revoke", arguments=arguments, connection=conn)
 
-    def record() -> None:
-        ledger.record([("task", str(uuid.uuid4()))], reason)
+    def whole(task_id: str) -> None:
+        cancel(task_id, reason="parts benchmark", app=app)
 
-    def broadcast() -> None:
-        with app.pool.acquire(block=True) as conn:
-            app.control.broadcast(
-                "revoke",
-                arguments={
-                    "task_id": [str(uuid.uuid4())],
-                    "terminate": False,
-                    "signal": "SIGTERM",
-                    "cancellable": reason.to_dict(),
-                },
-                connection=conn,
-            )
-
-    def whole() -> None:
-        cancel(str(uuid.uuid4()), reason="parts benchmark", app=app)
-
-    steps = {
-        "broker_check_us": check,
-        "ledger_record_us": record,
-        "broadcast_us": broadcast,
-        "cancel_us": whole,
-    }
+    steps = {**_internals.cancel_steps(app, reason), "broadcast_us": broadcast, "cancel_us": whole}
     values: dict[str, list[float]] = {name: [] for name in steps}
     rounds = 5
     for _ in range(rounds):  # interleaved, so a noisy moment hits every part
@@ -660,125 +608,46 @@ def parts(worker: Any, seconds: float) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             stop = t0 + seconds / rounds
             while time.perf_counter() < stop:
-                step()
+                step(str(uuid.uuid4()))
                 calls += 1
             values[name].append((time.perf_counter() - t0) / calls * 1e6)
-    log(
-        "bulk: per call "
-        + ", ".join(f"{name} {statistics.median(v):.0f}" for name, v in values.items())
-    )
+    log("bulk: per call " + ", ".join(f"{n} {statistics.median(v):.0f}" for n, v in values.items()))
     return values
 
 
-def run(
-    mode: str = "full",
-    only: str | None = None,
-    redis_url: str = DEFAULT_REDIS_URL,
-    worker: Any = None,
-) -> list[dict[str, Any]]:
-    """Result records for the selected ``bulk.*`` names, over a worker of its own.
-
-    ``worker`` must have been started by `bulk_worker` (its revoked set is
-    capped); None starts one.
-    """
-    sizes = SIZES[mode]
-    here = (*size_names(sizes), *group_names(GROUP_SIZES[mode]), *SUSTAINED_NAMES, *PARTS_NAMES)
-    wanted = [n for n in here if selected(n, only)]
-    not_run = [
-        skipped(n, f"not run in {mode} mode")
-        for n in (*size_names(SIZES["full"]), *group_names(GROUP_SIZES["full"]))
-        if n not in here and selected(n, only)
-    ]
-    if not wanted:
-        return not_run
-    if worker is None:
-        with bulk_worker(redis_url) as own:
-            return run(mode, only, redis_url, own)
-    import redis
-
-    client = redis.Redis.from_url(worker.redis_url)
+def run(worker: Any, client: Any, mode: str, names: list[str]) -> list[dict[str, Any]]:
+    """The selected ``bulk.*`` records, on the harness's worker (its revoked set capped)."""
     records: list[dict[str, Any]] = []
-    try:
-        for count in sizes:
-            prefix = f"bulk.ids_{count}."
-            if not any(n.startswith(prefix) for n in wanted):
-                continue
+
+    def add(prefix: str, fields: Sequence[tuple[str, str]], values: dict[str, Any]) -> None:
+        for suffix, unit in fields:
+            if prefix + suffix in names:
+                vals = values[suffix] if isinstance(values[suffix], list) else [values[suffix]]
+                records.append(measured(prefix + suffix, vals, unit, runs=len(vals), tails=False))
+
+    for count in SIZES[mode]:
+        prefix = f"bulk.ids_{count}."
+        if any(n.startswith(prefix) for n in names):
             repeats = LARGE_REPEATS if count >= LARGE else REPEATS[mode]
-            values = retried(f"{count} ids", one_size, worker, client, count, repeats)
-            for suffix, unit in PER_SIZE:
-                if prefix + suffix in wanted:
-                    records.append(
-                        measured(
-                            prefix + suffix,
-                            values[suffix],
-                            unit,
-                            runs=len(values[suffix]),
-                            tails=False,
-                        )
-                    )
-        for count in GROUP_SIZES[mode]:
-            for how in GROUP_HOWS:
-                prefix = f"bulk.group_{count}.{how}."
-                if not any(n.startswith(prefix) for n in wanted):
-                    continue
-                result = retried(f"group of {count}, {how}", one_group, worker, client, count, how)
-                for suffix, unit in PER_GROUP:
-                    if prefix + suffix in wanted:
-                        records.append(
-                            measured(prefix + suffix, [result[suffix]], unit, runs=1, tails=False)
-                        )
-        seconds, pool_single, pool_batch = SUSTAINED[mode]
-        for kind, batch in SUSTAINED_KINDS:
-            prefix = f"bulk.sustained.{kind}."
-            if not any(n.startswith(prefix) for n in wanted):
-                continue
+            add(prefix, PER_SIZE, retried(f"{count} ids", one_size, worker, client, count, repeats))
+    for count in GROUP_SIZES[mode]:
+        for how in GROUP_HOWS:
+            prefix = f"bulk.group_{count}.{how}."
+            if any(n.startswith(prefix) for n in names):
+                add(
+                    prefix,
+                    PER_GROUP,
+                    retried(f"group {count} {how}", one_group, worker, client, count, how),
+                )
+    seconds, pool_single, pool_batch = SUSTAINED[mode]
+    for kind, batch in SUSTAINED_KINDS:
+        prefix = f"bulk.sustained.{kind}."
+        if any(n.startswith(prefix) for n in names):
             pool = pool_single if batch == 1 else pool_batch
-            result = retried(kind, sustained, worker, client, batch, seconds, pool)
-            for suffix, unit in PER_KIND:
-                if prefix + suffix in wanted:
-                    records.append(
-                        measured(prefix + suffix, [result[suffix]], unit, runs=1, tails=False)
-                    )
-        if any(n in PARTS_NAMES for n in wanted):
-            values = parts(worker, PARTS_SECONDS[mode])
-            for part in PARTS:
-                name = f"bulk.parts.{part}"
-                if name in wanted:
-                    records.append(
-                        measured(name, values[part], "us", runs=len(values[part]), tails=False)
-                    )
-    finally:
-        client.close()
-    return records + not_run
-
-
-# --------------------------------------------------------------------------
-# ``python benchmarks/bulk.py``: the part alone, or a profile of the client.
-
-
-def profile(redis_url: str, seconds: float, batch: int) -> None:
-    """cProfile the client's loop of ``cancel()`` calls (fresh ids, none queued)."""
-    import cProfile
-    import pstats
-
-    from cancellable.celery import cancel
-
-    with bulk_worker(redis_url) as worker:
-        app = worker.app
-        cancel(str(uuid.uuid4()), app=app)  # warm up the pools
-        profiler = cProfile.Profile()
-        calls = 0
-        stop = time.perf_counter() + seconds
-        profiler.enable()
-        while time.perf_counter() < stop:
-            ids = [str(uuid.uuid4()) for _ in range(batch)]
-            cancel(ids[0] if batch == 1 else ids, reason="profile", app=app)
-            calls += 1
-        profiler.disable()
-        log(f"profile: {calls} cancel() calls of {batch} id(s) in {seconds} s (under cProfile)")
-        stats = pstats.Stats(profiler, stream=sys.stdout)
-        stats.sort_stats("cumulative").print_stats(40)
-        stats.sort_stats("tottime").print_stats(25)
+            add(prefix, PER_KIND, retried(kind, sustained, worker, client, batch, seconds, pool))
+    if any(n in PARTS_NAMES for n in names):
+        add("bulk.parts.", [(part, "us") for part in PARTS], parts(worker, PARTS_SECONDS[mode]))
+    return records
 
 
 def plot_groups(results_json: Path, png: Path) -> None:
@@ -821,41 +690,3 @@ def plot_groups(results_json: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run this part alone (``--mode``), or ``--profile`` the client."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--mode", choices=sorted(SIZES), default="quick")
-    parser.add_argument("--only", metavar="PATTERN")
-    parser.add_argument("--json", metavar="FILE")
-    parser.add_argument("--profile", action="store_true", help="profile the client's cancel() loop")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of the profiled loop")
-    parser.add_argument("--batch", type=int, default=1, help="ids per profiled cancel() call")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    parser.add_argument(
-        "--plot",
-        nargs=2,
-        metavar=("RESULTS_JSON", "PNG"),
-        help="draw the bulk.group_* results of RESULTS_JSON into PNG, and run nothing",
-    )
-    args = parser.parse_args(argv)
-    if args.plot:
-        plot_groups(Path(args.plot[0]), Path(args.plot[1]))
-        return 0
-    if args.profile:
-        profile(args.redis_url, args.seconds, args.batch)
-        return 0
-    records = run(args.mode, args.only, args.redis_url)
-    for record in records:
-        if record.get("skipped"):
-            print(f"{record['name']:48} skipped: {record['reason']}")
-        else:
-            print(f"{record['name']:48} {record['median']:>12.4g} {record['unit']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": records}, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,6 +20,11 @@ thread made the thread of a running actor, Temporal's
 the ``cancelscope`` package's ``checkpoint()`` and ``is_cancelled()`` in a
 live scope.  They need the ``bench`` extra (``pip install -e '.[bench]'``);
 a case whose packages are missing is reported as skipped (`missing`).
+
+The ``context.body_<label>.*`` cases time a loop body of about 100 ns, 1 us,
+10 us and 100 us (`body`, sizes measured on the reference machine) with and
+without a ``checkpoint()`` before it, in a live scope: `per_call.py` turns
+each pair into the overhead of one checkpoint per iteration.
 """
 
 from __future__ import annotations
@@ -48,10 +53,23 @@ REVOKED_IDS = 50_000
 DEADLINE_SECONDS = 3600.0
 #: Hooks registered in ``checkpoint.ten_hooks``.
 HOOKS = 10
+#: Loops per value in ``--quick`` runs (no calibration) for a case of a few ns.
+QUICK_LOOPS = 1 << 16
+#: (label, `body` size) of the ``context.*`` cases: about 100 ns, 1 us, 10 us
+#: and 100 us per call on the reference machine (CPython 3.11).
+CONTEXT_BODIES = (("100ns", 0), ("1us", 15), ("10us", 180), ("100us", 1650))
 
 
 def empty() -> None:
     """The floor: an empty module-level function."""
+
+
+def body(size: int) -> int:
+    """A deterministic pure-Python loop body: ``size`` steps of integer arithmetic."""
+    x = 1
+    for i in range(size):
+        x = (x * 31 + i) % 65521
+    return x
 
 
 def _noop_hook() -> None:
@@ -84,6 +102,10 @@ class Case:
     #: ``ns[run_inside](inner, loops, clock)`` (Temporal's ``env.run``: the
     #: loop runs inside an activity); None: the loop is called directly.
     run_inside: str | None = None
+    #: Loops per value in a ``--quick`` run, which skips pyperf's calibration.
+    quick_loops: int = QUICK_LOOPS
+    #: Why the case cannot run with this version of the library (None: it can).
+    unsupported: Callable[[], str | None] | None = None
 
     def namespace(self) -> Namespace:
         """A fresh namespace with the names every statement may use."""
@@ -146,6 +168,24 @@ def missing(case: Case) -> list[str]:
     return [name for name in case.requires if importlib.util.find_spec(name) is None]
 
 
+def unavailable(case: Case) -> str | None:
+    """Why ``case`` cannot run here (a package is missing, ...), or None."""
+    absent = missing(case)
+    if absent:
+        return (
+            f"needs {', '.join(absent)}, not installed: "
+            "pip install -e '.[bench]' (the benchmark-only dependencies)"
+        )
+    return case.unsupported() if case.unsupported else None
+
+
+def _no_with_checkpoint() -> str | None:
+    # `with checkpoint():` needs checkpoint() to return a context manager.
+    if hasattr(checkpoint(), "__enter__"):
+        return None
+    return "checkpoint() returns no context manager in this version of cancellable"
+
+
 def run_setup(case: Case, ns: Namespace, options: Options) -> Teardown:
     """Run the case's setup in this thread; return its teardown (maybe a no-op)."""
     if case.setup is None:
@@ -189,6 +229,14 @@ def _setup_hooks(ns: Namespace, options: Options) -> Teardown:
     teardown = _enter(CancelScope(), ns)
     ns["_hooks"] = [on_cancel(_noop_hook) for _ in range(HOOKS)]
     return teardown
+
+
+def _context_setup(size: int) -> Callable[[Namespace, Options], Teardown]:
+    def setup(ns: Namespace, options: Options) -> Teardown:
+        ns.update(_body=body, _size=size)
+        return _enter(CancelScope(), ns)
+
+    return setup
 
 
 def _setup_range(ns: Namespace, options: Options) -> None:
@@ -389,8 +437,6 @@ def _setup_event(ns: Namespace, options: Options) -> None:
 
 # -- the peers ---------------------------------------------------------------
 
-#: Distribution names of the peers, for the versions in the results.
-PEER_DISTRIBUTIONS = ("dramatiq", "dramatiq-abort", "temporalio", "cancelscope")
 _DRAMATIQ = ("dramatiq", "dramatiq_abort")
 
 
@@ -482,6 +528,7 @@ CASES: tuple[Case, ...] = (
         "for _i in _range_n:\n    pass",
         setup=_setup_range,
         inner_loops=RANGE_ITERATIONS,
+        quick_loops=64,
     ),
     Case(
         "checkpoint.outside_scope",
@@ -537,6 +584,14 @@ CASES: tuple[Case, ...] = (
         setup=_setup_other_cleaning_up,
     ),
     Case(
+        "checkpoint.with_block",
+        "`with checkpoint(): pass` inside an entered, not cancelled CancelScope "
+        "(checks on entry and on exit)",
+        "with checkpoint():\n    pass",
+        setup=_setup_live,
+        unsupported=_no_with_checkpoint,
+    ),
+    Case(
         "is_cancelled.live_scope",
         "is_cancelled() inside an entered, not cancelled CancelScope",
         "is_cancelled()",
@@ -548,6 +603,7 @@ CASES: tuple[Case, ...] = (
         "_AbortableAsyncResult(_tid, backend=_backend, app=_app).is_aborted()",
         setup=_setup_abortable,
         needs_redis=True,
+        quick_loops=32,
     ),
     Case(
         "alt.asyncresult_state",
@@ -555,6 +611,7 @@ CASES: tuple[Case, ...] = (
         "_app.AsyncResult(_tid).state",
         setup=_store_started,
         needs_redis=True,
+        quick_loops=32,
     ),
     Case(
         "alt.redis_get",
@@ -562,6 +619,7 @@ CASES: tuple[Case, ...] = (
         "_r.get(_key)",
         setup=_setup_redis_get,
         needs_redis=True,
+        quick_loops=32,
     ),
     Case(
         "alt.limitedset_contains",
@@ -618,6 +676,20 @@ CASES: tuple[Case, ...] = (
     ),
 )
 
+CASES += tuple(
+    Case(
+        f"context.body_{label}.{kind}",
+        f"a loop body of about {label} (`body({size})`)"
+        + (" after checkpoint()" if kind == "checkpoint" else "")
+        + ", inside a live scope",
+        stmt,
+        setup=_context_setup(size),
+        quick_loops=max(16, 2_000_000 // (100 + 60 * size)),  # about 2 ms
+    )
+    for label, size in CONTEXT_BODIES
+    for kind, stmt in (("plain", "_body(_size)"), ("checkpoint", "checkpoint()\n_body(_size)"))
+)
+
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 #: Baselines every ratio needs; always measured when any per-call case is.
@@ -627,7 +699,7 @@ __all__ = [
     "BASELINES",
     "CASES",
     "CASES_BY_NAME",
-    "PEER_DISTRIBUTIONS",
+    "CONTEXT_BODIES",
     "Case",
     "Options",
     "celery_app",
@@ -637,4 +709,5 @@ __all__ = [
     "missing",
     "run_setup",
     "timed",
+    "unavailable",
 ]

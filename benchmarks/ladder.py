@@ -23,52 +23,39 @@ For each, measured from the moment the client call returns:
   the signal, whether or not the task stopped; a task that is still running
   after `GIVE_UP` seconds is reported as not stopped).
 
-Every case runs `ROUNDS` times (``--rounds``) in the same session, against
-one worker; medians are reported.  Output: a JSON list of result records
-(``--json FILE``) and a Markdown table on stdout.
+Every case runs `ROUNDS` times against the harness's shared worker
+(`real_workers.py`); medians are reported, and a case whose task was not
+stopped in some round is reported as skipped, saying so.  The full run
+measures every case; ``--quick`` and ``--smoke`` only the sleeping task's
+``grace_0`` case, once.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import DEFAULT_REDIS_URL, environment, log
-from _workers import session
+from _common import log, measured, skipped
+from _workers import live_children, process_gone
 
 #: ``cancellable_kill_after`` of the benchmark worker (seconds).
 KILL_AFTER = 1.0
 GRACES = (0.0, 0.5, 1.0, 2.0)
-ROUNDS = 3
+#: Rounds per case, per mode (quick and smoke: only `QUICK_CASE`).
+ROUNDS = {"full": 3, "quick": 1, "smoke": 1}
+QUICK_CASE = "ladder.sleep.grace_0"
 #: Seconds after which a task that did not stop is reported as not stopped.
 GIVE_UP = 8.0
-
-
-def _children(pid: int) -> set[int]:
-    kids: set[int] = set()
-    for path in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids.update(int(p) for p in path.read_text().split())
-        except OSError:
-            continue
-    return {kid for kid in kids if _alive(kid)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+METRICS = ("revoked_s", "stopped_s", "full_strength_s")
+CASES = tuple(
+    (f"ladder.{kind}.{how}", kind, how)
+    for kind in ("sleep", "gil")
+    for how in (*(f"grace_{g:g}" for g in GRACES), "terminate_SIGTERM", "terminate_SIGKILL")
+)
+NAMES = tuple(f"{case}.{metric}" for case, _kind, _how in CASES for metric in METRICS)
 
 
 def _state(app: Any, task_id: str) -> str:
@@ -85,17 +72,18 @@ def _wait(predicate: Any, timeout: float, step: float = 0.005) -> float | None:
     return None
 
 
-def _start(worker: Any, task: str) -> tuple[Any, int]:
+def _start(worker: Any, client: Any, task: str) -> tuple[Any, int]:
     """Send ``task``, wait until it runs; return its result and its child's pid."""
-    import redis
-
     key = f"ladder:{uuid.uuid4().hex}"
     result = worker.app.send_task(task, args=(key,), queue=worker.queue)
-    client = redis.Redis.from_url(worker.redis_url)
     if _wait(lambda: client.hget(key, "pid"), 60) is None:
         raise RuntimeError(f"{task} did not start; {worker.tail()}")
     time.sleep(0.2)  # well inside the body
     return result, int(client.hget(key, "pid"))
+
+
+def _full(worker: Any) -> bool:
+    return len(live_children(worker.pid)) == worker.concurrency
 
 
 def _measure(worker: Any, task_id: str, pid: int, began: float) -> dict[str, float | None]:
@@ -111,10 +99,10 @@ def _measure(worker: Any, task_id: str, pid: int, began: float) -> dict[str, flo
         now = time.monotonic() - began
         if revoked is None and _state(worker.app, task_id) == "REVOKED":
             revoked = now
-        if died is None and not _alive(pid):
+        if died is None and process_gone(pid):
             died = now
         if died is not None and strength is None:
-            kids = _children(worker.pid)
+            kids = live_children(worker.pid)
             if len(kids) == worker.concurrency and pid not in kids:
                 strength = now
         if revoked is not None and (strength is not None or (died is None and now > GIVE_UP)):
@@ -128,11 +116,11 @@ def _measure(worker: Any, task_id: str, pid: int, began: float) -> dict[str, flo
             else:
                 break
         time.sleep(0.005)
-    alive = _alive(pid)
+    alive = not process_gone(pid)
     if alive and _task_still_running(worker, pid):
         os.kill(pid, 9)  # Celery's SIGTERM could not stop it: free the child
         stopped = None
-        strength = _wait(lambda: len(_children(worker.pid)) == worker.concurrency, 60, 0.01)
+        strength = _wait(lambda: _full(worker), 60, 0.01)
         strength = None if strength is None else time.monotonic() - began
     elif alive:
         stopped, strength = revoked, 0.0
@@ -173,115 +161,46 @@ def _cpu_seconds(pid: int, window: float) -> float:
 
 def _settle(worker: Any) -> None:
     # Back to full strength and idle before the next case.
-    _wait(lambda: len(_children(worker.pid)) == worker.concurrency, 60, 0.05)
+    _wait(lambda: _full(worker), 60, 0.05)
     time.sleep(0.3)
 
 
-def ladder_case(worker: Any, kind: str, grace: float) -> dict[str, float | None]:
-    """One ``cancel(grace=)`` of a running ``@cancellable`` task."""
+def one_case(worker: Any, client: Any, kind: str, how: str) -> dict[str, float | None]:
+    """One ``cancel(grace=)`` of a running ``@cancellable`` task, or Celery's terminate."""
     from cancellable.celery import cancel
 
-    result, pid = _start(worker, f"bench.ladder_{kind}")
-    began = time.monotonic()
-    cancel(result, "benchmark", grace=grace, app=worker.app)
+    if how.startswith("grace_"):
+        result, pid = _start(worker, client, f"bench.ladder_{kind}")
+        began = time.monotonic()
+        cancel(result, "benchmark", grace=float(how[6:]), app=worker.app)
+    else:
+        result, pid = _start(worker, client, f"bench.plain_{kind}")
+        began = time.monotonic()
+        worker.app.control.revoke(result.id, terminate=True, signal=how[10:])
     return _measure(worker, result.id, pid, began)
 
 
-def terminate_case(worker: Any, kind: str, signame: str) -> dict[str, float | None]:
-    """Celery's ``revoke(terminate=True, signal=...)`` of the plain task."""
-    result, pid = _start(worker, f"bench.plain_{kind}")
-    began = time.monotonic()
-    worker.app.control.revoke(result.id, terminate=True, signal=signame)
-    return _measure(worker, result.id, pid, began)
-
-
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    if len(present) < len(values):
-        return None
-    return statistics.median(present)
-
-
-def run(redis_url: str, rounds: int, graces: tuple[float, ...]) -> list[dict[str, Any]]:
-    """All cases, ``rounds`` times each, on one worker."""
-    os.environ["CANCELLABLE_BENCH_KILL_AFTER"] = str(KILL_AFTER)
+def run(worker: Any, client: Any, mode: str, names: list[str]) -> list[dict[str, Any]]:
+    """The selected ``ladder.*`` records, on the harness's worker."""
     records: list[dict[str, Any]] = []
-    cases: list[tuple[str, Any]] = []
-    for kind in ("sleep", "gil"):
-        for grace in graces:
-            cases.append((f"ladder.{kind}.grace_{grace:g}", (ladder_case, kind, grace)))
-        for signame in ("SIGTERM", "SIGKILL"):
-            cases.append((f"ladder.{kind}.terminate_{signame}", (terminate_case, kind, signame)))
-    with session(redis_url, concurrency=2) as worker:
-        for name, (fn, kind, arg) in cases:
-            samples = [fn(worker, kind, arg) for _ in range(rounds)]
-            for metric in samples[0]:
-                values = [sample[metric] for sample in samples]
-                records.append(
-                    {
-                        "name": f"{name}.{metric}",
-                        "median": _median(values),
-                        "unit": "s" if metric.endswith("_s") else "fraction",
-                        "runs": len(values),
-                        "values": values,
-                    }
-                )
-            log(
-                f"{name}: "
-                + ", ".join(
-                    f"{r['name'].rsplit('.', 1)[1]}={r['median']}"
-                    for r in records[-len(samples[0]) :]
-                )
-            )
+    for case, kind, how in CASES:
+        wanted = [f"{case}.{metric}" for metric in METRICS if f"{case}.{metric}" in names]
+        if not wanted:
+            continue
+        if mode != "full" and case != QUICK_CASE:
+            records += [skipped(n, f"only in the full run, not in {mode} mode") for n in wanted]
+            continue
+        samples = [one_case(worker, client, kind, how) for _ in range(ROUNDS[mode])]
+        for metric in METRICS:
+            name, values = f"{case}.{metric}", [sample[metric] for sample in samples]
+            if name not in wanted:
+                continue
+            present = [v for v in values if v is not None]
+            if len(present) < len(values):
+                missed = len(values) - len(present)
+                why = f"not stopped within {GIVE_UP:g} s in {missed} of {len(values)} rounds"
+                records.append(skipped(name, why))
+            else:
+                records.append(measured(name, present, "s", runs=len(present), tails=False))
+        log(f"{case}: " + ", ".join(f"{m}={[s[m] for s in samples]}" for m in METRICS))
     return records
-
-
-def table(records: list[dict[str, Any]]) -> str:
-    """A Markdown table: one row per case, seconds as medians."""
-    by_case: dict[str, dict[str, Any]] = {}
-    for record in records:
-        case, metric = record["name"].rsplit(".", 1)
-        by_case.setdefault(case, {})[metric] = record["median"]
-
-    def fmt(value: Any) -> str:
-        return "not stopped" if value is None else f"{value:.2f}"
-
-    lines = [
-        "| task | how | REVOKED after (s) | task stopped after (s) "
-        "| pool at full strength after (s) |",
-        "|---|---|---|---|---|",
-    ]
-    for case, metrics in by_case.items():
-        _, kind, how = case.split(".", 2)
-        if how.startswith("grace_"):
-            how_text = f"`cancel(grace={how[6:]})`"
-        else:
-            how_text = f"`revoke(terminate=True, signal={how[10:]})`"
-        stopped = metrics["stopped_s"]
-        lines.append(
-            f"| {kind} | {how_text} | {fmt(metrics['revoked_s'])} | {fmt(stopped)} | "
-            f"{fmt(metrics['full_strength_s'])} |"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ladder benchmark; print a table; optionally write JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--graces", default=",".join(f"{g:g}" for g in GRACES))
-    parser.add_argument("--json", metavar="FILE")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    args = parser.parse_args(argv)
-    graces = tuple(float(g) for g in args.graces.split(","))
-    records = run(args.redis_url, args.rounds, graces)
-    print(table(records))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"environment": environment(), "results": records}, indent=2) + "\n"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,43 +1,34 @@
-"""Run the cancellable benchmark suite and write the results.
+"""Run the cancellable benchmarks: the per-call harness, then the real-worker harness.
 
 Usage::
 
-    python benchmarks/run.py                      # full run (several minutes)
-    python benchmarks/run.py --quick              # under a minute, rough numbers
-    python benchmarks/run.py --json out.json --plot docs/_static/overhead.png \
-        --cdf docs/_static/latency_cdf.png
-    python benchmarks/run.py --only 'checkpoint.*'
+    python benchmarks/run.py --quick                        # under a minute, rough numbers
+    python benchmarks/run.py --json docs/_static/benchmarks.json \\
+        --plot docs/_static/overhead.png --cdf docs/_static/latency_cdf.png \\
+        --groups-plot docs/_static/bulk_groups.png         # the full run (about 30 minutes)
+    python benchmarks/run.py --only 'checkpoint.*'          # a subset (glob, or a substring)
+    python benchmarks/run.py --report results.json          # the table of a finished run
 
-Parts, each a module of this directory:
+Two harnesses, one results document:
 
-* ``micro.py``: per-call costs (``baseline.*``, ``checkpoint.*``,
-  ``is_cancelled.*``, ``alt.*``), measured by pyperf in worker processes;
-  this driver starts the pyperf program as a subprocess and reads its JSON.
-* ``paired.py``: ``paired.*``, the checkpoint/empty-call ratios measured
-  back to back, round after round, for a robust answer on a noisy machine.
-* ``in_task.py``: ``celery.*``, ``current_task.request.revoked()`` timed
-  inside a real task.
-* ``overhead.py``: ``context.*``, the overhead of a checkpoint per iteration
-  on loop bodies of 100 ns to 100 us, and the plot.
-* ``latency.py`` and ``throughput.py``: delivery latency (with Celery's
-  ``revoke(terminate=True)`` and ``AbortableTask`` beside it) and task
-  throughput over real Celery workers.  ``--cdf FILE`` plots the latency
-  distributions (PNG) and writes their raw samples, in ms, next to it
-  (``FILE`` with the suffix ``.json``: ``{"unit": "ms", "samples": {name:
-  [...]}}``), the only place the maxima are kept.
-* ``peers.py``: ``peers.latency.*``, dramatiq-abort's delivery latency
-  through a real dramatiq worker on the same Redis, sampled in turns with
-  ours over the shared Celery worker.  The peers' per-call checks
-  (``peers.*`` in ``cases.py``: dramatiq-abort, Temporal, cancelscope) are
-  micro cases; they and the dramatiq worker need the ``bench`` extra, and
-  are reported as skipped without it.
-* ``bulk.py``: ``bulk.*``, one ``cancellable.celery.cancel()`` of 1,000 to
-  100,000 queued ids and the sustained cancel rate, over a worker of its own
-  (Celery's revoked set capped at 100 ids).
+* `per_call.py`: every statement of ``cases.py`` (``baseline.*``,
+  ``checkpoint.*``, ``is_cancelled.*``, ``alt.*``, ``peers.*``,
+  ``context.*``), timed by pyperf in worker processes; ratios taken pass by
+  pass in the same run.
+* `real_workers.py`: delivery latency, throughput, in-task costs, the peers'
+  latency, bulk cancellation and the ladder, over real Celery (and dramatiq)
+  workers (``latency.*``, ``throughput.*``, ``celery.*``,
+  ``peers.latency.*``, ``bulk.*``, ``ladder.*``).
 
-Redis (DB 14 of ``--redis-url``) is used by the ``alt.*`` cases and the
-Celery parts.  The JSON document is ``{"environment": {...}, "results":
-[...]}``; see ``_common.py`` for the record format.
+The instruction counts (``instructions.py``, ``lookups.py``) are separate
+programs: they need valgrind and one interpreter per column.
+
+Redis (DB 14 of ``--redis-url``, the only database the suite writes and
+flushes) is needed by the ``alt.*`` cases and by every real worker.  The
+document is ``{"environment": {...}, "results": [...]}`` (see
+``_common.py``); ``--cdf FILE`` also writes the raw latency samples, in ms,
+to ``FILE`` with the suffix ``.json``.  ``--smoke`` runs both harnesses with
+tiny counts, for the test suite (the numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -50,49 +41,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _workers
 import bulk
-import in_task
-import latency
-import micro
-import overhead
-import paired
-import peers
-import throughput
-from _common import (
-    DEFAULT_REDIS_URL,
-    EMPTY_CALL,
-    LOOP_ITERATION,
-    TIMEIT_LOOP,
-    add_ratios,
-    check_schema,
-    environment,
-    log,
-    selected,
-    skipped,
-)
-from cases import CASES
-
-CELERY_PARTS = (in_task, latency, throughput, peers)
-#: Errors of parts that failed (they are reported as skipped; the exit status is 1).
-FAILURES: list[str] = []
+import per_call
+import real_workers
+from _common import DEFAULT_REDIS_URL, check_schema, environment, log, selected, skipped
 
 
-def expected_names(only: str | None = None) -> list[str]:
+def expected_names(mode: str, only: str | None = None) -> list[str]:
     """Every result name a run produces (measured or skipped) for ``--only``."""
-    names = [case.name for case in micro.select_cases(only)]
-    names += [name for name in paired.NAMES if selected(name, only)]
-    names += [name for name in in_task.NAMES if selected(name, only)]
-    for label, _target in overhead.TARGETS:
-        for suffix in ("overhead_pct", "added_ns", "body_ns"):
-            name = f"context.body_{label}.{suffix}"
-            if selected(name, only):
-                names.append(name)
-    names += [name for name in latency.NAMES if selected(name, only)]
-    names += [name for name in throughput.NAMES if selected(name, only)]
-    names += [name for name in peers.NAMES if selected(name, only)]
-    names += [name for name in bulk.NAMES if selected(name, only)]
-    return names
+    every = per_call.expected_names(only)
+    return every + [name for name in real_workers.names(mode) if selected(name, only)]
 
 
 def redis_problem(url: str) -> str | None:
@@ -113,174 +71,106 @@ def redis_problem(url: str) -> str | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="a rough run, under one minute")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny iteration counts, for the test suite only (the numbers mean nothing)",
-    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a rough run, under one minute")
+    mode.add_argument("--smoke", action="store_true", help="tiny counts, for the test suite")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     parser.add_argument(
-        "--only",
-        metavar="PATTERN",
-        help="run only the results whose names match (glob, or a substring)",
+        "--only", metavar="PATTERN", help="only the names that match (glob/substring)"
     )
-    parser.add_argument("--plot", metavar="FILE", help="write the overhead plot (PNG) to FILE")
-    parser.add_argument(
-        "--cdf",
-        metavar="FILE",
-        help="write the CDF plot of the delivery latencies (PNG) to FILE, and their raw "
-        "samples to FILE with the suffix .json",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=DEFAULT_REDIS_URL,
-        help=f"Redis for the alt.* and Celery benchmarks (default {DEFAULT_REDIS_URL})",
-    )
+    parser.add_argument("--plot", metavar="PNG", help="plot the checkpoint's overhead in a loop")
+    parser.add_argument("--cdf", metavar="PNG", help="plot the latency CDF; samples to PNG's .json")
+    parser.add_argument("--groups-plot", metavar="PNG", help="plot the bulk.group_* results")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis, DB 14")
+    parser.add_argument("--report", metavar="JSON", help="print the table of a results file")
     return parser.parse_args(argv)
 
 
-def run_celery_parts(
-    mode: str, only: str | None, redis_url: str, redis_error: str | None
-) -> list[dict[str, Any]]:
-    """``celery.*``, ``latency.*``, ``throughput.*`` and ``peers.latency.*``, sharing one worker.
-
-    Each is reported as skipped, with the reason, when Redis is missing, in
-    ``--smoke`` mode (no workers), or when the worker fails; a failure is
-    also logged.
-    """
-    names = [n for part in CELERY_PARTS for n in part.NAMES if selected(n, only)]
-    if not names:
-        return []
-    reason = redis_error
-    if reason is None and mode == "smoke":
-        reason = "not run in --smoke mode, which starts no Celery workers"
-    if reason is not None:
-        return [skipped(name, reason) for name in names]
-    results: list[dict[str, Any]] = []
-    try:
-        with _workers.session(redis_url) as worker:
-            log(f"celery: worker {worker.nodename} is up")
-            for part in CELERY_PARTS:
-                results += part.run(mode, only, redis_url, worker)
-    except Exception as exc:
-        log(f"error: the Celery benchmarks failed: {exc!r}")
-        done = {r["name"] for r in results}
-        results += [skipped(n, f"failed: {exc!r}") for n in names if n not in done]
-        FAILURES.append(repr(exc))
-    return results
-
-
-def run_bulk(
-    mode: str, only: str | None, redis_url: str, redis_error: str | None
-) -> list[dict[str, Any]]:
-    """``bulk.*``, over a worker of its own; skipped like the other Celery parts."""
-    names = [n for n in bulk.NAMES if selected(n, only)]
-    if not names:
-        return []
-    reason = redis_error
-    if reason is None and mode == "smoke":
-        reason = "not run in --smoke mode, which starts no Celery workers"
-    if reason is not None:
-        return [skipped(name, reason) for name in names]
-    try:
-        return bulk.run(mode, only, redis_url)
-    except Exception as exc:
-        log(f"error: the bulk cancellation benchmarks failed: {exc!r}")
-        FAILURES.append(repr(exc))
-        return [skipped(n, f"failed: {exc!r}") for n in names]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every selected part; return the results document."""
+    """Run both harnesses on the selected names; return the results document."""
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     redis_error = redis_problem(args.redis_url)
     if redis_error:
-        log(f"warning: {redis_error}; the benchmarks that need it are reported as skipped")
+        log(f"warning: {redis_error}; what needs it is reported as skipped")
     env = environment()
-    results: list[dict[str, Any]] = []
-    results += micro.run(mode, args.only, args.redis_url, redis_error)
-    results += paired.run(mode, args.only)
-    context_records, raw = overhead.run(mode, args.only)
-    results += context_records
-    results += run_celery_parts(mode, args.only, args.redis_url, redis_error)
-    results += run_bulk(mode, args.only, args.redis_url, redis_error)
-    add_ratios(results)
-    if args.plot and raw:
-        by_name = {r["name"]: r for r in results if not r.get("skipped")}
-        live = by_name.get("checkpoint.live_scope")
-        harness = by_name.get(TIMEIT_LOOP)
-        net = live["median"] - harness["median"] if live and harness else None
-        overhead.plot(raw, Path(args.plot), net)
-        log(f"plot written to {args.plot}")
-    if args.cdf:
-        write_cdf({**latency.RAW, **peers.RAW}, Path(args.cdf))
+    results = per_call.run(mode, args.only, args.redis_url, redis_error)
+    worker_names = [n for n in real_workers.names(mode) if selected(n, args.only)]
+    if redis_error:
+        results += [skipped(name, redis_error) for name in worker_names]
+    elif worker_names:
+        results += real_workers.run(mode, args.only, args.redis_url)
     return {"environment": env, "results": results}
 
 
-def write_cdf(raw: dict[str, list[float]], path: Path) -> None:
-    """The CDF plot at ``path`` and the raw samples beside it (``.json``), if any were taken.
-
-    The plot shows the curves of `latency.CDF_CURVES`; the samples file
-    also keeps the others (``peers.latency.*``), even when none of those
-    curves was sampled.
-    """
-    if not any(raw.values()):
-        log("no latency samples were taken: the CDF plot is not written")
-        return
-    samples = path.with_suffix(".json")
-    samples.write_text(json.dumps({"unit": "ms", "samples": raw}, indent=1) + "\n")
-    if any(raw.get(name) for name in latency.CDF_CURVES):
-        latency.plot_cdf(raw, path)
-        log(f"CDF plot written to {path}, its samples to {samples}")
-    else:
-        log(f"none of the CDF curves was sampled: no plot; the samples are in {samples}")
-    for name, values in raw.items():
-        log(f"  {name}: max {max(values):.2f} ms over {len(values)}")
+def write_plots(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    """The plots asked for on the command line, from this run's results."""
+    if args.plot and any(r["name"].endswith(".overhead_pct") for r in doc["results"]):
+        per_call.plot_overhead(doc["results"], Path(args.plot))
+        log(f"overhead plot written to {args.plot}")
+    if args.cdf and real_workers.RAW:
+        samples = Path(args.cdf).with_suffix(".json")
+        samples.write_text(json.dumps({"unit": "ms", "samples": real_workers.RAW}, indent=1) + "\n")
+        real_workers.plot_cdf(real_workers.RAW, Path(args.cdf))
+        log(f"CDF plot written to {args.cdf}, its samples to {samples}")
+    if args.groups_plot and args.json:
+        bulk.plot_groups(Path(args.json), Path(args.groups_plot))
+        log(f"group plot written to {args.groups_plot}")
 
 
 def summary(doc: dict[str, Any]) -> str:
-    """A plain-text table of the results."""
-    lines = [f"{'name':42} {'median':>14} {'p90':>12} {'x empty':>9} {'x loop':>8}"]
+    """A plain-text table of the results, with the ratios of the same run."""
+    lines = [f"{'name':50} {'median':>14} {'p90':>12} {'x empty':>9} {'x loop':>8} {'x cp':>8}"]
     for record in doc["results"]:
         if record.get("skipped"):
-            lines.append(f"{record['name']:42} skipped: {record['reason']}")
+            lines.append(f"{record['name']:50} skipped: {record['reason']}")
             continue
         unit = record["unit"]
         p90 = f"{record['p90']:.4g} {unit}" if "p90" in record else ""
-        ratio_e = record.get("ratio_to_empty_call")
-        ratio_l = record.get("ratio_to_loop_iteration")
+        cells = [
+            "" if record.get(key) is None else f"{record[key]:.3g}"
+            for key in ("ratio_to_empty_call", "ratio_to_loop_iteration", "ratio_to_checkpoint")
+        ]
         lines.append(
-            f"{record['name']:42} {record['median']:>11.4g} {unit:2} {p90:>12} "
-            f"{'' if ratio_e is None else f'{ratio_e:9.3g}':>9} "
-            f"{'' if ratio_l is None else f'{ratio_l:8.3g}':>8}"
+            f"{record['name']:50} {record['median']:>11.4g} {unit:2} {p90:>12} "
+            f"{cells[0]:>9} {cells[1]:>8} {cells[2]:>8}"
         )
     lines.append(
-        f"(ratios are net of {TIMEIT_LOOP}: x empty = net / net {EMPTY_CALL}, "
-        f"x loop = net / {LOOP_ITERATION})"
+        "(ratios net of baseline.timeit_loop, medians of each pass's ratio: x empty = per "
+        "baseline.empty_call, x loop = per baseline.loop_iteration, x cp = per "
+        "checkpoint.live_scope)"
     )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status (1 if a result is missing or a part failed)."""
     args = parse_args(argv)
-    micro.quiet_logs()
-    if args.only and not expected_names(args.only):
-        known = ", ".join(case.name for case in CASES)
-        log(f"--only {args.only!r} matches no benchmark (known micro names: {known})")
+    if args.report:
+        print(summary(json.loads(Path(args.report).read_text())))
+        return 0
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    expected = expected_names(mode, args.only)
+    if not expected:
+        log(f"--only {args.only!r} matches no benchmark")
         return 2
+    per_call.quiet_logs()
     doc = run(args)
-    problems = check_schema(doc, expected_names(args.only))
     print(summary(doc))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
         log(f"results written to {args.json}")
+    write_plots(args, doc)
+    problems = check_schema(doc, expected)
+    problems += [
+        f"{r['name']}: {r['reason']}"
+        for r in doc["results"]
+        if str(r.get("reason")).startswith("failed")
+    ]
     if problems:
-        log("the results document has problems:\n  " + "\n  ".join(problems))
+        log("the results have problems:\n  " + "\n  ".join(problems))
         return 1
-    return 1 if FAILURES else 0
+    return 0
 
 
 if __name__ == "__main__":

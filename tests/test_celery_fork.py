@@ -4,7 +4,8 @@ billiard forks replacement children from the worker's main process at any
 moment, while the library's poller thread may be working there.  A child
 forked while that thread holds one of our locks (or a logger's) would
 deadlock at its first use of it.  The poller therefore works under a lock
-that `os.register_at_fork` takes before every fork.
+that `os.register_at_fork` takes before every fork, and the child gets a
+runtime of its own (`cancellable.celery._runtime`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery
+from tests.celery_runtime import running_worker
 
-from cancellable import CancelScope
+from cancellable import CancelReason, CancelScope
 from cancellable._log import logger
-from cancellable.celery import _delivery, _registry, _worker
+from cancellable.celery._poller import Poller
+from cancellable.celery._registry import RunningTask
+from cancellable.celery._runtime import WorkerRuntime, runtime
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -33,6 +37,13 @@ def app_fixture() -> Iterator[Celery]:
     app.conf.cancellable_poll_interval = 3600
     yield app
     app.close()
+
+
+@pytest.fixture(name="rt")
+def rt_fixture(app: Celery) -> Iterator[WorkerRuntime]:
+    """A prefork worker's runtime, this process's for the test."""
+    with running_worker(app, pool_kind="prefork") as rt:
+        yield rt
 
 
 def fork_and_report(child: object) -> bytes:
@@ -62,7 +73,7 @@ def fork_and_report(child: object) -> bytes:
     return data
 
 
-def test_no_fork_lands_inside_a_poller_tick(app, monkeypatch):
+def test_no_fork_lands_inside_a_poller_tick(rt, monkeypatch):
     """30 forks while the poller spends a third of its time in a tick: none inside one."""
     inside = [False]
 
@@ -72,8 +83,8 @@ def test_no_fork_lands_inside_a_poller_tick(app, monkeypatch):
         time.sleep(0.05)
         inside[0] = False
 
-    monkeypatch.setattr(_delivery, "tick", slow_tick)
-    poller = _worker._Poller(app)
+    monkeypatch.setattr(rt.delivery, "tick", slow_tick)
+    poller = Poller(rt)
     poller.start()
     try:
         seen = [fork_and_report(lambda: b"inside" if inside[0] else b"outside") for _ in range(30)]
@@ -83,23 +94,35 @@ def test_no_fork_lands_inside_a_poller_tick(app, monkeypatch):
     assert [b"outside"] * 30 == seen
 
 
-def test_a_child_can_use_every_lock_at_once(app):
-    """A child forked while the poller runs can register a task, tick and log at once."""
-    poller = _worker._Poller(app)
+def test_a_child_can_use_every_lock_at_once(app, rt):
+    """A child forked while the poller runs has a runtime of its own: no worker, the
+    parent's index and mailbox, and locks it can all take (register a task, index,
+    read the mailbox, make a ledger, log)."""
+    rt.index.add([("task", "before-fork")], CancelReason(message="parent"))
+    poller = Poller(rt)
     poller.start()
 
     def child() -> bytes:
-        entry = _registry.RunningTask("t-1", "job", CancelScope())
-        _registry.register(entry)
-        _delivery.tick()
-        with _worker._tick_lock:
-            logger.debug("test.child")
-        return b"ok %d" % len(_registry.running_ids())
+        here = runtime()
+        entry = RunningTask("t-1", "job", CancelScope())
+        here.tasks.running.register(entry)
+        here.tasks.index.add([("task", "t-2")], CancelReason())
+        here.tasks.check_mailbox()
+        here.ledgers.get(app)
+        logger.debug("test.child")
+        inherited = here.tasks.index.match("before-fork")
+        return b"ok %d %d %d %d" % (
+            len(here.tasks.running.ids()),
+            here.worker is None,
+            here.tasks.mailbox is rt.mailbox,
+            inherited is not None and inherited.message == "parent",
+        )
 
     try:
         replies = [fork_and_report(child) for _ in range(10)]
     finally:
         poller.stop()
 
-    assert [b"ok 1"] * 10 == replies
+    assert [b"ok 1 1 1 1"] * 10 == replies
     assert not poller.thread.is_alive()
+    assert runtime().worker is rt

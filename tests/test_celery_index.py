@@ -77,12 +77,19 @@ class TestTargetIndex:
         assert index.match("old", "old-g") is None
         assert index.match("x", None, "new") is not None
 
-    def test_clear_forgets_targets_and_cursor(self) -> None:
-        """clear() empties the index and resets the cursor (a new worker starts)."""
+    def test_a_forked_index_keeps_targets_and_cursor_with_its_own_lock(self) -> None:
+        """forked() (a pool child) sees every target and the cursor, behind a new lock."""
         index = TargetIndex()
-        index.add([("task", "a")], CancelReason())
+        reason = CancelReason(message="before the fork")
+        index.add([("task", "a"), ("group", "g"), ("root", "r")], reason)
         index.cursor = "5-0"
 
-        index.clear()
+        child = index.forked()
 
-        assert (0, None, None) == (len(index), index.cursor, index.match("a"))
+        assert [reason] * 3 == [
+            child.match("a"),
+            child.match("x", "g"),
+            child.match("x", None, "r"),
+        ]
+        assert ("5-0", 3) == (child.cursor, len(child))
+        assert child._lock is not index._lock

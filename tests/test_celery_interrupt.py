@@ -1,9 +1,9 @@
 """Where the interrupt step may land: only in the body of the task it names, never in our code.
 
-The checks of `cancellable.celery._interrupt`, on real threads and real
-scopes: `raise_if_asked` (what the wake-up signal handler calls on the main
-thread) and `interrupt_thread` (the asynchronous exception for a pool
-thread).
+The checks of `cancellable.celery._interrupt.Interrupts`, on real threads
+and real scopes: `raise_if_asked` (what the wake-up signal handler calls on
+the main thread) and `interrupt_thread` (the asynchronous exception for a
+pool thread).  Each test has a `TaskRuntime` of its own.
 """
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
@@ -19,140 +19,152 @@ from collections.abc import Iterator
 import pytest
 
 from cancellable import Cancelled, CancelReason, CancelScope, _scope
-from cancellable.celery import _interrupt, _registry
+from cancellable.celery._interrupt import thread_interrupt_available
+from cancellable.celery._registry import RunningTask
+from cancellable.celery._runtime import TaskRuntime
 
 REASON = CancelReason(source="revoked", message="grace over")
 
 
+@pytest.fixture(name="tasks")
+def tasks_fixture() -> TaskRuntime:
+    """The runtime of a process that runs tasks (no mailbox: not a prefork child)."""
+    return TaskRuntime()
+
+
 @pytest.fixture(name="entry")
-def entry_fixture() -> Iterator[_registry.RunningTask]:
+def entry_fixture(tasks: TaskRuntime) -> Iterator[RunningTask]:
     """A registered task running on this thread, inside its scope, asked to be interrupted."""
     with CancelScope() as scope:
-        entry = _registry.RunningTask("task-1", "t", scope)
+        entry = RunningTask("task-1", "t", scope)
         entry.interrupt_reason = REASON
-        _registry.register(entry)
+        tasks.running.register(entry)
         try:
             yield entry
         finally:
-            _registry.unregister(entry)
+            tasks.running.unregister(entry)
 
 
 class TestRaiseIfAsked:
     """`raise_if_asked`, as the signal handler calls it on the task's thread."""
 
-    def test_raises_in_the_body_with_the_reason(self, entry: _registry.RunningTask) -> None:
+    def test_raises_in_the_body_with_the_reason(
+        self, tasks: TaskRuntime, entry: RunningTask
+    ) -> None:
         """Window open: Cancelled with the reason, and the ending says "interrupted"."""
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         with pytest.raises(Cancelled) as info:
-            _interrupt.raise_if_asked()
-        _interrupt.close_window(entry)
+            tasks.interrupts.raise_if_asked()
+        tasks.interrupts.close_window(entry)
 
         assert REASON == info.value.reason
         assert entry.ended_by is not None
         assert entry.ended_by.startswith("interrupted")
 
-    def test_not_outside_the_body(self, entry: _registry.RunningTask) -> None:
+    def test_not_outside_the_body(self, tasks: TaskRuntime, entry: RunningTask) -> None:
         """Window closed (boundary code before or after the body): nothing happens."""
-        _interrupt.raise_if_asked()
+        tasks.interrupts.raise_if_asked()
 
         assert entry.ended_by is None
 
-    def test_not_while_the_core_holds_its_lock(self, entry: _registry.RunningTask) -> None:
+    def test_not_while_the_core_holds_its_lock(
+        self, tasks: TaskRuntime, entry: RunningTask
+    ) -> None:
         """This thread holds the core's lock: the interrupt waits for the next signal."""
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         with _scope._lock:
-            _interrupt.raise_if_asked()
+            tasks.interrupts.raise_if_asked()
         with pytest.raises(Cancelled):
-            _interrupt.raise_if_asked()
-        _interrupt.close_window(entry)
+            tasks.interrupts.raise_if_asked()
+        tasks.interrupts.close_window(entry)
 
-    def test_not_inside_a_shield(self, entry: _registry.RunningTask) -> None:
+    def test_not_inside_a_shield(self, tasks: TaskRuntime, entry: RunningTask) -> None:
         """Cleanup hooks run in a shield, and user shields are respected too."""
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         with CancelScope(shield=True):
-            _interrupt.raise_if_asked()
-        _interrupt.close_window(entry)
+            tasks.interrupts.raise_if_asked()
+        tasks.interrupts.close_window(entry)
 
         assert entry.ended_by is None
 
-    def test_only_once_per_task(self, entry: _registry.RunningTask) -> None:
+    def test_only_once_per_task(self, tasks: TaskRuntime, entry: RunningTask) -> None:
         """After one interrupt, later signals do not land in the code that handles it."""
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         with pytest.raises(Cancelled):
-            _interrupt.raise_if_asked()
+            tasks.interrupts.raise_if_asked()
         try:
-            _interrupt.raise_if_asked()  # e.g. in the body's finally block
+            tasks.interrupts.raise_if_asked()  # e.g. in the body's finally block
         finally:
-            _interrupt.close_window(entry)
+            tasks.interrupts.close_window(entry)
 
     def test_not_while_the_signal_interrupted_library_code(
-        self, entry: _registry.RunningTask
+        self, tasks: TaskRuntime, entry: RunningTask
     ) -> None:
         """The frame the signal arrived in is cancellable's own: wait for the next signal.
 
         A scope's ``__exit__`` before it takes the core's lock, or the run of
         queued work, must not be cut in half; user code is fair game.
         """
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         try:
-            _interrupt.raise_if_asked(sys._getframe().f_back)  # pytest's own frame: fair game
+            tasks.interrupts.raise_if_asked(sys._getframe().f_back)  # pytest's own frame: fair game
         except Cancelled:
             pass
         else:
             raise AssertionError("did not raise in user code")
         entry.interruptible = True
         library_frame = _frame_of(_scope.current_scope)
-        _interrupt.raise_if_asked(library_frame)
+        tasks.interrupts.raise_if_asked(library_frame)
         # Code of another module (the standard library, a callback) called
         # by the library's bookkeeping: the stack still says "not now".
         called: list[object] = []
         _scope._fire([(lambda reason: called.append(sys._getframe()), REASON)])
-        _interrupt.raise_if_asked(called[0])
-        _interrupt.close_window(entry)
+        tasks.interrupts.raise_if_asked(called[0])
+        tasks.interrupts.close_window(entry)
 
         assert "cancellable._scope" == library_frame.f_globals["__name__"]
         assert "cancellable._scope" == called[0].f_back.f_globals["__name__"]  # type: ignore[attr-defined]
 
-    def test_not_for_a_task_of_another_thread(self) -> None:
+    def test_not_for_a_task_of_another_thread(self, tasks: TaskRuntime) -> None:
         """An entry running on another thread is never interrupted from this one."""
         ready = threading.Event()
         done = threading.Event()
-        holder: list[_registry.RunningTask] = []
+        holder: list[RunningTask] = []
 
         def run() -> None:
             with CancelScope() as scope:
-                entry = _registry.RunningTask("task-2", "t", scope)
+                entry = RunningTask("task-2", "t", scope)
                 entry.interrupt_reason = REASON
-                _registry.register(entry)
-                _interrupt.open_window(entry)
+                tasks.running.register(entry)
+                tasks.interrupts.open_window(entry)
                 holder.append(entry)
                 ready.set()
                 done.wait(5)
-                _interrupt.close_window(entry)
-                _registry.unregister(entry)
+                tasks.interrupts.close_window(entry)
+                tasks.running.unregister(entry)
 
         thread = threading.Thread(target=run)
         thread.start()
         ready.wait(5)
         try:
-            _interrupt.raise_if_asked()
+            tasks.interrupts.raise_if_asked()
         finally:
             done.set()
             thread.join(5)
 
         assert holder[0].ended_by is None
 
-    def test_not_for_a_task_that_was_not_asked(self) -> None:
+    def test_not_for_a_task_that_was_not_asked(self, tasks: TaskRuntime) -> None:
         """A running task with no interrupt request (and no mailbox slot): nothing."""
         with CancelScope() as scope:
-            entry = _registry.RunningTask("task-3", "t", scope)
-            _registry.register(entry)
-            _interrupt.open_window(entry)
+            entry = RunningTask("task-3", "t", scope)
+            tasks.running.register(entry)
+            tasks.interrupts.open_window(entry)
             try:
-                _interrupt.raise_if_asked()
+                tasks.interrupts.raise_if_asked()
             finally:
-                _interrupt.close_window(entry)
-                _registry.unregister(entry)
+                tasks.interrupts.close_window(entry)
+                tasks.running.unregister(entry)
 
         assert entry.ended_by is None
 
@@ -175,7 +187,8 @@ def _frame_of(function: object) -> object:
 
 
 def spin_in_task(
-    entry_out: list[_registry.RunningTask],
+    tasks: TaskRuntime,
+    entry_out: list[RunningTask],
     ready: threading.Event,
     outcome: dict[str, object],
     *,
@@ -184,11 +197,11 @@ def spin_in_task(
 ) -> None:
     """A pool thread's task: a pure-Python loop (after an optional blocking sleep)."""
     with CancelScope() as scope:
-        entry = _registry.RunningTask(f"task-{threading.get_ident()}", "t", scope)
+        entry = RunningTask(f"task-{threading.get_ident()}", "t", scope)
         entry.interrupt_reason = REASON
-        _registry.register(entry)
+        tasks.running.register(entry)
         entry_out.append(entry)
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         try:
             ready.set()
             if blocking:
@@ -201,8 +214,8 @@ def spin_in_task(
         except Cancelled as exc:
             outcome["cancelled"] = exc.reason
         finally:
-            _interrupt.close_window(entry)
-            _registry.unregister(entry)
+            tasks.interrupts.close_window(entry)
+            tasks.running.unregister(entry)
 
 
 def wait_until_in_sleep(thread: threading.Thread) -> None:
@@ -219,28 +232,28 @@ def wait_until_in_sleep(thread: threading.Thread) -> None:
     raise AssertionError("the thread never reached its sleep")
 
 
-@pytest.mark.skipif(
-    not _interrupt.thread_interrupt_available(), reason="needs PyThreadState_SetAsyncExc"
-)
+@pytest.mark.skipif(not thread_interrupt_available(), reason="needs PyThreadState_SetAsyncExc")
 class TestInterruptThread:
     """`interrupt_thread`: an asynchronous exception into a pool thread."""
 
-    def test_lands_in_a_python_loop(self) -> None:
+    def test_lands_in_a_python_loop(self, tasks: TaskRuntime) -> None:
         """A loop without checkpoints gets Cancelled with the reason, at once."""
-        entries: list[_registry.RunningTask] = []
+        entries: list[RunningTask] = []
         ready = threading.Event()
         outcome: dict[str, object] = {}
-        thread = threading.Thread(target=spin_in_task, args=(entries, ready, outcome))
+        thread = threading.Thread(target=spin_in_task, args=(tasks, entries, ready, outcome))
         thread.start()
         ready.wait(5)
 
-        landed = _interrupt.interrupt_thread(entries[0])
+        landed = tasks.interrupts.interrupt_thread(entries[0])
         thread.join(5)
 
         assert landed
         assert {"cancelled": REASON} == outcome
 
-    def test_a_blocked_thread_is_left_alone_and_nothing_lands_later(self) -> None:
+    def test_a_blocked_thread_is_left_alone_and_nothing_lands_later(
+        self, tasks: TaskRuntime
+    ) -> None:
         """In ``time.sleep``: the sleep is not broken; what happens after agrees with the answer.
 
         Normally the exception does not land within the 10 ms wait and is
@@ -250,12 +263,12 @@ class TestInterruptThread:
         and while the core's lock is held by the caller.  Either way it never
         lands later, unannounced.
         """
-        entries: list[_registry.RunningTask] = []
+        entries: list[RunningTask] = []
         ready = threading.Event()
         outcome: dict[str, object] = {}
         thread = threading.Thread(
             target=spin_in_task,
-            args=(entries, ready, outcome),
+            args=(tasks, entries, ready, outcome),
             kwargs={"blocking": 0.3, "seconds": 0.3},
         )
         thread.start()
@@ -263,7 +276,7 @@ class TestInterruptThread:
         wait_until_in_sleep(thread)
 
         began = time.monotonic()
-        landed = _interrupt.interrupt_thread(entries[0])
+        landed = tasks.interrupts.interrupt_thread(entries[0])
         thread.join(5)
         sleeping_on = time.monotonic() - began
 
@@ -274,13 +287,13 @@ class TestInterruptThread:
         else:
             assert {"slept": True, "finished": True} == outcome
 
-    def test_not_while_another_thread_is_inside_the_core(self) -> None:
+    def test_not_while_another_thread_is_inside_the_core(self, tasks: TaskRuntime) -> None:
         """The core's lock is taken: no attempt (it could land inside the core)."""
-        entries: list[_registry.RunningTask] = []
+        entries: list[RunningTask] = []
         ready = threading.Event()
         outcome: dict[str, object] = {}
         thread = threading.Thread(
-            target=spin_in_task, args=(entries, ready, outcome), kwargs={"seconds": 0.5}
+            target=spin_in_task, args=(tasks, entries, ready, outcome), kwargs={"seconds": 0.5}
         )
         thread.start()
         ready.wait(5)
@@ -296,7 +309,7 @@ class TestInterruptThread:
         holder.start()
         held.wait(5)
         try:
-            landed = _interrupt.interrupt_thread(entries[0])
+            landed = tasks.interrupts.interrupt_thread(entries[0])
         finally:
             release.set()
             holder.join(5)
@@ -305,20 +318,20 @@ class TestInterruptThread:
         assert not landed
         assert {"finished": True} == outcome
 
-    def test_not_inside_a_shield_of_the_task(self) -> None:
+    def test_not_inside_a_shield_of_the_task(self, tasks: TaskRuntime) -> None:
         """The task's code runs inside a shield (its own, or cleanup): no attempt."""
-        entries: list[_registry.RunningTask] = []
+        entries: list[RunningTask] = []
         ready = threading.Event()
         outcome: dict[str, object] = {}
 
         def task() -> None:
             # The entry's scope is entered first; the shield goes inside it.
             with CancelScope() as scope:
-                entry = _registry.RunningTask(f"task-{threading.get_ident()}", "t", scope)
+                entry = RunningTask(f"task-{threading.get_ident()}", "t", scope)
                 entry.interrupt_reason = REASON
-                _registry.register(entry)
+                tasks.running.register(entry)
                 entries.append(entry)
-                _interrupt.open_window(entry)
+                tasks.interrupts.open_window(entry)
                 try:
                     with CancelScope(shield=True):
                         ready.set()
@@ -329,26 +342,26 @@ class TestInterruptThread:
                 except Cancelled as exc:
                     outcome["cancelled"] = exc.reason
                 finally:
-                    _interrupt.close_window(entry)
-                    _registry.unregister(entry)
+                    tasks.interrupts.close_window(entry)
+                    tasks.running.unregister(entry)
 
         thread = threading.Thread(target=task)
         thread.start()
         ready.wait(5)
-        landed = _interrupt.interrupt_thread(entries[0])
+        landed = tasks.interrupts.interrupt_thread(entries[0])
         thread.join(5)
 
         assert not landed
         assert {"finished": True} == outcome
 
-    def test_not_after_the_body(self) -> None:
+    def test_not_after_the_body(self, tasks: TaskRuntime) -> None:
         """Once the window is closed the entry is never interrupted."""
         with CancelScope() as scope:
-            entry = _registry.RunningTask("task-4", "t", scope)
-            _registry.register(entry)
+            entry = RunningTask("task-4", "t", scope)
+            tasks.running.register(entry)
             try:
-                landed = _interrupt.interrupt_thread(entry)
+                landed = tasks.interrupts.interrupt_thread(entry)
             finally:
-                _registry.unregister(entry)
+                tasks.running.unregister(entry)
 
         assert not landed

@@ -22,9 +22,13 @@ import pytest
 import structlog.testing
 
 from cancellable import DEFAULT, Cancelled, CancelReason, CancelScope
-from cancellable.celery import _interrupt, _ladder, _registry
+from cancellable.celery import _ladder
 from cancellable.celery._childtable import ROW_SIZE, ChildTable
+from cancellable.celery._ladder import Ladder
 from cancellable.celery._mailbox import KEY_SIZE, key_of
+from cancellable.celery._registry import RunningTask
+from cancellable.celery._runtime import WorkerRuntime
+from cancellable.celery._settings import SettingError
 from cancellable.events import CANCEL_NOT_ESCALATED
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -160,119 +164,118 @@ class TestStopCheckKill:
         assert "moved_on" == _ladder.stop_check_kill(ChildTable(), pid, "task-x")
 
 
-def _make_app() -> Any:
-    """A real Celery app with two @cancellable tasks (made once: task names are global)."""
+def _make_app(**conf: Any) -> Any:
+    """A real Celery app with two @cancellable tasks, and ``conf`` as its settings."""
     from celery import Celery
 
     from cancellable import cancellable
 
     app = Celery("ladder-unit", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(conf)
 
-    @app.task(name="ladder-unit.graced")
+    @app.task(name="ladder-unit.graced", shared=False)
     @cancellable(grace=3.0)
     def graced() -> None:
         """A task with its own grace."""
 
-    @app.task(bind=True, name="ladder-unit.plain")
+    @app.task(bind=True, name="ladder-unit.plain", shared=False)
     @cancellable
     def plain(self: Any) -> None:
         """A bound task without a grace of its own."""
 
-    @app.task(name="ladder-unit.undecorated")
+    @app.task(name="ladder-unit.undecorated", shared=False)
     def undecorated() -> None:
         """A task without ``@cancellable``."""
 
     return app
 
 
-_APP = _make_app()
+def threads_worker(pool_kind: str = "threads", **conf: Any) -> WorkerRuntime:
+    """The runtime of a worker of a new app with ``conf`` (not made this process's)."""
+    return WorkerRuntime(_make_app(**conf), pool_kind=pool_kind)
 
 
-@pytest.fixture(name="app")
-def app_fixture() -> Any:
-    """The app, wired into the ladder as a threads worker's would be, settings reset."""
-    _APP.conf.cancellable_grace = None
-    _ladder.configure_worker(_APP, None, "threads")
-    yield _APP
-    _APP.conf.cancellable_grace = None
-    _ladder.configure_worker(_APP, None, "")
-    _ladder._app = None
+def graces(ladder: Ladder, task_name: str, call_grace: float | None) -> float | None:
+    """The grace the ladder applies to ``task_name`` when the call gives ``call_grace``."""
+    return ladder.resolve_grace(call_grace, ladder.task_grace(task_name))
 
 
 class TestSettings:
     """Which grace applies: the call's, then the task's, then the app's."""
 
-    def test_the_calls_grace_wins(self, app: Any) -> None:
+    def test_the_calls_grace_wins(self) -> None:
         """A grace given to cancel() is used whatever the task and app say."""
-        app.conf.cancellable_grace = 9.0
+        ladder = threads_worker(cancellable_grace=9.0).ladder
 
-        assert 1.0 == _ladder._resolve_grace(1.0, _ladder._task_grace("ladder-unit.graced"))
+        assert 1.0 == graces(ladder, "ladder-unit.graced", 1.0)
 
-    def test_then_the_tasks_own(self, app: Any) -> None:
+    def test_then_the_tasks_own(self) -> None:
         """``@cancellable(grace=3.0)`` is found through the app's task registry."""
-        app.conf.cancellable_grace = 9.0
+        ladder = threads_worker(cancellable_grace=9.0).ladder
 
-        assert 3.0 == _ladder._resolve_grace(None, _ladder._task_grace("ladder-unit.graced"))
+        assert 3.0 == graces(ladder, "ladder-unit.graced", None)
 
-    def test_then_the_apps(self, app: Any) -> None:
+    def test_then_the_apps(self) -> None:
         """A task without a grace (bound task, wrapper in the registry) takes the app's."""
-        app.conf.cancellable_grace = 9.0
+        ladder = threads_worker(cancellable_grace=9.0).ladder
 
-        assert _ladder._task_grace("ladder-unit.plain") is DEFAULT
-        assert 9.0 == _ladder._resolve_grace(None, _ladder._task_grace("ladder-unit.plain"))
+        assert ladder.task_grace("ladder-unit.plain") is DEFAULT
+        assert 9.0 == graces(ladder, "ladder-unit.plain", None)
 
-    def test_none_by_default(self, app: Any) -> None:
+    def test_none_by_default(self) -> None:
         """No grace anywhere: cooperative only, the task is not put on the ladder."""
-        _ladder.start("id-1", CancelReason(), "ladder-unit.plain", None)
+        ladder = threads_worker().ladder
+        ladder.start("id-1", CancelReason(), "ladder-unit.plain", None)
 
-        assert {} == _ladder.rungs()
+        assert {} == ladder.rungs()
 
-    def test_a_bad_setting_is_logged_not_raised(self, app: Any) -> None:
-        """``cancellable_grace = -1``: logged as not escalated, nothing raised."""
-        app.conf.cancellable_grace = -1
-        with structlog.testing.capture_logs() as logs:
-            _ladder.start("id-2", CancelReason(), "ladder-unit.plain", None)
+    def test_a_bad_setting_fails_the_worker_and_names_it(self) -> None:
+        """``cancellable_grace = -1``: the worker's runtime is not built, and the error
+        names the setting (never a worker that cooperates but silently cannot escalate)."""
+        with pytest.raises(SettingError) as caught:
+            threads_worker(cancellable_grace=-1)
 
-        assert {} == _ladder.rungs()
-        assert [CANCEL_NOT_ESCALATED] == [entry["event"] for entry in logs]
+        assert ("cancellable_grace",) == caught.value.settings
+        assert "cancellable_grace=-1" in str(caught.value)
 
-    def test_a_task_this_worker_does_not_hold_leaves_the_ladder(self, app: Any) -> None:
+    def test_a_task_this_worker_does_not_hold_leaves_the_ladder(self) -> None:
         """On the ladder, then neither held nor running here: the next tick drops it."""
-        _ladder.start("id-3", CancelReason(), "ladder-unit.graced", None)
-        assert ["id-3"] == list(_ladder.rungs())
+        ladder = threads_worker().ladder
+        ladder.start("id-3", CancelReason(), "ladder-unit.graced", None)
+        assert ["id-3"] == list(ladder.rungs())
 
-        _ladder.tick()
+        ladder.tick()
 
-        assert {} == _ladder.rungs()
+        assert {} == ladder.rungs()
 
-    def test_a_task_without_cancellable_is_never_on_the_ladder(self, app: Any) -> None:
+    def test_a_task_without_cancellable_is_never_on_the_ladder(self) -> None:
         """An undecorated task has no boundary to interrupt at: no rung, whatever the grace."""
-        app.conf.cancellable_grace = 1.0
-        _ladder.start("id-4", CancelReason(), "ladder-unit.undecorated", 5.0)
+        ladder = threads_worker(cancellable_grace=1.0).ladder
+        ladder.start("id-4", CancelReason(), "ladder-unit.undecorated", 5.0)
 
-        assert {} == _ladder.rungs()
+        assert {} == ladder.rungs()
 
-    def test_a_task_name_the_app_does_not_know_takes_the_calls_grace(self, app: Any) -> None:
+    def test_a_task_name_the_app_does_not_know_takes_the_calls_grace(self) -> None:
         """A name missing from the registry: the call's grace (then the app's) applies."""
-        _ladder.start("id-5", CancelReason(), "no.such.task", 2.0)
-        try:
-            rung = _ladder.rungs()["id-5"]
-        finally:
-            with _ladder._lock:
-                _ladder._rungs.clear()
+        ladder = threads_worker().ladder
+        ladder.start("id-5", CancelReason(), "no.such.task", 2.0)
 
-        assert 2.0 == rung.grace
+        assert 2.0 == ladder.rungs()["id-5"].grace
 
 
 def _spin_as_a_pool_thread(
-    entries: list[Any], ready: threading.Event, outcome: dict[str, object], blocking: float
+    rt: WorkerRuntime,
+    entries: list[Any],
+    ready: threading.Event,
+    outcome: dict[str, object],
+    blocking: float,
 ) -> None:
     """A threads-pool task: a blocking call, then a loop without checkpoints."""
     with CancelScope() as scope:
-        entry = _registry.RunningTask(f"ladder-{threading.get_ident()}", "t", scope)
-        _registry.register(entry)
+        entry = RunningTask(f"ladder-{threading.get_ident()}", "t", scope)
+        rt.tasks.running.register(entry)
         entries.append(entry)
-        _interrupt.open_window(entry)
+        rt.tasks.interrupts.open_window(entry)
         try:
             ready.set()
             time.sleep(blocking)
@@ -283,41 +286,38 @@ def _spin_as_a_pool_thread(
         except Cancelled as exc:
             outcome["cancelled"] = exc.reason
         finally:
-            _interrupt.close_window(entry)
-            _registry.unregister(entry)
+            rt.tasks.interrupts.close_window(entry)
+            rt.tasks.running.unregister(entry)
 
 
 class TestThreadsPool:
     """The ladder in a threads-pool worker, on a real pool-like thread."""
 
-    def test_keeps_interrupting_after_kill_after_when_it_cannot_terminate(self, app: Any) -> None:
+    def test_keeps_interrupting_after_kill_after_when_it_cannot_terminate(self) -> None:
         """Past ``kill_after`` the threads pool says it cannot terminate, and keeps trying.
 
         The task is in a blocking call when the interrupt is first due (it
         cannot land there); once the call returns, a later try lands.
         """
-        app.conf.cancellable_kill_after = 0
+        rt = threads_worker(cancellable_kill_after=0)
         entries: list[Any] = []
         ready = threading.Event()
         outcome: dict[str, object] = {}
         thread = threading.Thread(
-            target=_spin_as_a_pool_thread, args=(entries, ready, outcome, 0.6), daemon=True
+            target=_spin_as_a_pool_thread, args=(rt, entries, ready, outcome, 0.6), daemon=True
         )
         thread.start()
         assert ready.wait(5)
         reason = CancelReason(message="stop")
         try:
             with structlog.testing.capture_logs() as logs:
-                _ladder.start(entries[0].task_id, reason, "ladder-unit.plain", 0.0)
+                rt.ladder.start(entries[0].task_id, reason, "ladder-unit.plain", 0.0)
                 deadline = time.monotonic() + 8
                 while thread.is_alive() and time.monotonic() < deadline:
-                    _ladder.tick()
+                    rt.ladder.tick()
                     time.sleep(0.05)
         finally:
-            app.conf.pop("cancellable_kill_after", None)
             thread.join(12)
-            with _ladder._lock:
-                _ladder._rungs.clear()
 
         assert {"cancelled": reason} == outcome
         whys = [e.get("why", "") for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
@@ -378,26 +378,16 @@ class TestTerminateStep:
 
     def test_no_table_or_no_row_is_unavailable(self) -> None:
         """Outside a prefork worker (no table), or for a pid without a row: "unavailable"."""
-        saved = _ladder._table
-        try:
-            _ladder._table = None
-            assert "unavailable" == _ladder.terminate(os.getpid(), "t")
-            _ladder._table = ChildTable()
-            assert "unavailable" == _ladder.terminate(os.getpid(), "t")
-        finally:
-            _ladder._table = saved
+        assert "unavailable" == threads_worker().ladder.terminate(os.getpid(), "t")
+        assert "unavailable" == threads_worker("prefork").ladder.terminate(os.getpid(), "t")
 
     def test_a_greenlet_pool_cannot_interrupt_and_says_so_once(self) -> None:
         """gevent/eventlet: the interrupt step logs "cannot interrupt a greenlet", once."""
         rung = _ladder._Rung("g-1", "t", CancelReason(message="x"), time.monotonic(), 0.0, None)
-        saved = _ladder._pool_kind
-        try:
-            _ladder._pool_kind = "gevent"
-            with structlog.testing.capture_logs() as logs:
-                _ladder._interrupt_step(rung, None, None, time.monotonic())
-                _ladder._interrupt_step(rung, None, None, time.monotonic())
-        finally:
-            _ladder._pool_kind = saved
+        ladder = threads_worker("gevent").ladder
+        with structlog.testing.capture_logs() as logs:
+            ladder._interrupt_step(rung, None, None, time.monotonic())
+            ladder._interrupt_step(rung, None, None, time.monotonic())
 
         whys = [e["why"] for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
         assert ["the gevent pool cannot interrupt a greenlet"] == whys
@@ -441,7 +431,8 @@ def test_a_child_that_cannot_be_stopped_is_given_up_on(monkeypatch: pytest.Monke
     sleep cannot be made to order; what is tested is the ladder's counting.)
     """
     calls: list[int] = []
-    monkeypatch.setattr(_ladder, "terminate", lambda pid, *rest: calls.append(pid) or "retry")
+    ladder = threads_worker("prefork").ladder
+    monkeypatch.setattr(ladder, "terminate", lambda pid, *rest: calls.append(pid) or "retry")
     rung = _ladder._Rung("d-1", "t", CancelReason(message="x"), time.monotonic(), 0.0, 0.0)
     rung.step = "terminate"
 
@@ -454,7 +445,7 @@ def test_a_child_that_cannot_be_stopped_is_given_up_on(monkeypatch: pytest.Monke
         for _ in range(_ladder.MAX_STOP_TRIES + 5):
             if rung.step == "done":
                 break
-            _ladder._advance(rung, Held(), None, time.monotonic())
+            ladder._advance(rung, Held(), None, time.monotonic())
 
     assert [4242] * _ladder.MAX_STOP_TRIES == calls
     assert "done" == rung.step

@@ -44,8 +44,8 @@ def job():
 
 traced = build_tracer(job.name, job, eager=False, app=app)("t1", (), {}, {"id": "t1"})
 print(traced.info.state, app.AsyncResult("t1").state, app.AsyncResult("t1").result)
-from cancellable.celery import _wakeup
-print("wakeup available:", _wakeup.available())
+from cancellable.celery._runtime import WorkerRuntime
+print("wakeup available:", WorkerRuntime(app).tasks.wakeup.available)
 """
     )
     assert "IGNORED REVOKED manual: stop" in done.stdout
@@ -76,7 +76,7 @@ def test_prefork_worker_warns_once_when_children_cannot_be_reached(prelude, opti
 import warnings
 from celery import Celery
 import cancellable.celery
-from cancellable.celery._worker import PreforkDeliveryWarning
+from cancellable.celery import PreforkDeliveryWarning
 
 app = Celery("nosig", broker="memory://", backend="cache+memory://")
 app.conf.cancellable_ledger_url = "none"

@@ -23,29 +23,36 @@ from celery.app.task import Context
 from celery.exceptions import TaskRevokedError
 from celery.result import GroupResult
 from tests import redis_dbs
+from tests.celery_runtime import running_worker
 
 import cancellable.celery as cc
 from cancellable import CancelReason
-from cancellable.celery import _api, _failfast, _index, _ledger, _workflow
+from cancellable.celery import _failfast, _index, _workflow
+from cancellable.celery._runtime import runtime
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
 
-@pytest.fixture(name="app")
-def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
-    """An app on Redis DB 12 with one task, ``t``, and a private queue name."""
+def make_app(**conf: Any) -> Celery:
+    """An app on Redis DB 12 with one task, ``t``, a private queue name, and ``conf``."""
     name = f"cwf-{uuid.uuid4().hex[:8]}"
     app = Celery(name, broker=REDIS_URL, backend=REDIS_URL, set_as_current=False)
     app.conf.control_exchange = name
     app.conf.task_default_queue = name
+    app.conf.update(conf)
 
     @app.task(name=f"{name}.t")
     def t(*args: Any) -> None:
         """Never runs: no worker consumes the queue."""
 
-    _ledger.reset()
+    return app
+
+
+@pytest.fixture(name="app")
+def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
+    """An app on Redis DB 12 with one task, ``t``, and a private queue name."""
+    app = make_app()
     yield app
-    _ledger.reset()
     app.close()
 
 
@@ -192,7 +199,7 @@ class TestClientPlan:
         result = GroupResult(str(uuid.uuid4()), members, app=app)
 
         cc.cancel(result, "batch")
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [(("group", result.id),)] == [e.targets for e in entries]
 
@@ -209,7 +216,7 @@ class TestClientPlan:
         first = result.parent.parent
 
         cc.cancel(result, "whole chain", workflow=True)
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [(("root", result.id), ("root", first.id))] == [e.targets for e in entries]
         assert "PENDING" == app.AsyncResult(first.id).state
@@ -224,7 +231,7 @@ class TestClientPlan:
         result = chord([t(app, i) for i in range(3)], t(app)).apply_async()
 
         cc.cancel(result, "chord", workflow=True)
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [(("root", result.id), ("group", result.parent.id))] == [e.targets for e in entries]
         assert "REVOKED" == app.AsyncResult(result.id).state
@@ -237,7 +244,7 @@ class TestClientPlan:
         chained, _plain = result.results
 
         cc.cancel(result)
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [(("group", result.id), ("root", chained.parent.id))] == [e.targets for e in entries]
 
@@ -251,7 +258,7 @@ class TestClientPlan:
             child_id, 2, states.SUCCESS, request=Context(parent_id=parent_id, group=group_id)
         )
 
-        targets, seen = _api.workflow_targets(app, [child_id])
+        targets, seen = _workflow.workflow_targets(app, [child_id])
 
         assert [("root", child_id), ("root", parent_id), ("group", group_id)] == targets
         assert {child_id: "SUCCESS", parent_id: "SUCCESS"} == seen
@@ -260,7 +267,7 @@ class TestClientPlan:
         """Nothing stored: the id alone, as a root target."""
         task_id = str(uuid.uuid4())
 
-        assert ([("root", task_id)], {}) == _api.workflow_targets(app, [task_id])
+        assert ([("root", task_id)], {}) == _workflow.workflow_targets(app, [task_id])
 
     def test_empty_id_is_refused(self, app: Celery) -> None:
         """An empty id in workflow mode is a ValueError, before anything is sent."""
@@ -273,25 +280,29 @@ class TestFailFastOption:
 
     def test_task_option_and_app_setting(self, app: Celery) -> None:
         """The task option wins; the app setting is the default; off unless chosen."""
+        opting = make_app(cancellable_cancel_siblings_on_failure=True)
 
         @app.task(name=f"{app.main}.opted", cancel_siblings_on_failure=True)
         def opted() -> None:
             """Opted in."""
 
-        @app.task(name=f"{app.main}.declined", cancel_siblings_on_failure=False)
+        @app.task(name=f"{app.main}.silent")
+        def silent() -> None:
+            """Follows the app setting (off)."""
+
+        @opting.task(name=f"{opting.main}.declined", cancel_siblings_on_failure=False)
         def declined() -> None:
             """Opted out explicitly."""
 
-        @app.task(name=f"{app.main}.silent")
-        def silent() -> None:
-            """Follows the app setting."""
+        @opting.task(name=f"{opting.main}.silent")
+        def silent_in_opting() -> None:
+            """Follows the app setting (on)."""
 
         assert _failfast.wants_fail_fast(opted)
         assert not _failfast.wants_fail_fast(silent)
-        app.conf.cancellable_cancel_siblings_on_failure = True
-
-        assert _failfast.wants_fail_fast(silent)
+        assert _failfast.wants_fail_fast(silent_in_opting)
         assert not _failfast.wants_fail_fast(declined)
+        opting.close()
 
 
 class TestClientPlanGroups:
@@ -305,7 +316,7 @@ class TestClientPlanGroups:
         first = result.parent
 
         cc.cancel(result, "after a", workflow=True)
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [(("root", first.id),)] == [e.targets for e in entries]
         for member in result.results:
@@ -318,7 +329,7 @@ class TestClientPlanGroups:
         outer = GroupResult("outer", [inner, app.AsyncResult("o1")], app=app)
 
         cc.cancel(outer)
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [(("group", "outer"), ("group", "inner"))] == [e.targets for e in entries]
 
@@ -340,19 +351,15 @@ class TestFailFastSignal:
 
         member.push_request(id="m1", group="g1")
         try:
-            _failfast._on_failure(sender=member, task_id="m1", exception=ValueError("bad"))
+            with running_worker(app) as rt:
+                _failfast._on_failure(sender=member, task_id="m1", exception=ValueError("bad"))
         finally:
             member.pop_request()
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
-        try:
-            assert [(("group", "g1"),)] == [e.targets for e in entries]
-            assert "revoked: group member m1 failed: ValueError: bad" == (
-                entries[0].reason.describe()
-            )
-            assert _index.index.has("group", "g1")
-        finally:
-            _index.index.clear()
+        assert [(("group", "g1"),)] == [e.targets for e in entries]
+        assert "revoked: group member m1 failed: ValueError: bad" == (entries[0].reason.describe())
+        assert rt.tasks.index.has("group", "g1")
 
     def test_outside_a_group_or_not_opted_in_records_nothing(self, app: Celery) -> None:
         """No group id, or no opt-in: nothing is recorded."""
@@ -373,6 +380,6 @@ class TestFailFastSignal:
         finally:
             alone.pop_request()
             plain.pop_request()
-        entries, _ = _ledger.ledger_for(app).read(None)
+        entries, _ = runtime().ledgers.get(app).read(None)
 
         assert [] == entries

@@ -21,7 +21,7 @@ PACKAGE = Path(cancellable.__file__).resolve().parent
 
 
 def module_name(path: Path) -> str:
-    """``cancellable.celery._worker`` for ``.../cancellable/celery/_worker.py``."""
+    """``cancellable.celery._runtime`` for ``.../cancellable/celery/_runtime.py``."""
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -55,8 +55,8 @@ def imported_by(name: str) -> set[str]:
 
 def test_the_graph_sees_the_integration():
     """The graph is not empty by accident: the integration's wiring is in it."""
-    assert {"cancellable.celery._task", "cancellable.celery._delivery"} <= imported_by(
-        "cancellable.celery._worker"
+    assert {"cancellable.celery._task", "cancellable.celery._runtime"} <= imported_by(
+        "cancellable.celery._activation"
     )
 
 

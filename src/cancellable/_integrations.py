@@ -4,12 +4,14 @@ The core never imports an integration.  Instead, importing `cancellable`
 registers a post-import hook by module name (`wrapt.when_imported`): the
 moment the program imports ``celery`` (or at once, if it already has),
 `cancellable.celery` is imported and registers its task runner with the
-core (`cancellable._decorator.register_task_runner`) and its worker-side
-signal handlers with Celery.  A program that never imports Celery never
-loads the integration, and no worker flag is needed in one that does.
+core (`cancellable._decorator.register_task_runner`) and one receiver of
+Celery's ``worker_init`` signal.  It patches nothing: a worker installs what
+it needs when it starts (see `cancellable.celery._activation`).  A program
+that never imports Celery never loads the integration, and no worker flag is
+needed in one that does.
 
 In a worker this happens while the main process imports Celery, long before
-the pool forks its children, so every child inherits the installed machinery.
+the worker is built, so ``worker_init`` is heard.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ __all__ = ["INTEGRATIONS", "register_all"]
 #: Framework module name -> the integration module activated when it is imported.
 INTEGRATIONS = {"celery": "cancellable.celery"}
 
-_registered = False
+
+class _Registered:
+    """Whether the hooks are registered in this process."""
+
+    done = False
 
 
 def _activator(integration: str) -> Callable[[ModuleType], None]:
@@ -37,9 +43,8 @@ def _activator(integration: str) -> Callable[[ModuleType], None]:
 
 def register_all() -> None:
     """Register the post-import hook of every integration (idempotent)."""
-    global _registered
-    if _registered:
+    if _Registered.done:
         return
-    _registered = True
+    _Registered.done = True
     for framework, integration in INTEGRATIONS.items():
         wrapt.register_post_import_hook(_activator(integration), framework)

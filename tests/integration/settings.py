@@ -12,6 +12,7 @@ Celery tasks, and must keep working whatever state the integration is in.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -103,7 +104,7 @@ def app_from_env() -> Celery:
     poll = _env("POLL_INTERVAL")
     prefetch = _env("PREFETCH")
     visibility = _env("VISIBILITY_TIMEOUT")
-    return make_app(
+    app = make_app(
         main=str(_env("APP_NAME")),
         broker_url=str(_env("BROKER_URL")),
         backend_url=str(_env("BACKEND_URL", REDIS_URL)),
@@ -113,3 +114,6 @@ def app_from_env() -> Celery:
         prefetch_multiplier=int(prefetch) if prefetch else None,
         visibility_timeout=float(visibility) if visibility else None,
     )
+    # Extra app settings, as JSON (e.g. a cancellable_* setting under test).
+    app.conf.update(json.loads(_env("SETTINGS") or "{}"))
+    return app

@@ -3,6 +3,7 @@ finished tasks, a broker that is down, and bad arguments to `cancel`."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -183,3 +184,28 @@ def test_soft_time_limit_still_works(shared_worker, keys: Keys, task):
 
     assert "soft-limit" == result.get(timeout=20)
     assert children_before == worker.children()
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"cancellable_ledger_ttl": "7d"}, "cancellable_ledger_ttl='7d'"),
+        ({"cancellable_grace_period": 5}, "did you mean cancellable_grace?"),
+    ],
+)
+def test_a_bad_setting_stops_the_worker_start_and_names_it(make_worker, settings, named):
+    """(j) ``cancellable_ledger_ttl="7d"`` (or a misspelt setting): the worker does not
+    start (it exits non-zero before answering a ping), and its log names the setting.
+
+    Before, such a value silently disabled the integration in that worker.
+    """
+    worker = make_worker(
+        pool="threads", start=False, extra_env={"CIT_SETTINGS": json.dumps(settings)}
+    )
+
+    with pytest.raises(RuntimeError, match="exited with") as caught:
+        worker.start()
+
+    assert 0 != worker.proc.returncode
+    assert "SettingError" in caught.value.args[0], caught.value.args[0]
+    assert named in worker.log_path.read_text(errors="replace")

@@ -127,7 +127,7 @@ def test_running_task_stops_after_a_storm_of_unrelated_revokes(make_worker, keys
     from cancellable.celery import cancel
 
     worker = make_worker(extra_env=SMALL_REVOKED_SET)
-    result = worker.send("cit.blind_then_loop", keys.key("t"), 3.0, 20.0)
+    result = worker.send("cit.blind_then_loop", keys.key("t"), 8.0, 20.0)
     wait_for(lambda: keys.flag("t", "blind"), 20, message="the blind section")
 
     cancel(result.id, reason="before the storm", app=worker.app)
@@ -215,9 +215,14 @@ def test_plain_revoke_while_no_worker_is_online(make_worker, keys: Keys, how):
     """Celery's own revoke, sent while no worker runs, still holds for a worker started later.
 
     The revoke broadcast reaches nobody; the client side recorded it in the
-    ledger, which the worker reads when it starts.
+    ledger, which the worker reads when it starts.  (A process records its
+    plain revokes once it has called `cancel`, as this one does first, for a
+    task that was never sent.)
     """
+    from cancellable.celery import cancel
+
     worker = make_worker(extra_env=SMALL_REVOKED_SET, start=False)
+    cancel(f"never-sent-{uuid.uuid4()}", reason="this process cancels", app=worker.app)
     if how == "GroupResult.revoke":
         victims = group(worker.signature("cit.loop", keys.key(f"q{i}"), 0.05) for i in range(150))
         result = victims.apply_async()

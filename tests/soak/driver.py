@@ -618,10 +618,10 @@ class Soak:
 
     def mark_unheard_revokes(self) -> None:
         """Plain revokes that no worker received become "unheard" (`audit.mark_unheard`)."""
-        from cancellable.celery import _ledger
+        from cancellable.celery._runtime import runtime
 
         assert self.app is not None
-        entries, _cursor = _ledger.ledger_for(self.app).read(None)
+        entries, _cursor = runtime().ledgers.get(self.app).read(None)
         recorded = {target_id for e in entries for kind, target_id in e.targets if kind == "task"}
         audit_mod.mark_unheard(self.cancels, recorded)
 

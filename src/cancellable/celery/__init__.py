@@ -10,9 +10,10 @@ cancels a group of any size as one target, and ``cancel(result,
 workflow=True)`` a whole chain, group or chord (see :doc:`/workflows`).
 
 Importing this module (importing `cancellable` arranges it for you as soon
-as Celery is imported) installs the worker-side machinery; no worker flags
-are needed.
-See :doc:`/celery` for how it works in each pool and broker.
+as Celery is imported) patches nothing: a worker installs what it needs
+when it starts, and `cancel` at its first call; no worker flags are needed.
+See :doc:`/celery` for what is installed, where and when, and how it works
+in each pool and broker.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ except ImportError as exc:
         f"cancellable.celery needs Celery ({exc}): pip install 'cancellable[celery]'"
     ) from exc
 
-from ._api import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
-from ._ladder import DEFAULT_KILL_AFTER
-from ._ledger import DEFAULT_LEDGER_TTL
-from ._worker import DEFAULT_POLL_INTERVAL, PreforkDeliveryWarning, install
+from ._activation import PreforkDeliveryWarning, activate
+from ._client import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
+from ._settings import (
+    DEFAULT_KILL_AFTER,
+    DEFAULT_LEDGER_TTL,
+    DEFAULT_POLL_INTERVAL,
+    SettingError,
+    Settings,
+)
 
-install()
+activate()
 
 __all__ = [
     "DEFAULT_KILL_AFTER",
@@ -38,6 +44,8 @@ __all__ = [
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
     "PreforkDeliveryWarning",
+    "SettingError",
+    "Settings",
     "cancel",
     "configure",
 ]

@@ -59,6 +59,9 @@ __all__ = [
     "request_embed",
     "request_worker_pid",
     "task_ids",
+    "unregister_inspect_command",
+    "unwrap_request_methods",
+    "unwrap_revoke_command",
     "worker_concurrency",
     "worker_hub",
     "worker_pool_kind",
@@ -296,6 +299,42 @@ def register_inspect_command(handler: ControlHandler, name: str) -> bool:
         return False
     Panel.register(handler, name=name, type="inspect")
     return True
+
+
+def unwrap_revoke_command() -> bool:
+    """Put Celery's own ``revoke`` command back in ``Panel.data``; False if not wrapped."""
+    from celery.worker.control import Panel
+
+    original = getattr(Panel.data.get("revoke"), ORIGINAL, None)
+    if original is None:
+        return False
+    Panel.data["revoke"] = original
+    return True
+
+
+def unregister_inspect_command(name: str) -> bool:
+    """Remove a command `register_inspect_command` added; False if it is not there.
+
+    ``Panel.data`` (the handler) and ``Panel.meta`` (its description, which
+    ``celery inspect --help`` and Celery's own tests read) are class-level
+    dicts.  Same in 5.3 to 5.7.
+    """
+    from celery.worker.control import Panel
+
+    Panel.meta.pop(name, None)
+    return Panel.data.pop(name, None) is not None
+
+
+def unwrap_request_methods() -> bool:
+    """Put ``Request.revoked`` and ``Request._announce_revoked`` back; False if not wrapped."""
+    request_cls = _request_class()
+    unwrapped = False
+    for attribute in ("revoked", "_announce_revoked"):
+        original = getattr(getattr(request_cls, attribute), ORIGINAL, None)
+        if original is not None:
+            setattr(request_cls, attribute, original)
+            unwrapped = True
+    return unwrapped
 
 
 def wrap_control_revoke(make: Callable[[ControlHandler], ControlHandler]) -> bool:

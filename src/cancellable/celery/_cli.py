@@ -16,9 +16,10 @@ from celery import states
 from celery.bin.base import CeleryCommand, CeleryOption, handle_preload_options
 from kombu.exceptions import OperationalError
 
-from ._api import BrokerUnavailableError, workflow_targets
-from ._api import cancel as cancel_tasks
-from ._worker import MEMBERS_COMMAND
+from ._client import BrokerUnavailableError
+from ._client import cancel as cancel_tasks
+from ._revokes import MEMBERS_COMMAND
+from ._workflow import workflow_targets
 
 __all__ = ["cancel"]
 

@@ -4,7 +4,8 @@ The main process of a Celery worker learns of cancellations (a revoke
 broadcast, or its ledger poll) and must get each one to the task:
 
 Same process (threads, gevent, eventlet and solo pools)
-    The task's scope is in this process's registry: `deliver` cancels it
+    The task's scope is in this process's table of running tasks
+    (`cancellable.celery._registry`): `Delivery.deliver` cancels it
     directly (`CancelScope.cancel` is thread-safe).  A task that has not
     started yet finds the cancellation in the index when it starts.
 
@@ -15,8 +16,9 @@ Prefork child
     (`cancellable.celery._mailbox`) and, once the child running the task is
     known, wake-up signals (`cancellable.celery._wakeup`) until the child
     acknowledges the slot.  The forward lives until the task leaves the
-    worker; `tick`, called every 0.1 s by the worker's poller thread, does
-    the waiting, re-signalling and freeing.
+    worker; `Delivery.tick`, called every 0.1 s by the worker's poller
+    thread, does the waiting, re-signalling and freeing.  In the child,
+    `check_mailbox` and `mailbox_reason` read the slots.
 
 Invariants:
 
@@ -42,22 +44,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from celery.worker import state as worker_state
-
 from .._exceptions import CancelReason
 from .._log import logger, reason_fields
 from ..events import CANCEL_DELIVERED, MAILBOX_FULL
-from . import _registry, _wakeup
+from ._celery_internals import request_worker_pid, worker_requests
 from ._mailbox import Mailbox
+from ._registry import RunningTasks, cancel
+from ._wakeup import Wakeup
 
-__all__ = [
-    "check_mailbox",
-    "create_mailbox",
-    "deliver",
-    "forwarding",
-    "mailbox_reason",
-    "tick",
-]
+__all__ = ["Delivery", "check_mailbox", "mailbox_reason"]
 
 #: Seconds between wake-up signals to a child that has not acknowledged yet.
 RESIGNAL_AFTER: Final = 0.5
@@ -73,109 +68,112 @@ class _Forward:
     signalled_at: float = 0.0
 
 
-#: The mailbox shared with this worker's prefork children (None: not a
-#: prefork worker's main process or child, or not created yet).
-_mailbox: Mailbox | None = None
-_forwards: dict[str, _Forward] = {}
-_lock = threading.Lock()
-_warned_full = False
+class Delivery:
+    """One worker's deliveries from its main process (see the module docstring).
 
-
-def create_mailbox(slots: int) -> Mailbox:
-    """Create the shared mailbox (``worker_init``: main process, before the pool forks)."""
-    global _mailbox
-    old = _mailbox
-    _mailbox = Mailbox(slots)
-    if old is not None:
-        with _lock:
-            _forwards.clear()
-    return _mailbox
-
-
-def mailbox() -> Mailbox | None:
-    """The shared mailbox, if this process has one."""
-    return _mailbox
-
-
-def forwarding() -> dict[str, _Forward]:
-    """The forwards in flight (a copy; for tests and diagnostics)."""
-    with _lock:
-        return dict(_forwards)
-
-
-def deliver(task_id: str, reason: CancelReason) -> str:
-    """Deliver a cancellation of ``task_id`` from this worker's main process.
-
-    Returns how: ``"local"`` (the task runs in this process and its scope
-    was cancelled), ``"forward"`` (a prefork child holds or will hold it: a
-    forward was made or already existed), or ``"none"`` (this worker does not
-    hold the task).
+    ``mailbox`` is the one shared with the prefork children (None: an
+    in-process pool, where every task runs in ``running``).
     """
-    now = time.time()
-    entry = _registry.running(task_id)
-    if entry is not None:
-        if _registry.cancel(entry, reason, now):
-            _log_delivered(task_id, entry.task_name, reason, now, "local")
-        return "local"
-    request = worker_state.requests.get(task_id)
-    if request is None or _mailbox is None:
-        return "none"
-    with _lock:
-        forward = _forwards.get(task_id)
-        if forward is None:
-            forward = _forwards[task_id] = _Forward(reason, now, getattr(request, "name", None))
-    _push(task_id, forward, request, time.monotonic())
-    return "forward"
 
+    def __init__(self, running: RunningTasks, mailbox: Mailbox | None, wakeup: Wakeup) -> None:
+        self.running = running
+        self.mailbox = mailbox
+        self._wakeup = wakeup
+        self._forwards: dict[str, _Forward] = {}
+        self._lock = threading.Lock()
+        self._warned_full = False
 
-def _push(task_id: str, forward: _Forward, request: Any, now: float) -> None:
-    # Give the forward a slot if it has none, then wake the child running
-    # the task until it acknowledges.  Called from the main thread (deliver)
-    # and the poller (tick); the mailbox serialises the writes.
-    global _warned_full
-    box = _mailbox
-    if box is None:
-        return
-    if forward.slot is None:
-        forward.slot = box.allocate(task_id, forward.reason, forward.delivered_at)
-        if forward.slot is None:
-            if not _warned_full:
-                _warned_full = True
-                logger.warning(MAILBOX_FULL, task_id=task_id, slots=box.slots)
+    def forwarding(self) -> dict[str, _Forward]:
+        """The forwards in flight (a copy)."""
+        with self._lock:
+            return dict(self._forwards)
+
+    def deliver(self, task_id: str, reason: CancelReason) -> str:
+        """Deliver a cancellation of ``task_id`` from this worker's main process.
+
+        Returns how: ``"local"`` (the task runs in this process and its scope
+        was cancelled), ``"forward"`` (a prefork child holds or will hold it: a
+        forward was made or already existed), or ``"none"`` (this worker does not
+        hold the task).
+        """
+        now = time.time()
+        entry = self.running.get(task_id)
+        if entry is not None:
+            if cancel(entry, reason, now):
+                _log_delivered(task_id, entry.task_name, reason, now, "local")
+            return "local"
+        request = worker_requests().get(task_id)
+        if request is None or self.mailbox is None:
+            return "none"
+        with self._lock:
+            forward = self._forwards.get(task_id)
+            if forward is None:
+                forward = self._forwards[task_id] = _Forward(
+                    reason, now, getattr(request, "name", None)
+                )
+        self._push(task_id, forward, request, time.monotonic())
+        return "forward"
+
+    def _push(self, task_id: str, forward: _Forward, request: Any, now: float) -> None:
+        # Give the forward a slot if it has none, then wake the child running
+        # the task until it acknowledges.  Called from the main thread (deliver)
+        # and the poller (tick); the mailbox serialises the writes.
+        box = self.mailbox
+        if box is None:
             return
-    if box.acknowledged(forward.slot):
-        return
-    pid = getattr(request, "worker_pid", None)
-    if not pid or pid == os.getpid():
-        return  # not in a child yet: it finds the slot when it starts
-    if forward.signalled_pid == pid and now - forward.signalled_at < RESIGNAL_AFTER:
-        return
-    first = forward.signalled_pid is None
-    forward.signalled_pid, forward.signalled_at = pid, now
-    if _wakeup.wake(pid) and first:
-        _log_delivered(
-            task_id, forward.task_name, forward.reason, forward.delivered_at, "signal", pid=pid
-        )
+        if forward.slot is None:
+            forward.slot = box.allocate(task_id, forward.reason, forward.delivered_at)
+            if forward.slot is None:
+                if not self._warned_full:
+                    self._warned_full = True
+                    logger.warning(MAILBOX_FULL, task_id=task_id, slots=box.slots)
+                return
+        if box.acknowledged(forward.slot):
+            return
+        pid = request_worker_pid(request)
+        if not pid or pid == os.getpid():
+            return  # not in a child yet: it finds the slot when it starts
+        if forward.signalled_pid == pid and now - forward.signalled_at < RESIGNAL_AFTER:
+            return
+        first = forward.signalled_pid is None
+        forward.signalled_pid, forward.signalled_at = pid, now
+        if self._wakeup.wake(pid) and first:
+            _log_delivered(
+                task_id, forward.task_name, forward.reason, forward.delivered_at, "signal", pid=pid
+            )
 
+    def escalate(self, task_id: str, pid: int) -> bool:
+        """Ask the child ``pid`` to interrupt ``task_id`` (its grace is over); False if unsent.
 
-def tick() -> None:
-    """Advance every forward: free those whose task has left, wake the others' children."""
-    box = _mailbox
-    if box is None:
-        return
-    with _lock:
-        items = list(_forwards.items())
-    now = time.monotonic()
-    for task_id, forward in items:
-        request = worker_state.requests.get(task_id)
-        if request is None:
-            with _lock:
-                if _forwards.get(task_id) is forward:
-                    del _forwards[task_id]
-            if forward.slot is not None:
-                box.release(forward.slot)
-            continue
-        _push(task_id, forward, request, now)
+        Marks the task's mailbox slot `~cancellable.celery._mailbox.INTERRUPT`
+        and signals the child.  Nothing happens while the task has no slot.
+        """
+        with self._lock:
+            forward = self._forwards.get(task_id)
+        box = self.mailbox
+        if forward is None or forward.slot is None or box is None:
+            return False
+        box.escalate(forward.slot)
+        return self._wakeup.wake(pid)
+
+    def tick(self) -> None:
+        """Advance every forward: free those whose task has left, wake the others' children."""
+        box = self.mailbox
+        if box is None:
+            return
+        with self._lock:
+            items = list(self._forwards.items())
+        now = time.monotonic()
+        for task_id, forward in items:
+            request = worker_requests().get(task_id)
+            if request is None:
+                with self._lock:
+                    if self._forwards.get(task_id) is forward:
+                        del self._forwards[task_id]
+                if forward.slot is not None:
+                    box.release(forward.slot)
+                continue
+            self._push(task_id, forward, request, now)
 
 
 def _log_delivered(
@@ -201,9 +199,8 @@ def _log_delivered(
 # The child's side.
 
 
-def mailbox_reason(task_id: str) -> CancelReason | None:
-    """A cancellation the main process left for ``task_id`` before it started here."""
-    box = _mailbox
+def mailbox_reason(box: Mailbox | None, task_id: str) -> CancelReason | None:
+    """A cancellation the main process left in ``box`` for ``task_id`` before it started."""
     if box is None:
         return None
     found = box.find({task_id}).get(task_id)
@@ -213,24 +210,16 @@ def mailbox_reason(task_id: str) -> CancelReason | None:
     return found.reason
 
 
-def check_mailbox() -> None:
-    """Cancel the running tasks the mailbox names (after a wake-up signal).
+def check_mailbox(box: Mailbox | None, running: RunningTasks) -> None:
+    """Cancel the running tasks ``box`` names (after a wake-up signal).
 
     Runs at a checkpoint (or ``request.revoked()``) on a task's thread,
     never in the signal handler itself.
     """
-    box = _mailbox
     if box is None:
         return
-    for task_id, found in box.find(_registry.running_ids()).items():
-        entry = _registry.running(task_id)
+    for task_id, found in box.find(running.ids()).items():
+        entry = running.get(task_id)
         if entry is not None:
-            _registry.cancel(entry, found.reason, found.delivered_at)
+            cancel(entry, found.reason, found.delivered_at)
             box.acknowledge(found.slot)
-
-
-def reset_after_fork() -> None:
-    """A child keeps the shared mailbox but none of the parent's forwards or locks."""
-    global _lock
-    _lock = threading.Lock()
-    _forwards.clear()

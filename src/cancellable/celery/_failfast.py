@@ -27,8 +27,9 @@ from celery import signals
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_DELIVERY_FAILED, SIBLINGS_CANCELLED
-from . import _index
 from ._ledger import Target
+from ._runtime import runtime
+from ._settings import SettingError, settings_for
 
 __all__ = ["OPTION", "SETTING", "install", "wants_fail_fast"]
 
@@ -38,7 +39,11 @@ OPTION: Final = "cancel_siblings_on_failure"
 #: The app setting (the default for tasks that do not set the option).
 SETTING: Final = "cancellable_cancel_siblings_on_failure"
 
-_installed = False
+
+class _Installed:
+    """Whether the receiver is connected in this process."""
+
+    done = False
 
 
 def wants_fail_fast(task: Any) -> bool:
@@ -46,7 +51,10 @@ def wants_fail_fast(task: Any) -> bool:
     chosen = getattr(task, OPTION, None)
     if chosen is None:
         app = getattr(task, "app", None)
-        chosen = app.conf.get(SETTING) if app is not None else None
+        try:
+            chosen = settings_for(app).cancel_siblings_on_failure if app is not None else None
+        except SettingError:
+            return False  # a worker of this app does not start; an eager run does not fail fast
     return bool(chosen)
 
 
@@ -58,7 +66,7 @@ def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, 
     group_id = getattr(request, "group", None)
     if not isinstance(group_id, str) or not group_id or getattr(request, "is_eager", False):
         return
-    from . import _api
+    from . import _client
 
     reason = CancelReason(
         source="revoked",
@@ -67,9 +75,9 @@ def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, 
     target: list[Target] = [("group", group_id)]
     # This process first: the sibling a prefork child (or a threads worker)
     # picks up next must not start before the broadcast reaches the worker.
-    _index.index.add(target, reason)
+    runtime().tasks.index.add(target, reason)
     try:
-        _api.cancel_targets(task.app, [], target, reason)
+        _client.cancel_targets(task.app, [], target, reason)
     except Exception as exc:  # noqa: BLE001 - a failing task must still end as FAILURE
         logger.error(CANCEL_DELIVERY_FAILED, task_id=task_id, group=group_id, error=repr(exc))
         return
@@ -78,7 +86,6 @@ def _on_failure(sender: Any = None, task_id: Any = None, exception: Any = None, 
 
 def install() -> None:
     """Listen for task failures (idempotent)."""
-    global _installed
-    if not _installed:
-        _installed = True
+    if not _Installed.done:
+        _Installed.done = True
         signals.task_failure.connect(_on_failure, weak=False)

@@ -1,6 +1,8 @@
 """A worker's local index of live cancellations: the ledger, cached in memory.
 
-Every worker process keeps one `TargetIndex`.  It is filled from two
+Every worker process keeps one `TargetIndex` (in its
+`~cancellable.celery._runtime.TaskRuntime`; the worker's main process
+shares it with its `~cancellable.celery._runtime.WorkerRuntime`).  It is filled from two
 sources, and either alone is enough:
 
 * revoke broadcasts, the moment they arrive (`add`);
@@ -30,7 +32,7 @@ from .._exceptions import CancelReason
 from . import _workflow
 from ._ledger import Entry, Ledger, Target, TargetKind
 
-__all__ = ["TargetIndex", "index", "request_targets"]
+__all__ = ["TargetIndex", "request_targets"]
 
 #: (reason, when it was recorded); one such pair is shared by many targets.
 _Record = tuple[CancelReason, float]
@@ -150,13 +152,16 @@ class TargetIndex:
                 dropped += len(old)
         return dropped
 
-    def clear(self) -> None:
-        """Forget everything (a new worker starts in this process)."""
-        with self._lock:
-            self._tasks.clear()
-            self._groups.clear()
-            self._roots.clear()
-            self.cursor = None
+    def forked(self) -> TargetIndex:
+        """This index for a forked child: the same targets, a lock of its own.
+
+        A fork copies the tables (copy-on-write), so the child's index costs
+        nothing until one side writes; the parent's lock is not carried over.
+        """
+        child = TargetIndex()
+        child._tasks, child._groups, child._roots = self._tasks, self._groups, self._roots
+        child.cursor = self.cursor
+        return child
 
 
 def request_targets(request: Any) -> tuple[str | None, str | None, str | None]:
@@ -169,7 +174,3 @@ def request_targets(request: Any) -> tuple[str | None, str | None, str | None]:
         group_id if isinstance(group_id, str) else None,
         root_id if isinstance(root_id, str) else None,
     )
-
-
-#: This process's index.
-index: Final = TargetIndex()

@@ -9,7 +9,7 @@ The main thread of its process (prefork children, the solo pool)
     and a blocking call interrupted by the signal (``time.sleep``, a socket
     read, ``Event.wait``, ``select``...) runs the handler before it resumes.
     So the wake-up signal's handler (`cancellable.celery._wakeup`) calls
-    `raise_if_asked`, which raises `Cancelled` right there, breaking the
+    `Interrupts.raise_if_asked`, which raises `Cancelled` right there, breaking the
     blocking call.  In a prefork child the main process asks through the
     task's mailbox slot (step `~cancellable.celery._mailbox.INTERRUPT`); in
     the solo pool the worker's poller thread sets ``interrupt_reason`` on the
@@ -17,7 +17,7 @@ The main thread of its process (prefork children, the solo pool)
 
 Any other thread (the threads pool)
     ``PyThreadState_SetAsyncExc`` makes the thread raise at its next
-    bytecode boundary (`interrupt_thread`).  It cannot break a blocking call
+    bytecode boundary (`Interrupts.interrupt_thread`).  It cannot break a blocking call
     or a C call: it lands when the call returns.
 
 When it may land (both ways):
@@ -60,39 +60,14 @@ from typing import Final
 
 from .. import _scope
 from .._exceptions import Cancelled, CancelReason
-from . import _delivery, _registry, _wakeup
-from ._mailbox import INTERRUPT
+from ._mailbox import INTERRUPT, Mailbox
+from ._registry import RunningTask, RunningTasks
+from ._wakeup import Wakeup
 
-__all__ = [
-    "LAND_WAIT",
-    "close_window",
-    "interrupt_in_process",
-    "open_window",
-    "raise_if_asked",
-    "thread_interrupt_available",
-]
+__all__ = ["LAND_WAIT", "Interrupts", "thread_interrupt_available"]
 
-#: Seconds `interrupt_thread` waits for an asynchronous exception to land.
+#: Seconds `Interrupts.interrupt_thread` waits for an asynchronous exception to land.
 LAND_WAIT: Final = 0.01
-
-
-def open_window(entry: _registry.RunningTask) -> None:
-    """The task's body starts: it may be interrupted from now on."""
-    with entry.window_lock:
-        entry.interruptible = True
-
-
-def close_window(entry: _registry.RunningTask) -> None:
-    """The task's body is over: no interrupt may land from now on.
-
-    Also withdraws an asynchronous exception that was set but has not
-    landed yet (it could only land in the boundary code that follows).
-    """
-    with entry.window_lock:
-        entry.interruptible = False
-        if _landing.get(entry.thread) is entry:
-            _set_async_exc(entry.thread, None)
-            _landing.pop(entry.thread, None)
 
 
 def _ending(delivered_at: float | None) -> str:
@@ -134,7 +109,7 @@ def _in_library_code(frame: object) -> bool:
     return False
 
 
-def _safe_here(entry: _registry.RunningTask, frame: object = None) -> bool:
+def _safe_here(entry: RunningTask, frame: object = None) -> bool:
     # On the task's own thread (a signal handler on the main thread).
     if not entry.interruptible or entry.thread != threading.get_ident():
         return False
@@ -155,70 +130,27 @@ def _shielded_inside(scope: _scope.CancelScope) -> bool:
     return _scope.shield_inside(scope)
 
 
-def raise_if_asked(frame: object = None) -> None:
-    """Raise `Cancelled` here if the worker asked to interrupt the task of this thread.
-
-    Called from the wake-up signal handler, so on the main thread, between
-    two bytecodes of whatever it runs: it takes no lock and does no I/O
-    (a look at the mailbox is a read of shared memory).  It raises only for
-    the task that runs on this thread now, only if the mailbox slot or the
-    registry entry of *that* task asks for an interrupt, and only at a safe
-    moment (see the module docstring); otherwise it returns and the next
-    signal tries again.
-    """
-    me = threading.get_ident()
-    for entry in tuple(_registry._running.values()):
-        if entry.thread != me:
-            continue
-        reason = entry.interrupt_reason
-        delivered_at = entry.delivered_at
-        if reason is None:
-            box = _delivery.mailbox()
-            if box is None:
-                continue
-            found = box.find({entry.task_id}).get(entry.task_id)
-            if found is None or box.step(found.slot) != INTERRUPT:
-                continue
-            reason, delivered_at = found.reason, found.delivered_at
-        if not _safe_here(entry, frame):
-            continue
-        # Once per task: later signals must not land in the code that
-        # handles this one (its ``finally`` blocks, its cleanup, the task
-        # boundary).  If the body swallows it, the terminate step follows.
-        entry.interruptible = False
-        entry.ended_by = _ending(delivered_at)
-        # The cooperative path (check_mailbox) is queued too, so the scope
-        # becomes cancelled at the next checkpoint: cancellation stays sticky.
-        raise Cancelled(reason)
-
-
-# --------------------------------------------------------------------------
-# Other threads: an asynchronous exception.
-
-#: Thread id -> the entry whose interrupt was set for it and has not landed.
-_landing: dict[int, _registry.RunningTask] = {}
-
-
 class _Interrupted(Cancelled):
-    """What `interrupt_thread` raises in a pool thread (a `Cancelled`).
+    """What `Interrupts.interrupt_thread` raises in a pool thread (a `Cancelled`).
 
     CPython raises an asynchronous exception by calling its class with no
     arguments, in the target thread, where it lands: so the constructor is
-    where we learn that it landed, and where it finds its reason.
+    where we learn that it landed, and where it finds its reason.  Each
+    `Interrupts` has its own subclass, whose ``_owner`` is that `Interrupts`.
     """
 
+    _owner: Interrupts
+
     def __init__(self, reason: CancelReason | None = None) -> None:
-        entry = _landing.pop(threading.get_ident(), None)
+        owner = type(self).__dict__.get("_owner")
+        entry = None if owner is None else owner._landing.pop(threading.get_ident(), None)
         if reason is None and entry is not None:
             reason = entry.interrupt_reason or entry.scope.cancel_reason
         super().__init__(reason)
-        if entry is not None:
+        if owner is not None and entry is not None:
             entry.interruptible = False  # once per task, as in raise_if_asked
             entry.ended_by = _ending(entry.delivered_at)
-            _landed.set()
-
-
-_landed = threading.Event()
+            owner._landed.set()
 
 
 def thread_interrupt_available() -> bool:
@@ -238,46 +170,119 @@ def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
     return int(function(thread, arg))
 
 
-def interrupt_thread(entry: _registry.RunningTask) -> bool:
-    """Raise `Cancelled` in the (non-main) thread running ``entry``; True if it landed.
+class Interrupts:
+    """The interrupt window of the tasks running in one process, and the two ways in.
 
-    Called by the worker's poller thread.  Lands only inside the task's
-    body and outside the core's lock (held here while we wait).
+    Made by the process's `~cancellable.celery._runtime.TaskRuntime` with
+    its table of running tasks, its mailbox (a prefork child; None
+    elsewhere) and its wake-up signal.
     """
-    with entry.window_lock:
-        if not entry.interruptible or _registry.running(entry.task_id) is not entry:
-            return False
-        if not _scope.acquire_lock_if_free():
-            return False  # a thread is inside the core: try at the next tick
-        try:
-            if _shielded_inside(entry.scope):
+
+    def __init__(self, running: RunningTasks, mailbox: Mailbox | None, wakeup: Wakeup) -> None:
+        self._running = running
+        self._mailbox = mailbox
+        self._wakeup = wakeup
+        #: Thread id -> the entry whose interrupt was set for it and has not landed.
+        self._landing: dict[int, RunningTask] = {}
+        self._landed = threading.Event()
+        #: The exception class CPython instantiates in the target thread.
+        self._exception: type[_Interrupted] = type(
+            "_Interrupted", (_Interrupted,), {"_owner": self, "__module__": __name__}
+        )
+
+    def open_window(self, entry: RunningTask) -> None:
+        """The task's body starts: it may be interrupted from now on."""
+        with entry.window_lock:
+            entry.interruptible = True
+
+    def close_window(self, entry: RunningTask) -> None:
+        """The task's body is over: no interrupt may land from now on.
+
+        Also withdraws an asynchronous exception that was set but has not
+        landed yet (it could only land in the boundary code that follows).
+        """
+        with entry.window_lock:
+            entry.interruptible = False
+            if self._landing.get(entry.thread) is entry:
+                _set_async_exc(entry.thread, None)
+                self._landing.pop(entry.thread, None)
+
+    def raise_if_asked(self, frame: object = None) -> None:
+        """Raise `Cancelled` here if the worker asked to interrupt the task of this thread.
+
+        Called from the wake-up signal handler, so on the main thread, between
+        two bytecodes of whatever it runs: it takes no lock and does no I/O
+        (a look at the mailbox is a read of shared memory).  It raises only for
+        the task that runs on this thread now, only if the mailbox slot or the
+        registry entry of *that* task asks for an interrupt, and only at a safe
+        moment (see the module docstring); otherwise it returns and the next
+        signal tries again.
+        """
+        me = threading.get_ident()
+        for entry in self._running.entries():
+            if entry.thread != me:
+                continue
+            reason = entry.interrupt_reason
+            delivered_at = entry.delivered_at
+            if reason is None:
+                box = self._mailbox
+                if box is None:
+                    continue
+                found = box.find({entry.task_id}).get(entry.task_id)
+                if found is None or box.step(found.slot) != INTERRUPT:
+                    continue
+                reason, delivered_at = found.reason, found.delivered_at
+            if not _safe_here(entry, frame):
+                continue
+            # Once per task: later signals must not land in the code that
+            # handles this one (its ``finally`` blocks, its cleanup, the task
+            # boundary).  If the body swallows it, the terminate step follows.
+            entry.interruptible = False
+            entry.ended_by = _ending(delivered_at)
+            # The cooperative path (the mailbox check) is queued too, so the
+            # scope becomes cancelled at the next checkpoint: cancellation
+            # stays sticky.
+            raise Cancelled(reason)
+
+    def interrupt_thread(self, entry: RunningTask) -> bool:
+        """Raise `Cancelled` in the (non-main) thread running ``entry``; True if it landed.
+
+        Called by the worker's poller thread.  Lands only inside the task's
+        body and outside the core's lock (held here while we wait).
+        """
+        with entry.window_lock:
+            if not entry.interruptible or self._running.get(entry.task_id) is not entry:
                 return False
-            _landed.clear()
-            _landing[entry.thread] = entry
-            if _set_async_exc(entry.thread, _Interrupted) != 1:
-                _landing.pop(entry.thread, None)
+            if not _scope.acquire_lock_if_free():
+                return False  # a thread is inside the core: try at the next tick
+            try:
+                if _shielded_inside(entry.scope):
+                    return False
+                self._landed.clear()
+                self._landing[entry.thread] = entry
+                if _set_async_exc(entry.thread, self._exception) != 1:
+                    self._landing.pop(entry.thread, None)
+                    return False
+                if self._landed.wait(LAND_WAIT):
+                    return True
+                # Not landed (a blocking or C call): withdraw it, so it cannot
+                # land later, somewhere unsafe.
+                _set_async_exc(entry.thread, None)
+                self._landing.pop(entry.thread, None)
+                return self._landed.is_set()
+            finally:
+                _scope.release_lock()
+
+    def interrupt_in_process(self, entry: RunningTask, reason: CancelReason) -> bool:
+        """Interrupt a task running in this process (threads and solo pools).
+
+        On the main thread (solo) it asks through the registry entry and sends
+        this process the wake-up signal; on another thread it raises an
+        asynchronous exception.  Returns whether an attempt was made.
+        """
+        entry.interrupt_reason = reason
+        if entry.thread == threading.main_thread().ident:
+            if not self._wakeup.installed_here():
                 return False
-            if _landed.wait(LAND_WAIT):
-                return True
-            # Not landed (a blocking or C call): withdraw it, so it cannot
-            # land later, somewhere unsafe.
-            _set_async_exc(entry.thread, None)
-            _landing.pop(entry.thread, None)
-            return _landed.is_set()
-        finally:
-            _scope.release_lock()
-
-
-def interrupt_in_process(entry: _registry.RunningTask, reason: CancelReason) -> bool:
-    """Interrupt a task running in this process (threads and solo pools).
-
-    On the main thread (solo) it asks through the registry entry and sends
-    this process the wake-up signal; on another thread it raises an
-    asynchronous exception.  Returns whether an attempt was made.
-    """
-    entry.interrupt_reason = reason
-    if entry.thread == threading.main_thread().ident:
-        if _wakeup.signum() is None or not _wakeup.installed_here():
-            return False
-        return _wakeup.wake(os.getpid())
-    return interrupt_thread(entry)
+            return self._wakeup.wake(os.getpid())
+        return self.interrupt_thread(entry)

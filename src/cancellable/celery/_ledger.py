@@ -55,6 +55,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, Literal, Protocol, get_args
@@ -62,6 +63,8 @@ from typing import IO, Any, Final, Literal, Protocol, get_args
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
+from . import _celery_internals as celery_internals
+from ._settings import DEFAULT_LEDGER_TTL, settings_for
 
 __all__ = [
     "CHUNK",
@@ -70,15 +73,13 @@ __all__ = [
     "FileLedger",
     "Ledger",
     "LedgerError",
+    "Ledgers",
     "NullLedger",
     "RedisLedger",
     "Target",
     "TargetKind",
-    "ledger_for",
+    "check_targets",
 ]
-
-#: How long a cancellation is remembered, in seconds (one week).
-DEFAULT_LEDGER_TTL = 7 * 24 * 3600
 
 #: What a cancellation can name.
 TargetKind = Literal["task", "group", "root"]
@@ -422,60 +423,67 @@ class FileLedger:
         return Entry(targets, reason, recorded_at, grace)
 
 
-_cache: dict[tuple[int, str], Ledger] = {}
-_cache_lock = threading.Lock()
-_warned = False
+class Ledgers:
+    """The ledgers one process uses, one per app and configuration.
 
+    Made once per process (`cancellable.celery._runtime`), and anew in a
+    forked child: connections do not cross a fork.
+    """
 
-def _setting(app: Any, name: str, default: Any) -> Any:
-    value = app.conf.get(name)
-    return default if value is None else value
+    def __init__(self) -> None:
+        self._cache: weakref.WeakKeyDictionary[Any, Ledger] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        #: Whether "not durable" was logged in this process.
+        self._warned = False
 
+    def get(self, app: Any) -> Ledger:
+        """The ledger for ``app``, made at the first call.
 
-def ledger_ttl(app: Any) -> float:
-    """The app's ledger TTL in seconds."""
-    return float(_setting(app, "cancellable_ledger_ttl", DEFAULT_LEDGER_TTL))
+        Raises:
+            SettingError: ``cancellable_ledger_url`` or ``cancellable_ledger_ttl``
+                (or another ``cancellable_*`` setting of the app) is invalid.
+        """
+        with self._lock:
+            ledger = self._cache.get(app)
+            if ledger is None:
+                settings = settings_for(app)
+                url = settings.ledger_url or ""
+                ledger = self._cache[app] = self._make(app, url, settings.ledger_ttl)
+        return ledger
 
-
-def ledger_for(app: Any) -> Ledger:
-    """The ledger for ``app``, made once per process and app configuration."""
-    url = _setting(app, "cancellable_ledger_url", "")
-    ttl = ledger_ttl(app)
-    key = (id(app), f"{url}|{ttl}|{os.getpid()}")
-    with _cache_lock:
-        ledger = _cache.get(key)
-        if ledger is None:
-            ledger = _cache[key] = _make_ledger(app, str(url), ttl)
-    return ledger
+    def _make(self, app: Any, url: str, ttl: float) -> Ledger:
+        ledger = _make_ledger(app, url, ttl)
+        if isinstance(ledger, NullLedger) and url.lower() != "none" and not self._warned:
+            self._warned = True
+            logger.warning(
+                LEDGER_NOT_DURABLE,
+                backend=type(app.backend).__name__,
+                hint=(
+                    "cancellations reach online workers but are not recorded durably; set "
+                    "app.conf.cancellable_ledger_url to a redis:// URL or use a Redis "
+                    "result backend"
+                ),
+            )
+        return ledger
 
 
 def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
-    global _warned
+    """The ledger ``app`` is configured for (a `NullLedger` when it has no store)."""
     prefix = f"cancellable:{app.main or 'default'}:"
     if url.lower() == "none":
         return NullLedger()
     if url:
         return _ledger_from_url(url, prefix, ttl)
     backend = app.backend
-    backend_name = type(backend).__name__
-    if backend_name in ("RedisBackend", "SentinelBackend") and hasattr(backend, "client"):
-        return RedisLedger(backend.client, prefix, ttl)
-    if backend_name == "FilesystemBackend":
-        base = backend.path.decode() if isinstance(backend.path, bytes) else str(backend.path)
+    client = celery_internals.redis_backend_client(backend)
+    if client is not None:
+        return RedisLedger(client, prefix, ttl)
+    base = celery_internals.filesystem_backend_path(backend)
+    if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
     broker = app.conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
         return _ledger_from_url(broker.split(";")[0], prefix, ttl)
-    if not _warned:
-        _warned = True
-        logger.warning(
-            LEDGER_NOT_DURABLE,
-            backend=backend_name,
-            hint=(
-                "cancellations reach online workers but are not recorded durably; set "
-                "app.conf.cancellable_ledger_url to a redis:// URL or use a Redis result backend"
-            ),
-        )
     return NullLedger()
 
 
@@ -490,18 +498,3 @@ def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
         f"cancellable_ledger_url must be a redis://, rediss://, unix:// or file:// URL "
         f"or 'none', got {url!r}"
     )
-
-
-def reset() -> None:
-    """Forget cached ledgers (tests, and after a fork)."""
-    global _warned
-    with _cache_lock:
-        _cache.clear()
-    _warned = False
-
-
-def reset_after_fork() -> None:
-    """A child makes its own ledgers (connections do not cross a fork), with a fresh lock."""
-    global _cache_lock
-    _cache_lock = threading.Lock()
-    _cache.clear()

@@ -1,8 +1,9 @@
-"""The ``@cancellable`` tasks running in this process, by task id.
+"""The ``@cancellable`` tasks running in a process, by task id.
 
-A cancellation that reaches this process (a revoke handled by the main
+A cancellation that reaches the process (a revoke handled by the main
 process of an in-process pool, or a mailbox slot read by a prefork child)
-finds the task's scope here.
+finds the task's scope in its `RunningTasks` table, which the process's
+`~cancellable.celery._runtime.TaskRuntime` holds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from .. import _scope
 from .._exceptions import CancelReason
 
-__all__ = ["RunningTask", "cancel", "register", "running", "running_ids", "unregister"]
+__all__ = ["RunningTask", "RunningTasks", "cancel"]
 
 
 @dataclass
@@ -49,32 +50,36 @@ class RunningTask:
         return self.scope.cancel_called
 
 
-_running: dict[str, RunningTask] = {}
-_lock = threading.Lock()
+class RunningTasks:
+    """The table of the ``@cancellable`` tasks running in one process."""
 
+    def __init__(self) -> None:
+        self._running: dict[str, RunningTask] = {}
+        self._lock = threading.Lock()
 
-def register(entry: RunningTask) -> None:
-    """Record that ``entry`` runs in this process."""
-    with _lock:
-        _running[entry.task_id] = entry
+    def register(self, entry: RunningTask) -> None:
+        """Record that ``entry`` runs in this process."""
+        with self._lock:
+            self._running[entry.task_id] = entry
 
+    def unregister(self, entry: RunningTask) -> None:
+        """Forget ``entry`` (the task ended)."""
+        with self._lock:
+            if self._running.get(entry.task_id) is entry:
+                del self._running[entry.task_id]
 
-def unregister(entry: RunningTask) -> None:
-    """Forget ``entry`` (the task ended)."""
-    with _lock:
-        if _running.get(entry.task_id) is entry:
-            del _running[entry.task_id]
+    def get(self, task_id: str) -> RunningTask | None:
+        """The entry of ``task_id`` if it runs in this process."""
+        return self._running.get(task_id)
 
+    def ids(self) -> set[str]:
+        """Ids of the ``@cancellable`` tasks running in this process."""
+        with self._lock:
+            return set(self._running)
 
-def running(task_id: str) -> RunningTask | None:
-    """The entry of ``task_id`` if it runs in this process."""
-    return _running.get(task_id)
-
-
-def running_ids() -> set[str]:
-    """Ids of the ``@cancellable`` tasks running in this process."""
-    with _lock:
-        return set(_running)
+    def entries(self) -> tuple[RunningTask, ...]:
+        """The entries now, without taking the lock (safe in a signal handler)."""
+        return tuple(self._running.values())
 
 
 def cancel(entry: RunningTask, reason: CancelReason, delivered_at: float) -> bool:
@@ -82,10 +87,3 @@ def cancel(entry: RunningTask, reason: CancelReason, delivered_at: float) -> boo
     if entry.delivered_at is None:
         entry.delivered_at = delivered_at
     return _scope.cancel_with(entry.scope, reason)
-
-
-def reset_after_fork() -> None:
-    """A forked child runs none of its parent's tasks, and holds none of its locks."""
-    global _lock
-    _lock = threading.Lock()
-    _running.clear()

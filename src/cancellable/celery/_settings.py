@@ -25,8 +25,9 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from billiard.common import TERMSIGS_FULL
 from celery.exceptions import ImproperlyConfigured
+
+from ._celery_internals import BILLIARD_TERMSIGS
 
 __all__ = [
     "DEFAULT_KILL_AFTER",
@@ -53,14 +54,19 @@ DEFAULT_POLL_INTERVAL: Final = 2.0
 DEFAULT_KILL_AFTER: Final = 10.0
 
 #: The signal that wakes a prefork child (None where the platform has no SIGURG).
-DEFAULT_WAKEUP_SIGNAL: Final[signal.Signals | None] = getattr(signal.Signals, "SIGURG", None)
+#: (The module's attribute, not the enum's: a platform without it has no such signal.)
+DEFAULT_WAKEUP_SIGNAL: Final[signal.Signals | None] = (
+    signal.Signals(signal.SIGURG) if hasattr(signal, "SIGURG") else None
+)
+
+#: Signals that cannot be caught (or that a worker needs for itself).
+UNCATCHABLE: Final = ("SIGKILL", "SIGSTOP", "SIGINT")
 
 #: Signals a wake-up signal may not be: billiard installs or resets handlers
 #: for these in pool children, and SIGKILL/SIGSTOP cannot be caught.
 _TAKEN_SIGNALS: Final = frozenset(
-    getattr(signal.Signals, name)
-    for name in (*TERMSIGS_FULL, "SIGKILL", "SIGSTOP", "SIGINT")
-    if hasattr(signal.Signals, name)
+    {signal.Signals(number) for number in BILLIARD_TERMSIGS}
+    | {getattr(signal.Signals, name) for name in UNCATCHABLE if hasattr(signal.Signals, name)}
 )
 
 

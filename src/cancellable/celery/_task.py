@@ -40,9 +40,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery import signals
-from celery._state import get_current_task
 from celery.exceptions import Ignore, Retry, TaskRevokedError
-from celery.worker import state as worker_state
 
 from .._decorator import CallOptions, run_in_scope
 from .._exceptions import Cancelled, CancelReason
@@ -50,25 +48,30 @@ from .._log import logger
 from .._log import reason_fields as _reason_fields
 from .._scope import observed_at, set_log_fields
 from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
-from . import _delivery, _index, _interrupt, _ladder, _registry, _wakeup, _workflow
+from . import _celery_internals as celery_internals
+from . import _workflow
+from ._index import request_targets
+from ._registry import RunningTask
+from ._runtime import TaskRuntime, runtime
 
 __all__ = ["claim"]
 
 
 def claim() -> Callable[..., Any] | None:
     """Return a runner if the decorated call is a Celery task's body."""
-    task = get_current_task()
+    task = celery_internals.current_task()
     if task is None:
         return None
     request = task.request
     task_id = request.id
     if task_id is None or request.called_directly:
         return None
-    if _registry.running(task_id) is not None:
+    tasks = runtime().tasks
+    if tasks.running.get(task_id) is not None:
         # A @cancellable function called from inside the task: an ordinary
         # nested scope, not a second binding.
         return None
-    return functools.partial(_run_task, task, request)
+    return functools.partial(_run_task, tasks, task, request)
 
 
 def _store_revoked(task: Any, request: Any, reason: CancelReason, how: str | None = None) -> None:
@@ -88,18 +91,8 @@ def _store_revoked(task: Any, request: Any, reason: CancelReason, how: str | Non
         logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
 
 
-def _before_start_reason(request: Any) -> CancelReason | None:
-    # In-process pools share the worker's live index; a prefork child has
-    # the copy it was forked with, and the mailbox for everything since.
-    reason = _index.index.match_request(request)
-    if reason is None:
-        reason = _delivery.mailbox_reason(request.id)
-    if reason is None and request.id in worker_state.revoked:
-        reason = CancelReason(source="revoked", message="revoked before it started")
-    return reason
-
-
 def _run_task(
+    tasks: TaskRuntime,
     task: Any,
     request: Any,
     wrapped: Callable[..., Any],
@@ -110,23 +103,23 @@ def _run_task(
     task_id: str = request.id
     scope = options.new_scope()
     set_log_fields(scope, {"task_id": task_id, "task_name": task.name})
-    _id, group_id, root_id = _index.request_targets(request)
-    entry = _registry.RunningTask(task_id, task.name, scope, group_id, root_id)
-    _registry.register(entry)
+    _id, group_id, root_id = request_targets(request)
+    entry = RunningTask(task_id, task.name, scope, group_id, root_id)
+    tasks.running.register(entry)
     # Prefork: say "this child runs task_id" before the body can start (the
     # terminate step kills a stopped child only if it still says so).
     # An eager task run inside another (``y.apply()`` in x's body) runs in
     # x's process and thread: x stays the one its child's row names, so the
     # terminate step still finds it there.
-    table = None if getattr(request, "is_eager", False) else _ladder.child_table()
+    table = None if getattr(request, "is_eager", False) else tasks.table
     if table is not None:
         table.publish(task_id)
-    _wakeup.ensure_installed()
+    tasks.wakeup.ensure_installed()
     # The tutorial idiom `current_task.request.revoked()` (Context has no
     # such method in Celery itself).
     request.revoked = entry.revoked
     try:
-        reason = _before_start_reason(request)
+        reason = tasks.reason_before_start(request)
         if reason is not None:
             _store_revoked(task, request, reason)
             logger.info(
@@ -135,16 +128,16 @@ def _run_task(
                 task_name=task.name,
                 **_reason_fields(reason),
             )
-            _end(request, reason)
+            _end(tasks, request, reason)
         try:
-            body = _interruptible(wrapped, entry, options)
+            body = _interruptible(tasks, wrapped, entry, options)
             return run_in_scope(body, args, kwargs, options, scope)
         except Cancelled as exc:
             # Ours, or one that a nested scope let through (a @cancellable
             # helper's timeout): either way the task was cancelled, and a
             # BaseException must not reach Celery's tracer.
             _finish_cancelled(task, request, entry, exc)
-            _end(request, entry.scope.cancel_reason or exc.reason)
+            _end(tasks, request, entry.scope.cancel_reason or exc.reason)
         except Retry:
             reason = entry.scope.cancel_reason
             if reason is None:
@@ -152,15 +145,15 @@ def _run_task(
             # The body caught Cancelled and asked for a retry: a cancelled
             # task is never retried.
             _finish_cancelled(task, request, entry, Cancelled(reason))
-            _end(request, reason)
+            _end(tasks, request, reason)
     finally:
-        _registry.unregister(entry)
+        tasks.running.unregister(entry)
         if table is not None:
             table.clear()
 
 
 def _interruptible(
-    wrapped: Callable[..., Any], entry: _registry.RunningTask, options: CallOptions
+    tasks: TaskRuntime, wrapped: Callable[..., Any], entry: RunningTask, options: CallOptions
 ) -> Callable[..., Any]:
     # The task's body, with the window in which the interrupt step may
     # raise in its thread (see _interrupt).  An async body is cancelled the
@@ -169,11 +162,11 @@ def _interruptible(
         return wrapped
 
     def body(*args: Any, **kwargs: Any) -> Any:
-        _interrupt.open_window(entry)
+        tasks.interrupts.open_window(entry)
         try:
             return wrapped(*args, **kwargs)
         finally:
-            _interrupt.close_window(entry)
+            tasks.interrupts.close_window(entry)
 
     # What a swallowed-cancellation warning names (functools.wraps costs
     # a microsecond per task for attributes nobody reads here).
@@ -181,21 +174,19 @@ def _interruptible(
     return body
 
 
-def _end(request: Any, reason: CancelReason) -> NoReturn:
+def _end(tasks: TaskRuntime, request: Any, reason: CancelReason) -> NoReturn:
     # How a cancelled task leaves Celery's tracer: Ignore in a worker (the
     # state is stored already), TaskRevokedError when run eagerly, since an
     # eager result has no REVOKED state of its own and Ignore would make
     # get() return None.  The eager run also indexes the cancellation, so an
     # eager retry of the same id (autoretry_for=(Exception,)) is skipped.
     if getattr(request, "is_eager", False):
-        _index.index.add([("task", request.id)], reason)
+        tasks.index.add([("task", request.id)], reason)
         raise TaskRevokedError(reason.describe())
     raise Ignore()
 
 
-def _finish_cancelled(
-    task: Any, request: Any, entry: _registry.RunningTask, exc: Cancelled
-) -> None:
+def _finish_cancelled(task: Any, request: Any, entry: RunningTask, exc: Cancelled) -> None:
     reason = entry.scope.cancel_reason or exc.reason
     _store_revoked(task, request, reason, entry.ended_by)
     done = time.time()

@@ -21,7 +21,7 @@ otherwise only sent for out-of-band socket data to a process that asked for
 it with ``F_SETOWN``; an unexpected one costs one look at the mailbox.
 
 Platforms without ``SIGURG`` (Windows) have no prefork pool in Celery; there
-`available` is False and `wake` does nothing (the worker warns once).
+`Wakeup.available` is False and `Wakeup.wake` does nothing (the worker warns once).
 """
 
 from __future__ import annotations
@@ -30,105 +30,101 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import Final
 
 from .. import _scope
 
-__all__ = ["available", "install", "installed_here", "set_signal", "signum", "wake"]
+__all__ = ["DEFAULT_SIGNAL", "Wakeup"]
 
-_signum: int | None = getattr(signal, "SIGURG", None)
-_callback: Callable[[], object] | None = None
-#: Called last in the handler; may raise (the interrupt step).
-_interrupt: Callable[[object], None] | None = None
-#: Whether a mailbox check is already queued; the signal handler's one bit
-#: of state (a plain bool: set in the handler, cleared by the check).
-_queued = False
+#: The wake-up signal unless the app names another (None: none on this platform).
+DEFAULT_SIGNAL: Final[int | None] = getattr(signal, "SIGURG", None)
 
 
-def available() -> bool:
-    """Whether this platform has a wake-up signal."""
-    return _signum is not None
+class Wakeup:
+    """The wake-up signal of one process: sending it, and its handler here.
 
-
-def signum() -> int | None:
-    """The wake-up signal number (None: none on this platform)."""
-    return _signum
-
-
-def set_signal(number: int) -> None:
-    """Use ``number`` instead of SIGURG (call before the pool starts)."""
-    global _signum
-    _signum = number
-
-
-def _run_callback() -> None:
-    global _queued
-    _queued = False
-    if _callback is not None:
-        _callback()
-
-
-def _on_signal(number: int, frame: object) -> None:
-    # Signal handler: no locks, no I/O.  Queue one check; more signals
-    # before it runs add nothing.
-    global _queued
-    if not _queued:
-        _queued = True
-        # Also wakes `cancellable.sleep` and `wait` (a waker of the core).
-        _scope.request_slow_path(_run_callback)
-    if _interrupt is not None:
-        _interrupt(frame)
-
-
-def install(
-    callback: Callable[[], object], interrupt: Callable[[object], None] | None = None
-) -> None:
-    """Install the handler in this process (a pool child, or a solo worker).
-
-    ``callback`` checks the mailbox at the next checkpoint; ``interrupt``,
-    called in the handler itself with the interrupted frame, raises
-    `Cancelled` when asked to.
+    The main process of a worker sends it (`wake`); a pool child, or a solo
+    worker's own process, installs the handler (`install`).  Both sides use
+    the same number: the child's `Wakeup` is made from its parent's after
+    the fork (`cancellable.celery._runtime`).
     """
-    global _callback, _interrupt
-    _callback = callback
-    _interrupt = interrupt
-    if _signum is not None:
-        signal.signal(_signum, _on_signal)
 
+    def __init__(self, signum: int | None = DEFAULT_SIGNAL) -> None:
+        #: The signal number (None: this platform has none).
+        self.signum = signum
+        self._callback: Callable[[], object] | None = None
+        #: Called last in the handler; may raise (the interrupt step).
+        self._interrupt: Callable[[object], None] | None = None
+        #: Whether a mailbox check is already queued; the signal handler's
+        #: one bit of state (a plain bool: set in the handler, cleared by
+        #: the check).
+        self._queued = False
+        self._checked_pid = 0
 
-def installed_here() -> bool:
-    """Whether the handler is installed in this process."""
-    return _signum is not None and signal.getsignal(_signum) is _on_signal
+    @property
+    def available(self) -> bool:
+        """Whether this process has a wake-up signal."""
+        return self.signum is not None
 
+    def _run_callback(self) -> None:
+        self._queued = False
+        if self._callback is not None:
+            self._callback()
 
-_checked_pid = 0
+    def on_signal(self, number: int, frame: object) -> None:
+        """The signal handler: no locks, no I/O.
 
+        Queues one check; more signals before it runs add nothing.
+        """
+        if not self._queued:
+            self._queued = True
+            # Also wakes `cancellable.sleep` and `wait` (a waker of the core).
+            _scope.request_slow_path(self._run_callback)
+        if self._interrupt is not None:
+            self._interrupt(frame)
 
-def ensure_installed() -> None:
-    """Reinstall the handler if something replaced it (first task of a process).
+    def install(
+        self, callback: Callable[[], object], interrupt: Callable[[object], None] | None = None
+    ) -> None:
+        """Install the handler in this process (a pool child, or a solo worker).
 
-    billiard may reset signal handlers after ``worker_process_init``, never
-    later, so one check per process, on the main thread, is enough.
-    """
-    global _checked_pid
-    pid = os.getpid()
-    if (
-        _signum is None
-        or _callback is None
-        or pid == _checked_pid
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        return
-    if signal.getsignal(_signum) is not _on_signal:
-        signal.signal(_signum, _on_signal)
-    _checked_pid = pid
+        ``callback`` checks the mailbox at the next checkpoint; ``interrupt``,
+        called in the handler itself with the interrupted frame, raises
+        `Cancelled` when asked to.
+        """
+        self._callback = callback
+        self._interrupt = interrupt
+        if self.signum is not None:
+            signal.signal(self.signum, self.on_signal)
 
+    def installed_here(self) -> bool:
+        """Whether the handler is installed in this process."""
+        return self.signum is not None and signal.getsignal(self.signum) == self.on_signal
 
-def wake(pid: int) -> bool:
-    """Signal the child ``pid``; False if it is gone or there is no signal."""
-    if _signum is None:
-        return False
-    try:
-        os.kill(pid, _signum)
-    except ProcessLookupError:
-        return False
-    return True
+    def ensure_installed(self) -> None:
+        """Reinstall the handler if something replaced it (first task of a process).
+
+        billiard may reset signal handlers after ``worker_process_init``, never
+        later, so one check per process, on the main thread, is enough.
+        """
+        pid = os.getpid()
+        if (
+            self.signum is None
+            or self._callback is None
+            or pid == self._checked_pid
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        if signal.getsignal(self.signum) != self.on_signal:
+            signal.signal(self.signum, self.on_signal)
+        self._checked_pid = pid
+
+    def wake(self, pid: int) -> bool:
+        """Signal the process ``pid``; False if it is gone or there is no signal."""
+        if self.signum is None:
+            return False
+        try:
+            os.kill(pid, self.signum)
+        except ProcessLookupError:
+            return False
+        return True

@@ -1,4 +1,8 @@
-"""Canvas semantics: what a cancelled task leaves behind, and who belongs to a workflow.
+"""Workflows: who belongs to one, and what a cancelled member leaves behind.
+
+Everything this library knows about Celery canvases is here: the targets
+that name a whole workflow on the client (`workflow_of`, `resolve_id`,
+`unsent_ids`), and, on the worker, the tasks a message would send later.
 
 Celery sends the later parts of a canvas only when an earlier part
 succeeds: the rest of a chain rides in the running link's message
@@ -24,15 +28,29 @@ over the REVOKED state we stored, nor publish it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
 from celery import states
 from celery.exceptions import TaskRevokedError
 
 from .._exceptions import CancelReason
+from . import _celery_internals as celery_internals
+from ._ledger import Target
 
-__all__ = ["downstream_ids", "pending_signatures", "revoke_downstream", "revoke_member"]
+__all__ = [
+    "downstream_ids",
+    "is_group_result",
+    "pending_signatures",
+    "resolve_id",
+    "revoke_downstream",
+    "revoke_member",
+    "tree_targets",
+    "unsent_ids",
+    "workflow_of",
+    "workflow_targets",
+]
 
 #: The deepest canvas nesting walked (a guard against a malformed message).
 MAX_DEPTH: Final = 64
@@ -40,15 +58,10 @@ MAX_DEPTH: Final = 64
 
 def _embed(request: Any) -> tuple[Any, Any, Any]:
     """``(callbacks, chain, chord)`` of a worker ``Request`` or a task ``Context``."""
-    payload = getattr(type(request), "_payload", None)
-    if payload is not None:
+    embedded = celery_internals.request_embed(request)
+    if embedded is not None:
         # A worker Request (main process): the canvas rides in the message body.
-        try:
-            _args, _kwargs, embed = request._payload
-        except (TypeError, ValueError):
-            embed = None
-        embed = embed if isinstance(embed, dict) else {}
-        return embed.get("callbacks"), embed.get("chain"), embed.get("chord")
+        return embedded
     return (
         getattr(request, "callbacks", None),
         getattr(request, "chain", None),
@@ -139,3 +152,151 @@ def revoke_member(
         text = reason.describe() if message is None else message
         backend.store_result(task_id, TaskRevokedError(text), states.REVOKED, request=request)
     revoke_downstream(backend, request, reason)
+
+
+# --------------------------------------------------------------------------
+# Which targets name a whole workflow (the client side of ``workflow=True``).
+
+#: How far up a chain of ``.parent`` results (or stored parent ids) we climb.
+_MAX_CLIMB: Final = 10_000
+
+
+def is_group_result(obj: object) -> bool:
+    """Whether ``obj`` is a `~celery.result.GroupResult` (or quacks like one)."""
+    return getattr(obj, "results", None) is not None and hasattr(obj, "revoke")
+
+
+def _lineage(node: Any) -> list[Any]:
+    """``node``, then the results before it (its ``.parent``, and theirs), first task last."""
+    path = [node]
+    for _ in range(_MAX_CLIMB):
+        parent = getattr(path[-1], "parent", None)
+        if parent is None:
+            break
+        path.append(parent)
+    return path
+
+
+def _top(node: Any) -> Any:
+    """The first result of the workflow ``node`` is part of."""
+    return _lineage(node)[-1]
+
+
+def workflow_of(node: Any) -> list[Target]:
+    """Targets that name the whole workflow a held result (task or group) belongs to.
+
+    ``("root", held id)`` reaches every task whose later work includes it
+    (the worker checks that), and the workflow's top covers the rest by
+    root id.
+    """
+    targets: list[Target] = [] if is_group_result(node) else [("root", node.id)]
+    return targets + tree_targets(_top(node))
+
+
+def tree_targets(top: Any) -> list[Target]:
+    """Targets that name every task sent from ``top`` on (a task, or a group)."""
+    if not is_group_result(top):
+        return [("root", top.id)]
+    # A group's members carry its id, but the first link of a chain inside
+    # a group does not (Celery gives it no group, and its own id as root id):
+    # such a chain is named by its first link.
+    targets: list[Target] = [("group", top.id)]
+    for member in top.results or ():
+        if is_group_result(member):
+            targets.extend(tree_targets(member))
+        elif getattr(member, "parent", None) is not None:
+            targets.extend(tree_targets(_top(member)))
+    return targets
+
+
+def _succeeded(node: Any) -> bool:
+    if is_group_result(node):
+        return all(_succeeded(member) for member in node.results or ())
+    return bool(node.state == states.SUCCESS)
+
+
+def _leaf_ids(node: Any) -> list[str]:
+    """Every task id inside a result node (a group's members and their chains)."""
+    if is_group_result(node):
+        ids: list[str] = []
+        for member in node.results or ():
+            ids.extend(_leaf_ids(member))
+        return ids
+    # The chain that ends at this task, up to the group it started in.
+    return [step.id for step in itertools.takewhile(_is_task_result, _lineage(node))]
+
+
+def _is_task_result(node: Any) -> bool:
+    return not is_group_result(node)
+
+
+def unsent_ids(tree: Any) -> list[str]:
+    """Ids in a held result tree that cannot have been sent yet.
+
+    Celery sends a chain link (or a chord's body, or a group after a link)
+    only when the result before it succeeded; so every node after the first
+    one whose predecessor has not succeeded is unsent, and after the
+    cancellation it never will be.  Reads one state per node climbed (a
+    group's members until the first that has not succeeded).
+    """
+    path = _lineage(tree)
+    for i in range(len(path) - 1, 0, -1):
+        if not _succeeded(path[i]):
+            ids: list[str] = []
+            for node in path[:i]:
+                if is_group_result(node):
+                    ids.extend(_leaf_ids(node))
+                else:
+                    ids.append(node.id)
+            return ids
+    return []
+
+
+def resolve_id(backend: Any, task_id: str) -> tuple[list[Target], dict[str, str]]:
+    """Targets for ``cancel(id, workflow=True)`` from what the result backend knows.
+
+    ``("root", id)`` always: workers cancel every task whose id or root id
+    it is, or whose later work includes it.  The backend stores a task's
+    parent id and group id once the task has a state; we climb the parent
+    ids to the workflow's first task and name it by root id, and name every
+    group met on the way (a member of a top-level group has no parent).  A
+    task with no stored state (still queued, or not sent) tells us nothing
+    more.  Also returns the states seen on the way, by task id.
+    """
+    targets: list[Target] = [("root", task_id)]
+    states_seen: dict[str, str] = {}
+    current, climbed = task_id, {task_id}
+    groups: list[str] = []
+    for _ in range(_MAX_CLIMB):
+        try:
+            meta = backend.get_task_meta(current)
+        except Exception:  # noqa: BLE001 - an unknown id is not an error here
+            break
+        if meta.get("status") != states.PENDING:
+            states_seen[current] = str(meta.get("status"))
+        group_id = meta.get("group_id")
+        if isinstance(group_id, str) and group_id:
+            groups.append(group_id)
+        parent_id = meta.get("parent_id")
+        if not isinstance(parent_id, str) or not parent_id or parent_id in climbed:
+            break
+        climbed.add(parent_id)
+        current = parent_id
+    if current != task_id:
+        targets.append(("root", current))
+    targets.extend(("group", group_id) for group_id in groups)
+    return targets, states_seen
+
+
+def workflow_targets(app: Any, task_ids: Iterable[str]) -> tuple[list[Target], dict[str, str]]:
+    """The targets ``cancel(task_ids, workflow=True)`` records, and the states seen on the way.
+
+    For ``celery cancel --workflow``, which reports on what it found.
+    """
+    targets: list[Target] = []
+    states_seen: dict[str, str] = {}
+    for task_id in dict.fromkeys(task_ids):
+        found, seen = resolve_id(app.backend, task_id)
+        targets.extend(found)
+        states_seen.update(seen)
+    return list(dict.fromkeys(targets)), states_seen

@@ -1,4 +1,4 @@
-"""The Celery integration's client side: `cancel`, `configure`, the ledger choice, the CLI.
+"""The client side (`cancellable.celery._client`): `cancel`, `configure`, the ledger, the CLI.
 
 Real Redis (DB 12, flushed per test) and a real broker: the broadcast that
 `cancel` sends is read back from the broker's fanout exchange by a kombu
@@ -29,10 +29,12 @@ from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 from structlog.testing import capture_logs
 from tests import redis_dbs
+from tests.helpers import run_python
 
 import cancellable.celery as cc
 from cancellable import CancelReason
-from cancellable.celery import _ledger, _wakeup
+from cancellable.celery import _client, _ledger
+from cancellable.celery._runtime import WorkerRuntime, runtime
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
 
@@ -50,15 +52,13 @@ def private_app(broker: str, backend: str = REDIS_URL) -> Celery:
 def app_fixture(rdb: redis.Redis) -> Iterator[Celery]:
     """A Celery app on Redis DB 12 (broker, backend and so ledger)."""
     app = private_app(REDIS_URL)
-    _ledger.reset()
     yield app
-    _ledger.reset()
     app.close()
 
 
 def recorded(app: Celery) -> list[_ledger.Entry]:
     """Everything the app's ledger holds, read from the start."""
-    entries, _ = _ledger.ledger_for(app).read(None)
+    entries, _ = runtime().ledgers.get(app).read(None)
     return entries
 
 
@@ -338,35 +338,38 @@ class TestLedgerSelection:
 
     def test_selection(self, app: Celery, tmp_path: Path) -> None:
         """URL setting first, then a Redis or file backend, then a Redis broker."""
-        assert isinstance(_ledger.ledger_for(app), _ledger.RedisLedger)
+        assert isinstance(runtime().ledgers.get(app), _ledger.RedisLedger)
 
         files = Celery("f", broker="memory://", backend=f"file://{tmp_path}")
-        assert isinstance(_ledger.ledger_for(files), _ledger.FileLedger)
+        assert isinstance(runtime().ledgers.get(files), _ledger.FileLedger)
 
         broker_only = Celery("b", broker=REDIS_URL, backend="rpc://")
-        assert isinstance(_ledger.ledger_for(broker_only), _ledger.RedisLedger)
+        assert isinstance(runtime().ledgers.get(broker_only), _ledger.RedisLedger)
 
         explicit = Celery("e", broker="memory://", backend="rpc://")
         explicit.conf.cancellable_ledger_url = f"file://{tmp_path / 'x'}"
-        assert isinstance(_ledger.ledger_for(explicit), _ledger.FileLedger)
+        assert isinstance(runtime().ledgers.get(explicit), _ledger.FileLedger)
 
         disabled = Celery("d", broker=REDIS_URL, backend=REDIS_URL)
         disabled.conf.cancellable_ledger_url = "none"
-        assert isinstance(_ledger.ledger_for(disabled), _ledger.NullLedger)
+        assert isinstance(runtime().ledgers.get(disabled), _ledger.NullLedger)
 
         bad = Celery("x", broker="memory://", backend="rpc://")
         bad.conf.cancellable_ledger_url = "http://example.invalid/"
         with pytest.raises(ValueError, match="ledger_url"):
-            _ledger.ledger_for(bad)
+            runtime().ledgers.get(bad)
 
     def test_one_ledger_per_app_and_process(self, app: Celery) -> None:
-        """ledger_for() returns the same object for the same app; a TTL change makes a new one."""
-        first = _ledger.ledger_for(app)
-        again = _ledger.ledger_for(app)
-        app.conf.cancellable_ledger_ttl = 60
+        """The process's ledgers give the same object for the same app, another for
+        another app; a forked child would make its own (`Ledgers` is per process)."""
+        first = runtime().ledgers.get(app)
+        again = runtime().ledgers.get(app)
+        other = private_app(REDIS_URL)
 
         assert first is again
-        assert first is not _ledger.ledger_for(app)
+        assert first is not runtime().ledgers.get(other)
+        assert first is not _ledger.Ledgers().get(app)
+        other.close()
 
     def test_the_ledger_is_shared_with_other_clients(self, app: Celery) -> None:
         """Another app object with the same name and Redis reads what this one recorded."""
@@ -374,7 +377,7 @@ class TestLedgerSelection:
         other = private_app(REDIS_URL)
         other.main = app.main
         try:
-            entries, _ = _ledger.ledger_for(other).read(None)
+            entries, _ = runtime().ledgers.get(other).read(None)
         finally:
             other.close()
 
@@ -382,10 +385,10 @@ class TestLedgerSelection:
 
     def test_no_durable_store_warns_once(self) -> None:
         """With nothing durable available, one ledger.not_durable event says so."""
-        _ledger.reset()
+        ledgers = _ledger.Ledgers()
         with capture_logs() as logs:
-            first = _ledger.ledger_for(Celery("n1", broker="memory://", backend="rpc://"))
-            _ledger.ledger_for(Celery("n2", broker="memory://", backend="rpc://"))
+            first = ledgers.get(Celery("n1", broker="memory://", backend="rpc://"))
+            ledgers.get(Celery("n2", broker="memory://", backend="rpc://"))
         first.record([("task", "x")], CancelReason())
 
         assert isinstance(first, _ledger.NullLedger)
@@ -395,49 +398,70 @@ class TestLedgerSelection:
 
 
 class TestConfigure:
-    """`cancellable.celery.configure` validates and stores options."""
+    """`cancellable.celery.configure` validates every setting and stores them."""
 
     def test_sets_options(self, app: Celery) -> None:
-        """Valid options land in the app's configuration."""
-        cc.configure(app, ledger_url="redis://h:1/2", ledger_ttl=60, poll_interval=0.5)
+        """Valid options land in the app's configuration; the settings are returned."""
+        settings = cc.configure(
+            app, ledger_url="redis://h:1/2", ledger_ttl=60, poll_interval=0.5, grace=0
+        )
 
         assert "redis://h:1/2" == app.conf.cancellable_ledger_url
-        assert 60.0 == app.conf.cancellable_ledger_ttl
+        assert 60 == app.conf.cancellable_ledger_ttl
         assert 0.5 == app.conf.cancellable_poll_interval
+        assert (60.0, 0.5, 0.0) == (settings.ledger_ttl, settings.poll_interval, settings.grace)
+        assert isinstance(settings, cc.Settings)
+
+    def test_covers_every_setting(self) -> None:
+        """One keyword per ``cancellable_*`` setting, named as the setting."""
+        import inspect
+
+        from cancellable.celery._settings import SETTINGS
+
+        options = list(inspect.signature(cc.configure).parameters)[1:]
+
+        assert sorted(SETTINGS) == sorted("cancellable_" + option for option in options)
 
     @pytest.mark.parametrize(
-        ("options", "error"),
+        ("options", "setting"),
         [
-            ({"ledger_url": 5}, TypeError),
-            ({"ledger_url": "http://x"}, ValueError),
-            ({"ledger_ttl": -1}, ValueError),
-            ({"ledger_ttl": 0}, ValueError),
-            ({"ledger_ttl": "1"}, TypeError),
-            ({"poll_interval": 0}, ValueError),
-            ({"poll_interval": float("nan")}, ValueError),
-            ({"signal": "SIGUSR1"}, ValueError),
-            ({"signal": "SIGUSR2"}, ValueError),
-            ({"signal": "SIGKILL"}, ValueError),
-            ({"signal": "NOPE"}, ValueError),
-            ({"signal": 1.5}, TypeError),
+            ({"ledger_url": 5}, "cancellable_ledger_url"),
+            ({"ledger_url": "http://x"}, "cancellable_ledger_url"),
+            ({"ledger_ttl": -1}, "cancellable_ledger_ttl"),
+            ({"ledger_ttl": 0}, "cancellable_ledger_ttl"),
+            ({"ledger_ttl": "1"}, "cancellable_ledger_ttl"),
+            ({"poll_interval": 0}, "cancellable_poll_interval"),
+            ({"poll_interval": float("nan")}, "cancellable_poll_interval"),
+            ({"grace": -1}, "cancellable_grace"),
+            ({"kill_after": "7d"}, "cancellable_kill_after"),
+            ({"kill_process_group": "yes"}, "cancellable_kill_process_group"),
+            ({"cancel_siblings_on_failure": 1}, "cancellable_cancel_siblings_on_failure"),
+            ({"wakeup_signal": "SIGUSR1"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGUSR2"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGKILL"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "NOPE"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": 1.5}, "cancellable_wakeup_signal"),
         ],
     )
-    def test_bad_options(
-        self, app: Celery, options: dict[str, Any], error: type[Exception]
-    ) -> None:
-        """Each invalid option raises a clear TypeError or ValueError."""
-        with pytest.raises(error):
+    def test_bad_options(self, app: Celery, options: dict[str, Any], setting: str) -> None:
+        """Each invalid option raises a SettingError naming the setting; nothing is stored."""
+        with pytest.raises(cc.SettingError) as caught:
             cc.configure(app, **options)
 
+        assert (setting,) == caught.value.settings
+        assert setting not in app.conf
+
     def test_signal_by_name_or_number(self, app: Celery) -> None:
-        """A catchable, unused signal can be chosen by name or number."""
-        try:
-            cc.configure(app, signal="winch")
-            assert signal.SIGWINCH == _wakeup.signum()
-            cc.configure(app, signal=int(signal.SIGURG))
-            assert signal.SIGURG == _wakeup.signum()
-        finally:
-            _wakeup.set_signal(signal.SIGURG)
+        """A catchable, unused signal can be chosen by name or number; the app's worker
+        then wakes its children with it."""
+        cc.configure(app, wakeup_signal="winch")
+        by_name = WorkerRuntime(app).tasks.wakeup.signum
+        other = private_app(REDIS_URL)
+        cc.configure(other, wakeup_signal=int(signal.SIGURG))
+        by_number = WorkerRuntime(other).tasks.wakeup.signum
+        other.close()
+
+        assert (signal.SIGWINCH, signal.SIGURG) == (by_name, by_number)
 
 
 def celery_cancel(tmp_path: Path, app_source: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -542,7 +566,51 @@ def test_warnings_are_user_warnings() -> None:
 
 
 class TestPlainRevokeIsDurable:
-    """Celery's own ``Control.revoke`` records in the ledger where the integration is active."""
+    """Celery's own ``Control.revoke`` records in the ledger once the process has cancelled."""
+
+    @pytest.fixture(autouse=True)
+    def _recorder(self) -> None:
+        """What the first `cancel` (or a worker's start) installs."""
+        _client.install_revoke_recorder()
+
+    def test_importing_patches_nothing_and_cancel_patches_control_revoke(self) -> None:
+        """A fresh process that imports ``cancellable.celery`` has Celery untouched; its
+        first `cancel` patches ``Control.revoke`` and nothing of the worker."""
+        done = run_python(
+            f"""
+            import warnings
+            from celery import Celery
+            from celery.app.control import Control
+            from celery.worker.control import Panel
+            from celery.worker.request import Request
+            import cancellable.celery as cc
+
+            def patched():
+                return [
+                    name
+                    for name, thing in [
+                        ("Control.revoke", Control.revoke),
+                        ("Request.revoked", Request.revoked),
+                        ("Request._announce_revoked", Request._announce_revoked),
+                        ("Panel revoke", Panel.data["revoke"]),
+                    ]
+                    if hasattr(thing, "_cancellable_original")
+                ]
+
+            print("imported", patched(), "cancellable_members" in Panel.data)
+            app = Celery("fresh", broker={REDIS_URL!r}, backend={REDIS_URL!r})
+            app.conf.control_exchange = "fresh-unit-exchange"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cc.cancel("fresh-id", app=app)
+            print("cancelled", patched(), "cancellable_members" in Panel.data)
+            """
+        )
+
+        assert [
+            "imported [] False",
+            "cancelled ['Control.revoke'] False",
+        ] == done.stdout.splitlines()
 
     def test_plain_revokes_are_recorded(self, app: Celery, broadcasts: Broadcasts) -> None:
         """``AsyncResult.revoke()`` and ``app.control.revoke([...])`` record their ids
@@ -569,7 +637,6 @@ class TestPlainRevokeIsDurable:
     def test_a_ledger_failure_never_fails_celerys_call(self, app: Celery) -> None:
         """With the ledger down, the revoke is still sent and the call returns normally."""
         app.conf.cancellable_ledger_url = "redis://127.0.0.1:1/0"
-        _ledger.reset()
 
         with capture_logs() as logs:
             app.control.revoke(str(uuid.uuid4()))

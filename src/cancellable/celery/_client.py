@@ -1,14 +1,22 @@
-"""The client side: `cancel` and `configure`."""
+"""The client side: `cancel`, `configure`, and the recorder of plain revokes.
+
+What a workflow is made of (a result tree, or ids in the result backend) is
+worked out by `cancellable.celery._workflow`.
+
+Nothing here is installed when the module is imported: the first `cancel`
+patches ``Control.revoke`` (`install_revoke_recorder`), as a worker does
+when it starts.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-import itertools
-import signal as signal_module
+import threading
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from celery import states
 from celery.exceptions import TaskRevokedError
@@ -17,7 +25,11 @@ from .._config import validate_seconds
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
-from . import _ledger, _wakeup
+from . import _celery_internals as celery_internals
+from . import _ledger
+from ._runtime import runtime
+from ._settings import PREFIX, SettingError, Settings
+from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
 
 __all__ = [
     "BrokerUnavailableError",
@@ -25,8 +37,7 @@ __all__ = [
     "cancel",
     "cancel_targets",
     "configure",
-    "install_client_side",
-    "workflow_targets",
+    "install_revoke_recorder",
 ]
 
 
@@ -68,10 +79,6 @@ class _Plan:
         return list(dict.fromkeys([*tasks, *self.wide]))
 
 
-def _is_group_result(obj: object) -> bool:
-    return getattr(obj, "results", None) is not None and hasattr(obj, "revoke")
-
-
 def _collect(task_or_id: object, plan: _Plan) -> None:
     if isinstance(task_or_id, str):
         if not task_or_id.strip():
@@ -83,13 +90,13 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         return
     if task_or_id is None:
         raise TypeError("cancel() needs a task id, an AsyncResult or a list of them, got None")
-    if _is_group_result(task_or_id):
+    if is_group_result(task_or_id):
         plan.apps.append(getattr(task_or_id, "app", None))
         plan.trees.append(task_or_id)
         if plan.workflow:
-            _collect_workflow(task_or_id, plan)
+            plan.wide.extend(workflow_of(task_or_id))
         else:
-            _cover(task_or_id, plan)
+            plan.wide.extend(tree_targets(task_or_id))
         return
     task_id = getattr(task_or_id, "id", None)
     if isinstance(task_id, str) and hasattr(task_or_id, "revoke"):
@@ -98,7 +105,7 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         plan.apps.append(getattr(task_or_id, "app", None))
         if plan.workflow:
             plan.trees.append(task_or_id)
-            _collect_workflow(task_or_id, plan)
+            plan.wide.extend(workflow_of(task_or_id))
         else:
             plan.task_ids.append(task_id)
         return
@@ -110,141 +117,6 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         "cancel() needs a task id (str), an AsyncResult, a GroupResult or a list of them, "
         f"got {type(task_or_id).__name__}"
     )
-
-
-#: How far up a chain of ``.parent`` results (or stored parent ids) we climb.
-_MAX_CLIMB = 10_000
-
-
-def _lineage(node: Any) -> list[Any]:
-    """``node``, then the results before it (its ``.parent``, and theirs), first task last."""
-    path = [node]
-    for _ in range(_MAX_CLIMB):
-        parent = getattr(path[-1], "parent", None)
-        if parent is None:
-            break
-        path.append(parent)
-    return path
-
-
-def _top(node: Any) -> Any:
-    """The first result of the workflow ``node`` is part of."""
-    return _lineage(node)[-1]
-
-
-def _collect_workflow(node: Any, plan: _Plan) -> None:
-    # ("root", held id) reaches every task whose later work includes it (the
-    # worker checks that), and the workflow's top covers the rest by root id.
-    if not _is_group_result(node):
-        plan.wide.append(("root", node.id))
-    _cover(_top(node), plan)
-
-
-def _cover(top: Any, plan: _Plan) -> None:
-    """Targets that name every task sent from ``top`` on (a task, or a group)."""
-    if not _is_group_result(top):
-        plan.wide.append(("root", top.id))
-        return
-    # A group's members carry its id, but the first link of a chain inside
-    # a group does not (Celery gives it no group, and its own id as root id):
-    # such a chain is named by its first link.
-    plan.wide.append(("group", top.id))
-    for member in top.results or ():
-        if _is_group_result(member):
-            _cover(member, plan)
-        elif getattr(member, "parent", None) is not None:
-            _cover(_top(member), plan)
-
-
-def _succeeded(node: Any) -> bool:
-    if _is_group_result(node):
-        return all(_succeeded(member) for member in node.results or ())
-    return bool(node.state == states.SUCCESS)
-
-
-def _leaf_ids(node: Any) -> list[str]:
-    """Every task id inside a result node (a group's members and their chains)."""
-    if _is_group_result(node):
-        ids: list[str] = []
-        for member in node.results or ():
-            ids.extend(_leaf_ids(member))
-        return ids
-    # The chain that ends at this task, up to the group it started in.
-    return [step.id for step in itertools.takewhile(_is_task_result, _lineage(node))]
-
-
-def _is_task_result(node: Any) -> bool:
-    return not _is_group_result(node)
-
-
-def _unsent(tree: Any) -> list[str]:
-    """Ids in a held result tree that cannot have been sent yet.
-
-    Celery sends a chain link (or a chord's body, or a group after a link)
-    only when the result before it succeeded; so every node after the first
-    one whose predecessor has not succeeded is unsent, and after the
-    cancellation it never will be.  Reads one state per node climbed (a
-    group's members until the first that has not succeeded).
-    """
-    path = _lineage(tree)
-    for i in range(len(path) - 1, 0, -1):
-        if not _succeeded(path[i]):
-            ids: list[str] = []
-            for node in path[:i]:
-                if _is_group_result(node):
-                    ids.extend(_leaf_ids(node))
-                else:
-                    ids.append(node.id)
-            return ids
-    return []
-
-
-def _resolve_bare(app: Any, task_id: str, plan: _Plan) -> None:
-    """Targets for ``cancel(id, workflow=True)`` from what the result backend knows.
-
-    ``("root", id)`` always: workers cancel every task whose id or root id
-    it is, or whose later work includes it.  The backend stores a task's
-    parent id and group id once the task has a state; we climb the parent
-    ids to the workflow's first task and name it by root id, and name every
-    group met on the way (a member of a top-level group has no parent).  A
-    task with no stored state (still queued, or not sent) tells us nothing
-    more.
-    """
-    plan.wide.append(("root", task_id))
-    backend = app.backend
-    current, seen = task_id, {task_id}
-    groups: list[str] = []
-    for _ in range(_MAX_CLIMB):
-        try:
-            meta = backend.get_task_meta(current)
-        except Exception:  # noqa: BLE001 - an unknown id is not an error here
-            break
-        if meta.get("status") != states.PENDING:
-            plan.seen[current] = str(meta.get("status"))
-        group_id = meta.get("group_id")
-        if isinstance(group_id, str) and group_id:
-            groups.append(group_id)
-        parent_id = meta.get("parent_id")
-        if not isinstance(parent_id, str) or not parent_id or parent_id in seen:
-            break
-        seen.add(parent_id)
-        current = parent_id
-    if current != task_id:
-        plan.wide.append(("root", current))
-    plan.wide.extend(("group", group_id) for group_id in groups)
-
-
-def workflow_targets(
-    app: Any, task_ids: Iterable[str]
-) -> tuple[list[_ledger.Target], dict[str, str]]:
-    """The targets ``cancel(task_ids, workflow=True)`` records, and the states seen on the way.
-
-    For ``celery cancel --workflow``, which reports on what it found.
-    """
-    plan = _Plan(workflow=True)
-    for task_id in dict.fromkeys(task_ids):
-        _resolve_bare(app, task_id, plan)
-    return plan.targets(), plan.seen
 
 
 def cancel(
@@ -313,6 +185,7 @@ def cancel(
        ``workflow=True``; a `~celery.result.GroupResult` is one group target.
     """
     grace_s = validate_seconds(grace, "grace")
+    install_revoke_recorder()
     plan = _Plan(workflow=bool(workflow))
     _collect(task_or_id, plan)
     if not plan.task_ids and not plan.wide and not plan.bare:
@@ -327,7 +200,9 @@ def cancel(
 
         app = current_app._get_current_object()
     for task_id in dict.fromkeys(plan.bare):
-        _resolve_bare(app, task_id, plan)
+        targets, seen = resolve_id(app.backend, task_id)
+        plan.wide.extend(targets)
+        plan.seen.update(seen)
 
     task_ids = list(dict.fromkeys(plan.task_ids))
     wide = [t for t in plan.targets() if t[0] != "task"]
@@ -357,7 +232,7 @@ def cancel_targets(
     with app.pool.acquire(block=True) as conn:
         _check_broker(conn, app)
         try:
-            _ledger.ledger_for(app).record(targets, reason, grace)
+            runtime().ledgers.get(app).record(targets, reason, grace)
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
             warnings.warn(
@@ -384,7 +259,7 @@ def _mark_unsent(app: Any, trees: list[Any], reason: CancelReason) -> None:
     try:
         ids: list[str] = []
         for tree in trees:
-            ids.extend(_unsent(tree))
+            ids.extend(unsent_ids(tree))
         if ids:
             error = TaskRevokedError(reason.describe())
             for task_id in dict.fromkeys(ids):
@@ -410,11 +285,9 @@ def _check_broker(conn: Any, app: Any) -> None:
         conn.ensure_connection(
             max_retries=1, interval_start=0, interval_step=0.2, timeout=BROKER_CHECK_TIMEOUT
         )
-        channel = conn.default_channel
-        client = getattr(channel, "client", None)
-        ping = getattr(client, "ping", None)
-        if callable(ping):
-            _ping_once(client)
+        client = celery_internals.redis_broker_client(conn)
+        if client is not None:
+            celery_internals.ping_redis_once(client, BROKER_CHECK_TIMEOUT)
     except Exception as exc:
         with contextlib.suppress(Exception):
             conn.collect()  # do not give the broken connection back to the pool
@@ -423,46 +296,36 @@ def _check_broker(conn: Any, app: Any) -> None:
         ) from exc
 
 
-def _ping_once(client: Any) -> None:
-    # One PING with a bounded wait and no retry, whatever the client's own
-    # retry policy (redis-py retries connection errors with back-off).
-    pool = client.connection_pool
-    try:
-        connection = pool.get_connection()
-    except TypeError:  # redis-py < 5.3 wants a command name
-        connection = pool.get_connection("PING")
-    try:
-        connection.socket_timeout = BROKER_CHECK_TIMEOUT
-        connection.socket_connect_timeout = BROKER_CHECK_TIMEOUT
-        if connection._sock is not None:
-            connection._sock.settimeout(BROKER_CHECK_TIMEOUT)
-        connection.send_command("PING")
-        connection.read_response()
-    except Exception:
-        connection.disconnect()
-        raise
-    finally:
-        pool.release(connection)
+class _Installed:
+    """Whether this process has installed the revoke recorder (set under ``lock``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
 
 
-def install_client_side() -> None:
+_recorder: Final = _Installed()
+
+
+def install_revoke_recorder() -> None:
     """Make Celery's own ``Control.revoke`` durable too (idempotent).
 
     ``AsyncResult.revoke()``, ``GroupResult.revoke()`` and
-    ``app.control.revoke()`` all end in ``Control.revoke``.  In a process
-    where the integration is active, a revoke sent to every worker (no
-    ``destination``, no ``terminate``) is also recorded in the ledger after
-    Celery's broadcast, as ``cancel()`` records its own: so a plain revoke
-    sent while no worker is online is not lost either.  A failure to record
-    is logged (``ledger.unavailable``) and never fails Celery's call.
+    ``app.control.revoke()`` all end in ``Control.revoke``.  Once a process
+    has called `cancel` (or runs a worker), a revoke it sends to every worker
+    (no ``destination``, no ``terminate``) is also recorded in the ledger
+    after Celery's broadcast, as ``cancel()`` records its own: so a plain
+    revoke sent while no worker is online is not lost either.  A failure to
+    record is logged (``ledger.unavailable``) and never fails Celery's call.
     """
-    from celery.app.control import Control
-    from celery.utils.functional import maybe_list
+    with _recorder.lock:
+        if _recorder.done:
+            return
+        _recorder.done = True
+        celery_internals.wrap_control_revoke(_recording_revoke)
 
-    original = Control.revoke
-    if getattr(original, "_cancellable_original", None) is not None:
-        return
 
+def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
     def revoke(
         self: Any,
         task_id: Any,
@@ -475,95 +338,96 @@ def install_client_side() -> None:
             self, task_id, destination=destination, terminate=terminate, signal=signal, **kwargs
         )
         if destination is None and not terminate:
-            ids = [str(t) for t in (maybe_list(task_id) or []) if t]
+            ids = celery_internals.task_ids(task_id)
             try:
-                _ledger.ledger_for(self.app).record(
+                runtime().ledgers.get(self.app).record(
                     [("task", t) for t in ids], CancelReason(source="revoked")
                 )
-            except _ledger.LedgerError as exc:
+            except (_ledger.LedgerError, SettingError) as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
         return result
 
-    revoke._cancellable_original = original  # type: ignore[attr-defined]
-    revoke.__doc__ = original.__doc__
-    Control.revoke = revoke
+    return revoke
+
+
+class _Unchanged:
+    """The default of `configure`'s options: leave the setting as it is."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+#: `configure`'s default for every option: the setting is left as it is.
+UNCHANGED: Final[Any] = _Unchanged()
 
 
 def configure(
     app: Any,
     *,
-    ledger_url: str | None = None,
-    ledger_ttl: float | None = None,
-    poll_interval: float | None = None,
-    signal: int | str | None = None,
-) -> None:
-    """Set `cancellable`'s options on a Celery app (all optional).
+    ledger_url: str | None = UNCHANGED,
+    ledger_ttl: float = UNCHANGED,
+    poll_interval: float = UNCHANGED,
+    grace: float | None = UNCHANGED,
+    kill_after: float | None = UNCHANGED,
+    kill_process_group: bool = UNCHANGED,
+    cancel_siblings_on_failure: bool = UNCHANGED,
+    wakeup_signal: int | str | None = UNCHANGED,
+) -> Settings:
+    """Set `cancellable`'s settings on a Celery app, checked now (all optional).
 
-    The same options can be set in the app's configuration as
-    ``cancellable_ledger_url``, ``cancellable_ledger_ttl`` and
-    ``cancellable_poll_interval``.  Call it where you create the app, before
-    the worker starts.
+    Each option is the app setting ``cancellable_<option>`` (see
+    :doc:`/settings` for what each means and accepts); the same can be set in
+    the app's configuration directly.  The new values are validated together
+    with the app's other ``cancellable_*`` settings, by the rules a worker
+    applies when it starts, and stored only if all are valid.  Call it where
+    you create the app, before a worker starts or the first `cancel`: both
+    read the settings once per app.
 
     Args:
         app: The Celery app.
-        ledger_url: Where to record cancellations durably: ``redis://...``,
-            ``file:///path`` or ``"none"``.  Default: the app's Redis or
-            filesystem result backend, else its Redis broker.
-        ledger_ttl: How long a cancellation is remembered, in seconds
-            (default one week).  Keep it longer than a task can wait in a
-            queue.
-        poll_interval: How often a worker asks the ledger about the tasks it
-            is running, in seconds (default 2).  A safety net only; normal
-            delivery is pushed.
-        signal: The signal used to wake prefork children (default
-            ``SIGURG``, whose default action is to do nothing).  Signals
-            that billiard uses or resets in pool children (``SIGUSR1``,
-            ``SIGUSR2``, ``SIGTERM``, ``SIGHUP``, ...) are refused.
+        ledger_url: ``cancellable_ledger_url``: ``redis://...``,
+            ``file:///path``, ``"none"``, or None (the app's Redis or
+            filesystem result backend, else its Redis broker).
+        ledger_ttl: ``cancellable_ledger_ttl``: seconds a cancellation is
+            remembered (default one week).
+        poll_interval: ``cancellable_poll_interval``: seconds between a
+            worker's reads of the ledger (default 2).
+        grace: ``cancellable_grace``: seconds before a cancelled task is
+            interrupted (None: cooperative only, the default).
+        kill_after: ``cancellable_kill_after``: seconds from the interrupt to
+            the terminate step (None: never terminate; default 10).
+        kill_process_group: ``cancellable_kill_process_group``.
+        cancel_siblings_on_failure: ``cancellable_cancel_siblings_on_failure``.
+        wakeup_signal: ``cancellable_wakeup_signal``: the signal that wakes
+            prefork children (default ``SIGURG``); signals billiard uses in
+            pool children are refused.
+
+    Returns:
+        The app's settings as a worker will read them.
 
     Raises:
-        TypeError, ValueError: An option is invalid.
+        SettingError: A value is invalid (or another ``cancellable_*``
+            setting of the app is); the message names each one.  Nothing
+            is stored then.
 
     .. versionadded:: 0.1.0
+    .. versionchanged:: 0.2.0
+       Covers every setting; ``signal=`` is now ``wakeup_signal=``; raises
+       `SettingError`.
     """
-    if ledger_url is not None:
-        if not isinstance(ledger_url, str):
-            raise TypeError("ledger_url must be a str")
-        if ledger_url.lower() != "none" and not ledger_url.startswith(
-            ("redis://", "rediss://", "unix://", "file://")
-        ):
-            raise ValueError(
-                "ledger_url must be a redis://, rediss://, unix:// or file:// URL, or 'none'"
-            )
-        app.conf.cancellable_ledger_url = ledger_url
-    if ledger_ttl is not None:
-        ttl = validate_seconds(ledger_ttl, "ledger_ttl", allow_none=False)
-        if not ttl:
-            raise ValueError("ledger_ttl must be positive")
-        app.conf.cancellable_ledger_ttl = ttl
-    if poll_interval is not None:
-        interval = validate_seconds(poll_interval, "poll_interval", allow_none=False)
-        if not interval:
-            raise ValueError("poll_interval must be positive")
-        app.conf.cancellable_poll_interval = interval
-    if signal is not None:
-        if isinstance(signal, str):
-            name = signal.upper()
-            name = name if name.startswith("SIG") else "SIG" + name
-            try:
-                signum = int(getattr(signal_module, name))
-            except AttributeError:
-                raise ValueError(f"unknown signal {signal!r}") from None
-        elif isinstance(signal, int) and not isinstance(signal, bool):
-            signum = signal
-        else:
-            raise TypeError("signal must be a signal name or number")
-        from billiard.common import TERMSIGS_FULL
-
-        taken = {getattr(signal_module, name, None) for name in TERMSIGS_FULL}
-        taken |= {getattr(signal_module, name, None) for name in ("SIGKILL", "SIGSTOP", "SIGINT")}
-        if signum in taken:
-            raise ValueError(
-                f"signal {signum} cannot be caught, or billiard uses it in pool children; "
-                "keep the default (SIGURG) or pick one such as SIGWINCH"
-            )
-        _wakeup.set_signal(signum)
+    given = {
+        "ledger_url": ledger_url,
+        "ledger_ttl": ledger_ttl,
+        "poll_interval": poll_interval,
+        "grace": grace,
+        "kill_after": kill_after,
+        "kill_process_group": kill_process_group,
+        "cancel_siblings_on_failure": cancel_siblings_on_failure,
+        "wakeup_signal": wakeup_signal,
+    }
+    updates = {PREFIX + name: value for name, value in given.items() if value is not UNCHANGED}
+    settings = Settings.from_conf(
+        collections.ChainMap(updates, app.conf), namespace=getattr(app, "namespace", None)
+    )
+    app.conf.update(updates)
+    return settings

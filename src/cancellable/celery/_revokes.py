@@ -1,0 +1,329 @@
+"""A worker receiving cancellations: revoke commands, and Celery's check before the pool.
+
+Installed by `cancellable.celery._activation` when a worker starts; each
+piece acts only while a worker runs in this process (its
+`~cancellable.celery._runtime.WorkerRuntime` is active, for the app
+concerned) and otherwise leaves Celery's own behaviour untouched.
+
+* **The revoke command.**  Celery dispatches remote-control commands from
+  the ``Panel.data`` registry; we wrap its ``revoke`` entry
+  (`revoke_command`).  A plain revoke (``AsyncResult.revoke``,
+  ``app.control.revoke``, ``GroupResult.revoke``, ``celery control
+  revoke``, Flower) runs Celery's own handler first, then goes into the
+  index and the ledger and is delivered to the tasks this worker holds.  A
+  revoke sent by `cancellable.celery.cancel` carries its reason under the
+  extra argument ``cancellable``; it was recorded in the ledger already,
+  and we handle it without Celery's handler, which would write a bare
+  "revoked" state per id (two backend round trips each, and a wrong
+  reason) and trusts a bounded in-memory set.  ``terminate=True`` is left
+  entirely to Celery.
+* **Before the pool.**  Celery asks ``Request.revoked()`` before it hands
+  any task to the pool (on receipt, when an ETA or rate limit expires,
+  after a redelivery).  We extend that check with the local index
+  (`request_revoked`), so a task is discarded whenever one of its targets
+  is live, whatever the size of Celery's revoked set; and Celery's discard
+  stores the recorded reason instead of a bare "revoked"
+  (`announce_revoked`).
+* **Workflows.**  ``cancel()`` can also send ``group`` and ``root`` targets
+  (under the extra argument ``cancellable_targets``); they are indexed and
+  delivered to every held task they match.  A ``root`` target also matches
+  a task that would send its id later (`cancellable.celery._workflow`);
+  when one does, the worker records the task's real root id as well
+  (`promote_workflow`), so the rest of that workflow matches by root id
+  everywhere.  A task discarded for a cancellation we know stores its
+  reason, does not report to its chord, and its unsent parts (rest of the
+  chain, links, chord body) are stored REVOKED.  The read-only control
+  command ``cancellable_members`` lists the held tasks some targets name
+  (for ``celery cancel --workflow``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from .._exceptions import CancelReason
+from .._log import logger
+from ..events import CANCEL_DELIVERY_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
+from . import _celery_internals as celery_internals
+from . import _ledger, _workflow
+from ._index import TargetIndex, request_targets
+from ._ledger import Target
+from ._runtime import WorkerRuntime, runtime
+
+__all__ = [
+    "MEMBERS_COMMAND",
+    "announce_revoked",
+    "deliver_targets",
+    "members_command",
+    "promote_workflow",
+    "request_revoked",
+    "revoke_command",
+    "targets_from",
+]
+
+#: The remote-control command that lists the held tasks some targets name.
+MEMBERS_COMMAND: Final = "cancellable_members"
+
+
+def _reason_from(payload: Any) -> CancelReason | None:
+    """The reason `cancel()` sent along with a revoke, or None (plain revoke)."""
+    if isinstance(payload, dict):
+        try:
+            return CancelReason.from_dict(payload)
+        except (TypeError, ValueError):
+            pass
+    return None
+
+
+def _grace_from(payload: Any) -> float | None:
+    """The grace `cancel()` sent along with a revoke (None: not given, or invalid)."""
+    # The same rule as cancel()'s own check: a finite number >= 0.
+    number = isinstance(payload, (int, float)) and not isinstance(payload, bool)
+    if number and math.isfinite(payload) and payload >= 0:
+        return float(payload)
+    return None
+
+
+def targets_from(payload: Any) -> list[Target]:
+    """The group and root targets `cancel()` sent along with a revoke (bad ones dropped)."""
+    targets: list[Target] = []
+    for item in payload if isinstance(payload, (list, tuple)) else ():
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            try:
+                targets.extend(_ledger.check_targets([(item[0], item[1])]))
+            except ValueError:
+                continue
+    return targets
+
+
+def _held(rt: WorkerRuntime, task_id: str) -> Any:
+    """The request (or running-task entry) of a task this worker holds, or None."""
+    return celery_internals.worker_requests().get(task_id) or rt.tasks.running.get(task_id)
+
+
+def deliver_targets(
+    rt: WorkerRuntime,
+    targets: Iterable[Target],
+    grace: float | None = None,
+    graces: dict[str, float] | None = None,
+) -> int:
+    """Deliver newly indexed targets to the tasks this worker holds; return how many.
+
+    Each task reached is also put on the worker's cancellation ladder, with
+    ``grace`` if given (a broadcast), or its own entry of ``graces`` (ledger
+    entries, by task id).
+    """
+    task_ids: list[str] = []
+    wide = False
+    for kind, target_id in targets:
+        if kind == "task":
+            task_ids.append(target_id)
+        else:
+            wide = True
+    if wide:
+        # A group or root target can name any held task: look at all of them.
+        held = list(dict(celery_internals.worker_requests())) + list(rt.tasks.running.ids())
+        task_ids = list(dict.fromkeys([*task_ids, *held]))
+    delivered = 0
+    promoted: list[Target] = []
+    for task_id in task_ids:
+        request = _held(rt, task_id)
+        if request is None:
+            continue
+        reason = rt.index.match_request(request)
+        if reason is None:
+            reason = rt.index.match(task_id)
+        if reason is not None and rt.delivery.deliver(task_id, reason) != "none":
+            delivered += 1
+            # The registered name (``type``), not a shadow name: the ladder
+            # looks the task's own grace up in the registry by it.
+            name = getattr(request, "type", None) or getattr(request, "task_name", None)
+            given = grace if graces is None else graces.get(task_id, grace)
+            rt.ladder.start(task_id, reason, name, given)
+        if reason is not None:
+            promoted.extend(promote_workflow(rt, request, reason))
+    if promoted:
+        delivered += deliver_targets(rt, promoted, grace, graces)
+    return delivered
+
+
+def promote_workflow(rt: WorkerRuntime, request: Any, reason: CancelReason) -> list[Target]:
+    """Cancel a request's whole workflow when a root target names it by a member's id.
+
+    ``cancel(id, workflow=True)`` records ``("root", id)``.  A request that
+    matches it through its own id or a task it would send later (not
+    through its root id) tells us the workflow's real root id: we index it,
+    record it in the ledger, and return the new target so the caller
+    delivers it.  Its other members (the siblings of a group sent by a link
+    that finished) then match by their root id, here and on every other
+    worker.  Returns ``[]`` when there is nothing new.
+    """
+    _task_id, _group_id, root_id = request_targets(request)
+    if not root_id or rt.index.has("root", root_id):
+        return []
+    if rt.index.match_workflow(request) is None:
+        return []
+    added = rt.index.add([("root", root_id)], reason)
+    if added:
+        try:
+            runtime().ledgers.get(rt.app).record(added, reason)
+        except _ledger.LedgerError as exc:
+            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=[root_id])
+    return added
+
+
+def _on_revoke(
+    rt: WorkerRuntime,
+    task_ids: list[str],
+    reason: CancelReason,
+    from_cancel: bool,
+    grace: float | None = None,
+    wide: Iterable[Target] = (),
+) -> None:
+    targets: list[Target] = [("task", task_id) for task_id in task_ids]
+    targets.extend(wide)
+    rt.index.add(targets, reason)
+    # Deliver every id this worker holds, even one indexed before: a second
+    # revoke of a running task must not be a no-op if the first was missed.
+    deliver_targets(rt, targets, grace)
+    if not from_cancel:
+        # A plain revoke: make it durable too (cancel() wrote the ledger itself).
+        try:
+            runtime().ledgers.get(rt.app).record(targets, reason)
+        except _ledger.LedgerError as exc:
+            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
+
+
+def _active_worker(app: Any) -> WorkerRuntime | None:
+    """The worker running in this process for ``app`` (None: Celery is on its own)."""
+    worker = runtime().worker
+    return worker if worker is not None and worker.serves(app) else None
+
+
+def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``revoke`` remote-control command, around Celery's ``original``."""
+
+    def revoke(
+        state: Any, task_id: Any, terminate: bool = False, signal: Any = None, **kwargs: Any
+    ) -> Any:
+        rt = _active_worker(getattr(state, "app", None))
+        if rt is None:
+            return original(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        given = _reason_from(kwargs.get("cancellable"))
+        task_ids = celery_internals.task_ids(task_id)
+        if terminate or given is None:
+            result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        else:
+            # The reply shape of Celery's own handler (``ok(...)``), for any
+            # caller that asks for replies.
+            result = {"ok": f"tasks {', '.join(task_ids)} flagged as revoked"}
+        if not terminate:
+            try:
+                _on_revoke(
+                    rt,
+                    task_ids,
+                    given or CancelReason(source="revoked"),
+                    given is not None,
+                    _grace_from(kwargs.get("cancellable_grace")),
+                    targets_from(kwargs.get("cancellable_targets")) if given else (),
+                )
+            except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
+                logger.error(
+                    CANCEL_DELIVERY_FAILED, task_ids=task_ids[:20], error=repr(exc), exc_info=exc
+                )
+        return result
+
+    return revoke
+
+
+def request_revoked(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """``Request.revoked`` extended with the worker's index (see the module docstring)."""
+
+    def revoked(self: Any) -> bool:
+        rt = _active_worker(getattr(self, "app", None))
+        if (
+            rt is not None
+            and not celery_internals.request_already_revoked(self)
+            and not celery_internals.is_revoked_id(self.id)
+        ):
+            reason = rt.index.match_request(self)
+            if reason is not None:
+                # Celery discards what its revoked set names; the index says so.
+                celery_internals.add_revoked_id(self.id)
+                _promote_quietly(rt, self, reason)
+        return bool(original(self))
+
+    return revoked
+
+
+def announce_revoked(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Request._announce_revoked`` storing the recorded reason (see the module docstring)."""
+
+    def announce(self: Any, reason: str, terminated: bool, signum: Any, expired: bool) -> Any:
+        rt = _active_worker(getattr(self, "app", None))
+        if rt is None:
+            return original(self, reason, terminated, signum, expired)
+        recorded = None
+        text = reason
+        if reason == "terminated" and terminated:
+            # The ladder's last step: say why and after how long.
+            ending = rt.ladder.ending_of(self.id)
+            if ending is not None:
+                text = ending
+                recorded = rt.index.match_request(self)
+        elif reason == "revoked" and not terminated and not expired:
+            recorded = rt.index.match_request(self)
+            if recorded is not None:
+                text = recorded.describe()
+        if recorded is None:
+            return original(self, text, terminated, signum, expired)
+        # Discarded by a cancellation we know: store its reason, keep it out
+        # of its chord's count (the body is REVOKED below instead), and end
+        # what it would have sent.
+        context = celery_internals.request_context(self)
+        chord = getattr(context, "chord", None)
+        context.chord = None
+        try:
+            return original(self, text, terminated, signum, expired)
+        finally:
+            context.chord = chord
+            try:
+                _workflow.revoke_downstream(self.task.backend, context, recorded)
+            except Exception as exc:  # noqa: BLE001 - never break the consumer
+                logger.warning(
+                    TASK_RESULT_NOT_STORED, task_id=self.id, error=repr(exc), exc_info=exc
+                )
+
+    return announce
+
+
+def _promote_quietly(rt: WorkerRuntime, request: Any, reason: CancelReason) -> None:
+    # From Celery's consumer: a failure here must not stop the discard.
+    try:
+        added = promote_workflow(rt, request, reason)
+        if added:
+            deliver_targets(rt, added)
+    except Exception as exc:  # noqa: BLE001 - never break the consumer
+        logger.error(CANCEL_DELIVERY_FAILED, task_ids=[request.id], error=repr(exc), exc_info=exc)
+
+
+def members_command(state: Any, targets: Any = None, **kwargs: Any) -> dict[str, list[Any]]:
+    """The tasks this worker holds that the given targets name.
+
+    ``{task id: ["active" | "reserved", parent id or None]}``.  A read-only
+    probe for ``celery cancel --workflow``: it indexes nothing.
+    """
+    probe = TargetIndex()
+    probe.add(targets_from(targets), CancelReason(source="revoked"))
+    active = celery_internals.active_request_ids()
+    found: dict[str, list[Any]] = {}
+    for task_id, request in dict(celery_internals.worker_requests()).items():
+        if probe.match_request(request) is not None:
+            parent_id = getattr(request, "parent_id", None)
+            found[task_id] = [
+                "active" if task_id in active else "reserved",
+                parent_id if isinstance(parent_id, str) else None,
+            ]
+    return found

@@ -1,0 +1,314 @@
+"""Where `cancellable.celery` keeps its state in a process: two runtime objects.
+
+Everything the integration holds at run time lives in one of two objects,
+and nowhere else (the modules keep only constants):
+
+`WorkerRuntime`
+    The main process of a worker, from ``worker_init`` until the worker
+    stops: its app, the index of live cancellations, the deliveries to the
+    tasks it holds (and the mailbox shared with prefork children), the
+    cancellation ladder, the table the prefork children publish in, and the
+    poller thread (started by the worker's bootstep, see
+    `cancellable.celery._activation`).
+`TaskRuntime`
+    A process that runs ``@cancellable`` tasks: a prefork child, or the
+    worker's own process for the threads, solo, gevent and eventlet pools
+    (and any process that runs a task eagerly).  Its running tasks, its
+    copy of the index, the mailbox it reads, its row in the child table, its
+    wake-up signal and the interrupt window.
+
+Both are reached through one accessor, `runtime`, which returns this
+process's `Runtime`: ``runtime().worker`` (None outside a running worker's
+main process), ``runtime().tasks`` and ``runtime().ledgers`` (the ledger of
+each app, for clients too).  The `Runtime` is replaced in two places only:
+`install_worker` / `remove_worker` (a worker starts and stops in this
+process) and, after a fork, in the child (`_after_fork_in_child`), which
+keeps the shared memory (index copy, mailbox, child table, signal) and
+nothing else: no threads, no locks, no connections.
+
+Fork safety: before every fork the running worker's ``tick_lock`` is taken
+(the poller does its work, and its logging, under it), so a child is never
+forked while the poller holds one of our locks or a logger's.  The fork
+handlers are registered the first time `runtime` is called in the process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Final, Protocol
+
+from .._exceptions import CancelReason
+from .._log import logger
+from ..events import CANCEL_NOT_ESCALATED
+from . import _celery_internals as celery_internals
+from ._childtable import ChildTable
+from ._delivery import Delivery, check_mailbox, mailbox_reason
+from ._index import TargetIndex
+from ._interrupt import Interrupts
+from ._ladder import Ladder
+from ._ledger import Ledgers
+from ._mailbox import Mailbox
+from ._registry import RunningTasks
+from ._settings import Settings, settings_for
+from ._wakeup import DEFAULT_SIGNAL, Wakeup
+
+
+class Background(Protocol):
+    """A worker's background thread (the poller, `cancellable.celery._poller`)."""
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+
+
+__all__ = [
+    "Background",
+    "Runtime",
+    "TaskRuntime",
+    "WorkerRuntime",
+    "install_worker",
+    "remove_worker",
+    "runtime",
+]
+
+
+class TaskRuntime:
+    """What a process that runs ``@cancellable`` tasks holds (see the module docstring).
+
+    Args:
+        index: The live cancellations this process knows (a prefork child:
+            the copy it was forked with).
+        mailbox: The mailbox shared with the worker's main process (None:
+            not a prefork worker).
+        table: The child table (prefork only).
+        signum: The wake-up signal.
+        kill_group: Whether a new prefork child leads its own process group.
+    """
+
+    def __init__(
+        self,
+        index: TargetIndex | None = None,
+        mailbox: Mailbox | None = None,
+        table: ChildTable | None = None,
+        signum: int | None = DEFAULT_SIGNAL,
+        kill_group: bool = False,
+    ) -> None:
+        self.index = TargetIndex() if index is None else index
+        self.mailbox = mailbox
+        self.table = table
+        self.kill_group = kill_group
+        self.running = RunningTasks()
+        self.wakeup = Wakeup(signum)
+        self.interrupts = Interrupts(self.running, mailbox, self.wakeup)
+
+    def check_mailbox(self) -> None:
+        """Cancel the running tasks the mailbox names (after a wake-up signal)."""
+        check_mailbox(self.mailbox, self.running)
+
+    def reason_before_start(self, request: Any) -> CancelReason | None:
+        """Why a task that is about to start is cancelled already, or None.
+
+        In-process pools share the worker's live index; a prefork child has
+        the copy it was forked with, and the mailbox for everything since.
+        """
+        reason = self.index.match_request(request)
+        if reason is None:
+            reason = mailbox_reason(self.mailbox, request.id)
+        if reason is None and celery_internals.is_revoked_id(request.id):
+            reason = CancelReason(source="revoked", message="revoked before it started")
+        return reason
+
+    def child_started(self) -> bool:
+        """In a new prefork child (``worker_process_init``): take part in deliveries.
+
+        Installs the wake-up handler, leads a process group of its own if so
+        configured, and claims the child's row in the child table.  False if
+        this child did not inherit its parent's mailbox (the pool started
+        it with the spawn or forkserver start method): it cannot be reached.
+        """
+        box = self.mailbox
+        if box is None or box.owner != os.getppid():
+            return False
+        self.wakeup.install(self.check_mailbox, self.interrupts.raise_if_asked)
+        if self.kill_group and hasattr(os, "setpgid"):
+            try:
+                os.setpgid(0, 0)
+            except OSError as exc:
+                logger.warning(CANCEL_NOT_ESCALATED, why=f"cannot lead a process group: {exc}")
+        table = self.table
+        if table is not None and table.owner == os.getppid():
+            index = celery_internals.process_index()
+            if index is not None:
+                table.claim(index)
+        return True
+
+    def forked(self) -> TaskRuntime:
+        """This runtime for a forked child: the shared memory and settings, nothing else."""
+        return TaskRuntime(
+            self.index.forked(), self.mailbox, self.table, self.wakeup.signum, self.kill_group
+        )
+
+
+class WorkerRuntime:
+    """What the main process of one worker holds (see the module docstring).
+
+    Built at ``worker_init``, before the pool forks, so the children share
+    its mailbox and child table.  Tests build their own.
+
+    Args:
+        app: The worker's app.
+        settings: Its validated settings (default: `settings_for` the app,
+            which raises `~cancellable.celery._settings.SettingError` for a
+            bad one).
+        worker: The ``WorkController`` (None in tests that have no worker).
+        pool_kind: ``"prefork"``, ``"threads"``, ``"solo"``, ``"gevent"``,
+            ``"eventlet"`` or ``""``.
+        mailbox_slots: Slots in the mailbox: the most tasks the worker can hold.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        settings: Settings | None = None,
+        worker: Any = None,
+        pool_kind: str = "",
+        mailbox_slots: int = 0,
+    ) -> None:
+        self.app = app
+        self.settings = settings_for(app) if settings is None else settings
+        self.worker = worker
+        self.pool_kind = pool_kind
+        mailbox = Mailbox(mailbox_slots)
+        table = ChildTable() if pool_kind == "prefork" else None
+        signum = self.settings.wakeup_signal
+        #: The tasks of this process (in-process pools run them here).
+        self.tasks = TaskRuntime(
+            TargetIndex(),
+            mailbox,
+            table,
+            None if signum is None else int(signum),
+            self.settings.kill_process_group,
+        )
+        self.index = self.tasks.index
+        self.mailbox = mailbox
+        self.table = table
+        self.delivery = Delivery(self.tasks.running, mailbox, self.tasks.wakeup)
+        self.ladder = Ladder(
+            app,
+            self.settings,
+            worker,
+            pool_kind,
+            self.delivery,
+            self.tasks.running,
+            self.tasks.interrupts,
+            table,
+        )
+        #: Held by the poller while it works; taken before every fork.
+        self.tick_lock = threading.Lock()
+        #: The poller thread, from the worker's bootstep ``start`` to its ``stop``.
+        self.poller: Background | None = None
+        #: Whether the worker is running (between its bootstep's start and stop):
+        #: the patched Celery methods act only then.
+        self.active = False
+
+    def serves(self, app: Any) -> bool:
+        """Whether this running worker should act for ``app`` (None: any app)."""
+        return self.active and (app is None or app is self.app)
+
+
+class Runtime:
+    """Everything `cancellable.celery` holds in one process (see the module docstring)."""
+
+    def __init__(
+        self,
+        tasks: TaskRuntime | None = None,
+        worker: WorkerRuntime | None = None,
+        ledgers: Ledgers | None = None,
+    ) -> None:
+        #: The main-process runtime of the worker running here (None: none).
+        self.worker: Final = worker
+        #: The tasks of this process.
+        self.tasks: Final = TaskRuntime() if tasks is None else tasks
+        #: The ledger of each app.
+        self.ledgers: Final = Ledgers() if ledgers is None else ledgers
+
+
+class _Holder:
+    """The one module-level binding: this process's `Runtime`."""
+
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
+        self.lock = threading.Lock()
+        self.fork_handlers = False
+        #: The worker whose tick lock `_before_fork` took (the parent releases it).
+        self.forking: WorkerRuntime | None = None
+
+
+_holder: Final = _Holder()
+
+
+def runtime() -> Runtime:
+    """This process's runtime (made, and the fork handlers registered, at the first call)."""
+    current = _holder.runtime
+    if current is None:
+        with _holder.lock:
+            if _holder.runtime is None:
+                _register_fork_handlers()
+                _holder.runtime = Runtime()
+            current = _holder.runtime
+    return current
+
+
+def install_worker(worker: WorkerRuntime) -> None:
+    """Make ``worker`` this process's worker runtime (a worker is starting here)."""
+    current = runtime()
+    with _holder.lock:
+        _holder.runtime = Runtime(worker.tasks, worker, current.ledgers)
+
+
+def remove_worker(worker: WorkerRuntime) -> bool:
+    """Forget ``worker`` if it is this process's worker runtime (it stopped); True if it was."""
+    current = runtime()
+    with _holder.lock:
+        if current.worker is not worker:
+            return False
+        _holder.runtime = Runtime(None, None, current.ledgers)
+    return True
+
+
+def _register_fork_handlers() -> None:
+    if not _holder.fork_handlers and hasattr(os, "register_at_fork"):
+        _holder.fork_handlers = True
+        os.register_at_fork(
+            before=_before_fork,
+            after_in_parent=_after_fork_in_parent,
+            after_in_child=_after_fork_in_child,
+        )
+
+
+def _forking_worker() -> WorkerRuntime | None:
+    current = _holder.runtime
+    return None if current is None else current.worker
+
+
+def _before_fork() -> None:
+    worker = _forking_worker()
+    if worker is not None:
+        worker.tick_lock.acquire()
+        _holder.forking = worker
+
+
+def _after_fork_in_parent() -> None:
+    worker, _holder.forking = _holder.forking, None
+    if worker is not None:
+        worker.tick_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # Threads do not survive a fork: the child has no poller, no worker
+    # runtime, and none of the parent's locks or connections.
+    _holder.forking = None
+    current = _holder.runtime
+    _holder.lock = threading.Lock()
+    if current is not None:
+        _holder.runtime = Runtime(current.tasks.forked())
