@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-run", action="store_true", help="only compare the reports of the last runs"
     )
+    parser.add_argument(
+        "--reuse-plain",
+        action="store_true",
+        help="keep the last plain run's report (it does not depend on cancellable's code)",
+    )
     args = parser.parse_args(argv)
     if "plain" not in args.runs:
         parser.error("the plain run is the baseline: include it")
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     found: dict[str, dict[str, str]] = {}
     why: dict[str, dict[str, str]] = {}
     for name in args.runs:
-        if py is not None:
+        reuse = name == "plain" and args.reuse_plain and (results / "plain.xml").exists()
+        if py is not None and not reuse:
             seconds[name] = run_suite(py, source, results, name, RUNS[name])
         junit = results / f"{name}.xml"
         if not junit.exists():
