@@ -110,7 +110,7 @@ core-pythons: $(VENV)/.installed
 # `unit` runs everything.  Redis database 9, so they run beside `unit`
 # (tests/redis_dbs.py).  The whole integration suite on one minor, by hand:
 # `.venv/bin/python -m nox -s integration-5.3` (see noxfile.py).
-OLDER_CELERY_MINORS ?= 5.3 5.4 5.5
+OLDER_CELERY_MINORS ?= 5.3 5.4 5.5 5.6
 celery-minors: $(VENV)/.installed
 	CANCELLABLE_TEST_UNIT_DB=9 $(NOX) -s $(addprefix celery-,$(OLDER_CELERY_MINORS))
 

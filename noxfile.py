@@ -12,7 +12,7 @@
     the contract tests on the Celery internals it relies on; the two slowest
     left out) against the newest patch release of one Celery minor, on
     CPython 3.11.  ``make test`` runs them for every minor the package claims
-    (``celery>=5.3,!=5.6.*``) but the newest, which ``.venv`` has.
+    (``celery>=5.3``) but the newest, which ``.venv`` has.
 
 ``integration-5.X``
     The same plus the integration suite (``tests/integration``: real
@@ -40,12 +40,8 @@ nox.options.sessions = ["core"]
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
-#: The Celery minors ``pyproject.toml`` claims (``celery>=5.3,!=5.6.*``), oldest first.
-CELERY_MINORS = ["5.3", "5.4", "5.5", "5.7"]
-
-#: Minors in the range that the package does not claim, with sessions for whoever
-#: works on them (docs/contributing.md says why).
-UNCLAIMED_MINORS = ["5.6"]
+#: The Celery minors ``pyproject.toml`` claims (``celery>=5.3``), oldest first.
+CELERY_MINORS = ["5.3", "5.4", "5.5", "5.6", "5.7"]
 
 #: The interpreter the Celery sessions use (every claimed minor supports it).
 CELERY_PYTHON = "3.11"
@@ -107,6 +103,6 @@ def integration_session(minor: str) -> None:
         session.run(*PYTEST, *celery_unit_tests(), "tests/integration", *session.posargs)
 
 
-for _minor in CELERY_MINORS + UNCLAIMED_MINORS:
+for _minor in CELERY_MINORS:
     celery_session(_minor)
     integration_session(_minor)
