@@ -149,6 +149,26 @@ class TestRevokeHandler:
         assert "ledger.unavailable" in [e["event"] for e in logs]
         app.close()
 
+    def test_running_cancellable_task_is_not_marked_revoked_by_celery(
+        self, rt: WorkerRuntime, app: Celery, messages: Messages
+    ) -> None:
+        """A plain revoke of a @cancellable task this worker runs leaves its state to
+        the task (it stores REVOKED itself once its cleanup is done): Celery 5.6's
+        handler, which stores REVOKED at once for every id, does not see it.  A plain
+        task's id still goes to Celery's handler."""
+        ours = messages.request(name="ws.cancellable_job")
+        theirs = messages.request(name="ws.job")
+        for request in (ours, theirs):
+            worker_state.task_reserved(request)
+            worker_state.task_accepted(request)
+
+        result = revoke(app, [ours.id, theirs.id])
+
+        assert {"ok": f"tasks {ours.id}, {theirs.id} flagged as revoked"} == result
+        assert "PENDING" == app.AsyncResult(ours.id).state
+        assert {ours.id, theirs.id} <= set(worker_state.revoked)
+        assert rt.index.match(ours.id) is not None
+
     def test_terminate_is_left_to_celery(self, rt: WorkerRuntime, app: Celery) -> None:
         """revoke(terminate=True) goes to Celery alone: nothing indexed or recorded."""
         task_id = str(uuid.uuid4())
