@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-run", action="store_true", help="only compare the reports of the last runs"
     )
+    parser.add_argument(
+        "--reuse-plain",
+        action="store_true",
+        help="keep the last plain run's report (it does not depend on cancellable's code)",
+    )
     args = parser.parse_args(argv)
     if "plain" not in args.runs:
         parser.error("the plain run is the baseline: include it")
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     found: dict[str, dict[str, str]] = {}
     why: dict[str, dict[str, str]] = {}
     for name in args.runs:
-        if py is not None:
+        reuse = name == "plain" and args.reuse_plain and (results / "plain.xml").exists()
+        if py is not None and not reuse:
             seconds[name] = run_suite(py, source, results, name, RUNS[name])
         junit = results / f"{name}.xml"
         if not junit.exists():
@@ -219,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         found[name], why[name] = outcomes(junit)
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip()  # fmt: skip
+    tested_at = results / "tested-at.txt"
+    if py is not None:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()  # fmt: skip
+        tested_at.write_text(commit or "no git")
+    commit = tested_at.read_text() if tested_at.exists() else "unknown"
     files = test_files(source)
     print()
-    print(f"Celery {args.celery} unit suite, cancellable at {commit or 'no git'}")
+    print(f"Celery {args.celery} unit suite, cancellable at {commit}")
     print(f"{len(files)} test modules from {', '.join(TEST_PATHS)}:")
     print(textwrap.fill(" ".join(files), width=100, initial_indent="  ", subsequent_indent="  "))
     header = ("tests", 6), ("passed", 7), ("failed", 7), ("errors", 7), ("skipped", 8), ("s", 6)

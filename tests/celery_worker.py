@@ -118,10 +118,10 @@ class Messages:
         self.conn = Connection(REDIS_URL)
         self.queue(self.conn.default_channel).declare()
 
-    def request(self, task_id: str | None = None, **options: Any) -> Request:
-        """Send ``ws.job`` with ``options`` and build the Request the consumer would."""
+    def request(self, task_id: str | None = None, name: str = "ws.job", **options: Any) -> Request:
+        """Send task ``name`` with ``options`` and build the Request the consumer would."""
         task_id = task_id or str(uuid.uuid4())
-        self.app.tasks["ws.job"].apply_async(task_id=task_id, queue=self.queue.name, **options)
+        self.app.tasks[name].apply_async(task_id=task_id, queue=self.queue.name, **options)
         bound = self.queue(self.conn.default_channel)
         deadline = time.monotonic() + 5
         message = bound.get(no_ack=False)
@@ -134,7 +134,7 @@ class Messages:
             on_ack=message.ack_log_error,
             on_reject=message.reject_log_error,
             app=self.app,
-            task=self.app.tasks["ws.job"],
+            task=self.app.tasks[name],
         )
 
     def held(self, task_id: str | None = None, **options: Any) -> Request:

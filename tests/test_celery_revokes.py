@@ -101,13 +101,14 @@ class TestRevokeHandler:
 
     def test_cancel_payload_bypasses_celerys_handler(self, rt: WorkerRuntime, app: Celery) -> None:
         """cancel()'s revoke is indexed with its reason and not passed to Celery's
-        handler: no per-id backend write, no revoked-set entry, no second ledger entry."""
+        handler: no per-id backend write, no revoked-set entry, no second ledger entry;
+        the reply has the shape of Celery's own ({"ok": ...})."""
         reason = CancelReason(source="revoked", message="stop", requested_by="alice")
         ids = [str(uuid.uuid4()) for _ in range(3)]
 
         result = revoke(app, ids, cancellable=reason.to_dict())
 
-        assert ids == result
+        assert {"ok": f"tasks {', '.join(ids)} flagged as revoked"} == result
         assert [reason] * 3 == [rt.index.match(i) for i in ids]
         assert ["PENDING"] * 3 == [app.AsyncResult(i).state for i in ids]
         assert [] == [i for i in ids if i in worker_state.revoked]
@@ -147,6 +148,26 @@ class TestRevokeHandler:
         assert rt.index.match(task_id) is not None
         assert "ledger.unavailable" in [e["event"] for e in logs]
         app.close()
+
+    def test_running_cancellable_task_is_not_marked_revoked_by_celery(
+        self, rt: WorkerRuntime, app: Celery, messages: Messages
+    ) -> None:
+        """A plain revoke of a @cancellable task this worker runs leaves its state to
+        the task (it stores REVOKED itself once its cleanup is done): Celery 5.6's
+        handler, which stores REVOKED at once for every id, does not see it.  A plain
+        task's id still goes to Celery's handler."""
+        ours = messages.request(name="ws.cancellable_job")
+        theirs = messages.request(name="ws.job")
+        for request in (ours, theirs):
+            worker_state.task_reserved(request)
+            worker_state.task_accepted(request)
+
+        result = revoke(app, [ours.id, theirs.id])
+
+        assert {"ok": f"tasks {ours.id}, {theirs.id} flagged as revoked"} == result
+        assert "PENDING" == app.AsyncResult(ours.id).state
+        assert {ours.id, theirs.id} <= set(worker_state.revoked)
+        assert rt.index.match(ours.id) is not None
 
     def test_terminate_is_left_to_celery(self, rt: WorkerRuntime, app: Celery) -> None:
         """revoke(terminate=True) goes to Celery alone: nothing indexed or recorded."""

@@ -641,7 +641,7 @@ class TestRequestSlowPath:
     def test_no_wake_up_is_lost_while_scopes_come_and_go(self):
         """Signals that request the slow path mid-bookkeeping are never overwritten.
 
-        A timer signal fires every 50 µs while this thread keeps cancelling and
+        A timer signal fires every 200 µs while this thread keeps cancelling and
         exiting scopes, which rewrites ``_pending`` and ``_shared_work`` each
         time.  A handler that runs between the read and the write of that
         bookkeeping must still leave both flags up: every requested callback
@@ -657,7 +657,10 @@ class TestRequestSlowPath:
             request_slow_path(lambda: ran.append(None))
 
         previous = signal.signal(signal.SIGALRM, handler)
-        signal.setitimer(signal.ITIMER_REAL, 0.00005, 0.00005)
+        # Every 200 µs: often enough to land in the bookkeeping thousands of
+        # times, yet slower than the handler on a loaded machine (at 50 µs
+        # handlers nested until a RecursionError dropped a request).
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
         # Captured events cost far less than printed ones, which leaves more
         # of each iteration to the bookkeeping the signals should land in.
         try:

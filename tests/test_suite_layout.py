@@ -47,3 +47,34 @@ def _recipe(makefile: str, target: str) -> str:
     match = re.search(rf"^{re.escape(target)}:.*?(?=\n\n|\Z)", makefile, re.MULTILINE | re.DOTALL)
     assert match is not None, f"no target {target} in the Makefile"
     return match.group(0)
+
+
+def test_every_claimed_celery_minor_is_tested() -> None:
+    """The oldest Celery ``pyproject.toml`` accepts is the oldest nox tests, every minor from
+    there on has a session, and ``make test`` runs all but the newest (``.venv`` has that one)."""
+    claim = re.search(
+        r'^celery = \["celery>=(\d+)\.(\d+)"\]', (ROOT / "pyproject.toml").read_text(), re.M
+    )
+    noxfile = (ROOT / "noxfile.py").read_text()
+    minors = re.search(r"^CELERY_MINORS = \[(.*)\]$", noxfile, re.MULTILINE)
+    makefile = (ROOT / "Makefile").read_text()
+    assert claim is not None
+    assert minors is not None
+    tested = [tuple(map(int, m.split("."))) for m in re.findall(r'"(\d+\.\d+)"', minors.group(1))]
+    oldest = (int(claim.group(1)), int(claim.group(2)))
+
+    assert oldest == tested[0]
+    assert [(5, minor) for minor in range(oldest[1], tested[-1][1] + 1)] == tested
+    older = re.search(r"^OLDER_CELERY_MINORS \?= (.*)$", makefile, re.MULTILINE)
+    assert older is not None
+    assert [f"{a}.{b}" for a, b in tested[:-1]] == older.group(1).split()
+    assert "celery-minors" in _recipe(makefile, "test")
+
+
+def test_the_celery_minors_have_a_database_of_their_own() -> None:
+    """``make celery-minors`` runs beside ``make unit``: its unit tests use another database."""
+    recipe = _recipe((ROOT / "Makefile").read_text(), "celery-minors")
+    db = re.search(r"CANCELLABLE_TEST_UNIT_DB=(\d+)", recipe)
+
+    assert db is not None
+    assert "12" != db.group(1)

@@ -127,7 +127,7 @@ def test_running_task_stops_after_a_storm_of_unrelated_revokes(make_worker, keys
     from cancellable.celery import cancel
 
     worker = make_worker(extra_env=SMALL_REVOKED_SET)
-    result = worker.send("cit.blind_then_loop", keys.key("t"), 3.0, 20.0)
+    result = worker.send("cit.blind_then_loop", keys.key("t"), 8.0, 20.0)
     wait_for(lambda: keys.flag("t", "blind"), 20, message="the blind section")
 
     cancel(result.id, reason="before the storm", app=worker.app)

@@ -421,7 +421,12 @@ def test_acks_late_members_of_a_cancelled_group_never_rerun(make_worker, keys: K
     """
     from cancellable.celery import cancel
 
-    from .test_crash import VISIBILITY_TIMEOUT, awaiting_redelivery, redelivered_and_settled
+    from .test_crash import (
+        REDELIVERY_WAIT,
+        VISIBILITY_TIMEOUT,
+        awaiting_redelivery,
+        redelivered_and_settled,
+    )
 
     first = make_worker(broker=broker, visibility_timeout=VISIBILITY_TIMEOUT)
     members = [si(first, "cit.blind_then_loop", keys.key(f"m{i}"), 30.0, 20.0) for i in range(2)]
@@ -443,10 +448,10 @@ def test_acks_late_members_of_a_cancelled_group_never_rerun(make_worker, keys: K
         visibility_timeout=VISIBILITY_TIMEOUT,
     )
     for member in result.results:
-        assert_revoked(member, "group stop before the crash", timeout=VISIBILITY_TIMEOUT + 30)
+        assert_revoked(member, "group stop before the crash", timeout=REDELIVERY_WAIT + 5)
     wait_for(
         lambda: all(redelivered_and_settled(second, m.id) for m in result.results),
-        VISIBILITY_TIMEOUT + 25,
+        REDELIVERY_WAIT,
         interval=0.2,
         message="the redeliveries to settle",
     )

@@ -116,7 +116,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             return
         if signum is None:
             _warn_prefork("this platform has no SIGURG to wake pool children")
-        elif getattr(sender, "pool_start_method", "fork") != "fork":
+        elif celery_internals.worker_pool_start_method(sender) != "fork":
             _warn_prefork("the pool does not fork its children (spawn start method)")
 
 
@@ -242,9 +242,7 @@ def _on_worker_process_init(**kwargs: Any) -> None:
 def _mailbox_slots(worker: Any, app: Any) -> int:
     # The most tasks one worker can hold at once: its prefetch plus one
     # running task per child.  (Unlimited prefetch is capped by the mailbox.)
-    concurrency = getattr(worker, "concurrency", None)
-    if not isinstance(concurrency, int) or concurrency <= 0:
-        concurrency = os.cpu_count() or 1
+    concurrency = celery_internals.worker_concurrency(worker) or os.cpu_count() or 1
     multiplier = app.conf.get("worker_prefetch_multiplier")
     multiplier = 4 if not isinstance(multiplier, int) or multiplier < 0 else multiplier
     if multiplier == 0:

@@ -49,6 +49,7 @@ from ..events import CANCEL_DELIVERY_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT
 from . import _celery_internals as celery_internals
 from . import _ledger, _workflow
 from ._index import TargetIndex, request_targets
+from ._ladder import NOT_CANCELLABLE
 from ._ledger import Target
 from ._runtime import WorkerRuntime, runtime
 
@@ -213,10 +214,24 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         given = _reason_from(kwargs.get("cancellable"))
         task_ids = celery_internals.task_ids(task_id)
-        if terminate or given is None:
+        running = () if terminate or given is not None else _running_here(rt, task_ids)
+        if running:
+            # A plain revoke of @cancellable tasks running here: they stop at
+            # their next checkpoint and store REVOKED with their cleanup done.
+            # Celery 5.6 would store REVOKED for them at once (5.7 skips
+            # running tasks itself): give its handler only the others.
+            for running_id in running:
+                celery_internals.add_revoked_id(running_id)
+            rest = [other for other in task_ids if other not in running]
+            if rest:
+                original(state, rest, terminate=terminate, signal=signal, **kwargs)
+            result = {"ok": f"tasks {', '.join(task_ids)} flagged as revoked"}
+        elif terminate or given is None:
             result = original(state, task_id, terminate=terminate, signal=signal, **kwargs)
         else:
-            result = task_ids
+            # The reply shape of Celery's own handler (``ok(...)``), for any
+            # caller that asks for replies.
+            result = {"ok": f"tasks {', '.join(task_ids)} flagged as revoked"}
         if not terminate:
             try:
                 _on_revoke(
@@ -234,6 +249,23 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return revoke
+
+
+def _running_here(rt: WorkerRuntime, task_ids: list[str]) -> set[str]:
+    """The ids among ``task_ids`` of ``@cancellable`` tasks this worker runs now."""
+    active = celery_internals.active_request_ids()
+    if not active:
+        return set()
+    requests = celery_internals.worker_requests()
+    running: set[str] = set()
+    for task_id in task_ids:
+        if task_id not in active:
+            continue
+        request = requests.get(task_id)
+        name = getattr(request, "type", None) or getattr(request, "task_name", None)
+        if rt.ladder.task_grace(name) != NOT_CANCELLABLE:
+            running.add(task_id)
+    return running
 
 
 def request_revoked(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
