@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -366,3 +367,36 @@ class TestTorture:
             time.sleep(0.1)
         assert len(outcomes) == len(results), f"{len(results) - len(outcomes)} never ended"
         return outcomes
+
+
+class TestWarmShutdown:
+    """A warm shutdown waits for the running tasks: their cancellations go on meanwhile."""
+
+    @pytest.mark.parametrize(
+        ("pool", "task", "step", "bound"),
+        [
+            ("prefork", "cit.ladder.gil", "terminated after", 2.0),
+            ("threads", "cit.ladder.busy", "interrupted after", 1.0),
+        ],
+    )
+    def test_a_cancellation_escalates_while_the_pool_drains(
+        self, make_worker, keys: Keys, pool: str, task: str, step: str, bound: float
+    ):
+        """Cancelled with grace=1, then SIGTERM: the ladder still ends the task, the worker exits.
+
+        Celery stops the integration's bootstep before the pool, whose stop
+        waits for the running task.  If the poller stopped with the step, the
+        ladder stopped too: the task (which never reaches a checkpoint) kept
+        the warm shutdown waiting, and ended SUCCESS if it ever ended.
+        """
+        worker = make_worker(pool=pool, concurrency=2)
+        result = start(worker, keys, task, "s")
+        cancel(result, "during a warm shutdown", grace=1, app=worker.app)
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGTERM)
+
+        elapsed = timed_revoked(result, "during a warm shutdown", step)
+
+        assert elapsed <= bound + LATENCY + 1.0, elapsed
+        assert 1 == keys.runs("s")
+        worker.proc.wait(timeout=20)

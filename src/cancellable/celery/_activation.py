@@ -27,9 +27,11 @@ The bootstep's ``start`` (the worker starts; before its consumer does)
     ``Request._announce_revoked``, the ``cancellable_members`` command,
     ``Control.revoke``), installs the wake-up handler of a solo worker, and
     starts the poller thread.
-The bootstep's ``stop``, ``terminate`` and ``shutdown`` (however the worker ends)
+``worker_shutdown``, or the bootstep's ``terminate`` or ``shutdown`` (however the worker ends)
     stop the poller, drop the worker runtime and remove the worker's
-    patches (``Control.revoke`` stays patched).
+    patches (``Control.revoke`` stays patched).  A warm shutdown's
+    ``stop`` leaves them in place while the pool drains, so that the
+    cancellations of the tasks it waits for still escalate.
 `~cancellable.celery.cancel` (the client)
     at its first call, patches ``Control.revoke`` so that plain revokes
     from the same process are recorded in the ledger too.
@@ -192,8 +194,16 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         rt.active = True
 
     def stop(self, parent: Any) -> None:
-        """Warm shutdown."""
-        _stop(self.runtime)
+        """Warm shutdown: keep cancelling until the pool has drained.
+
+        Celery stops the worker's steps in reverse order, this one before
+        the pool, whose ``stop`` then waits for the running tasks.  A
+        cancellation still being delivered or escalated (grace, interrupt,
+        terminate) must go on meanwhile, or a cancelled task runs to its
+        end and the warm shutdown waits for it.  So the poller stays until
+        ``worker_shutdown``, which Celery sends once the pool has stopped
+        (or until ``terminate``/``shutdown``).
+        """
 
     def terminate(self, parent: Any) -> None:
         """Cold shutdown (also ``WorkController.terminate()``)."""
