@@ -126,6 +126,35 @@ with start_worker(app, pool="threads", perform_ping_check=False, shutdown_timeou
     ] == done.stdout.splitlines()
 
 
+def test_a_second_worker_in_the_process_says_it_replaces_the_first() -> None:
+    """A worker started while another runs in the same process takes over the one
+    worker runtime, and logs ``worker.replaced`` naming both (never silently)."""
+    done = run_python(
+        PROBE
+        + """
+import structlog
+from structlog.testing import capture_logs
+from celery.contrib.testing.worker import start_worker
+
+other = Celery("activation-2", broker="memory://", backend="cache+memory://")
+other.conf.cancellable_ledger_url = "none"
+other.conf.broker_connection_retry_on_startup = True
+options = dict(pool="threads", perform_ping_check=False, shutdown_timeout=10)
+with start_worker(app, hostname="one@h", **options):
+    with capture_logs() as logs:
+        with start_worker(other, hostname="two@h", **options):
+            print(runtime().worker.app is other)
+    events = [e for e in logs if e["event"] == "worker.replaced"]
+    print([(e["event"], e["log_level"], e["replaced"], e["by"]) for e in events])
+"""
+    )
+
+    assert [
+        "True",
+        "[('worker.replaced', 'warning', 'one@h', 'two@h')]",
+    ] == done.stdout.splitlines()
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [("cancellable_ledger_ttl", "7d"), ("cancellable_grace", -1), ("cancellable_grac", 1)],

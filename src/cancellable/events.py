@@ -40,6 +40,7 @@ __all__ = [
     "TASK_SKIPPED",
     "TASK_TERMINATED",
     "TERMINATE_AVERTED",
+    "WORKER_REPLACED",
 ]
 
 #: The structlog logger name all events are emitted on.
@@ -153,3 +154,9 @@ MAILBOX_FULL: Final = "mailbox.full"
 #: wake-up signal on this platform, or children not forked: the spawn start
 #: method).  Logged once per process, with ``why``.
 PREFORK_UNAVAILABLE: Final = "prefork.unavailable"
+
+#: A second worker started in this process while an earlier one still ran
+#: (embedded or test workers): the integration serves one worker per process,
+#: so the earlier worker's tasks are no longer cancelled.  WARNING, with
+#: ``replaced`` and ``by`` (the two workers' host names).
+WORKER_REPLACED: Final = "worker.replaced"

@@ -50,7 +50,7 @@ from celery import bootsteps, signals
 
 from .. import _decorator
 from .._log import logger
-from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE
+from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
 from . import _client, _failfast, _ledger, _revokes, _task
 from ._poller import Poller
@@ -165,7 +165,15 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         self.runtime = WorkerRuntime(app, None, parent, kind, _mailbox_slots(parent, app))
         old = runtime().worker
         if old is not None:
-            _stop(old)  # an earlier worker in this process that did not stop
+            # An earlier worker in this process that did not stop: one worker
+            # runtime per process, so say loudly that it stops being served.
+            logger.warning(
+                WORKER_REPLACED,
+                replaced=getattr(old.worker, "hostname", None),
+                by=getattr(parent, "hostname", None),
+                why="one worker per process: the earlier worker's tasks are no longer cancelled",
+            )
+            _stop(old)
         install_worker(self.runtime)
 
     def start(self, parent: Any) -> None:
