@@ -451,6 +451,18 @@ class TestConfigure:
         assert (setting,) == caught.value.settings
         assert setting not in app.conf
 
+    def test_a_later_configure_is_what_this_process_reads_next(self, app: Celery) -> None:
+        """configure() after the settings were read (a cancel(), a worker built) is
+        seen by the next read: the settings and the ledger follow the new values."""
+        from cancellable.celery._settings import settings_for
+
+        cc.configure(app, grace=1, ledger_url="none")
+        first = (settings_for(app).grace, type(runtime().ledgers.get(app)).__name__)
+        cc.configure(app, grace=5, ledger_url=REDIS_URL)
+        second = (settings_for(app).grace, type(runtime().ledgers.get(app)).__name__)
+
+        assert ((1.0, "NullLedger"), (5.0, "RedisLedger")) == (first, second)
+
     def test_signal_by_name_or_number(self, app: Celery) -> None:
         """A catchable, unused signal can be chosen by name or number; the app's worker
         then wakes its children with it."""

@@ -28,7 +28,7 @@ from ..events import LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ledger
 from ._runtime import runtime
-from ._settings import PREFIX, SettingError, Settings
+from ._settings import PREFIX, SettingError, Settings, forget_settings
 from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
 
 __all__ = [
@@ -411,9 +411,6 @@ def configure(
             is stored then.
 
     .. versionadded:: 0.1.0
-    .. versionchanged:: 0.2.0
-       Covers every setting; ``signal=`` is now ``wakeup_signal=``; raises
-       `SettingError`.
     """
     given = {
         "ledger_url": ledger_url,
@@ -430,4 +427,9 @@ def configure(
         collections.ChainMap(updates, app.conf), namespace=getattr(app, "namespace", None)
     )
     app.conf.update(updates)
+    # What this process read before is stale now: the next read (a cancel(),
+    # a worker built later) sees the new values.  A running worker keeps the
+    # settings it started with.
+    forget_settings(app)
+    runtime().ledgers.forget(app)
     return settings

@@ -436,6 +436,11 @@ class Ledgers:
         #: Whether "not durable" was logged in this process.
         self._warned = False
 
+    def forget(self, app: Any) -> None:
+        """Drop ``app``'s ledger (its settings changed); the next `get` makes a new one."""
+        with self._lock:
+            self._cache.pop(app, None)
+
     def get(self, app: Any) -> Ledger:
         """The ledger for ``app``, made at the first call.
 

@@ -38,6 +38,7 @@ __all__ = [
     "SETTINGS",
     "SettingError",
     "Settings",
+    "forget_settings",
     "settings_for",
 ]
 
@@ -343,3 +344,8 @@ def settings_for(app: Any) -> Settings:
     if settings is None:
         settings = _by_app[app] = Settings.from_app(app)
     return settings
+
+
+def forget_settings(app: Any) -> None:
+    """Drop what `settings_for` remembered of ``app`` (after `configure` changed it)."""
+    _by_app.pop(app, None)
