@@ -36,7 +36,7 @@ from tests.celery_worker import (  # noqa: F401 - fixtures, found by pytest by n
 import cancellable.celery  # noqa: F401 - activates the integration (patches at worker start)
 from cancellable import CancelReason
 from cancellable.celery._mailbox import Mailbox
-from cancellable.celery._poller import Poller
+from cancellable.celery._poller import WARN_EVERY, Poller
 from cancellable.celery._revokes import (
     deliver_targets,
 )
@@ -73,6 +73,23 @@ class TestLedgerPoll:
 
         assert ["ledger.unavailable"] == [e["event"] for e in logs]
         assert "5-0" == rt.index.cursor
+        app.close()
+
+    def test_a_ledger_that_stays_down_is_not_logged_every_poll(self, rdb: redis.Redis) -> None:
+        """While the ledger stays unreachable, one warning a minute (with how many
+        reads failed since the last one), not one per poll interval."""
+        app = make_app(cancellable_ledger_url="redis://127.0.0.1:1/0")
+        with running_worker(app) as rt:
+            poller = Poller(rt)
+            with capture_logs() as logs:
+                for _ in range(5):
+                    poller.sync()
+                assert poller.warned_at is not None
+                poller.warned_at -= WARN_EVERY  # a minute later
+                poller.sync()
+
+        warnings = [e for e in logs if e["event"] == "ledger.unavailable"]
+        assert [1, 5] == [e["failures"] for e in warnings]
         app.close()
 
     def test_a_group_target_from_the_ledger_keeps_its_grace(

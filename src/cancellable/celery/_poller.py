@@ -39,6 +39,10 @@ TICK: Final = 0.1
 #: Seconds between purges of expired index entries.
 PURGE_EVERY: Final = 600.0
 
+#: While the ledger stays unreachable, seconds between its warnings (the first
+#: failure is logged at once; the next ones carry how many failed since).
+WARN_EVERY: Final = 60.0
+
 
 class Poller:
     """One worker's poller thread (see the module docstring)."""
@@ -50,6 +54,9 @@ class Poller:
         self.thread = threading.Thread(target=self._run, name="cancellable-poller", daemon=True)
         self.interval = rt.settings.poll_interval
         self.ttl = rt.settings.ledger_ttl
+        #: Failed ledger reads since the last warning, and when it was logged.
+        self.failures = 0
+        self.warned_at: float | None = None
 
     def start(self) -> None:
         """Start the thread."""
@@ -90,9 +97,16 @@ class Poller:
         try:
             entries, cursor = ledger.read(rt.index.cursor)
         except _ledger.LedgerError as exc:
-            with rt.tick_lock:
-                logger.warning(LEDGER_UNAVAILABLE, error=str(exc))
+            self.failures += 1
+            now = time.monotonic()
+            if self.warned_at is None or now - self.warned_at >= WARN_EVERY:
+                with rt.tick_lock:
+                    logger.warning(LEDGER_UNAVAILABLE, error=str(exc), failures=self.failures)
+                self.failures = 0
+                self.warned_at = now
             return
+        self.warned_at = None
+        self.failures = 0
         if self.stopped.is_set():
             return
         with rt.tick_lock:
