@@ -403,6 +403,11 @@ class TestRequest:
 def worker_fixture(app: Celery) -> Iterator[Any]:
     """An embedded threads-pool worker for ``app`` on Redis DB 12."""
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False) as worker:
+        # Broadcasts on Redis are fan-out: one sent before the worker's control
+        # consumer listens is lost.  Wait until it answers a ping.
+        deadline = time.monotonic() + 30
+        while not app.control.ping(timeout=0.5) and time.monotonic() < deadline:
+            pass
         yield worker
 
 
