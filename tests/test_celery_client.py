@@ -301,7 +301,8 @@ class TestCancel:
         BrokerUnavailableError within 2.5 s and records and broadcasts nothing."""
         app = private_app(private_redis.url)
         broadcasts: list[Any] = []
-        monkeypatch.setattr(app.control, "broadcast", counting(broadcasts, app.control.broadcast))
+        publish = runtime().broadcasts.publish
+        monkeypatch.setattr(runtime().broadcasts, "publish", counting(broadcasts, publish))
         try:
             cc.cancel("first", "while the broker is up", app=app)
             before = (len(broadcasts), len(recorded(app)))
