@@ -74,11 +74,15 @@ class _Forward:
 
 def cancellable_options(task: Any) -> Any | None:
     """The options ``@cancellable`` gave ``task`` (a Celery task), or None: a plain task."""
-    run = getattr(task, "__wrapped__", None)
-    options = getattr(run, "_self_cancellable_options", None)
-    if options is None:  # a staticmethod around the wrapper (bind=False)
-        options = getattr(getattr(run, "__func__", None), "_self_cancellable_options", None)
-    return options
+    # ``__wrapped__``: the function ``@app.task`` made the task from; ``run``:
+    # the method of a task class.
+    for run in (getattr(task, "__wrapped__", None), getattr(task, "run", None)):
+        options = getattr(run, "_self_cancellable_options", None)
+        if options is None:  # a staticmethod or a bound method around the wrapper
+            options = getattr(getattr(run, "__func__", None), "_self_cancellable_options", None)
+        if options is not None:
+            return options
+    return None
 
 
 class Delivery:
