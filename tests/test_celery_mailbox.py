@@ -108,7 +108,7 @@ class TestFind:
         slot = box.allocate("a", CancelReason(), 1.0)
         assert slot is not None
         first = box.step(slot)
-        box.escalate(slot)
+        box.escalate(slot, "a")
         escalated = box.step(slot)
         box.release(slot)
         again = box.allocate("b", CancelReason(), 1.0)
@@ -116,6 +116,20 @@ class TestFind:
 
         assert (_mailbox.COOPERATIVE, _mailbox.INTERRUPT) == (first, escalated)
         assert _mailbox.COOPERATIVE == box.step(again)
+
+    def test_a_late_escalation_never_reaches_the_next_task_of_a_slot(self) -> None:
+        """An escalation for a task whose slot was freed and given to another task
+        writes nothing: the new task stays COOPERATIVE."""
+        box = Mailbox(64)
+        slot = box.allocate("gone", CancelReason(), 1.0)
+        assert slot is not None
+        box.release(slot)
+        again = box.allocate("next", CancelReason(), 1.0)
+
+        sent = box.escalate(slot, "gone")
+
+        assert (slot, False) == (again, sent)
+        assert _mailbox.COOPERATIVE == box.step(slot)
 
     def test_a_slot_being_rewritten_is_skipped(self) -> None:
         """A key whose slot holds garbage (caught mid-rewrite) is not a match."""

@@ -188,9 +188,9 @@ class Delivery:
         with self._lock:
             forward = self._forwards.get(task_id)
         box = self.mailbox
-        if forward is None or forward.slot is None or box is None:
+        slot = None if forward is None else forward.slot
+        if slot is None or box is None or not box.escalate(slot, task_id):
             return False
-        box.escalate(forward.slot)
         return self._wakeup.wake(pid)
 
     def tick(self) -> None:

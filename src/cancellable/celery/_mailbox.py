@@ -43,7 +43,8 @@ Invariants:
   the next checkpoint); once its grace is over, the main process sets it to
   `INTERRUPT` (raise in the task's thread from the signal handler, see
   `cancellable.celery._interrupt`) and keeps signalling.  A new slot is
-  written `COOPERATIVE` before its key is published.
+  written `COOPERATIVE` before its key is published, and an escalation
+  names its task, so one that comes late never reaches the slot's next task.
 * **Acknowledged by the reader.**  A child that has acted on a slot (it
   cancelled the running task's scope, or skipped a task at start) sets the
   slot's acknowledgement byte; the main process stops waking the child.
@@ -207,21 +208,31 @@ class Mailbox:
         Releasing a slot that is not in use does nothing.
         """
         with self.lock:
-            task_id = self._task_of.pop(slot, None)
+            task_id = self._task_of.get(slot)
             if task_id is None:
                 return
-            del self._slot_of[task_id]
             key_at = slot * KEY_SIZE
             self._map[key_at : key_at + KEY_SIZE] = bytes(KEY_SIZE)
+            # Only once the key is blank (if that raised, the task keeps it).
+            del self._task_of[slot]
+            del self._slot_of[task_id]
             self._free.append(slot)
 
     def acknowledged(self, slot: int) -> bool:
         """Whether a child has acted on ``slot``."""
         return bool(self._map[self._acks_at + slot])
 
-    def escalate(self, slot: int) -> None:
-        """Ask the child to interrupt the slot's task (its grace is over)."""
-        self._map[self._steps_at + slot] = INTERRUPT
+    def escalate(self, slot: int, task_id: str) -> bool:
+        """Ask the child to interrupt ``task_id`` in ``slot`` (its grace is over).
+
+        False, and nothing written, if the slot is no longer that task's (it
+        left, and the slot may be another task's now).
+        """
+        with self.lock:
+            if self._task_of.get(slot) != task_id:
+                return False
+            self._map[self._steps_at + slot] = INTERRUPT
+        return True
 
     @property
     def free(self) -> int:
