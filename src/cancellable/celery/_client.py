@@ -221,8 +221,9 @@ def cancel(
 
     Raises:
         TypeError: ``task_or_id``, ``reason`` or ``grace`` has the wrong type.
-        ValueError: An id is empty, the reason message is too long, or
-            ``grace`` is negative, NaN, infinite or above ``MAX_GRACE``.
+        ValueError: An id is empty or longer than 1,024 bytes (UTF-8), the
+            reason message is too long, or ``grace`` is negative, NaN,
+            infinite or above ``MAX_GRACE``.
         RuntimeError: No ``app`` was given and this thread has no current
             Celery app.
         BrokerUnavailableError: The broker could not be reached, or did not
