@@ -33,7 +33,7 @@ from typing import Any, Final
 from . import _celery_internals as celery_internals
 from ._settings import settings_for
 
-__all__ = ["MAX_WAIT", "Broadcasts", "Deadline"]
+__all__ = ["MAX_WAIT", "Broadcasts", "Deadline", "wait_for"]
 
 #: The longest a single wait for the broker may take, in seconds (connect,
 #: or one reply); less when ``cancellable_cancel_timeout`` is below 6 s.
