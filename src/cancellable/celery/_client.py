@@ -264,7 +264,6 @@ def cancel(
                 "Celery would fall back on its default app (amqp://localhost), not yours. "
                 "Pass app=your_app, or call your_app.set_default() once"
             )
-    deadline = Deadline(settings_for(app).cancel_timeout)
     for task_id in dict.fromkeys(plan.bare):
         targets, seen = resolve_id(app.backend, task_id)
         plan.wide.extend(targets)
@@ -272,6 +271,8 @@ def cancel(
 
     task_ids = list(dict.fromkeys(plan.task_ids))
     wide = [t for t in plan.targets() if t[0] != "task"]
+    # The bound starts here: the result-backend reads above are Celery's own.
+    deadline = Deadline(settings_for(app).cancel_timeout)
     cancel_targets(app, task_ids, wide, cancel_reason, grace_s, deadline=deadline)
     if plan.trees:
         _mark_unsent(app, plan.trees, cancel_reason)
