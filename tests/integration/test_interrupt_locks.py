@@ -52,8 +52,8 @@ class Rounds:
     states: Counter[str] = field(default_factory=Counter)
     #: The round after which a probe hung (None: none did).
     hung_after: int | None = None
-    #: Pids the probes ran in.
-    probe_pids: set[int] = field(default_factory=set)
+    #: (round after which it was sent, pid) of each probe.
+    probes: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def interrupts(self) -> list[tuple[int, int, str, str]]:
@@ -69,32 +69,41 @@ class Rounds:
         )
 
 
-def churn_and_probe(worker: Worker, keys: Keys, rounds: int) -> Rounds:
-    """Cancel ``rounds`` lock-churning tasks with ``grace=0``, each followed by a probe."""
+def churn_and_probe(worker: Worker, keys: Keys, rounds: int, parallel: int = 1) -> Rounds:
+    """Cancel ``rounds`` lock-churning tasks with ``grace=0``, then probe, ``parallel`` at a time.
+
+    Each batch sends ``parallel`` churning tasks, cancels each as soon as it
+    loops (after 0-5 ms more), waits for all of them to end, then runs
+    ``parallel`` probes, each bounded by `PROBE_WAIT`.
+    """
     rng = random.Random(18)
     key = keys.key("churn")
     seen = Rounds()
-    for n in range(rounds):
-        result = worker.send("cit.locks.churn", key, n)
-        wait_for(
-            lambda n=n: len(keys.list("churn", "looping")) > n,
-            30,
-            interval=0.002,
-            message=lambda: f"churn {n} to start ({task_meta(result)['status']})",
-        )
-        time.sleep(rng.uniform(0.0, 0.005))
-        cancel(result, "churn", grace=0, app=worker.app)
-        wait_for(
-            lambda: task_meta(result)["status"] in READY_STATES,
-            30,
-            interval=0.005,
-            message=f"churn {n} to end",
-        )
-        seen.states[task_meta(result)["status"]] += 1
+    for first in range(0, rounds, parallel):
+        batch = range(first, min(first + parallel, rounds))
+        results = [worker.send("cit.locks.churn", key, n) for n in batch]
+        for n, result in zip(batch, results, strict=True):
+            wait_for(
+                lambda n=n: str(n) in keys.list("churn", "looping"),
+                30,
+                interval=0.002,
+                message=f"churn {n} to start",
+            )
+            time.sleep(rng.uniform(0.0, 0.005))
+            cancel(result, "churn", grace=0, app=worker.app)
+        for n, result in zip(batch, results, strict=True):
+            wait_for(
+                lambda result=result: task_meta(result)["status"] in READY_STATES,
+                30,
+                interval=0.005,
+                message=f"churn {n} to end",
+            )
+            seen.states[task_meta(result)["status"]] += 1
+        probes = [worker.send("cit.locks.probe") for _ in batch]
         try:
-            seen.probe_pids.add(worker.send("cit.locks.probe").get(timeout=PROBE_WAIT))
+            seen.probes.extend((batch[-1], probe.get(timeout=PROBE_WAIT)) for probe in probes)
         except CeleryTimeoutError:
-            seen.hung_after = n + 1
+            seen.hung_after = batch[-1] + 1
             break
     for item in keys.list("churn", "ended"):
         number, pid, where, held = item.split(":")
@@ -116,9 +125,9 @@ def test_prefork_interrupted_children_are_retired_and_no_later_task_hangs(make_w
     billiard replaces it, so no later task ever runs in it.  The probes,
     and 20 more tasks after the rounds, all finish.
     """
-    worker = make_worker(pool="prefork", concurrency=1)
+    worker = make_worker(pool="prefork", concurrency=4)
     began = time.monotonic()
-    seen = churn_and_probe(worker, keys, ROUNDS)
+    seen = churn_and_probe(worker, keys, ROUNDS, parallel=4)
     print(f"prefork: {seen.summary()} in {time.monotonic() - began:.1f} s")
 
     assert seen.hung_after is None, seen.summary()
@@ -127,8 +136,20 @@ def test_prefork_interrupted_children_are_retired_and_no_later_task_hangs(make_w
     # The hazard was there: interrupts landed, and some of them left a lock held.
     assert len(seen.interrupts) >= ROUNDS // 2, seen.summary()
     assert any(held != "-" for *_rest, held in seen.interrupts), seen.summary()
-    # Each child an interrupt landed in was retired; no later task ran there.
-    assert not interrupted_pids & seen.probe_pids
+    # Each child an interrupt landed in was retired: no later task ran there.
+    later = [
+        (n, m)
+        for n, pid, _w, _h in seen.interrupts
+        for m, other, _w2, _h2 in seen.ended
+        if other == pid and m > n
+    ]
+    later += [
+        (n, m)
+        for n, pid, _w, _h in seen.interrupts
+        for m, other in seen.probes
+        if other == pid and m >= n
+    ]
+    assert [] == later
     wait_for(
         lambda: not any(pid_alive(pid) for pid in interrupted_pids),
         20,
@@ -137,7 +158,7 @@ def test_prefork_interrupted_children_are_retired_and_no_later_task_hangs(make_w
     pids = later_tasks(worker)
     assert not pids & interrupted_pids
     assert worker.alive()
-    assert "child.retired" in worker.log_path.read_text(errors="replace")
+    assert "cancel.child_retired" in worker.log_path.read_text(errors="replace")
 
 
 def test_threads_pool_never_interrupts_at_an_arbitrary_bytecode(make_worker, keys):
