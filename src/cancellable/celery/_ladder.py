@@ -255,8 +255,9 @@ class Ladder:
                 # In this process (threads, solo, gevent, eventlet): never an
                 # exception at an arbitrary bytecode (see _interrupt, "The
                 # rule for locks"), and no process to kill.  Say so, once.
-                rung.step = "done"
+                rung.step = "interrupt"  # the step it cannot take, for the warning
                 _not_escalated(rung, _in_process_limit(self.pool_kind))
+                rung.step = "done"
                 return
             rung.step, rung.interrupted_at = "interrupt", now
             _log_step(rung, "interrupt", now, grace_s=rung.grace)
