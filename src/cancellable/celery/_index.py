@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from .._exceptions import CancelReason
 from . import _workflow
+from ._idtable import TaskIdTable
 from ._ledger import Entry, Ledger, Target, TargetKind
 
 __all__ = ["TargetIndex", "request_targets"]
@@ -46,6 +47,9 @@ _Record = tuple[CancelReason, float]
 #: The most targets `TargetIndex.purge` drops in one hold of the lock.
 PURGE_BATCH: Final = 1000
 
+#: Task ids added at once from this many go straight into the compact table.
+BATCH: Final = 256
+
 
 class TargetIndex:
     """Live cancellation targets, by kind."""
@@ -53,17 +57,15 @@ class TargetIndex:
     def __init__(self) -> None:
         #: Held by writers; taken around every fork (`cancellable.celery._runtime`).
         self.lock: Final = threading.Lock()
-        self._tasks: dict[str, _Record] = {}
+        #: Task ids: compact and exact (`cancellable.celery._idtable`).
+        self._tasks: TaskIdTable[_Record] = TaskIdTable()
         self._groups: dict[str, _Record] = {}
         self._roots: dict[str, _Record] = {}
         self.cursor: str | None = None
 
     def _table(self, kind: TargetKind) -> dict[str, _Record]:
-        if kind == "task":
-            return self._tasks
-        if kind == "group":
-            return self._groups
-        return self._roots
+        # Group and root targets (few, and matched for every task).
+        return self._groups if kind == "group" else self._roots
 
     def __len__(self) -> int:
         return len(self._tasks) + len(self._groups) + len(self._roots)
@@ -73,20 +75,38 @@ class TargetIndex:
     ) -> list[Target]:
         """Index ``targets``; return those that were not indexed before."""
         record = (reason, time.time() if recorded_at is None else recorded_at)
-        added: list[Target] = []
         with self.lock:
-            for kind, target_id in targets:
-                table = self._table(kind)
-                if target_id not in table:
-                    table[target_id] = record
-                    added.append((kind, target_id))
-        return added
+            return self._add_locked([(targets, record)])
 
     def add_entries(self, entries: Iterable[Entry]) -> list[Target]:
-        """Index ledger entries in order; return the targets that are new here."""
+        """Index ledger entries in order; return the targets that are new here.
+
+        A batch of task ids goes into the compact table in one merge.
+        """
+        batch = [(entry.targets, (entry.reason, entry.recorded_at)) for entry in entries]
+        with self.lock:
+            return self._add_locked(batch)
+
+    def _add_locked(self, batch: Sequence[tuple[Iterable[Target], _Record]]) -> list[Target]:
         added: list[Target] = []
-        for entry in entries:
-            added.extend(self.add(entry.targets, entry.reason, entry.recorded_at))
+        tasks = self._tasks
+        pending: list[tuple[str, int]] = []
+        for targets, record in batch:
+            slot = -1
+            for kind, target_id in targets:
+                if kind == "task":
+                    if slot < 0:
+                        slot = tasks.new_record(record)
+                    pending.append((target_id, slot))
+                else:
+                    table = self._table(kind)
+                    if target_id not in table:
+                        table[target_id] = record
+                        added.append((kind, target_id))
+        if len(pending) >= BATCH:
+            added.extend(("task", task_id) for task_id in tasks.add_many(pending))
+        else:
+            added.extend(("task", task_id) for task_id, slot in pending if tasks.add(task_id, slot))
         return added
 
     def sync(self, ledger: Ledger) -> list[Target]:
@@ -148,17 +168,21 @@ class TargetIndex:
 
     def has(self, kind: TargetKind, target_id: str) -> bool:
         """Is ``(kind, target_id)`` a live target here?"""
+        if kind == "task":
+            return target_id in self._tasks
         return target_id in self._table(kind)
 
     def purge(self, ttl: float, now: float | None = None) -> int:
         """Drop targets recorded more than ``ttl`` seconds ago; return how many."""
         horizon = (time.time() if now is None else now) - ttl
-        dropped = 0
-        for table in (self._tasks, self._groups, self._roots):
+        with self.lock:
+            expired = {slot for slot, record in self._tasks.slots() if record[1] < horizon}
+        dropped = self._tasks.purge(expired, self.lock)
+        for table in (self._groups, self._roots):
             # A snapshot (one copy under the lock), then deletions in small
             # batches under the lock: a record replaced meanwhile is kept.
             with self.lock:
-                snapshot = table.copy()  # 40-100 ms for a million targets
+                snapshot = table.copy()
             old = [(key, record) for key, record in snapshot.items() if record[1] < horizon]
             del snapshot
             for start in range(0, len(old), PURGE_BATCH):
@@ -177,7 +201,8 @@ class TargetIndex:
         (and was not held at the fork: the fork handler takes it).
         """
         child = TargetIndex()
-        child._tasks, child._groups, child._roots = self._tasks, self._groups, self._roots
+        child._tasks = self._tasks.forked()
+        child._groups, child._roots = self._groups, self._roots
         child.cursor = self.cursor
         return child
 

@@ -1,0 +1,345 @@
+"""A compact, exact table of cancelled task ids, for a worker's index.
+
+`cancellable.celery._index.TargetIndex` keeps every live cancelled task id
+for the ledger's TTL, a million of them or more.  A dict of strings costs
+about 150 bytes per id in every process, and a prefork child that inherits
+it pays for it again: CPython writes the reference count of every object it
+touches, so the copy-on-write pages of a dict of strings are soon copied.
+This table keeps the ids in a few flat buffers instead:
+
+* A Celery task id is a canonical UUID (``str(uuid.uuid4())``: 36
+  characters, lower-case hex and four dashes).  Such an id *is* a 128-bit
+  number: the text and the number convert into each other one to one.  The
+  table keeps those numbers in two sorted ``array('Q')`` buffers (the high
+  and low 64 bits) and, beside them, an ``array('I')`` naming each id's
+  *record* (its reason and when it was recorded), one record shared by all
+  the ids of one cancellation: 20 bytes per id, in three objects whose
+  pages nothing writes after they are built, so a fork shares them.
+* Any other id (a custom ``task_id``) is kept in a dict, as before.
+* Ids added since the last merge wait in a small dict (``_recent``); it is
+  merged into the buffers when it reaches an eighth of their size (at
+  least `MERGE_AT` ids), building new buffers and swapping them in.
+
+Exact, never probabilistic: a lookup finds the id's full 128 bits (the
+high half by binary search, then the low half among the ids that share
+it), so an id that was not added is never found, and one that was is
+always found.
+
+Concurrency: the caller serializes writers (``TargetIndex.lock``); readers
+take no lock.  The buffers are never changed once built: a merge or a
+purge builds new ones and swaps them in with one assignment, and an id
+leaves ``_recent`` only after the buffers that hold it are in place.
+A forked child's table (`forked`) never merges, so it keeps sharing its
+parent's pages; what the child adds itself stays in its small dict.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from itertools import compress, repeat
+from operator import and_ as _and
+from operator import eq
+from operator import lshift as _shl
+from operator import or_ as _or
+from operator import rshift as _shr
+from typing import Final, Generic, TypeVar
+
+__all__ = ["MERGE_AT", "TaskIdTable", "uuid_key"]
+
+#: The fewest waiting ids that trigger a merge.
+MERGE_AT: Final = 4096
+
+#: A record (the index keeps ``(reason, recorded at)``).
+R = TypeVar("R")
+
+_M32: Final = (1 << 32) - 1
+_M64: Final = (1 << 64) - 1
+_HEX: Final = frozenset("0123456789abcdef")
+#: Any number of canonical lower-case UUIDs, back to back.
+_UUIDS: Final = re.compile(r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})*")
+
+
+def uuid_key(task_id: str) -> int | None:
+    """The 128-bit number a canonical lower-case UUID string spells, or None.
+
+    One to one: ``uuid_key(a) == uuid_key(b) is not None`` only when ``a == b``.
+    """
+    if len(task_id) != 36 or not (task_id[8] == task_id[13] == task_id[18] == task_id[23] == "-"):
+        return None
+    digits = task_id[:8] + task_id[9:13] + task_id[14:18] + task_id[19:23] + task_id[24:]
+    if not _HEX.issuperset(digits):
+        return None
+    return int(digits, 16)
+
+
+def uuid_keys(task_ids: list[str]) -> list[int] | None:
+    """`uuid_key` of each id, if every one is a canonical UUID; else None.
+
+    One regular expression over the joined ids and C-level maps: no Python
+    loop per id.
+    """
+    joined = "".join(task_ids)
+    if len(joined) != 36 * len(task_ids) or _UUIDS.fullmatch(joined) is None:
+        return None
+    return list(map(int, map(str.replace, task_ids, repeat("-"), repeat("")), repeat(16)))
+
+
+class _Sorted:
+    """Three parallel buffers sorted by ``(hi, lo)``; never changed once built."""
+
+    __slots__ = ("hi", "lo", "rec")
+
+    def __init__(self, hi: array[int], lo: array[int], rec: array[int]) -> None:
+        self.hi = hi
+        self.lo = lo
+        self.rec = rec
+
+    @classmethod
+    def empty(cls) -> _Sorted:
+        return cls(array("Q"), array("Q"), array("I"))
+
+    @classmethod
+    def from_keys(cls, keys: list[int]) -> _Sorted:
+        """From sorted ``key << 32 | slot`` numbers (one per id)."""
+        return cls(
+            array("Q", map(_shr, keys, repeat(96))),
+            array("Q", map(_and, map(_shr, keys, repeat(32)), repeat(_M64))),
+            array("I", map(_and, keys, repeat(_M32))),
+        )
+
+    def packed(self) -> list[int]:
+        """``key << 32 | slot`` for every id, in order."""
+        return [
+            (h << 96) | (lo << 32) | r for h, lo, r in zip(self.hi, self.lo, self.rec, strict=True)
+        ]
+
+    def find(self, key: int) -> int | None:
+        """The slot of ``key``, or None."""
+        hi, lo = self.hi, self.lo
+        high, low = key >> 64, key & _M64
+        i = bisect_left(hi, high)
+        n = len(hi)
+        while i < n and hi[i] == high:
+            if lo[i] == low:
+                return int(self.rec[i])
+            i += 1
+        return None
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+
+class TaskIdTable(Generic[R]):
+    """Task id -> record, exact, in a few flat buffers (see the module docstring).
+
+    Records are kept by ``slot`` (an index into ``records``); the caller
+    adds a record once per cancellation (`new_record`) and then the ids it
+    names (`add`).  Writers must be serialized by the caller.
+    """
+
+    def __init__(self, merge: bool = True) -> None:
+        self._sorted = _Sorted.empty()
+        #: Canonical-UUID ids not merged yet.
+        self._recent: dict[str, int] = {}
+        #: Every other id, for good.
+        self._other: dict[str, int] = {}
+        #: Records by slot; an expired record's slot is None.
+        self.records: list[R | None] = []
+        self._merge = merge
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent) + len(self._other)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held in the sorted buffers."""
+        s = self._sorted
+        return sum(b.buffer_info()[1] * b.itemsize for b in (s.hi, s.lo, s.rec))
+
+    def new_record(self, record: R) -> int:
+        """Keep ``record``; return its slot."""
+        self.records.append(record)
+        return len(self.records) - 1
+
+    def slot(self, task_id: str) -> int | None:
+        """The slot of ``task_id``'s record, or None if it is not in the table."""
+        slot = self._recent.get(task_id)
+        if slot is not None:
+            return slot
+        key = uuid_key(task_id)
+        if key is None:
+            return self._other.get(task_id)
+        return self._sorted.find(key)
+
+    def get(self, task_id: str) -> R | None:
+        """``task_id``'s record, or None."""
+        slot = self.slot(task_id)
+        return None if slot is None else self.records[slot]
+
+    def __contains__(self, task_id: str) -> bool:
+        return self.slot(task_id) is not None
+
+    def add(self, task_id: str, slot: int) -> bool:
+        """Add ``task_id`` with the record at ``slot`` unless present; True if added.
+
+        The id waits in the small dict, which is merged when it is large
+        enough; `add_many` is the fast way to add a batch.
+        """
+        if task_id in self._recent:
+            return False
+        key = uuid_key(task_id)
+        if key is None:
+            if task_id in self._other:
+                return False
+            self._other[task_id] = slot
+            return True
+        if self._sorted.find(key) is not None:
+            return False
+        self._recent[task_id] = slot
+        if self._merge and len(self._recent) >= max(MERGE_AT, len(self._sorted) // 8):
+            self.flush()
+        return True
+
+    def add_many(self, items: Sequence[tuple[str, int]]) -> list[str]:
+        """Add each ``(task id, slot)`` unless present; return the ids added.
+
+        A batch goes straight into new buffers (one merge), without the
+        small dict; an id named twice keeps its first slot.  A batch of
+        canonical UUIDs is converted without a Python loop per id.
+        """
+        if not self._merge:
+            return [tid for tid, slot in items if self.add(tid, slot)]
+        recent, other, table = self._recent, self._other, self._sorted
+        if recent or other:
+            items = [item for item in items if item[0] not in recent and item[0] not in other]
+        added: list[str] = []  # ids that are not canonical UUIDs
+        uuids = [tid for tid, _slot in items]
+        keys = uuid_keys(uuids)
+        if keys is None:  # some are not canonical UUIDs: sort them out one by one
+            uuids, keys = [], []
+            for tid, slot in items:
+                key = uuid_key(tid)
+                if key is not None:
+                    uuids.append(tid)
+                    keys.append(key << 32 | slot)
+                elif tid not in other:
+                    other[tid] = slot
+                    added.append(tid)
+        else:
+            keys = list(map(_or, map(_shl, keys, repeat(32)), [slot for _tid, slot in items]))
+        if len(table):
+            fresh = [table.find(k >> 32) is None for k in keys]
+            keys = list(compress(keys, fresh))
+            uuids = list(compress(uuids, fresh))
+        if keys:
+            keys.sort()
+            ids = list(map(_shr, keys, repeat(32)))
+            if any(map(eq, ids[1:], ids[:-1])):  # an id named twice
+                keys = _unique(keys)
+                uuids = list(dict.fromkeys(uuids))
+            del ids
+            self._merge_keys(keys)
+        added.extend(uuids)
+        return added
+
+    def flush(self) -> None:
+        """Merge the waiting ids into the buffers (a forked child's table never does)."""
+        if not self._merge or not self._recent:
+            return
+        self._merge_keys(
+            sorted((uuid_key(tid) or 0) << 32 | slot for tid, slot in self._recent.items())
+        )
+        self._recent = {}
+
+    def _merge_keys(self, new: list[int]) -> None:
+        # ``new``: sorted ``key << 32 | slot`` numbers of ids not in the buffers.
+        old = self._sorted
+        if len(new) * 8 < len(old):
+            merged = _insert(old, new)
+        else:
+            keys = old.packed()
+            keys.extend(new)
+            keys.sort()
+            merged = _Sorted.from_keys(keys)
+        self._sorted = merged  # readers see the ids here before they leave _recent
+
+    def purge(self, expired: set[int], lock: AbstractContextManager[object]) -> int:
+        """Drop the ids whose record's slot is in ``expired``; return how many.
+
+        New buffers without them are built outside ``lock`` (the caller's
+        writer lock) and swapped in under it, unless a merge replaced the
+        buffers meanwhile (the next purge does it then).
+        """
+        if not expired:
+            return 0
+        dropped = 0
+        with lock:
+            for table in (self._recent, self._other):
+                gone = [tid for tid, slot in table.items() if slot in expired]
+                for tid in gone:
+                    del table[tid]
+                dropped += len(gone)
+            old = self._sorted
+        if not expired.isdisjoint(old.rec):
+            kept = _Sorted.from_keys([k for k in old.packed() if k & _M32 not in expired])
+            with lock:
+                if self._sorted is not old:
+                    return dropped
+                self._sorted = kept
+            dropped += len(old) - len(kept)
+        with lock:
+            for slot in expired:
+                self.records[slot] = None
+        return dropped
+
+    def slots(self) -> Iterator[tuple[int, R]]:
+        """``(slot, record)`` for every live record."""
+        for slot, record in enumerate(self.records):
+            if record is not None:
+                yield slot, record
+
+    def forked(self) -> TaskIdTable[R]:
+        """The same ids for a forked child; it never merges (its buffers stay shared)."""
+        child: TaskIdTable[R] = TaskIdTable(merge=False)
+        child._sorted = self._sorted
+        child._recent = self._recent
+        child._other = self._other
+        child.records = self.records
+        return child
+
+
+def _unique(keys: list[int]) -> list[int]:
+    """Sorted ``keys`` with only the first (lowest slot) of each id."""
+    unique: list[int] = []
+    last = -1
+    for k in keys:
+        key = k >> 32
+        if key != last:
+            unique.append(k)
+            last = key
+    return unique
+
+
+def _insert(old: _Sorted, new: list[int]) -> _Sorted:
+    """``old`` with the sorted ``new`` keys inserted: a few slice copies per new id."""
+    hi, lo, rec = array("Q"), array("Q"), array("I")
+    start = 0
+    for k in new:
+        high = k >> 96
+        at = bisect_left(old.hi, high, start)
+        if at > start:
+            hi += old.hi[start:at]
+            lo += old.lo[start:at]
+            rec += old.rec[start:at]
+        hi.append(high)
+        lo.append((k >> 32) & _M64)
+        rec.append(k & _M32)
+        start = at
+    hi += old.hi[start:]
+    lo += old.lo[start:]
+    rec += old.rec[start:]
+    return _Sorted(hi, lo, rec)
