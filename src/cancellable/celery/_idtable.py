@@ -35,14 +35,14 @@ parent's pages; what the child adds itself stays in its small dict.
 
 from __future__ import annotations
 
-import re
+import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from itertools import compress, repeat
 from operator import and_ as _and
-from operator import eq
+from operator import eq, not_
 from operator import lshift as _shl
 from operator import or_ as _or
 from operator import rshift as _shr
@@ -59,8 +59,6 @@ R = TypeVar("R")
 _M32: Final = (1 << 32) - 1
 _M64: Final = (1 << 64) - 1
 _HEX: Final = frozenset("0123456789abcdef")
-#: Any number of canonical lower-case UUIDs, back to back.
-_UUIDS: Final = re.compile(r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})*")
 
 
 def uuid_key(task_id: str) -> int | None:
@@ -77,15 +75,44 @@ def uuid_key(task_id: str) -> int | None:
 
 
 def uuid_keys(task_ids: list[str]) -> list[int] | None:
-    """`uuid_key` of each id, if every one is a canonical UUID; else None.
-
-    One regular expression over the joined ids and C-level maps: no Python
-    loop per id.
-    """
-    joined = "".join(task_ids)
-    if len(joined) != 36 * len(task_ids) or _UUIDS.fullmatch(joined) is None:
+    """`uuid_key` of each id, if every one is a canonical UUID; else None."""
+    halves = uuid_halves(task_ids)
+    if halves is None:
         return None
-    return list(map(int, map(str.replace, task_ids, repeat("-"), repeat("")), repeat(16)))
+    hi, lo = halves
+    return list(map(_or, map(_shl, hi, repeat(64)), lo))
+
+
+def uuid_halves(task_ids: list[str]) -> tuple[array[int], array[int]] | None:
+    """The high and low 64 bits of each id, if every one is a canonical UUID; else None.
+
+    C-level string operations over the joined ids, no Python loop per id:
+    every id is 36 characters with its four dashes in place (and no other
+    dash), and the other 32 are lower-case hex digits (``bytes.fromhex``
+    takes nothing else but spaces, which would make it return fewer bytes).
+    """
+    n = len(task_ids)
+    joined = "".join(task_ids)
+    if len(joined) != 36 * n or joined.count("-") != 4 * n:
+        return None
+    dashes = "-" * n
+    if not (joined[8::36] == joined[13::36] == joined[18::36] == joined[23::36] == dashes):
+        return None
+    digits = joined.replace("-", "")
+    del joined
+    if digits != digits.lower():
+        return None
+    try:
+        raw = bytes.fromhex(digits)  # raises for anything but hex digits and spaces
+    except ValueError:
+        return None
+    if len(raw) != 16 * n:  # it skipped spaces
+        return None
+    both = array("Q")
+    both.frombytes(raw)
+    if sys.byteorder == "little":
+        both.byteswap()
+    return both[0::2], both[1::2]
 
 
 class _Sorted:
@@ -111,11 +138,28 @@ class _Sorted:
             array("I", map(_and, keys, repeat(_M32))),
         )
 
-    def packed(self) -> list[int]:
-        """``key << 32 | slot`` for every id, in order."""
-        return [
-            (h << 96) | (lo << 32) | r for h, lo, r in zip(self.hi, self.lo, self.rec, strict=True)
-        ]
+    def arrays(self) -> tuple[array[int], array[int], array[int]]:
+        """``(hi, lo, rec)``."""
+        return self.hi, self.lo, self.rec
+
+    def concat(self, other: _Sorted) -> _Sorted:
+        """New buffers: these rows, then ``other``'s (not sorted)."""
+        return _Sorted(self.hi + other.hi, self.lo + other.lo, self.rec + other.rec)
+
+    def keep(self, mask: list[bool]) -> _Sorted:
+        """New buffers with the rows whose ``mask`` entry is true (order kept)."""
+        return _Sorted(
+            array("Q", compress(self.hi, mask)),
+            array("Q", compress(self.lo, mask)),
+            array("I", compress(self.rec, mask)),
+        )
+
+    def without(self, other: _Sorted) -> _Sorted:
+        """These rows but those whose id ``other`` holds (one lookup per row)."""
+        find = other.find
+        return self.keep(
+            [find(h << 64 | lo) is None for h, lo in zip(self.hi, self.lo, strict=True)]
+        )
 
     def find(self, key: int) -> int | None:
         """The slot of ``key``, or None."""
@@ -150,6 +194,8 @@ class TaskIdTable(Generic[R]):
         #: Records by slot; an expired record's slot is None.
         self.records: list[R | None] = []
         self._merge = merge
+        #: Ids a bulk load staged, not merged yet (`stage`, `commit`).
+        self._staged: _Sorted | None = None
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent) + len(self._other)
@@ -246,6 +292,44 @@ class TaskIdTable(Generic[R]):
         added.extend(uuids)
         return added
 
+    def stage(self, items: Sequence[tuple[str, int]]) -> None:
+        """Stage ``(task id, slot)`` pairs for `commit`: a bulk load, page by page.
+
+        Staged canonical UUIDs are kept as numbers in flat buffers (20 bytes
+        an id), so a loader holds one page of Python objects at a time; they
+        are not found until `commit`.  Other ids are added at once.
+        """
+        recent, other = self._recent, self._other
+        if recent or other:
+            items = [item for item in items if item[0] not in recent and item[0] not in other]
+        halves = uuid_halves([tid for tid, _slot in items])
+        if self._staged is None:
+            self._staged = _Sorted.empty()
+        staged = self._staged
+        if halves is not None:
+            staged.hi.extend(halves[0])
+            staged.lo.extend(halves[1])
+            staged.rec.extend([slot for _tid, slot in items])
+            return
+        for tid, slot in items:
+            key = uuid_key(tid)
+            if key is None:
+                other.setdefault(tid, slot)
+            else:
+                staged.hi.append(key >> 64)
+                staged.lo.append(key & _M64)
+                staged.rec.append(slot)
+
+    def commit(self) -> None:
+        """Merge what was staged into the buffers (one sort); ids present already keep theirs."""
+        staged, self._staged = self._staged, None
+        if staged is None or not len(staged):
+            return
+        old = self._sorted
+        if len(old):
+            staged = old.concat(staged.without(old))
+        self._sorted = _build(staged.hi, staged.lo, staged.rec)
+
     def flush(self) -> None:
         """Merge the waiting ids into the buffers (a forked child's table never does)."""
         if not self._merge or not self._recent:
@@ -261,10 +345,7 @@ class TaskIdTable(Generic[R]):
         if len(new) * 8 < len(old):
             merged = _insert(old, new)
         else:
-            keys = old.packed()
-            keys.extend(new)
-            keys.sort()
-            merged = _Sorted.from_keys(keys)
+            merged = _build(*old.concat(_Sorted.from_keys(new)).arrays())
         self._sorted = merged  # readers see the ids here before they leave _recent
 
     def purge(self, expired: set[int], lock: AbstractContextManager[object]) -> int:
@@ -285,7 +366,7 @@ class TaskIdTable(Generic[R]):
                 dropped += len(gone)
             old = self._sorted
         if not expired.isdisjoint(old.rec):
-            kept = _Sorted.from_keys([k for k in old.packed() if k & _M32 not in expired])
+            kept = old.keep(list(map(not_, map(expired.__contains__, old.rec))))
             with lock:
                 if self._sorted is not old:
                     return dropped
@@ -310,6 +391,39 @@ class TaskIdTable(Generic[R]):
         child._other = self._other
         child.records = self.records
         return child
+
+
+def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
+    """Buffers sorted by ``hi`` from unsorted rows; an id in several rows keeps its first.
+
+    Sorted by the high half only (the low half is compared among the rows
+    that share it): one sort of ``hi << 32 | row`` numbers, then C-level
+    gathers, with no Python loop per row.
+    """
+    n = len(hi)
+    keys = list(map(_or, map(_shl, hi, repeat(32)), range(n)))
+    keys.sort()
+    rows = list(map(_and, keys, repeat(_M32)))
+    del keys
+    out = _Sorted(
+        array("Q", map(hi.__getitem__, rows)),
+        array("Q", map(lo.__getitem__, rows)),
+        array("I", map(rec.__getitem__, rows)),
+    )
+    del rows
+    # Rows that share a high half are adjacent, the first-added first.
+    shi, slo = out.hi, out.lo
+    drop: set[int] = set()
+    for i in compress(range(1, n), map(eq, shi[1:], shi[:-1])):
+        j = i - 1
+        while j >= 0 and shi[j] == shi[i]:
+            if slo[j] == slo[i]:
+                drop.add(i)  # the same id as an earlier row
+                break
+            j -= 1
+    if drop:
+        out = out.keep(list(map(not_, map(drop.__contains__, range(n)))))
+    return out
 
 
 def _unique(keys: list[int]) -> list[int]:

@@ -109,6 +109,41 @@ class TargetIndex:
             added.extend(("task", task_id) for task_id, slot in pending if tasks.add(task_id, slot))
         return added
 
+    def load(self, ledger: Ledger) -> None:
+        """Read the whole ledger (after ``cursor``) into the index: a worker's first read.
+
+        A ledger that reads in pages (`RedisLedger.read_pages
+        <cancellable.celery._ledger.RedisLedger.read_pages>`) is indexed a
+        page at a time and its task ids are sorted into the compact table
+        once, at the end, so loading a million ids never holds them all as
+        Python objects.  Raises `~cancellable.celery._ledger.LedgerError`
+        (the pages read are kept, and the cursor names the last of them).
+        """
+        pages = getattr(ledger, "read_pages", None)
+        if pages is None:
+            entries, cursor = ledger.read(self.cursor)
+            self.add_entries(entries)
+            self.cursor = cursor
+            return
+        tasks = self._tasks
+        try:
+            for entries, cursor in pages(self.cursor):
+                with self.lock:
+                    for entry in entries:
+                        record = (entry.reason, entry.recorded_at)
+                        ids = [tid for kind, tid in entry.targets if kind == "task"]
+                        if ids:
+                            slot = tasks.new_record(record)
+                            tasks.stage([(tid, slot) for tid in ids])
+                        if len(ids) < len(entry.targets):
+                            wide = [t for t in entry.targets if t[0] != "task"]
+                            self._add_locked([(wide, record)])
+                    self.cursor = cursor  # staged ids are committed below, whatever happens
+                del entries
+        finally:
+            with self.lock:
+                tasks.commit()
+
     def sync(self, ledger: Ledger) -> list[Target]:
         """Read what the ledger gained since the last sync; return the new targets.
 
