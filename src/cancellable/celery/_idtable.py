@@ -35,6 +35,7 @@ parent's pages; what the child adds itself stays in its small dict.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from array import array
 from bisect import bisect_left
@@ -48,7 +49,7 @@ from operator import or_ as _or
 from operator import rshift as _shr
 from typing import Final, Generic, TypeVar
 
-__all__ = ["MERGE_AT", "TaskIdTable", "uuid_key"]
+__all__ = ["MERGE_AT", "TaskIdTable", "trim_heap", "uuid_halves", "uuid_key", "uuid_keys"]
 
 #: The fewest waiting ids that trigger a merge.
 MERGE_AT: Final = 4096
@@ -72,6 +73,23 @@ def uuid_key(task_id: str) -> int | None:
     if not _HEX.issuperset(digits):
         return None
     return int(digits, 16)
+
+
+def trim_heap() -> None:
+    """Give the memory a bulk load freed back to the system (glibc's ``malloc_trim``).
+
+    A load allocates and frees a page of Python objects at a time; glibc
+    keeps freed memory in its heap, where it counts in the process's RSS
+    (and a pool child forked then inherits it).  Best effort, and only where
+    glibc is the allocator.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def uuid_keys(task_ids: list[str]) -> list[int] | None:
@@ -397,14 +415,11 @@ def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
     """Buffers sorted by ``hi`` from unsorted rows; an id in several rows keeps its first.
 
     Sorted by the high half only (the low half is compared among the rows
-    that share it): one sort of ``hi << 32 | row`` numbers, then C-level
-    gathers, with no Python loop per row.
+    that share it): one sort of the row numbers by their high half, then
+    C-level gathers, with no Python loop per row.
     """
     n = len(hi)
-    keys = list(map(_or, map(_shl, hi, repeat(32)), range(n)))
-    keys.sort()
-    rows = list(map(_and, keys, repeat(_M32)))
-    del keys
+    rows = sorted(range(n), key=hi.__getitem__)  # stable: the first-added first
     out = _Sorted(
         array("Q", map(hi.__getitem__, rows)),
         array("Q", map(lo.__getitem__, rows)),

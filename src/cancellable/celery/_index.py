@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from .._exceptions import CancelReason
 from . import _workflow
-from ._idtable import TaskIdTable
+from ._idtable import TaskIdTable, trim_heap
 from ._ledger import Entry, Ledger, Target, TargetKind
 
 __all__ = ["TargetIndex", "request_targets"]
@@ -143,6 +143,7 @@ class TargetIndex:
         finally:
             with self.lock:
                 tasks.commit()
+            trim_heap()
 
     def sync(self, ledger: Ledger) -> list[Target]:
         """Read what the ledger gained since the last sync; return the new targets.
