@@ -63,6 +63,7 @@ class TestDefaults:
         assert 10.0 == settings.kill_after == DEFAULT_KILL_AFTER
         assert False is settings.kill_process_group
         assert False is settings.cancel_siblings_on_failure
+        assert True is settings.direct_running
         assert getattr(signal.Signals, "SIGURG", None) == settings.wakeup_signal
         assert DEFAULT_WAKEUP_SIGNAL == settings.wakeup_signal
         assert Settings() == settings
@@ -225,6 +226,8 @@ BAD_VALUES = [
     ("cancellable_cancel_siblings_on_failure", "true", "True or False"),
     ("cancellable_cancel_siblings_on_failure", 1, "True or False"),
     ("cancellable_cancel_siblings_on_failure", [], "True or False"),
+    ("cancellable_direct_running", "no", "True or False"),
+    ("cancellable_direct_running", 0, "True or False"),
     ("cancellable_wakeup_signal", "SIGNOPE", "default action is to ignore it"),
     ("cancellable_wakeup_signal", "", "default action is to ignore it"),
     ("cancellable_wakeup_signal", 0, "default action is to ignore it"),
