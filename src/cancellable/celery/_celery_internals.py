@@ -43,6 +43,7 @@ __all__ = [
     "add_revoked_id",
     "announce_revoked",
     "current_task",
+    "database_backend_engine",
     "filesystem_backend_path",
     "is_revoked_id",
     "mark_process_terminated",
@@ -525,6 +526,26 @@ def filesystem_backend_path(backend: Any) -> str | None:
         return None
     path = backend.path
     return path.decode() if isinstance(path, bytes) else str(path)
+
+
+def database_backend_engine(backend: Any) -> tuple[str, dict[str, Any], Any] | None:
+    """How a database result backend (``db+...``) makes its engine, or None for others.
+
+    ``(url, engine_options, engine_callback)``: ``DatabaseBackend.url`` (the
+    URL without ``db+``), ``DatabaseBackend.engine_options`` (the app's
+    ``database_engine_options`` merged with the backend's own) and, on
+    Celery 5.7, ``SessionManager.engine_callback`` (``database_engine_callback``;
+    None before).  Undocumented attributes; ``url`` and ``engine_options``
+    are the same in 5.3 to 5.7.
+    """
+    if type(backend).__name__ != "DatabaseBackend":
+        return None
+    url = getattr(backend, "url", None)
+    if not isinstance(url, str):
+        return None
+    options = dict(getattr(backend, "engine_options", None) or {})
+    callback = getattr(getattr(backend, "session_manager", None), "engine_callback", None)
+    return url, options, callback
 
 
 def redis_broker_client(connection: Any) -> Any | None:

@@ -64,7 +64,7 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
-from ._settings import DEFAULT_LEDGER_TTL, settings_for
+from ._settings import DEFAULT_LEDGER_TTL, settings_for, sql_url
 
 __all__ = [
     "CHUNK",
@@ -478,6 +478,8 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     if url.lower() == "none":
         return NullLedger()
     if url:
+        if sql_url(url) is not None:
+            return _sql_ledger(app, url, ttl, {}, None, "cancellable_ledger_url")
         return _ledger_from_url(url, prefix, ttl)
     backend = app.backend
     client = celery_internals.redis_backend_client(backend)
@@ -486,10 +488,36 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     base = celery_internals.filesystem_backend_path(backend)
     if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
+    database = celery_internals.database_backend_engine(backend)
+    if database is not None and not _in_memory_sqlite(database[0]):
+        db_url, options, callback = database
+        return _sql_ledger(app, db_url, ttl, options, callback, "result_backend")
     broker = app.conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
         return _ledger_from_url(broker.split(";")[0], prefix, ttl)
     return NullLedger()
+
+
+def _sql_ledger(
+    app: Any, url: str, ttl: float, options: dict[str, Any], callback: Any, setting: str
+) -> Ledger:
+    # SQLAlchemy is imported only by apps whose ledger is a database.
+    from ._ledger_sql import SqlLedger
+
+    return SqlLedger(
+        url,
+        app.main or "default",
+        ttl,
+        engine_options=options,
+        engine_callback=callback,
+        setting=setting,
+    )
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    # Each connection to sqlite:// has its own database: nothing to share.
+    normalised = sql_url(url) or url
+    return normalised.startswith("sqlite") and normalised.split("://", 1)[1] in ("", "/:memory:")
 
 
 def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
