@@ -294,6 +294,8 @@ class SqlLedger:
         from sqlalchemy.dialects import mysql
 
         metadata = sa.MetaData()
+        # MySQL/MariaDB: any text, and names compared byte for byte.
+        mysql_options = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
         # MySQL's TEXT holds 64 KiB; a chunk of 1,000 long ids can be more.
         long_text = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
         self._head = sa.Table(
@@ -301,6 +303,7 @@ class SqlLedger:
             metadata,
             sa.Column("name", sa.String(NAME_LENGTH), primary_key=True),
             sa.Column("seq", sa.BigInteger, nullable=False),
+            **mysql_options,
         )
         self._entries = sa.Table(
             ENTRIES_TABLE,
@@ -311,6 +314,7 @@ class SqlLedger:
             sa.Column("reason", sa.Text, nullable=False),
             sa.Column("targets", long_text, nullable=False),
             sa.Column("grace", sa.Double, nullable=True),
+            **mysql_options,
         )
 
     def _engine_here(self) -> Any:
@@ -505,6 +509,8 @@ class SqlLedger:
                     self._ready = False
                     return [], cursor
                 head = int(head)
+                if head == start:
+                    return [], cursor  # nothing new: one primary-key lookup
                 if head < start:
                     start = 0  # the head row was made anew: read it all again
                 oldest = time.time() - self._ttl
