@@ -33,7 +33,7 @@ MARIADB = os.environ.get("CANCELLABLE_TEST_MARIADB", "mysql+pymysql://root@127.0
 _SERVERS = {"postgresql": POSTGRES, "mysql": MARIADB}
 _MAINTENANCE_DB = {"postgresql": "postgres", "mysql": "mysql"}
 _HOW_TO_START = {
-    "postgresql": "PostgreSQL (Debian: `pg_ctlcluster 15 main start`; trust auth for user postgres)",
+    "postgresql": "PostgreSQL (Debian: `pg_ctlcluster 15 main start`; trust auth, user postgres)",
     "mysql": "MariaDB (Debian: `service mariadb start`; user root without a password)",
 }
 

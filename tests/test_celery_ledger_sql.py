@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import threading
 import time
 import uuid
@@ -360,7 +361,7 @@ class TestTimeBounds:
         ledger = SqlLedger(url, "refused", 3600)
         began = time.monotonic()
 
-        with pytest.raises(_ledger.LedgerError, match="127.0.0.1:1/none"):
+        with pytest.raises(_ledger.LedgerError, match=re.escape("127.0.0.1:1/none")):
             ledger.record([("task", "a")], CancelReason())
         with pytest.raises(_ledger.LedgerError, match="could not read"):
             ledger.read(None)
