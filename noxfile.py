@@ -77,7 +77,7 @@ def core(session: nox.Session) -> None:
 
 def install_celery(session: nox.Session, minor: str) -> None:
     """Install the package with the integration, Celery held at ``minor``'s newest patch."""
-    session.install(".[celery,redis,core-tests]", f"celery~={minor}.0")
+    session.install(".[celery,redis,sql-tests,core-tests]", f"celery~={minor}.0")
     session.run("python", "-c", "import celery; print('celery', celery.__version__)")
 
 

@@ -804,6 +804,31 @@ class TestConnections:
 
         assert str(tmp_path) == internals.filesystem_backend_path(app.backend)
 
+    def test_database_backend_engine(self, tmp_path: Any) -> None:
+        """``database_backend_engine`` (``DatabaseBackend.url``, ``.engine_options``
+        and, on 5.7, ``.session_manager.engine_callback``): the URL without
+        ``db+``, the merged engine options and the callback; None for other
+        backends.  If not, a ``db+`` deployment gets no SQL ledger (not durable)
+        or one built with other options than Celery's engine."""
+
+        def callback(engine: Any) -> None:
+            """An engine callback, as a user would set one."""
+
+        url = f"sqlite:///{tmp_path / 'results.db'}"
+        app = Celery("contract-db", backend=f"db+{url}")
+        app.conf.database_engine_options = {"pool_size": 3}
+        app.conf.database_engine_callback = callback
+        other = Celery("contract-cache", backend="cache+memory://")
+
+        found = internals.database_backend_engine(app.backend)
+
+        assert found is not None
+        assert url == found[0]
+        assert 3 == found[1]["pool_size"]
+        if hasattr(app.backend.session_manager, "engine_callback"):  # Celery 5.7
+            assert callback is found[2]
+        assert internals.database_backend_engine(other.backend) is None
+
     def test_redis_broker_client_and_one_ping(self, rdb: redis.Redis) -> None:
         """``redis_broker_client`` (kombu Redis ``Channel.client``) gives the
         broker's redis-py client, None on other transports, and ``ping_redis_once``

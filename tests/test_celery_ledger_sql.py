@@ -1,4 +1,4 @@
-"""The SQL ledger (`cancellable.celery._ledger_sql`) on real PostgreSQL, MariaDB and SQLite.
+"""The SQL ledger (`SqlLedger` on a `SqlStore`) on real PostgreSQL, MariaDB and SQLite.
 
 Each server test runs in a database of its own, created for this module and
 dropped after it (`tests.sql_dbs`); each test uses its own app name, so its
@@ -27,10 +27,16 @@ from tests import test_celery_ledger as base
 
 from cancellable import CancelReason
 from cancellable.celery import _ledger, _ledger_sql
-from cancellable.celery._ledger_sql import SqlLedger
+from cancellable.celery._ledger import SqlLedger
+from cancellable.celery._ledger_sql import SqlStore
 from cancellable.celery._settings import SettingError, settings_for, sql_url
 
 KINDS = ["postgresql", "mysql", "sqlite"]
+
+
+def sql_ledger(db_url: str, name: str, ttl: float, **options: Any) -> SqlLedger:
+    """A `SqlLedger` on a new `SqlStore` (``options``: the store's keyword arguments)."""
+    return SqlLedger(SqlStore(db_url, name, ttl, **options))
 
 
 @pytest.fixture(name="server_db", scope="module")
@@ -60,13 +66,13 @@ def make_fixture(db_url: str) -> Iterator[Any]:
     made: list[SqlLedger] = []
 
     def make(ttl: float = _ledger.DEFAULT_LEDGER_TTL, name: str | None = None, **kw: Any) -> Any:
-        ledger = SqlLedger(db_url, name or f"test-{uuid.uuid4().hex[:8]}", ttl, **kw)
+        ledger = sql_ledger(db_url, name or f"test-{uuid.uuid4().hex[:8]}", ttl, **kw)
         made.append(ledger)
         return ledger
 
     yield make
     for ledger in made:
-        ledger.close()
+        ledger.store.close()
 
 
 @pytest.fixture(name="ledger")
@@ -137,14 +143,16 @@ class TestOrdering:
         ledger.record([("task", "first")], CancelReason())
         _, cursor = ledger.read(None)
         started, go = threading.Event(), threading.Event()
-        slow = threading.Thread(target=_write_slowly, args=(db_url, ledger._name, started, go))
+        slow = threading.Thread(
+            target=_write_slowly, args=(db_url, ledger.store._name, started, go)
+        )
         slow.start()
         assert started.wait(20)
         fast = threading.Thread(target=ledger.record, args=([("task", "fast")], CancelReason()))
         fast.start()
         time.sleep(0.5)
         fast_waited = fast.is_alive()
-        reader = make(name=ledger._name)
+        reader = make(name=name)
         during, cursor_during = reader.read(cursor)
         go.set()
         slow.join(20)
@@ -160,13 +168,13 @@ class TestOrdering:
         """Four writer processes record 600 entries (one target each) while a reader
         polls: the reader sees every committed entry exactly once, and nothing else."""
         name = f"race-{uuid.uuid4().hex[:8]}"
-        SqlLedger(db_url, name, 3600).read(None)  # the tables exist before the race
+        sql_ledger(db_url, name, 3600).read(None)  # the tables exist before the race
         writers, per_writer = 4, 150
         ctx = multiprocessing.get_context("spawn")
         procs = [
             ctx.Process(target=_writer, args=(db_url, name, w, per_writer)) for w in range(writers)
         ]
-        reader = SqlLedger(db_url, name, 3600)
+        reader = sql_ledger(db_url, name, 3600)
         seen: list[str] = []
         cursor = None
         for proc in procs:
@@ -187,10 +195,10 @@ class TestOrdering:
 
 
 def _writer(db_url: str, name: str, number: int, count: int) -> None:
-    ledger = SqlLedger(db_url, name, 3600, lock_timeout=30)
+    ledger = sql_ledger(db_url, name, 3600, lock_timeout=30)
     for i in range(count):
         ledger.record([("task", f"w{number}-{i}")], CancelReason())
-    ledger.close()
+    ledger.store.close()
 
 
 class TestExpiry:
@@ -203,7 +211,7 @@ class TestExpiry:
         one only; a prune of at most 3 batches of 10 deletes 30 rows, the next 20,
         and neither touches the live entry."""
         ledger = make(ttl=60)
-        ledger._last_prune = time.time()  # no prune from record() in this test
+        ledger.store._last_prune = time.time()  # no prune from record() in this test
         hour_ago = time.time() - 3600
         with monkeypatch.context() as patched:
             patched.setattr(time, "time", lambda: hour_ago)
@@ -214,9 +222,9 @@ class TestExpiry:
         monkeypatch.setattr(_ledger_sql, "PRUNE_BATCHES", 3)
 
         entries, _ = ledger.read(None)
-        first = ledger.prune()
-        second = ledger.prune()
-        third = ledger.prune()
+        first = ledger.store.prune()
+        second = ledger.store.prune()
+        third = ledger.store.prune()
         after, _ = ledger.read(None)
 
         assert [("task", "new")] == base.targets_of(entries)
@@ -230,7 +238,7 @@ class TestExpiry:
         ledger.record([("task", "a")], CancelReason())
         _, cursor = ledger.read(None)
         time.sleep(0.3)
-        assert 1 == ledger.prune()
+        assert 1 == ledger.store.prune()
         ledger.record([("task", "b")], CancelReason())
 
         entries, _ = ledger.read(cursor)
@@ -268,10 +276,10 @@ def _use_documented_ddl(dialect: str, db_url: str) -> None:
             conn.execute(sa.text(statement))
         tables = set(sa.inspect(conn).get_table_names())
     engine.dispose()
-    ledger = SqlLedger(db_url, "ddl", 3600)
+    ledger = sql_ledger(db_url, "ddl", 3600)
     ledger.record([("task", "via-ddl")], CancelReason(), 1.5)
     entries, _ = ledger.read(None)
-    ledger.close()
+    ledger.store.close()
 
     assert {"cancellable_ledger", "cancellable_ledger_head"} == tables
     assert [("task", "via-ddl")] == base.targets_of(entries)
@@ -292,10 +300,10 @@ class contextlib_tmpdir:
 
 
 def _first_use(db_url: str, name: str, number: int, barrier: Any) -> None:
-    ledger = SqlLedger(db_url, name, 3600, lock_timeout=30)
+    ledger = sql_ledger(db_url, name, 3600, lock_timeout=30)
     barrier.wait(30)
     ledger.record([("task", f"first-{number}")], CancelReason())
-    ledger.close()
+    ledger.store.close()
 
 
 def _race_first_use(db_url: str) -> None:
@@ -307,7 +315,7 @@ def _race_first_use(db_url: str) -> None:
         proc.start()
     for proc in procs:
         proc.join(60)
-    entries, _ = SqlLedger(db_url, name, 3600).read(None)
+    entries, _ = sql_ledger(db_url, name, 3600).read(None)
 
     assert [0] * 4 == [proc.exitcode for proc in procs]
     assert {f"first-{n}" for n in range(4)} == {t for _k, t in base.targets_of(entries)}
@@ -333,7 +341,9 @@ class TestTimeBounds:
         ledger = make(lock_timeout=1)
         ledger.record([("task", "a")], CancelReason())
         started, go = threading.Event(), threading.Event()
-        holder = threading.Thread(target=_write_slowly, args=(db_url, ledger._name, started, go))
+        holder = threading.Thread(
+            target=_write_slowly, args=(db_url, ledger.store._name, started, go)
+        )
         holder.start()
         assert started.wait(20)
         began = time.monotonic()
@@ -358,7 +368,7 @@ class TestTimeBounds:
     def test_a_server_that_refuses_is_a_ledger_error_naming_it(self, url: str) -> None:
         """Nothing listens on the port: record() and read() raise LedgerError at
         once, with the URL in the message."""
-        ledger = SqlLedger(url, "refused", 3600)
+        ledger = sql_ledger(url, "refused", 3600)
         began = time.monotonic()
 
         with pytest.raises(_ledger.LedgerError, match=re.escape("127.0.0.1:1/none")):
@@ -445,11 +455,11 @@ class TestChoice:
         ledger = _ledger.Ledgers().get(app)
 
         assert isinstance(ledger, SqlLedger)
-        assert 3 == ledger._engine.pool.size()
-        assert server_db["postgresql"] == ledger._engine.url.database
+        assert 3 == ledger.store._engine.pool.size()
+        assert server_db["postgresql"] == ledger.store._engine.url.database
         if hasattr(app.backend.session_manager, "engine_callback"):
-            assert any(engine is ledger._engine for engine in called)
-        ledger.close()
+            assert any(engine is ledger.store._engine for engine in called)
+        ledger.store.close()
 
     @pytest.mark.parametrize(
         ("url", "expected"),

@@ -64,6 +64,7 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
+from ._ledger_sql import SqlStore, StoreError
 from ._settings import DEFAULT_LEDGER_TTL, settings_for, sql_url
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "Ledgers",
     "NullLedger",
     "RedisLedger",
+    "SqlLedger",
     "Target",
     "TargetKind",
     "check_targets",
@@ -501,10 +503,7 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
 def _sql_ledger(
     app: Any, url: str, ttl: float, options: dict[str, Any], callback: Any, setting: str
 ) -> Ledger:
-    # SQLAlchemy is imported only by apps whose ledger is a database.
-    from ._ledger_sql import SqlLedger
-
-    return SqlLedger(
+    store = SqlStore(
         url,
         app.main or "default",
         ttl,
@@ -512,6 +511,7 @@ def _sql_ledger(
         engine_callback=callback,
         setting=setting,
     )
+    return SqlLedger(store)
 
 
 def _in_memory_sqlite(url: str) -> bool:
@@ -531,3 +531,53 @@ def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
         f"cancellable_ledger_url must be a redis://, rediss://, unix:// or file:// URL "
         f"or 'none', got {url!r}"
     )
+
+
+class SqlLedger:
+    """Cancellations in SQL tables: a `~cancellable.celery._ledger_sql.SqlStore`.
+
+    One row per `CHUNK` targets, with the reason as JSON and the targets as
+    ``kind:id`` lines (as in a Redis entry).  The store numbers rows in
+    commit order; its module docstring says how, and why a cursor never
+    skips a committed row.
+    """
+
+    durable = True
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        #: Where the entries are (no password), for log lines and messages.
+        self.where = store.where
+
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
+        """One transaction of one row per `CHUNK` targets."""
+        if not targets:
+            return
+        chunks = [_encode_targets(chunk) for chunk in _chunks(targets)]
+        try:
+            self.store.append(chunks, json.dumps(reason.to_dict()), _grace(grace))
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """The live rows after ``cursor``, as entries (damaged rows skipped)."""
+        try:
+            rows, cursor = self.store.read(cursor)
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+        entries = []
+        for recorded_at, reason, targets, grace in rows:
+            try:
+                entries.append(
+                    Entry(
+                        _decode_targets(targets),
+                        CancelReason.from_dict(json.loads(reason)),
+                        recorded_at,
+                        _grace(grace),
+                    )
+                )
+            except (AttributeError, KeyError, TypeError, ValueError):
+                continue  # damaged: skip it rather than stop reading
+        return entries, cursor

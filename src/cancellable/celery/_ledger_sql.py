@@ -1,9 +1,12 @@
-"""The SQL ledger: cancellations in two tables, through SQLAlchemy Core.
+"""The SQL ledger's store: cancellations in two tables, through SQLAlchemy Core.
 
 For deployments whose only durable store is a database: PostgreSQL,
 MySQL/MariaDB or SQLite (Celery's ``db+...`` result backend, or a
-``cancellable_ledger_url`` such as ``postgresql://...``).  Same contract as
-the Redis and file ledgers (`cancellable.celery._ledger.Ledger`).
+``cancellable_ledger_url`` such as ``postgresql://...``).  `SqlStore` keeps
+rows of text; `cancellable.celery._ledger.SqlLedger` turns them into the
+entries of the ledger contract, as `~cancellable.celery._ledger.RedisLedger`
+does with a Redis client's stream entries.  (This module imports nothing of
+the ledger's: the ledger imports it.)
 
 Tables (created on first use, ``CREATE TABLE IF NOT EXISTS``; the DDL is in
 docs/ledgers.md for teams that manage schemas by migration)::
@@ -17,7 +20,7 @@ Why a cursor never skips a committed entry
     Auto-increment ids (and sequences) are handed out when a row is
     inserted, not when it commits: under concurrent writers id 7 can commit
     and be read before id 6 commits, and a reader at cursor 7 never sees 6.
-    So writers are serialised: `SqlLedger.record` first increments its app's
+    So writers are serialised: `SqlStore.append` first increments its app's
     row of ``cancellable_ledger_head`` (``UPDATE ... SET seq = seq + n``),
     which locks that row until the transaction ends, and inserts its entries
     with the numbers it took, in the same transaction.  The next writer's
@@ -54,7 +57,6 @@ Processes
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import threading
@@ -62,8 +64,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
-from .._exceptions import CancelReason
-from ._ledger import Entry, LedgerError, Target, _chunks, _decode_targets, _encode_targets, _grace
 from ._settings import SettingError, sql_url
 
 __all__ = [
@@ -72,7 +72,9 @@ __all__ = [
     "HEAD_TABLE",
     "LOCK_TIMEOUT",
     "STATEMENT_TIMEOUT",
-    "SqlLedger",
+    "Row",
+    "SqlStore",
+    "StoreError",
     "timeout_connect_args",
 ]
 
@@ -99,6 +101,14 @@ PRUNE_EVERY: Final = 60.0
 PRUNE_BATCH: Final = 500
 #: ... at most this many batches at a time.
 PRUNE_BATCHES: Final = 20
+
+#: A live entry as stored: ``(recorded_at, reason JSON, targets text, grace)``.
+Row = tuple[float, str, str, "float | None"]
+
+
+class StoreError(Exception):
+    """The database could not be read or written (the message says which and why)."""
+
 
 #: The longest ``name`` (an app's main name; longer ones are shortened with a hash).
 NAME_LENGTH: Final = 200
@@ -155,8 +165,8 @@ def _safe_url(url: Any) -> str:
         return str(url)
 
 
-class SqlLedger:
-    """Cancellations in SQL tables (see the module docstring).
+class SqlStore:
+    """Cancellation rows in SQL tables (see the module docstring).
 
     Args:
         url: A SQLAlchemy URL (``postgresql://``, ``mysql+pymysql://``,
@@ -375,18 +385,23 @@ class SqlLedger:
 
     # ----------------------------------------------------------------- writes
 
-    def record(
-        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    def append(
+        self,
+        chunks: Sequence[str],
+        reason: str,
+        grace: float | None,
+        now: float | None = None,
     ) -> None:
-        """One transaction: take the next numbers from the head row, insert one row per chunk."""
-        if not targets:
+        """One transaction: take the next numbers from the head row, insert one row per chunk.
+
+        ``chunks`` are the targets' texts (one row each), ``reason`` the
+        reason's JSON, ``now`` the time to record (default: this clock's).
+        """
+        if not chunks:
             return
         import sqlalchemy as sa
 
-        now = time.time()
-        reason_json = json.dumps(reason.to_dict())
-        grace_value = None if grace is None else float(grace)
-        chunks = [_encode_targets(chunk) for chunk in _chunks(targets)]
+        now = time.time() if now is None else now
         try:
             engine = self._engine_here()
             self._ensure(engine)
@@ -402,9 +417,9 @@ class SqlLedger:
                                     "name": self._name,
                                     "seq": first + i,
                                     "recorded_at": now,
-                                    "reason": reason_json,
+                                    "reason": reason,
                                     "targets": text,
-                                    "grace": grace_value,
+                                    "grace": grace,
                                 }
                                 for i, text in enumerate(chunks)
                             ],
@@ -415,15 +430,15 @@ class SqlLedger:
                 self._ready = False
                 self._ensure(engine)
             else:
-                raise LedgerError(f"the row of {HEAD_TABLE} for {self._name!r} could not be made")
-        except LedgerError:
+                raise StoreError(f"the row of {HEAD_TABLE} for {self._name!r} could not be made")
+        except StoreError:
             raise
         except Exception as exc:
             self._ready = False
-            raise LedgerError(
+            raise StoreError(
                 f"could not write the cancellation ledger ({self.where}): {exc}"
             ) from exc
-        self._maybe_prune(engine, now)
+        self._maybe_prune(now)
 
     def _take(self, conn: Any, sa: Any, count: int) -> int | None:
         """Add ``count`` to the head row (locking it); the new value, or None without a row."""
@@ -439,7 +454,7 @@ class SqlLedger:
             conn.execute(sa.select(head.c.seq).where(head.c.name == self._name)).scalar_one()
         )
 
-    def _maybe_prune(self, engine: Any, now: float) -> None:
+    def _maybe_prune(self, now: float) -> None:
         if now - self._last_prune < PRUNE_EVERY:
             return
         self._last_prune = now
@@ -486,8 +501,11 @@ class SqlLedger:
 
     # ------------------------------------------------------------------ reads
 
-    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
-        """The head, then the entries in ``(cursor, head]``; the cursor is the head."""
+    def read(self, cursor: str | None) -> tuple[list[Row], str | None]:
+        """The head, then the live rows in ``(cursor, head]``; the cursor is the head.
+
+        Returns ``cursor`` itself when nothing is new.
+        """
         import sqlalchemy as sa
 
         start = 0
@@ -496,7 +514,7 @@ class SqlLedger:
                 start = int(cursor)
             except ValueError:
                 start = 0  # a cursor of another store: read everything once
-        entries: list[Entry] = []
+        found: list[Row] = []
         try:
             engine = self._engine_here()
             self._ensure(engine)
@@ -528,35 +546,24 @@ class SqlLedger:
                         .limit(PAGE)
                     ).all()
                     for seq, recorded_at, reason, targets, grace in rows:
-                        entry = self._entry(recorded_at, reason, targets, grace, oldest)
-                        if entry is not None:
-                            entries.append(entry)
+                        if recorded_at is not None and float(recorded_at) >= oldest:
+                            found.append(
+                                (
+                                    float(recorded_at),
+                                    str(reason),
+                                    str(targets),
+                                    None if grace is None else float(grace),
+                                )
+                            )
                         start = int(seq)
                     if len(rows) < PAGE:
                         break
         except Exception as exc:
             self._ready = False
-            raise LedgerError(
+            raise StoreError(
                 f"could not read the cancellation ledger ({self.where}): {exc}"
             ) from exc
-        return entries, str(head)
-
-    @staticmethod
-    def _entry(
-        recorded_at: Any, reason: Any, targets: Any, grace: Any, oldest: float
-    ) -> Entry | None:
-        try:
-            at = float(recorded_at)
-            if at < oldest:
-                return None
-            return Entry(
-                _decode_targets(str(targets)),
-                CancelReason.from_dict(json.loads(reason)),
-                at,
-                _grace(grace),
-            )
-        except (AttributeError, KeyError, TypeError, ValueError):
-            return None  # damaged: skip it rather than stop reading
+        return found, str(head)
 
     def close(self) -> None:
         """Close the pool's connections (this process's own)."""
