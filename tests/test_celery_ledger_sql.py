@@ -143,9 +143,8 @@ class TestOrdering:
         ledger.record([("task", "first")], CancelReason())
         _, cursor = ledger.read(None)
         started, go = threading.Event(), threading.Event()
-        slow = threading.Thread(
-            target=_write_slowly, args=(db_url, ledger.store._name, started, go)
-        )
+        name = ledger.store._name
+        slow = threading.Thread(target=_write_slowly, args=(db_url, name, started, go))
         slow.start()
         assert started.wait(20)
         fast = threading.Thread(target=ledger.record, args=([("task", "fast")], CancelReason()))
@@ -341,9 +340,8 @@ class TestTimeBounds:
         ledger = make(lock_timeout=1)
         ledger.record([("task", "a")], CancelReason())
         started, go = threading.Event(), threading.Event()
-        holder = threading.Thread(
-            target=_write_slowly, args=(db_url, ledger.store._name, started, go)
-        )
+        name = ledger.store._name
+        holder = threading.Thread(target=_write_slowly, args=(db_url, name, started, go))
         holder.start()
         assert started.wait(20)
         began = time.monotonic()
