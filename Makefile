@@ -8,7 +8,8 @@
 #               the other supported CPythons, and the Celery integration's
 #               unit tests on the older Celery minors (nox); the integration
 #               tests need Redis on 127.0.0.1:6379 and RabbitMQ on
-#               127.0.0.1:5672 (.ci/run starts them if they are not running)
+#               127.0.0.1:5672, the SQL-ledger tests PostgreSQL on :5432 and
+#               MariaDB on :3306 (.ci/run starts them if they are not running)
 
 PYTHON ?= python3
 VENV ?= .venv
