@@ -33,9 +33,11 @@ Expiry
 
 Where it lives, in order of preference:
 
-1. ``app.conf.cancellable_ledger_url`` when set (``redis://...`` or
-   ``file:///path``; the string ``"none"`` disables it);
-2. the app's result backend, when it is Redis or the filesystem backend;
+1. ``app.conf.cancellable_ledger_url`` when set (``redis://...``,
+   ``file:///path`` or a database URL; the string ``"none"`` disables it);
+2. the app's result backend, when it is Redis, the filesystem backend or
+   Celery's database backend (``db+...``: `SqlLedger`, tables described in
+   `cancellable.celery._ledger_sql`);
 3. the app's broker, when it is Redis;
 4. nowhere: cancellation still works for online workers, and a warning
    (``ledger.not_durable``) says so once per process.
