@@ -365,11 +365,13 @@ class TestTimeBounds:
     )
     def test_a_server_that_refuses_is_a_ledger_error_naming_it(self, url: str) -> None:
         """Nothing listens on the port: record() and read() raise LedgerError at
-        once, with the URL in the message."""
+        once, naming the URL and the setting it came from."""
         ledger = sql_ledger(url, "refused", 3600)
         began = time.monotonic()
 
-        with pytest.raises(_ledger.LedgerError, match=re.escape("127.0.0.1:1/none")):
+        with pytest.raises(
+            _ledger.LedgerError, match=re.escape("127.0.0.1:1/none, from cancellable_ledger_url")
+        ):
             ledger.record([("task", "a")], CancelReason())
         with pytest.raises(_ledger.LedgerError, match="could not read"):
             ledger.read(None)

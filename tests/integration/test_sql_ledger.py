@@ -155,3 +155,25 @@ def test_cancelled_between_worker_restarts_never_runs(
     assert [] == keys.started("cancelled"), "the cancelled task ran"
     assert_no_ledger_trouble(first)
     assert_no_ledger_trouble(second)
+
+
+def test_a_missing_driver_is_one_clear_message_at_worker_start_and_at_cancel(
+    make_worker: Any,
+) -> None:
+    """``cancellable_ledger_url = "mysql://..."`` names mysqlclient, which is not
+    installed: the worker does not start, and its log names the setting and the
+    package; ``cancel()`` raises SettingError with the same message."""
+    from cancellable.celery import SettingError, cancel
+
+    url = "mysql://root@127.0.0.1:3306/none"
+    worker = make_worker(start=False, broker="rabbitmq", settings={"cancellable_ledger_url": url})
+
+    with pytest.raises(RuntimeError, match="exited"):
+        worker.start()
+    with pytest.raises(SettingError, match="cancellable_ledger_url") as caught:
+        cancel("some-task-id", reason="r", app=worker.app)
+
+    log = worker.log_path.read_text(errors="replace")
+    assert "cancellable_ledger_url" in log
+    assert "mysqlclient" in log
+    assert "mysqlclient" in str(caught.value)

@@ -209,7 +209,9 @@ class SqlStore:
         self._engine = self._make_engine(url, dict(engine_options or {}), engine_callback)
         self.dialect: str = self._engine.dialect.name
         #: Where the entries are: for log lines and messages (no password).
-        self.where = f"{self.dialect} table {ENTRIES_TABLE} at {_safe_url(self._engine.url)}"
+        self.where = (
+            f"{self.dialect} table {ENTRIES_TABLE} at {_safe_url(self._engine.url)}, from {setting}"
+        )
 
     # ------------------------------------------------------------------ setup
 
