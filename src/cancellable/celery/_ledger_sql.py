@@ -121,6 +121,18 @@ _DRIVER_HINTS: Final = {
 }
 
 
+#: `SqlStore.append` on PostgreSQL: take the numbers and insert, in one statement.
+_POSTGRESQL_APPEND: Final = f"""
+WITH head AS (
+    UPDATE {HEAD_TABLE} SET seq = seq + :n WHERE name = :name RETURNING seq
+)
+INSERT INTO {ENTRIES_TABLE} (name, seq, recorded_at, reason, targets, grace)
+SELECT :name, head.seq - :n + chunk.ord, :at, :reason, chunk.targets, :grace
+FROM head, unnest(CAST(:targets AS TEXT[])) WITH ORDINALITY AS chunk(targets, ord)
+RETURNING seq
+"""
+
+
 def _ledger_name(app_name: str) -> str:
     if len(app_name) <= NAME_LENGTH:
         return app_name
@@ -407,26 +419,13 @@ class SqlStore:
         try:
             engine = self._engine_here()
             self._ensure(engine)
+            rows = [{"targets": text, "reason": reason, "grace": grace} for text in chunks]
             for _attempt in range(2):
-                with engine.begin() as conn:
-                    last = self._take(conn, sa, len(chunks))
-                    if last is not None:
-                        first = last - len(chunks) + 1
-                        conn.execute(
-                            sa.insert(self._entries),
-                            [
-                                {
-                                    "name": self._name,
-                                    "seq": first + i,
-                                    "recorded_at": now,
-                                    "reason": reason,
-                                    "targets": text,
-                                    "grace": grace,
-                                }
-                                for i, text in enumerate(chunks)
-                            ],
-                        )
-                if last is not None:
+                if self.dialect == "postgresql":
+                    written = self._append_postgresql(engine, sa, rows, now)
+                else:
+                    written = self._append(engine, sa, rows, now)
+                if written:
                     break
                 # The head row is gone (deleted by hand?): make it again, retry once.
                 self._ready = False
@@ -442,19 +441,62 @@ class SqlStore:
             ) from exc
         self._maybe_prune(now)
 
+    def _append(self, engine: Any, sa: Any, rows: list[dict[str, Any]], now: float) -> bool:
+        """Take numbers and insert, in one transaction; False if there is no head row."""
+        with engine.begin() as conn:
+            last = self._take(conn, sa, len(rows))
+            if last is None:
+                return False
+            first = last - len(rows) + 1
+            conn.execute(
+                sa.insert(self._entries),
+                [
+                    {"name": self._name, "seq": first + i, "recorded_at": now, **row}
+                    for i, row in enumerate(rows)
+                ],
+            )
+        return True
+
+    def _append_postgresql(
+        self, engine: Any, sa: Any, rows: list[dict[str, Any]], now: float
+    ) -> bool:
+        """The same as one statement in autocommit: the head row is locked only
+        while the server runs it and flushes the commit, never across a round
+        trip to this process (which a busy machine may not run for a while)."""
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            written = conn.execute(
+                sa.text(_POSTGRESQL_APPEND),
+                {
+                    "name": self._name,
+                    "n": len(rows),
+                    "at": now,
+                    "reason": rows[0]["reason"],
+                    "grace": rows[0]["grace"],
+                    "targets": [row["targets"] for row in rows],
+                },
+            ).all()
+        return len(written) == len(rows)
+
     def _take(self, conn: Any, sa: Any, count: int) -> int | None:
         """Add ``count`` to the head row (locking it); the new value, or None without a row."""
         head = self._head
-        update = sa.update(head).where(head.c.name == self._name).values(seq=head.c.seq + count)
-        if conn.dialect.update_returning:
+        where = head.c.name == self._name
+        if conn.dialect.update_returning:  # SQLite 3.35 and newer
+            update = sa.update(head).where(where).values(seq=head.c.seq + count)
             row = conn.execute(update.returning(head.c.seq)).first()
             return None if row is None else int(row[0])
-        if conn.execute(update).rowcount == 0:
+        if conn.dialect.name in ("mysql", "mariadb"):
+            # LAST_INSERT_ID(expr) hands the new value back with the UPDATE's reply.
+            update = (
+                sa.update(head).where(where).values(seq=sa.func.last_insert_id(head.c.seq + count))
+            )
+            result = conn.execute(update)
+            return None if result.rowcount == 0 else int(result.lastrowid)
+        if conn.execute(sa.update(head).where(where).values(seq=head.c.seq + count)).rowcount == 0:
             return None
         # Our own update is visible to us, and the row stays locked until commit.
-        return int(
-            conn.execute(sa.select(head.c.seq).where(head.c.name == self._name)).scalar_one()
-        )
+        return int(conn.execute(sa.select(head.c.seq).where(where)).scalar_one())
 
     def _maybe_prune(self, now: float) -> None:
         if now - self._last_prune < PRUNE_EVERY:
@@ -522,6 +564,10 @@ class SqlStore:
             self._ensure(engine)
             table = self._entries
             with engine.connect() as conn:
+                if self.dialect == "postgresql":
+                    # No BEGIN and ROLLBACK round trips around the reads:
+                    # each statement sees everything committed before it.
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
                 head = conn.execute(
                     sa.select(self._head.c.seq).where(self._head.c.name == self._name)
                 ).scalar()
