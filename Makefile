@@ -66,7 +66,8 @@ INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_s
 	tests/integration/test_harness.py tests/integration/test_ladder.py \
 	tests/integration/test_running.py
 INTEGRATION_B := tests/integration/test_logging.py tests/integration/test_pools.py \
-	tests/integration/test_scale.py tests/integration/test_sql_ledger.py \
+	tests/integration/test_plain_and_eta.py tests/integration/test_scale.py \
+	tests/integration/test_sql_ledger.py \
 	tests/integration/test_workflows.py
 unit: $(VENV)/.installed
 	rm -f .coverage .coverage.*

@@ -92,7 +92,7 @@ class TestDelivery:
         """Without a mailbox, a held request that has not started finds the index
         when it starts, so nothing is forwarded."""
         request = messages.held()
-        delivery = Delivery(RunningTasks(), None, Wakeup())
+        delivery = Delivery(RunningTasks(), None, Wakeup(), messages.app)
 
         assert "none" == delivery.deliver(request.id, CancelReason())
         assert {} == delivery.forwarding()
@@ -244,6 +244,27 @@ class TestWakeUpSignals:
         assert "forward" == how
         assert [] == received
         assert request.id in box.find({request.id})
+
+    def test_a_plain_task_child_is_never_signalled(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages, child: subprocess.Popen[bytes]
+    ) -> None:
+        """A held task that is not @cancellable (Celery's own revoke leaves it alone)
+        gets no forward, no slot and no signal, at delivery or at any tick (before
+        issue 18 point 4 its child got a signal every RESIGNAL_AFTER seconds)."""
+        assert child.stdout is not None
+        request = messages.held(name="ws.job")
+        request.on_accepted(child.pid, time.monotonic())
+
+        how = rt.delivery.deliver(request.id, CancelReason(message="plain"))
+        for _ in range(3):
+            time.sleep(RESIGNAL_AFTER + 0.05)
+            rt.delivery.tick()
+        received = read_for(child.stdout.fileno(), 0.3)
+
+        assert "none" == how
+        assert b"" == received
+        assert {} == rt.delivery.forwarding()
+        assert box.slots == box.free
 
     def test_a_child_that_is_gone_is_not_an_error(
         self, rt: WorkerRuntime, box: Mailbox, messages: Messages

@@ -53,6 +53,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import sys
 import threading
 import time
@@ -316,14 +317,34 @@ class FileLedger:
 
     Writers append whole lines under an exclusive lock, so lines never
     interleave and the byte offset of a line is a cursor no later write can
-    go below.  When the file has grown past `COMPACT_BYTES`, a writer rewrites
-    it without the expired lines and renames it into place; readers notice
-    the new file (its inode changes) and read it from the start.
+    go below.
+
+    Generations
+        The first line of the file is a header naming its *generation* (a
+        random token new with every file) and how many bytes of entries it
+        was written with.  A reader's cursor is
+        ``"g<generation>:<offset>"``; a cursor of another generation (the
+        file was compacted since) reads the current file from its start, so
+        an entry is never skipped, whatever inode the new file gets (a
+        filesystem may give a new file the inode number of one it freed).
+        Re-reading is harmless: the index ignores targets it already has.
+    Compaction
+        A writer rewrites the file without its expired lines only once it has
+        grown to twice its size at its last compaction (and past
+        `COMPACT_BYTES`), so the copying costs a bounded amount per byte
+        written however many entries are live.  The new file is written and
+        fsynced under a temporary name, renamed into place, and the directory
+        is fsynced, so a crash leaves the old file or the new one.
+    Older files
+        A file without a header (written by an older version) is read with
+        the older ``"<inode>:<offset>"`` cursor, and the next write here
+        compacts it into a file with a header.  A cursor in a format that does
+        not match the file reads it from its start.
     """
 
     durable = True
 
-    #: Compact the log when a write finds it larger than this.
+    #: Never compact a log smaller than this.
     COMPACT_BYTES: Final = 4 * 1024 * 1024
 
     def __init__(self, directory: str | os.PathLike[str], ttl: float) -> None:
@@ -337,7 +358,7 @@ class FileLedger:
     def record(
         self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
     ) -> None:
-        """Append one line per `CHUNK` targets."""
+        """Append one line per `CHUNK` targets (compacting the file when it is due)."""
         if not targets:
             return
         now = time.time()
@@ -356,26 +377,49 @@ class FileLedger:
         )
         try:
             with self._thread_lock, open(self._lock_path, "ab") as lock, _locked(lock):
-                with open(self._path, "ab") as log:
+                with open(self._path, "a+b") as log:
+                    log.seek(0)
+                    header = _FileHeader.parse(log.readline(_HEADER_MAX))
+                    size = log.seek(0, os.SEEK_END)
+                    created = size == 0
+                    if created:
+                        header = _FileHeader.new(0)
+                        lines = header.line() + lines
+                    else:
+                        log.seek(size - 1)
+                        if log.read(1) != b"\n":
+                            # A writer died mid-line: end its line, keep ours whole.
+                            lines = b"\n" + lines
                     log.write(lines)
                     log.flush()
                     os.fsync(log.fileno())
-                    size = log.tell()
-                if size > self.COMPACT_BYTES:
+                    size = os.fstat(log.fileno()).st_size
+                if created:
+                    _fsync_directory(self._dir)
+                if header is None or size > max(self.COMPACT_BYTES, 2 * header.live):
                     self._compact(now)
         except OSError as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
 
     def _compact(self, now: float) -> None:
-        # Caller holds the file lock.
-        keep = [
+        # Caller holds the file lock.  The header (no "at") is not live.
+        body = b"".join(
             line
             for line in self._path.read_bytes().splitlines(keepends=True)
-            if self._live(line, now)
-        ]
+            if line.endswith(b"\n") and self._live(line, now)
+        )
+        header = _FileHeader.new(len(body))
         tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(b"".join(keep))
-        os.replace(tmp, self._path)
+        try:
+            with open(tmp, "wb") as new:
+                new.write(header.line() + body)
+                new.flush()
+                os.fsync(new.fileno())
+            os.replace(tmp, self._path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        _fsync_directory(self._dir)
 
     def _live(self, line: bytes, now: float) -> bool:
         try:
@@ -384,15 +428,23 @@ class FileLedger:
             return False
 
     def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
-        """Complete lines after ``cursor`` (``"<inode>:<offset>"``)."""
+        """Complete lines after ``cursor`` (``"g<generation>:<offset>"``, see the class)."""
         try:
             with open(self._path, "rb") as log:
-                inode = os.fstat(log.fileno()).st_ino
-                offset = 0
+                first = log.readline(_HEADER_MAX)
+                header = _FileHeader.parse(first)
+                if header is None:
+                    # An older version's file: its cursor names the inode.
+                    name, start = str(os.fstat(log.fileno()).st_ino), 0
+                else:
+                    name, start = f"g{header.generation}", len(first)
+                offset = start
                 if cursor is not None:
-                    seen_inode, _, seen_offset = cursor.partition(":")
-                    if seen_inode == str(inode):
+                    seen_name, _, seen_offset = cursor.rpartition(":")
+                    if seen_name == name and seen_offset.isdigit():
                         offset = int(seen_offset)
+                if not start <= offset <= os.fstat(log.fileno()).st_size:
+                    offset = start
                 log.seek(offset)
                 data = log.read()
         except FileNotFoundError:
@@ -407,7 +459,7 @@ class FileLedger:
             entry = self._entry(line, now)
             if entry is not None:
                 entries.append(entry)
-        return entries, f"{inode}:{offset + len(complete)}"
+        return entries, f"{name}:{offset + len(complete)}"
 
     def _entry(self, line: bytes, now: float) -> Entry | None:
         try:
@@ -425,6 +477,61 @@ class FileLedger:
         if now - recorded_at > self._ttl:
             return None
         return Entry(targets, reason, recorded_at, grace)
+
+
+#: The longest header line a reader looks for.
+_HEADER_MAX: Final = 256
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _FileHeader:
+    """The first line of a `FileLedger` file.
+
+    ``generation`` is a random token new with every file; ``live`` is how
+    many bytes of entries it was written with (0 for a new file; what was live
+    at its compaction).
+    """
+
+    generation: str
+    live: int
+
+    @classmethod
+    def new(cls, live: int) -> _FileHeader:
+        """A header for a new file holding ``live`` bytes of entries."""
+        return cls(secrets.token_hex(8), live)
+
+    @classmethod
+    def parse(cls, line: bytes) -> _FileHeader | None:
+        """The header ``line`` holds, or None (an entry, or a file of an older version)."""
+        if not line.startswith(b'{"cancellable_ledger"') or not line.endswith(b"\n"):
+            return None
+        try:
+            data = json.loads(line)
+            generation, live = data["generation"], data["live"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(generation, str) or not generation.isalnum():
+            return None
+        if not isinstance(live, int) or isinstance(live, bool) or live < 0:
+            return None
+        return cls(generation, live)
+
+    def line(self) -> bytes:
+        """The header as the file's first line (entries skip it: it has no ``at``)."""
+        fields = {"cancellable_ledger": 2, "generation": self.generation, "live": self.live}
+        return json.dumps(fields).encode() + b"\n"
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Make a rename or a new file in ``directory`` durable (POSIX; Windows has no
+    # directory handles to fsync, and NTFS journals the rename itself).
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Ledgers:

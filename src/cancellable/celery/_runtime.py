@@ -192,7 +192,7 @@ class WorkerRuntime:
         self.index = self.tasks.index
         self.mailbox = mailbox
         self.table = table
-        self.delivery = Delivery(self.tasks.running, mailbox, self.tasks.wakeup)
+        self.delivery = Delivery(self.tasks.running, mailbox, self.tasks.wakeup, app)
         self.ladder = Ladder(
             app,
             self.settings,
