@@ -17,7 +17,10 @@ with `original_of`, so it checks Celery, not our wrapper.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -880,6 +883,33 @@ class TestConnections:
         if hasattr(app.backend.session_manager, "engine_callback"):  # Celery 5.7
             assert callback is found[2]
         assert internals.database_backend_engine(other.backend) is None
+
+    def test_django_result_database(self, tmp_path: Any) -> None:
+        """``django_result_database`` (django-celery-results' ``DatabaseBackend``,
+        ``router.db_for_write(TaskResult)``, ``connections[alias].settings_dict``):
+        the Django database a ``django-db`` backend writes to, with its alias.
+        Run in a child process, which sets Django up.  If not, a django-db
+        deployment gets no SQL ledger (not durable)."""
+        script = (
+            "import django, json\n"
+            "from django.conf import settings\n"
+            "settings.configure(INSTALLED_APPS=['django_celery_results'], DATABASES={'default': "
+            f"{{'ENGINE': 'django.db.backends.sqlite3', 'NAME': {str(tmp_path / 'd.db')!r}}}}})\n"
+            "django.setup()\n"
+            "from celery import Celery\n"
+            "from cancellable.celery import _celery_internals as internals\n"
+            "app = Celery('contract-django', backend='django-db')\n"
+            "found = internals.django_result_database(app.backend)\n"
+            "other = internals.django_result_database(Celery('x', backend='cache+memory://').backend)\n"
+            "print(json.dumps([found['alias'], found['ENGINE'], str(found['NAME']), other]))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+
+        assert ["default", "django.db.backends.sqlite3", str(tmp_path / "d.db"), None] == (
+            json.loads(out.strip().splitlines()[-1])
+        )
 
     def test_redis_broker_client_and_one_ping(self, rdb: redis.Redis) -> None:
         """``redis_broker_client`` (kombu Redis ``Channel.client``) gives the

@@ -503,3 +503,55 @@ class TestChoice:
 
         with pytest.raises(SettingError, match="in-memory SQLite"):
             _ledger.Ledgers().get(app)
+
+
+class TestDjango:
+    """django-db (django-celery-results): the ledger in the Django database."""
+
+    @pytest.mark.parametrize(
+        ("settings", "expected_url", "expected_args"),
+        [
+            (
+                {
+                    "ENGINE": "django.db.backends.postgresql",
+                    "NAME": "app",
+                    "USER": "u",
+                    "PASSWORD": "p@ss:/w",
+                    "HOST": "db",
+                    "PORT": "6432",
+                    "OPTIONS": {"sslmode": "require", "isolation_level": 1},
+                },
+                "postgresql+psycopg://u:p%40ss%3A%2Fw@db:6432/app",
+                {"sslmode": "require"},
+            ),
+            (
+                {"ENGINE": "django.db.backends.mysql", "NAME": "app", "USER": "root", "HOST": ""},
+                "mysql+mysqldb://root@/app",
+                {},
+            ),
+            (
+                {"ENGINE": "django.db.backends.sqlite3", "NAME": Path("/srv/app.db")},
+                "sqlite+pysqlite:////srv/app.db",
+                {},
+            ),
+        ],
+    )
+    def test_django_database_settings_become_a_url(
+        self, settings: dict[str, Any], expected_url: str, expected_args: dict[str, Any]
+    ) -> None:
+        """A ``DATABASES`` entry becomes a SQLAlchemy URL on the same server,
+        database, user and driver, its ``OPTIONS`` (less Django's own) the
+        driver's connect arguments."""
+        url, options = _ledger_sql.django_database(settings)
+
+        assert expected_url == url
+        assert settings.get("PASSWORD") == sa.engine.make_url(url).password
+        assert {"connect_args": expected_args} == options
+
+    def test_another_database_engine_is_a_setting_error(self) -> None:
+        """Oracle is not a database the ledger keeps cancellations in: a
+        SettingError names the ``DATABASES`` entry and the way out."""
+        with pytest.raises(SettingError, match=r"DATABASES\['default'\].*cancellable_ledger_url"):
+            _ledger_sql.django_database(
+                {"alias": "default", "ENGINE": "django.db.backends.oracle", "NAME": "x"}
+            )

@@ -1,9 +1,12 @@
-"""Durability without Redis: the SQL ledger behind Celery's database result backend.
+"""Durability without Redis: the SQL ledger behind a database result backend.
 
 Real workers on RabbitMQ with ``db+postgresql://`` (psycopg2) and with
-``db+mysql+pymysql://`` (MariaDB) result backends, and on the filesystem
-broker with a ``db+sqlite:///`` result backend (no server at all).  The app
-names no ledger: it must come from the result backend.  Each server test
+``db+mysql+pymysql://`` (MariaDB) result backends, on the filesystem broker
+with a ``db+sqlite:///`` result backend (no server at all), and on RabbitMQ
+with django-celery-results' ``django-db`` backend (a minimal Django settings
+module, `tests.django_settings`, on PostgreSQL; Django is set up in this
+process too, to send and read results).  The app names no ledger: it must
+come from the result backend.  Each server test
 module run has its own databases (`tests.sql_dbs`), dropped afterwards.
 (Task bodies still report that they started to the harness's Redis: that is
 the test's observation channel, not part of the app.)
@@ -11,6 +14,7 @@ the test's observation channel, not part of the app.)
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +28,7 @@ from .conftest import APP_NAME, Keys, Worker, assert_revoked, wait_for, wait_sta
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
-STORES = ["postgresql", "mysql", "sqlite"]
+STORES = ["postgresql", "mysql", "sqlite", "django"]
 
 
 @pytest.fixture(name="server_dbs", scope="module")
@@ -34,12 +38,47 @@ def server_dbs_fixture() -> Iterator[dict[str, str]]:
         yield {"postgresql": pg, "mysql": my}
 
 
+@pytest.fixture(name="django_db", scope="module")
+def django_db_fixture() -> Iterator[str]:
+    """A PostgreSQL database with django-celery-results' tables; Django set up on it here."""
+    with sql_dbs.temporary_database("postgresql") as name:
+        env = {
+            "CANCELLABLE_TEST_DJANGO_DB": name,
+            "DJANGO_SETTINGS_MODULE": "tests.django_settings",
+        }
+        os.environ.update(env)
+        try:
+            import django
+            from django.core.management import call_command
+
+            django.setup()
+            call_command("migrate", "django_celery_results", verbosity=0)
+        finally:
+            for key in env:
+                os.environ.pop(key, None)
+        yield name
+        from django.db import connections
+
+        connections.close_all()
+
+
 @pytest.fixture(name="deployment")
 def deployment_fixture(
     request: pytest.FixtureRequest, server_dbs: dict[str, str], tmp_path: Path
 ) -> dict[str, Any]:
     """``make_worker`` keyword arguments for the store under test, plus its ``db_url``."""
     store = request.param
+    if store == "django":
+        database = request.getfixturevalue("django_db")
+        return {
+            "broker": "rabbitmq",
+            "backend_url": "django-db",
+            "extra_env": {
+                "DJANGO_SETTINGS_MODULE": "tests.django_settings",
+                "CANCELLABLE_TEST_DJANGO_DB": database,
+            },
+            "db_url": sql_dbs.url("postgresql", database),
+        }
     if store == "sqlite":
         for folder in ("queue", "control"):
             (tmp_path / folder).mkdir()

@@ -67,7 +67,7 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
-from ._ledger_sql import SqlStore, StoreError
+from ._ledger_sql import SqlStore, StoreError, django_database
 from ._settings import DEFAULT_LEDGER_TTL, settings_for, sql_url
 
 __all__ = [
@@ -603,6 +603,12 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     if database is not None and not _in_memory_sqlite(database[0]):
         db_url, options, callback = database
         return _sql_ledger(app, db_url, ttl, options, callback, "result_backend")
+    django_db = celery_internals.django_result_database(backend)
+    if django_db is not None:
+        # django-celery-results: the Django database the results go to.
+        db_url, options = django_database(django_db)
+        setting = f"DATABASES[{django_db['alias']!r}] (the django-db result backend)"
+        return _sql_ledger(app, db_url, ttl, options, None, setting)
     broker = app.conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
         return _ledger_from_url(broker.split(";")[0], prefix, ttl)

@@ -75,6 +75,7 @@ __all__ = [
     "Row",
     "SqlStore",
     "StoreError",
+    "django_database",
     "timeout_connect_args",
 ]
 
@@ -175,6 +176,63 @@ def _safe_url(url: Any) -> str:
         return str(url.render_as_string(hide_password=True))
     except AttributeError:
         return str(url)
+
+
+#: Keys of Django's ``OPTIONS`` that are Django's own, not the driver's.
+_DJANGO_ONLY_OPTIONS: Final = frozenset(
+    {"isolation_level", "assume_role", "server_side_binding", "pool", "transaction_mode"}
+)
+
+
+def django_database(settings: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A SQLAlchemy URL and engine options for a Django ``DATABASES`` entry.
+
+    The same server, database, user and driver as Django's (psycopg 3 when it
+    is installed, else psycopg2; mysqlclient; sqlite3), and the entry's
+    ``OPTIONS`` as the driver's connect arguments.
+
+    Raises:
+        SettingError: Not a PostgreSQL, MySQL/MariaDB or SQLite database.
+    """
+    import importlib.util
+
+    setting = f"DATABASES[{settings.get('alias', 'default')!r}]"
+    vendor = str(settings.get("ENGINE", "")).rsplit(".", 1)[-1]
+    if vendor in ("postgresql", "postgresql_psycopg2", "postgis"):
+        psycopg3 = importlib.util.find_spec("psycopg") is not None
+        scheme = "postgresql+psycopg" if psycopg3 else "postgresql+psycopg2"
+    elif vendor == "mysql":
+        scheme = "mysql+mysqldb"
+    elif vendor in ("sqlite3", "spatialite"):
+        scheme = "sqlite+pysqlite"
+    else:
+        raise SettingError(
+            [
+                (
+                    setting,
+                    f"{setting}: the SQL ledger keeps cancellations in PostgreSQL, "
+                    f"MySQL/MariaDB or SQLite, not {settings.get('ENGINE')!r}; set "
+                    "cancellable_ledger_url",
+                )
+            ]
+        )
+    from sqlalchemy.engine import URL
+
+    port = settings.get("PORT")
+    url = URL.create(
+        scheme,
+        username=settings.get("USER") or None,
+        password=settings.get("PASSWORD") or None,
+        host=settings.get("HOST") or None,
+        port=int(port) if port else None,
+        database=str(settings.get("NAME") or "") or None,
+    )
+    options = {
+        key: value
+        for key, value in (settings.get("OPTIONS") or {}).items()
+        if key not in _DJANGO_ONLY_OPTIONS
+    }
+    return url.render_as_string(hide_password=False), {"connect_args": options}
 
 
 class SqlStore:
