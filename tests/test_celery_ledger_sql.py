@@ -555,3 +555,67 @@ class TestDjango:
             _ledger_sql.django_database(
                 {"alias": "default", "ENGINE": "django.db.backends.oracle", "NAME": "x"}
             )
+
+
+class TestEdges:
+    """What the ledger does with odd states and odd input."""
+
+    def test_a_head_row_deleted_by_hand_is_made_again_and_readers_catch_up(
+        self, make: Any, db_url: str
+    ) -> None:
+        """Someone deletes the head row and every entry: the next record makes the
+        head row again (numbering from the entries left, none), and a reader whose
+        cursor is above the new head reads the ledger from its start again."""
+        ledger = make()
+        for n in range(3):
+            ledger.record([("task", f"old-{n}")], CancelReason())
+        _, cursor = ledger.read(None)
+        engine = _engine(db_url)
+        with engine.begin() as conn:
+            for table in ("cancellable_ledger_head", "cancellable_ledger"):
+                conn.execute(
+                    sa.text(f"DELETE FROM {table} WHERE name = :n"), {"n": ledger.store._name}
+                )
+        engine.dispose()
+
+        ledger.record([("task", "after")], CancelReason())
+        entries, new_cursor = ledger.read(cursor)
+
+        assert "3" == cursor
+        assert [("task", "after")] == base.targets_of(entries)
+        assert "1" == new_cursor
+
+    def test_a_cursor_of_another_store_reads_everything(self, ledger: Any) -> None:
+        """A Redis stream id as cursor (the ledger URL changed under a running
+        worker): the SQL ledger reads from its start rather than fail."""
+        ledger.record([("task", "a")], CancelReason())
+
+        entries, cursor = ledger.read("1700000000000-0")
+
+        assert [("task", "a")] == base.targets_of(entries)
+        assert "1" == cursor
+
+    def test_a_long_app_name_is_shortened_but_kept_apart(self, make: Any) -> None:
+        """App names longer than the column are shortened with a hash: two such
+        names that differ only at the end keep their own entries."""
+        first = make(name="a" * 300 + "1")
+        second = make(name="a" * 300 + "2")
+        first.record([("task", "one")], CancelReason())
+        second.record([("task", "two")], CancelReason())
+
+        assert [("task", "one")] == base.targets_of(first.read(None)[0])
+        assert [("task", "two")] == base.targets_of(second.read(None)[0])
+
+    def test_sqlite_without_returning_takes_numbers_with_a_select(self, tmp_path: Path) -> None:
+        """SQLite older than 3.35 has no UPDATE ... RETURNING: the number is read
+        back with a SELECT inside the same transaction, and entries round-trip."""
+        ledger = sql_ledger(f"sqlite:///{tmp_path / 'old.db'}", "old", 3600)
+        ledger.store._engine.dialect.update_returning = False
+        ledger.record([("task", "a")], CancelReason())
+        ledger.record([("task", "b"), ("task", "c")], CancelReason())
+
+        entries, cursor = ledger.read(None)
+
+        assert [("task", "a"), ("task", "b"), ("task", "c")] == base.targets_of(entries)
+        assert "2" == cursor
+        ledger.store.close()
