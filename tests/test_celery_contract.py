@@ -880,7 +880,7 @@ class TestConnections:
         assert found is not None
         assert url == found[0]
         assert 3 == found[1]["pool_size"]
-        if hasattr(app.backend.session_manager, "engine_callback"):  # Celery 5.7
+        if hasattr(getattr(app.backend, "session_manager", None), "engine_callback"):  # Celery 5.7
             assert callback is found[2]
         assert internals.database_backend_engine(other.backend) is None
 
