@@ -57,6 +57,7 @@ from .._scope import observed_at, set_log_fields
 from ..events import TASK_CANCEL_UNOBSERVED, TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
 from . import _celery_internals as celery_internals
 from . import _otel, _workflow
+from ._delivery import mailbox_reason
 from ._ending import CancelledEnding, Member
 from ._index import request_targets
 from ._registry import RunningTask
@@ -162,7 +163,7 @@ def _run_task(
             ending = _finish_cancelled(task, request, entry, Cancelled(reason))
             _end(tasks, request, reason, ending)
         if not options.is_async:
-            _warn_if_unobserved(task, entry)
+            _warn_if_unobserved(tasks, task, entry)
         return result
     finally:
         tasks.running.unregister(entry)
@@ -207,12 +208,17 @@ def _end(
     raise ending
 
 
-def _warn_if_unobserved(task: Any, entry: RunningTask) -> None:
+def _warn_if_unobserved(tasks: TaskRuntime, task: Any, entry: RunningTask) -> None:
     # The body returned although the task was cancelled, and no checkpoint
     # raised (a body that caught Cancelled was warned about already: the
-    # core's cancel.swallowed).  It ends SUCCESS: say so, once.
+    # core's cancel.swallowed).  It ends SUCCESS: say so, once.  In a
+    # prefork child the cancellation may still wait in the mailbox: its
+    # wake-up signal hands the check to the next checkpoint, and there was
+    # none.
     scope = entry.scope
     reason = scope.cancel_reason
+    if reason is None and tasks.wakeup.check_queued:
+        reason = mailbox_reason(tasks.mailbox, entry.task_id)
     if reason is None or observed_at(scope) is not None:
         return
     now = time.time()
