@@ -6,6 +6,7 @@ in pytest's ``tmp_path``.  Each contract test runs against both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import redis
 from tests import redis_dbs
 
 from cancellable import CancelReason
-from cancellable.celery import _ledger
+from cancellable.celery import _ledger, _wire
 from cancellable.celery._index import TargetIndex
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
@@ -186,15 +187,15 @@ class TestRedisLedger:
     @pytest.mark.parametrize(
         "fields",
         [
-            {"reason": "{not json", "targets": "task:x"},
             {"something": "else"},
-            {"reason": "[]", "targets": "task:x"},
-            {"reason": '"text"', "targets": "task:x"},
-            {"reason": '{"source": "nope"}', "targets": "task:x"},
+            {"reason": "{}", "targets": ""},
+            {"reason": "{}", "targets": "queue:x\ntask:"},
         ],
     )
-    def test_a_damaged_entry_is_skipped(self, rdb: redis.Redis, fields: dict[str, str]) -> None:
-        """An entry that is not a valid cancellation is skipped; reading goes on."""
+    def test_an_entry_without_targets_is_skipped(
+        self, rdb: redis.Redis, fields: dict[str, str]
+    ) -> None:
+        """An entry that names no target this version knows is skipped; reading goes on."""
         ledger = _ledger.RedisLedger(rdb, "cancellable:bad:", 60)
         ledger.record([("task", "before")], CancelReason())
         rdb.xadd("cancellable:bad:ledger", fields)
@@ -203,6 +204,42 @@ class TestRedisLedger:
         entries, _ = ledger.read(None)
 
         assert [("task", "before"), ("task", "after")] == targets_of(entries)
+
+    @pytest.mark.parametrize(
+        ("reason", "expected"),
+        [
+            ("{not json", CancelReason(source="revoked", requested_at=0)),
+            ("[]", CancelReason(source="revoked", requested_at=0)),
+            ('"text"', CancelReason(source="revoked", message="text", requested_at=0)),
+            ('{"source": "nope", "v": 2}', CancelReason(source="revoked", requested_at=0)),
+            (
+                '{"source": "manual", "message": 5, "requested_by": "x", "requested_at": 7}',
+                CancelReason(source="manual", requested_by="x", requested_at=7),
+            ),
+        ],
+    )
+    def test_a_reason_another_version_wrote_keeps_its_targets(
+        self, rdb: redis.Redis, reason: str, expected: CancelReason
+    ) -> None:
+        """An entry whose reason this version cannot read (not JSON, not a mapping, an
+        unknown source, wrong types, extra fields) keeps its targets, its grace and its
+        fields beside them are ignored, and its reason degrades (issue 18, point 9)."""
+        ledger = _ledger.RedisLedger(rdb, "cancellable:skew:", 60)
+        rdb.xadd(
+            "cancellable:skew:ledger",
+            {"reason": reason, "targets": "task:x\ngroup:g", "grace": "2", "future": "yes"},
+        )
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "x"), ("group", "g")] == targets_of(entries)
+        assert 2.0 == entries[0].grace
+        got = entries[0].reason
+        if expected.requested_at == 0:
+            # No readable time: the entry's own (the server's clock) stands in.
+            assert abs(got.requested_at - entries[0].recorded_at) < 1e-6
+            got = dataclasses.replace(got, requested_at=0)
+        assert expected == got
 
     def test_unknown_target_kinds_are_dropped(self, rdb: redis.Redis) -> None:
         """Target lines of an unknown kind, or without an id, are ignored."""
@@ -314,12 +351,13 @@ class TestFileLedger:
             b'{"at": "soon", "reason": {}, "targets": []}',
             b'{"at": 1e18, "reason": {}, "targets": 5}',
             b'{"at": 1e18, "reason": {}, "targets": [["task"]]}',
-            b'{"at": 1e18, "reason": "text", "targets": [["task", "x"]]}',
-            b'{"at": 1e18, "reason": [], "targets": [["task", "x"]]}',
+            b'{"at": 1e18, "reason": {}, "targets": [["queue", "x"], ["task", ""]]}',
+            b'{"at": NaN, "reason": {}, "targets": [["task", "x"]]}',
         ],
     )
     def test_a_damaged_line_is_skipped(self, tmp_path: Path, damage: bytes) -> None:
-        """A line that is not a valid entry is skipped; the lines around it are read."""
+        """A line that is not an entry (no time, no target this version knows) is
+        skipped; the lines around it are read."""
         ledger = _ledger.FileLedger(tmp_path, 60)
         ledger.record([("task", "before")], CancelReason())
         with open(tmp_path / "ledger.jsonl", "ab") as log:
@@ -329,6 +367,41 @@ class TestFileLedger:
         entries, _ = ledger.read(None)
 
         assert [("task", "before"), ("task", "after")] == targets_of(entries)
+
+    @pytest.mark.parametrize(
+        ("reason", "expected"),
+        [
+            ('"text"', CancelReason(source="revoked", message="text", requested_at=5)),
+            ("[]", CancelReason(source="revoked", requested_at=5)),
+            ('{"source": "later", "severity": 3}', CancelReason(source="revoked", requested_at=5)),
+            (
+                '{"source": "deadline", "message": "' + "m" * 5000 + '", "requested_by": 1}',
+                CancelReason(
+                    source="deadline",
+                    message="m" * (4096 - len(_wire.TRIMMED)) + _wire.TRIMMED,
+                    requested_at=5,
+                ),
+            ),
+        ],
+    )
+    def test_a_reason_another_version_wrote_keeps_its_targets(
+        self, tmp_path: Path, reason: str, expected: CancelReason
+    ) -> None:
+        """A line whose reason this version cannot read keeps its targets (a target with
+        an extra field included, one of an unknown kind dropped), and its reason
+        degrades: unknown source to "revoked", a message over the limit trimmed, the
+        entry's time for a missing one (issue 18, point 9)."""
+        ledger = _ledger.FileLedger(tmp_path, 1e12)
+        line = (
+            '{"at": 5, "v": 2, "reason": ' + reason + ', "grace": "x", '
+            '"targets": [["task", "x", {"more": 1}], ["label", "l"], ["root", "r"]]}\n'
+        )
+        (tmp_path / "ledger.jsonl").write_text(line)
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "x"), ("root", "r")] == targets_of(entries)
+        assert (expected, None) == (entries[0].reason, entries[0].grace)
 
     def test_reading_before_any_write(self, tmp_path: Path) -> None:
         """No file yet: nothing to read, and the cursor is kept."""
@@ -568,6 +641,17 @@ class TestTargets:
         """Unknown kinds and ids that are empty, multi-line or not str are refused."""
         with pytest.raises(ValueError, match="target"):
             _ledger.check_targets([target])
+
+    def test_an_id_past_the_byte_bound_is_refused(self) -> None:
+        """Ids are bounded in UTF-8 bytes: 1,024 one-byte characters pass, 256 emoji
+        (1,024 bytes) pass, 257 emoji (1,028 bytes) and 1,025 bytes are refused."""
+        emoji = "\N{GRINNING FACE}"
+        good = [("task", "a" * 1024), ("group", emoji * 256)]
+
+        assert good == _ledger.check_targets(good)
+        for target in [("task", "a" * 1025), ("root", emoji * 257)]:
+            with pytest.raises(ValueError, match="longer than the 1024 bytes"):
+                _ledger.check_targets([target])  # type: ignore[list-item]
 
     def test_good_targets(self) -> None:
         """Valid targets come back as a list, in order."""

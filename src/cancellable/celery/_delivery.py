@@ -150,14 +150,22 @@ class Delivery:
         box = self.mailbox
         if box is None:
             return
-        if forward.slot is None:
-            forward.slot = box.allocate(task_id, forward.reason, forward.delivered_at)
-            if forward.slot is None:
+        slot = forward.slot
+        if slot is None:
+            with self._lock:
+                # Atomic with the forward's end (tick): a slot is never given
+                # to a forward that was dropped, nor twice to one forward.
+                if self._forwards.get(task_id) is not forward:
+                    return
+                if forward.slot is None:
+                    forward.slot = box.allocate(task_id, forward.reason, forward.delivered_at)
+                slot = forward.slot
+            if slot is None:
                 if not self._warned_full:
                     self._warned_full = True
                     logger.warning(MAILBOX_FULL, task_id=task_id, slots=box.slots)
                 return
-        if box.acknowledged(forward.slot):
+        if box.acknowledged(slot):
             return
         pid = request_worker_pid(request)
         if not pid or pid == os.getpid():
@@ -180,9 +188,9 @@ class Delivery:
         with self._lock:
             forward = self._forwards.get(task_id)
         box = self.mailbox
-        if forward is None or forward.slot is None or box is None:
+        slot = None if forward is None else forward.slot
+        if slot is None or box is None or not box.escalate(slot, task_id):
             return False
-        box.escalate(forward.slot)
         return self._wakeup.wake(pid)
 
     def tick(self) -> None:
@@ -197,10 +205,12 @@ class Delivery:
             request = worker_requests().get(task_id)
             if request is None:
                 with self._lock:
-                    if self._forwards.get(task_id) is forward:
-                        del self._forwards[task_id]
-                if forward.slot is not None:
-                    box.release(forward.slot)
+                    if self._forwards.get(task_id) is not forward:
+                        continue
+                    del self._forwards[task_id]
+                    slot, forward.slot = forward.slot, None
+                if slot is not None:
+                    box.release(slot)
                 continue
             self._push(task_id, forward, request, now)
 

@@ -42,6 +42,8 @@ Where it lives, in order of preference:
 
 Redis layout: one stream, ``cancellable:<app name>:ledger``, whose entries
 have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
+A reader keeps the targets of an entry whose reason it cannot read (another
+version wrote it) and degrades the reason (`cancellable.celery._wire`).
 Needs Redis 6.2 or newer (``XTRIM MINID``, exclusive ``XRANGE`` starts).
 """
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
 import sys
@@ -66,10 +69,12 @@ from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
 from ._settings import DEFAULT_LEDGER_TTL, settings_for
+from ._wire import reason_from_wire
 
 __all__ = [
     "CHUNK",
     "DEFAULT_LEDGER_TTL",
+    "MAX_ID_BYTES",
     "Entry",
     "FileLedger",
     "Ledger",
@@ -91,6 +96,12 @@ Target = tuple[TargetKind, str]
 
 #: Targets per entry: a batch of 100,000 ids is 100 entries of 1,000.
 CHUNK: Final = 1000
+
+#: The longest id (task, group or root), in UTF-8 bytes, that `cancel()`
+#: accepts.  Celery's own ids are 36-byte UUIDs; RabbitMQ carries at most
+#: 255 bytes of a task id (``correlation_id``), Celery's database backend
+#: 155 characters.  A worker handles longer ids from a plain revoke safely.
+MAX_ID_BYTES: Final = 1024
 
 #: Entries read per round trip.
 _PAGE: Final = 500
@@ -150,19 +161,37 @@ def _decode_targets(raw: str) -> tuple[Target, ...]:
     return tuple(targets)
 
 
+def _wire_targets(items: object) -> tuple[Target, ...]:
+    # A file entry's ``[kind, id]`` pairs; unknown kinds, and fields a later
+    # version may add after the id, are ignored.
+    targets: list[Target] = []
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, list) and len(item) >= 2:
+            kind, target_id = item[0], item[1]
+            if kind in _KINDS and isinstance(target_id, str) and target_id:
+                targets.append((kind, target_id))
+    return tuple(targets)
+
+
 def _chunks(targets: Sequence[Target]) -> Iterator[Sequence[Target]]:
     for start in range(0, len(targets), CHUNK):
         yield targets[start : start + CHUNK]
 
 
 def check_targets(targets: Iterable[Target]) -> list[Target]:
-    """Validate targets: a known kind and a non-empty id without newlines."""
+    """Validate targets: a known kind and a non-empty one-line id of at most `MAX_ID_BYTES`."""
     checked: list[Target] = []
     for kind, target_id in targets:
         if kind not in _KINDS:
             raise ValueError(f"unknown target kind {kind!r}")
         if not isinstance(target_id, str) or not target_id or "\n" in target_id:
-            raise ValueError(f"a target id must be a non-empty one-line str, got {target_id!r}")
+            raise ValueError(f"a target id must be a non-empty one-line str, got {target_id!r:.80}")
+        size = len(target_id.encode("utf-8", "surrogatepass"))
+        if size > MAX_ID_BYTES:
+            raise ValueError(
+                f"a {kind} id of {size} bytes is longer than the {MAX_ID_BYTES} bytes "
+                f"cancel() accepts: {target_id!r:.80}"
+            )
         checked.append((kind, target_id))
     return checked
 
@@ -255,13 +284,12 @@ class RedisLedger:
         if recorded_ms < oldest_ms:
             return None
         values = {_text(k): _text(v) for k, v in fields.items()}
-        try:
-            reason = CancelReason.from_dict(json.loads(values["reason"]))
-            targets = _decode_targets(values["targets"])
-            grace = _grace(values.get("grace"))
-        except (AttributeError, KeyError, TypeError, ValueError):
+        targets = _decode_targets(values.get("targets", ""))
+        if not targets:
             return None  # not ours, or damaged: skip it rather than stop reading
-        return Entry(targets, reason, recorded_ms / 1000.0, grace)
+        # Another version's reason degrades; its targets are kept (`_wire`).
+        reason = reason_from_wire(_json(values.get("reason")), recorded_ms / 1000.0)
+        return Entry(targets, reason, recorded_ms / 1000.0, _grace(values.get("grace")))
 
 
 def _grace(value: object) -> float | None:
@@ -271,6 +299,14 @@ def _grace(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return grace if grace is not None and 0 <= grace < float("inf") else None
+
+
+def _json(text: str | None) -> object:
+    # A JSON value, or None for text that is not JSON.
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:
@@ -461,18 +497,16 @@ class FileLedger:
         try:
             data = json.loads(line)
             recorded_at = float(data["at"])
-            reason = CancelReason.from_dict(data["reason"])
-            targets = tuple(
-                (kind, target_id)
-                for kind, target_id in data["targets"]
-                if kind in _KINDS and isinstance(target_id, str)
-            )
-            grace = _grace(data.get("grace"))
         except (AttributeError, KeyError, TypeError, ValueError):
+            return None  # not ours, or damaged
+        if not math.isfinite(recorded_at) or now - recorded_at > self._ttl:
             return None
-        if now - recorded_at > self._ttl:
+        targets = _wire_targets(data.get("targets"))
+        if not targets:
             return None
-        return Entry(targets, reason, recorded_at, grace)
+        # Another version's reason degrades; its targets are kept (`_wire`).
+        reason = reason_from_wire(data.get("reason"), recorded_at)
+        return Entry(targets, reason, recorded_at, _grace(data.get("grace")))
 
 
 #: The longest header line a reader looks for.

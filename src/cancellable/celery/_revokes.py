@@ -56,6 +56,7 @@ from ._index import TargetIndex, request_targets
 from ._ladder import NOT_CANCELLABLE
 from ._ledger import Target
 from ._runtime import WorkerRuntime, runtime
+from ._wire import reason_from_wire
 
 __all__ = [
     "MEMBERS_COMMAND",
@@ -74,13 +75,13 @@ MEMBERS_COMMAND: Final = "cancellable_members"
 
 
 def _reason_from(payload: Any) -> CancelReason | None:
-    """The reason `cancel()` sent along with a revoke, or None (plain revoke)."""
-    if isinstance(payload, dict):
-        try:
-            return CancelReason.from_dict(payload)
-        except (TypeError, ValueError):
-            pass
-    return None
+    """The reason `cancel()` sent along with a revoke, or None (plain revoke).
+
+    Whatever another version sent, a payload makes a reason
+    (`cancellable.celery._wire`): an odd reason never turns a cancellation
+    into a plain revoke, which would drop its group and root targets.
+    """
+    return None if payload is None else reason_from_wire(payload)
 
 
 def _grace_from(payload: Any) -> float | None:
@@ -96,7 +97,8 @@ def targets_from(payload: Any) -> list[Target]:
     """The group and root targets `cancel()` sent along with a revoke (bad ones dropped)."""
     targets: list[Target] = []
     for item in payload if isinstance(payload, (list, tuple)) else ():
-        if isinstance(item, (list, tuple)) and len(item) == 2:
+        # [kind, id]; a later version may add fields after them.
+        if isinstance(item, (list, tuple)) and len(item) >= 2:
             try:
                 targets.extend(_ledger.check_targets([(item[0], item[1])]))
             except ValueError:
