@@ -338,3 +338,17 @@ class TestAnnounced:
         (event,) = [e for e in span.events if e.name == "task.cancelled"]
         assert "alice" == event.attributes["cancellable.requested_by"]
         assert "checkpoint" == event.attributes["cancellable.ended_by"]
+
+    def test_no_span_no_opentelemetry_nothing_recorded(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without a recording span, or without OpenTelemetry imported at all,
+        `record_cancellation` does nothing (no dependency, no import)."""
+        import sys
+
+        from cancellable.celery import _otel
+
+        reason = CancelReason(source="revoked", message="stop")
+        assert not _otel.record_cancellation(reason, "revoked: stop", "checkpoint")
+        monkeypatch.delitem(sys.modules, "opentelemetry.trace", raising=False)
+        assert not _otel.record_cancellation(reason, "revoked: stop", "checkpoint")

@@ -9,7 +9,7 @@ module.  For each way a task can end cancelled (at a checkpoint after
 terminated, discarded before it started, a workflow member stored
 REVOKED), the receiver gets Celery's own ``task-revoked`` event with
 Celery's fields and the reason in ``exception``, and Flower's
-``/api/task/info/<id>`` shows REVOKED with the reason; a plain task revoked
+``/api/task/info/<id>`` (and its task page) shows REVOKED with the reason; a plain task revoked
 while queued still shows as Celery shows it (no ``exception``).  The worker
 log says "Task name[id] revoked: ..." once, never "ignored"; a cancellation
 that no checkpoint saw is logged as a warning.
@@ -127,6 +127,11 @@ class Flower:
                 return json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
             return None
+
+    def page(self, path: str) -> str:
+        """The HTML of one of Flower's pages."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            return str(r.read().decode())
 
     def task(self, task_id: str) -> dict[str, Any] | None:
         """Flower's ``/api/task/info/<id>``."""
@@ -324,6 +329,9 @@ class TestEveryCancelledEnding:
             monitored, events, flower, result.id, "revoked by alice: user pressed stop"
         )
         assert "cit.loop" == info["name"]
+        page = flower.page(f"/task/{result.id}")
+        assert "REVOKED" in page
+        assert "revoked by alice: user pressed stop" in page
         assert_log_says_revoked(
             monitored, "cit.loop", result.id, "revoked by alice: user pressed stop"
         )

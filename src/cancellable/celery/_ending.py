@@ -44,6 +44,7 @@ from . import _celery_internals as celery_internals
 
 __all__ = [
     "CancelledEnding",
+    "Member",
     "description",
     "log_policy",
     "on_failure",
