@@ -42,6 +42,7 @@ child, end the process.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -54,7 +55,13 @@ from .._exceptions import Cancelled, CancelReason
 from .._log import logger
 from .._log import reason_fields as _reason_fields
 from .._scope import observed_at, set_log_fields
-from ..events import TASK_CANCEL_UNOBSERVED, TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
+from ..events import (
+    CHILD_RETIRED,
+    TASK_CANCEL_UNOBSERVED,
+    TASK_CANCELLED,
+    TASK_RESULT_NOT_STORED,
+    TASK_SKIPPED,
+)
 from . import _celery_internals as celery_internals
 from . import _otel, _workflow
 from ._delivery import mailbox_reason
@@ -168,6 +175,10 @@ def _run_task(
     finally:
         tasks.running.unregister(entry)
         if table is not None:
+            if tasks.interrupts.landed:
+                # Before the row is cleared: if this log meets a lock the
+                # interrupt left held, the terminate step still finds the task.
+                logger.info(CHILD_RETIRED, task_id=task_id, task_name=task.name, pid=os.getpid())
             table.clear()
 
 
