@@ -17,6 +17,7 @@ with `original_of`, so it checks Celery, not our wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import time
@@ -1147,3 +1148,84 @@ class TestTaskEvents:
             "Task contract.other[other-id] revoked: by contract",
         ) in lines
         assert not [line for line in lines if f"[{task_id}] ignored" in line[2]]
+
+
+class TestClientReaches:
+    """What `cancel` reaches in Celery and kombu beyond their public API (issue 18)."""
+
+    def test_publish_control_once_sends_what_broadcast_sends(self, rdb: redis.Redis) -> None:
+        """``publish_control_once`` (Celery's ``Control.mailbox`` bound to a
+        connection, kombu's ``Mailbox._publish(..., producer=)``) puts on the
+        control exchange the body ``app.control.broadcast`` puts there: same
+        method, arguments, and no destination.  If not, workers would not
+        recognise ``cancel()``'s revoke."""
+        app = Celery(f"contract-{uuid.uuid4().hex[:8]}", broker=REDIS_URL, set_as_current=False)
+        app.conf.control_exchange = app.main
+        bodies: list[dict[str, Any]] = []
+        exchange = Exchange(f"{app.main}.pidbox", type="fanout")
+        queue = Queue(f"listener-{uuid.uuid4().hex}", exchange, auto_delete=True)
+        try:
+            with (
+                Connection(REDIS_URL) as listen,
+                Connection(REDIS_URL) as send,
+                listen.Consumer(
+                    [queue], callbacks=[lambda body, message: bodies.append(body)], accept=["json"]
+                ),
+            ):
+                with contextlib.suppress(TimeoutError, OSError):
+                    listen.drain_events(timeout=0.2)  # subscribe first (Redis pub/sub)
+                arguments = {"task_id": ["x"], "terminate": False, "signal": "SIGTERM"}
+                internals.publish_control_once(app, send, "revoke", arguments)
+                app.control.broadcast("revoke", arguments=arguments)
+                deadline = time.monotonic() + 5
+                while len(bodies) < 2 and time.monotonic() < deadline:
+                    with contextlib.suppress(TimeoutError, OSError):
+                        listen.drain_events(timeout=0.2)
+        finally:
+            app.close()
+
+        assert 2 == len(bodies), bodies
+        ours, celerys = ({k: b[k] for k in ("method", "arguments", "destination")} for b in bodies)
+        assert celerys == ours
+
+    def test_publish_control_once_fails_at_once_on_a_dead_broker(self) -> None:
+        """On a connection whose broker is gone, ``publish_control_once`` raises
+        after one attempt instead of entering kombu's retry loop (which
+        ``Mailbox._publish``'s ``retry=True`` would make endless)."""
+        app = Celery("contract-dead", broker=DEAD_REDIS, set_as_current=False)
+        started = time.monotonic()
+        try:
+            with (
+                Connection(DEAD_REDIS, transport_options={"max_retries": 0}) as conn,
+                pytest.raises(Exception),  # noqa: PT011 - the transport's own error
+            ):
+                internals.publish_control_once(app, conn, "revoke", {"task_id": ["x"]})
+        finally:
+            app.close()
+
+        assert time.monotonic() - started < 3.0
+
+    def test_is_fallback_app(self) -> None:
+        """``is_fallback_app`` (``celery._state.default_app``, ``_tls``) recognises
+        the app ``current_app`` gives a thread where no app is current, and no
+        other.  A fresh interpreter, so no test's default app is around.  If
+        not, ``cancel(id)`` on such a thread would use ``amqp://localhost``."""
+        done = run_python(
+            """
+            import threading
+            from celery import Celery, current_app
+            from cancellable.celery import _celery_internals as internals
+
+            mine = Celery("mine")
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(current_app._get_current_object()))
+            thread.start()
+            thread.join()
+            print(internals.is_fallback_app(seen[0]), internals.is_fallback_app(mine),
+                  seen[0].connection_for_write().as_uri())
+            """
+        )
+
+        fallback, mine, broker = done.stdout.split()
+        assert ("True", "False") == (fallback, mine)
+        assert broker.startswith("amqp://")

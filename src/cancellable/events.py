@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CANCEL_BROADCAST_FAILED",
     "CANCEL_DELIVERED",
     "CANCEL_DELIVERY_FAILED",
     "CANCEL_ESCALATED",
@@ -157,6 +158,11 @@ TERMINATE_AVERTED: Final = "cancel.terminate_averted"
 
 #: A cancelled Celery task was about to start and its body was skipped.
 TASK_SKIPPED: Final = "task.skipped"
+
+#: ``cancel()`` recorded a cancellation in the ledger but could not
+#: broadcast it in time: workers apply it at their next ledger read.
+#: Carries ``error``, ``task_ids`` (the first 20) and ``targets`` (a count).
+CANCEL_BROADCAST_FAILED: Final = "cancel.broadcast_failed"
 
 #: The cancellation ledger could not be reached; cancellation still reaches
 #: the workers that are online, but it is not durable.

@@ -37,6 +37,7 @@ from billiard.common import TERMSIGS_FULL as _BILLIARD_TERMSIGS_FULL
 from celery._state import get_current_task
 from celery.utils.functional import maybe_list as _maybe_list
 from celery.worker import state as _worker_state
+from kombu.messaging import Producer as _Producer
 
 __all__ = [
     "BILLIARD_TERMSIGS",
@@ -50,6 +51,7 @@ __all__ = [
     "einfo_exception",
     "extra_revoked_fields",
     "filesystem_backend_path",
+    "is_fallback_app",
     "is_revoked_id",
     "log_task_ended",
     "mark_process_terminated",
@@ -58,6 +60,7 @@ __all__ = [
     "pool_maintainer",
     "pool_process",
     "process_index",
+    "publish_control_once",
     "redis_backend_client",
     "redis_broker_client",
     "register_inspect_command",
@@ -823,3 +826,61 @@ def ping_redis_once(client: Any, timeout: float) -> None:
         raise
     finally:
         pool.release(connection)
+
+
+def publish_control_once(
+    app: Any, connection: Any, command: str, arguments: Mapping[str, Any], timeout: float = 1.0
+) -> None:
+    """Publish the broadcast ``app.control.broadcast(command, arguments=...)`` sends, once.
+
+    The same message on the same exchange (Celery's ``Control.mailbox``
+    bound to ``connection``, then kombu's ``Mailbox._publish(type, arguments,
+    destination=, reply_ticket=, channel=, timeout=, producer=)``, no reply
+    wanted, ``timeout`` as Celery's default: the message expires after it),
+    but published by a ``Producer`` on ``connection``'s channel that makes
+    one attempt: ``Mailbox._publish`` asks ``Producer.publish`` for
+    ``retry=True`` without a retry policy, which kombu's ``Connection.ensure``
+    retries for ever.  The broadcast therefore goes over ``connection`` (not
+    over the app's producer pool) and fails with the transport's error.
+    ``Mailbox.__call__``, ``_publish``: kombu 5.3 to 5.7.
+    """
+    mailbox = app.control.mailbox(connection)
+    channel = connection.default_channel
+    mailbox._publish(
+        command,
+        dict(arguments),
+        destination=None,
+        reply_ticket=None,
+        channel=channel,
+        timeout=timeout,
+        producer=_OneAttemptProducer(channel),
+    )
+
+
+class _OneAttemptProducer:
+    """A kombu ``Producer`` whose ``publish`` never enters kombu's retry loop."""
+
+    def __init__(self, channel: Any) -> None:
+        self._producer: Any = _Producer(channel, auto_declare=False)  # type: ignore[no-untyped-call]
+
+    def publish(self, body: Any, **kwargs: Any) -> Any:
+        kwargs["retry"] = False
+        return self._producer.publish(body, **kwargs)
+
+
+def is_fallback_app(app: Any) -> bool:
+    """Whether ``app`` is the app Celery falls back on when none is current.
+
+    ``celery._state.default_app`` as ``_get_current_app`` makes it when no
+    app was set as the default: ``Celery("default", set_as_current=False)``,
+    configured for ``amqp://localhost``.  A thread that has no current app
+    (``_tls.current_app`` is set per thread) gets it from ``current_app``.
+    Undocumented; same in 5.3 to 5.7.
+    """
+    from celery import _state
+
+    return (
+        app is _state.default_app
+        and getattr(app, "main", None) == "default"
+        and getattr(app, "set_as_current", True) is False
+    )

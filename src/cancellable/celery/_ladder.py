@@ -173,10 +173,12 @@ class Ladder:
     def start(
         self, task_id: str, reason: CancelReason, task_name: str | None, grace: float | None
     ) -> None:
-        """Put a cancelled task this worker holds on the ladder (no-op if already on it).
+        """Put a cancelled task this worker holds on the ladder.
 
         ``grace`` is the one given to `~cancellable.celery.cancel` (None: use
-        the task's, then the app's).
+        the task's, then the app's).  A task already on the ladder keeps the
+        earlier of its deadline and the new one: a later cancellation may
+        shorten its grace, never lengthen it.
         """
         task_grace = self.task_grace(task_name)
         if task_grace == NOT_CANCELLABLE:
@@ -190,12 +192,19 @@ class Ladder:
             return
         if resolved is None:
             return
+        now = time.monotonic()
         with self._lock:
-            if task_id in self._rungs:
+            rung = self._rungs.get(task_id)
+            if rung is None:
+                rung = self._rungs[task_id] = _Rung(
+                    task_id, task_name, reason, now, resolved, kill_after
+                )
+            elif rung.step == "cooperative" and rung.grace is not None:
+                # A later cancel may shorten the grace, never lengthen it:
+                # the earlier of the two deadlines wins.
+                rung.grace = min(rung.grace, now - rung.since + resolved)
+            else:
                 return
-            rung = self._rungs[task_id] = _Rung(
-                task_id, task_name, reason, time.monotonic(), resolved, kill_after
-            )
         if resolved == 0 and self._advancing.acquire(blocking=False):
             # No grace: interrupt now rather than at the next tick (if the tick
             # is busy right now, it does it within 0.1 s).
