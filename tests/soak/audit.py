@@ -321,15 +321,21 @@ def lost_by_broker(
         if pop is None or pop.after is None:
             continue
         latest = pop.before if pop.before is not None else pop.after
-        for fault in faults:
-            if fault.ended >= pop.after and fault.began <= latest + LOST_WINDOW:
-                found[task.id] = (
-                    f"taken off the queue after {pop.after:.3f} and before "
-                    + (f"{pop.before:.3f}" if pop.before is not None else "the end")
-                    + f" (delivery tag {pop.delivery_tag}), never recorded as unacknowledged; "
-                    f"{fault.what} at {fault.began:.3f}"
-                )
-                break
+        # The faults that began at most LOST_WINDOW after the pop and had not
+        # ended before it; the nearest one is named.
+        near = [
+            (max(0.0, fault.began - latest), fault)
+            for fault in faults
+            if fault.ended >= pop.after and fault.began <= latest + LOST_WINDOW
+        ]
+        if near:
+            _gap, fault = min(near, key=lambda item: item[0])
+            found[task.id] = (
+                f"taken off the queue after {pop.after:.3f} and before "
+                + (f"{pop.before:.3f}" if pop.before is not None else "the end")
+                + f" (delivery tag {pop.delivery_tag}), never recorded as unacknowledged; "
+                f"{fault.what} at {fault.began:.3f}"
+            )
     return found
 
 

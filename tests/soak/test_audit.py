@@ -265,6 +265,14 @@ class TestLostByBrokerEvidence:
         assert "w1 exited" in died["t"]
         assert "Redis restart" in restart["t"]
 
+    def test_the_nearest_fault_is_named(self) -> None:
+        """A Redis restart around the pop and a worker killed 3 s later: the restart."""
+        kills = [KillRecord(T0 + 13.0, "worker", {1}, "w2")]
+
+        found = self.lost(self.POP, kills, restarts=[(T0 + 10.1, T0 + 16.0)])
+
+        assert "a Redis restart" in found["t"]
+
     def test_no_fault_near_the_pop_is_not_excused(self) -> None:
         """A child kill, a worker killed before the pop or long after it: not lost."""
         kills = [
