@@ -728,6 +728,8 @@ def unwrap(error):
 def child_index():
     return internals.process_index()
 
+SETUP
+
 app = Celery("contract-prefork")
 pool = TaskPool(limit=1, app=app, initargs=(app, "contract@test"))
 pool.start()
@@ -738,10 +740,15 @@ finally:
 """
 
 
-def _run_with_prefork(body: str) -> str:
-    """Run ``body`` (a block using ``pool``) in a fresh interpreter; its stdout."""
+def _run_with_prefork(body: str, setup: str = "") -> str:
+    """Run ``body`` (a block using ``pool``) in a fresh interpreter; its stdout.
+
+    ``setup`` runs at module level before the pool starts (its children
+    inherit it).
+    """
     indented = textwrap.indent(textwrap.dedent(body), "    ").strip()
-    return run_python(PREFORK.replace("BODY", indented)).stdout.strip()
+    code = PREFORK.replace("SETUP", textwrap.dedent(setup)).replace("BODY", indented)
+    return run_python(code).stdout.strip()
 
 
 class TestBilliard:
@@ -803,6 +810,48 @@ class TestBilliard:
         )
 
         assert "index [0]" == out
+
+    def test_a_child_asked_to_retire_reports_its_job_and_is_replaced(self) -> None:
+        """``retire_child_when`` (billiard ``Worker.wait_for_job``, reached as
+        ``current_process()._target`` at ``worker_process_init``): a child whose
+        predicate turns true during a job reports that job's result, then leaves
+        the pool before taking another (``EX_RECYCLE``, no error), and the pool
+        runs the next job in a new child; outside a pool child it does nothing.
+        If not, a child an interrupt landed in (a lock may be held there for
+        ever) runs later tasks, which can hang."""
+        out = _run_with_prefork(
+            """
+            results, errors = [], []
+            first = pool.apply_async(
+                retire_after_this, callback=results.append, error_callback=errors.append
+            )
+            assert wait_for(lambda: results), "the first job reported nothing"
+            pool.apply_async(os.getpid, callback=results.append, error_callback=errors.append)
+            assert wait_for(lambda: len(results) == 2, 20), "the second job did not run"
+            (installed, retiring), later = results
+            print("installed", installed)
+            print("moved", later != retiring)
+            print("errors", errors)
+            print("outside", internals.retire_child_when(lambda: True))
+            """,
+            setup="""
+            from celery import signals
+
+            class Retire:
+                asked = False
+                installed = None
+
+            @signals.worker_process_init.connect
+            def install(**kwargs):
+                Retire.installed = internals.retire_child_when(lambda: Retire.asked)
+
+            def retire_after_this():
+                Retire.asked = True
+                return Retire.installed, os.getpid()
+            """,
+        )
+
+        assert ["installed True", "moved True", "errors []", "outside False"] == (out.splitlines())
 
     def test_billiard_resets_its_signals_and_leaves_sigurg(self) -> None:
         """``BILLIARD_TERMSIGS`` (``billiard.common.TERMSIGS_FULL``): billiard's

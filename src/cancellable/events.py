@@ -25,6 +25,7 @@ __all__ = [
     "CANCEL_OBSERVED",
     "CANCEL_REQUESTED",
     "CANCEL_SWALLOWED",
+    "CHILD_RETIRED",
     "CLEANUP_FAILED",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
@@ -111,6 +112,14 @@ CANCEL_ESCALATED: Final = "cancel.escalated"
 #:
 #: .. versionadded:: 0.1.0
 CANCEL_NOT_ESCALATED: Final = "cancel.not_escalated"
+
+#: An interrupt landed in this prefork child, at whatever bytecode its task
+#: was at, so a lock may be held there for ever: the child leaves the pool
+#: once it has reported the task (billiard replaces it, as for
+#: ``max_tasks_per_child``).  Logged by the child; carries ``pid``.
+#:
+#: .. versionadded:: 0.1.0
+CHILD_RETIRED: Final = "cancel.child_retired"
 
 #: The last step of the ladder: the prefork child running the task was
 #: killed (it was stopped and still ran the task).  A warning; carries

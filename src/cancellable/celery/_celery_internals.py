@@ -60,6 +60,7 @@ __all__ = [
     "request_context",
     "request_embed",
     "request_worker_pid",
+    "retire_child_when",
     "scheduled_requests",
     "task_ids",
     "unregister_inspect_command",
@@ -556,6 +557,49 @@ def process_index() -> int | None:
 
     index = getattr(current_process(), "index", None)
     return index if isinstance(index, int) else None
+
+
+def retire_child_when(should_retire: Callable[[], bool]) -> bool:
+    """In a prefork child: leave the pool, the way ``max_tasks_per_child`` does, when asked.
+
+    Called at ``worker_process_init``.  From then on, each time the child is
+    about to wait for its next job it calls ``should_retire()`` first, and
+    if that says so it leaves billiard's work loop with exit code
+    ``EX_RECYCLE`` instead of taking another job: the job it ran last has
+    been reported (its result is on the pool's result queue, so acknowledged
+    and stored as usual), billiard's own exit path waits until the main
+    process has read it, and the pool replaces the child without an error
+    (the path of ``max_tasks_per_child``, whose loop returns ``EX_RECYCLE``
+    after its last job).  ``should_retire`` must take no lock and do no I/O:
+    it runs in a process that may hold a lock for ever.
+
+    Relies on billiard's ``Worker`` (the pool child's process target,
+    ``current_process()._target``, private): ``Worker.__call__`` sets
+    ``self.wait_for_job`` (``_make_child_methods``) before ``after_fork``
+    runs the pool's initializer (Celery's ``process_initializer``, which
+    sends ``worker_process_init``), and ``workloop`` reads
+    ``self.wait_for_job`` after that, calling it before every job.  A
+    ``SystemExit`` raised through the patched ``sys.exit`` of the child
+    records the exit code that ``Worker._do_exit`` uses.  billiard 4.1 to
+    4.3.  False if this process is not such a child.
+    """
+    import sys
+
+    from billiard.pool import EX_RECYCLE
+    from billiard.process import current_process
+
+    worker: Any = getattr(current_process(), "_target", None)
+    wait = getattr(worker, "wait_for_job", None)
+    if wait is None or not callable(wait):
+        return False
+
+    def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+        if should_retire():
+            sys.exit(EX_RECYCLE)
+        return wait(*args, **kwargs)
+
+    worker.wait_for_job = wait_for_job
+    return True
 
 
 #: Signal numbers billiard installs or resets handlers for in pool children

@@ -102,7 +102,7 @@ class TaskRuntime:
         self.kill_group = kill_group
         self.running = RunningTasks()
         self.wakeup = Wakeup(signum)
-        self.interrupts = Interrupts(self.running, mailbox, self.wakeup)
+        self.interrupts = Interrupts(self.running, mailbox)
 
     def check_mailbox(self) -> None:
         """Cancel the running tasks the mailbox names (after a wake-up signal)."""
@@ -133,6 +133,10 @@ class TaskRuntime:
         if box is None or box.owner != os.getppid():
             return False
         self.wakeup.install(self.check_mailbox, self.interrupts.raise_if_asked)
+        # A child an interrupt landed in may hold a lock for ever: it leaves
+        # the pool once it has reported its task (see _interrupt).
+        interrupts = self.interrupts
+        celery_internals.retire_child_when(lambda: interrupts.landed)
         if self.kill_group and hasattr(os, "setpgid"):
             try:
                 os.setpgid(0, 0)
@@ -203,7 +207,6 @@ class WorkerRuntime:
             pool_kind,
             self.delivery,
             self.tasks.running,
-            self.tasks.interrupts,
             table,
         )
         #: Held by the poller while it works; taken before every fork.
