@@ -1229,3 +1229,50 @@ class TestClientReaches:
         fallback, mine, broker = done.stdout.split()
         assert ("True", "False") == (fallback, mine)
         assert broker.startswith("amqp://")
+
+
+class TestDemoTransport:
+    """kombu's filesystem transport, which ``python -m cancellable demo`` extends."""
+
+    def test_kombu_reads_the_demo_transports_files_and_skips_its_hidden_ones(
+        self, tmp_path: Any
+    ) -> None:
+        """The demo's channel overrides ``_put`` and ``_queue_bind`` of kombu's
+        filesystem ``Channel`` (the methods a virtual transport implements):
+        kombu's own channel must read what it writes, direct and fanout (its
+        ``_put_fanout`` calls ``_put``), and must not take a hidden ``.part``
+        file of a write in progress (``_get`` matches ``<name>.<queue>.msg``).
+        If not, the demo loses messages or reads them half-written again."""
+        from cancellable._demo import _AtomicFilesystemTransport
+
+        for name in ("queue", "control"):
+            (tmp_path / name).mkdir()
+        options = {
+            "data_folder_in": str(tmp_path / "queue"),
+            "data_folder_out": str(tmp_path / "queue"),
+            "control_folder": str(tmp_path / "control"),
+        }
+        direct = Queue("contract-q", Exchange("contract-x", "direct"), routing_key="k")
+        fanout = Queue("contract-f", Exchange("contract-fx", "fanout"))
+        with Connection(
+            "filesystem://", transport=_AtomicFilesystemTransport, transport_options=options
+        ) as ours:
+            producer = ours.Producer()
+            producer.publish({"n": 1}, exchange=direct.exchange, routing_key="k", declare=[direct])
+            producer.publish({"n": 2}, exchange=fanout.exchange, declare=[fanout])
+        (tmp_path / "queue" / ".abc.contract-q.msg.part").write_text("{")
+
+        with Connection("filesystem://", transport_options=options) as kombus:
+            channel = kombus.channel()
+            got_direct = channel.basic_get("contract-q", no_ack=True)
+            got_fanout = channel.basic_get("contract-f", no_ack=True)
+            assert channel.basic_get("contract-q", no_ack=True) is None
+            assert 0 == channel._size("contract-q")
+
+        assert {"n": 1} == got_direct.decode()
+        assert {"n": 2} == got_fanout.decode()
+        # The writer leaves no hidden file behind.
+        assert {"contract-x.exchange", "contract-fx.exchange"} == {
+            path.name for path in (tmp_path / "control").iterdir()
+        }
+        assert [".abc.contract-q.msg.part"] == [p.name for p in (tmp_path / "queue").iterdir()]
