@@ -173,7 +173,7 @@ class TestOrdering:
         procs = [
             ctx.Process(target=_writer, args=(db_url, name, w, per_writer)) for w in range(writers)
         ]
-        reader = sql_ledger(db_url, name, 3600)
+        reader = sql_ledger(db_url, name, 3600, lock_timeout=30)  # SQLite: readers wait too
         seen: list[str] = []
         cursor = None
         for proc in procs:
