@@ -90,9 +90,9 @@ def measure(redis_url: str, n: int, concurrency: int) -> dict[str, Any]:
         time.sleep(SETTLE_S)
         main = memory_mb(worker.pid)
         children = [memory_mb(pid) for pid in live_children(worker.pid)]
-        report = worker.app.control.inspect(
-            destination=[worker.nodename], timeout=5.0
-        )._request("cancellable_bench_index")
+        report = worker.app.control.inspect(destination=[worker.nodename], timeout=5.0)._request(
+            "cancellable_bench_index"
+        )
         targets = (report or {}).get(worker.nodename, {}).get("targets")
     finally:
         worker.stop()
