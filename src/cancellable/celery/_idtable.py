@@ -39,7 +39,7 @@ import ctypes
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from itertools import compress, repeat
 from operator import and_ as _and
@@ -47,7 +47,7 @@ from operator import eq, not_
 from operator import lshift as _shl
 from operator import or_ as _or
 from operator import rshift as _shr
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 __all__ = ["MERGE_AT", "TaskIdTable", "trim_heap", "uuid_halves", "uuid_key", "uuid_keys"]
 
@@ -195,6 +195,22 @@ class _Sorted:
         return len(self.hi)
 
 
+class RecordStore(Protocol[R]):
+    """Where a table keeps its records, by slot (a ``list`` will do)."""
+
+    def append(self, record: R, /) -> None:
+        """Keep ``record`` in the next slot."""
+
+    def __getitem__(self, slot: int, /) -> R | None:
+        """The record in ``slot`` (None once dropped)."""
+
+    def __setitem__(self, slot: int, value: None, /) -> None:
+        """Drop the record in ``slot``."""
+
+    def __len__(self) -> int:
+        """Slots used so far."""
+
+
 class TaskIdTable(Generic[R]):
     """Task id -> record, exact, in a few flat buffers (see the module docstring).
 
@@ -203,14 +219,14 @@ class TaskIdTable(Generic[R]):
     names (`add`).  Writers must be serialized by the caller.
     """
 
-    def __init__(self, merge: bool = True) -> None:
+    def __init__(self, merge: bool = True, records: RecordStore[R] | None = None) -> None:
         self._sorted = _Sorted.empty()
         #: Canonical-UUID ids not merged yet.
         self._recent: dict[str, int] = {}
         #: Every other id, for good.
         self._other: dict[str, int] = {}
         #: Records by slot; an expired record's slot is None.
-        self.records: list[R | None] = []
+        self.records: RecordStore[R] = [] if records is None else records
         self._merge = merge
         #: Ids a bulk load staged, not merged yet (`stage`, `commit`).
         self._staged: _Sorted | None = None
@@ -395,19 +411,12 @@ class TaskIdTable(Generic[R]):
                 self.records[slot] = None
         return dropped
 
-    def slots(self) -> Iterator[tuple[int, R]]:
-        """``(slot, record)`` for every live record."""
-        for slot, record in enumerate(self.records):
-            if record is not None:
-                yield slot, record
-
     def forked(self) -> TaskIdTable[R]:
         """The same ids for a forked child; it never merges (its buffers stay shared)."""
-        child: TaskIdTable[R] = TaskIdTable(merge=False)
+        child: TaskIdTable[R] = TaskIdTable(merge=False, records=self.records)
         child._sorted = self._sorted
         child._recent = self._recent
         child._other = self._other
-        child.records = self.records
         return child
 
 
