@@ -188,7 +188,7 @@ class TestReasonRecords:
         ids = [str(uuid.uuid4()) for _ in range(20_000)]
         reasons = [
             CancelReason(message="user cancelled", requested_by=f"user{i % 3}")
-            for i in range(50_000)
+            for i in range(20_000)
         ]
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
