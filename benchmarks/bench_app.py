@@ -11,6 +11,8 @@ workers on the same Redis.  The tasks serve `real_workers.py` and its parts:
 * ``bench.nap``: a ``@cancellable`` ``cancellable.sleep`` that a cancel
   wakes at once; it records the same moments (``fleet.py``: many at once
   without taking the CPU).
+* ``bench.nap_poll``: a checkpoint every 2 ms between ``time.sleep``
+  calls (``fleet.py``'s default task).
 * ``bench.spin_async``: a ``@cancellable`` ``async def`` awaiting
   ``asyncio.sleep``; it records when the ``CancelledError`` reached it and
   when its cleanup hook ran.
@@ -144,6 +146,22 @@ def nap(self: Any, key: str) -> str:
     marks = _record_cancellation(key)
     try:
         cancellable_sleep(SPIN_LIMIT_SECONDS)
+    except Cancelled:
+        marks["raised"] = time.time()
+        raise
+    return "not cancelled"
+
+
+@app.task(bind=True, name="bench.nap_poll")
+@cancellable
+def nap_poll(self: Any, key: str) -> str:
+    """A checkpoint every 2 ms between ``time.sleep`` calls, until cancelled (nearly idle)."""
+    marks = _record_cancellation(key)
+    limit = time.monotonic() + SPIN_LIMIT_SECONDS
+    try:
+        while time.monotonic() < limit:
+            checkpoint()
+            time.sleep(0.002)
     except Cancelled:
         marks["raised"] = time.time()
         raise
