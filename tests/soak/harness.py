@@ -101,6 +101,8 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.down_since: float | None = None
+        #: time.monotonic() of the running `pause` (None: not paused).
+        self.paused_since: float | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -168,7 +170,24 @@ class RedisServer:
         self.start()
         self.restarts += 1
 
+    def pause(self) -> None:
+        """``SIGSTOP`` the server: it keeps its connections and its port, and answers nothing."""
+        assert self.proc is not None, "redis-server was never started"
+        assert self.proc.poll() is None, "redis-server is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused_since = time.monotonic()
+
+    def resume(self) -> float:
+        """``SIGCONT`` a paused server; return how long it was paused (0.0 if it was not)."""
+        if self.paused_since is None:
+            return 0.0
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        paused, self.paused_since = time.monotonic() - self.paused_since, None
+        return paused
+
     def stop(self) -> None:
+        self.resume()
         self.shutdown()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
