@@ -86,9 +86,6 @@ class Poller:
         #: Failed ledger writes since the last warning, and when it was logged.
         self.write_failures = 0
         self.write_warned_at: float | None = None
-        #: The longest a tick took, and a ledger call (seconds; for the soak's report).
-        self.longest_tick = 0.0
-        self.longest_ledger_call = 0.0
 
     def start(self) -> None:
         """Start both threads."""
@@ -112,14 +109,19 @@ class Poller:
 
     def _tick(self) -> None:
         rt = self.rt
+        timings = rt.timings
         next_purge = time.monotonic() + PURGE_EVERY
+        last: float | None = None
         while not self.stopped.wait(TICK):
             began = time.monotonic()
+            if last is not None:
+                timings.tick_gap = max(timings.tick_gap, began - last)
+            last = began
             with rt.tick_lock:
                 self._duty("delivery tick", rt.delivery.tick, locked=True)
                 self._duty("ladder tick", rt.ladder.tick, locked=True)
             now = time.monotonic()
-            self.longest_tick = max(self.longest_tick, now - began)
+            timings.tick = max(timings.tick, now - began)
             if now >= next_purge:
                 next_purge = now + PURGE_EVERY
                 self._duty("index purge", lambda: rt.index.purge(self.ttl))
@@ -168,7 +170,8 @@ class Poller:
             self._failed(where, exc)
             return False
         finally:
-            self.longest_ledger_call = max(self.longest_ledger_call, time.monotonic() - began)
+            timings = self.rt.timings
+            timings.ledger_call = max(timings.ledger_call, time.monotonic() - began)
 
     def flush(self) -> bool:
         """Write the queued ledger records, oldest first; False if one failed (kept for later)."""

@@ -79,6 +79,7 @@ __all__ = [
     "PendingWrites",
     "Runtime",
     "TaskRuntime",
+    "Timings",
     "WorkerRuntime",
     "install_worker",
     "remove_worker",
@@ -134,6 +135,32 @@ class PendingWrites:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+
+class Timings:
+    """The longest waits of a worker's threads so far (seconds), for diagnostics and the soak.
+
+    Plain floats, each written by one thread only (reads of a float are atomic).
+    """
+
+    def __init__(self) -> None:
+        #: The library's own work on the consumer thread for one revoke command.
+        self.consumer = 0.0
+        #: One tick of the ticker (forwards and ladder), and the longest time
+        #: between the starts of two ticks (the ladder's longest stall).
+        self.tick = 0.0
+        self.tick_gap = 0.0
+        #: One duty of the ledger thread (a read with its delivery, or a write).
+        self.ledger_call = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The figures, rounded to the millisecond."""
+        return {
+            "consumer_s": round(self.consumer, 3),
+            "tick_s": round(self.tick, 3),
+            "tick_gap_s": round(self.tick_gap, 3),
+            "ledger_call_s": round(self.ledger_call, 3),
+        }
 
 
 class FailureLog:
@@ -307,6 +334,8 @@ class WorkerRuntime:
         self.writes = PendingWrites()
         #: Rate-limited logging of failures, one cause at a time.
         self.failures = FailureLog()
+        #: The longest waits of its threads so far.
+        self.timings = Timings()
         #: The poller thread, from the worker's bootstep ``start`` to its ``stop``.
         self.poller: Background | None = None
         #: Whether the worker is running (between its bootstep's start and stop):
