@@ -284,7 +284,7 @@ class RedisLedger:
 
         One server-side script (``SET NX PX`` of the key, then the ``XADD``
         of each `CHUNK`), so the key and the entries are written together or
-        not at all.
+        not at all.  A server that refuses the script gets a plain `record`.
         """
         if not targets:
             return False
@@ -294,9 +294,16 @@ class RedisLedger:
             "",
             *(_encode_targets(chunk) for chunk in _chunks(targets)),
         ]
+        import redis
+
         try:
             once_key = self._prefix + "once:" + key
             last = self._client.eval(_RECORD_ONCE, 2, self._key, once_key, *args)
+        except redis.ResponseError:
+            # The server refuses the script (scripting disabled, a cluster's
+            # keys in two slots): write it unconditionally rather than never.
+            self.record(targets, reason)
+            return True
         except Exception as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
         if not last:

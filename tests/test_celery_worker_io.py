@@ -1,16 +1,19 @@
-"""A fork of a worker's main process never waits on a hung ledger server (issue 18, point 1).
+"""A worker's main process under a hung ledger server and failing duties (issue 18, 1 and 6).
 
-billiard forks new pool children from the worker's main process; our at-fork
-handler first takes the worker's ``tick_lock``.  Nothing may hold that lock
-across network I/O.  The ledger here lives on a ``redis-server`` of the test's
-own (`tests.soak.harness.RedisServer`), which the test ``SIGSTOP`` s; the
-worker runtime, its poller threads, the task message and its ``Request`` are
-real (`tests.celery_worker`), and the forks are real ``os.fork`` calls that
-run the at-fork handlers.
+* billiard forks new pool children from the worker's main process; our at-fork
+  handler first takes the worker's ``tick_lock``.  Nothing may hold that lock
+  across network I/O.  The ledger here lives on a ``redis-server`` of the
+  test's own (`tests.soak.harness.RedisServer`), which the test ``SIGSTOP`` s;
+  the forks are real ``os.fork`` calls that run the at-fork handlers.
+* One forward or one duty that fails must not keep the others from running.
+
+The worker runtime, its poller threads, the task messages (from the unit-test
+broker) and their ``Request`` objects are real (`tests.celery_worker`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -18,11 +21,19 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
+from celery.worker import state as worker_state
+from structlog.testing import capture_logs
 from tests.celery_runtime import running_worker
-from tests.celery_worker import Messages, make_app
+from tests.celery_worker import (  # noqa: F401 - fixtures, found by pytest by name
+    Messages,
+    app_fixture,
+    clean_worker_state,
+    make_app,
+)
 from tests.soak.harness import RedisServer, free_port
 from tests.test_celery_fork import fork_and_report
 
@@ -112,3 +123,62 @@ def test_forks_do_not_wait_while_the_ledger_server_is_stopped(
                 time.sleep(0.2)
     finally:
         messages.close()
+
+
+def test_one_failing_forward_does_not_keep_the_others_from_their_tick(app: Celery) -> None:
+    """Two held tasks are cancelled; delivering the first (an id of a million
+    characters, longer than the whole mailbox) raises, the second gets its slot.
+    When the second task leaves the worker, the next delivery tick still frees its
+    forward (and its slot), although the first forward fails on every tick.  (On
+    main the first failure ended the tick: the second forward was never freed.)"""
+    messages = Messages(app)
+    long_id = "x" * 1_000_000
+    normal_id = str(uuid.uuid4())
+    try:
+        with running_worker(app, pool_kind="prefork", mailbox_slots=64) as rt:
+            assert rt.mailbox is not None
+            held = {task_id: messages.held(task_id) for task_id in (long_id, normal_id)}
+            reason = CancelReason(message="both")
+            with contextlib.suppress(Exception):  # the long id may not fit a slot
+                rt.delivery.deliver(long_id, reason)
+            assert "forward" == rt.delivery.deliver(normal_id, reason)
+            assert normal_id in rt.delivery.forwarding()
+
+            worker_state.task_ready(held[normal_id])
+            with contextlib.suppress(Exception):  # the long id's forward, if it fails
+                rt.delivery.tick()
+
+            assert normal_id not in rt.delivery.forwarding()
+    finally:
+        messages.close()
+
+
+def test_a_failing_duty_does_not_skip_the_others(app: Celery) -> None:
+    """The delivery tick raises on every tick: the ladder still ticks every tick,
+    and the failure is logged once (``ledger.poll_failed``, where="delivery tick"),
+    not once per tick.  (On main a raising delivery tick skipped the ladder's tick,
+    every tick, and was logged every tick.)"""
+    ladder_ticks: list[float] = []
+
+    with running_worker(app, pool_kind="prefork") as rt:
+        real_ladder_tick = rt.ladder.tick
+
+        def failing_delivery_tick() -> None:
+            raise RuntimeError("a forward that cannot be advanced")
+
+        def counted_ladder_tick() -> Any:
+            ladder_ticks.append(time.monotonic())
+            return real_ladder_tick()
+
+        rt.delivery.tick = failing_delivery_tick  # type: ignore[method-assign]
+        rt.ladder.tick = counted_ladder_tick  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            rt.poller = Poller(rt)
+            rt.poller.start()
+            time.sleep(1.0)
+            rt.poller.stop()
+            rt.poller = None
+
+    failures = [e for e in logs if e["event"] == "ledger.poll_failed"]
+    assert len(ladder_ticks) >= 5
+    assert ["delivery tick"] == [e["where"] for e in failures]
