@@ -40,6 +40,10 @@ def worker_conf(*, queue: str, control_exchange: str, visibility_timeout: float)
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            # kombu's restore sweep holds a mutex (default 300 s expiry); a
+            # worker killed while holding it would keep every other worker
+            # from restoring unacked messages for five minutes.
+            "unacked_mutex_expire": 10,
         },
         # Survive Redis restarts: the broker connection, the result backend
         # and redis-py all retry.
