@@ -90,7 +90,7 @@ def test_the_consumer_takes_new_tasks_while_the_ledger_is_stopped(
     finally:
         ledger_server.resume()
 
-    assert started_after < 3.0, f"the new task started {started_after:.1f} s after it was sent"
+    assert started_after < 5.0, f"the new task started {started_after:.1f} s after it was sent"
     wait_for(
         lambda: (
             sorted(t for ts in ledger_targets(ledger_server, worker.app.main) for t in ts)
@@ -123,7 +123,7 @@ def test_grace_one_interrupts_in_about_a_second_while_the_ledger_is_stopped(
     finally:
         ledger_server.resume()
 
-    assert ended_after < 3.5, f"interrupted {ended_after:.1f} s after cancel() returned"
+    assert ended_after < 4.0, f"interrupted {ended_after:.1f} s after cancel() returned"
     assert_revoked(result, "stuck")
     assert ["cleanup"] == keys.hooks("t")
 
