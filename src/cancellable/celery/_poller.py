@@ -124,7 +124,9 @@ class Poller:
             timings.tick = max(timings.tick, now - began)
             if now >= next_purge:
                 next_purge = now + PURGE_EVERY
-                self._duty("index purge", lambda: rt.index.purge(self.ttl))
+                # Under tick_lock too: a fork never copies the index's lock held.
+                with rt.tick_lock:
+                    self._duty("index purge", lambda: rt.index.purge(self.ttl), locked=True)
 
     def _duty(self, where: str, duty: Callable[[], object], locked: bool = False) -> None:
         # One duty failing must not skip the others (nor stop the thread).
