@@ -138,9 +138,12 @@ class Messages:
             task=self.app.tasks[name],
         )
 
-    def held(self, task_id: str | None = None, **options: Any) -> Request:
-        """A request this worker holds (reserved), via Celery's own ``task_reserved``."""
-        request = self.request(task_id, **options)
+    def held(
+        self, task_id: str | None = None, name: str = "ws.cancellable_job", **options: Any
+    ) -> Request:
+        """A request this worker holds (reserved), via Celery's own ``task_reserved``
+        (of the ``@cancellable`` task unless ``name`` says otherwise)."""
+        request = self.request(task_id, name, **options)
         worker_state.task_reserved(request)
         return request
 

@@ -528,6 +528,58 @@ class TestRemoteControl:
             answer for reply in replies for answer in reply.values()
         ]
 
+    def test_a_countdown_task_waits_in_the_timer_and_can_be_discarded_early(
+        self, app: Celery, worker: Any, rdb: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``consumer_of`` (``state.consumer``), ``scheduled_requests``
+        (``consumer.timer.schedule.queue``) and ``discard_scheduled``: a task sent
+        with a countdown waits in the consumer's timer as an entry whose first
+        argument is its ``Request``; discarding it from the revoke command (the
+        consumer's thread) stores REVOKED, acknowledges the message, cancels the
+        entry and gives the prefetch slot back.  If not, a task cancelled while
+        it waits for its ETA stays PENDING, unacknowledged, until its ETA."""
+        monkeypatch.setitem(Panel.data, "revoke", original_of(Panel.data["revoke"]))
+        monkeypatch.setattr(Request, "revoked", original_of(Request.revoked))
+        monkeypatch.setattr(Request, "_announce_revoked", original_of(Request._announce_revoked))
+        seen: list[Any] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def revoke(state: Any, task_id: Any, **kwargs: Any) -> Any:
+                reply = original(state, task_id, **kwargs)
+                consumer = internals.consumer_of(state)
+                held = internals.scheduled_requests(consumer)
+                for entry, request in held:
+                    if request.id in internals.task_ids(task_id):
+                        prefetch = consumer.qos.value
+                        unacked = rdb.hexists("unacked", request.message.delivery_tag)
+                        discarded = internals.discard_scheduled(consumer, entry, request)
+                        after = (discarded, prefetch, consumer.qos.value, unacked)
+                        seen.append((entry, request, *after))
+                seen.append(len(internals.scheduled_requests(consumer)) == len(held) - 1)
+                return reply
+
+            return revoke
+
+        assert internals.wrap_revoke_command(make)
+        result = app.tasks["contract.job"].apply_async(countdown=60)
+        consumer = worker.consumer
+        assert _wait_for(
+            lambda: [r for _, r in internals.scheduled_requests(consumer) if r.id == result.id]
+        )
+
+        app.control.revoke(result.id, reply=True, timeout=15, limit=1)
+
+        assert 2 == len(seen)
+        entry, request, discarded, prefetch, after, unacked = seen[0]
+        assert discarded
+        assert unacked
+        assert entry.canceled
+        assert prefetch - 1 == after
+        assert True is seen[1]
+        assert "REVOKED" == app.backend.get_task_meta(result.id, cache=False)["status"]
+        assert request.acknowledged
+        assert not rdb.hexists("unacked", request.message.delivery_tag)
+
     def test_every_client_revoke_ends_in_control_revoke(
         self, app: Celery, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from tests.celery_worker import (  # noqa: F401 - fixtures, found by pytest by n
 import cancellable.celery  # noqa: F401 - activates the integration (patches at worker start)
 from cancellable import CancelReason
 from cancellable.celery._delivery import RESIGNAL_AFTER, Delivery
-from cancellable.celery._mailbox import Mailbox
+from cancellable.celery._mailbox import KEY_SIZE, Mailbox
 from cancellable.celery._registry import RunningTasks
 from cancellable.celery._runtime import WorkerRuntime
 from cancellable.celery._wakeup import Wakeup
@@ -92,7 +93,7 @@ class TestDelivery:
         """Without a mailbox, a held request that has not started finds the index
         when it starts, so nothing is forwarded."""
         request = messages.held()
-        delivery = Delivery(RunningTasks(), None, Wakeup())
+        delivery = Delivery(RunningTasks(), None, Wakeup(), messages.app)
 
         assert "none" == delivery.deliver(request.id, CancelReason())
         assert {} == delivery.forwarding()
@@ -155,6 +156,69 @@ class TestDelivery:
         assert rt.delivery.forwarding()[held[-1].id].slot is not None
         assert held[-1].id == box.find({held[-1].id})[held[-1].id].reason.message
         assert 0 == box.free
+
+    def test_concurrent_deliveries_and_ticks_never_leak_a_slot(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages
+    ) -> None:
+        """Two threads deliver the same 16 held tasks over and over while a third ticks
+        and the tasks leave and come back, 30 rounds (the interpreter switching threads
+        every microsecond): a task never holds two slots, and once every task has left,
+        a tick frees every slot (0 leaks).  Issue 18, point 8."""
+        held = [messages.held() for _ in range(16)]
+        reason = CancelReason(message="stop")
+        stop = threading.Event()
+        problems: list[str] = []
+        most_in_use = [0]
+
+        def deliver() -> None:
+            while not stop.is_set():
+                for request in held:
+                    rt.delivery.deliver(request.id, reason)
+
+        def tick() -> None:
+            while not stop.is_set():
+                rt.delivery.tick()
+                keys = published_keys(box)
+                if len(set(keys)) != len(keys):
+                    problems.append("a task holds two slots")
+                most_in_use[0] = max(most_in_use[0], len(keys))
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        threads = [threading.Thread(target=f) for f in (deliver, deliver, tick)]
+        leaked: list[int] = []
+        try:
+            for thread in threads:
+                thread.start()
+            for _ in range(30):
+                time.sleep(0.01)
+                for request in held:
+                    worker_state.task_ready(request)
+                time.sleep(0.01)
+                for request in held:
+                    worker_state.task_reserved(request)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            sys.setswitchinterval(interval)
+        for request in held:
+            worker_state.task_ready(request)
+        rt.delivery.tick()
+        leaked.append(box.slots - box.free)
+
+        assert [] == problems
+        assert 0 < most_in_use[0] <= len(held)
+        assert {} == rt.delivery.forwarding()
+        assert [0] == leaked
+        assert [] == published_keys(box)
+
+
+def published_keys(box: Mailbox) -> list[bytes]:
+    """The keys published in the mailbox's key table (one per slot in use)."""
+    size = KEY_SIZE
+    keys = [bytes(box._map[n * size : (n + 1) * size]) for n in range(box.slots)]
+    return [key for key in keys if any(key)]
 
 
 CHILD = r"""
@@ -244,6 +308,27 @@ class TestWakeUpSignals:
         assert "forward" == how
         assert [] == received
         assert request.id in box.find({request.id})
+
+    def test_a_plain_task_child_is_never_signalled(
+        self, rt: WorkerRuntime, box: Mailbox, messages: Messages, child: subprocess.Popen[bytes]
+    ) -> None:
+        """A held task that is not @cancellable (Celery's own revoke leaves it alone)
+        gets no forward, no slot and no signal, at delivery or at any tick (before
+        issue 18 point 4 its child got a signal every RESIGNAL_AFTER seconds)."""
+        assert child.stdout is not None
+        request = messages.held(name="ws.job")
+        request.on_accepted(child.pid, time.monotonic())
+
+        how = rt.delivery.deliver(request.id, CancelReason(message="plain"))
+        for _ in range(3):
+            time.sleep(RESIGNAL_AFTER + 0.05)
+            rt.delivery.tick()
+        received = read_for(child.stdout.fileno(), 0.3)
+
+        assert "none" == how
+        assert b"" == received
+        assert {} == rt.delivery.forwarding()
+        assert box.slots == box.free
 
     def test_a_child_that_is_gone_is_not_an_error(
         self, rt: WorkerRuntime, box: Mailbox, messages: Messages

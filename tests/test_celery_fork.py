@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -126,3 +127,56 @@ def test_a_child_can_use_every_lock_at_once(app, rt):
     assert [b"ok 1 1 1 1"] * 10 == replies
     assert not poller.thread.is_alive()
     assert runtime().worker is rt
+
+
+def test_forks_during_purges_and_writes_find_every_lock_free(rt):
+    """40 forks while one thread purges a large index over and over (what the poller
+    does every 10 minutes) and another writes and frees mailbox slots: in every child
+    the inherited index and mailbox can be written and purged, its own index too, and
+    it can log.  None deadlocks (a child that hangs is killed after 5 s and counts).
+    Issue 18, point 8: 6 of 20 such forks deadlocked when the index lock was inherited
+    held."""
+    reason = CancelReason(message="old")
+    stop = threading.Event()
+
+    def purge() -> None:
+        round_no = 0
+        while not stop.is_set():
+            targets = [("task", f"old-{round_no}-{n}") for n in range(20_000)]
+            rt.index.add(targets, reason, recorded_at=0.0)  # type: ignore[arg-type]
+            rt.index.purge(ttl=60.0)
+            round_no += 1
+
+    def write_slots() -> None:
+        n = 0
+        while not stop.is_set():
+            slot = rt.mailbox.allocate(f"slot-{n % 50}", reason, 0.0)
+            if slot is not None:
+                rt.mailbox.release(slot)
+            n += 1
+
+    def child() -> bytes:
+        rt.index.add([("task", "in-child")], CancelReason())
+        rt.index.purge(ttl=60.0)
+        slot = rt.mailbox.allocate("in-child", CancelReason(), 0.0)
+        if slot is not None:
+            rt.mailbox.release(slot)
+        runtime().tasks.index.add([("task", "own")], CancelReason())
+        logger.debug("test.child")
+        return b"ok"
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (purge, write_slots)]
+    for thread in threads:
+        thread.start()
+    try:
+        replies = []
+        for _ in range(40):
+            time.sleep(0.01)
+            replies.append(fork_and_report(child))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+    assert 0 == replies.count(b""), f"{replies.count(b'')} of 40 children deadlocked"
+    assert [b"ok"] * 40 == replies

@@ -92,4 +92,4 @@ class TestTargetIndex:
             child.match("x", None, "r"),
         ]
         assert ("5-0", 3) == (child.cursor, len(child))
-        assert child._lock is not index._lock
+        assert child.lock is not index.lock

@@ -6,7 +6,11 @@ in pytest's ``tmp_path``.  Each contract test runs against both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +21,7 @@ import redis
 from tests import redis_dbs
 
 from cancellable import CancelReason
-from cancellable.celery import _ledger
+from cancellable.celery import _ledger, _wire
 from cancellable.celery._index import TargetIndex
 
 REDIS_URL = redis_dbs.url(redis_dbs.UNIT_DB)
@@ -183,15 +187,15 @@ class TestRedisLedger:
     @pytest.mark.parametrize(
         "fields",
         [
-            {"reason": "{not json", "targets": "task:x"},
             {"something": "else"},
-            {"reason": "[]", "targets": "task:x"},
-            {"reason": '"text"', "targets": "task:x"},
-            {"reason": '{"source": "nope"}', "targets": "task:x"},
+            {"reason": "{}", "targets": ""},
+            {"reason": "{}", "targets": "queue:x\ntask:"},
         ],
     )
-    def test_a_damaged_entry_is_skipped(self, rdb: redis.Redis, fields: dict[str, str]) -> None:
-        """An entry that is not a valid cancellation is skipped; reading goes on."""
+    def test_an_entry_without_targets_is_skipped(
+        self, rdb: redis.Redis, fields: dict[str, str]
+    ) -> None:
+        """An entry that names no target this version knows is skipped; reading goes on."""
         ledger = _ledger.RedisLedger(rdb, "cancellable:bad:", 60)
         ledger.record([("task", "before")], CancelReason())
         rdb.xadd("cancellable:bad:ledger", fields)
@@ -200,6 +204,42 @@ class TestRedisLedger:
         entries, _ = ledger.read(None)
 
         assert [("task", "before"), ("task", "after")] == targets_of(entries)
+
+    @pytest.mark.parametrize(
+        ("reason", "expected"),
+        [
+            ("{not json", CancelReason(source="revoked", requested_at=0)),
+            ("[]", CancelReason(source="revoked", requested_at=0)),
+            ('"text"', CancelReason(source="revoked", message="text", requested_at=0)),
+            ('{"source": "nope", "v": 2}', CancelReason(source="revoked", requested_at=0)),
+            (
+                '{"source": "manual", "message": 5, "requested_by": "x", "requested_at": 7}',
+                CancelReason(source="manual", requested_by="x", requested_at=7),
+            ),
+        ],
+    )
+    def test_a_reason_another_version_wrote_keeps_its_targets(
+        self, rdb: redis.Redis, reason: str, expected: CancelReason
+    ) -> None:
+        """An entry whose reason this version cannot read (not JSON, not a mapping, an
+        unknown source, wrong types, extra fields) keeps its targets, its grace and its
+        fields beside them are ignored, and its reason degrades (issue 18, point 9)."""
+        ledger = _ledger.RedisLedger(rdb, "cancellable:skew:", 60)
+        rdb.xadd(
+            "cancellable:skew:ledger",
+            {"reason": reason, "targets": "task:x\ngroup:g", "grace": "2", "future": "yes"},
+        )
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "x"), ("group", "g")] == targets_of(entries)
+        assert 2.0 == entries[0].grace
+        got = entries[0].reason
+        if expected.requested_at == 0:
+            # No readable time: the entry's own (the server's clock) stands in.
+            assert abs(got.requested_at - entries[0].recorded_at) < 1e-6
+            got = dataclasses.replace(got, requested_at=0)
+        assert expected == got
 
     def test_unknown_target_kinds_are_dropped(self, rdb: redis.Redis) -> None:
         """Target lines of an unknown kind, or without an id, are ignored."""
@@ -302,7 +342,8 @@ class TestFileLedger:
         assert [("task", "live-0")] == targets_of(seen)
         assert size_before < _ledger.FileLedger.COMPACT_BYTES
         assert inode_before != path.stat().st_ino
-        assert 2 == len(lines)
+        assert 3 == len(lines)
+        assert lines[0].startswith(b'{"cancellable_ledger"')
         assert ["live-0", "live-1"] == [targets_of(reread)[0][1], reread[1].targets[0][1]]
         assert [] == nothing
 
@@ -334,12 +375,13 @@ class TestFileLedger:
             b'{"at": "soon", "reason": {}, "targets": []}',
             b'{"at": 1e18, "reason": {}, "targets": 5}',
             b'{"at": 1e18, "reason": {}, "targets": [["task"]]}',
-            b'{"at": 1e18, "reason": "text", "targets": [["task", "x"]]}',
-            b'{"at": 1e18, "reason": [], "targets": [["task", "x"]]}',
+            b'{"at": 1e18, "reason": {}, "targets": [["queue", "x"], ["task", ""]]}',
+            b'{"at": NaN, "reason": {}, "targets": [["task", "x"]]}',
         ],
     )
     def test_a_damaged_line_is_skipped(self, tmp_path: Path, damage: bytes) -> None:
-        """A line that is not a valid entry is skipped; the lines around it are read."""
+        """A line that is not an entry (no time, no target this version knows) is
+        skipped; the lines around it are read."""
         ledger = _ledger.FileLedger(tmp_path, 60)
         ledger.record([("task", "before")], CancelReason())
         with open(tmp_path / "ledger.jsonl", "ab") as log:
@@ -349,6 +391,41 @@ class TestFileLedger:
         entries, _ = ledger.read(None)
 
         assert [("task", "before"), ("task", "after")] == targets_of(entries)
+
+    @pytest.mark.parametrize(
+        ("reason", "expected"),
+        [
+            ('"text"', CancelReason(source="revoked", message="text", requested_at=5)),
+            ("[]", CancelReason(source="revoked", requested_at=5)),
+            ('{"source": "later", "severity": 3}', CancelReason(source="revoked", requested_at=5)),
+            (
+                '{"source": "deadline", "message": "' + "m" * 5000 + '", "requested_by": 1}',
+                CancelReason(
+                    source="deadline",
+                    message="m" * (4096 - len(_wire.TRIMMED)) + _wire.TRIMMED,
+                    requested_at=5,
+                ),
+            ),
+        ],
+    )
+    def test_a_reason_another_version_wrote_keeps_its_targets(
+        self, tmp_path: Path, reason: str, expected: CancelReason
+    ) -> None:
+        """A line whose reason this version cannot read keeps its targets (a target with
+        an extra field included, one of an unknown kind dropped), and its reason
+        degrades: unknown source to "revoked", a message over the limit trimmed, the
+        entry's time for a missing one (issue 18, point 9)."""
+        ledger = _ledger.FileLedger(tmp_path, 1e12)
+        line = (
+            '{"at": 5, "v": 2, "reason": ' + reason + ', "grace": "x", '
+            '"targets": [["task", "x", {"more": 1}], ["label", "l"], ["root", "r"]]}\n'
+        )
+        (tmp_path / "ledger.jsonl").write_text(line)
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "x"), ("root", "r")] == targets_of(entries)
+        assert (expected, None) == (entries[0].reason, entries[0].grace)
 
     def test_reading_before_any_write(self, tmp_path: Path) -> None:
         """No file yet: nothing to read, and the cursor is kept."""
@@ -370,6 +447,213 @@ class TestFileLedger:
             writing.record([("task", "x")], CancelReason())
 
 
+def generation(path: Path) -> str:
+    """The generation in the header of the file ledger at ``path`` (an older
+    version's file, without a header: its inode)."""
+    with open(path, "rb") as log:
+        header = json.loads(log.readline())
+        return str(header.get("generation", f"inode {os.fstat(log.fileno()).st_ino}"))
+
+
+def pad(
+    ledger: _ledger.FileLedger, path: Path, below: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Append expired entries (stamped in 1970) while the file stays under ``below`` bytes."""
+    line = len(entry_line([("task", "pad")] * 20))
+    with monkeypatch.context() as patched:
+        patched.setattr(time, "time", lambda: 1_000_000.0)
+        while path.stat().st_size + line < below:
+            ledger.record([("task", "pad")] * 20, CancelReason())
+
+
+def compact_with(
+    ledger: _ledger.FileLedger, path: Path, task_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Record the live ``task_id`` so that the write compacts the file (padding first)."""
+    before = generation(path)
+    pad(ledger, path, _ledger.FileLedger.COMPACT_BYTES - 200, monkeypatch)
+    ledger.record([("task", task_id)] + [("task", "y" * 40)] * 10, CancelReason())
+    assert before != generation(path), "the write did not compact the file"
+
+
+SCRIPT_WRITER = """
+import sys, time
+from cancellable import CancelReason
+from cancellable.celery import _ledger
+_ledger.FileLedger.COMPACT_BYTES = 6000
+directory, me, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ledger = _ledger.FileLedger(directory, 3600)
+real = time.time
+for n in range(count):
+    ledger.record([("task", f"{me}-{n}")], CancelReason())
+    time.time = lambda: real() - 7200  # expired padding, so that compaction has work
+    ledger.record([("task", "pad")] * 10, CancelReason())
+    time.time = real
+"""
+
+
+class TestFileLedgerGenerations:
+    """The file ledger's cursor names a generation, not an inode, and it compacts
+    at a size ratio (issue 18, point 5)."""
+
+    def test_a_new_file_on_the_readers_inode_is_read_from_its_start(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """ext4 can give a compacted file the inode number of a file it freed, so
+        two compactions later the log may sit on the inode a reader's cursor was
+        taken on, with other bytes at its offset.  Made deterministic here (a hard
+        link keeps the first inode, which then gets the compacted bytes and is
+        renamed into place); every entry recorded since is read, in 30 trials."""
+        monkeypatch.setattr(_ledger.FileLedger, "COMPACT_BYTES", 6000)
+        lost = []
+        for trial in range(30):
+            directory = tmp_path / f"t{trial}"
+            ledger = _ledger.FileLedger(directory, 60)
+            path = directory / "ledger.jsonl"
+            ledger.record([("task", "first")], CancelReason())
+            pad(ledger, path, 5000, monkeypatch)
+            _, cursor = ledger.read(None)
+            os.link(path, directory / "kept")
+            inode = path.stat().st_ino
+            compact_with(ledger, path, f"new-{trial}-a", monkeypatch)
+            compact_with(ledger, path, f"new-{trial}-b", monkeypatch)
+            (directory / "kept").write_bytes(path.read_bytes())
+            os.replace(directory / "kept", path)
+            assert inode == path.stat().st_ino
+            entries, _ = ledger.read(cursor)
+            seen = {target_id for _, target_id in targets_of(entries)}
+            lost += [x for x in (f"new-{trial}-a", f"new-{trial}-b") if x not in seen]
+
+        assert [] == lost
+
+    def test_compactions_on_a_real_filesystem_lose_nothing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same scenario without help: a reader's cursor, two compactions, the
+        reader again, 30 times on the test's filesystem (ext4 reused the inode in
+        most trials and the inode cursor then lost entries in each); nothing is lost."""
+        monkeypatch.setattr(_ledger.FileLedger, "COMPACT_BYTES", 6000)
+        lost = []
+        for trial in range(30):
+            directory = tmp_path / f"t{trial}"
+            ledger = _ledger.FileLedger(directory, 60)
+            path = directory / "ledger.jsonl"
+            ledger.record([("task", "first")], CancelReason())
+            pad(ledger, path, 5000, monkeypatch)
+            _, cursor = ledger.read(None)
+            compact_with(ledger, path, f"new-{trial}-a", monkeypatch)
+            compact_with(ledger, path, f"new-{trial}-b", monkeypatch)
+            entries, _ = ledger.read(cursor)
+            seen = {target_id for _, target_id in targets_of(entries)}
+            lost += [x for x in (f"new-{trial}-a", f"new-{trial}-b") if x not in seen]
+
+        assert [] == lost
+
+    def test_live_entries_past_the_threshold_are_not_rewritten_on_every_write(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With more than COMPACT_BYTES live, 300 single-id writes compact the file
+        at most twice (each compaction at least doubles the next threshold);
+        before, every one of them rewrote the file."""
+        monkeypatch.setattr(_ledger.FileLedger, "COMPACT_BYTES", 8000)
+        ledger = _ledger.FileLedger(tmp_path, 3600)
+        path = tmp_path / "ledger.jsonl"
+        ledger.record([("task", f"live-{n}") for n in range(400)], CancelReason())
+        assert path.stat().st_size > 8000
+        generations = {generation(path)}
+
+        for n in range(300):
+            ledger.record([("task", f"one-{n}")], CancelReason())
+            generations.add(generation(path))
+        entries, _ = ledger.read(None)
+
+        assert len(generations) <= 3
+        assert 700 == len(targets_of(entries))
+
+    def test_old_cursor_formats_start_over(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A cursor of the older ``<inode>:<offset>`` format, one of another
+        generation, or one past the end reads the file from its start."""
+        ledger = _ledger.FileLedger(tmp_path, 60)
+        ledger.record([("task", "a")], CancelReason())
+        ledger.record([("task", "b")], CancelReason())
+        _, cursor = ledger.read(None)
+        assert cursor is not None
+        inode = (tmp_path / "ledger.jsonl").stat().st_ino
+        name, _, offset = cursor.rpartition(":")
+
+        for stale in (f"{inode}:{offset}", f"gdeadbeef:{offset}", f"{name}:{int(offset) + 1000}"):
+            entries, again = ledger.read(stale)
+            assert [("task", "a"), ("task", "b")] == targets_of(entries), stale
+            assert cursor == again
+
+    def test_a_file_of_an_older_version_is_read_then_upgraded(self, tmp_path: Path) -> None:
+        """A file without a header (an older version wrote it) is read with the older
+        inode cursor; the next write here rewrites it with a header, and a reader
+        holding the older cursor reads the new file from its start."""
+        path = tmp_path / "ledger.jsonl"
+        path.write_bytes(entry_line([("task", "old-1")]) + entry_line([("task", "old-2")]))
+        ledger = _ledger.FileLedger(tmp_path, 60)
+        older = f"{path.stat().st_ino}:{path.stat().st_size}"
+
+        entries, cursor = ledger.read(None)
+        ledger.record([("task", "new")], CancelReason())
+        after, _ = ledger.read(cursor)
+
+        assert [("task", "old-1"), ("task", "old-2")] == targets_of(entries)
+        assert older == cursor
+        assert path.read_bytes().startswith(b'{"cancellable_ledger"')
+        assert [("task", "old-1"), ("task", "old-2"), ("task", "new")] == targets_of(after)
+
+    def test_a_line_a_dead_writer_left_unfinished_does_not_swallow_the_next(
+        self, tmp_path: Path
+    ) -> None:
+        """A writer that died mid-line left no newline; the next entry starts on a
+        line of its own and is read."""
+        ledger = _ledger.FileLedger(tmp_path, 60)
+        ledger.record([("task", "first")], CancelReason())
+        with open(tmp_path / "ledger.jsonl", "ab") as log:
+            log.write(entry_line([("task", "torn")])[:30])
+        ledger.record([("task", "next")], CancelReason())
+
+        entries, _ = ledger.read(None)
+
+        assert [("task", "first"), ("task", "next")] == targets_of(entries)
+
+    def test_writers_in_several_processes_and_a_reader_lose_nothing(self, tmp_path: Path) -> None:
+        """Four processes write 150 live entries each (with expired padding, so the
+        file is compacted many times) while this process reads incrementally:
+        the reader gets all 600, and saw several generations."""
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", SCRIPT_WRITER, str(tmp_path), f"w{k}", "150"],
+                stderr=subprocess.PIPE,
+            )
+            for k in range(4)
+        ]
+        ledger = _ledger.FileLedger(tmp_path, 3600)
+        seen: set[str] = set()
+        names: set[str] = set()
+        cursor = None
+        try:
+            while any(writer.poll() is None for writer in writers):
+                entries, cursor = ledger.read(cursor)
+                seen.update(target_id for _, target_id in targets_of(entries))
+                names.add((cursor or "").rpartition(":")[0])
+                time.sleep(0.005)
+        finally:
+            for writer in writers:
+                _, err = writer.communicate(timeout=120)
+                assert 0 == writer.returncode, err.decode()
+        entries, cursor = ledger.read(cursor)
+        seen.update(target_id for _, target_id in targets_of(entries))
+
+        expected = {f"w{k}-{n}" for k in range(4) for n in range(150)}
+        assert set() == expected - seen
+        assert len(names - {""}) >= 3
+
+
 class TestTargets:
     """Validation of targets."""
 
@@ -381,6 +665,17 @@ class TestTargets:
         """Unknown kinds and ids that are empty, multi-line or not str are refused."""
         with pytest.raises(ValueError, match="target"):
             _ledger.check_targets([target])
+
+    def test_an_id_past_the_byte_bound_is_refused(self) -> None:
+        """Ids are bounded in UTF-8 bytes: 1,024 one-byte characters pass, 256 emoji
+        (1,024 bytes) pass, 257 emoji (1,028 bytes) and 1,025 bytes are refused."""
+        emoji = "\N{GRINNING FACE}"
+        good = [("task", "a" * 1024), ("group", emoji * 256)]
+
+        assert good == _ledger.check_targets(good)
+        for target in [("task", "a" * 1025), ("root", emoji * 257)]:
+            with pytest.raises(ValueError, match="longer than the 1024 bytes"):
+                _ledger.check_targets([target])  # type: ignore[list-item]
 
     def test_good_targets(self) -> None:
         """Valid targets come back as a list, in order."""

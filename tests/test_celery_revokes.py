@@ -127,15 +127,42 @@ class TestRevokeHandler:
         assert "halt" == entry.scope.cancel_reason.message  # type: ignore[union-attr]
         assert ["local"] == [e["how"] for e in logs if e["event"] == "cancel.delivered"]
 
-    def test_malformed_payload_falls_back_to_a_plain_revoke(self, app: Celery) -> None:
-        """A payload that is not a valid reason is treated as a plain revoke."""
+    def test_a_reason_another_version_sent_keeps_every_target(
+        self, rt: WorkerRuntime, app: Celery
+    ) -> None:
+        """A cancel() payload this version cannot read as a reason (an unknown source,
+        a message of another type, extra fields), with a target of an extra field and
+        one of an unknown kind, is still a cancel() revoke: its task, group and root
+        targets are indexed with the degraded reason (source "revoked", no message),
+        and it is not recorded again (its sender did).  Before, it became a plain
+        revoke and lost its group and root targets (issue 18, point 9)."""
         task_id = str(uuid.uuid4())
 
-        revoke(app, task_id, cancellable={"source": "not-a-source"})
+        revoke(
+            app,
+            task_id,
+            cancellable={"source": "not-a-source", "message": 5, "v": 2},
+            cancellable_targets=[["group", "g", {"more": 1}], ["root", "r"], ["tag", "t"]],
+        )
 
-        assert task_id in worker_state.revoked
-        assert ["revoked"] == [e.reason.source for e in ledger_entries(app)]
-        assert _reason_from(42) is None
+        found = [
+            rt.index.match(task_id),
+            rt.index.match(None, "g"),
+            rt.index.match(None, None, "r"),
+        ]
+        assert [("revoked", "")] * 3 == [(r.source, r.message) for r in found if r is not None]
+        assert [] == ledger_entries(app)
+        assert task_id not in worker_state.revoked
+
+    def test_reasons_from_a_payload(self) -> None:
+        """No payload is a plain revoke (None); any payload gives a reason."""
+        assert _reason_from(None) is None
+        reason = _reason_from(42)
+        assert reason is not None
+        assert ("revoked", "", None) == (reason.source, reason.message, reason.requested_by)
+        text = _reason_from("stop now")
+        assert text is not None
+        assert ("revoked", "stop now") == (text.source, text.message)
 
     def test_ledger_down_is_logged_not_raised(self, rdb: redis.Redis) -> None:
         """A plain revoke with the ledger unreachable still revokes; the ledger thread's
@@ -278,12 +305,15 @@ class TestBroadcastPayload:
             ["no-such-kind", "x"],
             ["group"],
             "group:g-2",
+            ["task", "x" * 1025],
             ["root", ""],
         ]
 
         assert [("group", "g-1"), ("root", "r-1")] == targets_from(payload)
         assert [] == targets_from(None)
         assert [] == targets_from({"group": "g"})
+        # A later version may add fields after [kind, id]: the target is kept.
+        assert [("group", "g-3")] == targets_from([["group", "g-3", {"scope": "all"}]])
 
     @pytest.mark.parametrize(
         ("payload", "expected"),

@@ -13,6 +13,7 @@ self-tests use that to prove the harness without the library.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -101,6 +102,31 @@ def plain_soft_limit(key: str) -> str:
 def plain_count(key: str) -> None:
     """A no-op that counts its runs (batches of thousands)."""
     obs().incr(f"{key}:runs")
+
+
+@app.task(name="cit.plain.count_signals")
+def plain_count_signals(key: str, seconds: float) -> int:
+    """Many short C-level sleeps for ``seconds``, counting the SIGURG signals the
+    process receives meanwhile (the handler in place still runs); stores the count."""
+    record_start(key)
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGURG)
+
+    def counting(number: int, frame: Any) -> None:
+        received.append(number)
+        if callable(previous):
+            previous(number, frame)
+
+    signal.signal(signal.SIGURG, counting)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGURG, previous)
+    obs().set(f"{key}:signals", len(received))
+    obs().set(f"{key}:done", 1)
+    return len(received)
 
 
 # --------------------------------------------------------------------------

@@ -43,7 +43,9 @@ __all__ = [
     "add_revoked_id",
     "announce_revoked",
     "bounded_redis_client",
+    "consumer_of",
     "current_task",
+    "discard_scheduled",
     "filesystem_backend_path",
     "is_revoked_id",
     "mark_process_terminated",
@@ -59,6 +61,7 @@ __all__ = [
     "request_context",
     "request_embed",
     "request_worker_pid",
+    "scheduled_requests",
     "task_ids",
     "unregister_inspect_command",
     "unwrap_request_methods",
@@ -137,6 +140,72 @@ def add_revoked_id(task_id: str) -> None:
     acknowledges, sends ``task_revoked``).
     """
     _worker_state.revoked.add(task_id)
+
+
+# --------------------------------------------------------------------------
+# The consumer's timer: tasks held for their ETA or countdown.
+
+
+def consumer_of(state: Any) -> Any | None:
+    """The worker's ``Consumer`` from a remote-control command's ``state``.
+
+    ``state.consumer``: the pidbox node's state is an ``AttributeDict`` with
+    ``app``, ``hostname`` and ``consumer`` (``celery.worker.pidbox``).
+    Undocumented; same in 5.3 to 5.7.
+    """
+    return getattr(state, "consumer", None)
+
+
+def scheduled_requests(consumer: Any) -> list[tuple[Any, Any]]:
+    """``(timer entry, Request)`` for each task ``consumer`` holds for its ETA or countdown.
+
+    The strategy (``celery.worker.strategy.default``) does not reserve a
+    request that has an ETA: it puts it in ``consumer.timer`` with
+    ``call_at(eta, apply_eta_task, (request,))`` (``_limit_post_eta``,
+    ``(request, bucket, 1)``, when the task is rate limited), after
+    ``consumer.qos.increment_eventually()``, and checks Celery's revoked set
+    only when the entry fires.  ``timer.schedule.queue`` lists the entries
+    (kombu's ``Timer``: ``scheduled(eta, priority, entry)`` tuples; Celery's
+    threaded ``timer2.Timer`` keeps a kombu ``Timer`` as ``schedule``); it is
+    what Celery's own ``inspect scheduled`` reads.  Entries already
+    cancelled are left out.  Same in 5.3 to 5.7.
+    """
+    timer = getattr(consumer, "timer", None)
+    queue = getattr(getattr(timer, "schedule", None), "queue", None)
+    if not isinstance(queue, list):
+        return []
+    request_class = _request_class()
+    found: list[tuple[Any, Any]] = []
+    for waiting in queue:
+        entry = getattr(waiting, "entry", None)
+        args = getattr(entry, "args", None)
+        if (
+            isinstance(args, (list, tuple))
+            and args
+            and isinstance(args[0], request_class)
+            and not getattr(entry, "canceled", False)
+        ):
+            found.append((entry, args[0]))
+    return found
+
+
+def discard_scheduled(consumer: Any, entry: Any, request: Any) -> bool:
+    """End a request held for its ETA now, as Celery would at its ETA; False if not revoked.
+
+    Asks ``request.revoked()``, which discards a revoked request the way
+    Celery does when the ETA comes (stores REVOKED, acknowledges the
+    message, sends ``task_revoked``); then cancels its timer entry
+    (``timer.cancel(entry)``, which only flags the entry, safe from any
+    thread) so it never fires, and gives back the prefetch slot the strategy
+    took (``consumer.qos.decrement_eventually()``, what ``apply_eta_task``
+    and ``_limit_post_eta`` do; the QoS object takes its own lock).  Same in
+    5.3 to 5.7.
+    """
+    if not request.revoked():
+        return False
+    consumer.timer.cancel(entry)
+    consumer.qos.decrement_eventually()
+    return True
 
 
 # --------------------------------------------------------------------------

@@ -171,7 +171,8 @@ def cancel(
 
     Raises:
         TypeError: ``task_or_id``, ``reason`` or ``grace`` has the wrong type.
-        ValueError: An id is empty, the reason message is too long, or
+        ValueError: An id is empty or longer than 1,024 bytes (UTF-8),
+            the reason message is too long, or
             ``grace`` is negative, NaN or infinite.
         BrokerUnavailableError: The broker cannot be reached; nothing was
             recorded or sent.

@@ -27,6 +27,10 @@ Invariants:
   a revoke names.
 * A forward is kept until its task has ended: nothing the poller or a later
   revoke does can drop a cancellation of a task that still runs.
+* Only ``@cancellable`` tasks get a forward.  A plain task has no
+  checkpoint that would read a slot nor acknowledge it, and Celery's own
+  revoke leaves a running plain task alone: its child is never signalled
+  (`cancellable_options` says which tasks are ``@cancellable``).
 * A signal or a slot never cancels the wrong task: the child matches the task
   *id* in the slot against the ids it runs now.  A signal that arrives after
   the task finished, or while the child already runs the next task, finds no
@@ -52,7 +56,7 @@ from ._mailbox import Mailbox
 from ._registry import RunningTasks, cancel
 from ._wakeup import Wakeup
 
-__all__ = ["Delivery", "check_mailbox", "mailbox_reason"]
+__all__ = ["Delivery", "cancellable_options", "check_mailbox", "mailbox_reason"]
 
 #: Seconds between wake-up signals to a child that has not acknowledged yet.
 RESIGNAL_AFTER: Final = 0.5
@@ -68,16 +72,34 @@ class _Forward:
     signalled_at: float = 0.0
 
 
+def cancellable_options(task: Any) -> Any | None:
+    """The options ``@cancellable`` gave ``task`` (a Celery task), or None: a plain task."""
+    # ``__wrapped__``: the function ``@app.task`` made the task from; ``run``:
+    # the method of a task class.
+    for run in (getattr(task, "__wrapped__", None), getattr(task, "run", None)):
+        options = getattr(run, "_self_cancellable_options", None)
+        if options is None:  # a staticmethod or a bound method around the wrapper
+            options = getattr(getattr(run, "__func__", None), "_self_cancellable_options", None)
+        if options is not None:
+            return options
+    return None
+
+
 class Delivery:
     """One worker's deliveries from its main process (see the module docstring).
 
     ``mailbox`` is the one shared with the prefork children (None: an
-    in-process pool, where every task runs in ``running``).
+    in-process pool, where every task runs in ``running``); ``app``'s task
+    registry says which held tasks are ``@cancellable`` (only those get
+    forwards).
     """
 
-    def __init__(self, running: RunningTasks, mailbox: Mailbox | None, wakeup: Wakeup) -> None:
+    def __init__(
+        self, running: RunningTasks, mailbox: Mailbox | None, wakeup: Wakeup, app: Any
+    ) -> None:
         self.running = running
         self.mailbox = mailbox
+        self.app = app
         self._wakeup = wakeup
         self._forwards: dict[str, _Forward] = {}
         self._lock = threading.Lock()
@@ -94,7 +116,7 @@ class Delivery:
         Returns how: ``"local"`` (the task runs in this process and its scope
         was cancelled), ``"forward"`` (a prefork child holds or will hold it: a
         forward was made or already existed), or ``"none"`` (this worker does not
-        hold the task).
+        hold the task, or it is a plain task: Celery's revoke alone handles it).
         """
         now = time.time()
         entry = self.running.get(task_id)
@@ -103,7 +125,7 @@ class Delivery:
                 _log_delivered(task_id, entry.task_name, reason, now, "local")
             return "local"
         request = worker_requests().get(task_id)
-        if request is None or self.mailbox is None:
+        if request is None or self.mailbox is None or not self._cancellable(request):
             return "none"
         with self._lock:
             forward = self._forwards.get(task_id)
@@ -114,6 +136,13 @@ class Delivery:
         self._push(task_id, forward, request, time.monotonic())
         return "forward"
 
+    def _cancellable(self, request: Any) -> bool:
+        # The registered name (``type``), not a shadow name.
+        name = getattr(request, "type", None) or getattr(request, "task_name", None)
+        tasks = getattr(self.app, "tasks", None)
+        task = None if tasks is None or name is None else tasks.get(name)
+        return task is not None and cancellable_options(task) is not None
+
     def _push(self, task_id: str, forward: _Forward, request: Any, now: float) -> None:
         # Give the forward a slot if it has none, then wake the child running
         # the task until it acknowledges.  Called from the main thread (deliver)
@@ -121,14 +150,22 @@ class Delivery:
         box = self.mailbox
         if box is None:
             return
-        if forward.slot is None:
-            forward.slot = box.allocate(task_id, forward.reason, forward.delivered_at)
-            if forward.slot is None:
+        slot = forward.slot
+        if slot is None:
+            with self._lock:
+                # Atomic with the forward's end (tick): a slot is never given
+                # to a forward that was dropped, nor twice to one forward.
+                if self._forwards.get(task_id) is not forward:
+                    return
+                if forward.slot is None:
+                    forward.slot = box.allocate(task_id, forward.reason, forward.delivered_at)
+                slot = forward.slot
+            if slot is None:
                 if not self._warned_full:
                     self._warned_full = True
                     logger.warning(MAILBOX_FULL, task_id=task_id, slots=box.slots)
                 return
-        if box.acknowledged(forward.slot):
+        if box.acknowledged(slot):
             return
         pid = request_worker_pid(request)
         if not pid or pid == os.getpid():
@@ -151,9 +188,9 @@ class Delivery:
         with self._lock:
             forward = self._forwards.get(task_id)
         box = self.mailbox
-        if forward is None or forward.slot is None or box is None:
+        slot = None if forward is None else forward.slot
+        if slot is None or box is None or not box.escalate(slot, task_id):
             return False
-        box.escalate(forward.slot)
         return self._wakeup.wake(pid)
 
     def tick(self) -> None:
@@ -181,10 +218,12 @@ class Delivery:
         request = worker_requests().get(task_id)
         if request is None:
             with self._lock:
-                if self._forwards.get(task_id) is forward:
-                    del self._forwards[task_id]
-            if forward.slot is not None:
-                box.release(forward.slot)
+                if self._forwards.get(task_id) is not forward:
+                    return
+                del self._forwards[task_id]
+                slot, forward.slot = forward.slot, None
+            if slot is not None:
+                box.release(slot)
             return
         self._push(task_id, forward, request, now)
 

@@ -18,7 +18,13 @@ cancellation for the ledger's TTL, however many there are.
 Cost: one dict entry per target (the reason objects are shared by the
 targets of one ledger entry); see docs/reliability.md for measured figures.
 Reads take no lock (a dict lookup is atomic in CPython); writers hold
-``_lock``.  A target keeps the first reason it was given.
+``lock``.  A target keeps the first reason it was given.
+
+Fork safety: the runtime's fork handler takes ``lock`` before every fork
+(`cancellable.celery._runtime`), so no child is forked while a writer
+holds it; `purge` holds it to copy one table, then for at most
+`PURGE_BATCH` deletions at a time, so a fork (and the consumer) never
+waits long for a purge of a large index.
 """
 
 from __future__ import annotations
@@ -37,12 +43,16 @@ __all__ = ["TargetIndex", "request_targets"]
 #: (reason, when it was recorded); one such pair is shared by many targets.
 _Record = tuple[CancelReason, float]
 
+#: The most targets `TargetIndex.purge` drops in one hold of the lock.
+PURGE_BATCH: Final = 1000
+
 
 class TargetIndex:
     """Live cancellation targets, by kind."""
 
     def __init__(self) -> None:
-        self._lock: Final = threading.Lock()
+        #: Held by writers; taken around every fork (`cancellable.celery._runtime`).
+        self.lock: Final = threading.Lock()
         self._tasks: dict[str, _Record] = {}
         self._groups: dict[str, _Record] = {}
         self._roots: dict[str, _Record] = {}
@@ -64,7 +74,7 @@ class TargetIndex:
         """Index ``targets``; return those that were not indexed before."""
         record = (reason, time.time() if recorded_at is None else recorded_at)
         added: list[Target] = []
-        with self._lock:
+        with self.lock:
             for kind, target_id in targets:
                 table = self._table(kind)
                 if target_id not in table:
@@ -144,19 +154,27 @@ class TargetIndex:
         """Drop targets recorded more than ``ttl`` seconds ago; return how many."""
         horizon = (time.time() if now is None else now) - ttl
         dropped = 0
-        with self._lock:
-            for table in (self._tasks, self._groups, self._roots):
-                old = [key for key, (_reason, at) in table.items() if at < horizon]
-                for key in old:
-                    del table[key]
-                dropped += len(old)
+        for table in (self._tasks, self._groups, self._roots):
+            # A snapshot (one copy under the lock), then deletions in small
+            # batches under the lock: a record replaced meanwhile is kept.
+            with self.lock:
+                snapshot = table.copy()  # 40-100 ms for a million targets
+            old = [(key, record) for key, record in snapshot.items() if record[1] < horizon]
+            del snapshot
+            for start in range(0, len(old), PURGE_BATCH):
+                with self.lock:
+                    for key, record in old[start : start + PURGE_BATCH]:
+                        if table.get(key) is record:
+                            del table[key]
+                            dropped += 1
         return dropped
 
     def forked(self) -> TargetIndex:
         """This index for a forked child: the same targets, a lock of its own.
 
         A fork copies the tables (copy-on-write), so the child's index costs
-        nothing until one side writes; the parent's lock is not carried over.
+        nothing until one side writes; the parent's lock is not carried over
+        (and was not held at the fork: the fork handler takes it).
         """
         child = TargetIndex()
         child._tasks, child._groups, child._roots = self._tasks, self._groups, self._roots

@@ -59,7 +59,7 @@ from ..events import (
 )
 from . import _celery_internals as celery_internals
 from ._childtable import ChildTable
-from ._delivery import Delivery
+from ._delivery import Delivery, cancellable_options
 from ._interrupt import Interrupts, thread_interrupt_available
 from ._registry import RunningTask, RunningTasks
 from ._settings import DEFAULT_KILL_AFTER, Settings
@@ -164,10 +164,7 @@ class Ladder:
         task = self.app.tasks.get(task_name)
         if task is None:
             return DEFAULT
-        run = getattr(task, "__wrapped__", None)
-        options = getattr(run, "_self_cancellable_options", None)
-        if options is None:  # a staticmethod around the wrapper (bind=False)
-            options = getattr(getattr(run, "__func__", None), "_self_cancellable_options", None)
+        options = cancellable_options(task)
         if options is None:
             # A plain task: it has no task boundary to interrupt at, and Celery's
             # own revoke handles it; signalling its child would only disturb it.

@@ -42,6 +42,8 @@ Where it lives, in order of preference:
 
 Redis layout: one stream, ``cancellable:<app name>:ledger``, whose entries
 have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
+A reader keeps the targets of an entry whose reason it cannot read (another
+version wrote it) and degrades the reason (`cancellable.celery._wire`).
 Needs Redis 6.2 or newer (``XTRIM MINID``, exclusive ``XRANGE`` starts).
 
 Bounded calls
@@ -71,7 +73,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -86,10 +90,12 @@ from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
 from ._settings import DEFAULT_LEDGER_TTL, settings_for
+from ._wire import reason_from_wire
 
 __all__ = [
     "CHUNK",
     "DEFAULT_LEDGER_TTL",
+    "MAX_ID_BYTES",
     "TIMEOUT",
     "Entry",
     "FileLedger",
@@ -114,6 +120,12 @@ Target = tuple[TargetKind, str]
 
 #: Targets per entry: a batch of 100,000 ids is 100 entries of 1,000.
 CHUNK: Final = 1000
+
+#: The longest id (task, group or root), in UTF-8 bytes, that `cancel()`
+#: accepts.  Celery's own ids are 36-byte UUIDs; RabbitMQ carries at most
+#: 255 bytes of a task id (``correlation_id``), Celery's database backend
+#: 155 characters.  A worker handles longer ids from a plain revoke safely.
+MAX_ID_BYTES: Final = 1024
 
 #: Entries read per round trip.
 _PAGE: Final = 500
@@ -195,19 +207,37 @@ def _decode_targets(raw: str) -> tuple[Target, ...]:
     return tuple(targets)
 
 
+def _wire_targets(items: object) -> tuple[Target, ...]:
+    # A file entry's ``[kind, id]`` pairs; unknown kinds, and fields a later
+    # version may add after the id, are ignored.
+    targets: list[Target] = []
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, list) and len(item) >= 2:
+            kind, target_id = item[0], item[1]
+            if kind in _KINDS and isinstance(target_id, str) and target_id:
+                targets.append((kind, target_id))
+    return tuple(targets)
+
+
 def _chunks(targets: Sequence[Target]) -> Iterator[Sequence[Target]]:
     for start in range(0, len(targets), CHUNK):
         yield targets[start : start + CHUNK]
 
 
 def check_targets(targets: Iterable[Target]) -> list[Target]:
-    """Validate targets: a known kind and a non-empty id without newlines."""
+    """Validate targets: a known kind and a non-empty one-line id of at most `MAX_ID_BYTES`."""
     checked: list[Target] = []
     for kind, target_id in targets:
         if kind not in _KINDS:
             raise ValueError(f"unknown target kind {kind!r}")
         if not isinstance(target_id, str) or not target_id or "\n" in target_id:
-            raise ValueError(f"a target id must be a non-empty one-line str, got {target_id!r}")
+            raise ValueError(f"a target id must be a non-empty one-line str, got {target_id!r:.80}")
+        size = len(target_id.encode("utf-8", "surrogatepass"))
+        if size > MAX_ID_BYTES:
+            raise ValueError(
+                f"a {kind} id of {size} bytes is longer than the {MAX_ID_BYTES} bytes "
+                f"cancel() accepts: {target_id!r:.80}"
+            )
         checked.append((kind, target_id))
     return checked
 
@@ -352,13 +382,12 @@ class RedisLedger:
         if recorded_ms < oldest_ms:
             return None
         values = {_text(k): _text(v) for k, v in fields.items()}
-        try:
-            reason = CancelReason.from_dict(json.loads(values["reason"]))
-            targets = _decode_targets(values["targets"])
-            grace = _grace(values.get("grace"))
-        except (AttributeError, KeyError, TypeError, ValueError):
+        targets = _decode_targets(values.get("targets", ""))
+        if not targets:
             return None  # not ours, or damaged: skip it rather than stop reading
-        return Entry(targets, reason, recorded_ms / 1000.0, grace)
+        # Another version's reason degrades; its targets are kept (`_wire`).
+        reason = reason_from_wire(_json(values.get("reason")), recorded_ms / 1000.0)
+        return Entry(targets, reason, recorded_ms / 1000.0, _grace(values.get("grace")))
 
 
 def _grace(value: object) -> float | None:
@@ -368,6 +397,14 @@ def _grace(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return grace if grace is not None and 0 <= grace < float("inf") else None
+
+
+def _json(text: str | None) -> object:
+    # A JSON value, or None for text that is not JSON.
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:
@@ -410,14 +447,34 @@ class FileLedger:
 
     Writers append whole lines under an exclusive lock, so lines never
     interleave and the byte offset of a line is a cursor no later write can
-    go below.  When the file has grown past `COMPACT_BYTES`, a writer rewrites
-    it without the expired lines and renames it into place; readers notice
-    the new file (its inode changes) and read it from the start.
+    go below.
+
+    Generations
+        The first line of the file is a header naming its *generation* (a
+        random token new with every file) and how many bytes of entries it
+        was written with.  A reader's cursor is
+        ``"g<generation>:<offset>"``; a cursor of another generation (the
+        file was compacted since) reads the current file from its start, so
+        an entry is never skipped, whatever inode the new file gets (a
+        filesystem may give a new file the inode number of one it freed).
+        Re-reading is harmless: the index ignores targets it already has.
+    Compaction
+        A writer rewrites the file without its expired lines only once it has
+        grown to twice its size at its last compaction (and past
+        `COMPACT_BYTES`), so the copying costs a bounded amount per byte
+        written however many entries are live.  The new file is written and
+        fsynced under a temporary name, renamed into place, and the directory
+        is fsynced, so a crash leaves the old file or the new one.
+    Older files
+        A file without a header (written by an older version) is read with
+        the older ``"<inode>:<offset>"`` cursor, and the next write here
+        compacts it into a file with a header.  A cursor in a format that does
+        not match the file reads it from its start.
     """
 
     durable = True
 
-    #: Compact the log when a write finds it larger than this.
+    #: Never compact a log smaller than this.
     COMPACT_BYTES: Final = 4 * 1024 * 1024
 
     def __init__(self, directory: str | os.PathLike[str], ttl: float) -> None:
@@ -431,7 +488,7 @@ class FileLedger:
     def record(
         self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
     ) -> None:
-        """Append one line per `CHUNK` targets."""
+        """Append one line per `CHUNK` targets (compacting the file when it is due)."""
         if not targets:
             return
         now = time.time()
@@ -450,26 +507,49 @@ class FileLedger:
         )
         try:
             with self._thread_lock, open(self._lock_path, "ab") as lock, _locked(lock):
-                with open(self._path, "ab") as log:
+                with open(self._path, "a+b") as log:
+                    log.seek(0)
+                    header = _FileHeader.parse(log.readline(_HEADER_MAX))
+                    size = log.seek(0, os.SEEK_END)
+                    created = size == 0
+                    if created:
+                        header = _FileHeader.new(0)
+                        lines = header.line() + lines
+                    else:
+                        log.seek(size - 1)
+                        if log.read(1) != b"\n":
+                            # A writer died mid-line: end its line, keep ours whole.
+                            lines = b"\n" + lines
                     log.write(lines)
                     log.flush()
                     os.fsync(log.fileno())
-                    size = log.tell()
-                if size > self.COMPACT_BYTES:
+                    size = os.fstat(log.fileno()).st_size
+                if created:
+                    _fsync_directory(self._dir)
+                if header is None or size > max(self.COMPACT_BYTES, 2 * header.live):
                     self._compact(now)
         except OSError as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
 
     def _compact(self, now: float) -> None:
-        # Caller holds the file lock.
-        keep = [
+        # Caller holds the file lock.  The header (no "at") is not live.
+        body = b"".join(
             line
             for line in self._path.read_bytes().splitlines(keepends=True)
-            if self._live(line, now)
-        ]
+            if line.endswith(b"\n") and self._live(line, now)
+        )
+        header = _FileHeader.new(len(body))
         tmp = self._path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(b"".join(keep))
-        os.replace(tmp, self._path)
+        try:
+            with open(tmp, "wb") as new:
+                new.write(header.line() + body)
+                new.flush()
+                os.fsync(new.fileno())
+            os.replace(tmp, self._path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        _fsync_directory(self._dir)
 
     def _live(self, line: bytes, now: float) -> bool:
         try:
@@ -478,15 +558,23 @@ class FileLedger:
             return False
 
     def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
-        """Complete lines after ``cursor`` (``"<inode>:<offset>"``)."""
+        """Complete lines after ``cursor`` (``"g<generation>:<offset>"``, see the class)."""
         try:
             with open(self._path, "rb") as log:
-                inode = os.fstat(log.fileno()).st_ino
-                offset = 0
+                first = log.readline(_HEADER_MAX)
+                header = _FileHeader.parse(first)
+                if header is None:
+                    # An older version's file: its cursor names the inode.
+                    name, start = str(os.fstat(log.fileno()).st_ino), 0
+                else:
+                    name, start = f"g{header.generation}", len(first)
+                offset = start
                 if cursor is not None:
-                    seen_inode, _, seen_offset = cursor.partition(":")
-                    if seen_inode == str(inode):
+                    seen_name, _, seen_offset = cursor.rpartition(":")
+                    if seen_name == name and seen_offset.isdigit():
                         offset = int(seen_offset)
+                if not start <= offset <= os.fstat(log.fileno()).st_size:
+                    offset = start
                 log.seek(offset)
                 data = log.read()
         except FileNotFoundError:
@@ -501,24 +589,77 @@ class FileLedger:
             entry = self._entry(line, now)
             if entry is not None:
                 entries.append(entry)
-        return entries, f"{inode}:{offset + len(complete)}"
+        return entries, f"{name}:{offset + len(complete)}"
 
     def _entry(self, line: bytes, now: float) -> Entry | None:
         try:
             data = json.loads(line)
             recorded_at = float(data["at"])
-            reason = CancelReason.from_dict(data["reason"])
-            targets = tuple(
-                (kind, target_id)
-                for kind, target_id in data["targets"]
-                if kind in _KINDS and isinstance(target_id, str)
-            )
-            grace = _grace(data.get("grace"))
         except (AttributeError, KeyError, TypeError, ValueError):
+            return None  # not ours, or damaged
+        if not math.isfinite(recorded_at) or now - recorded_at > self._ttl:
             return None
-        if now - recorded_at > self._ttl:
+        targets = _wire_targets(data.get("targets"))
+        if not targets:
             return None
-        return Entry(targets, reason, recorded_at, grace)
+        # Another version's reason degrades; its targets are kept (`_wire`).
+        reason = reason_from_wire(data.get("reason"), recorded_at)
+        return Entry(targets, reason, recorded_at, _grace(data.get("grace")))
+
+
+#: The longest header line a reader looks for.
+_HEADER_MAX: Final = 256
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _FileHeader:
+    """The first line of a `FileLedger` file.
+
+    ``generation`` is a random token new with every file; ``live`` is how
+    many bytes of entries it was written with (0 for a new file; what was live
+    at its compaction).
+    """
+
+    generation: str
+    live: int
+
+    @classmethod
+    def new(cls, live: int) -> _FileHeader:
+        """A header for a new file holding ``live`` bytes of entries."""
+        return cls(secrets.token_hex(8), live)
+
+    @classmethod
+    def parse(cls, line: bytes) -> _FileHeader | None:
+        """The header ``line`` holds, or None (an entry, or a file of an older version)."""
+        if not line.startswith(b'{"cancellable_ledger"') or not line.endswith(b"\n"):
+            return None
+        try:
+            data = json.loads(line)
+            generation, live = data["generation"], data["live"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(generation, str) or not generation.isalnum():
+            return None
+        if not isinstance(live, int) or isinstance(live, bool) or live < 0:
+            return None
+        return cls(generation, live)
+
+    def line(self) -> bytes:
+        """The header as the file's first line (entries skip it: it has no ``at``)."""
+        fields = {"cancellable_ledger": 2, "generation": self.generation, "live": self.live}
+        return json.dumps(fields).encode() + b"\n"
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Make a rename or a new file in ``directory`` durable (POSIX; Windows has no
+    # directory handles to fsync, and NTFS journals the rename itself).
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Ledgers:

@@ -5,16 +5,29 @@ a cancellation through memory both can see: an anonymous shared ``mmap``
 that the main process creates at ``worker_init``, before the pool forks, so
 every child maps the same pages.
 
-Layout: a key table (`KEY_SIZE` bytes per slot: the task id, NUL-padded),
-an acknowledgement table (one byte per slot), a step table (one byte per
-slot: `COOPERATIVE` or `INTERRUPT`, the ladder step the main process asks
-for), then the slots themselves (``[u32 length][JSON: id, reason,
-delivered_at]``).
+Layout: a key table (`KEY_SIZE` bytes per slot: the task id, NUL-padded,
+or a digest of a longer id), an acknowledgement table (one byte per slot), a
+step table (one byte per slot: `COOPERATIVE` or `INTERRUPT`, the ladder step
+the main process asks for), then the slots themselves (``[u32 length][JSON
+as UTF-8: the id's digest, reason, delivered_at]``).
+
+Sizes, in bytes: a slot is `SLOT_SIZE` (20 KiB), so its payload can be
+`MAX_PAYLOAD` bytes.  The payload carries a 32-character digest of the task
+id, never the id itself, so an id of any length fits; and every reason that
+`~cancellable.CancelReason` accepts (a message of up to 4,096 characters and
+a requester of up to 256, each up to 4 bytes in UTF-8) fits whole (17.6 KB at
+most).  Only a message made mostly of characters JSON escapes (control
+characters take 6 bytes each) can be too long; then the message is cut at a
+character boundary and ends with `~cancellable.celery._wire.TRIMMED` (the full reason is in the
+ledger and in the worker's ``cancel.delivered`` log line).
 
 Invariants:
 
-* **One writer**, the main process (its threads serialise on ``_lock``), and
-  any number of readers, the children.
+* **One writer**, the main process (its threads serialise on ``lock``), and
+  any number of readers, the children.  Allocation is atomic: a task has
+  at most one slot, however many threads allocate for it at once, and a
+  slot is taken only when its write succeeds (an error frees it again).
+  Releasing a free slot does nothing.
 * **Slots belong to tasks the worker holds.**  The main process allocates a
   slot only for a cancelled task it has reserved or is running, and frees it
   only once the task has left the worker.  Slots are never reused while
@@ -30,7 +43,8 @@ Invariants:
   the next checkpoint); once its grace is over, the main process sets it to
   `INTERRUPT` (raise in the task's thread from the signal handler, see
   `cancellable.celery._interrupt`) and keeps signalling.  A new slot is
-  written `COOPERATIVE` before its key is published.
+  written `COOPERATIVE` before its key is published, and an escalation
+  names its task, so one that comes late never reaches the slot's next task.
 * **Acknowledged by the reader.**  A child that has acted on a slot (it
   cancelled the running task's scope, or skipped a task at start) sets the
   slot's acknowledgement byte; the main process stops waking the child.
@@ -48,15 +62,28 @@ import threading
 from typing import Final
 
 from .._exceptions import CancelReason
+from ._wire import TRIMMED
 
-__all__ = ["COOPERATIVE", "INTERRUPT", "MAX_SLOTS", "MIN_SLOTS", "Mailbox", "key_of"]
+__all__ = [
+    "COOPERATIVE",
+    "INTERRUPT",
+    "MAX_PAYLOAD",
+    "MAX_SLOTS",
+    "MIN_SLOTS",
+    "SLOT_SIZE",
+    "Mailbox",
+    "key_of",
+]
 
 #: Bytes per key: a 36-character UUID and its NUL; longer ids are hashed.
 KEY_SIZE: Final = 40
-SLOT_SIZE: Final = 8192
+#: Bytes per slot (see the module docstring for what fits).
+SLOT_SIZE: Final = 20 * 1024
 MIN_SLOTS: Final = 64
 MAX_SLOTS: Final = 4096
 _SLOT_HEAD: Final = struct.Struct("<I")
+#: The most bytes a slot's payload can have.
+MAX_PAYLOAD: Final = SLOT_SIZE - _SLOT_HEAD.size
 #: Ladder steps a slot can ask for (its byte in the step table).
 COOPERATIVE: Final = 0
 INTERRUPT: Final = 1
@@ -64,10 +91,52 @@ INTERRUPT: Final = 1
 
 def key_of(task_id: str) -> bytes:
     """The fixed-size key of a task id (shared with `cancellable.celery._childtable`)."""
-    raw = task_id.encode()
+    raw = task_id.encode("utf-8", "surrogatepass")
     if len(raw) >= KEY_SIZE:
         raw = b"#" + hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
     return raw.ljust(KEY_SIZE, b"\0")
+
+
+def _digest(task_id: str) -> str:
+    # What a payload says its task is: 32 characters, whatever the id's length.
+    return hashlib.blake2b(task_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _encode(digest: str, reason: CancelReason, delivered_at: float) -> bytes:
+    entry = {"key": digest, "reason": reason.to_dict(), "delivered_at": delivered_at}
+    text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
+
+
+def encode_payload(task_id: str, reason: CancelReason, delivered_at: float) -> bytes:
+    """A slot's payload for ``task_id``: at most `MAX_PAYLOAD` bytes.
+
+    A message too long for the slot is cut at a character boundary (the
+    longest prefix that fits) and ends with `~cancellable.celery._wire.TRIMMED`.
+    """
+    digest = _digest(task_id)
+    payload = _encode(digest, reason, delivered_at)
+    if len(payload) <= MAX_PAYLOAD:
+        return payload
+    message = reason.message
+    if len(_encode(digest, _cut(reason, message, 0), delivered_at)) > MAX_PAYLOAD:
+        # Not even an empty message fits: only the requester can be that long.
+        reason = dataclasses.replace(reason, requested_by=None)
+    low, high = 0, len(message)  # the longest prefix that fits is in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if len(_encode(digest, _cut(reason, message, middle), delivered_at)) <= MAX_PAYLOAD:
+            low = middle
+        else:
+            high = middle
+    payload = _encode(digest, _cut(reason, message, low), delivered_at)
+    if len(payload) > MAX_PAYLOAD:  # pragma: no cover - the bounds above rule it out
+        raise ValueError(f"a cancellation reason cannot fit a {SLOT_SIZE}-byte mailbox slot")
+    return payload
+
+
+def _cut(reason: CancelReason, message: str, length: int) -> CancelReason:
+    return dataclasses.replace(reason, message=message[:length] + TRIMMED)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,58 +158,91 @@ class Mailbox:
         self._slots_at = self._steps_at + self.slots
         self._map = mmap.mmap(-1, self._slots_at + self.slots * SLOT_SIZE)
         self._free = list(range(self.slots - 1, -1, -1))
-        self._lock = threading.Lock()
+        #: The slot of each task that has one, and the task of each slot in use.
+        self._slot_of: dict[str, int] = {}
+        self._task_of: dict[int, str] = {}
+        #: Serialises the writers; taken around every fork (`cancellable.celery._runtime`).
+        self.lock = threading.Lock()
         #: The process that created the map: only its forks share it.
         self.owner = os.getpid()
 
     # -- the writer (main process) --------------------------------------------
 
     def allocate(self, task_id: str, reason: CancelReason, delivered_at: float) -> int | None:
-        """Write a slot for ``task_id``; return its number, or None if all are taken."""
+        """Write a slot for ``task_id``; return its number, or None if all are taken.
 
-        def encode(reason: CancelReason) -> bytes:
-            entry = {"id": task_id, "reason": reason.to_dict(), "delivered_at": delivered_at}
-            return json.dumps(entry).encode()
-
-        payload = encode(reason)
-        if len(payload) > SLOT_SIZE - _SLOT_HEAD.size:
-            # Only a long non-ASCII message can do this: keep the id, trim the text.
-            payload = encode(dataclasses.replace(reason, message=reason.message[:500]))
+        A task that has a slot already keeps it (it is returned, not
+        rewritten).  If the write fails, the slot is free again and the
+        error propagates.
+        """
+        payload = encode_payload(task_id, reason, delivered_at)
         key = key_of(task_id)
-        with self._lock:
+        with self.lock:
+            held = self._slot_of.get(task_id)
+            if held is not None:
+                return held
             if not self._free:
                 return None
             slot = self._free.pop()
             key_at = slot * KEY_SIZE
-            slot_at = self._slots_at + slot * SLOT_SIZE
-            self._map[key_at : key_at + KEY_SIZE] = bytes(KEY_SIZE)
-            _SLOT_HEAD.pack_into(self._map, slot_at, len(payload))
-            start = slot_at + _SLOT_HEAD.size
-            self._map[start : start + len(payload)] = payload
-            self._map[self._acks_at + slot] = 0
-            self._map[self._steps_at + slot] = COOPERATIVE
-            self._map[key_at : key_at + KEY_SIZE] = key
+            try:
+                slot_at = self._slots_at + slot * SLOT_SIZE
+                self._map[key_at : key_at + KEY_SIZE] = bytes(KEY_SIZE)
+                _SLOT_HEAD.pack_into(self._map, slot_at, len(payload))
+                start = slot_at + _SLOT_HEAD.size
+                self._map[start : start + len(payload)] = payload
+                self._map[self._acks_at + slot] = 0
+                self._map[self._steps_at + slot] = COOPERATIVE
+                self._map[key_at : key_at + KEY_SIZE] = key
+            except BaseException:
+                # The key is published last, so it is still blank: free the slot.
+                self._free.append(slot)
+                raise
+            self._slot_of[task_id] = slot
+            self._task_of[slot] = task_id
         return slot
 
     def release(self, slot: int) -> None:
-        """Blank ``slot`` and make it free again (its task has left the worker)."""
-        with self._lock:
+        """Blank ``slot`` and make it free again (its task has left the worker).
+
+        Releasing a slot that is not in use does nothing.
+        """
+        with self.lock:
+            task_id = self._task_of.get(slot)
+            if task_id is None:
+                return
             key_at = slot * KEY_SIZE
             self._map[key_at : key_at + KEY_SIZE] = bytes(KEY_SIZE)
+            # Only once the key is blank (if that raised, the task keeps it).
+            del self._task_of[slot]
+            del self._slot_of[task_id]
             self._free.append(slot)
 
     def acknowledged(self, slot: int) -> bool:
         """Whether a child has acted on ``slot``."""
         return bool(self._map[self._acks_at + slot])
 
-    def escalate(self, slot: int) -> None:
-        """Ask the child to interrupt the slot's task (its grace is over)."""
-        self._map[self._steps_at + slot] = INTERRUPT
+    def escalate(self, slot: int, task_id: str) -> bool:
+        """Ask the child to interrupt ``task_id`` in ``slot`` (its grace is over).
+
+        False, and nothing written, if the slot is no longer that task's (it
+        left, and the slot may be another task's now).
+        """
+        with self.lock:
+            if self._task_of.get(slot) != task_id:
+                return False
+            self._map[self._steps_at + slot] = INTERRUPT
+        return True
 
     @property
     def free(self) -> int:
         """Slots not in use."""
         return len(self._free)
+
+    def in_use(self) -> dict[str, int]:
+        """The slot of each task that has one (a copy)."""
+        with self.lock:
+            return dict(self._slot_of)
 
     # -- readers (pool children) ----------------------------------------------
 
@@ -163,11 +265,13 @@ class Mailbox:
     def _read(self, slot: int, task_id: str) -> Found | None:
         slot_at = self._slots_at + slot * SLOT_SIZE
         (length,) = _SLOT_HEAD.unpack_from(self._map, slot_at)
+        if length > MAX_PAYLOAD:
+            return None  # being rewritten right now: the writer keeps delivering
         start = slot_at + _SLOT_HEAD.size
-        raw = self._map[start : start + min(length, SLOT_SIZE - _SLOT_HEAD.size)]
+        raw = self._map[start : start + length]
         try:
-            data = json.loads(raw)
-            if data["id"] == task_id:
+            data = json.loads(raw.decode("utf-8", "surrogatepass"))
+            if data["key"] == _digest(task_id):
                 reason = CancelReason.from_dict(data["reason"])
                 return Found(slot, reason, float(data["delivered_at"]))
         except (ValueError, KeyError, TypeError):

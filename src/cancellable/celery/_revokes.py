@@ -28,6 +28,10 @@ concerned) and otherwise leaves Celery's own behaviour untouched.
   is live, whatever the size of Celery's revoked set; and Celery's discard
   stores the recorded reason instead of a bare "revoked"
   (`announce_revoked`).
+* **Tasks waiting for their ETA.**  Celery holds a task with an ETA or a
+  countdown in its consumer's timer and consults its revoked set only when
+  the ETA comes; a ``cancel()`` revoke ends the ones it names at once
+  (`discard_scheduled`): REVOKED with the reason, message acknowledged.
 * **Workflows.**  ``cancel()`` can also send ``group`` and ``root`` targets
   (under the extra argument ``cancellable_targets``); they are indexed and
   delivered to every held task they match.  A ``root`` target also matches
@@ -57,11 +61,13 @@ from ._index import TargetIndex, request_targets
 from ._ladder import NOT_CANCELLABLE
 from ._ledger import Target
 from ._runtime import WorkerRuntime, runtime
+from ._wire import reason_from_wire
 
 __all__ = [
     "MEMBERS_COMMAND",
     "announce_revoked",
     "deliver_targets",
+    "discard_scheduled",
     "members_command",
     "promote_workflow",
     "request_revoked",
@@ -74,13 +80,13 @@ MEMBERS_COMMAND: Final = "cancellable_members"
 
 
 def _reason_from(payload: Any) -> CancelReason | None:
-    """The reason `cancel()` sent along with a revoke, or None (plain revoke)."""
-    if isinstance(payload, dict):
-        try:
-            return CancelReason.from_dict(payload)
-        except (TypeError, ValueError):
-            pass
-    return None
+    """The reason `cancel()` sent along with a revoke, or None (plain revoke).
+
+    Whatever another version sent, a payload makes a reason
+    (`cancellable.celery._wire`): an odd reason never turns a cancellation
+    into a plain revoke, which would drop its group and root targets.
+    """
+    return None if payload is None else reason_from_wire(payload)
 
 
 def _grace_from(payload: Any) -> float | None:
@@ -96,7 +102,8 @@ def targets_from(payload: Any) -> list[Target]:
     """The group and root targets `cancel()` sent along with a revoke (bad ones dropped)."""
     targets: list[Target] = []
     for item in payload if isinstance(payload, (list, tuple)) else ():
-        if isinstance(item, (list, tuple)) and len(item) == 2:
+        # [kind, id]; a later version may add fields after them.
+        if isinstance(item, (list, tuple)) and len(item) >= 2:
             try:
                 targets.extend(_ledger.check_targets([(item[0], item[1])]))
             except ValueError:
@@ -269,9 +276,41 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
                 )
             ours += time.monotonic() - began
         rt.timings.consumer = max(rt.timings.consumer, ours)
+        if given is not None and not terminate:
+            try:
+                discard_scheduled(rt, celery_internals.consumer_of(state))
+            except Exception as exc:  # noqa: BLE001 - never break Celery's control loop
+                logger.error(
+                    CANCEL_DELIVERY_FAILED, task_ids=task_ids[:20], error=repr(exc), exc_info=exc
+                )
         return result
 
     return revoke
+
+
+def discard_scheduled(rt: WorkerRuntime, consumer: Any) -> int:
+    """End now the tasks held for their ETA or countdown that a live cancellation names.
+
+    Celery keeps a task with an ETA (or countdown) in its consumer's timer
+    and checks its revoked set only when the ETA comes, so a cancelled one
+    would stay PENDING, its message unacknowledged, until then.  Each such
+    request the index matches is discarded at once, through Celery's own
+    discard (REVOKED with the recorded reason, the message acknowledged,
+    its timer entry cancelled).  Called by the revoke command of a
+    `~cancellable.celery.cancel` (the consumer's thread, which also fires the
+    timer of the event-loop pools); returns how many.  A cancellation that
+    reaches the worker only through the ledger poll (a missed broadcast)
+    leaves the task to be discarded when its ETA comes, as before.
+    """
+    if consumer is None:
+        return 0
+    discarded = 0
+    for entry, request in celery_internals.scheduled_requests(consumer):
+        if rt.index.match_request(request) is None:
+            continue
+        if celery_internals.discard_scheduled(consumer, entry, request):
+            discarded += 1
+    return discarded
 
 
 def _running_here(rt: WorkerRuntime, task_ids: list[str]) -> set[str]:

@@ -27,11 +27,14 @@ keeps the shared memory (index copy, mailbox, child table, signal) and
 nothing else: no threads, no locks, no connections.
 
 Fork safety: before every fork the running worker's ``tick_lock`` is taken
-(the poller does its work, and its logging, under it), so a child is never
-forked while the poller holds one of our locks or a logger's.  Nothing does
-network I/O while it holds ``tick_lock`` (the ledger is read and written
-outside it), so billiard's fork never waits on the network.  The fork
-handlers are registered the first time `runtime` is called in the process.
+(the poller does its work, and its logging, under it), then the locks a
+child can meet in the objects it inherits (`WorkerRuntime.fork_locks`: the
+index's and the mailbox's), so a child is never forked while another thread
+holds one of our locks or a logger's.  Both the parent and the child release
+them after the fork.  Nothing does network I/O while it holds one of these
+locks (the ledger is read and written outside them), so billiard's fork never
+waits on the network.  The fork handlers are registered the first time
+`runtime` is called in the process.
 
 Ledger writes of a worker (`PendingWrites`) are queued, never made by the
 thread that asks: the consumer thread (revoke commands) and the ticks do no
@@ -316,7 +319,7 @@ class WorkerRuntime:
         self.index = self.tasks.index
         self.mailbox = mailbox
         self.table = table
-        self.delivery = Delivery(self.tasks.running, mailbox, self.tasks.wakeup)
+        self.delivery = Delivery(self.tasks.running, mailbox, self.tasks.wakeup, app)
         self.ladder = Ladder(
             app,
             self.settings,
@@ -341,6 +344,10 @@ class WorkerRuntime:
         #: Whether the worker is running (between its bootstep's start and stop):
         #: the patched Celery methods act only then.
         self.active = False
+
+    def fork_locks(self) -> tuple[threading.Lock, ...]:
+        """The locks the fork handler takes, in this order, after ``tick_lock``."""
+        return (self.index.lock, self.mailbox.lock)
 
     def serves(self, app: Any) -> bool:
         """Whether this running worker should act for ``app`` (None: any app)."""
@@ -426,19 +433,29 @@ def _before_fork() -> None:
     worker = _forking_worker()
     if worker is not None:
         worker.tick_lock.acquire()
+        for lock in worker.fork_locks():
+            lock.acquire()
         _holder.forking = worker
 
 
-def _after_fork_in_parent() -> None:
+def _release_fork_locks() -> None:
+    # In the parent, and in the child, where this thread holds them too.
     worker, _holder.forking = _holder.forking, None
     if worker is not None:
+        for lock in reversed(worker.fork_locks()):
+            lock.release()
         worker.tick_lock.release()
+
+
+def _after_fork_in_parent() -> None:
+    _release_fork_locks()
 
 
 def _after_fork_in_child() -> None:
     # Threads do not survive a fork: the child has no poller, no worker
-    # runtime, and none of the parent's locks or connections.
-    _holder.forking = None
+    # runtime, and none of the parent's locks or connections.  The objects
+    # it inherits are left with their locks free (taken before the fork).
+    _release_fork_locks()
     current = _holder.runtime
     _holder.lock = threading.Lock()
     if current is not None:
