@@ -48,8 +48,15 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.fixture(name="ledger_server")
 def ledger_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server for the ledger, resumed and stopped at teardown."""
-    server = RedisServer(tmp_path / "ledger-redis", free_port(random.Random()))
-    server.start()
+    for attempt in range(3):  # another process may take the free port first
+        server = RedisServer(tmp_path / f"ledger-redis-{attempt}", free_port(random.Random()))
+        try:
+            server.start()
+            break
+        except RuntimeError:
+            server.stop()
+    else:
+        pytest.fail("could not start a private redis-server on a free port")
     try:
         yield server
     finally:

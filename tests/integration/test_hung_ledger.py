@@ -33,8 +33,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 @pytest.fixture(name="ledger_server")
 def ledger_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server for the ledger, resumed and stopped at teardown."""
-    server = RedisServer(tmp_path / "ledger-redis", free_port(random.Random()))
-    server.start()
+    for attempt in range(3):  # another process may take the free port first
+        server = RedisServer(tmp_path / f"ledger-redis-{attempt}", free_port(random.Random()))
+        try:
+            server.start()
+            break
+        except RuntimeError:
+            server.stop()
+    else:
+        pytest.fail("could not start a private redis-server on a free port")
     try:
         yield server
     finally:
@@ -172,8 +179,8 @@ def test_one_plain_revoke_to_two_workers_is_one_ledger_record(
     ids = [f"bulk-{uuid.uuid4()}" for _ in range(2500)]
 
     plain_revoke(first, ids)
-    first.barrier()
-    second.barrier()
+    first.barrier(timeout=20)
+    second.barrier(timeout=20)
     time.sleep(2.0)  # both ledger threads have written, or skipped, by now
 
     entries = ledger_targets(ledger_server, first.app.main)

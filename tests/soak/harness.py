@@ -127,6 +127,7 @@ class RedisServer:
             "--daemonize", "no", "--protected-mode", "yes",
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=self.directory)
+        ours = self.proc.pid
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -134,8 +135,12 @@ class RedisServer:
             try:
                 client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
                 try:
-                    # Loading the AOF answers LOADING errors until done.
-                    return bool(client.ping())
+                    # Loading the AOF answers LOADING errors until done.  The
+                    # server must be ours: another one may have taken the port
+                    # since free_port chose it (ours then fails to bind, exits,
+                    # and the check above raises).
+                    pid = client.info("server").get("process_id")
+                    return bool(client.ping()) and pid == ours
                 finally:
                     client.close()
             except redis.RedisError:
