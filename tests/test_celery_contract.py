@@ -17,6 +17,7 @@ with `original_of`, so it checks Celery, not our wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import time
@@ -728,6 +729,8 @@ def unwrap(error):
 def child_index():
     return internals.process_index()
 
+SETUP
+
 app = Celery("contract-prefork")
 pool = TaskPool(limit=1, app=app, initargs=(app, "contract@test"))
 pool.start()
@@ -738,10 +741,15 @@ finally:
 """
 
 
-def _run_with_prefork(body: str) -> str:
-    """Run ``body`` (a block using ``pool``) in a fresh interpreter; its stdout."""
+def _run_with_prefork(body: str, setup: str = "") -> str:
+    """Run ``body`` (a block using ``pool``) in a fresh interpreter; its stdout.
+
+    ``setup`` runs at module level before the pool starts (its children
+    inherit it).
+    """
     indented = textwrap.indent(textwrap.dedent(body), "    ").strip()
-    return run_python(PREFORK.replace("BODY", indented)).stdout.strip()
+    code = PREFORK.replace("SETUP", textwrap.dedent(setup)).replace("BODY", indented)
+    return run_python(code).stdout.strip()
 
 
 class TestBilliard:
@@ -803,6 +811,48 @@ class TestBilliard:
         )
 
         assert "index [0]" == out
+
+    def test_a_child_asked_to_retire_reports_its_job_and_is_replaced(self) -> None:
+        """``retire_child_when`` (billiard ``Worker.wait_for_job``, reached as
+        ``current_process()._target`` at ``worker_process_init``): a child whose
+        predicate turns true during a job reports that job's result, then leaves
+        the pool before taking another (``EX_RECYCLE``, no error), and the pool
+        runs the next job in a new child; outside a pool child it does nothing.
+        If not, a child an interrupt landed in (a lock may be held there for
+        ever) runs later tasks, which can hang."""
+        out = _run_with_prefork(
+            """
+            results, errors = [], []
+            first = pool.apply_async(
+                retire_after_this, callback=results.append, error_callback=errors.append
+            )
+            assert wait_for(lambda: results), "the first job reported nothing"
+            pool.apply_async(os.getpid, callback=results.append, error_callback=errors.append)
+            assert wait_for(lambda: len(results) == 2, 20), "the second job did not run"
+            (installed, retiring), later = results
+            print("installed", installed)
+            print("moved", later != retiring)
+            print("errors", errors)
+            print("outside", internals.retire_child_when(lambda: True))
+            """,
+            setup="""
+            from celery import signals
+
+            class Retire:
+                asked = False
+                installed = None
+
+            @signals.worker_process_init.connect
+            def install(**kwargs):
+                Retire.installed = internals.retire_child_when(lambda: Retire.asked)
+
+            def retire_after_this():
+                Retire.asked = True
+                return Retire.installed, os.getpid()
+            """,
+        )
+
+        assert ["installed True", "moved True", "errors []", "outside False"] == (out.splitlines())
 
     def test_billiard_resets_its_signals_and_leaves_sigurg(self) -> None:
         """``BILLIARD_TERMSIGS`` (``billiard.common.TERMSIGS_FULL``): billiard's
@@ -935,3 +985,84 @@ class TestConnections:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=1)
 
         assert time.monotonic() - started < 5.0
+
+
+class TestClientReaches:
+    """What `cancel` reaches in Celery and kombu beyond their public API (issue 18)."""
+
+    def test_publish_control_once_sends_what_broadcast_sends(self, rdb: redis.Redis) -> None:
+        """``publish_control_once`` (Celery's ``Control.mailbox`` bound to a
+        connection, kombu's ``Mailbox._publish(..., producer=)``) puts on the
+        control exchange the body ``app.control.broadcast`` puts there: same
+        method, arguments, and no destination.  If not, workers would not
+        recognise ``cancel()``'s revoke."""
+        app = Celery(f"contract-{uuid.uuid4().hex[:8]}", broker=REDIS_URL, set_as_current=False)
+        app.conf.control_exchange = app.main
+        bodies: list[dict[str, Any]] = []
+        exchange = Exchange(f"{app.main}.pidbox", type="fanout")
+        queue = Queue(f"listener-{uuid.uuid4().hex}", exchange, auto_delete=True)
+        try:
+            with (
+                Connection(REDIS_URL) as listen,
+                Connection(REDIS_URL) as send,
+                listen.Consumer(
+                    [queue], callbacks=[lambda body, message: bodies.append(body)], accept=["json"]
+                ),
+            ):
+                with contextlib.suppress(TimeoutError, OSError):
+                    listen.drain_events(timeout=0.2)  # subscribe first (Redis pub/sub)
+                arguments = {"task_id": ["x"], "terminate": False, "signal": "SIGTERM"}
+                internals.publish_control_once(app, send, "revoke", arguments)
+                app.control.broadcast("revoke", arguments=arguments)
+                deadline = time.monotonic() + 5
+                while len(bodies) < 2 and time.monotonic() < deadline:
+                    with contextlib.suppress(TimeoutError, OSError):
+                        listen.drain_events(timeout=0.2)
+        finally:
+            app.close()
+
+        assert 2 == len(bodies), bodies
+        ours, celerys = ({k: b[k] for k in ("method", "arguments", "destination")} for b in bodies)
+        assert celerys == ours
+
+    def test_publish_control_once_fails_at_once_on_a_dead_broker(self) -> None:
+        """On a connection whose broker is gone, ``publish_control_once`` raises
+        after one attempt instead of entering kombu's retry loop (which
+        ``Mailbox._publish``'s ``retry=True`` would make endless)."""
+        app = Celery("contract-dead", broker=DEAD_REDIS, set_as_current=False)
+        started = time.monotonic()
+        try:
+            with (
+                Connection(DEAD_REDIS, transport_options={"max_retries": 0}) as conn,
+                pytest.raises(Exception),  # noqa: PT011 - the transport's own error
+            ):
+                internals.publish_control_once(app, conn, "revoke", {"task_id": ["x"]})
+        finally:
+            app.close()
+
+        assert time.monotonic() - started < 3.0
+
+    def test_is_fallback_app(self) -> None:
+        """``is_fallback_app`` (``celery._state.default_app``, ``_tls``) recognises
+        the app ``current_app`` gives a thread where no app is current, and no
+        other.  A fresh interpreter, so no test's default app is around.  If
+        not, ``cancel(id)`` on such a thread would use ``amqp://localhost``."""
+        done = run_python(
+            """
+            import threading
+            from celery import Celery, current_app
+            from cancellable.celery import _celery_internals as internals
+
+            mine = Celery("mine")
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(current_app._get_current_object()))
+            thread.start()
+            thread.join()
+            print(internals.is_fallback_app(seen[0]), internals.is_fallback_app(mine),
+                  seen[0].connection_for_write().as_uri())
+            """
+        )
+
+        fallback, mine, broker = done.stdout.split()
+        assert ("True", "False") == (fallback, mine)
+        assert broker.startswith("amqp://")

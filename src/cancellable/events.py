@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CANCEL_BROADCAST_FAILED",
     "CANCEL_DELIVERED",
     "CANCEL_DELIVERY_FAILED",
     "CANCEL_ESCALATED",
@@ -25,6 +26,7 @@ __all__ = [
     "CANCEL_OBSERVED",
     "CANCEL_REQUESTED",
     "CANCEL_SWALLOWED",
+    "CHILD_RETIRED",
     "CLEANUP_FAILED",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
@@ -112,6 +114,14 @@ CANCEL_ESCALATED: Final = "cancel.escalated"
 #: .. versionadded:: 0.1.0
 CANCEL_NOT_ESCALATED: Final = "cancel.not_escalated"
 
+#: An interrupt landed in this prefork child, at whatever bytecode its task
+#: was at, so a lock may be held there for ever: the child leaves the pool
+#: once it has reported the task (billiard replaces it, as for
+#: ``max_tasks_per_child``).  Logged by the child; carries ``pid``.
+#:
+#: .. versionadded:: 0.1.0
+CHILD_RETIRED: Final = "cancel.child_retired"
+
 #: The last step of the ladder: the prefork child running the task was
 #: killed (it was stopped and still ran the task).  A warning; carries
 #: ``pid`` and ``after_s``.  The task ends REVOKED, "terminated after N s".
@@ -128,6 +138,11 @@ TERMINATE_AVERTED: Final = "cancel.terminate_averted"
 
 #: A cancelled Celery task was about to start and its body was skipped.
 TASK_SKIPPED: Final = "task.skipped"
+
+#: ``cancel()`` recorded a cancellation in the ledger but could not
+#: broadcast it in time: workers apply it at their next ledger read.
+#: Carries ``error``, ``task_ids`` (the first 20) and ``targets`` (a count).
+CANCEL_BROADCAST_FAILED: Final = "cancel.broadcast_failed"
 
 #: The cancellation ledger could not be reached; cancellation still reaches
 #: the workers that are online, but it is not durable.

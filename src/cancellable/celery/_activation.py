@@ -25,8 +25,7 @@ The bootstep's ``start`` (the worker starts; before its consumer does)
     reads the ledger into the index, patches Celery (`install_patches`: the
     ``revoke`` control command, ``Request.revoked``,
     ``Request._announce_revoked``, the ``cancellable_members`` command,
-    ``Control.revoke``), installs the wake-up handler of a solo worker, and
-    starts the poller thread.
+    ``Control.revoke``) and starts the poller thread.
 ``worker_shutdown``, or the bootstep's ``terminate`` or ``shutdown`` (however the worker ends)
     stop the poller, drop the worker runtime and remove the worker's
     patches (``Control.revoke`` stays patched).  A warm shutdown's
@@ -189,14 +188,6 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
         install_patches()
-        if (
-            rt.pool_kind == "solo"
-            and rt.tasks.wakeup.available
-            and threading.current_thread() is threading.main_thread()
-        ):
-            # The solo pool runs tasks on this process's main thread: the
-            # interrupt step signals this very process.
-            rt.tasks.wakeup.install(_no_mailbox, rt.tasks.interrupts.raise_if_asked)
         rt.poller = Poller(rt)
         rt.poller.start()
         rt.active = True
@@ -256,10 +247,6 @@ def _mailbox_slots(worker: Any, app: Any) -> int:
     if multiplier == 0:
         return 1 << 30
     return concurrency * multiplier + concurrency + 16
-
-
-def _no_mailbox() -> None:
-    """A solo worker has no mailbox to read after a wake-up signal."""
 
 
 def _warn_prefork(why: str) -> None:

@@ -35,6 +35,7 @@ from billiard.common import TERMSIGS_FULL as _BILLIARD_TERMSIGS_FULL
 from celery._state import get_current_task
 from celery.utils.functional import maybe_list as _maybe_list
 from celery.worker import state as _worker_state
+from kombu.messaging import Producer as _Producer
 
 __all__ = [
     "BILLIARD_TERMSIGS",
@@ -47,6 +48,7 @@ __all__ = [
     "current_task",
     "discard_scheduled",
     "filesystem_backend_path",
+    "is_fallback_app",
     "is_revoked_id",
     "mark_process_terminated",
     "original_of",
@@ -54,6 +56,7 @@ __all__ = [
     "pool_maintainer",
     "pool_process",
     "process_index",
+    "publish_control_once",
     "redis_backend_client",
     "redis_broker_client",
     "register_inspect_command",
@@ -61,6 +64,7 @@ __all__ = [
     "request_context",
     "request_embed",
     "request_worker_pid",
+    "retire_child_when",
     "scheduled_requests",
     "task_ids",
     "unregister_inspect_command",
@@ -559,6 +563,49 @@ def process_index() -> int | None:
     return index if isinstance(index, int) else None
 
 
+def retire_child_when(should_retire: Callable[[], bool]) -> bool:
+    """In a prefork child: leave the pool, the way ``max_tasks_per_child`` does, when asked.
+
+    Called at ``worker_process_init``.  From then on, each time the child is
+    about to wait for its next job it calls ``should_retire()`` first, and
+    if that says so it leaves billiard's work loop with exit code
+    ``EX_RECYCLE`` instead of taking another job: the job it ran last has
+    been reported (its result is on the pool's result queue, so acknowledged
+    and stored as usual), billiard's own exit path waits until the main
+    process has read it, and the pool replaces the child without an error
+    (the path of ``max_tasks_per_child``, whose loop returns ``EX_RECYCLE``
+    after its last job).  ``should_retire`` must take no lock and do no I/O:
+    it runs in a process that may hold a lock for ever.
+
+    Relies on billiard's ``Worker`` (the pool child's process target,
+    ``current_process()._target``, private): ``Worker.__call__`` sets
+    ``self.wait_for_job`` (``_make_child_methods``) before ``after_fork``
+    runs the pool's initializer (Celery's ``process_initializer``, which
+    sends ``worker_process_init``), and ``workloop`` reads
+    ``self.wait_for_job`` after that, calling it before every job.  A
+    ``SystemExit`` raised through the patched ``sys.exit`` of the child
+    records the exit code that ``Worker._do_exit`` uses.  billiard 4.1 to
+    4.3.  False if this process is not such a child.
+    """
+    import sys
+
+    from billiard.pool import EX_RECYCLE
+    from billiard.process import current_process
+
+    worker: Any = getattr(current_process(), "_target", None)
+    wait = getattr(worker, "wait_for_job", None)
+    if wait is None or not callable(wait):
+        return False
+
+    def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+        if should_retire():
+            sys.exit(EX_RECYCLE)
+        return wait(*args, **kwargs)
+
+    worker.wait_for_job = wait_for_job
+    return True
+
+
 #: Signal numbers billiard installs or resets handlers for in pool children
 #: (``billiard.common.TERMSIGS_FULL``, names; private).  A wake-up signal
 #: must be none of them.  billiard 4.1 to 4.3.
@@ -699,3 +746,61 @@ def ping_redis_once(client: Any, timeout: float) -> None:
         raise
     finally:
         pool.release(connection)
+
+
+def publish_control_once(
+    app: Any, connection: Any, command: str, arguments: Mapping[str, Any], timeout: float = 1.0
+) -> None:
+    """Publish the broadcast ``app.control.broadcast(command, arguments=...)`` sends, once.
+
+    The same message on the same exchange (Celery's ``Control.mailbox``
+    bound to ``connection``, then kombu's ``Mailbox._publish(type, arguments,
+    destination=, reply_ticket=, channel=, timeout=, producer=)``, no reply
+    wanted, ``timeout`` as Celery's default: the message expires after it),
+    but published by a ``Producer`` on ``connection``'s channel that makes
+    one attempt: ``Mailbox._publish`` asks ``Producer.publish`` for
+    ``retry=True`` without a retry policy, which kombu's ``Connection.ensure``
+    retries for ever.  The broadcast therefore goes over ``connection`` (not
+    over the app's producer pool) and fails with the transport's error.
+    ``Mailbox.__call__``, ``_publish``: kombu 5.3 to 5.7.
+    """
+    mailbox = app.control.mailbox(connection)
+    channel = connection.default_channel
+    mailbox._publish(
+        command,
+        dict(arguments),
+        destination=None,
+        reply_ticket=None,
+        channel=channel,
+        timeout=timeout,
+        producer=_OneAttemptProducer(channel),
+    )
+
+
+class _OneAttemptProducer:
+    """A kombu ``Producer`` whose ``publish`` never enters kombu's retry loop."""
+
+    def __init__(self, channel: Any) -> None:
+        self._producer: Any = _Producer(channel, auto_declare=False)  # type: ignore[no-untyped-call]
+
+    def publish(self, body: Any, **kwargs: Any) -> Any:
+        kwargs["retry"] = False
+        return self._producer.publish(body, **kwargs)
+
+
+def is_fallback_app(app: Any) -> bool:
+    """Whether ``app`` is the app Celery falls back on when none is current.
+
+    ``celery._state.default_app`` as ``_get_current_app`` makes it when no
+    app was set as the default: ``Celery("default", set_as_current=False)``,
+    configured for ``amqp://localhost``.  A thread that has no current app
+    (``_tls.current_app`` is set per thread) gets it from ``current_app``.
+    Undocumented; same in 5.3 to 5.7.
+    """
+    from celery import _state
+
+    return (
+        app is _state.default_app
+        and getattr(app, "main", None) == "default"
+        and getattr(app, "set_as_current", True) is False
+    )

@@ -35,6 +35,7 @@ child, end the process.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -47,7 +48,7 @@ from .._exceptions import Cancelled, CancelReason
 from .._log import logger
 from .._log import reason_fields as _reason_fields
 from .._scope import observed_at, set_log_fields
-from ..events import TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
+from ..events import CHILD_RETIRED, TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
 from . import _celery_internals as celery_internals
 from . import _workflow
 from ._index import request_targets
@@ -149,6 +150,10 @@ def _run_task(
     finally:
         tasks.running.unregister(entry)
         if table is not None:
+            if tasks.interrupts.landed:
+                # Before the row is cleared: if this log meets a lock the
+                # interrupt left held, the terminate step still finds the task.
+                logger.info(CHILD_RETIRED, task_id=task_id, task_name=task.name, pid=os.getpid())
             table.clear()
 
 
