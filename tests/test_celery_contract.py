@@ -977,6 +977,50 @@ class TestConnections:
         with Connection("memory://") as conn:
             assert internals.redis_broker_client(conn) is None
 
+    def test_bounded_redis_client_copies_the_server_and_bounds_every_wait(
+        self, app: Celery, tmp_path: Any
+    ) -> None:
+        """``bounded_redis_client`` (redis-py ``ConnectionPool.connection_kwargs``,
+        ``connection_class``, ``Retry``/``NoBackoff``) makes a client on the result
+        backend's server and database with 2 s timeouts and no retry, leaves
+        Celery's client as it was, and on a stopped server raises a timeout after
+        about 2 s.  If not, a ledger on the result backend waits 120 s (Celery's
+        socket timeout) on a hung server, and the worker's ledger thread with it."""
+        import random
+
+        from tests.soak.harness import RedisServer, free_port
+
+        celery_client = internals.redis_backend_client(app.backend)
+        before = dict(celery_client.connection_pool.connection_kwargs)
+        bounded = internals.bounded_redis_client(celery_client, 2.0)
+        kwargs = bounded.connection_pool.connection_kwargs
+
+        assert bounded.ping()
+        assert bounded is not celery_client
+        assert bounded.connection_pool is not celery_client.connection_pool
+        assert (before["host"], before["port"], before["db"]) == (
+            kwargs["host"],
+            kwargs["port"],
+            kwargs["db"],
+        )
+        assert (2.0, 2.0) == (kwargs["socket_timeout"], kwargs["socket_connect_timeout"])
+        assert before == dict(celery_client.connection_pool.connection_kwargs)
+
+        server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+        server.start()
+        try:
+            given = redis.Redis.from_url(server.url, socket_timeout=120)
+            hung = internals.bounded_redis_client(given, 2.0)
+            assert hung.ping()
+            server.pause()
+            started = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                hung.xrange("any", count=1)
+            waited = time.monotonic() - started
+        finally:
+            server.stop()
+        assert 1.5 < waited < 3.0
+
     def test_ping_redis_once_fails_fast_without_retry(self) -> None:
         """``ping_redis_once`` (redis-py ``get_connection``, ``send_command``,
         ``read_response``) on a dead server raises at once, whatever the client's

@@ -168,8 +168,10 @@ CANCEL_BROADCAST_FAILED: Final = "cancel.broadcast_failed"
 #: the workers that are online, but it is not durable.
 LEDGER_UNAVAILABLE: Final = "ledger.unavailable"
 
-#: The safety-net poll of the ledger failed for a reason other than the
-#: ledger being down.  Carries ``error``.
+#: A duty of a worker's poller threads (a ledger read or write, the delivery
+#: or ladder tick, the index purge) failed for a reason other than the ledger
+#: being down; the other duties still ran.  Logged once per cause, then at
+#: most once a minute.  Carries ``where``, ``error`` and ``repeats``.
 LEDGER_POLL_FAILED: Final = "ledger.poll_failed"
 
 #: The REVOKED state of a cancelled task could not be stored in the result

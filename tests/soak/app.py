@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -180,3 +181,47 @@ def no_checkpoint(self: Any, seconds: float) -> str:
     sleep_blind(seconds)
     event(task_id, run, "finished")
     return "no_checkpoint"
+
+
+# --------------------------------------------------------------------------
+# The longest waits of this worker's threads, for the soak's report.
+
+TIMINGS_DIR = EVENTS_DIR.parent / "timings"
+
+
+def _report_timings(hostname: str, stop: threading.Event) -> None:
+    """Every half second, write the library's figures to ``timings/<node>.json``.
+
+    The worker's consumer, ticker and ledger thread note their longest waits
+    (`cancellable.celery._runtime.Timings`).  One write of a whole file
+    (rename into place), so a worker killed with SIGKILL leaves its last one
+    complete.  This thread does no network I/O and takes none of the
+    library's locks.
+    """
+    from cancellable.celery._runtime import runtime
+
+    TIMINGS_DIR.mkdir(parents=True, exist_ok=True)
+    path = TIMINGS_DIR / f"{hostname}.json"
+    while not stop.wait(0.5):
+        worker = runtime().worker
+        if worker is None:
+            continue
+        figures = {"pid": os.getpid(), "ts": time.time(), **worker.timings.as_dict()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(figures))
+        os.replace(tmp, path)
+
+
+if WITH_CANCELLABLE:
+    from celery import signals
+
+    @signals.worker_ready.connect
+    def _start_timings(sender: Any = None, **kwargs: Any) -> None:
+        hostname = getattr(sender, "hostname", None) or f"pid-{os.getpid()}"
+        thread = threading.Thread(
+            target=_report_timings,
+            args=(hostname, threading.Event()),
+            name="soak-timings",
+            daemon=True,
+        )
+        thread.start()

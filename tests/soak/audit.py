@@ -128,6 +128,9 @@ class Report:
     anomalies: list[Violation] = dataclasses.field(default_factory=list)
     #: The evidence that the broker lost a task's message, by task id.
     lost: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Each worker's longest waits (node -> figure -> seconds), and their bounds.
+    stalls: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    stall_bounds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def violations(self) -> list[Violation]:
@@ -174,6 +177,15 @@ class Report:
                 f"raced starts (started within grace after the cancel): {len(raced)}, "
                 f"max {max(raced):.3f}s after the call returned"
             )
+        if self.stalls:
+            bounds = ", ".join(f"{k} {v:.1f}s" for k, v in self.stall_bounds.items())
+            lines.append(f"longest stalls per worker (bounds: {bounds}):")
+            for node, figures in sorted(self.stalls.items()):
+                shown = ", ".join(
+                    f"{k} {float(figures.get(k, 0.0)):.3f}s"
+                    for k in ("consumer_s", "tick_gap_s", "tick_s", "ledger_call_s")
+                )
+                lines.append(f"  {node.split('@')[0]}: {shown}")
         notes = Counter(n for v in self.verdicts for n in v.notes)
         for note, n in sorted(notes.items()):
             lines.append(f"note: {note} ({n})")

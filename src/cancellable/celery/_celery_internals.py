@@ -45,6 +45,7 @@ __all__ = [
     "active_request_ids",
     "add_revoked_id",
     "announce_revoked",
+    "bounded_redis_client",
     "consumer_of",
     "current_task",
     "database_backend_engine",
@@ -838,6 +839,69 @@ def redis_broker_client(connection: Any) -> Any | None:
     """
     client = getattr(connection.default_channel, "client", None)
     return client if callable(getattr(client, "ping", None)) else None
+
+
+def bounded_redis_client(client: Any, timeout: float) -> Any:
+    """A new ``redis.Redis`` to the same server as ``client``, every wait bounded by ``timeout``.
+
+    Copies the connection parameters of ``client``'s pool
+    (``ConnectionPool.connection_kwargs``, ``connection_class``,
+    ``max_connections``; a ``SentinelConnectionPool`` also its
+    ``service_name``, ``sentinel_manager`` and ``is_master``) onto a pool of
+    its own, with ``socket_timeout`` and ``socket_connect_timeout`` at most
+    ``timeout`` (a smaller one configured is kept) and no retry
+    (``retry=Retry(NoBackoff(), 0)``, ``retry_on_timeout=False``,
+    ``retry_on_error=[]``): redis-py 4.5 to 8 retry a failed command only
+    through the connection's ``retry``, so one call waits at most
+    ``timeout`` to connect and ``timeout`` for each reply.  ``client``
+    itself (Celery's, with its 120 s socket timeout) is left untouched.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs.pop("connection_pool", None)  # a Sentinel pool's proxy to itself
+    # redis-py 8 keeps per-pool state here (its maintenance-notification
+    # handler, the timeouts to restore after one): the new pool makes its own.
+    for name in (
+        "maint_notifications_pool_handler",
+        "orig_socket_timeout",
+        "orig_socket_connect_timeout",
+    ):
+        kwargs.pop(name, None)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        given = kwargs.get(name)
+        kwargs[name] = timeout if given is None else min(float(given), timeout)
+    kwargs.update(retry=Retry(NoBackoff(), 0), retry_on_timeout=False, retry_on_error=[])
+    if kwargs.get("health_check_interval"):
+        kwargs["health_check_interval"] = 0  # its PING would be one more wait
+    connection_class = pool.connection_class
+    try:
+        connection_class(**kwargs)  # builds, never connects: are all parameters known?
+    except TypeError:  # an old Unix-socket connection has no connect timeout
+        kwargs.pop("socket_connect_timeout", None)
+    except Exception:  # noqa: BLE001 - e.g. a Sentinel connection wants its pool
+        pass
+    max_connections = getattr(pool, "max_connections", None)
+    service = getattr(pool, "service_name", None)
+    if service is not None and hasattr(pool, "sentinel_manager"):
+        from redis.sentinel import SentinelConnectionPool
+
+        new_pool: Any = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            service,
+            pool.sentinel_manager,
+            connection_class=connection_class,
+            is_master=getattr(pool, "is_master", True),
+            max_connections=max_connections,
+            **kwargs,
+        )
+    else:
+        new_pool = redis.ConnectionPool(
+            connection_class=connection_class, max_connections=max_connections, **kwargs
+        )
+    return redis.Redis(connection_pool=new_pool)
 
 
 def ping_redis_once(client: Any, timeout: float) -> None:
