@@ -465,8 +465,8 @@ class TestTimeBudget:
         with CancelScope() as scope:
             handles = [HookHandle(scope, fail, (), {}), HookHandle(scope, lambda: None, (), {})]
 
-        assert (error,) == _hooks.run_hooks(handles, None)
-        assert () == _hooks.run_hooks([], 1.0)
+        assert (error,) == _hooks.run_hooks(handles, None, None, _scope._budget_scope)
+        assert () == _hooks.run_hooks([], 1.0, None, _scope._budget_scope)
 
 
 class TestLateRegistration:

@@ -19,7 +19,8 @@ Running
 Hooks run on the thread that owns the scope, because cleanup usually touches
 thread-bound resources (a database connection, a transaction, a temp file a
 thread opened).  Each hook with a budget runs inside a scope of its own, the
-*budget scope*, entered under the cleanup shield; the timer thread calls
+*budget scope* (a shielded `CancelScope` that ``_scope``, which sits above
+this module, makes for `run_hooks`), entered under the cleanup shield; the timer thread calls
 `_Budget.expire` when the budget runs out, which cancels that scope: the
 hook's next checkpoint, `cancellable.sleep` or `cancellable.wait` raises
 `Cancelled`, the budget scope absorbs it, and the runner records
@@ -57,6 +58,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import Any, Final, Protocol
 
 from . import _timer
@@ -65,6 +67,7 @@ from ._log import logger
 from .events import CLEANUP_FAILED, CLEANUP_OVERRAN, CLEANUP_TIMED_OUT
 
 __all__ = [
+    "BudgetScope",
     "Hook",
     "HookHandle",
     "allow_async_raise",
@@ -77,6 +80,21 @@ __all__ = [
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
 _set_async_exc.restype = ctypes.c_int
+
+
+class BudgetScope(Protocol):
+    """The scope a hook with a budget runs in: a shielded `CancelScope` (made by ``_scope``)."""
+
+    def __enter__(self) -> object: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+    def cancel(self, reason: CancelReason) -> None: ...
+    @property
+    def cancelled_caught(self) -> bool: ...
 
 
 class Hook(Protocol):
@@ -316,14 +334,17 @@ if hasattr(os, "register_at_fork"):  # not on Windows
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _call_with_budget(hook: Hook, budget: float | None, fields: Mapping[str, Any]) -> None:
+def _call_with_budget(
+    hook: Hook,
+    budget: float | None,
+    fields: Mapping[str, Any],
+    budget_scope: Callable[[], BudgetScope],
+) -> None:
     if budget is None:
         hook.fn(*hook.args, **hook.kwargs)
         return
-    from ._scope import CancelScope  # _scope imports this module
-
-    # A shield, as the cleanup scope around it: only the budget cancels it.
-    with CancelScope(shield=True) as scope:
+    scope = budget_scope()
+    with scope:
         state = _Budget(scope, hook, budget, fields)
         state.raise_anywhere = async_raise_allowed()
         _running.add(state)
@@ -352,9 +373,16 @@ def _timed_out(hook: Hook, budget: float) -> HookTimeoutError:
 
 
 def run_hooks(
-    hooks: Sequence[Hook], budget: float | None, log_fields: Mapping[str, Any] | None = None
+    hooks: Sequence[Hook],
+    budget: float | None,
+    log_fields: Mapping[str, Any] | None,
+    budget_scope: Callable[[], BudgetScope],
 ) -> tuple[BaseException, ...]:
     """Run ``hooks`` in the given order; return the errors they raised.
+
+    Each hook runs within ``budget`` seconds (None: no limit), inside a new
+    ``budget_scope()`` that the budget cancels (``_scope`` passes a factory
+    of shielded `CancelScope` objects: this module sits below it).
 
     `KeyboardInterrupt` and `SystemExit` from a hook are re-raised, but only
     after every other hook has run.
@@ -364,7 +392,7 @@ def run_hooks(
     fatal: BaseException | None = None
     for hook in hooks:
         try:
-            _call_with_budget(hook, budget, fields)
+            _call_with_budget(hook, budget, fields, budget_scope)
         except (KeyboardInterrupt, SystemExit) as exc:
             fatal = fatal or exc
         except HookTimeoutError as exc:
