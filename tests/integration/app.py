@@ -556,12 +556,13 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
 
         The task cancels a scope of its own whose hooks have a budget of
         ``budget`` seconds; its one hook loops like `locks_churn` (a
-        checkpoint every ``every`` rounds, at most 10 s) and records
-        ``<n>:<pid>:<where>:<held>`` in ``<key>:ended`` when an exception
-        ends it (``where``: ``checkpoint`` or ``elsewhere``, an arbitrary
-        bytecode).  Returns the pid.
+        checkpoint every ``every`` rounds, at most 10 s) and notes how an
+        exception ended it; once the hook is over the task records
+        ``<n>:<pid>:<where>:<held>`` in ``<key>:ended`` (``where``:
+        ``checkpoint`` or ``elsewhere``, an arbitrary bytecode).  Returns
+        the pid.
         """
-        r = obs()
+        ended: list[str] = []
 
         def hook() -> None:
             before = lock_state()
@@ -578,13 +579,16 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
                         at_checkpoint = False
             except BaseException:
                 where = "checkpoint" if at_checkpoint else "elsewhere"
-                r.rpush(f"{key}:ended", f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
+                ended.append(f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
                 raise
 
         with CancelScope(hook_timeout=budget) as scope:
             on_cancel(hook)
             scope.cancel("run the hook")
             checkpoint()
+        # After the hook: no budget can raise here any more.
+        if ended:
+            obs().rpush(f"{key}:ended", ended[0])
         return os.getpid()
 
     @app.task(name="cit.locks.probe")

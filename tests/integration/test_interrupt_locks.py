@@ -256,8 +256,8 @@ def test_prefork_hook_budgets_retire_the_child_and_no_later_task_hangs(make_work
 
     assert seen.hung_after is None, seen.summary()
     assert {"SUCCESS": ROUNDS} == dict(seen.states)
-    # (A hook records how it ended from its except block, which a raise
-    # that lands there can cut short: a few records may be missing.)
+    # (A hook notes how it ended in its except block, which a raise that
+    # lands there can cut short: a record may be missing.)
     assert len(seen.ended) >= ROUNDS - 10, seen.summary()
     interrupted_pids = {pid for _n, pid, _w, _h in seen.interrupts}
     # The hazard was there: each hook without a checkpoint was raised into
