@@ -19,6 +19,13 @@ Before the rule (one prefork child, a probe after each interrupt), a probe
 hung after 43, 7 and 46 interrupts (three runs; each time the queue's mutex
 had been left held), and 13 of those 95 interrupts left something held;
 on the threads pool a probe hung after 2 and 5 interrupts.
+
+Cleanup-hook budgets raised the same way (``PyThreadState_SetAsyncExc``)
+in every process and follow the same rule now (docs/cleanup.md): a budget
+raises at an arbitrary bytecode only in a prefork child, which is then
+retired; elsewhere a hook stops at its checkpoints.  Before, with the
+tests below, a task hung after 16, 40 and 24 budget expiries on prefork
+(eight children) and after 2, 7 and 29 on the threads pool.
 """
 
 from __future__ import annotations
