@@ -217,11 +217,15 @@ class TooSlowError(Exception):
 
 
 class HookTimeoutError(BaseException):
-    """Injected into a cleanup hook that overran its time budget.
+    """Recorded for a cleanup hook that overran its time budget and was stopped.
 
-    A `BaseException` so that the hook's own ``except Exception:`` does not
-    absorb it.  It never leaves the hook runner: it is logged and recorded in
-    `Cancelled.hook_errors`.
+    The hook is stopped at its next checkpoint, `cancellable.sleep` or
+    `cancellable.wait` (where it sees `Cancelled`); in a Celery prefork
+    child, which is then retired, this exception is injected into a hook
+    still running shortly after its budget, wherever it is (see
+    docs/cleanup.md).  A `BaseException` so that the hook's own ``except
+    Exception:`` does not absorb it.  It never leaves the hook runner: it is
+    logged and recorded in `Cancelled.hook_errors`.
 
     .. versionadded:: 0.1.0
     """

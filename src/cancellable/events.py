@@ -28,6 +28,7 @@ __all__ = [
     "CANCEL_SWALLOWED",
     "CHILD_RETIRED",
     "CLEANUP_FAILED",
+    "CLEANUP_OVERRAN",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
     "LEDGER_POLL_FAILED",
@@ -79,8 +80,17 @@ CANCEL_SWALLOWED: Final = "cancel.swallowed"
 #: A cleanup hook raised.  Carries ``hook`` and ``error``.
 CLEANUP_FAILED: Final = "cleanup.failed"
 
-#: A cleanup hook overran its time budget and was interrupted.
+#: A cleanup hook was stopped because it overran its time budget (at a
+#: checkpoint, `cancellable.sleep` or `cancellable.wait`, or, in a process
+#: that will be retired, wherever it was).  Carries ``hook`` and ``budget_s``.
 CLEANUP_TIMED_OUT: Final = "cleanup.timed_out"
+
+#: A cleanup hook ran past its time budget in a process where it is not
+#: raised into at an arbitrary bytecode (everywhere but a Celery prefork
+#: child): it stops at its next checkpoint, `cancellable.sleep` or
+#: `cancellable.wait`, or runs on to its end.  Logged once per hook run, when
+#: the budget expires.  Carries ``hook``, ``budget_s`` and ``why``.
+CLEANUP_OVERRAN: Final = "cleanup.overran"
 
 #: A cancelled scope exited.  Carries ``caught`` (whether this scope absorbed
 #: the `~cancellable.Cancelled`), ``hooks_run``, ``hook_errors`` and

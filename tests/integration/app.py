@@ -135,7 +135,7 @@ def plain_count_signals(key: str, seconds: float) -> int:
 if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     from celery import current_task
 
-    from cancellable import cancellable, checkpoint, on_cancel
+    from cancellable import CancelScope, cancellable, checkpoint, on_cancel
 
     def hook(key: str, name: str) -> None:
         """A cleanup hook: records that it ran."""
@@ -548,6 +548,48 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
             r.rpush(f"{key}:ended", f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
             raise
         return "done"
+
+    @app.task(bind=True, name="cit.locks.hook_churn")
+    @cancellable
+    def locks_hook_churn(self: Any, key: str, n: int, budget: float, every: int = 400) -> int:
+        """A cleanup hook that loops over the shared pool and logger until its budget stops it.
+
+        The task cancels a scope of its own whose hooks have a budget of
+        ``budget`` seconds; its one hook loops like `locks_churn` (a
+        checkpoint every ``every`` rounds, at most 10 s) and notes how an
+        exception ended it; once the hook is over the task records
+        ``<n>:<pid>:<where>:<held>`` in ``<key>:ended`` (``where``:
+        ``checkpoint`` or ``elsewhere``, an arbitrary bytecode).  Returns
+        the pid.
+        """
+        ended: list[str] = []
+
+        def hook() -> None:
+            before = lock_state()
+            end = time.monotonic() + 10.0
+            at_checkpoint = False
+            rounds = 0
+            try:
+                while time.monotonic() < end:
+                    use_shared_locks()
+                    rounds += 1
+                    if rounds % every == 0:
+                        at_checkpoint = True
+                        checkpoint()
+                        at_checkpoint = False
+            except BaseException:
+                where = "checkpoint" if at_checkpoint else "elsewhere"
+                ended.append(f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
+                raise
+
+        with CancelScope(hook_timeout=budget) as scope:
+            on_cancel(hook)
+            scope.cancel("run the hook")
+            checkpoint()
+        # After the hook: no budget can raise here any more.
+        if ended:
+            obs().rpush(f"{key}:ended", ended[0])
+        return os.getpid()
 
     @app.task(name="cit.locks.probe")
     def locks_probe() -> int:
