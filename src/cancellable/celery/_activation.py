@@ -52,7 +52,7 @@ from .. import _decorator
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
-from . import _client, _failfast, _ledger, _revokes, _task
+from . import _client, _failfast, _ledger, _revokes, _shutdown, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import settings_for
@@ -212,6 +212,17 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         ``worker_shutdown``, which Celery sends once the pool has stopped
         (or until ``terminate``/``shutdown``).
         """
+
+    def close(self, parent: Any) -> None:
+        """The worker begins to stop: with ``cancellable_shutdown_grace``, send tasks back.
+
+        Celery's ``Blueprint.stop`` closes every step, first to last (this
+        step is first), before it stops them, and the pool's ``stop`` then
+        waits for the running tasks: the running ``@cancellable`` tasks are
+        cancelled here and go back to the broker
+        (`cancellable.celery._shutdown`).
+        """
+        _shutdown.begin_shutdown(self.runtime)
 
     def terminate(self, parent: Any) -> None:
         """Cold shutdown (also ``WorkController.terminate()``)."""

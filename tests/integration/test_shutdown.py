@@ -1,0 +1,130 @@
+"""Warm shutdowns with ``cancellable_shutdown_grace``: the task stops, cleans up and runs again.
+
+Real prefork workers, real brokers.  Worker A runs the first run of a task;
+worker B, started on the same queue once A holds the task, must run it
+again.  A background thread reads the task's stored state every 20 ms, from
+before the SIGTERM until the end, so a REVOKED or FAILURE on the way would
+be seen.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery.result import AsyncResult
+
+from .conftest import Keys, Worker, state_of, task_meta, wait_for, wait_state
+
+GRACE = 3.0
+
+
+class StateWatch:
+    """Every state the backend held for one task while the watch ran."""
+
+    def __init__(self, result: AsyncResult) -> None:
+        self.result = result
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            state = state_of(self.result)
+            if not self.seen or self.seen[-1] != state:
+                self.seen.append(state)
+            if state in ("SUCCESS", "FAILURE", "REVOKED"):
+                return
+            time.sleep(0.02)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen
+
+
+def _runs(keys: Keys, name: str) -> list[tuple[str, int, int, float]]:
+    """The task's log lines: (what, run number, pid, time)."""
+    out = []
+    for line in keys.list(name, "log"):
+        what, run, pid, at = line.split()
+        out.append((what, int(run), int(pid), float(at)))
+    return out
+
+
+def _shutdown_worker(make_worker: Callable[..., Worker], broker: str, **kw: Any) -> Worker:
+    return make_worker(
+        broker=broker,
+        concurrency=1,
+        extra_env={"CIT_SETTINGS": json.dumps({"cancellable_shutdown_grace": GRACE})},
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("broker", "task", "how"),
+    [
+        ("redis", "cit.rerun.late", "requeued"),
+        ("rabbitmq", "cit.rerun.late", "requeued"),
+        ("redis", "cit.rerun.early", "resent"),
+        ("redis", "cit.rerun.sleep", "requeued"),
+    ],
+)
+def test_warm_shutdown_sends_the_task_back(
+    make_worker: Callable[..., Worker], keys: Keys, broker: str, task: str, how: str
+) -> None:
+    """SIGTERM to A mid-task: A exits within 15 s with the task's cleanup run
+    on A, the task runs again on B to SUCCESS, the backend never holds REVOKED
+    or FAILURE on the way, and the two runs do not overlap.
+
+    Cases: acks_late on Redis and on RabbitMQ (the message is returned
+    unacked), a task acked early (a copy is re-sent with the same id), and a
+    task stuck in ``time.sleep`` (the ladder's interrupt ends it after the
+    grace).
+    """
+    a = _shutdown_worker(make_worker, broker)
+    result = a.send(task, keys.key("t"))
+    wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
+    a_child = keys.started("t")[0]
+    assert a_child in a.children()
+    b = _shutdown_worker(make_worker, broker, queue=a.queue)
+    watch = StateWatch(result)
+    assert watch.seen[:1] != ["REVOKED"]
+
+    sigterm_at = time.time()
+    a.stop(timeout=30)
+    assert a.proc is not None and a.proc.returncode == 0, a.tail()
+    assert a.stop_seconds is not None and a.stop_seconds < 15.0, f"A took {a.stop_seconds:.1f} s"
+
+    wait_state(result, ("SUCCESS", "FAILURE", "REVOKED"), 30)
+    seen = watch.stop()
+    assert state_of(result) == "SUCCESS", task_meta(result)
+    assert "REVOKED" not in seen and "FAILURE" not in seen, seen
+    assert result.get(timeout=5).startswith("run 2 on ")
+
+    runs = _runs(keys, "t")
+    first = [r for r in runs if r[1] == 1]
+    second = [r for r in runs if r[1] == 2]
+    assert [r[0] for r in first] == ["start", "cancelled", "cleanup"], runs
+    assert {r[2] for r in first} == {a_child}, "the first run and its cleanup ran on A"
+    assert [r[0] for r in second] == ["start", "done"], runs
+    assert second[0][2] in b.children(), "the second run ran on B"
+    assert second[0][3] >= first[-1][3], "the second run started before the first one's cleanup"
+    assert keys.r.get(f"{keys.key('t')}:runs") == "2"
+    assert keys.flag("t", "reason") == (
+        "shutdown|worker shutdown: the task goes back to the queue"
+    )
+    log = a.log_path.read_text(errors="replace")
+    assert "worker.shutdown" in log and "task.sent_back" in log and how in log, a.tail()
+    stopped_after = first[1][3] - sigterm_at
+    if task == "cit.rerun.sleep":
+        # No checkpoint: interrupted when the grace was over, not before.
+        assert stopped_after >= GRACE - 0.2, runs
+    else:
+        # At its next checkpoint, long before the grace is over.
+        assert stopped_after < GRACE, runs
