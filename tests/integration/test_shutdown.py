@@ -10,51 +10,16 @@ be seen.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery.result import AsyncResult
 
-from .conftest import Keys, Worker, state_of, task_meta, wait_for, wait_state
+from .conftest import Keys, Worker, state_of, task_meta, wait_for
+from .reruns import StateWatch, log_lines
 
 GRACE = 3.0
-
-
-class StateWatch:
-    """Every state the backend held for one task while the watch ran."""
-
-    def __init__(self, result: AsyncResult) -> None:
-        self.result = result
-        self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            state = state_of(self.result)
-            if not self.seen or self.seen[-1] != state:
-                self.seen.append(state)
-            if state in ("SUCCESS", "FAILURE", "REVOKED"):
-                return
-            time.sleep(0.02)
-
-    def stop(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(5)
-        return self.seen
-
-
-def _runs(keys: Keys, name: str) -> list[tuple[str, int, int, float]]:
-    """The task's log lines: (what, run number, pid, time)."""
-    out = []
-    for line in keys.list(name, "log"):
-        what, run, pid, at = line.split()
-        out.append((what, int(run), int(pid), float(at)))
-    return out
 
 
 def _shutdown_worker(make_worker: Callable[..., Worker], broker: str, **kw: Any) -> Worker:
@@ -98,16 +63,18 @@ def test_warm_shutdown_sends_the_task_back(
 
     sigterm_at = time.time()
     a.stop(timeout=30)
-    assert a.proc is not None and a.proc.returncode == 0, a.tail()
-    assert a.stop_seconds is not None and a.stop_seconds < 15.0, f"A took {a.stop_seconds:.1f} s"
+    assert a.proc is not None
+    assert a.proc.returncode == 0, a.tail()
+    assert a.stop_seconds is not None
+    assert a.stop_seconds < 15.0, f"A took {a.stop_seconds:.1f} s"
 
-    wait_state(result, ("SUCCESS", "FAILURE", "REVOKED"), 30)
-    seen = watch.stop()
+    seen = watch.wait(30)
     assert state_of(result) == "SUCCESS", task_meta(result)
-    assert "REVOKED" not in seen and "FAILURE" not in seen, seen
+    assert "REVOKED" not in seen, seen
+    assert "FAILURE" not in seen, seen
     assert result.get(timeout=5).startswith("run 2 on ")
 
-    runs = _runs(keys, "t")
+    runs = log_lines(keys, "t")
     first = [r for r in runs if r[1] == 1]
     second = [r for r in runs if r[1] == 2]
     assert [r[0] for r in first] == ["start", "cancelled", "cleanup"], runs
@@ -116,11 +83,11 @@ def test_warm_shutdown_sends_the_task_back(
     assert second[0][2] in b.children(), "the second run ran on B"
     assert second[0][3] >= first[-1][3], "the second run started before the first one's cleanup"
     assert keys.r.get(f"{keys.key('t')}:runs") == "2"
-    assert keys.flag("t", "reason") == (
-        "shutdown|worker shutdown: the task goes back to the queue"
-    )
+    assert keys.flag("t", "reason") == ("shutdown|worker shutdown: the task goes back to the queue")
     log = a.log_path.read_text(errors="replace")
-    assert "worker.shutdown" in log and "task.sent_back" in log and how in log, a.tail()
+    assert "worker.shutdown" in log
+    assert f"task.sent_back task_id='{result.id}'" in log
+    assert f"how='{how}'" in log
     stopped_after = first[1][3] - sigterm_at
     if task == "cit.rerun.sleep":
         # No checkpoint: interrupted when the grace was over, not before.

@@ -138,6 +138,7 @@ def install_patches() -> None:
         )
         celery_internals.wrap_request_revoked(_revokes.request_revoked)
         celery_internals.wrap_request_announce_revoked(_revokes.announce_revoked)
+        celery_internals.wrap_consumer_connection_lost(_shutdown.connection_lost)
     _client.install_revoke_recorder()
 
 
@@ -150,6 +151,7 @@ def remove_patches() -> None:
         celery_internals.unwrap_revoke_command()
         celery_internals.unregister_inspect_command(_revokes.MEMBERS_COMMAND)
         celery_internals.unwrap_request_methods()
+        celery_internals.unwrap_consumer_connection_lost()
 
 
 class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

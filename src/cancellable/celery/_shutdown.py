@@ -32,18 +32,31 @@ The process that runs the task (`send_back`)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from celery.exceptions import Ignore, Reject
 
 from .._exceptions import CancelReason
 from .._log import logger, reason_fields
-from ..events import TASK_SENT_BACK, WORKER_CONNECTION_LOST, WORKER_SHUTDOWN
+from ..events import (
+    CANCEL_DELIVERY_FAILED,
+    TASK_SENT_BACK,
+    WORKER_CONNECTION_LOST,
+    WORKER_SHUTDOWN,
+)
 from . import _celery_internals as celery_internals
 from ._delivery import cancellable_options
-from ._runtime import WorkerRuntime
+from ._runtime import WorkerRuntime, runtime
 
-__all__ = ["SENT_BACK", "cancel_running", "is_sent_back", "send_back"]
+__all__ = [
+    "SENT_BACK",
+    "begin_shutdown",
+    "cancel_running",
+    "connection_lost",
+    "is_sent_back",
+    "send_back",
+]
 
 #: The sources whose task goes back to the broker instead of ending.
 SENT_BACK: Final = frozenset({"shutdown", "connection_lost"})
@@ -107,6 +120,39 @@ def begin_shutdown(rt: WorkerRuntime) -> list[str]:
     if grace is None or not rt.active:
         return []
     return cancel_running(rt, "shutdown", grace)
+
+
+def connection_lost(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``Consumer.on_connection_error_after_connected``, cancelling first (module docstring).
+
+    Runs on the consumer's thread while the old connection is still
+    there: if its broker redelivers unacked messages (AMQP) and
+    ``cancellable_cancel_on_connection_loss`` is on, the running
+    ``@cancellable`` ``acks_late`` tasks are cancelled, and their messages
+    are never acknowledged (the delivery died with the channel).  Celery's
+    ``worker_cancel_long_running_tasks_on_connection_loss`` then leaves them
+    alone (it skips acknowledged requests) instead of killing their child.
+    """
+
+    def on_connection_error_after_connected(consumer: Any, exc: Any) -> Any:
+        rt = runtime().worker
+        if (
+            rt is not None
+            and rt.serves(getattr(consumer, "app", None))
+            and rt.settings.cancel_on_connection_loss
+            and celery_internals.redelivers_unacked(getattr(consumer, "connection", None))
+        ):
+            try:
+                requests = celery_internals.worker_requests()
+                for task_id in cancel_running(rt, "connection_lost", None, acks_late_only=True):
+                    request = requests.get(task_id)
+                    if request is not None:
+                        celery_internals.drop_acknowledgement(request)
+            except Exception as error:  # noqa: BLE001 - never break the consumer's restart
+                logger.error(CANCEL_DELIVERY_FAILED, error=repr(error), exc_info=error)
+        return original(consumer, exc)
+
+    return on_connection_error_after_connected
 
 
 def send_back(task: Any, request: Any, reason: CancelReason) -> NoReturn:
