@@ -8,6 +8,7 @@ worker's run.  With Redis nothing is redelivered, so nothing is stopped.
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -42,16 +43,29 @@ def proxy_for_fixture() -> Iterator[Callable[[str], TcpProxy]]:
         proxy.close()
 
 
+@pytest.mark.parametrize("celery_cancels", [False, True])
 def test_rabbitmq_connection_loss_stops_the_first_copy(
-    make_worker: Callable[..., Worker], keys: Keys, proxy_for: Callable[[str], TcpProxy]
+    make_worker: Callable[..., Worker],
+    keys: Keys,
+    proxy_for: Callable[[str], TcpProxy],
+    celery_cancels: bool,
 ) -> None:
     """Cut A's RabbitMQ connection while it runs an acks_late task: B starts
     the redelivered copy, A's copy stops within 2 s of the cut with its
-    cleanup run, the task ends SUCCESS from B's run with no REVOKED or
-    FAILURE in between, and A serves new tasks once the proxy is back."""
+    cleanup run, the task ends SUCCESS from B's run with no REVOKED,
+    FAILURE or RETRY in between, and A serves new tasks once the proxy is
+    back.  With Celery's ``worker_cancel_long_running_tasks_on_connection_loss``
+    the task takes the same cooperative path (Celery alone would SIGTERM
+    the child, without cleanup, and store RETRY)."""
     proxy = proxy_for("rabbitmq")
+    settings = {"worker_cancel_long_running_tasks_on_connection_loss": celery_cancels}
     a = make_worker(
-        broker="rabbitmq", concurrency=1, extra_env={"CIT_BROKER_URL": _proxied("rabbitmq", proxy)}
+        broker="rabbitmq",
+        concurrency=1,
+        extra_env={
+            "CIT_BROKER_URL": _proxied("rabbitmq", proxy),
+            "CIT_SETTINGS": json.dumps(settings),
+        },
     )
     result = a.send("cit.rerun.late", keys.key("t"))
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
@@ -67,6 +81,7 @@ def test_rabbitmq_connection_loss_stops_the_first_copy(
     assert state_of(result) == "SUCCESS", task_meta(result)
     assert "REVOKED" not in seen, seen
     assert "FAILURE" not in seen, seen
+    assert "RETRY" not in seen, seen
     assert result.get(timeout=5).startswith("run 2 on ")
 
     lines = log_lines(keys, "t")
@@ -88,6 +103,39 @@ def test_rabbitmq_connection_loss_stops_the_first_copy(
     log = a.log_path.read_text(errors="replace")
     assert "worker.connection_lost" in log
     assert "how='redelivered'" in log
+
+
+def test_the_setting_turns_it_off(
+    make_worker: Callable[..., Worker], keys: Keys, proxy_for: Callable[[str], TcpProxy]
+) -> None:
+    """With ``cancellable_cancel_on_connection_loss=False`` a cut leaves A's
+    copy running: it runs to its end while B runs the redelivered copy, at
+    the same time (Celery's behaviour, which the setting restores)."""
+    proxy = proxy_for("rabbitmq")
+    a = make_worker(
+        broker="rabbitmq",
+        concurrency=1,
+        extra_env={
+            "CIT_BROKER_URL": _proxied("rabbitmq", proxy),
+            "CIT_SETTINGS": json.dumps({"cancellable_cancel_on_connection_loss": False}),
+        },
+    )
+    a.send("cit.rerun.late", keys.key("t"), 4.0)
+    wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
+    make_worker(broker="rabbitmq", concurrency=1, queue=a.queue)
+    proxy.cut()
+    wait_for(
+        lambda: [line[0] for line in log_lines(keys, "t") if line[1] == 1][-1:] == ["done"],
+        20,
+        message="A's copy to run to its end",
+    )
+    lines = log_lines(keys, "t")
+    assert [line[0] for line in lines if line[1] == 1] == ["start", "done"], lines
+    second_start = [line[3] for line in lines if line[1] == 2 and line[0] == "start"]
+    first_done = [line[3] for line in lines if line[1] == 1 and line[0] == "done"]
+    assert second_start, lines
+    assert second_start[0] < first_done[0], "the two copies ran at the same time"
+    assert "worker.connection_lost" not in a.log_path.read_text(errors="replace")
 
 
 def test_redis_connection_loss_stops_nothing(

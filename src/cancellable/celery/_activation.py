@@ -218,9 +218,8 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
     def close(self, parent: Any) -> None:
         """The worker begins to stop: with ``cancellable_shutdown_grace``, send tasks back.
 
-        Celery's ``Blueprint.stop`` closes every step, first to last (this
-        step is first), before it stops them, and the pool's ``stop`` then
-        waits for the running tasks: the running ``@cancellable`` tasks are
+        Celery's ``Blueprint.stop`` closes every step before it stops any,
+        and the pool's ``stop`` waits for the running tasks: the running ``@cancellable`` tasks are
         cancelled here and go back to the broker
         (`cancellable.celery._shutdown`).
         """

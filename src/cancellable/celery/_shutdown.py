@@ -108,9 +108,10 @@ def cancel_running(
             continue
         cancelled.append(task_id)
         rt.ladder.start(task_id, reason, task.name, grace, terminate=False)
-    event = WORKER_SHUTDOWN if source == "shutdown" else WORKER_CONNECTION_LOST
-    log = logger.info if source == "shutdown" else logger.warning
-    log(event, task_ids=cancelled, grace_s=grace)
+    if source == "shutdown":
+        logger.info(WORKER_SHUTDOWN, task_ids=cancelled, grace_s=grace)
+    elif cancelled:
+        logger.warning(WORKER_CONNECTION_LOST, task_ids=cancelled)
     return cancelled
 
 
