@@ -23,25 +23,31 @@ GRACE = 3.0
 
 
 def _shutdown_worker(make_worker: Callable[..., Worker], broker: str, **kw: Any) -> Worker:
+    kw.setdefault("concurrency", 1)
     return make_worker(
         broker=broker,
-        concurrency=1,
         extra_env={"CIT_SETTINGS": json.dumps({"cancellable_shutdown_grace": GRACE})},
         **kw,
     )
 
 
+def _pids(worker: Worker) -> set[int]:
+    """The processes that run the worker's tasks (its children, or itself)."""
+    return worker.children() | {worker.pid}
+
+
 @pytest.mark.parametrize(
-    ("broker", "task", "how"),
+    ("broker", "pool", "task", "how"),
     [
-        ("redis", "cit.rerun.late", "requeued"),
-        ("rabbitmq", "cit.rerun.late", "requeued"),
-        ("redis", "cit.rerun.early", "resent"),
-        ("redis", "cit.rerun.sleep", "requeued"),
+        ("redis", "prefork", "cit.rerun.late", "requeued"),
+        ("rabbitmq", "prefork", "cit.rerun.late", "requeued"),
+        ("redis", "prefork", "cit.rerun.early", "resent"),
+        ("redis", "prefork", "cit.rerun.sleep", "requeued"),
+        ("redis", "threads", "cit.rerun.late", "requeued"),
     ],
 )
 def test_warm_shutdown_sends_the_task_back(
-    make_worker: Callable[..., Worker], keys: Keys, broker: str, task: str, how: str
+    make_worker: Callable[..., Worker], keys: Keys, broker: str, pool: str, task: str, how: str
 ) -> None:
     """SIGTERM to A mid-task: A exits within 15 s with the task's cleanup run
     on A, the task runs again on B to SUCCESS, the backend never holds REVOKED
@@ -50,14 +56,14 @@ def test_warm_shutdown_sends_the_task_back(
     Cases: acks_late on Redis and on RabbitMQ (the message is returned
     unacked), a task acked early (a copy is re-sent with the same id), and a
     task stuck in ``time.sleep`` (the ladder's interrupt ends it after the
-    grace).
+    grace); and acks_late on a pool thread (threads pool).
     """
-    a = _shutdown_worker(make_worker, broker)
+    a = _shutdown_worker(make_worker, broker, pool=pool)
     result = a.send(task, keys.key("t"))
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
     a_child = keys.started("t")[0]
-    assert a_child in a.children()
-    b = _shutdown_worker(make_worker, broker, queue=a.queue)
+    assert a_child in _pids(a)
+    b = _shutdown_worker(make_worker, broker, pool=pool, queue=a.queue)
     watch = StateWatch(result)
     assert watch.seen[:1] != ["REVOKED"]
 
@@ -80,7 +86,7 @@ def test_warm_shutdown_sends_the_task_back(
     assert [r[0] for r in first] == ["start", "cancelled", "cleanup"], runs
     assert {r[2] for r in first} == {a_child}, "the first run and its cleanup ran on A"
     assert [r[0] for r in second] == ["start", "done"], runs
-    assert second[0][2] in b.children(), "the second run ran on B"
+    assert second[0][2] in _pids(b), "the second run ran on B"
     assert second[0][3] >= first[-1][3], "the second run started before the first one's cleanup"
     assert keys.r.get(f"{keys.key('t')}:runs") == "2"
     assert keys.flag("t", "reason") == ("shutdown|worker shutdown: the task goes back to the queue")
