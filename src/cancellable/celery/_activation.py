@@ -25,8 +25,9 @@ The bootstep's ``start`` (the worker starts; before its consumer does)
     reads the ledger into the index, patches Celery (`install_patches`: the
     ``revoke`` control command, ``Request.revoked``,
     ``Request._announce_revoked``, the ``cancellable_members`` command,
-    ``Consumer.on_connection_error_after_connected``, ``Control.revoke``), installs the wake-up handler of a solo worker, and
-    starts the poller thread.
+    ``Consumer.on_connection_error_after_connected``, ``Control.revoke``),
+    installs the wake-up handler of a solo worker, and starts the poller
+    thread.
 The bootstep's ``close`` (a shutdown begins, before the pool waits for its tasks)
     with ``cancellable_shutdown_grace`` set, cancels the running
     ``@cancellable`` tasks to send them back (`cancellable.celery._shutdown`).
