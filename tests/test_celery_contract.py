@@ -975,6 +975,8 @@ class TestShutdownAndConnectionLoss:
         ``Consumer.on_connection_error_after_connected`` skips the request (it
         cancels the other one).  If not, a task cancelled for a lost connection
         is also SIGTERMed by Celery, without its cleanup."""
+        from cancellable.celery._activation import WorkerStep
+
         app.tasks["contract.job"].acks_late = True
         app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
         dropped, other = messages.request(), messages.request()
@@ -985,6 +987,9 @@ class TestShutdownAndConnectionLoss:
         dropped.reject(requeue=True)
         assert not dropped.message.acknowledged
         controller = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True)
+        for step in controller.steps:  # the integration's step: its runtime goes
+            if isinstance(step, WorkerStep):
+                step.shutdown(controller)
         consumer = controller.consumer
         consumer.connection = None
         celery_hook = original_of(type(consumer).on_connection_error_after_connected)
@@ -1022,6 +1027,7 @@ class TestShutdownAndConnectionLoss:
 
         assert internals.wrap_consumer_connection_lost(make)
         assert not internals.wrap_consumer_connection_lost(make)
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True  # (no warning)
         proxy = TcpProxy("127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0]))
         try:
             app.conf.broker_url = REDIS_URL.replace(
