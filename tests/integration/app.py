@@ -458,9 +458,13 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     # long and gets stopped, the run after it (on another worker) is short.
 
     def rerun_body(key: str, first_seconds: float, later_seconds: float, blocking: bool) -> str:
-        """Records ``start``, ``cancelled``, ``cleanup`` and ``done`` lines with pid and time."""
+        """Records ``start``, ``cancelled``, ``cleanup`` and ``done`` lines with pid and
+        time, and the custom header ``x-cit`` each run got (``headers`` list)."""
         r = obs()
         pid = os.getpid()
+        request = current_task.request
+        header = (request.headers or {}).get("x-cit") or getattr(request, "x-cit", None)
+        r.rpush(f"{key}:headers", repr(header))
         run = int(r.incr(f"{key}:runs"))
         r.rpush(f"{key}:started", pid)
         r.rpush(f"{key}:log", f"start {run} {pid} {time.time()!r}")

@@ -59,7 +59,7 @@ def test_warm_shutdown_sends_the_task_back(
     grace); and acks_late on a pool thread (threads pool).
     """
     a = _shutdown_worker(make_worker, broker, pool=pool)
-    result = a.send(task, keys.key("t"))
+    result = a.send(task, keys.key("t"), headers={"x-cit": "kept"})
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
     a_child = keys.started("t")[0]
     assert a_child in _pids(a)
@@ -89,6 +89,7 @@ def test_warm_shutdown_sends_the_task_back(
     assert second[0][2] in _pids(b), "the second run ran on B"
     assert second[0][3] >= first[-1][3], "the second run started before the first one's cleanup"
     assert keys.r.get(f"{keys.key('t')}:runs") == "2"
+    assert ["'kept'", "'kept'"] == keys.list("t", "headers"), "the same headers both runs"
     assert keys.flag("t", "reason") == ("shutdown|worker shutdown: the task goes back to the queue")
     log = a.log_path.read_text(errors="replace")
     assert "worker.shutdown" in log
