@@ -273,6 +273,71 @@ class TestCancel:
 
         assert [] == recorded(app)
 
+    def test_a_result_set_cancels_its_members(self, app: Celery, broadcasts: Broadcasts) -> None:
+        """Issue 18, point 10: a `ResultSet` (no group id) is cancelled member by
+        member, each as a task target, instead of raising AttributeError."""
+        from celery.result import ResultSet
+
+        ids = [str(uuid.uuid4()) for _ in range(2)]
+        results = ResultSet([app.AsyncResult(i) for i in ids], app=app)
+
+        cc.cancel(results, "the whole set")
+        body = broadcasts.get()
+
+        assert ids == body["arguments"]["task_id"]
+        assert "cancellable_targets" not in body["arguments"]
+        assert [("task", i) for i in ids] == [t for e in recorded(app) for t in e.targets]
+
+    @pytest.mark.parametrize("grace", [86_400.5, 1e12])
+    def test_a_grace_above_the_maximum_is_refused(self, app: Celery, grace: float) -> None:
+        """Issue 18, point 11: ``grace`` above `MAX_GRACE` (one day) is refused at
+        ``cancel()`` time, and nothing is recorded; one day itself is accepted."""
+        with pytest.raises(ValueError, match="at most 86400 seconds"):
+            cc.cancel("some-id", "too long", app=app, grace=grace)
+        assert [] == recorded(app)
+
+        cc.cancel("some-id", "one day", app=app, grace=cc.MAX_GRACE)
+        assert [cc.MAX_GRACE] == [e.grace for e in recorded(app)]
+
+    def test_from_a_thread_without_a_current_app_refuses_the_fallback(self) -> None:
+        """Issue 18, point 10: ``cancel(id)`` on a thread where no app is current
+        raises a RuntimeError naming ``app=`` instead of using Celery's fallback
+        ``amqp://localhost`` app; with ``app=`` it works; after
+        ``app.set_default()`` the default app is used.  A fresh interpreter, so
+        no other test's default app is around."""
+        done = run_python(
+            f"""
+            import threading
+            from celery import Celery
+            import cancellable.celery as cc
+
+            app = Celery("fallback-check", broker={REDIS_URL!r}, backend={REDIS_URL!r})
+            app.conf.cancellable_ledger_url = "none"
+            outcome = []
+
+            def run():
+                try:
+                    cc.cancel("some-id", "from a thread")
+                except RuntimeError as exc:
+                    outcome.append(str(exc))
+                cc.cancel("some-id", "from a thread", app=app)
+                outcome.append("with app= ok")
+                app.set_default()
+                cc.cancel("some-id", "from a thread")
+                outcome.append("default ok")
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join(30)
+            print("|".join(outcome))
+            """
+        )
+
+        first, *rest = done.stdout.strip().split("|")
+        assert "app=" in first
+        assert "amqp://localhost" in first
+        assert ["with app= ok", "default ok"] == rest
+
     def test_huge_reason(self, app: Celery) -> None:
         """A message over CancelReason.MAX_MESSAGE_LENGTH is refused and nothing is recorded."""
         with pytest.raises(ValueError, match="limit"):
@@ -301,7 +366,8 @@ class TestCancel:
         BrokerUnavailableError within 2.5 s and records and broadcasts nothing."""
         app = private_app(private_redis.url)
         broadcasts: list[Any] = []
-        monkeypatch.setattr(app.control, "broadcast", counting(broadcasts, app.control.broadcast))
+        publish = runtime().broadcasts.publish
+        monkeypatch.setattr(runtime().broadcasts, "publish", counting(broadcasts, publish))
         try:
             cc.cancel("first", "while the broker is up", app=app)
             before = (len(broadcasts), len(recorded(app)))
@@ -441,6 +507,17 @@ class TestConfigure:
             ({"wakeup_signal": "SIGKILL"}, "cancellable_wakeup_signal"),
             ({"wakeup_signal": "NOPE"}, "cancellable_wakeup_signal"),
             ({"wakeup_signal": 1.5}, "cancellable_wakeup_signal"),
+            # Issue 18, point 10: 0, a number that is no signal, and signals
+            # whose default action kills or stops a child without our handler.
+            ({"wakeup_signal": 0}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": 999}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": int(signal.SIGRTMIN)}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGIO"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGTSTP"}, "cancellable_wakeup_signal"),
+            ({"wakeup_signal": "SIGCHLD"}, "cancellable_wakeup_signal"),
+            ({"ledger_url": "file://dir"}, "cancellable_ledger_url"),
+            ({"grace": 86_401}, "cancellable_grace"),
+            ({"cancel_timeout": 0}, "cancellable_cancel_timeout"),
         ],
     )
     def test_bad_options(self, app: Celery, options: dict[str, Any], setting: str) -> None:

@@ -2,24 +2,22 @@
 
 The checks of `cancellable.celery._interrupt.Interrupts`, on real threads
 and real scopes: `raise_if_asked` (what the wake-up signal handler calls on
-the main thread) and `interrupt_thread` (the asynchronous exception for a
-pool thread).  Each test has a `TaskRuntime` of its own.
+the main thread of a prefork child), and the mark it leaves on the process
+(`Interrupts.landed`, which retires a prefork child).  Each test has a
+`TaskRuntime` of its own.
 """
 
 # style.md 13: asserts read `expected == actual`, which SIM300 calls a Yoda condition.
 
 from __future__ import annotations
 
-import linecache
 import sys
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from cancellable import Cancelled, CancelReason, CancelScope, _scope
-from cancellable.celery._interrupt import thread_interrupt_available
 from cancellable.celery._registry import RunningTask
 from cancellable.celery._runtime import TaskRuntime
 
@@ -60,6 +58,18 @@ class TestRaiseIfAsked:
         assert REASON == info.value.reason
         assert entry.ended_by is not None
         assert entry.ended_by.startswith("interrupted")
+
+    def test_marks_the_process_once_it_lands(self, tasks: TaskRuntime, entry: RunningTask) -> None:
+        """Only an interrupt that lands marks the process (a prefork child then retires)."""
+        tasks.interrupts.raise_if_asked()  # window closed: nothing lands
+        marked_before = tasks.interrupts.landed
+        tasks.interrupts.open_window(entry)
+        with pytest.raises(Cancelled):
+            tasks.interrupts.raise_if_asked()
+        tasks.interrupts.close_window(entry)
+
+        assert not marked_before
+        assert tasks.interrupts.landed
 
     def test_not_outside_the_body(self, tasks: TaskRuntime, entry: RunningTask) -> None:
         """Window closed (boundary code before or after the body): nothing happens."""
@@ -184,184 +194,3 @@ def _frame_of(function: object) -> object:
     finally:
         sys.setprofile(previous)
     return frames[0]
-
-
-def spin_in_task(
-    tasks: TaskRuntime,
-    entry_out: list[RunningTask],
-    ready: threading.Event,
-    outcome: dict[str, object],
-    *,
-    blocking: float = 0.0,
-    seconds: float = 3.0,
-) -> None:
-    """A pool thread's task: a pure-Python loop (after an optional blocking sleep)."""
-    with CancelScope() as scope:
-        entry = RunningTask(f"task-{threading.get_ident()}", "t", scope)
-        entry.interrupt_reason = REASON
-        tasks.running.register(entry)
-        entry_out.append(entry)
-        tasks.interrupts.open_window(entry)
-        try:
-            ready.set()
-            if blocking:
-                time.sleep(blocking)
-                outcome["slept"] = True
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                pass
-            outcome["finished"] = True
-        except Cancelled as exc:
-            outcome["cancelled"] = exc.reason
-        finally:
-            tasks.interrupts.close_window(entry)
-            tasks.running.unregister(entry)
-
-
-def wait_until_in_sleep(thread: threading.Thread) -> None:
-    """Return once ``thread`` is inside its ``time.sleep`` call (plus a little)."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        frame = sys._current_frames().get(thread.ident or 0)
-        if frame is not None:
-            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
-            if "time.sleep(blocking)" in line:
-                time.sleep(0.02)
-                return
-        time.sleep(0.001)
-    raise AssertionError("the thread never reached its sleep")
-
-
-@pytest.mark.skipif(not thread_interrupt_available(), reason="needs PyThreadState_SetAsyncExc")
-class TestInterruptThread:
-    """`interrupt_thread`: an asynchronous exception into a pool thread."""
-
-    def test_lands_in_a_python_loop(self, tasks: TaskRuntime) -> None:
-        """A loop without checkpoints gets Cancelled with the reason, at once."""
-        entries: list[RunningTask] = []
-        ready = threading.Event()
-        outcome: dict[str, object] = {}
-        thread = threading.Thread(target=spin_in_task, args=(tasks, entries, ready, outcome))
-        thread.start()
-        ready.wait(5)
-
-        landed = tasks.interrupts.interrupt_thread(entries[0])
-        thread.join(5)
-
-        assert landed
-        assert {"cancelled": REASON} == outcome
-
-    def test_a_blocked_thread_is_left_alone_and_nothing_lands_later(
-        self, tasks: TaskRuntime
-    ) -> None:
-        """In ``time.sleep``: the sleep is not broken; what happens after agrees with the answer.
-
-        Normally the exception does not land within the 10 ms wait and is
-        withdrawn: the loop after the sleep runs to its end.  Under a tracer
-        (coverage) CPython 3.11 can keep the caller waiting until the sleep
-        returns, and the exception then lands in the loop, still in the body
-        and while the core's lock is held by the caller.  Either way it never
-        lands later, unannounced.
-        """
-        entries: list[RunningTask] = []
-        ready = threading.Event()
-        outcome: dict[str, object] = {}
-        thread = threading.Thread(
-            target=spin_in_task,
-            args=(tasks, entries, ready, outcome),
-            kwargs={"blocking": 0.3, "seconds": 0.3},
-        )
-        thread.start()
-        ready.wait(5)
-        wait_until_in_sleep(thread)
-
-        began = time.monotonic()
-        landed = tasks.interrupts.interrupt_thread(entries[0])
-        thread.join(5)
-        sleeping_on = time.monotonic() - began
-
-        assert sleeping_on >= 0.2  # the 0.3 s sleep was not broken
-        if landed:
-            assert REASON == outcome.get("cancelled")
-            assert "finished" not in outcome
-        else:
-            assert {"slept": True, "finished": True} == outcome
-
-    def test_not_while_another_thread_is_inside_the_core(self, tasks: TaskRuntime) -> None:
-        """The core's lock is taken: no attempt (it could land inside the core)."""
-        entries: list[RunningTask] = []
-        ready = threading.Event()
-        outcome: dict[str, object] = {}
-        thread = threading.Thread(
-            target=spin_in_task, args=(tasks, entries, ready, outcome), kwargs={"seconds": 0.5}
-        )
-        thread.start()
-        ready.wait(5)
-        held = threading.Event()
-        release = threading.Event()
-
-        def hold_the_lock() -> None:
-            with _scope._lock:
-                held.set()
-                release.wait(5)
-
-        holder = threading.Thread(target=hold_the_lock)
-        holder.start()
-        held.wait(5)
-        try:
-            landed = tasks.interrupts.interrupt_thread(entries[0])
-        finally:
-            release.set()
-            holder.join(5)
-        thread.join(5)
-
-        assert not landed
-        assert {"finished": True} == outcome
-
-    def test_not_inside_a_shield_of_the_task(self, tasks: TaskRuntime) -> None:
-        """The task's code runs inside a shield (its own, or cleanup): no attempt."""
-        entries: list[RunningTask] = []
-        ready = threading.Event()
-        outcome: dict[str, object] = {}
-
-        def task() -> None:
-            # The entry's scope is entered first; the shield goes inside it.
-            with CancelScope() as scope:
-                entry = RunningTask(f"task-{threading.get_ident()}", "t", scope)
-                entry.interrupt_reason = REASON
-                tasks.running.register(entry)
-                entries.append(entry)
-                tasks.interrupts.open_window(entry)
-                try:
-                    with CancelScope(shield=True):
-                        ready.set()
-                        end = time.monotonic() + 0.5
-                        while time.monotonic() < end:
-                            pass
-                        outcome["finished"] = True
-                except Cancelled as exc:
-                    outcome["cancelled"] = exc.reason
-                finally:
-                    tasks.interrupts.close_window(entry)
-                    tasks.running.unregister(entry)
-
-        thread = threading.Thread(target=task)
-        thread.start()
-        ready.wait(5)
-        landed = tasks.interrupts.interrupt_thread(entries[0])
-        thread.join(5)
-
-        assert not landed
-        assert {"finished": True} == outcome
-
-    def test_not_after_the_body(self, tasks: TaskRuntime) -> None:
-        """Once the window is closed the entry is never interrupted."""
-        with CancelScope() as scope:
-            entry = RunningTask("task-4", "t", scope)
-            tasks.running.register(entry)
-            try:
-                landed = tasks.interrupts.interrupt_thread(entry)
-            finally:
-                tasks.running.unregister(entry)
-
-        assert not landed

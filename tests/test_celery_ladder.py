@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
-from cancellable import DEFAULT, Cancelled, CancelReason, CancelScope
+from cancellable import DEFAULT, Cancelled, CancelReason, CancelScope, checkpoint
 from cancellable.celery import _ladder
 from cancellable.celery._childtable import ROW_SIZE, ChildTable
 from cancellable.celery._ladder import Ladder
@@ -263,14 +263,14 @@ class TestSettings:
         assert 2.0 == ladder.rungs()["id-5"].grace
 
 
-def _spin_as_a_pool_thread(
+def _loop_as_a_pool_thread(
     rt: WorkerRuntime,
     entries: list[Any],
     ready: threading.Event,
     outcome: dict[str, object],
-    blocking: float,
+    seconds: float,
 ) -> None:
-    """A threads-pool task: a blocking call, then a loop without checkpoints."""
+    """A threads-pool task: a loop without checkpoints for ``seconds``, then a checkpoint."""
     with CancelScope() as scope:
         entry = RunningTask(f"ladder-{threading.get_ident()}", "t", scope)
         rt.tasks.running.register(entry)
@@ -278,10 +278,11 @@ def _spin_as_a_pool_thread(
         rt.tasks.interrupts.open_window(entry)
         try:
             ready.set()
-            time.sleep(blocking)
-            end = time.monotonic() + 10
+            end = time.monotonic() + seconds
             while time.monotonic() < end:
                 pass
+            outcome["loop done"] = True
+            checkpoint()
             outcome["finished"] = True
         except Cancelled as exc:
             outcome["cancelled"] = exc.reason
@@ -293,24 +294,28 @@ def _spin_as_a_pool_thread(
 class TestThreadsPool:
     """The ladder in a threads-pool worker, on a real pool-like thread."""
 
-    def test_keeps_interrupting_after_kill_after_when_it_cannot_terminate(self) -> None:
-        """Past ``kill_after`` the threads pool says it cannot terminate, and keeps trying.
+    def test_never_raises_in_a_pool_thread_and_says_so_once(self) -> None:
+        """Grace 0 in the threads pool: nothing is raised in the thread's loop.
 
-        The task is in a blocking call when the interrupt is first due (it
-        cannot land there); once the call returns, a later try lands.
+        An exception at an arbitrary bytecode could leave a lock held that a
+        later task (or the worker's own threads) would wait on for ever.  So
+        the loop runs to its end, the task stops at its checkpoint (the
+        cooperative path), and the ladder says once why it did no more, then
+        drops the task.
         """
         rt = threads_worker(cancellable_kill_after=0)
         entries: list[Any] = []
         ready = threading.Event()
         outcome: dict[str, object] = {}
         thread = threading.Thread(
-            target=_spin_as_a_pool_thread, args=(rt, entries, ready, outcome, 0.6), daemon=True
+            target=_loop_as_a_pool_thread, args=(rt, entries, ready, outcome, 0.5), daemon=True
         )
         thread.start()
         assert ready.wait(5)
         reason = CancelReason(message="stop")
         try:
             with structlog.testing.capture_logs() as logs:
+                entries[0].scope.cancel(reason)
                 rt.ladder.start(entries[0].task_id, reason, "ladder-unit.plain", 0.0)
                 deadline = time.monotonic() + 8
                 while thread.is_alive() and time.monotonic() < deadline:
@@ -319,9 +324,11 @@ class TestThreadsPool:
         finally:
             thread.join(12)
 
-        assert {"cancelled": reason} == outcome
+        assert {"loop done": True, "cancelled": reason} == outcome
+        assert {} == rt.ladder.rungs()
         whys = [e.get("why", "") for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
-        assert ["the threads pool cannot terminate a task"] == whys
+        assert 1 == len(whys)
+        assert whys[0].startswith("the threads pool interrupts a task only at its checkpoints")
 
 
 class TestStopped:
@@ -381,16 +388,21 @@ class TestTerminateStep:
         assert "unavailable" == threads_worker().ladder.terminate(os.getpid(), "t")
         assert "unavailable" == threads_worker("prefork").ladder.terminate(os.getpid(), "t")
 
-    def test_a_greenlet_pool_cannot_interrupt_and_says_so_once(self) -> None:
-        """gevent/eventlet: the interrupt step logs "cannot interrupt a greenlet", once."""
-        rung = _ladder._Rung("g-1", "t", CancelReason(message="x"), time.monotonic(), 0.0, None)
-        ladder = threads_worker("gevent").ladder
+    @pytest.mark.parametrize("pool", ["gevent", "eventlet", "solo"])
+    def test_an_in_process_pool_is_not_interrupted_and_says_so_once(self, pool: str) -> None:
+        """gevent, eventlet, solo: past the grace, one ``cancel.not_escalated``, no more steps."""
+        rung = _ladder._Rung("g-1", "t", CancelReason(message="x"), time.monotonic(), 0.0, 0.0)
+        entry = RunningTask("g-1", "t", CancelScope())
+        ladder = threads_worker(pool).ladder
         with structlog.testing.capture_logs() as logs:
-            ladder._interrupt_step(rung, None, None, time.monotonic())
-            ladder._interrupt_step(rung, None, None, time.monotonic())
+            ladder._advance(rung, None, entry, time.monotonic())
+            ladder._advance(rung, None, entry, time.monotonic() + 1.0)
 
         whys = [e["why"] for e in logs if e["event"] == CANCEL_NOT_ESCALATED]
-        assert ["the gevent pool cannot interrupt a greenlet"] == whys
+        assert [_ladder._in_process_limit(pool)] == whys
+        assert f"the {pool} pool interrupts a task only at its checkpoints" in whys[0]
+        assert "done" == rung.step
+        assert [] == [e for e in logs if e["event"] == "cancel.escalated"]
 
 
 class TestChildTableEdges:

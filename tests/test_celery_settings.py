@@ -24,6 +24,7 @@ from cancellable.celery._settings import (
     DEFAULT_LEDGER_TTL,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_WAKEUP_SIGNAL,
+    MAX_GRACE,
     SETTINGS,
     SettingError,
     Settings,
@@ -179,6 +180,10 @@ BAD_VALUES = [
     ("cancellable_ledger_url", "redis:/host", "redis://"),
     ("cancellable_ledger_url", "redis://host:port/0", "redis://"),
     ("cancellable_ledger_url", "file://relative/path", "file:///absolute/path"),
+    # Issue 18, point 10: "dir" is not silently dropped (a URL parser would
+    # take it for a host name, Celery's filesystem backend for a relative path).
+    ("cancellable_ledger_url", "file://dir", "'dir' as a host name"),
+    ("cancellable_ledger_url", "file://dir/ledger", "(three slashes)"),
     ("cancellable_ledger_url", "file://", "file:///absolute/path"),
     ("cancellable_ledger_url", "unix://", "unix://"),
     ("cancellable_ledger_url", "/var/lib/ledger", "file:///absolute/path"),
@@ -201,13 +206,20 @@ BAD_VALUES = [
     ("cancellable_poll_interval", math.nan, "a positive number of seconds"),
     ("cancellable_poll_interval", False, "a positive number of seconds"),
     ("cancellable_poll_interval", [2], "a positive number of seconds"),
-    ("cancellable_grace", "default", "a number of seconds >= 0, or None"),
-    ("cancellable_grace", "5", "a number of seconds >= 0, or None"),
-    ("cancellable_grace", -1, "a number of seconds >= 0, or None"),
-    ("cancellable_grace", math.inf, "a number of seconds >= 0, or None"),
-    ("cancellable_grace", -math.inf, "a number of seconds >= 0, or None"),
-    ("cancellable_grace", math.nan, "a number of seconds >= 0, or None"),
-    ("cancellable_grace", True, "a number of seconds >= 0, or None"),
+    ("cancellable_grace", "default", "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_grace", "5", "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_grace", -1, "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_grace", math.inf, "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_grace", -math.inf, "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_grace", math.nan, "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_grace", True, "a number of seconds from 0 to 86400 (one day), or None"),
+    # Above the maximum: a grace that long would pin a cancelled task.
+    ("cancellable_grace", 86_400.5, "from 0 to 86400 (one day)"),
+    ("cancellable_grace", 1e12, "from 0 to 86400 (one day)"),
+    ("cancellable_cancel_timeout", 0, "a positive number of seconds"),
+    ("cancellable_cancel_timeout", -1, "a positive number of seconds"),
+    ("cancellable_cancel_timeout", math.inf, "a positive number of seconds"),
+    ("cancellable_cancel_timeout", "6", "a positive number of seconds"),
     ("cancellable_kill_after", "10", "a number of seconds >= 0, or None"),
     ("cancellable_kill_after", -0.1, "a number of seconds >= 0, or None"),
     ("cancellable_kill_after", math.inf, "a number of seconds >= 0, or None"),
@@ -220,26 +232,39 @@ BAD_VALUES = [
     ("cancellable_cancel_siblings_on_failure", "true", "True or False"),
     ("cancellable_cancel_siblings_on_failure", 1, "True or False"),
     ("cancellable_cancel_siblings_on_failure", [], "True or False"),
-    ("cancellable_shutdown_grace", "3", "a number of seconds >= 0, or None"),
-    ("cancellable_shutdown_grace", -1, "a number of seconds >= 0, or None"),
-    ("cancellable_shutdown_grace", math.inf, "a number of seconds >= 0, or None"),
-    ("cancellable_shutdown_grace", True, "a number of seconds >= 0, or None"),
+    ("cancellable_shutdown_grace", "3", "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_shutdown_grace", -1, "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_shutdown_grace", math.inf, "from 0 to 86400 (one day)"),
+    ("cancellable_shutdown_grace", 86_400.5, "from 0 to 86400 (one day)"),
+    ("cancellable_shutdown_grace", True, "from 0 to 86400 (one day)"),
     ("cancellable_cancel_on_connection_loss", "yes", "True or False"),
     ("cancellable_cancel_on_connection_loss", 0, "True or False"),
-    ("cancellable_wakeup_signal", "SIGNOPE", "a signal name or number"),
-    ("cancellable_wakeup_signal", "", "a signal name or number"),
-    ("cancellable_wakeup_signal", 0, "a signal name or number"),
-    ("cancellable_wakeup_signal", 100_000, "a signal name or number"),
-    ("cancellable_wakeup_signal", True, "a signal name or number"),
-    ("cancellable_wakeup_signal", 10.0, "a signal name or number"),
+    ("cancellable_wakeup_signal", "SIGNOPE", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", "", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", 0, "default action is to ignore it"),
+    ("cancellable_wakeup_signal", 999, "default action is to ignore it"),
+    ("cancellable_wakeup_signal", 100_000, "default action is to ignore it"),
+    ("cancellable_wakeup_signal", True, "default action is to ignore it"),
+    ("cancellable_wakeup_signal", 10.0, "default action is to ignore it"),
+    # Issue 18, point 10: a signal whose default action kills (or stops) a
+    # child that has not installed the handler yet.
+    ("cancellable_wakeup_signal", int(signal.SIGRTMIN), "SIGRTMIN's default action"),
+    ("cancellable_wakeup_signal", "SIGRTMIN", "SIGRTMIN's default action"),
+    ("cancellable_wakeup_signal", "SIGIO", "SIGIO's default action"),
+    ("cancellable_wakeup_signal", "SIGPWR", "SIGPWR's default action"),
+    ("cancellable_wakeup_signal", "SIGTSTP", "SIGTSTP's default action"),
+    ("cancellable_wakeup_signal", "SIGSEGV", "SIGSEGV's default action"),
+    # Ignored by default, but sent by the system on its own.
+    ("cancellable_wakeup_signal", "SIGCHLD", "sent by the system on its own"),
+    ("cancellable_wakeup_signal", "SIGCONT", "sent by the system on its own"),
     # Taken by billiard in pool children, or uncatchable.
-    ("cancellable_wakeup_signal", "SIGUSR1", "billiard leaves alone"),
-    ("cancellable_wakeup_signal", "usr2", "billiard leaves alone"),
-    ("cancellable_wakeup_signal", "SIGTERM", "billiard leaves alone"),
-    ("cancellable_wakeup_signal", "SIGHUP", "billiard leaves alone"),
-    ("cancellable_wakeup_signal", "SIGINT", "billiard leaves alone"),
-    ("cancellable_wakeup_signal", int(signal.SIGKILL), "billiard leaves alone"),
-    ("cancellable_wakeup_signal", signal.SIGSTOP, "billiard leaves alone"),
+    ("cancellable_wakeup_signal", "SIGUSR1", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", "usr2", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", "SIGTERM", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", "SIGHUP", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", "SIGINT", "default action is to ignore it"),
+    ("cancellable_wakeup_signal", int(signal.SIGKILL), "default action is to ignore it"),
+    ("cancellable_wakeup_signal", signal.SIGSTOP, "default action is to ignore it"),
 ]
 
 
@@ -397,12 +422,20 @@ class TestSecondsProperties:
         with pytest.raises(SettingError, match=r"^cancellable_ledger_ttl="):
             read(cancellable_ledger_ttl=seconds)
 
-    @given(st.floats(min_value=0, allow_infinity=False, allow_nan=False))
-    def test_any_non_negative_finite_float_is_a_valid_grace(self, seconds):
-        """Zero included, every finite non-negative float is a grace and a kill delay."""
+    @given(st.floats(min_value=0, max_value=MAX_GRACE, allow_infinity=False, allow_nan=False))
+    def test_any_float_from_zero_to_the_maximum_is_a_valid_grace(self, seconds):
+        """Zero and `MAX_GRACE` included, every float between is a grace and a kill delay."""
         settings = read(cancellable_grace=seconds, cancellable_kill_after=seconds)
 
         assert (seconds, seconds) == (settings.grace, settings.kill_after)
+
+    @given(st.floats(min_value=MAX_GRACE, exclude_min=True, allow_infinity=False))
+    def test_graces_above_the_maximum_are_refused(self, seconds):
+        """Issue 18, point 11: a grace above one day is refused (``grace=1e12``
+        pinned a task); a kill delay that long is still accepted."""
+        with pytest.raises(SettingError, match=r"^cancellable_grace="):
+            read(cancellable_grace=seconds)
+        assert seconds == read(cancellable_kill_after=seconds).kill_after
 
     @given(st.one_of(st.floats(max_value=0, exclude_max=True), st.just(math.inf)))
     def test_negative_and_infinite_graces_are_refused(self, seconds):

@@ -23,6 +23,11 @@ __all__ = [
 #: Seconds each cleanup hook may run before it is interrupted.
 DEFAULT_HOOK_TIMEOUT: Final = 30.0
 
+#: The longest grace (seconds) a cancellation may give a task: one day.  A
+#: longer one would keep a cancelled task running, and on the worker's
+#: cancellation ladder, as good as for ever.
+MAX_GRACE: Final = 24 * 3600.0
+
 _hook_timeout: float | None = DEFAULT_HOOK_TIMEOUT
 
 
@@ -70,6 +75,18 @@ def validate_seconds(value: object, name: str, *, allow_none: bool = True) -> fl
     if math.isinf(value):
         raise ValueError(f"{name} must be finite; pass None for no limit")
     return float(value)
+
+
+def validate_grace(value: object, name: str = "grace") -> float | None:
+    """`validate_seconds` for a grace, which may also not exceed `MAX_GRACE`.
+
+    Raises `TypeError` for non-numbers and `ValueError` for negative, NaN,
+    infinite values or values above `MAX_GRACE`.
+    """
+    seconds = validate_seconds(value, name)
+    if seconds is not None and seconds > MAX_GRACE:
+        raise ValueError(f"{name} must be at most {MAX_GRACE:.0f} seconds (one day), got {value!r}")
+    return seconds
 
 
 def configure(*, hook_timeout: float | _Unset | None = UNSET) -> None:

@@ -45,7 +45,7 @@ class CallOptions:
         #: integration escalates (`DEFAULT`: the integration's setting;
         #: None: never escalate).  The core itself never escalates.
         self.grace: float | _Default | None = (
-            grace if grace is DEFAULT else _config.validate_seconds(grace, "grace")
+            grace if grace is DEFAULT else _config.validate_grace(grace)
         )
         if on_cancel is not None and not callable(on_cancel):
             raise TypeError(f"on_cancel must be a callable or None, got {type(on_cancel).__name__}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CANCEL_BROADCAST_FAILED",
     "CANCEL_DELIVERED",
     "CANCEL_DELIVERY_FAILED",
     "CANCEL_ESCALATED",
@@ -25,6 +26,7 @@ __all__ = [
     "CANCEL_OBSERVED",
     "CANCEL_REQUESTED",
     "CANCEL_SWALLOWED",
+    "CHILD_RETIRED",
     "CLEANUP_FAILED",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
@@ -36,6 +38,8 @@ __all__ = [
     "SCOPE_CANCELLED",
     "SIBLINGS_CANCELLED",
     "TASK_CANCELLED",
+    "TASK_CANCEL_UNOBSERVED",
+    "TASK_EVENT_NOT_SENT",
     "TASK_RESULT_NOT_STORED",
     "TASK_SENT_BACK",
     "TASK_SKIPPED",
@@ -100,6 +104,24 @@ SIBLINGS_CANCELLED: Final = "siblings.cancelled"
 #: was over and `~cancellable.Cancelled` was raised in its thread).
 TASK_CANCELLED: Final = "task.cancelled"
 
+#: A cancelled Celery task finished without ever seeing its cancellation:
+#: it reached no checkpoint after the cancellation arrived (and no grace
+#: interrupted it), so it ends as it would have (SUCCESS, its result
+#: stored).  A warning; carries ``after_cancel_ms`` (from the request to
+#: the task's end) and ``after_delivery_ms`` (from the moment the
+#: cancellation reached the task's process; None if it never did, e.g. a
+#: deadline).
+#:
+#: .. versionadded:: 0.1.0
+TASK_CANCEL_UNOBSERVED: Final = "task.cancel_unobserved"
+
+#: Celery's ``task-revoked`` event for a cancelled task could not be sent
+#: (the worker's event dispatcher raised).  A warning; carries ``error``.
+#: The task's ending is not affected.
+#:
+#: .. versionadded:: 0.1.0
+TASK_EVENT_NOT_SENT: Final = "task.event_not_sent"
+
 #: A worker's main process moved a cancelled task up the ladder (see
 #: :doc:`/grace`).  Carries ``step`` (``"interrupt"`` or ``"terminate"``),
 #: ``after_s`` (seconds since the worker got the cancellation), and
@@ -114,6 +136,14 @@ CANCEL_ESCALATED: Final = "cancel.escalated"
 #:
 #: .. versionadded:: 0.1.0
 CANCEL_NOT_ESCALATED: Final = "cancel.not_escalated"
+
+#: An interrupt landed in this prefork child, at whatever bytecode its task
+#: was at, so a lock may be held there for ever: the child leaves the pool
+#: once it has reported the task (billiard replaces it, as for
+#: ``max_tasks_per_child``).  Logged by the child; carries ``pid``.
+#:
+#: .. versionadded:: 0.1.0
+CHILD_RETIRED: Final = "cancel.child_retired"
 
 #: The last step of the ladder: the prefork child running the task was
 #: killed (it was stopped and still ran the task).  A warning; carries
@@ -131,6 +161,11 @@ TERMINATE_AVERTED: Final = "cancel.terminate_averted"
 
 #: A cancelled Celery task was about to start and its body was skipped.
 TASK_SKIPPED: Final = "task.skipped"
+
+#: ``cancel()`` recorded a cancellation in the ledger but could not
+#: broadcast it in time: workers apply it at their next ledger read.
+#: Carries ``error``, ``task_ids`` (the first 20) and ``targets`` (a count).
+CANCEL_BROADCAST_FAILED: Final = "cancel.broadcast_failed"
 
 #: The cancellation ledger could not be reached; cancellation still reaches
 #: the workers that are online, but it is not durable.

@@ -507,3 +507,139 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     def rerun_sleep(self: Any, key: str, first: float = 3600.0, later: float = 1.0) -> str:
         """acks_late, stuck in ``time.sleep`` (no checkpoint) on its first run."""
         return rerun_body(key, first, later, blocking=True)
+
+    # Interrupts and process-wide locks (issue 18 point 2, docs/reliability.md).
+
+    import logging as _logging
+    import queue as _queue
+
+    #: A process-wide pool, as urllib3's connection pools are: a LifoQueue
+    #: whose mutex is a plain (non-reentrant) lock.
+    POOL_SIZE = 4
+    SHARED_POOL: _queue.LifoQueue[int] = _queue.LifoQueue()
+    for _item in range(POOL_SIZE):
+        SHARED_POOL.put(_item)
+
+    class _Sink(_logging.Handler):
+        """A handler that formats and drops (its lock is what matters)."""
+
+        def emit(self, record: _logging.LogRecord) -> None:
+            self.format(record)
+
+    LOCKS_HANDLER = _Sink()
+    LOCKS_LOG = _logging.getLogger("cit.locks")
+    LOCKS_LOG.propagate = False
+    LOCKS_LOG.setLevel(_logging.INFO)
+    LOCKS_LOG.addHandler(LOCKS_HANDLER)
+
+    def use_shared_locks() -> None:
+        """One round over the pool and the logging module, written as exception-safe code is."""
+        item = SHARED_POOL.get()
+        try:
+            LOCKS_LOG.info("took %s", item)
+        finally:
+            SHARED_POOL.put(item)
+
+    def lock_state() -> tuple[bool, int, int, int]:
+        """The queue's mutex, the items out of the pool, the two logging locks' counts."""
+        import re
+
+        def count(lock: Any) -> int:
+            found = re.search(r"count=(\d+)", repr(lock))
+            return int(found.group(1)) if found else 0
+
+        locked = SHARED_POOL.mutex.locked()
+        out = -1 if locked else POOL_SIZE - SHARED_POOL.qsize()
+        return locked, out, count(LOCKS_HANDLER.lock), count(_logging._lock)
+
+    def locks_left(before: tuple[bool, int, int, int]) -> str:
+        """What this task left held that it did not hold when it started (``-``: nothing).
+
+        Read right after the exception unwound out of the loop, with no
+        other task using the pool: a locked mutex is one the interrupted
+        frame left held; an item out of the pool is one it took and never
+        put back (the interrupt landed between ``get()`` and the ``try``);
+        a logging lock still counted is one it acquired and never released
+        (an `RLock`: the same thread may take it again, others hang).
+        """
+        locked, out, handler, module = lock_state()
+        held = []
+        if locked and not before[0]:
+            held.append("queue")
+        if out > before[1] >= 0:
+            held.append("queue-item")
+        if handler > before[2]:
+            held.append("logging-handler")
+        if module > before[3]:
+            held.append("logging-module")
+        return ",".join(held) or "-"
+
+    @app.task(bind=True, name="cit.locks.churn")
+    @cancellable
+    def locks_churn(self: Any, key: str, n: int, seconds: float = 10.0, every: int = 400) -> str:
+        """Loops over the shared pool and logger, with a checkpoint every ``every`` rounds.
+
+        Records ``<n>:<pid>:<where>:<held>`` in ``<key>:ended`` when an
+        exception ends the loop: ``where`` is ``checkpoint`` (the cooperative
+        path) or ``elsewhere`` (an interrupt at an arbitrary bytecode).
+        """
+        r = obs()
+        before = lock_state()
+        r.rpush(f"{key}:looping", n)
+        end = time.monotonic() + seconds
+        at_checkpoint = False
+        rounds = 0
+        try:
+            while time.monotonic() < end:
+                use_shared_locks()
+                rounds += 1
+                if rounds % every == 0:
+                    at_checkpoint = True
+                    checkpoint()
+                    at_checkpoint = False
+        except BaseException:
+            where = "checkpoint" if at_checkpoint else "elsewhere"
+            r.rpush(f"{key}:ended", f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
+            raise
+        return "done"
+
+    @app.task(name="cit.locks.probe")
+    def locks_probe() -> int:
+        """A later task that uses the shared pool and logger (hangs if a lock was left held)."""
+        use_shared_locks()
+        return os.getpid()
+
+# --------------------------------------------------------------------------
+# OpenTelemetry (``CIT_OTEL=1``): each prefork child gets the real SDK with an
+# in-memory exporter and the Celery instrumentation; after each task, the
+# spans it finished are copied to Redis (``cit:otel:<task id>``, span JSON),
+# the tests' only window into a child's memory.
+
+if os.environ.get("CIT_OTEL") == "1":
+    from celery import signals
+
+    def _otel_child(**kwargs: Any) -> None:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+
+        def copy_spans(task_id: str | None = None, **rest: Any) -> None:
+            # Connected after the instrumentation's own task_postrun
+            # receiver, which ends the task's span.
+            for span in exporter.get_finished_spans():
+                obs().rpush(f"cit:otel:{task_id}", span.to_json(indent=None))
+            exporter.clear()
+
+        signals.task_postrun.connect(copy_spans, weak=False)
+
+    signals.worker_process_init.connect(_otel_child, weak=False)

@@ -63,8 +63,9 @@ class TestPrefork:
     def test_blocking_sleep_is_interrupted_after_the_grace(self, shared_worker, keys: Keys):
         """``time.sleep(3600)``, grace=1: REVOKED within 1 s + latency, hook ran, nobody killed.
 
-        The other child's task runs on untouched and succeeds, and the pool
-        keeps the very same children.
+        The other child's task runs on untouched and succeeds.  The child the
+        interrupt landed in is retired once it has reported the task (a lock
+        may be held there for ever) and replaced; the other child stays.
         """
         worker = shared_worker(pool="prefork")
         children = worker.children()
@@ -80,9 +81,17 @@ class TestPrefork:
         assert ["cleanup"] == keys.hooks("s")
         assert keys.flag("s", "done") is None
         assert "slept" == other.get(timeout=20)
-        assert keys.started("other")[0] != keys.started("s")[0]
-        assert children == worker.children()
-        assert all(pid_alive(pid) for pid in children)
+        interrupted, other_child = keys.started("s")[0], keys.started("other")[0]
+        assert interrupted != other_child
+        wait_for(lambda: not pid_alive(interrupted), 10, message="the interrupted child to retire")
+        wait_for(
+            lambda: len(worker.children()) == worker.concurrency,
+            20,
+            message="the pool to be back to full strength",
+        )
+        assert interrupted in children
+        assert other_child in worker.children()
+        assert "cancel.child_retired" in worker.log_path.read_text(errors="replace")
 
     def test_gil_holding_call_is_terminated_after_grace_and_kill_after(
         self, shared_worker, keys: Keys
@@ -185,62 +194,79 @@ class TestProcessGroup:
         assert 3 == worker.send("cit.plain.add", 1, 2).get(timeout=20)
 
 
+def not_escalated_lines(worker: Worker, task_id: str) -> list[str]:
+    """The worker log's ``cancel.not_escalated`` lines for ``task_id``."""
+    log = worker.log_path.read_text(errors="replace")
+    return [ln for ln in log.splitlines() if "cancel.not_escalated" in ln and task_id in ln]
+
+
 class TestInProcessPools:
-    """Done-when 3: the interrupt step in the threads and solo pools."""
+    """The threads and solo pools are never interrupted at an arbitrary bytecode (issue 18).
 
-    def test_threads_pool_interrupts_a_python_loop(self, shared_worker, keys: Keys):
-        """A loop without checkpoints in a pool thread: REVOKED "interrupted" after the grace.
+    An exception raised there could leave a lock held that a later task,
+    or the worker's own consumer and poller, would wait on for ever; there
+    is no process to retire.  The ladder says so once per task
+    (``cancel.not_escalated``) and the task runs on to its next checkpoint,
+    or to its end.
+    """
 
-        The task in the other pool thread runs on and succeeds.
+    def test_threads_pool_lets_a_python_loop_run_on_and_says_so(self, shared_worker, keys: Keys):
+        """A loop without checkpoints in a pool thread, grace=0: not interrupted, one warning.
+
+        It runs to its end (SUCCESS: it has no checkpoint), no exception was
+        raised in it, and the task in the other pool thread succeeds.
         """
         worker = shared_worker(pool="threads")
-        other = worker.send("cit.plain.sleep", keys.key("other"), 2.5)
-        result = start(worker, keys, "cit.ladder.busy", "b")
+        other = worker.send("cit.plain.sleep", keys.key("other"), 2.0)
+        result = start(worker, keys, "cit.ladder.busy", "b", 1.5)
 
-        cancel(result, "enough", grace=1, app=worker.app)
-        elapsed = timed_revoked(result, "enough", "interrupted after 1.")
+        cancel(result, "enough", grace=0, app=worker.app)
 
-        assert 1.0 <= elapsed <= 1.0 + LATENCY, elapsed
-        assert "Cancelled" == keys.flag("b", "exc")
-        assert ["cleanup"] == keys.hooks("b")
+        assert isinstance(result.get(timeout=20), int)
+        assert keys.flag("b", "exc") is None
+        lines = wait_for(lambda: not_escalated_lines(worker, result.id), 10)
+        assert 1 == len(lines)
+        assert "interrupts a task only at its checkpoints" in lines[0]
         assert "slept" == other.get(timeout=20)
         assert worker.alive()
 
-    def test_solo_pool_interrupts_a_blocking_sleep(self, shared_worker, keys: Keys):
-        """Solo: ``time.sleep(3600)`` on the worker's main thread, task grace 1 s: interrupted.
+    def test_solo_pool_lets_a_blocking_sleep_run_on_and_says_so(self, shared_worker, keys: Keys):
+        """Solo: ``time.sleep(1.5)`` on the worker's main thread, task grace 1 s: not interrupted.
 
         A busy solo worker hears of the cancellation through its ledger poll
-        (0.5 s here); the task's own ``@cancellable(grace=1.0)`` applies.
-        The worker then runs the next task normally.
+        (0.5 s here); the task's own ``@cancellable(grace=1.0)`` puts it on
+        the ladder, which says it can do no more.  The sleep ends normally
+        and the worker then runs the next task.
         """
         worker = shared_worker(pool="solo")
-        result = start(worker, keys, "cit.ladder.sleep_graced", "s")
+        result = start(worker, keys, "cit.ladder.sleep_graced", "s", 1.5)
 
         cancel(result, "solo stop", app=worker.app)
-        elapsed = timed_revoked(result, "solo stop", "interrupted after 1.")
 
-        assert 1.0 <= elapsed <= 1.0 + 0.5 + LATENCY, elapsed
-        assert "Cancelled" == keys.flag("s", "exc")
-        assert ["cleanup"] == keys.hooks("s")
+        assert "slept" == result.get(timeout=20)
+        assert keys.flag("s", "exc") is None
+        lines = wait_for(lambda: not_escalated_lines(worker, result.id), 10)
+        assert 1 == len(lines)
+        assert "the solo pool interrupts a task only at its checkpoints" in lines[0]
         assert worker.alive()
         assert 3 == worker.send("cit.plain.add", 1, 2).get(timeout=20)
 
     def test_solo_pool_gets_the_grace_of_the_call_through_the_ledger(
         self, shared_worker, keys: Keys
     ):
-        """Solo, a task without a grace of its own: ``cancel(grace=1)`` still applies.
+        """Solo, a task without a grace of its own: ``cancel(grace=1)`` still reaches the ladder.
 
         The busy solo worker learns of the cancellation from its ledger
-        poll, and the ledger entry carries the grace.
+        poll, and the ledger entry carries the grace: the ladder's warning
+        for the task is the proof (without a grace it never looks at it).
         """
         worker = shared_worker(pool="solo")
-        result = start(worker, keys, "cit.ladder.sleep", "s")
+        result = start(worker, keys, "cit.ladder.sleep", "s", 2.5)
 
         cancel(result, "solo call grace", grace=1, app=worker.app)
-        elapsed = timed_revoked(result, "solo call grace", "interrupted after 1.")
 
-        assert 1.0 <= elapsed <= 1.0 + 0.5 + LATENCY, elapsed
-        assert ["cleanup"] == keys.hooks("s")
+        assert "slept" == result.get(timeout=20)
+        assert 1 == len(not_escalated_lines(worker, result.id))
 
 
 class TestTorture:
@@ -376,7 +402,8 @@ class TestWarmShutdown:
         ("pool", "task", "step", "bound"),
         [
             ("prefork", "cit.ladder.gil", "terminated after", 2.0),
-            ("threads", "cit.ladder.busy", "interrupted after", 1.0),
+            # (The threads pool is never interrupted: see TestInProcessPools.)
+            ("prefork", "cit.ladder.sleep", "interrupted after", 1.0),
         ],
     )
     def test_a_cancellation_escalates_while_the_pool_drains(

@@ -26,11 +26,19 @@ except ImportError as exc:
     ) from exc
 
 from ._activation import PreforkDeliveryWarning, activate
-from ._client import BrokerUnavailableError, LedgerUnavailableWarning, cancel, configure
+from ._client import (
+    BroadcastFailedWarning,
+    BrokerUnavailableError,
+    LedgerUnavailableWarning,
+    cancel,
+    configure,
+)
 from ._settings import (
+    DEFAULT_CANCEL_TIMEOUT,
     DEFAULT_KILL_AFTER,
     DEFAULT_LEDGER_TTL,
     DEFAULT_POLL_INTERVAL,
+    MAX_GRACE,
     SettingError,
     Settings,
 )
@@ -38,9 +46,12 @@ from ._settings import (
 activate()
 
 __all__ = [
+    "DEFAULT_CANCEL_TIMEOUT",
     "DEFAULT_KILL_AFTER",
     "DEFAULT_LEDGER_TTL",
     "DEFAULT_POLL_INTERVAL",
+    "MAX_GRACE",
+    "BroadcastFailedWarning",
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
     "PreforkDeliveryWarning",

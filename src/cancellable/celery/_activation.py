@@ -14,7 +14,9 @@ as soon as the program imports Celery, see `cancellable._integrations`)
     blueprint, and connects the receivers a worker needs before its pool
     forks: ``worker_process_init`` (a prefork child takes part in
     deliveries), ``task_failure`` (fail fast, `cancellable.celery._failfast`)
-    and ``worker_shutdown``.
+    and ``worker_shutdown``, and has the tracer log a cancelled task as
+    "revoked" (``celery.app.trace.get_log_policy``, `cancellable.celery._ending`;
+    it stays, and acts only on the library's own ending).
 The bootstep's construction (still while the worker is built, before the pool forks)
     reads the app's settings (a bad ``cancellable_*`` value raises
     `~cancellable.celery._settings.SettingError` here, so the worker does not
@@ -24,10 +26,10 @@ The bootstep's construction (still while the worker is built, before the pool fo
 The bootstep's ``start`` (the worker starts; before its consumer does)
     reads the ledger into the index, patches Celery (`install_patches`: the
     ``revoke`` control command, ``Request.revoked``,
-    ``Request._announce_revoked``, the ``cancellable_members`` command,
-    ``Consumer.on_connection_error_after_connected``, ``Control.revoke``),
-    installs the wake-up handler of a solo worker, and starts the poller
-    thread.
+    ``Request._announce_revoked``, ``Request.on_failure``, the
+    ``cancellable_members`` command,
+    ``Consumer.on_connection_error_after_connected``, ``Control.revoke``)
+    and starts the poller thread.
 The bootstep's ``close`` (a shutdown begins, before the pool waits for its tasks)
     with ``cancellable_shutdown_grace`` set, cancels the running
     ``@cancellable`` tasks to send them back (`cancellable.celery._shutdown`).
@@ -56,7 +58,7 @@ from .. import _decorator
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
-from . import _client, _failfast, _ledger, _revokes, _shutdown, _task
+from . import _client, _ending, _failfast, _ledger, _revokes, _shutdown, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import settings_for
@@ -109,6 +111,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             signals.worker_process_init.connect(_on_worker_process_init, weak=False)
             signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
             _failfast.install()
+            # Before the pool forks: the tracer runs in the children.
+            celery_internals.wrap_trace_log_policy(_ending.log_policy)
     # The blueprint is built right after worker_init: the step is in it.
     app.steps["worker"].add(WorkerStep)
     if celery_internals.worker_pool_kind(sender) == "prefork":
@@ -143,6 +147,7 @@ def install_patches() -> None:
         celery_internals.wrap_request_revoked(_revokes.request_revoked)
         celery_internals.wrap_request_announce_revoked(_revokes.announce_revoked)
         celery_internals.wrap_consumer_connection_lost(_shutdown.connection_lost)
+        celery_internals.wrap_request_on_failure(_ending.on_failure)
     _client.install_revoke_recorder()
 
 
@@ -195,14 +200,6 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
         install_patches()
-        if (
-            rt.pool_kind == "solo"
-            and rt.tasks.wakeup.available
-            and threading.current_thread() is threading.main_thread()
-        ):
-            # The solo pool runs tasks on this process's main thread: the
-            # interrupt step signals this very process.
-            rt.tasks.wakeup.install(_no_mailbox, rt.tasks.interrupts.raise_if_asked)
         rt.poller = Poller(rt)
         rt.poller.start()
         rt.active = True
@@ -272,10 +269,6 @@ def _mailbox_slots(worker: Any, app: Any) -> int:
     if multiplier == 0:
         return 1 << 30
     return concurrency * multiplier + concurrency + 16
-
-
-def _no_mailbox() -> None:
-    """A solo worker has no mailbox to read after a wake-up signal."""
 
 
 def _warn_prefork(why: str) -> None:

@@ -27,14 +27,17 @@ registering an inspect command on ``Panel``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal as signal_module
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 from billiard.common import TERMSIGS_FULL as _BILLIARD_TERMSIGS_FULL
 from celery._state import get_current_task
 from celery.utils.functional import maybe_list as _maybe_list
 from celery.worker import state as _worker_state
+from kombu.messaging import Producer as _Producer
 
 __all__ = [
     "BILLIARD_TERMSIGS",
@@ -46,14 +49,19 @@ __all__ = [
     "current_task",
     "discard_scheduled",
     "drop_acknowledgement",
+    "einfo_exception",
+    "extra_revoked_fields",
     "filesystem_backend_path",
+    "is_fallback_app",
     "is_revoked_id",
+    "log_task_ended",
     "mark_process_terminated",
     "original_of",
     "ping_redis_once",
     "pool_maintainer",
     "pool_process",
     "process_index",
+    "publish_control_once",
     "redelivers_unacked",
     "redis_backend_client",
     "redis_broker_client",
@@ -62,7 +70,10 @@ __all__ = [
     "request_context",
     "request_embed",
     "request_worker_pid",
+    "retire_child_when",
+    "revoked_log_policy",
     "scheduled_requests",
+    "send_task_event",
     "task_ids",
     "unregister_inspect_command",
     "unwrap_consumer_connection_lost",
@@ -76,8 +87,10 @@ __all__ = [
     "wrap_consumer_connection_lost",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
+    "wrap_request_on_failure",
     "wrap_request_revoked",
     "wrap_revoke_command",
+    "wrap_trace_log_policy",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -328,6 +341,141 @@ def wrap_request_announce_revoked(make: Callable[[Callable[..., Any]], Callable[
     return True
 
 
+def wrap_request_on_failure(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``Request.on_failure`` with ``make(original)``; False if already wrapped.
+
+    The worker's main process (or the process of an in-process pool) calls
+    ``request.on_failure(exc_info, ...)`` when the tracer reports an
+    exception state: the per-task ``Request`` subclass that
+    ``create_request_cls`` builds reaches it from its ``on_success`` (for a
+    ``(1, ExceptionInfo, runtime)`` result, which ``Ignore`` gives), and the
+    pool's error callback calls it directly; the subclass does not override
+    it.  For ``Ignore`` it only acknowledges the message: no event.
+    Signature ``(self, exc_info, send_failed_event=True, return_ok=False)``;
+    same in 5.3 to 5.7.
+    """
+    request_cls = _request_class()
+    original = request_cls.on_failure
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    request_cls.on_failure = _wrapper(original, make(original))
+    return True
+
+
+def einfo_exception(exc_info: Any) -> BaseException | None:
+    """The exception a pool reported in ``exc_info`` (billiard's ``ExceptionInfo``).
+
+    ``exc_info.exception`` is billiard's ``ExceptionWithTraceback`` around
+    the task's exception (``.exc``) when it crossed the pool's pipe, or the
+    exception itself; what ``Request.on_failure`` unwraps.  billiard 4.1 to
+    4.3.
+    """
+    from billiard.einfo import ExceptionWithTraceback
+
+    exc = getattr(exc_info, "exception", None)
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    return exc if isinstance(exc, BaseException) else None
+
+
+def send_task_event(
+    request: Any, event_type: str, task_id: str | None = None, **fields: Any
+) -> bool:
+    """Send a task event for ``task_id`` (default: the request's own) as the worker does.
+
+    ``Request.send_event`` sends only when the worker sends task events
+    (``-E`` / ``worker_send_task_events``, or ``enable_events`` at run
+    time: ``request._eventer.enabled``) and the task's ``send_events`` is
+    true, through the worker's own ``EventDispatcher`` (``_eventer``,
+    private), always with ``uuid=request.id``.  For another task id (a
+    workflow member this request's ending stored REVOKED) we call the same
+    dispatcher under the same conditions.  Returns whether an event was
+    sent.  Same in 5.3 to 5.7.
+    """
+    eventer = getattr(request, "_eventer", None)
+    if not (eventer and eventer.enabled and request.task.send_events):
+        return False
+    if task_id is None or task_id == request.id:
+        request.send_event(event_type, **fields)
+    else:
+        eventer.send(event_type, uuid=task_id, **fields)
+    return True
+
+
+@contextlib.contextmanager
+def extra_revoked_fields(request: Any, fields: Mapping[str, Any]) -> Iterator[None]:
+    """Add ``fields`` to the ``task-revoked`` event Celery sends for ``request`` meanwhile.
+
+    ``Request._announce_revoked`` sends its event with
+    ``self.send_event('task-revoked', terminated=, signum=, expired=)``;
+    ``Request`` has ``__dict__`` among its ``__slots__``, so an instance
+    attribute ``send_event`` shadows the method for this one request until
+    we remove it.  Celery's own fields win over ours.  Same in 5.3 to 5.7.
+    """
+    own = type(request).send_event
+
+    def send_event(event_type: str, **given: Any) -> Any:
+        if event_type == "task-revoked":
+            given = {**fields, **given}
+        return own(request, event_type, **given)
+
+    request.send_event = send_event
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del request.send_event
+
+
+# --------------------------------------------------------------------------
+# celery.app.trace: the tracer's log line for a task that raised Ignore.
+
+
+def wrap_trace_log_policy(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``celery.app.trace.get_log_policy`` with ``make(original)``; False if so.
+
+    The tracer logs a task's exceptional ending (``TraceInfo._log_error``)
+    with the policy ``get_log_policy(task, einfo, exc)`` returns, looked up
+    in the module's globals at each call; for ``Ignore`` it is
+    ``log_policy_ignore`` (INFO, "Task name[id] ignored").  A policy is a
+    ``log_policy_t(format, description, severity, traceback, mail)``
+    namedtuple.  Undocumented; same in 5.3 to 5.7.
+    """
+    from celery.app import trace
+
+    original = trace.get_log_policy
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    trace.get_log_policy = _wrapper(original, make(original))
+    return True
+
+
+def revoked_log_policy(description: str) -> Any:
+    """The tracer's policy for an ``Ignore`` (INFO, no traceback) with another description.
+
+    ``log_policy_t(LOG_IGNORED, description, logging.INFO, 0, 0)``: the line
+    reads "Task name[id] <description>".  Same in 5.3 to 5.7.
+    """
+    from celery.app import trace
+
+    return trace.log_policy_t(trace.LOG_IGNORED, description, logging.INFO, 0, 0)
+
+
+def log_task_ended(task_name: str | None, task_id: str, description: str) -> None:
+    """Log "Task name[id] <description>" at INFO, as the tracer logs a task's ending.
+
+    The ``celery.app.trace`` logger and its ``LOG_IGNORED`` format
+    (``"Task %(name)s[%(id)s] %(description)s"``), with the context also
+    under ``extra={"data": ...}`` as the tracer passes it.  For endings the
+    worker's main process decides (a discard, a terminate), where no
+    tracer runs.  Same in 5.3 to 5.7.
+    """
+    from celery.app import trace
+
+    context = {"id": task_id, "name": task_name, "description": description}
+    trace.logger.info(trace.LOG_IGNORED.strip(), context, extra={"data": context})
+
+
 # --------------------------------------------------------------------------
 # Remote control: the worker's command registry and the client's revoke.
 
@@ -399,10 +547,10 @@ def unregister_inspect_command(name: str) -> bool:
 
 
 def unwrap_request_methods() -> bool:
-    """Put ``Request.revoked`` and ``Request._announce_revoked`` back; False if not wrapped."""
+    """Put ``Request.revoked``, ``_announce_revoked``, ``on_failure`` back; False if not wrapped."""
     request_cls = _request_class()
     unwrapped = False
-    for attribute in ("revoked", "_announce_revoked"):
+    for attribute in ("revoked", "_announce_revoked", "on_failure"):
         original = getattr(getattr(request_cls, attribute), ORIGINAL, None)
         if original is not None:
             setattr(request_cls, attribute, original)
@@ -562,6 +710,49 @@ def process_index() -> int | None:
     return index if isinstance(index, int) else None
 
 
+def retire_child_when(should_retire: Callable[[], bool]) -> bool:
+    """In a prefork child: leave the pool, the way ``max_tasks_per_child`` does, when asked.
+
+    Called at ``worker_process_init``.  From then on, each time the child is
+    about to wait for its next job it calls ``should_retire()`` first, and
+    if that says so it leaves billiard's work loop with exit code
+    ``EX_RECYCLE`` instead of taking another job: the job it ran last has
+    been reported (its result is on the pool's result queue, so acknowledged
+    and stored as usual), billiard's own exit path waits until the main
+    process has read it, and the pool replaces the child without an error
+    (the path of ``max_tasks_per_child``, whose loop returns ``EX_RECYCLE``
+    after its last job).  ``should_retire`` must take no lock and do no I/O:
+    it runs in a process that may hold a lock for ever.
+
+    Relies on billiard's ``Worker`` (the pool child's process target,
+    ``current_process()._target``, private): ``Worker.__call__`` sets
+    ``self.wait_for_job`` (``_make_child_methods``) before ``after_fork``
+    runs the pool's initializer (Celery's ``process_initializer``, which
+    sends ``worker_process_init``), and ``workloop`` reads
+    ``self.wait_for_job`` after that, calling it before every job.  A
+    ``SystemExit`` raised through the patched ``sys.exit`` of the child
+    records the exit code that ``Worker._do_exit`` uses.  billiard 4.1 to
+    4.3.  False if this process is not such a child.
+    """
+    import sys
+
+    from billiard.pool import EX_RECYCLE
+    from billiard.process import current_process
+
+    worker: Any = getattr(current_process(), "_target", None)
+    wait = getattr(worker, "wait_for_job", None)
+    if wait is None or not callable(wait):
+        return False
+
+    def wait_for_job(*args: Any, **kwargs: Any) -> Any:
+        if should_retire():
+            sys.exit(EX_RECYCLE)
+        return wait(*args, **kwargs)
+
+    worker.wait_for_job = wait_for_job
+    return True
+
+
 #: Signal numbers billiard installs or resets handlers for in pool children
 #: (``billiard.common.TERMSIGS_FULL``, names; private).  A wake-up signal
 #: must be none of them.  billiard 4.1 to 4.3.
@@ -698,3 +889,61 @@ def drop_acknowledgement(request: Any) -> None:
     request (it would SIGTERM the child).  Undocumented; same in 5.3 to 5.7.
     """
     request.acknowledged = True
+
+
+def publish_control_once(
+    app: Any, connection: Any, command: str, arguments: Mapping[str, Any], timeout: float = 1.0
+) -> None:
+    """Publish the broadcast ``app.control.broadcast(command, arguments=...)`` sends, once.
+
+    The same message on the same exchange (Celery's ``Control.mailbox``
+    bound to ``connection``, then kombu's ``Mailbox._publish(type, arguments,
+    destination=, reply_ticket=, channel=, timeout=, producer=)``, no reply
+    wanted, ``timeout`` as Celery's default: the message expires after it),
+    but published by a ``Producer`` on ``connection``'s channel that makes
+    one attempt: ``Mailbox._publish`` asks ``Producer.publish`` for
+    ``retry=True`` without a retry policy, which kombu's ``Connection.ensure``
+    retries for ever.  The broadcast therefore goes over ``connection`` (not
+    over the app's producer pool) and fails with the transport's error.
+    ``Mailbox.__call__``, ``_publish``: kombu 5.3 to 5.7.
+    """
+    mailbox = app.control.mailbox(connection)
+    channel = connection.default_channel
+    mailbox._publish(
+        command,
+        dict(arguments),
+        destination=None,
+        reply_ticket=None,
+        channel=channel,
+        timeout=timeout,
+        producer=_OneAttemptProducer(channel),
+    )
+
+
+class _OneAttemptProducer:
+    """A kombu ``Producer`` whose ``publish`` never enters kombu's retry loop."""
+
+    def __init__(self, channel: Any) -> None:
+        self._producer: Any = _Producer(channel, auto_declare=False)  # type: ignore[no-untyped-call]
+
+    def publish(self, body: Any, **kwargs: Any) -> Any:
+        kwargs["retry"] = False
+        return self._producer.publish(body, **kwargs)
+
+
+def is_fallback_app(app: Any) -> bool:
+    """Whether ``app`` is the app Celery falls back on when none is current.
+
+    ``celery._state.default_app`` as ``_get_current_app`` makes it when no
+    app was set as the default: ``Celery("default", set_as_current=False)``,
+    configured for ``amqp://localhost``.  A thread that has no current app
+    (``_tls.current_app`` is set per thread) gets it from ``current_app``.
+    Undocumented; same in 5.3 to 5.7.
+    """
+    from celery import _state
+
+    return (
+        app is _state.default_app
+        and getattr(app, "main", None) == "default"
+        and getattr(app, "set_as_current", True) is False
+    )

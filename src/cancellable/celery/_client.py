@@ -11,7 +11,6 @@ when it starts.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import threading
 import warnings
@@ -21,17 +20,19 @@ from typing import Any, Final
 from celery import states
 from celery.exceptions import TaskRevokedError
 
-from .._config import validate_seconds
+from .._config import validate_grace
 from .._exceptions import CancelReason
 from .._log import logger
-from ..events import LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
+from ..events import CANCEL_BROADCAST_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ledger
+from ._broker import Deadline
 from ._runtime import runtime
-from ._settings import PREFIX, SettingError, Settings, forget_settings
+from ._settings import PREFIX, SettingError, Settings, forget_settings, settings_for
 from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
 
 __all__ = [
+    "BroadcastFailedWarning",
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
     "cancel",
@@ -42,10 +43,26 @@ __all__ = [
 
 
 class BrokerUnavailableError(ConnectionError):
-    """`cancel` could not reach the broker; nothing was recorded or sent.
+    """`cancel` could not reach the broker in time; the cancellation is not in effect.
+
+    Raised within ``cancellable_cancel_timeout`` when the broker refuses the
+    connection, fails, or does not answer (a stopped or partitioned server).
+    Retrying the call is always safe.
+
+    Attributes:
+        maybe_sent: False when the check before anything was done failed:
+            nothing was recorded or sent.  True when the check passed but the
+            broadcast then failed or timed out and the cancellation could not
+            be recorded in the ledger either: it is not durable, and online
+            workers may or may not have received it (a broadcast that reaches
+            a worker more than a second late is dropped by it).
 
     .. versionadded:: 0.1.0
     """
+
+    def __init__(self, message: str, *, maybe_sent: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
 
 
 class LedgerUnavailableWarning(UserWarning):
@@ -53,6 +70,17 @@ class LedgerUnavailableWarning(UserWarning):
 
     Online workers still stop the task; a worker that was offline or restarts
     before it receives the task may run it.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class BroadcastFailedWarning(UserWarning):
+    """The cancellation was recorded in the ledger, but its broadcast failed or timed out.
+
+    It is in effect: every worker applies it when it next reads the ledger
+    (every ``cancellable_poll_interval`` seconds) rather than at once, and a
+    worker that starts later reads it when it starts.
 
     .. versionadded:: 0.1.0
     """
@@ -90,6 +118,13 @@ def _collect(task_or_id: object, plan: _Plan) -> None:
         return
     if task_or_id is None:
         raise TypeError("cancel() needs a task id, an AsyncResult or a list of them, got None")
+    if is_group_result(task_or_id) and not isinstance(getattr(task_or_id, "id", None), str):
+        # A ResultSet: a set of results with no group id, so no group target;
+        # each member is cancelled as it would be on its own.
+        plan.apps.append(getattr(task_or_id, "app", None))
+        for member in task_or_id.results:  # type: ignore[attr-defined]
+            _collect(member, plan)
+        return
     if is_group_result(task_or_id):
         plan.apps.append(getattr(task_or_id, "app", None))
         plan.trees.append(task_or_id)
@@ -149,43 +184,66 @@ def cancel(
     nothing is left PENDING and ``get()`` raises
     `~celery.exceptions.TaskRevokedError`.
 
+    Bounded: ``cancel()`` returns or raises within the app's
+    ``cancellable_cancel_timeout`` (6 s by default) whatever the broker or
+    the ledger does, refusing, failing or answering nothing.  It checks the
+    broker (one round trip), records the cancellation in the ledger, then
+    broadcasts it; each wait for the broker is at most a third of the bound
+    (2 s by default), the ledger's at most its own 2 s.  What happens when a
+    step is hit is in :doc:`/reliability` ("Time bounds").
+
     Args:
         task_or_id: A task id, an `~celery.result.AsyncResult`, a
-            `~celery.result.GroupResult`, or a list of them.
+            `~celery.result.GroupResult`, a `~celery.result.ResultSet` (its
+            members), or a list of them.
         reason: A message `str`, a `~cancellable.CancelReason`, or None.
             A string becomes a reason with source ``"revoked"``.
         requested_by: Who is cancelling (a user, a service); stored with
             the reason.
-        app: The Celery app; defaults to the result's app or the current app.
+        app: The Celery app; defaults to the result's app or the current
+            app.  Required in a thread where no app is current (unless you
+            called ``app.set_default()``): Celery would otherwise hand over
+            its fallback ``amqp://localhost`` app.
         workflow: Cancel the whole workflow each result or id belongs to.
             For a held result the workflow is found from the result tree
             (``.parent`` links); for a bare id, from the result backend and
             from the workers that hold its workflow's tasks.
         grace: Seconds a running ``@cancellable`` task may take to stop at a
             checkpoint before it is interrupted, and later terminated (see
-            :doc:`/grace`).  None: the task's ``@cancellable(grace=)``, else
-            the app's ``cancellable_grace`` (default: cooperative only).
+            :doc:`/grace`), at most `~cancellable.celery.MAX_GRACE` (one
+            day).  None: the task's ``@cancellable(grace=)``, else the app's
+            ``cancellable_grace`` (default: cooperative only).  A later
+            ``cancel()`` of a task already on its grace may shorten it (the
+            earlier deadline wins), never lengthen it.
 
     Returns:
         The `~cancellable.CancelReason` that was recorded and sent.
 
     Raises:
         TypeError: ``task_or_id``, ``reason`` or ``grace`` has the wrong type.
-        ValueError: An id is empty or longer than 1,024 bytes (UTF-8),
-            the reason message is too long, or
-            ``grace`` is negative, NaN or infinite.
-        BrokerUnavailableError: The broker cannot be reached; nothing was
-            recorded or sent.
+        ValueError: An id is empty or longer than 1,024 bytes (UTF-8), the
+            reason message is too long, or ``grace`` is negative, NaN,
+            infinite or above ``MAX_GRACE``.
+        RuntimeError: No ``app`` was given and this thread has no current
+            Celery app.
+        BrokerUnavailableError: The broker could not be reached, or did not
+            answer, in time.  ``maybe_sent`` False: the check failed, nothing
+            was recorded or sent.  True: the broadcast failed after the check
+            and the ledger has no record either; online workers may or may
+            not have received it.  Retrying is safe.
 
     Warns:
-        LedgerUnavailableWarning: The ledger is down; the broadcast was sent
-            but the cancellation is not durable.
+        LedgerUnavailableWarning: The ledger is down or did not answer in
+            time; the broadcast was sent but the cancellation is not durable.
+        BroadcastFailedWarning: The cancellation was recorded in the ledger
+            but its broadcast failed or timed out; workers apply it at their
+            next ledger read (``cancellable_poll_interval``).
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.1.0
        ``workflow=True``; a `~celery.result.GroupResult` is one group target.
     """
-    grace_s = validate_seconds(grace, "grace")
+    grace_s = validate_grace(grace)
     install_revoke_recorder()
     plan = _Plan(workflow=bool(workflow))
     _collect(task_or_id, plan)
@@ -196,10 +254,16 @@ def cancel(
         cancel_reason = dataclasses.replace(cancel_reason, requested_by=requested_by)
     if app is None:
         app = next((a for a in plan.apps if a is not None), None)
-    if app is None:
-        from celery import current_app
+        if app is None:
+            from celery import current_app
 
-        app = current_app._get_current_object()
+            app = current_app._get_current_object()
+        if celery_internals.is_fallback_app(app):
+            raise RuntimeError(
+                "cancel() was given no app= and this thread has no current Celery app: "
+                "Celery would fall back on its default app (amqp://localhost), not yours. "
+                "Pass app=your_app, or call your_app.set_default() once"
+            )
     for task_id in dict.fromkeys(plan.bare):
         targets, seen = resolve_id(app.backend, task_id)
         plan.wide.extend(targets)
@@ -207,7 +271,9 @@ def cancel(
 
     task_ids = list(dict.fromkeys(plan.task_ids))
     wide = [t for t in plan.targets() if t[0] != "task"]
-    cancel_targets(app, task_ids, wide, cancel_reason, grace_s)
+    # The bound starts here: the result-backend reads above are Celery's own.
+    deadline = Deadline(settings_for(app).cancel_timeout)
+    cancel_targets(app, task_ids, wide, cancel_reason, grace_s, deadline=deadline)
     if plan.trees:
         _mark_unsent(app, plan.trees, cancel_reason)
     return cancel_reason
@@ -219,29 +285,35 @@ def cancel_targets(
     wide: list[_ledger.Target],
     reason: CancelReason,
     grace: float | None = None,
+    *,
+    deadline: Deadline | None = None,
 ) -> None:
-    """Record targets in the ledger, then broadcast them in one revoke.
+    """Check the broker, record targets in the ledger, then broadcast them in one revoke.
 
     ``task_ids`` travel as Celery's own ``task_id`` argument; group and root
     targets under ``cancellable_targets`` and the grace under
     ``cancellable_grace``, which only this library's interceptor reads.
+    Every step waits only until ``deadline`` (default: the app's
+    ``cancellable_cancel_timeout`` from now); see `cancel` for what each
+    failure raises or warns.
     """
     targets: list[_ledger.Target] = [("task", task_id) for task_id in task_ids]
     targets.extend(wide)
     _ledger.check_targets(targets)
-    # A pooled connection: repeated cancels reuse one open connection.
-    with app.pool.acquire(block=True) as conn:
-        _check_broker(conn, app)
+    if deadline is None:
+        deadline = Deadline(settings_for(app).cancel_timeout)
+    broadcasts = runtime().broadcasts
+    try:
+        conn = broadcasts.acquire(app, deadline)
+    except Exception as exc:
+        raise _unavailable(app, exc, deadline, "no broker connection") from exc
+    broken = True
+    try:
         try:
-            runtime().ledgers.get(app).record(targets, reason, grace)
-        except _ledger.LedgerError as exc:
-            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
-            warnings.warn(
-                f"cancellation of {len(targets)} target(s) sent to online workers but not "
-                f"recorded durably: {exc}",
-                LedgerUnavailableWarning,
-                stacklevel=3,
-            )
+            broadcasts.check(conn, deadline)
+        except Exception as exc:
+            raise _unavailable(app, exc, deadline, "the broker did not answer") from exc
+        recorded = _record(app, targets, task_ids, reason, grace, deadline)
         arguments: dict[str, Any] = {
             "task_id": task_ids,
             "terminate": False,
@@ -251,7 +323,88 @@ def cancel_targets(
         }
         if wide:
             arguments["cancellable_targets"] = [list(target) for target in wide]
-        app.control.broadcast("revoke", arguments=arguments, connection=conn)
+        try:
+            if deadline.left() <= 0:
+                raise TimeoutError(f"no time left of cancellable_cancel_timeout={deadline.seconds}")
+            broadcasts.publish(app, conn, arguments)
+        except Exception as exc:  # noqa: BLE001 - said by a warning or an error
+            _broadcast_failed(app, exc, deadline, targets, task_ids, recorded)
+        else:
+            broken = False
+    finally:
+        broadcasts.release(conn, broken=broken)
+
+
+def _unavailable(
+    app: Any, exc: BaseException, deadline: Deadline, what: str, *, maybe_sent: bool = False
+) -> BrokerUnavailableError:
+    done = (
+        "not recorded durably; online workers may or may not receive it"
+        if maybe_sent
+        else "nothing was cancelled"
+    )
+    return BrokerUnavailableError(
+        f"cannot reach the broker at {_broker_uri(app)} ({what} after "
+        f"{deadline.elapsed():.1f} s: {exc!r}); {done}",
+        maybe_sent=maybe_sent,
+    )
+
+
+def _broker_uri(app: Any) -> str:
+    try:
+        return str(app.connection_for_write().as_uri())
+    except Exception:  # noqa: BLE001 - only for the message
+        return "?"
+
+
+def _record(
+    app: Any,
+    targets: list[_ledger.Target],
+    task_ids: list[str],
+    reason: CancelReason,
+    grace: float | None,
+    deadline: Deadline,
+) -> bool:
+    """Record the cancellation in the ledger; True if it is durable now, else warn."""
+    try:
+        ledger = runtime().ledgers.get(app)
+        if deadline.left() <= 0:
+            raise _ledger.LedgerError(
+                f"no time left of cancellable_cancel_timeout={deadline.seconds}"
+            )
+        ledger.record(targets, reason, grace)
+    except _ledger.LedgerError as exc:
+        logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
+        warnings.warn(
+            f"cancellation of {len(targets)} target(s) not recorded durably: {exc}",
+            LedgerUnavailableWarning,
+            stacklevel=4,
+        )
+        return False
+    return bool(getattr(ledger, "durable", False))
+
+
+def _broadcast_failed(
+    app: Any,
+    exc: BaseException,
+    deadline: Deadline,
+    targets: list[_ledger.Target],
+    task_ids: list[str],
+    recorded: bool,
+) -> None:
+    """Say what a failed broadcast leaves: warn if the ledger has it, else raise."""
+    if not recorded:
+        raise _unavailable(app, exc, deadline, "the broadcast failed", maybe_sent=True) from exc
+    logger.warning(
+        CANCEL_BROADCAST_FAILED, error=repr(exc), task_ids=task_ids[:20], targets=len(targets)
+    )
+    warnings.warn(
+        f"cancellation of {len(targets)} target(s) recorded durably but not broadcast "
+        f"({exc!r}): workers apply it at their next ledger read "
+        "(every cancellable_poll_interval seconds)",
+        BroadcastFailedWarning,
+        stacklevel=4,
+    )
 
 
 def _mark_unsent(app: Any, trees: list[Any], reason: CancelReason) -> None:
@@ -269,32 +422,9 @@ def _mark_unsent(app: Any, trees: list[Any], reason: CancelReason) -> None:
         logger.warning(TASK_RESULT_NOT_STORED, error=repr(exc), task_ids=ids[:20])
 
 
-#: Seconds `cancel` waits for the broker before it gives up.
-BROKER_CHECK_TIMEOUT = 2.0
-
-
 def _check_broker(conn: Any, app: Any) -> None:
-    """Raise `BrokerUnavailableError` unless the broker answers within about 2 s.
-
-    ``ensure_connection`` alone is not enough: on a pooled connection it
-    returns at once (kombu's Redis transport always says it is connected),
-    and the broadcast would then block in kombu's retry loop until the
-    broker comes back.  So we also make the transport do a round trip: a
-    ``PING`` for Redis, opening a channel for the others.
-    """
-    try:
-        conn.ensure_connection(
-            max_retries=1, interval_start=0, interval_step=0.2, timeout=BROKER_CHECK_TIMEOUT
-        )
-        client = celery_internals.redis_broker_client(conn)
-        if client is not None:
-            celery_internals.ping_redis_once(client, BROKER_CHECK_TIMEOUT)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            conn.collect()  # do not give the broken connection back to the pool
-        raise BrokerUnavailableError(
-            f"cannot reach the broker at {conn.as_uri()}: {exc}; nothing was cancelled"
-        ) from exc
+    """The broker check of `cancel` on ``conn`` (kept for the benchmarks' step timings)."""
+    runtime().broadcasts.check(conn, Deadline(settings_for(app).cancel_timeout))
 
 
 class _Installed:
@@ -367,6 +497,7 @@ def configure(
     *,
     ledger_url: str | None = UNCHANGED,
     ledger_ttl: float = UNCHANGED,
+    cancel_timeout: float = UNCHANGED,
     poll_interval: float = UNCHANGED,
     grace: float | None = UNCHANGED,
     kill_after: float | None = UNCHANGED,
@@ -391,17 +522,22 @@ def configure(
             filesystem result backend, else its Redis broker).
         ledger_ttl: ``cancellable_ledger_ttl``: seconds a cancellation is
             remembered (default one week).
+        cancel_timeout: ``cancellable_cancel_timeout``: the longest
+            `cancel` waits for the broker and the ledger together (default
+            6 s; see :doc:`/reliability`).
         poll_interval: ``cancellable_poll_interval``: seconds between a
             worker's reads of the ledger (default 2).
         grace: ``cancellable_grace``: seconds before a cancelled task is
-            interrupted (None: cooperative only, the default).
+            interrupted, at most `MAX_GRACE` (one day); None: cooperative
+            only, the default.
         kill_after: ``cancellable_kill_after``: seconds from the interrupt to
             the terminate step (None: never terminate; default 10).
         kill_process_group: ``cancellable_kill_process_group``.
         cancel_siblings_on_failure: ``cancellable_cancel_siblings_on_failure``.
         wakeup_signal: ``cancellable_wakeup_signal``: the signal that wakes
-            prefork children (default ``SIGURG``); signals billiard uses in
-            pool children are refused.
+            prefork children: ``SIGURG`` (the default) or ``SIGWINCH``, the
+            signals whose default action is to ignore them (a child signalled
+            before it installed the handler must not die).
 
     Returns:
         The app's settings as a worker will read them.
@@ -416,6 +552,7 @@ def configure(
     given = {
         "ledger_url": ledger_url,
         "ledger_ttl": ledger_ttl,
+        "cancel_timeout": cancel_timeout,
         "poll_interval": poll_interval,
         "grace": grace,
         "kill_after": kill_after,
@@ -433,4 +570,5 @@ def configure(
     # settings it started with.
     forget_settings(app)
     runtime().ledgers.forget(app)
+    runtime().broadcasts.forget(app)
     return settings

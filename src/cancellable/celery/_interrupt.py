@@ -1,50 +1,62 @@
-"""The interrupt step: raising `Cancelled` in a task's own thread.
+"""The interrupt step: raising `Cancelled` in a prefork child's task, then retiring the child.
 
 Once a cancelled task's grace is over, the worker raises `Cancelled` in
 the thread that runs it, wherever that thread is, so ``finally`` blocks and
-cleanup hooks still run.  Two ways in, depending on the thread:
+cleanup hooks still run.  This is done in prefork children only: a Python
+signal handler runs on the child's main thread between two bytecodes, and
+a blocking call interrupted by the signal (``time.sleep``, a socket read,
+``Event.wait``, ``select``, a lock wait...) runs the handler before it
+resumes.  So the wake-up signal's handler (`cancellable.celery._wakeup`)
+calls `Interrupts.raise_if_asked`, which raises `Cancelled` right there,
+breaking the blocking call, when the task's mailbox slot says so (step
+`~cancellable.celery._mailbox.INTERRUPT`, written by the main process).
 
-The main thread of its process (prefork children, the solo pool)
-    A Python signal handler runs on the main thread between two bytecodes,
-    and a blocking call interrupted by the signal (``time.sleep``, a socket
-    read, ``Event.wait``, ``select``...) runs the handler before it resumes.
-    So the wake-up signal's handler (`cancellable.celery._wakeup`) calls
-    `Interrupts.raise_if_asked`, which raises `Cancelled` right there, breaking the
-    blocking call.  In a prefork child the main process asks through the
-    task's mailbox slot (step `~cancellable.celery._mailbox.INTERRUPT`); in
-    the solo pool the worker's poller thread sets ``interrupt_reason`` on the
-    task's registry entry and signals its own process.
+The rule for locks
+------------------
 
-Any other thread (the threads pool)
-    ``PyThreadState_SetAsyncExc`` makes the thread raise at its next
-    bytecode boundary (`Interrupts.interrupt_thread`).  It cannot break a blocking call
-    or a C call: it lands when the call returns.
+An exception raised at an arbitrary bytecode can land right after a C-level
+``acquire()`` and before the ``try`` that releases the lock (or between a
+``queue.get()`` and the ``try`` that puts the item back): the lock stays
+held for ever by a frame that is gone, and the next task of the process
+that needs it hangs.  No check at the landing point can rule that out (a
+lock has no owner to ask, and any frame of the stack may be between its
+``acquire`` and its ``try``).  Hence:
 
-When it may land (both ways):
+* **A prefork child in which an interrupt landed is retired** once it has
+  reported its task: `Interrupts.landed` is set when the exception is
+  raised, and the child leaves billiard's work loop before it would take
+  another job (`~cancellable.celery._celery_internals.retire_child_when`,
+  the path of ``max_tasks_per_child``); the pool replaces it.  Nothing is
+  lost: the task's REVOKED state is stored and its result reported (so the
+  message is acknowledged) before the child goes.  If a lock the task left
+  held stops the task itself from getting there (its own cleanup needs the
+  lock), the terminate step (``cancellable_kill_after``) ends it.
+* **In-process pools (threads, solo, gevent, eventlet) are never
+  interrupted** at an arbitrary bytecode: the worker's own threads (its
+  consumer, its poller, other tasks) share the process, and there is no
+  process to retire.  There a task stops where the library controls the
+  landing point: its checkpoints, `cancellable.sleep` and `cancellable.wait`
+  (the cooperative step); the ladder says once per task that it cannot
+  interrupt it (``cancel.not_escalated``).
+
+When it may land (in a prefork child):
 
 * only while the task's *body* runs (``entry.interruptible``, set and
   cleared by the task boundary under ``entry.window_lock``), and only in the
-  thread that runs that task: a signal or request that arrives after the
-  task ended, or while the thread already runs the next task, finds no
-  match and does nothing;
+  thread that runs that task: a signal that arrives after the task ended,
+  or while the child already runs the next task, finds no match and does
+  nothing;
 * at most once per task: the first one that lands closes the window, so
   later signals never land in the ``finally`` blocks and cleanup that
   handle it (a body that swallows it meets the terminate step instead);
-* never while the core holds its lock (`cancellable._scope._lock`), and, on
-  the signal path, never while the interrupted frame is this library's own
-  code (a scope's ``__exit__`` before it takes the lock, the run of queued
-  work), so it cannot cut a scope's bookkeeping in half; never inside a
-  shield (cleanup hooks run inside one; a task's own shields are respected
-  too).  An asynchronous exception cannot be aimed that finely: holding
-  the core's lock keeps it out of everything done under the lock, and the
-  few bytecodes outside it remain a (small) window in the threads pool.  The
-  signal handler checks that on the spot and otherwise does nothing: the
-  main process signals again at its next tick (0.1 s), so the interrupt is
-  deferred, not lost.  For another thread, the caller takes the core lock
-  itself (without waiting) and holds it until the exception has landed, or
-  for at most `LAND_WAIT` seconds, after which it withdraws the pending
-  exception (``PyThreadState_SetAsyncExc(thread, NULL)``) and retries
-  later.
+* never while the core holds its lock (`cancellable._scope._lock`), never
+  while the interrupted frame is this library's own code (a scope's
+  ``__exit__`` before it takes the lock, the run of queued work), so it
+  cannot cut a scope's bookkeeping in half; never inside a shield (cleanup
+  hooks run inside one; a task's own shields are respected too).  The
+  handler checks that on the spot and otherwise does nothing: the main
+  process signals again at its next tick (0.1 s), so the interrupt is
+  deferred, not lost.
 
 The task boundary then ends the task as for any cancellation (REVOKED with
 the reason, hooks run), adding how it ended: "interrupted after 1.0 s".
@@ -52,22 +64,16 @@ the reason, hooks run), adding how it ended: "interrupted after 1.0 s".
 
 from __future__ import annotations
 
-import ctypes
-import os
 import threading
 import time
 from typing import Final
 
 from .. import _scope
-from .._exceptions import Cancelled, CancelReason
+from .._exceptions import Cancelled
 from ._mailbox import INTERRUPT, Mailbox
 from ._registry import RunningTask, RunningTasks
-from ._wakeup import Wakeup
 
-__all__ = ["LAND_WAIT", "Interrupts", "thread_interrupt_available"]
-
-#: Seconds `Interrupts.interrupt_thread` waits for an asynchronous exception to land.
-LAND_WAIT: Final = 0.01
+__all__ = ["Interrupts"]
 
 
 def _ending(delivered_at: float | None) -> str:
@@ -130,65 +136,22 @@ def _shielded_inside(scope: _scope.CancelScope) -> bool:
     return _scope.shield_inside(scope)
 
 
-class _Interrupted(Cancelled):
-    """What `Interrupts.interrupt_thread` raises in a pool thread (a `Cancelled`).
-
-    CPython raises an asynchronous exception by calling its class with no
-    arguments, in the target thread, where it lands: so the constructor is
-    where we learn that it landed, and where it finds its reason.  Each
-    `Interrupts` has its own subclass, whose ``_owner`` is that `Interrupts`.
-    """
-
-    _owner: Interrupts
-
-    def __init__(self, reason: CancelReason | None = None) -> None:
-        owner = type(self).__dict__.get("_owner")
-        entry = None if owner is None else owner._landing.pop(threading.get_ident(), None)
-        if reason is None and entry is not None:
-            reason = entry.interrupt_reason or entry.scope.cancel_reason
-        super().__init__(reason)
-        if owner is not None and entry is not None:
-            entry.interruptible = False  # once per task, as in raise_if_asked
-            entry.ended_by = _ending(entry.delivered_at)
-            owner._landed.set()
-
-
-def thread_interrupt_available() -> bool:
-    """Whether this interpreter can raise in another thread (CPython)."""
-    return hasattr(ctypes, "pythonapi") and hasattr(ctypes.pythonapi, "PyThreadState_SetAsyncExc")
-
-
-def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
-    # exc None withdraws a pending exception: the C function wants NULL,
-    # which an empty py_object passes (a bare None would pass Py_None).
-    if not thread_interrupt_available():
-        return 0
-    function = ctypes.pythonapi.PyThreadState_SetAsyncExc
-    function.argtypes = (ctypes.c_ulong, ctypes.py_object)
-    function.restype = ctypes.c_int
-    arg = ctypes.py_object() if exc is None else ctypes.py_object(exc)
-    return int(function(thread, arg))
-
-
 class Interrupts:
-    """The interrupt window of the tasks running in one process, and the two ways in.
+    """The interrupt window of the tasks running in one process, and the way in.
 
     Made by the process's `~cancellable.celery._runtime.TaskRuntime` with
-    its table of running tasks, its mailbox (a prefork child; None
-    elsewhere) and its wake-up signal.
+    its table of running tasks and its mailbox (a prefork child; None
+    elsewhere).
     """
 
-    def __init__(self, running: RunningTasks, mailbox: Mailbox | None, wakeup: Wakeup) -> None:
+    def __init__(self, running: RunningTasks, mailbox: Mailbox | None) -> None:
         self._running = running
         self._mailbox = mailbox
-        self._wakeup = wakeup
-        #: Thread id -> the entry whose interrupt was set for it and has not landed.
-        self._landing: dict[int, RunningTask] = {}
-        self._landed = threading.Event()
-        #: The exception class CPython instantiates in the target thread.
-        self._exception: type[_Interrupted] = type(
-            "_Interrupted", (_Interrupted,), {"_owner": self, "__module__": __name__}
-        )
+        #: Whether an interrupt has landed in this process, at whatever
+        #: bytecode the task was at (see "The rule for locks"): a prefork
+        #: child then retires once it has reported its task.  A plain bool,
+        #: set in the signal handler and read without a lock.
+        self.landed = False
 
     def open_window(self, entry: RunningTask) -> None:
         """The task's body starts: it may be interrupted from now on."""
@@ -196,16 +159,9 @@ class Interrupts:
             entry.interruptible = True
 
     def close_window(self, entry: RunningTask) -> None:
-        """The task's body is over: no interrupt may land from now on.
-
-        Also withdraws an asynchronous exception that was set but has not
-        landed yet (it could only land in the boundary code that follows).
-        """
+        """The task's body is over: no interrupt may land from now on."""
         with entry.window_lock:
             entry.interruptible = False
-            if self._landing.get(entry.thread) is entry:
-                _set_async_exc(entry.thread, None)
-                self._landing.pop(entry.thread, None)
 
     def raise_if_asked(self, frame: object = None) -> None:
         """Raise `Cancelled` here if the worker asked to interrupt the task of this thread.
@@ -213,10 +169,11 @@ class Interrupts:
         Called from the wake-up signal handler, so on the main thread, between
         two bytecodes of whatever it runs: it takes no lock and does no I/O
         (a look at the mailbox is a read of shared memory).  It raises only for
-        the task that runs on this thread now, only if the mailbox slot or the
-        registry entry of *that* task asks for an interrupt, and only at a safe
-        moment (see the module docstring); otherwise it returns and the next
-        signal tries again.
+        the task that runs on this thread now, only if the mailbox slot of
+        *that* task asks for an interrupt (or, in tests, its registry entry),
+        and only at a safe moment (see the module docstring); otherwise it
+        returns and the next signal tries again.  Once it raises, this
+        process is marked `landed`.
         """
         me = threading.get_ident()
         for entry in self._running.entries():
@@ -239,50 +196,10 @@ class Interrupts:
             # boundary).  If the body swallows it, the terminate step follows.
             entry.interruptible = False
             entry.ended_by = _ending(delivered_at)
+            # Whatever this frame (or one below it) held stays held: the
+            # process must not run another task (a prefork child retires).
+            self.landed = True
             # The cooperative path (the mailbox check) is queued too, so the
             # scope becomes cancelled at the next checkpoint: cancellation
             # stays sticky.
             raise Cancelled(reason)
-
-    def interrupt_thread(self, entry: RunningTask) -> bool:
-        """Raise `Cancelled` in the (non-main) thread running ``entry``; True if it landed.
-
-        Called by the worker's poller thread.  Lands only inside the task's
-        body and outside the core's lock (held here while we wait).
-        """
-        with entry.window_lock:
-            if not entry.interruptible or self._running.get(entry.task_id) is not entry:
-                return False
-            if not _scope.acquire_lock_if_free():
-                return False  # a thread is inside the core: try at the next tick
-            try:
-                if _shielded_inside(entry.scope):
-                    return False
-                self._landed.clear()
-                self._landing[entry.thread] = entry
-                if _set_async_exc(entry.thread, self._exception) != 1:
-                    self._landing.pop(entry.thread, None)
-                    return False
-                if self._landed.wait(LAND_WAIT):
-                    return True
-                # Not landed (a blocking or C call): withdraw it, so it cannot
-                # land later, somewhere unsafe.
-                _set_async_exc(entry.thread, None)
-                self._landing.pop(entry.thread, None)
-                return self._landed.is_set()
-            finally:
-                _scope.release_lock()
-
-    def interrupt_in_process(self, entry: RunningTask, reason: CancelReason) -> bool:
-        """Interrupt a task running in this process (threads and solo pools).
-
-        On the main thread (solo) it asks through the registry entry and sends
-        this process the wake-up signal; on another thread it raises an
-        asynchronous exception.  Returns whether an attempt was made.
-        """
-        entry.interrupt_reason = reason
-        if entry.thread == threading.main_thread().ident:
-            if not self._wakeup.installed_here():
-                return False
-            return self._wakeup.wake(os.getpid())
-        return self.interrupt_thread(entry)

@@ -4,11 +4,14 @@ A cancellation is cooperative first: the task stops at its next
 checkpoint.  With a *grace* (``cancel(..., grace=)``,
 ``@cancellable(grace=)`` or the app's ``cancellable_grace``, first given
 wins in that order; None, the default, means cooperative only), a task
-still running when the grace is over is *interrupted* (`Cancelled` raised
-in its own thread, see `cancellable.celery._interrupt`), and one still
-running ``cancellable_kill_after`` seconds later (default `DEFAULT_KILL_AFTER`;
+still running in a prefork child when the grace is over is *interrupted*
+(`Cancelled` raised in its own thread, see `cancellable.celery._interrupt`;
+the child is retired once it has reported the task), and one still running
+``cancellable_kill_after`` seconds later (default `DEFAULT_KILL_AFTER`;
 None: never) is *terminated*: its prefork child is killed and billiard starts
-a new one.
+a new one.  A task running in the worker's own process (threads, solo,
+gevent, eventlet) is neither: it stops at a checkpoint, and the ladder says
+once (``cancel.not_escalated``) that it can do no more.
 
 The main process owns the timers because it knows what each child holds:
 its `Ladder` (in the worker's `~cancellable.celery._runtime.WorkerRuntime`)
@@ -60,7 +63,6 @@ from ..events import (
 from . import _celery_internals as celery_internals
 from ._childtable import ChildTable
 from ._delivery import Delivery, cancellable_options
-from ._interrupt import Interrupts, thread_interrupt_available
 from ._registry import RunningTask, RunningTasks
 from ._settings import DEFAULT_KILL_AFTER, Settings
 
@@ -74,12 +76,13 @@ __all__ = ["DEFAULT_KILL_AFTER", "Ladder", "stop_check_kill"]
 STOP_WAIT: Final = 0.05
 MAX_STOP_TRIES: Final = 20
 
-#: Seconds between two interrupt attempts on a pool thread (each may hold
-#: the core's lock for up to `~cancellable.celery._interrupt.LAND_WAIT`).
-THREAD_RETRY: Final = 0.5
-
 #: Seconds after a kill at which the pool is asked to replace the child.
 REPLACE_AFTER: Final = (0.05, 0.5)
+
+#: Seconds after an interrupted task ended at which the pool is asked to
+#: replace its child, which retires once the main process has read the
+#: task's result (billiard's child checks every 0.1 s, then exits).
+RETIRE_REPLACE_AFTER: Final = (0.1, 0.2, 0.3, 0.5, 0.8, 1.3)
 
 #: What `Ladder.task_grace` says of a task that is not ``@cancellable``: never on the ladder.
 NOT_CANCELLABLE: Final = "not cancellable"
@@ -96,7 +99,6 @@ class _Rung:
     kill_after: float | None
     step: str = "cooperative"
     interrupted_at: float = 0.0
-    last_try: float = 0.0
     warned: bool = False
     #: Terminate attempts whose child could not be seen stopped in time.
     stop_tries: int = 0
@@ -114,7 +116,6 @@ class Ladder:
             ``"eventlet"`` or ``""``.
         delivery: The worker's deliveries (the mailbox slots of prefork children).
         running: The tasks running in the worker's own process.
-        interrupts: The interrupt window of those tasks.
         table: The table the prefork children publish their task in.
     """
 
@@ -126,7 +127,6 @@ class Ladder:
         pool_kind: str,
         delivery: Delivery,
         running: RunningTasks,
-        interrupts: Interrupts,
         table: ChildTable | None = None,
     ) -> None:
         self.app = app
@@ -136,7 +136,6 @@ class Ladder:
         self.table = table
         self._delivery = delivery
         self._running = running
-        self._interrupts = interrupts
         self._rungs: dict[str, _Rung] = {}
         self._lock = threading.Lock()
         #: Held while rungs are advanced (by `tick`, or by `start` for grace
@@ -180,11 +179,14 @@ class Ladder:
         *,
         terminate: bool = True,
     ) -> None:
-        """Put a cancelled task this worker holds on the ladder (no-op if already on it).
+        """Put a cancelled task this worker holds on the ladder.
 
         ``grace`` is the one given to `~cancellable.celery.cancel` (None: use
-        the task's, then the app's).  ``terminate=False`` stops at the
-        interrupt step (a task sent back to the broker must not end REVOKED).
+        the task's, then the app's).  A task already on the ladder keeps the
+        earlier of its deadline and the new one: a later cancellation may
+        shorten its grace, never lengthen it.  ``terminate=False`` stops at
+        the interrupt step (a task sent back to the broker must not end
+        REVOKED).
         """
         task_grace = self.task_grace(task_name)
         if task_grace == NOT_CANCELLABLE:
@@ -198,12 +200,19 @@ class Ladder:
             return
         if resolved is None:
             return
+        now = time.monotonic()
         with self._lock:
-            if task_id in self._rungs:
+            rung = self._rungs.get(task_id)
+            if rung is None:
+                rung = self._rungs[task_id] = _Rung(
+                    task_id, task_name, reason, now, resolved, kill_after
+                )
+            elif rung.step == "cooperative" and rung.grace is not None:
+                # A later cancel may shorten the grace, never lengthen it:
+                # the earlier of the two deadlines wins.
+                rung.grace = min(rung.grace, now - rung.since + resolved)
+            else:
                 return
-            rung = self._rungs[task_id] = _Rung(
-                task_id, task_name, reason, time.monotonic(), resolved, kill_after
-            )
         if resolved == 0 and self._advancing.acquire(blocking=False):
             # No grace: interrupt now rather than at the next tick (if the tick
             # is busy right now, it does it within 0.1 s).
@@ -237,6 +246,10 @@ class Ladder:
         if (request is None and entry is None) or rung.step == "done":
             with self._lock:
                 self._rungs.pop(rung.task_id, None)
+            if rung.step == "interrupt" and self.pool_kind == "prefork":
+                # It ended after the interrupt was asked: if it landed, its
+                # child is retiring now (see _interrupt); replace it at once.
+                self._replace_children_soon()
             return
         try:
             self._advance(rung, request, entry, now)
@@ -252,19 +265,21 @@ class Ladder:
                 return
             if entry is None and not celery_internals.request_worker_pid(request):
                 return  # not started yet: it is skipped when it starts
+            if self.pool_kind != "prefork" or entry is not None:
+                # In this process (threads, solo, gevent, eventlet): never an
+                # exception at an arbitrary bytecode (see _interrupt, "The
+                # rule for locks"), and no process to kill.  Say so, once.
+                rung.step = "interrupt"  # the step it cannot take, for the warning
+                _not_escalated(rung, _in_process_limit(self.pool_kind))
+                rung.step = "done"
+                return
             rung.step, rung.interrupted_at = "interrupt", now
             _log_step(rung, "interrupt", now, grace_s=rung.grace)
         if rung.step == "interrupt":
             if rung.kill_after is not None and now - rung.interrupted_at >= rung.kill_after:
-                if self.pool_kind != "prefork":
-                    # No process to kill: say so once, and keep trying to
-                    # interrupt (a blocking call may return, and then it lands).
-                    _not_escalated(rung, f"the {self.pool_kind} pool cannot terminate a task")
-                    self._interrupt_step(rung, request, entry, now)
-                    return
                 rung.step = "terminate"
             else:
-                self._interrupt_step(rung, request, entry, now)
+                self._interrupt_step(rung, request)
                 return
         if rung.step == "terminate":
             pid = celery_internals.request_worker_pid(request)
@@ -289,24 +304,9 @@ class Ladder:
                         "(uninterruptible sleep?); left running",
                     )
 
-    def _interrupt_step(
-        self, rung: _Rung, request: Any, entry: RunningTask | None, now: float
-    ) -> None:
-        if self.pool_kind in ("gevent", "eventlet"):
-            _not_escalated(rung, f"the {self.pool_kind} pool cannot interrupt a greenlet")
-            return
-        if entry is not None:
-            # In this process: threads or solo pool.
-            if entry.thread != threading.main_thread().ident:
-                if now - rung.last_try < THREAD_RETRY:
-                    return
-                if not thread_interrupt_available():
-                    _not_escalated(rung, "this interpreter cannot interrupt threads")
-                    return
-            rung.last_try = now
-            self._interrupts.interrupt_in_process(entry, rung.reason)
-            return
-        # A prefork child: ask through the mailbox slot, then signal.
+    def _interrupt_step(self, rung: _Rung, request: Any) -> None:
+        # A prefork child: ask through the mailbox slot, then signal; the
+        # child retires once the interrupt has landed and its task is reported.
         pid = celery_internals.request_worker_pid(request)
         if pid:
             self._delivery.escalate(rung.task_id, pid)
@@ -359,6 +359,20 @@ class Ladder:
                 hub.call_soon(self._announce_terminated, hub, request)
         return outcome
 
+    def _replace_children_soon(self) -> None:
+        # billiard replaces an exited child when it next maintains the pool
+        # (a 5 s timer); ask for it shortly after the child's exit instead,
+        # from the worker's event loop (the only thread that may touch the pool).
+        hub = celery_internals.worker_hub(self.worker)
+        if hub is not None:
+            hub.call_soon(self._maintain_later, hub, RETIRE_REPLACE_AFTER)
+
+    def _maintain_later(self, hub: Any, delays: tuple[float, ...]) -> None:
+        maintain = celery_internals.pool_maintainer(getattr(self.worker, "pool", None))
+        if maintain is not None:
+            for delay in delays:
+                hub.call_later(delay, maintain)
+
     def _announce_terminated(self, hub: Any, request: Any) -> None:
         # On the worker's event loop thread (kombu's Hub.call_soon), where
         # Celery itself announces a terminate: store REVOKED, acknowledge, send
@@ -381,10 +395,7 @@ class Ladder:
             )
         # billiard replaces dead children when it next maintains the pool (a
         # 5 s timer); ask for it now, once the kernel has reaped the child.
-        maintain = celery_internals.pool_maintainer(getattr(self.worker, "pool", None))
-        if maintain is not None:
-            for delay in REPLACE_AFTER:
-                hub.call_later(delay, maintain)
+        self._maintain_later(hub, REPLACE_AFTER)
 
 
 def _log_step(rung: _Rung, step: str, now: float, **extra: Any) -> None:
@@ -396,6 +407,16 @@ def _log_step(rung: _Rung, step: str, now: float, **extra: Any) -> None:
         after_s=round(now - rung.since, 3),
         **_reason_fields(rung.reason),
         **extra,
+    )
+
+
+def _in_process_limit(pool_kind: str) -> str:
+    """Why a task running in the worker's own process is never interrupted nor terminated."""
+    pool = f"the {pool_kind} pool" if pool_kind else "this pool"
+    return (
+        f"{pool} interrupts a task only at its checkpoints (checkpoint(), cancellable.sleep, "
+        "cancellable.wait): an exception raised at an arbitrary point could leave a lock "
+        "held for ever and hang later tasks, and there is no process to kill"
     )
 
 

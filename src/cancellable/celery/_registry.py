@@ -38,7 +38,8 @@ class RunningTask:
     #: under ``window_lock``.
     interruptible: bool = False
     window_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: In-process pools: the interrupt the worker asked for (None: none yet).
+    #: An interrupt asked through this entry rather than the mailbox (unit
+    #: tests; a worker asks a prefork child through its mailbox slot).
     interrupt_reason: CancelReason | None = None
     #: How the task was ended, for its REVOKED message ("interrupted after
     #: 1.0 s"); None: it stopped at a checkpoint.

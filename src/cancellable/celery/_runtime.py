@@ -19,8 +19,9 @@ and nowhere else (the modules keep only constants):
 
 Both are reached through one accessor, `runtime`, which returns this
 process's `Runtime`: ``runtime().worker`` (None outside a running worker's
-main process), ``runtime().tasks`` and ``runtime().ledgers`` (the ledger of
-each app, for clients too).  The `Runtime` is replaced in two places only:
+main process), ``runtime().tasks``, ``runtime().ledgers`` (the ledger of
+each app, for clients too) and ``runtime().broadcasts`` (the bounded broker
+connections of `~cancellable.celery.cancel`).  The `Runtime` is replaced in two places only:
 `install_worker` / `remove_worker` (a worker starts and stops in this
 process) and, after a fork, in the child (`_after_fork_in_child`), which
 keeps the shared memory (index copy, mailbox, child table, signal) and
@@ -45,6 +46,7 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_NOT_ESCALATED
 from . import _celery_internals as celery_internals
+from ._broker import Broadcasts
 from ._childtable import ChildTable
 from ._delivery import Delivery, check_mailbox, mailbox_reason
 from ._index import TargetIndex
@@ -102,7 +104,7 @@ class TaskRuntime:
         self.kill_group = kill_group
         self.running = RunningTasks()
         self.wakeup = Wakeup(signum)
-        self.interrupts = Interrupts(self.running, mailbox, self.wakeup)
+        self.interrupts = Interrupts(self.running, mailbox)
 
     def check_mailbox(self) -> None:
         """Cancel the running tasks the mailbox names (after a wake-up signal)."""
@@ -133,6 +135,10 @@ class TaskRuntime:
         if box is None or box.owner != os.getppid():
             return False
         self.wakeup.install(self.check_mailbox, self.interrupts.raise_if_asked)
+        # A child an interrupt landed in may hold a lock for ever: it leaves
+        # the pool once it has reported its task (see _interrupt).
+        interrupts = self.interrupts
+        celery_internals.retire_child_when(lambda: interrupts.landed)
         if self.kill_group and hasattr(os, "setpgid"):
             try:
                 os.setpgid(0, 0)
@@ -203,7 +209,6 @@ class WorkerRuntime:
             pool_kind,
             self.delivery,
             self.tasks.running,
-            self.tasks.interrupts,
             table,
         )
         #: Held by the poller while it works; taken before every fork.
@@ -231,6 +236,7 @@ class Runtime:
         tasks: TaskRuntime | None = None,
         worker: WorkerRuntime | None = None,
         ledgers: Ledgers | None = None,
+        broadcasts: Broadcasts | None = None,
     ) -> None:
         #: The main-process runtime of the worker running here (None: none).
         self.worker: Final = worker
@@ -238,6 +244,8 @@ class Runtime:
         self.tasks: Final = TaskRuntime() if tasks is None else tasks
         #: The ledger of each app.
         self.ledgers: Final = Ledgers() if ledgers is None else ledgers
+        #: The bounded broker connections `cancel` uses, per app.
+        self.broadcasts: Final = Broadcasts() if broadcasts is None else broadcasts
 
 
 class _Holder:
@@ -270,7 +278,7 @@ def install_worker(worker: WorkerRuntime) -> None:
     """Make ``worker`` this process's worker runtime (a worker is starting here)."""
     current = runtime()
     with _holder.lock:
-        _holder.runtime = Runtime(worker.tasks, worker, current.ledgers)
+        _holder.runtime = Runtime(worker.tasks, worker, current.ledgers, current.broadcasts)
 
 
 def remove_worker(worker: WorkerRuntime) -> bool:
@@ -279,7 +287,7 @@ def remove_worker(worker: WorkerRuntime) -> bool:
     with _holder.lock:
         if current.worker is not worker:
             return False
-        _holder.runtime = Runtime(None, None, current.ledgers)
+        _holder.runtime = Runtime(None, None, current.ledgers, current.broadcasts)
     return True
 
 

@@ -27,13 +27,15 @@ from typing import Any, Final
 
 from celery.exceptions import ImproperlyConfigured
 
-from ._celery_internals import BILLIARD_TERMSIGS
+from .._config import MAX_GRACE
 
 __all__ = [
+    "DEFAULT_CANCEL_TIMEOUT",
     "DEFAULT_KILL_AFTER",
     "DEFAULT_LEDGER_TTL",
     "DEFAULT_POLL_INTERVAL",
     "DEFAULT_WAKEUP_SIGNAL",
+    "MAX_GRACE",
     "PREFIX",
     "SETTINGS",
     "SettingError",
@@ -54,20 +56,27 @@ DEFAULT_POLL_INTERVAL: Final = 2.0
 #: Seconds from the interrupt to the terminate step of the ladder.
 DEFAULT_KILL_AFTER: Final = 10.0
 
+#: The longest `cancel` waits for the broker and the ledger together, in seconds.
+DEFAULT_CANCEL_TIMEOUT: Final = 6.0
+
 #: The signal that wakes a prefork child (None where the platform has no SIGURG).
 #: (The module's attribute, not the enum's: a platform without it has no such signal.)
 DEFAULT_WAKEUP_SIGNAL: Final[signal.Signals | None] = (
     signal.Signals(signal.SIGURG) if hasattr(signal, "SIGURG") else None
 )
 
-#: Signals that cannot be caught (or that a worker needs for itself).
-UNCATCHABLE: Final = ("SIGKILL", "SIGSTOP", "SIGINT")
-
-#: Signals a wake-up signal may not be: billiard installs or resets handlers
-#: for these in pool children, and SIGKILL/SIGSTOP cannot be caught.
-_TAKEN_SIGNALS: Final = frozenset(
-    {signal.Signals(number) for number in BILLIARD_TERMSIGS}
-    | {getattr(signal.Signals, name) for name in UNCATCHABLE if hasattr(signal.Signals, name)}
+#: The signals a wake-up signal may be: those whose default action is to
+#: ignore them.  A child is signalled from the moment it is forked, before it
+#: has installed the handler (and after a task reset it): a signal whose
+#: default action terminates, dumps core or stops the process (SIGRTMIN,
+#: SIGIO, SIGPWR, SIGTSTP, ...) would kill or stop it.  Of those ignored by
+#: default, SIGCHLD is left out (the kernel sends it whenever a process the
+#: task started ends, and libraries install their own handler for it), and
+#: so is SIGCONT (job control).  Billiard uses none of these in pool children.
+WAKEUP_SIGNALS: Final = frozenset(
+    getattr(signal.Signals, name)
+    for name in ("SIGURG", "SIGWINCH", "SIGINFO")
+    if hasattr(signal.Signals, name)
 )
 
 
@@ -114,6 +123,13 @@ def _seconds_or_none(value: object) -> float | None:
     return None if value is None else _seconds(value, positive=False)
 
 
+def _grace(value: object) -> float | None:
+    seconds = _seconds_or_none(value)
+    if seconds is not None and seconds > MAX_GRACE:
+        raise _Invalid
+    return seconds
+
+
 def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise _Invalid
@@ -139,8 +155,17 @@ def _ledger_url(value: object) -> str | None:
     except ValueError:
         raise _Invalid from None
     if parts.scheme == "file":
-        # file://tmp/x names the host "tmp" and the path "/x": refuse it.
-        if parts.netloc not in ("", "localhost") or not parts.path:
+        # file://tmp/x names the host "tmp" and the path "/x" (Celery's
+        # filesystem backend reads it as the relative path "tmp/x"): refuse
+        # it, and say why.
+        if parts.netloc not in ("", "localhost"):
+            raise _Invalid(
+                "it names no absolute path: a URL parser reads "
+                f"{parts.netloc!r} as a host name, Celery's filesystem backend as a directory "
+                "relative to each process's working directory; write file:///absolute/path "
+                "(three slashes)"
+            )
+        if not parts.path.startswith("/"):
             raise _Invalid
     elif parts.scheme == "unix" and not parts.path:
         raise _Invalid
@@ -164,8 +189,12 @@ def _wakeup_signal(value: object) -> signal.Signals | None:
             raise _Invalid from None
     else:
         raise _Invalid
-    if chosen in _TAKEN_SIGNALS:
-        raise _Invalid
+    if chosen not in WAKEUP_SIGNALS:
+        raise _Invalid(
+            f"{chosen.name}'s default action is not to ignore it"
+            if chosen not in (signal.SIGCHLD, getattr(signal, "SIGCONT", None))
+            else f"{chosen.name} is sent by the system on its own"
+        )
     return chosen
 
 
@@ -186,10 +215,11 @@ _SPECS: Final[Mapping[str, _Spec]] = {
         "or None (the app's Redis or filesystem result backend, else its Redis broker)",
     ),
     "ledger_ttl": _Spec(_positive_seconds, "a positive number of seconds"),
+    "cancel_timeout": _Spec(_positive_seconds, "a positive number of seconds"),
     "poll_interval": _Spec(_positive_seconds, "a positive number of seconds"),
     "grace": _Spec(
-        _seconds_or_none,
-        "a number of seconds >= 0, or None (cooperative only)",
+        _grace,
+        f"a number of seconds from 0 to {MAX_GRACE:.0f} (one day), or None (cooperative only)",
         none_is_default=False,
     ),
     "kill_after": _Spec(
@@ -200,14 +230,16 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     "kill_process_group": _Spec(_flag, "True or False"),
     "cancel_siblings_on_failure": _Spec(_flag, "True or False"),
     "shutdown_grace": _Spec(
-        _seconds_or_none,
-        "a number of seconds >= 0, or None (Celery's own warm shutdown)",
+        _grace,
+        f"a number of seconds from 0 to {MAX_GRACE:.0f} (one day), "
+        "or None (Celery's own warm shutdown)",
     ),
     "cancel_on_connection_loss": _Spec(_flag, "True or False"),
     "wakeup_signal": _Spec(
         _wakeup_signal,
-        "a signal name or number that billiard leaves alone in pool children, "
-        "e.g. 'SIGURG' (the default) or 'SIGWINCH'",
+        "a signal whose default action is to ignore it: "
+        + ", ".join(repr(sig.name) for sig in sorted(WAKEUP_SIGNALS))
+        + " (the default is 'SIGURG')",
     ),
 }
 
@@ -232,6 +264,9 @@ class Settings:
     ledger_url: str | None = None
     #: ``cancellable_ledger_ttl``: how long a cancellation is remembered.
     ledger_ttl: float = DEFAULT_LEDGER_TTL
+    #: ``cancellable_cancel_timeout``: the longest `cancel` waits for the
+    #: broker and the ledger together (see :doc:`/reliability`).
+    cancel_timeout: float = DEFAULT_CANCEL_TIMEOUT
     #: ``cancellable_poll_interval``: how often a worker reads the ledger.
     poll_interval: float = DEFAULT_POLL_INTERVAL
     #: ``cancellable_grace``: seconds before a cancelled task is interrupted
@@ -265,8 +300,8 @@ class Settings:
             value = getattr(self, field)
             try:
                 object.__setattr__(self, field, spec.parse(value))
-            except _Invalid:
-                problems.append(_problem(PREFIX + field, value, spec))
+            except _Invalid as exc:
+                problems.append(_problem(PREFIX + field, value, spec, exc))
         if problems:
             raise SettingError(problems)
 
@@ -304,8 +339,8 @@ class Settings:
                 continue
             try:
                 values[field] = spec.parse(value)
-            except _Invalid:
-                problems.append(_problem(PREFIX + field, value, spec))
+            except _Invalid as exc:
+                problems.append(_problem(PREFIX + field, value, spec, exc))
         if problems:
             raise SettingError(problems)
         return cls(**values)
@@ -314,8 +349,9 @@ class Settings:
 _ABSENT: Final = object()
 
 
-def _problem(name: str, value: object, spec: _Spec) -> tuple[str, str]:
-    return name, f"{name}={value!r} is not valid: expected {spec.accepted}"
+def _problem(name: str, value: object, spec: _Spec, exc: _Invalid) -> tuple[str, str]:
+    why = f" ({exc})" if str(exc) else ""
+    return name, f"{name}={value!r} is not valid: expected {spec.accepted}{why}"
 
 
 def _unknown_keys(conf: Mapping[str, Any], namespace: str | None) -> list[tuple[str, str]]:

@@ -8,9 +8,10 @@ does no I/O), once, however many signals arrive before that checkpoint
 (the core then also wakes any `cancellable.sleep` or `cancellable.wait` in
 progress, and a task's waiting event loop, so that checkpoint happens now);
 and, last, calls the interrupt check, which raises `Cancelled` right in the
-handler if the task's grace is over (`cancellable.celery._interrupt`).  The
-solo pool installs the same handler in the worker's own process, whose main
-thread runs the tasks.
+handler if the task's grace is over (`cancellable.celery._interrupt`; the
+child is then retired once it has reported its task).  In-process pools
+(threads, solo, gevent, eventlet) install no handler: they are never
+interrupted.
 
 Why ``SIGURG``: its default action is to do nothing, so a child that has not
 installed the handler yet (or a process that is not a pool child at all) is
@@ -65,6 +66,11 @@ class Wakeup:
     def available(self) -> bool:
         """Whether this process has a wake-up signal."""
         return self.signum is not None
+
+    @property
+    def check_queued(self) -> bool:
+        """Whether a wake-up signal arrived here whose mailbox check has not run yet."""
+        return self._queued
 
     def _run_callback(self) -> None:
         self._queued = False
