@@ -18,6 +18,7 @@ import pytest
 
 from .conftest import Keys, Worker, state_of, task_meta, wait_for
 from .reruns import StateWatch, log_lines
+from .test_monitoring import EventLog
 
 GRACE = 3.0
 
@@ -26,6 +27,7 @@ def _shutdown_worker(make_worker: Callable[..., Worker], broker: str, **kw: Any)
     kw.setdefault("concurrency", 1)
     return make_worker(
         broker=broker,
+        extra_args=("-E",),
         extra_env={"CIT_SETTINGS": json.dumps({"cancellable_shutdown_grace": GRACE})},
         **kw,
     )
@@ -47,11 +49,18 @@ def _pids(worker: Worker) -> set[int]:
     ],
 )
 def test_warm_shutdown_sends_the_task_back(
-    make_worker: Callable[..., Worker], keys: Keys, broker: str, pool: str, task: str, how: str
+    make_worker: Callable[..., Worker],
+    keys: Keys,
+    request: pytest.FixtureRequest,
+    broker: str,
+    pool: str,
+    task: str,
+    how: str,
 ) -> None:
     """SIGTERM to A mid-task: A exits within 15 s with the task's cleanup run
     on A, the task runs again on B to SUCCESS, the backend never holds REVOKED
-    or FAILURE on the way, and the two runs do not overlap.
+    or FAILURE on the way, no ``task-revoked`` or ``task-failed`` event is sent,
+    and the two runs do not overlap.
 
     Cases: acks_late on Redis and on RabbitMQ (the message is returned
     unacked), a task acked early (a copy is re-sent with the same id), and a
@@ -59,6 +68,8 @@ def test_warm_shutdown_sends_the_task_back(
     grace); and acks_late on a pool thread (threads pool).
     """
     a = _shutdown_worker(make_worker, broker, pool=pool)
+    events = EventLog(a.app)
+    request.addfinalizer(events.close)
     result = a.send(task, keys.key("t"), headers={"x-cit": "kept"})
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
     a_child = keys.started("t")[0]
@@ -79,6 +90,10 @@ def test_warm_shutdown_sends_the_task_back(
     assert "REVOKED" not in seen, seen
     assert "FAILURE" not in seen, seen
     assert result.get(timeout=5).startswith("run 2 on ")
+    # A sent its events before it exited, before B's run began.
+    events.wait(result.id, "task-succeeded")
+    assert [] == events.of(result.id, "task-revoked")
+    assert [] == events.of(result.id, "task-failed")
 
     runs = log_lines(keys, "t")
     first = [r for r in runs if r[1] == 1]
