@@ -18,7 +18,10 @@ with `original_of`, so it checks Celery, not our wrapper.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -909,6 +912,58 @@ class TestConnections:
         app = Celery("contract-fs", backend=f"file://{tmp_path}")
 
         assert str(tmp_path) == internals.filesystem_backend_path(app.backend)
+
+    def test_database_backend_engine(self, tmp_path: Any) -> None:
+        """``database_backend_engine`` (``DatabaseBackend.url``, ``.engine_options``
+        and, on 5.7, ``.session_manager.engine_callback``): the URL without
+        ``db+``, the merged engine options and the callback; None for other
+        backends.  If not, a ``db+`` deployment gets no SQL ledger (not durable)
+        or one built with other options than Celery's engine."""
+
+        def callback(engine: Any) -> None:
+            """An engine callback, as a user would set one."""
+
+        url = f"sqlite:///{tmp_path / 'results.db'}"
+        app = Celery("contract-db", backend=f"db+{url}")
+        app.conf.database_engine_options = {"pool_size": 3}
+        app.conf.database_engine_callback = callback
+        other = Celery("contract-cache", backend="cache+memory://")
+
+        found = internals.database_backend_engine(app.backend)
+
+        assert found is not None
+        assert url == found[0]
+        assert 3 == found[1]["pool_size"]
+        if hasattr(getattr(app.backend, "session_manager", None), "engine_callback"):  # Celery 5.7
+            assert callback is found[2]
+        assert internals.database_backend_engine(other.backend) is None
+
+    def test_django_result_database(self, tmp_path: Any) -> None:
+        """``django_result_database`` (django-celery-results' ``DatabaseBackend``,
+        ``router.db_for_write(TaskResult)``, ``connections[alias].settings_dict``):
+        the Django database a ``django-db`` backend writes to, with its alias.
+        Run in a child process, which sets Django up.  If not, a django-db
+        deployment gets no SQL ledger (not durable)."""
+        script = (
+            "import django, json\n"
+            "from django.conf import settings\n"
+            "settings.configure(INSTALLED_APPS=['django_celery_results'], DATABASES={'default': "
+            f"{{'ENGINE': 'django.db.backends.sqlite3', 'NAME': {str(tmp_path / 'd.db')!r}}}}})\n"
+            "django.setup()\n"
+            "from celery import Celery\n"
+            "from cancellable.celery import _celery_internals as internals\n"
+            "app = Celery('contract-django', backend='django-db')\n"
+            "found = internals.django_result_database(app.backend)\n"
+            "other = internals.django_result_database(Celery('x', backend='cache+memory://').backend)\n"
+            "print(json.dumps([found['alias'], found['ENGINE'], str(found['NAME']), other]))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+
+        assert ["default", "django.db.backends.sqlite3", str(tmp_path / "d.db"), None] == (
+            json.loads(out.strip().splitlines()[-1])
+        )
 
     def test_redis_broker_client_and_one_ping(self, rdb: redis.Redis) -> None:
         """``redis_broker_client`` (kombu Redis ``Channel.client``) gives the

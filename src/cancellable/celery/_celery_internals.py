@@ -47,7 +47,9 @@ __all__ = [
     "announce_revoked",
     "consumer_of",
     "current_task",
+    "database_backend_engine",
     "discard_scheduled",
+    "django_result_database",
     "drop_acknowledgement",
     "einfo_exception",
     "extra_revoked_fields",
@@ -789,6 +791,46 @@ def filesystem_backend_path(backend: Any) -> str | None:
         return None
     path = backend.path
     return path.decode() if isinstance(path, bytes) else str(path)
+
+
+def database_backend_engine(backend: Any) -> tuple[str, dict[str, Any], Any] | None:
+    """How a database result backend (``db+...``) makes its engine, or None for others.
+
+    ``(url, engine_options, engine_callback)``: ``DatabaseBackend.url`` (the
+    URL without ``db+``), ``DatabaseBackend.engine_options`` (the app's
+    ``database_engine_options`` merged with the backend's own) and, on
+    Celery 5.7, ``SessionManager.engine_callback`` (``database_engine_callback``;
+    None before).  Undocumented attributes; ``url`` and ``engine_options``
+    are the same in 5.3 to 5.7.
+    """
+    cls = type(backend)
+    if cls.__name__ != "DatabaseBackend" or not cls.__module__.startswith("celery."):
+        return None
+    url = getattr(backend, "url", None)
+    if not isinstance(url, str):
+        return None
+    options = dict(getattr(backend, "engine_options", None) or {})
+    callback = getattr(getattr(backend, "session_manager", None), "engine_callback", None)
+    return url, options, callback
+
+
+def django_result_database(backend: Any) -> dict[str, Any] | None:
+    """The Django database settings of a ``django-db`` result backend, or None for others.
+
+    django-celery-results' ``DatabaseBackend`` stores results through the
+    ``TaskResult`` model; the database it writes to is
+    ``router.db_for_write(TaskResult)``, and its settings are that
+    connection's ``settings_dict`` (``ENGINE``, ``NAME``, ``USER``, ``OPTIONS``
+    ...).  Public Django API; the backend's class and module are the same in
+    django-celery-results 2.4 to 2.6.
+    """
+    if not type(backend).__module__.startswith("django_celery_results."):
+        return None
+    from django.db import connections, router
+    from django_celery_results.models import TaskResult
+
+    alias = router.db_for_write(TaskResult) or "default"
+    return {"alias": alias, **connections[alias].settings_dict}
 
 
 def redis_broker_client(connection: Any) -> Any | None:

@@ -33,9 +33,11 @@ Expiry
 
 Where it lives, in order of preference:
 
-1. ``app.conf.cancellable_ledger_url`` when set (``redis://...`` or
-   ``file:///path``; the string ``"none"`` disables it);
-2. the app's result backend, when it is Redis or the filesystem backend;
+1. ``app.conf.cancellable_ledger_url`` when set (``redis://...``,
+   ``file:///path`` or a database URL; the string ``"none"`` disables it);
+2. the app's result backend, when it is Redis, the filesystem backend or
+   Celery's database backend (``db+...``: `SqlLedger`, tables described in
+   `cancellable.celery._ledger_sql`);
 3. the app's broker, when it is Redis;
 4. nowhere: cancellation still works for online workers, and a warning
    (``ledger.not_durable``) says so once per process.
@@ -68,7 +70,8 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
-from ._settings import DEFAULT_LEDGER_TTL, settings_for
+from ._ledger_sql import SqlStore, StoreError, django_database
+from ._settings import DEFAULT_LEDGER_TTL, settings_for, sql_url
 from ._wire import reason_from_wire
 
 __all__ = [
@@ -82,6 +85,7 @@ __all__ = [
     "Ledgers",
     "NullLedger",
     "RedisLedger",
+    "SqlLedger",
     "Target",
     "TargetKind",
     "check_targets",
@@ -619,6 +623,8 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     if url.lower() == "none":
         return NullLedger()
     if url:
+        if sql_url(url) is not None:
+            return _sql_ledger(app, url, ttl, {}, None, "cancellable_ledger_url")
         return _ledger_from_url(url, prefix, ttl)
     backend = app.backend
     client = celery_internals.redis_backend_client(backend)
@@ -627,10 +633,40 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     base = celery_internals.filesystem_backend_path(backend)
     if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
+    database = celery_internals.database_backend_engine(backend)
+    if database is not None and not _in_memory_sqlite(database[0]):
+        db_url, options, callback = database
+        return _sql_ledger(app, db_url, ttl, options, callback, "result_backend")
+    django_db = celery_internals.django_result_database(backend)
+    if django_db is not None:
+        # django-celery-results: the Django database the results go to.
+        db_url, options = django_database(django_db)
+        setting = f"DATABASES[{django_db['alias']!r}] (the django-db result backend)"
+        return _sql_ledger(app, db_url, ttl, options, None, setting)
     broker = app.conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
         return _ledger_from_url(broker.split(";")[0], prefix, ttl)
     return NullLedger()
+
+
+def _sql_ledger(
+    app: Any, url: str, ttl: float, options: dict[str, Any], callback: Any, setting: str
+) -> Ledger:
+    store = SqlStore(
+        url,
+        app.main or "default",
+        ttl,
+        engine_options=options,
+        engine_callback=callback,
+        setting=setting,
+    )
+    return SqlLedger(store)
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    # Each connection to sqlite:// has its own database: nothing to share.
+    normalised = sql_url(url) or url
+    return normalised.startswith("sqlite") and normalised.split("://", 1)[1] in ("", "/:memory:")
 
 
 def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
@@ -644,3 +680,54 @@ def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
         f"cancellable_ledger_url must be a redis://, rediss://, unix:// or file:// URL "
         f"or 'none', got {url!r}"
     )
+
+
+class SqlLedger:
+    """Cancellations in SQL tables: a `~cancellable.celery._ledger_sql.SqlStore`.
+
+    One row per `CHUNK` targets, with the reason as JSON and the targets as
+    ``kind:id`` lines (as in a Redis entry).  The store numbers rows in
+    commit order; its module docstring says how, and why a cursor never
+    skips a committed row.
+    """
+
+    durable = True
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        #: Where the entries are (no password), for log lines and messages.
+        self.where = store.where
+
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
+        """One transaction of one row per `CHUNK` targets."""
+        if not targets:
+            return
+        chunks = [_encode_targets(chunk) for chunk in _chunks(targets)]
+        try:
+            self.store.append(chunks, json.dumps(reason.to_dict()), _grace(grace))
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """The live rows after ``cursor``, as entries (damaged rows skipped)."""
+        try:
+            rows, cursor = self.store.read(cursor)
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+        entries = []
+        for recorded_at, reason, targets, grace in rows:
+            decoded = _decode_targets(targets)
+            if not decoded:
+                continue  # not ours, or damaged: skip it rather than stop reading
+            # Another version's reason degrades; its targets are kept (`_wire`).
+            entries.append(
+                Entry(
+                    decoded,
+                    reason_from_wire(_json(reason), recorded_at),
+                    recorded_at,
+                    _grace(grace),
+                )
+            )
+        return entries, cursor
