@@ -42,10 +42,13 @@ __all__ = [
     "TASK_CANCEL_UNOBSERVED",
     "TASK_EVENT_NOT_SENT",
     "TASK_RESULT_NOT_STORED",
+    "TASK_SENT_BACK",
     "TASK_SKIPPED",
     "TASK_TERMINATED",
     "TERMINATE_AVERTED",
+    "WORKER_CONNECTION_LOST",
     "WORKER_REPLACED",
+    "WORKER_SHUTDOWN",
 ]
 
 #: The structlog logger name all events are emitted on.
@@ -207,3 +210,27 @@ PREFORK_UNAVAILABLE: Final = "prefork.unavailable"
 #: so the earlier worker's tasks are no longer cancelled.  WARNING, with
 #: ``replaced`` and ``by`` (the two workers' host names).
 WORKER_REPLACED: Final = "worker.replaced"
+
+#: A warm shutdown began with ``cancellable_shutdown_grace`` set: the worker's
+#: running ``@cancellable`` tasks were cancelled (source ``"shutdown"``) to
+#: be sent back to the broker.  Carries ``task_ids`` and ``grace_s``.
+#:
+#: .. versionadded:: 0.1.0
+WORKER_SHUTDOWN: Final = "worker.shutdown"
+
+#: A worker lost its AMQP broker connection, which redelivers its unacked
+#: messages: its running ``@cancellable`` ``acks_late`` tasks were cancelled
+#: (source ``"connection_lost"``).  A warning; carries ``task_ids``.
+#:
+#: .. versionadded:: 0.1.0
+WORKER_CONNECTION_LOST: Final = "worker.connection_lost"
+
+#: A task cancelled by a shutdown or a lost connection stopped, ran its
+#: cleanup and went back to the broker to run again, storing nothing.
+#: Carries the reason's fields and ``how``: ``"requeued"`` (``acks_late``:
+#: its message was rejected with requeue), ``"resent"`` (acked early: a copy
+#: with the same id, arguments and headers was sent) or ``"redelivered"``
+#: (the broker redelivers it after the lost connection; nothing was sent).
+#:
+#: .. versionadded:: 0.1.0
+TASK_SENT_BACK: Final = "task.sent_back"
