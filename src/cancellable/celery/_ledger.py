@@ -47,12 +47,33 @@ have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
 A reader keeps the targets of an entry whose reason it cannot read (another
 version wrote it) and degrades the reason (`cancellable.celery._wire`).
 Needs Redis 6.2 or newer (``XTRIM MINID``, exclusive ``XRANGE`` starts).
+
+Bounded calls
+    Every Redis ledger has a client of its own, made by
+    `~cancellable.celery._celery_internals.bounded_redis_client` with the
+    connection parameters of the configured URL or of Celery's Redis result
+    backend, whose client is never used as-is (its socket timeout is
+    120 s): it waits at most `TIMEOUT` seconds to connect and `TIMEOUT`
+    seconds for each reply, and never retries by itself, whatever the
+    redis-py version.  A hung server (stopped, paused, partitioned after the
+    connection was made) therefore costs a caller `TIMEOUT` and a
+    `LedgerError`, never a hang.
+
+Plain revokes are written once
+    A plain revoke (``AsyncResult.revoke`` and the like) reaches every
+    worker, and each one, and the caller, would record it.  They record it
+    with `record_once` under a key derived from its targets (`revoke_key`):
+    the first writer's ``SET NX`` wins, in the same server-side script as its
+    ``XADD``, and the others write nothing.  The key lives as long as the
+    entry (the ledger's TTL), so a second plain revoke of the same ids
+    within it is not written again: it would add nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -79,6 +100,7 @@ __all__ = [
     "CHUNK",
     "DEFAULT_LEDGER_TTL",
     "MAX_ID_BYTES",
+    "TIMEOUT",
     "Entry",
     "FileLedger",
     "Ledger",
@@ -90,6 +112,8 @@ __all__ = [
     "Target",
     "TargetKind",
     "check_targets",
+    "record_once",
+    "revoke_key",
 ]
 
 #: What a cancellation can name.
@@ -113,6 +137,28 @@ _PAGE: Final = 500
 
 #: Entries per page of `RedisLedger.read_pages` (a worker's first read).
 LOAD_PAGE: Final = 20
+
+#: Seconds a Redis ledger call waits to connect, and for each reply (see the
+#: module docstring, "Bounded calls").
+TIMEOUT: Final = 2.0
+
+#: Record the targets, once per key (see the module docstring): KEYS are the
+#: stream and the key; ARGV the key's TTL (ms), the reason, the grace ("" for
+#: none) and one ``targets`` field per entry.  Returns the last entry's id,
+#: or false when the key was there already.
+_RECORD_ONCE: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return false end
+local last = false
+for i = 4, #ARGV do
+  if ARGV[3] == '' then
+    last = redis.call('XADD', KEYS[1], '*', 'reason', ARGV[2], 'targets', ARGV[i])
+  else
+    last = redis.call('XADD', KEYS[1], '*', 'reason', ARGV[2], 'targets', ARGV[i],
+                      'grace', ARGV[3])
+  end
+end
+return last
+"""
 
 
 class LedgerError(Exception):
@@ -209,6 +255,25 @@ def check_targets(targets: Iterable[Target]) -> list[Target]:
     return checked
 
 
+def revoke_key(targets: Iterable[Target]) -> str:
+    """The idempotency key of a plain revoke of ``targets`` (their order does not matter)."""
+    digest = hashlib.sha256("\n".join(sorted(f"{k}:{i}" for k, i in targets)).encode())
+    return digest.hexdigest()[:40]
+
+
+def record_once(ledger: Ledger, targets: Sequence[Target], reason: CancelReason, key: str) -> None:
+    """Record ``targets`` unless a record under ``key`` was made within the TTL.
+
+    Ledgers that have no ``record_once`` of their own (the file ledger, a
+    ledger of yours) record every time.  Raises `LedgerError`.
+    """
+    once = getattr(ledger, "record_once", None)
+    if once is not None:
+        once(targets, reason, key)
+    else:
+        ledger.record(targets, reason)
+
+
 class NullLedger:
     """No durable store: records nothing, reads nothing."""
 
@@ -234,6 +299,7 @@ class RedisLedger:
 
     def __init__(self, client: Any, prefix: str, ttl: float) -> None:
         self._client = client
+        self._prefix = prefix
         self._key = prefix + "ledger"
         self._ttl_ms = max(1, int(ttl * 1000))
         self._last_trim = 0.0
@@ -255,6 +321,38 @@ class RedisLedger:
         except Exception as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
         self._maybe_trim(ids[-1])
+
+    def record_once(self, targets: Sequence[Target], reason: CancelReason, key: str) -> bool:
+        """`record` unless ``key`` was recorded within the TTL; True if this call wrote.
+
+        One server-side script (``SET NX PX`` of the key, then the ``XADD``
+        of each `CHUNK`), so the key and the entries are written together or
+        not at all.  A server that refuses the script gets a plain `record`.
+        """
+        if not targets:
+            return False
+        args = [
+            self._ttl_ms,
+            json.dumps(reason.to_dict()),
+            "",
+            *(_encode_targets(chunk) for chunk in _chunks(targets)),
+        ]
+        import redis
+
+        try:
+            once_key = self._prefix + "once:" + key
+            last = self._client.eval(_RECORD_ONCE, 2, self._key, once_key, *args)
+        except redis.ResponseError:
+            # The server refuses the script (scripting disabled, a cluster's
+            # keys in two slots): write it unconditionally rather than never.
+            self.record(targets, reason)
+            return True
+        except Exception as exc:
+            raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+        if not last:
+            return False
+        self._maybe_trim(last)
+        return True
 
     def _maybe_trim(self, last_id: bytes | str) -> None:
         # Age entries by the server's clock: the time part of the id it just
@@ -671,7 +769,8 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     backend = app.backend
     client = celery_internals.redis_backend_client(backend)
     if client is not None:
-        return RedisLedger(client, prefix, ttl)
+        # Never Celery's client itself: its socket timeout is 120 s.
+        return RedisLedger(celery_internals.bounded_redis_client(client, TIMEOUT), prefix, ttl)
     base = celery_internals.filesystem_backend_path(backend)
     if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
@@ -715,7 +814,8 @@ def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
     if url.startswith(("redis://", "rediss://", "unix://")):
         import redis
 
-        return RedisLedger(redis.Redis.from_url(url), prefix, ttl)
+        given = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url))
+        return RedisLedger(celery_internals.bounded_redis_client(given, TIMEOUT), prefix, ttl)
     if url.startswith("file://"):
         return FileLedger(urllib.parse.urlparse(url).path, ttl)
     raise ValueError(
