@@ -544,6 +544,8 @@ def configure(
     cancel_siblings_on_failure: bool = UNCHANGED,
     wakeup_signal: int | str | None = UNCHANGED,
     direct_running: bool = UNCHANGED,
+    shutdown_grace: float | None = UNCHANGED,
+    cancel_on_connection_loss: bool = UNCHANGED,
 ) -> Settings:
     """Set `cancellable`'s settings on a Celery app, checked now (all optional).
 
@@ -579,6 +581,8 @@ def configure(
             signals whose default action is to ignore them (a child signalled
             before it installed the handler must not die).
         direct_running: ``cancellable_direct_running``.
+        shutdown_grace: ``cancellable_shutdown_grace``.
+        cancel_on_connection_loss: ``cancellable_cancel_on_connection_loss``.
 
     Returns:
         The app's settings as a worker will read them.
@@ -601,6 +605,8 @@ def configure(
         "cancel_siblings_on_failure": cancel_siblings_on_failure,
         "wakeup_signal": wakeup_signal,
         "direct_running": direct_running,
+        "shutdown_grace": shutdown_grace,
+        "cancel_on_connection_loss": cancel_on_connection_loss,
     }
     updates = {PREFIX + name: value for name, value in given.items() if value is not UNCHANGED}
     settings = Settings.from_conf(
