@@ -61,7 +61,7 @@ class TestBoundary:
         with pytest.raises(TaskRevokedError, match=r"^manual: stop now$"):
             result.get()
         assert "REVOKED" == app.AsyncResult(result.id).state
-        assert "manual: stop now" == str(app.AsyncResult(result.id).result)
+        assert "manual: stop now (stopped at a checkpoint)" == str(app.AsyncResult(result.id).result)
         cancelled = [e for e in logs if e["event"] == "task.cancelled"]
         assert 1 == len(cancelled)
         assert result.id == cancelled[0]["task_id"]
@@ -84,7 +84,7 @@ class TestBoundary:
 
         assert "IGNORED" == traced.info.state
         assert "REVOKED" == app.AsyncResult(task_id).state
-        assert "manual: stop now" == str(app.AsyncResult(task_id).result)
+        assert "manual: stop now (stopped at a checkpoint)" == str(app.AsyncResult(task_id).result)
 
     def test_retry_from_a_cancelled_scope_ends_revoked(self, app: Celery) -> None:
         """A body that catches Cancelled and calls self.retry() still ends REVOKED."""
@@ -196,7 +196,9 @@ class TestBoundary:
         result = job.apply()
 
         assert "REVOKED" == app.AsyncResult(result.id).state
-        assert "deadline: deadline expired" == str(app.AsyncResult(result.id).result)
+        assert "deadline: deadline expired (stopped at a checkpoint)" == str(
+            app.AsyncResult(result.id).result
+        )
 
     def test_direct_call_is_a_plain_scope(self, app: Celery) -> None:
         """Calling the task function directly (no worker) cancels like any call."""

@@ -52,6 +52,7 @@ from ..events import CHILD_RETIRED, TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK
 from . import _celery_internals as celery_internals
 from . import _workflow
 from ._index import request_targets
+from ._receipt import ending_note
 from ._registry import RunningTask
 from ._runtime import TaskRuntime, runtime
 
@@ -193,7 +194,8 @@ def _end(tasks: TaskRuntime, request: Any, reason: CancelReason) -> NoReturn:
 
 def _finish_cancelled(task: Any, request: Any, entry: RunningTask, exc: Cancelled) -> None:
     reason = entry.scope.cancel_reason or exc.reason
-    _store_revoked(task, request, reason, entry.ended_by)
+    how = entry.ended_by or ending_note(entry.delivered_at, observed_at(entry.scope))
+    _store_revoked(task, request, reason, how)
     done = time.time()
 
     def since_request(moment: float | None) -> float | None:
