@@ -61,7 +61,8 @@ class TestBoundary:
         with pytest.raises(TaskRevokedError, match=r"^manual: stop now$"):
             result.get()
         assert "REVOKED" == app.AsyncResult(result.id).state
-        assert "manual: stop now (stopped at a checkpoint)" == str(app.AsyncResult(result.id).result)
+        stored = str(app.AsyncResult(result.id).result)
+        assert "manual: stop now (stopped at a checkpoint)" == stored
         cancelled = [e for e in logs if e["event"] == "task.cancelled"]
         assert 1 == len(cancelled)
         assert result.id == cancelled[0]["task_id"]

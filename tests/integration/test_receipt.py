@@ -54,7 +54,7 @@ def test_stopped_at_a_checkpoint(shared_worker, keys: Keys):
     assert ((("task", result.id),), (result.id,)) == (receipt.targets, receipt.task_ids)
     assert (Outcome.STOPPED, "REVOKED") == (outcome.outcome, outcome.state), outcome
     assert outcome.message is not None
-    assert outcome.message.startswith("revoked by alice: user pressed stop (stopped at a checkpoint")
+    assert outcome.message.startswith("revoked by alice: user pressed stop (stopped at a check")
     assert outcome.cancelled
     assert ["cleanup"] == keys.hooks("a")
 

@@ -8,7 +8,7 @@ workflow each id belongs to.
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from typing import Any
 
 import click
@@ -172,7 +172,9 @@ def _cancel_workflows(
                 _more, earlier = workflow_targets(app, sorted(parents - set(members)))
                 seen = {**earlier, **seen}
             found[task_id] = (members, seen)
-        cancel_tasks(ids, reason, requested_by=requested_by, app=app, workflow=True, grace=grace)
+        receipt = cancel_tasks(
+            ids, reason, requested_by=requested_by, app=app, workflow=True, grace=grace
+        )
     except OperationalError as exc:
         raise click.ClickException(
             f"cannot reach the broker or result backend: {exc}; nothing was cancelled"
@@ -183,13 +185,16 @@ def _cancel_workflows(
         raise click.BadParameter(str(exc)) from exc
 
     running = {t for members, _seen in found.values() for t, s in members.items() if s == "active"}
-    stopped: set[str] = set()
-    deadline = time.monotonic() + wait
-    while running - stopped and time.monotonic() < deadline:
-        for task_id in running - stopped:
-            if app.AsyncResult(task_id).state in states.READY_STATES:
-                stopped.add(task_id)
-        time.sleep(0.05)
+    # Every task of the workflows that is known, with the receipt's outcome.
+    known = [*receipt.task_ids]
+    for members, seen in found.values():
+        known.extend([*members, *seen])
+    outcomes = dataclasses.replace(receipt, task_ids=tuple(dict.fromkeys(known))).wait(
+        wait, workers_timeout=timeout
+    )
+    by_id = {outcome.task_id: outcome for outcome in outcomes}
+    not_ended = (Outcome.RUNNING, Outcome.QUEUED, Outcome.UNKNOWN)
+    stopped = {t for t in running if by_id[t].outcome not in not_ended}
 
     unknown = 0
     for task_id in ids:
@@ -214,6 +219,8 @@ def _cancel_workflows(
         parts.append(f"{len(queued)} queued (will not run)")
         parts.append(f"{len(finished)} finished")
         click.echo(f"{task_id}: workflow cancelled: " + ", ".join(parts))
+        for member in dict.fromkeys([*members, *seen]):
+            click.echo(f"  {member}: {by_id[member].describe()}")
     if unknown:
         click.echo(f"{unknown} of {len(ids)} workflow id(s) unknown", err=True)
         ctx.exit(1)
