@@ -465,9 +465,11 @@ class TestRemoteControl:
         celery_revoke = original_of(Panel.data["revoke"])
         celery_revoked = original_of(Request.revoked)
         celery_announce = original_of(Request._announce_revoked)
+        celery_on_failure = original_of(Request.on_failure)
         monkeypatch.setitem(Panel.data, "revoke", celery_revoke)
         monkeypatch.setattr(Request, "revoked", celery_revoked)
         monkeypatch.setattr(Request, "_announce_revoked", celery_announce)
+        monkeypatch.setattr(Request, "on_failure", celery_on_failure)
         name = f"contract_probe_{uuid.uuid4().hex[:8]}"
 
         def probe(state: Any, **kwargs: Any) -> None:
@@ -477,6 +479,7 @@ class TestRemoteControl:
             internals.wrap_revoke_command(lambda original: lambda *a, **k: original(*a, **k))
             internals.wrap_request_revoked(lambda original: lambda self: original(self))
             internals.wrap_request_announce_revoked(lambda original: lambda *a: original(*a))
+            internals.wrap_request_on_failure(lambda original: lambda *a: original(*a))
             internals.register_inspect_command(probe, name)
             wrapped = (
                 Panel.data["revoke"] is not celery_revoke,
@@ -493,6 +496,7 @@ class TestRemoteControl:
                 Panel.data["revoke"] is celery_revoke,
                 Request.revoked is celery_revoked,
                 Request._announce_revoked is celery_announce,
+                Request.on_failure is celery_on_failure,
                 name not in Panel.data and name not in Panel.meta,
             )
         finally:
@@ -501,7 +505,7 @@ class TestRemoteControl:
 
         assert (True, True, True) == wrapped
         assert (True, True, True) == put_back
-        assert (True, True, True, True) == restored
+        assert (True, True, True, True, True) == restored
 
     def test_registered_inspect_command_answers_a_broadcast(self, app: Celery, worker: Any) -> None:
         """``register_inspect_command`` (``Panel.register(type="inspect")``): the
@@ -943,6 +947,209 @@ class TestConnections:
         assert time.monotonic() - started < 5.0
 
 
+# --------------------------------------------------------------------------
+# Task events and the tracer's log line (cancellable.celery._ending).
+
+
+class EventCatcher:
+    """Celery's own event receiver on the app's broker, capturing in a thread."""
+
+    def __init__(self, app: Celery) -> None:
+        import threading
+
+        self.events: list[dict[str, Any]] = []
+        self.connection = app.connection_for_read()
+        self.receiver = app.events.Receiver(self.connection, handlers={"*": self.events.append})
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def of(self, task_id: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e.get("uuid") == task_id]
+
+    def ready(self, dispatcher: Any) -> None:
+        """Return once an event sent through ``dispatcher`` arrives (the queue is bound)."""
+        probe = f"probe-{uuid.uuid4()}"
+        deadline = time.monotonic() + 10
+        while not self.of(probe):
+            assert time.monotonic() < deadline, "the receiver got no event"
+            dispatcher.send("task-received", uuid=probe)
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.receiver.should_stop = True
+        self.thread.join(5)
+        self.connection.close()
+
+
+@pytest.fixture(name="catcher")
+def catcher_fixture(app: Celery) -> Iterator[EventCatcher]:
+    """A real event receiver for ``app``."""
+    catcher = EventCatcher(app)
+    yield catcher
+    catcher.close()
+
+
+class TestTaskEvents:
+    """How a worker sends task events, and what it does with an ``Ignore``."""
+
+    def _request(self, app: Celery, messages: Messages, dispatcher: Any) -> Request:
+        app.tasks["contract.job"].apply_async(queue=messages.queue.name)
+        message = messages.fetch()
+        return Request(
+            message,
+            on_ack=message.ack_log_error,
+            app=app,
+            task=app.tasks["contract.job"],
+            eventer=dispatcher,
+        )
+
+    @pytest.mark.usefixtures("celery_revoked")
+    def test_announce_revoked_sends_its_event_through_send_event(
+        self, app: Celery, messages: Messages, catcher: EventCatcher
+    ) -> None:
+        """``extra_revoked_fields``: ``_announce_revoked`` sends ``task-revoked``
+        through the request's ``send_event`` (an instance attribute shadows it:
+        ``Request`` has ``__dict__``), with ``terminated``, ``signum`` and
+        ``expired``; ``send_task_event`` sends through the request's own
+        dispatcher, for another task id too.  If not, a discarded or
+        terminated task's event lacks its reason (Flower shows none), or a
+        workflow member stored REVOKED is never announced."""
+        with app.connection_for_write() as conn:
+            dispatcher = app.events.Dispatcher(conn, hostname="contract@host", enabled=True)
+            catcher.ready(dispatcher)
+            request = self._request(app, messages, dispatcher)
+            with internals.extra_revoked_fields(request, {"exception": "X('why')"}):
+                internals.announce_revoked(request, "why", False, None, False)
+            assert "send_event" not in vars(request)
+            assert internals.send_task_event(request, "task-revoked", "other-id", name="n")
+            own = _wait_for(lambda: catcher.of(request.id))
+            other = _wait_for(lambda: catcher.of("other-id"))
+
+        assert 1 == len(own), own
+        assert "task-revoked" == own[0]["type"]
+        assert (False, None, False) == (own[0]["terminated"], own[0]["signum"], own[0]["expired"])
+        assert "X('why')" == own[0]["exception"]
+        assert "contract@host" == own[0]["hostname"]
+        assert "n" == other[0]["name"]
+
+    def test_send_task_event_sends_nothing_when_events_are_off(
+        self, app: Celery, messages: Messages, catcher: EventCatcher
+    ) -> None:
+        """``send_task_event`` honours the dispatcher's ``enabled`` (the worker's
+        ``-E``) and the task's ``send_events``, as ``Request.send_event`` does.
+        If not, a worker without ``-E`` sends task events for cancelled tasks."""
+        with app.connection_for_write() as conn:
+            live = app.events.Dispatcher(conn, hostname="contract@host", enabled=True)
+            catcher.ready(live)
+            off = app.events.Dispatcher(conn, hostname="contract@host", enabled=False)
+            request = self._request(app, messages, off)
+            sent_off = internals.send_task_event(request, "task-revoked", terminated=False)
+            quiet = self._request(app, messages, live)
+            quiet.task.send_events = False
+            try:
+                sent_quiet = internals.send_task_event(quiet, "task-revoked", terminated=False)
+            finally:
+                quiet.task.send_events = True
+            time.sleep(0.5)
+
+        assert (False, False) == (sent_off, sent_quiet)
+        assert [] == catcher.of(request.id) == catcher.of(quiet.id)
+
+    def test_ignore_reaches_on_failure_in_the_main_process(
+        self, app: Celery, worker: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_request_on_failure``: a task that raises ``Ignore`` reaches
+        ``Request.on_failure`` with the exception in ``exc_info``
+        (``einfo_exception`` unwraps it), after the pool ran it.  If not, a
+        task that stopped at a checkpoint sends no ``task-revoked`` event."""
+        monkeypatch.setattr(Request, "on_failure", original_of(Request.on_failure))
+        seen: list[Any] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def on_failure(self: Any, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+                seen.append((self.id, internals.einfo_exception(exc_info)))
+                return original(self, exc_info, *args, **kwargs)
+
+            return on_failure
+
+        assert internals.wrap_request_on_failure(make)
+        assert not internals.wrap_request_on_failure(make)
+        ignored = app.tasks["contract.ignored"].apply_async()
+        _wait_for(lambda: seen)
+
+        assert ignored.id == seen[0][0]
+        assert isinstance(seen[0][1], Ignore)
+
+    def test_an_ignore_pickles_through_the_pool(self) -> None:
+        """``einfo_exception`` of billiard's ``ExceptionInfo`` that crossed a
+        pickle (as a prefork child's result does) is our ``Ignore`` subclass
+        with its message and members.  If not, the main process cannot
+        announce what a prefork child ended."""
+        import pickle
+
+        from billiard.einfo import ExceptionInfo
+
+        from cancellable.celery._ending import CancelledEnding
+
+        try:
+            raise CancelledEnding("revoked by alice: stop", [("later", "t.add")])
+        except CancelledEnding:
+            einfo = ExceptionInfo(internal=True)
+        back = internals.einfo_exception(pickle.loads(pickle.dumps(einfo)))
+
+        assert isinstance(back, CancelledEnding)
+        assert "revoked by alice: stop" == back.text
+        assert [("later", "t.add")] == back.members
+
+    def test_the_tracer_logs_an_ignore_with_the_policy_we_give(
+        self, app: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``wrap_trace_log_policy`` / ``revoked_log_policy``: the tracer asks
+        ``celery.app.trace.get_log_policy`` (a module global) how to log an
+        ``Ignore``, and logs "Task name[id] <description>" at INFO, on the
+        ``celery.app.trace`` logger that ``log_task_ended`` also uses.  If not,
+        the worker log says "ignored" for a cancelled task."""
+        import logging
+
+        from celery.app import trace
+
+        monkeypatch.setattr(trace, "get_log_policy", original_of(trace.get_log_policy))
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def policy(task: Any, einfo: Any, exc: Any) -> Any:
+                if isinstance(exc, Ignore):
+                    return internals.revoked_log_policy("revoked: by contract")
+                return original(task, einfo, exc)
+
+            return policy
+
+        assert internals.wrap_trace_log_policy(make)
+        assert not internals.wrap_trace_log_policy(make)
+        task_id = str(uuid.uuid4())
+        with caplog.at_level(logging.INFO, logger="celery.app.trace"):
+            app.tasks["contract.ignored"].apply(task_id=task_id)
+            internals.log_task_ended("contract.other", "other-id", "revoked: by contract")
+
+        lines = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+        assert (
+            "celery.app.trace",
+            logging.INFO,
+            f"Task contract.ignored[{task_id}] revoked: by contract",
+        ) in lines
+        assert (
+            "celery.app.trace",
+            logging.INFO,
+            "Task contract.other[other-id] revoked: by contract",
+        ) in lines
+        assert not [line for line in lines if f"[{task_id}] ignored" in line[2]]
+
+
 class TestClientReaches:
     """What `cancel` reaches in Celery and kombu beyond their public API (issue 18)."""
 
@@ -1022,3 +1229,50 @@ class TestClientReaches:
         fallback, mine, broker = done.stdout.split()
         assert ("True", "False") == (fallback, mine)
         assert broker.startswith("amqp://")
+
+
+class TestDemoTransport:
+    """kombu's filesystem transport, which ``python -m cancellable demo`` extends."""
+
+    def test_kombu_reads_the_demo_transports_files_and_skips_its_hidden_ones(
+        self, tmp_path: Any
+    ) -> None:
+        """The demo's channel overrides ``_put`` and ``_queue_bind`` of kombu's
+        filesystem ``Channel`` (the methods a virtual transport implements):
+        kombu's own channel must read what it writes, direct and fanout (its
+        ``_put_fanout`` calls ``_put``), and must not take a hidden ``.part``
+        file of a write in progress (``_get`` matches ``<name>.<queue>.msg``).
+        If not, the demo loses messages or reads them half-written again."""
+        from cancellable._demo import _AtomicFilesystemTransport
+
+        for name in ("queue", "control"):
+            (tmp_path / name).mkdir()
+        options = {
+            "data_folder_in": str(tmp_path / "queue"),
+            "data_folder_out": str(tmp_path / "queue"),
+            "control_folder": str(tmp_path / "control"),
+        }
+        direct = Queue("contract-q", Exchange("contract-x", "direct"), routing_key="k")
+        fanout = Queue("contract-f", Exchange("contract-fx", "fanout"))
+        with Connection(
+            "filesystem://", transport=_AtomicFilesystemTransport, transport_options=options
+        ) as ours:
+            producer = ours.Producer()
+            producer.publish({"n": 1}, exchange=direct.exchange, routing_key="k", declare=[direct])
+            producer.publish({"n": 2}, exchange=fanout.exchange, declare=[fanout])
+        (tmp_path / "queue" / ".abc.contract-q.msg.part").write_text("{")
+
+        with Connection("filesystem://", transport_options=options) as kombus:
+            channel = kombus.channel()
+            got_direct = channel.basic_get("contract-q", no_ack=True)
+            got_fanout = channel.basic_get("contract-f", no_ack=True)
+            assert channel.basic_get("contract-q", no_ack=True) is None
+            assert 0 == channel._size("contract-q")
+
+        assert {"n": 1} == got_direct.decode()
+        assert {"n": 2} == got_fanout.decode()
+        # The writer leaves no hidden file behind.
+        assert {"contract-x.exchange", "contract-fx.exchange"} == {
+            path.name for path in (tmp_path / "control").iterdir()
+        }
+        assert [".abc.contract-q.msg.part"] == [p.name for p in (tmp_path / "queue").iterdir()]

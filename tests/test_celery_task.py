@@ -19,7 +19,14 @@ from celery.exceptions import TaskRevokedError
 from celery.worker import state as worker_state
 from structlog.testing import capture_logs
 
-from cancellable import Cancelled, cancellable, checkpoint, current_scope, on_cancel
+from cancellable import (
+    Cancelled,
+    CancelReason,
+    cancellable,
+    checkpoint,
+    current_scope,
+    on_cancel,
+)
 
 
 @pytest.fixture(name="app")
@@ -234,3 +241,117 @@ class TestBoundary:
         assert isinstance(result.result, TaskRevokedError)
         assert "task.result_not_stored" in [e["event"] for e in logs]
         app.close()
+
+
+class TestAnnounced:
+    """What a cancelled task leaves for the worker to announce, and the unobserved case."""
+
+    def test_the_ignore_carries_the_message_and_the_members(self, app: Celery) -> None:
+        """Traced as a worker traces, the task leaves an ``Ignore`` that carries its
+        REVOKED message and the chain link it stored REVOKED (id and name), for the
+        worker's ``task-revoked`` events."""
+        from cancellable.celery._ending import CancelledEnding
+
+        @app.task(bind=True, shared=False)
+        @cancellable
+        def job(self: Any) -> str:
+            current_scope().cancel("stop now")  # type: ignore[union-attr]
+            checkpoint()
+            return "unreachable"
+
+        task_id = str(uuid.uuid4())
+        later = {"task": "tb.later", "options": {"task_id": "later-id"}, "subtask_type": None}
+        tracer = build_tracer(job.name, job, eager=False, app=app)
+        traced = tracer(task_id, (), {}, {"id": task_id, "delivery_info": {}, "chain": [later]})
+
+        assert "IGNORED" == traced.info.state
+        ending = traced.info.retval
+        assert isinstance(ending, CancelledEnding)
+        assert "manual: stop now" == ending.text
+        assert [("later-id", "tb.later")] == ending.members
+        assert "REVOKED" == app.AsyncResult("later-id").state
+
+    def test_a_cancellation_no_checkpoint_saw_is_a_warning(self, app: Celery) -> None:
+        """Cancelled after its last checkpoint, the task returns and ends SUCCESS; the
+        boundary logs ``task.cancel_unobserved`` with the task id and the time since
+        the request."""
+
+        @app.task(bind=True, shared=False)
+        @cancellable
+        def job(self: Any) -> str:
+            current_scope().cancel("too late")  # type: ignore[union-attr]
+            return "finished"
+
+        with capture_logs() as logs:
+            result = job.apply()
+
+        assert "finished" == result.get()
+        warned = [e for e in logs if e["event"] == "task.cancel_unobserved"]
+        assert 1 == len(warned), logs
+        assert "warning" == warned[0]["log_level"]
+        assert result.id == warned[0]["task_id"]
+        assert "too late" == warned[0]["message"]
+        assert 0.0 <= warned[0]["after_cancel_ms"] < 5000.0
+        assert not [e for e in logs if e["event"] == "task.cancelled"]
+
+    def test_a_task_that_saw_no_cancellation_logs_nothing(self, app: Celery) -> None:
+        """A task that was never cancelled, or that stopped at a checkpoint, gets no
+        ``task.cancel_unobserved``."""
+
+        @app.task(bind=True, shared=False)
+        @cancellable
+        def job(self: Any) -> str:
+            checkpoint()
+            return "done"
+
+        with capture_logs() as logs:
+            assert "done" == job.apply().get()
+
+        assert not [e for e in logs if e["event"] == "task.cancel_unobserved"]
+
+    def test_the_current_span_records_the_cancellation(self, app: Celery) -> None:
+        """With the OpenTelemetry SDK and a span current in the task, a cancelled
+        task marks it: an event ``task.cancelled``, ``celery.revoked.reason`` and
+        status ERROR with the message."""
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.trace import StatusCode
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracer = provider.get_tracer("tests")
+
+        @app.task(bind=True, shared=False)
+        @cancellable
+        def job(self: Any) -> str:
+            reason = CancelReason(source="manual", message="stop now", requested_by="alice")
+            current_scope().cancel(reason)  # type: ignore[union-attr]
+            checkpoint()
+            return "unreachable"
+
+        with tracer.start_as_current_span("run/job"):
+            job.apply()
+        (span,) = exporter.get_finished_spans()
+
+        assert StatusCode.ERROR == span.status.status_code
+        assert "manual by alice: stop now" == span.status.description
+        assert "manual by alice: stop now" == span.attributes["celery.revoked.reason"]
+        (event,) = [e for e in span.events if e.name == "task.cancelled"]
+        assert "alice" == event.attributes["cancellable.requested_by"]
+        assert "checkpoint" == event.attributes["cancellable.ended_by"]
+
+    def test_no_span_no_opentelemetry_nothing_recorded(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without a recording span, or without OpenTelemetry imported at all,
+        `record_cancellation` does nothing (no dependency, no import)."""
+        import sys
+
+        from cancellable.celery import _otel
+
+        reason = CancelReason(source="revoked", message="stop")
+        assert not _otel.record_cancellation(reason, "revoked: stop", "checkpoint")
+        monkeypatch.delitem(sys.modules, "opentelemetry.trace", raising=False)
+        assert not _otel.record_cancellation(reason, "revoked: stop", "checkpoint")

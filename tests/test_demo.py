@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
+import pytest
 import redis
+from celery.result import AsyncResult
 from tests import redis_dbs
+
+from cancellable import _demo
 
 
 class TestDemo:
@@ -103,3 +111,64 @@ class TestDemo:
         finally:
             here.close()
             default.close()
+
+
+class TestDemoBroker:
+    """The demo's filesystem broker never hands a reader a half-written message."""
+
+    def test_broadcasts_that_take_long_to_write_all_reach_the_worker(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Five plain revokes of 4 MB each reach the demo's real worker, which lives on.
+
+        Writing one takes longer than the worker's 50 ms poll.  kombu's own
+        filesystem transport creates a message file under its final name and
+        then writes it, so the worker read a cut-off revoke and exited on
+        "Unrecoverable error: JSONDecodeError" (under load, the same happened
+        to small messages: the demo's "timed out ... waiting for the worker to
+        take note of the revoke").  The demo's transport renames complete
+        files into place: every revoke is stored REVOKED and the worker runs on.
+        """
+        monkeypatch.setenv("CANCELLABLE_DEMO_DIR", str(tmp_path))
+        app = _demo._make_app()
+        node = f"demo-broker-{os.getpid()}@localhost"
+        log = (tmp_path / "worker.log").open("w")
+        worker = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "cancellable._demo", "worker",
+                "-P", "prefork", "-c", "1", "-n", node, "-l", "warning",
+                "--without-gossip", "--without-mingle", "--without-heartbeat",
+            ],
+            env={**os.environ, "CANCELLABLE_DEMO_DIR": str(tmp_path)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not app.control.ping(destination=[node], timeout=0.5):
+                assert time.monotonic() < deadline, "the worker never answered a ping"
+            ids = [str(uuid.uuid4()) for _ in range(5)]
+            for task_id in ids:
+                # Celery's revoke takes (and ignores) extra keyword arguments.
+                app.control.broadcast(
+                    "revoke", arguments={"task_id": task_id, "padding": "x" * 4_000_000}
+                )
+            results = [AsyncResult(task_id, app=app) for task_id in ids]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and worker.poll() is None:
+                if all(result.state == "REVOKED" for result in results):
+                    break
+                time.sleep(0.1)
+            states = [result.state for result in results]
+            alive = worker.poll() is None
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log.close()
+
+        assert ["REVOKED"] * 5 == states, (tmp_path / "worker.log").read_text()[-3000:]
+        assert alive

@@ -24,23 +24,109 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import structlog
 from celery import Celery
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from cancellable import cancellable, checkpoint, on_cancel
 
 _ENV_DIR = "CANCELLABLE_DEMO_DIR"
 _ENV_BROKER = "CANCELLABLE_DEMO_BROKER"
 _ENV_BACKEND = "CANCELLABLE_DEMO_BACKEND"
+
+
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel, with files that appear only once complete.
+
+    kombu's own ``_put`` creates a message file under its final name and
+    only then writes it, and its ``_get`` takes any file with a matching
+    name without a lock: a poll that lands in between (milliseconds under
+    load) reads an empty or cut-off message.  The reader then raises
+    ``JSONDecodeError`` from ``drain_events``: the worker exits on an
+    "Unrecoverable error" (the task or revoke is lost with it), and the
+    driver's ``control.ping`` raises (kombu issue #1551).  Exchange tables
+    have the same gap when they are created.  Here every file is written
+    under a hidden name (``.xxx.part``, which no queue name matches) and
+    renamed into place, which is atomic: a reader sees all of it or nothing.
+    """
+
+    # kombu's filesystem Channel already calls AbstractChannel's ``message``
+    # ``payload``; kombu passes both positionally.
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        # kombu's name: the millisecond first, so the queue stays in order.
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        folder = Path(self.data_folder_out)
+        try:
+            _write_atomically(folder / name, _encode(payload), replace=True)
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {name!r} to {folder}") from exc
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        table = self.control_folder / f"{exchange}.exchange"
+        if _SIMPLE_NAME.match(exchange) and not table.exists():
+            self.control_folder.mkdir(exist_ok=True)
+            entry = [routing_key or "", pattern or "", queue or ""]
+            try:
+                # Create it complete or not at all; if another binder was
+                # first, kombu's own update (under its lock) adds the entry.
+                if _write_atomically(table, _encode([entry]), replace=False):
+                    return
+            except OSError as exc:
+                raise ChannelError(f"Cannot open {table}") from exc
+        super()._queue_bind(exchange, routing_key, pattern, queue)  # type: ignore[no-untyped-call]
+
+
+class _AtomicFilesystemTransport(filesystem.Transport):
+    """The filesystem transport with `_AtomicFilesystemChannel`."""
+
+    Channel = _AtomicFilesystemChannel
+
+
+#: The exchange names kombu 5.7 accepts for a file name (older kombu checks none).
+_SIMPLE_NAME = re.compile(r"\A(?!\.*\Z)[A-Za-z0-9._-]+\Z")
+
+
+def _encode(payload: Any) -> bytes:
+    """``payload`` as kombu's filesystem transport writes it (kombu's JSON, UTF-8)."""
+    return str(dumps(payload)).encode("utf-8")  # type: ignore[no-untyped-call]
+
+
+def _write_atomically(path: Path, data: bytes, *, replace: bool) -> bool:
+    """Write ``data`` to ``path`` through a hidden file in the same folder.
+
+    With ``replace=False`` an existing ``path`` is left alone (returns False).
+    """
+    fd, name = tempfile.mkstemp(prefix=".", suffix=".part", dir=path.parent)
+    part = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if replace:
+            part.replace(path)
+            return True
+        try:
+            os.link(part, path)  # unlike a rename, never replaces path
+        except FileExistsError:
+            return False
+        finally:
+            part.unlink()
+        return True
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def _make_app() -> Celery:
@@ -52,6 +138,7 @@ def _make_app() -> Celery:
         for name in ("queue", "control", "results"):
             (base / name).mkdir(parents=True, exist_ok=True)
     if broker.startswith("filesystem"):
+        app.conf.broker_transport = _AtomicFilesystemTransport
         app.conf.broker_transport_options = {
             "data_folder_in": str(base / "queue"),
             "data_folder_out": str(base / "queue"),

@@ -38,6 +38,8 @@ __all__ = [
     "SCOPE_CANCELLED",
     "SIBLINGS_CANCELLED",
     "TASK_CANCELLED",
+    "TASK_CANCEL_UNOBSERVED",
+    "TASK_EVENT_NOT_SENT",
     "TASK_RESULT_NOT_STORED",
     "TASK_SKIPPED",
     "TASK_TERMINATED",
@@ -98,6 +100,24 @@ SIBLINGS_CANCELLED: Final = "siblings.cancelled"
 #: ``"checkpoint"`` (it stopped cooperatively) or ``"interrupt"`` (its grace
 #: was over and `~cancellable.Cancelled` was raised in its thread).
 TASK_CANCELLED: Final = "task.cancelled"
+
+#: A cancelled Celery task finished without ever seeing its cancellation:
+#: it reached no checkpoint after the cancellation arrived (and no grace
+#: interrupted it), so it ends as it would have (SUCCESS, its result
+#: stored).  A warning; carries ``after_cancel_ms`` (from the request to
+#: the task's end) and ``after_delivery_ms`` (from the moment the
+#: cancellation reached the task's process; None if it never did, e.g. a
+#: deadline).
+#:
+#: .. versionadded:: 0.1.0
+TASK_CANCEL_UNOBSERVED: Final = "task.cancel_unobserved"
+
+#: Celery's ``task-revoked`` event for a cancelled task could not be sent
+#: (the worker's event dispatcher raised).  A warning; carries ``error``.
+#: The task's ending is not affected.
+#:
+#: .. versionadded:: 0.1.0
+TASK_EVENT_NOT_SENT: Final = "task.event_not_sent"
 
 #: A worker's main process moved a cancelled task up the ladder (see
 #: :doc:`/grace`).  Carries ``step`` (``"interrupt"`` or ``"terminate"``),

@@ -554,3 +554,38 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
         """A later task that uses the shared pool and logger (hangs if a lock was left held)."""
         use_shared_locks()
         return os.getpid()
+
+# --------------------------------------------------------------------------
+# OpenTelemetry (``CIT_OTEL=1``): each prefork child gets the real SDK with an
+# in-memory exporter and the Celery instrumentation; after each task, the
+# spans it finished are copied to Redis (``cit:otel:<task id>``, span JSON),
+# the tests' only window into a child's memory.
+
+if os.environ.get("CIT_OTEL") == "1":
+    from celery import signals
+
+    def _otel_child(**kwargs: Any) -> None:
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+
+        def copy_spans(task_id: str | None = None, **rest: Any) -> None:
+            # Connected after the instrumentation's own task_postrun
+            # receiver, which ends the task's span.
+            for span in exporter.get_finished_spans():
+                obs().rpush(f"cit:otel:{task_id}", span.to_json(indent=None))
+            exporter.clear()
+
+        signals.task_postrun.connect(copy_spans, weak=False)
+
+    signals.worker_process_init.connect(_otel_child, weak=False)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
+
+from .aof import Pop
 
 CHECKPOINT_KINDS = frozenset({"short", "long", "slow_cleanup"})
 KINDS = ("short", "long", "slow_cleanup", "no_checkpoint")
@@ -123,6 +126,8 @@ class Report:
     kills: list[KillRecord]
     grace: float
     anomalies: list[Violation] = dataclasses.field(default_factory=list)
+    #: The evidence that the broker lost a task's message, by task id.
+    lost: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def violations(self) -> list[Violation]:
@@ -172,6 +177,9 @@ class Report:
         notes = Counter(n for v in self.verdicts for n in v.notes)
         for note, n in sorted(notes.items()):
             lines.append(f"note: {note} ({n})")
+        for v in self.verdicts:
+            if v.category == LOST_BY_BROKER:
+                lines.append(f"  lost {v.task_id}: {self.lost.get(v.task_id, '?')}")
         violations = self.violations
         lines.append(f"violations: {len(violations)}")
         rules = Counter(v.rule for v in violations)
@@ -248,26 +256,87 @@ def mark_unheard(cancels: list[CancelRecord], recorded: set[str]) -> None:
 LOST_BY_BROKER = "lost by the broker"
 
 
+#: How long after a worker took a message off the queue its stopping (or
+#: Redis going away) can still lose that message: a worker that stops
+#: consuming exits once its running tasks are done (warm shutdown), and the
+#: driver notices an exit within a second.
+LOST_WINDOW = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """A moment a worker stopped consuming or Redis went away."""
+
+    began: float
+    ended: float
+    what: str
+
+
+def faults_of(kills: list[KillRecord], restarts: list[tuple[float, float]]) -> list[Fault]:
+    """The workers killed with ``kill -9`` or that exited on their own, and the Redis restarts."""
+    found = [
+        Fault(k.ts, k.ts, f"kill -9 of {k.worker}" if k.what == "worker" else f"{k.worker} exited")
+        for k in kills
+        if k.what in ("worker", "died")
+    ]
+    found.extend(Fault(began, ended, "a Redis restart") for began, ended in restarts)
+    return found
+
+
+def never_received(
+    candidates: list[TaskRecord], events: dict[str, list[dict[str, Any]]], worker_logs: str
+) -> list[TaskRecord]:
+    """The tasks without a run whose id no worker's log names.
+
+    Celery logs "Task ...[id] received" for every message it takes, even one
+    it then discards, so no worker's Celery ever had such a message.
+    """
+    return [t for t in candidates if not events.get(t.id) and t.id not in worker_logs]
+
+
 def lost_by_broker(
     candidates: list[TaskRecord],
     events: dict[str, list[dict[str, Any]]],
-    restarts_began: list[float],
     worker_logs: str,
-) -> frozenset[str]:
-    """Of ``candidates`` (tasks not final), those whose message the broker lost.
+    pops: Mapping[str, Pop] | None,
+    faults: list[Fault],
+) -> dict[str, str]:
+    """Of ``candidates`` (tasks not final), those whose message the broker lost, with the evidence.
 
-    Evidence, all required: the task was sent before a Redis restart began,
-    it has no run, and no worker's log names its id (Celery logs "Task
-    ...[id] received" for every message it takes, even one it then
-    discards).  Only meaningful once nothing is queued or unacked.
+    Evidence, all required: the task has no run and no worker's log names
+    it (`never_received`); the broker's own record (its AOF, `aof.unrecorded_pops`)
+    shows its message taken off the queue and never recorded as
+    unacknowledged; and a worker stopped (``kill -9``, or exited on its own)
+    or Redis went away within `LOST_WINDOW` seconds after that.  kombu's
+    Redis transport pops a message (``BRPOP``) and records it as unacknowledged
+    in a second round trip; a consumer that stops in between drops it, and
+    neither the visibility timeout nor any part of Celery can bring it back.
+    ``pops`` None: the AOF could not be read; nothing is excused.
     """
-    return frozenset(
-        task.id
-        for task in candidates
-        if any(task.sent_at < began for began in restarts_began)
-        and not events.get(task.id)
-        and task.id not in worker_logs
-    )
+    if pops is None:
+        return {}
+    found: dict[str, str] = {}
+    for task in never_received(candidates, events, worker_logs):
+        pop = pops.get(task.id)
+        if pop is None or pop.after is None:
+            continue
+        latest = pop.before if pop.before is not None else pop.after
+        # The faults that began at most LOST_WINDOW after the pop and had not
+        # ended before it; the nearest one is named.
+        near = [
+            (max(0.0, fault.began - latest), fault)
+            for fault in faults
+            if fault.ended >= pop.after and fault.began <= latest + LOST_WINDOW
+        ]
+        if near:
+            _gap, fault = min(near, key=lambda item: item[0])
+            found[task.id] = (
+                f"taken off the queue after {pop.after:.3f} and before "
+                + (f"{pop.before:.3f}" if pop.before is not None else "the end")
+                + f" (delivery tag {pop.delivery_tag}), never recorded as unacknowledged; "
+                f"{fault.what} at {fault.began:.3f}"
+            )
+    return found
 
 
 def audit_task(
@@ -282,11 +351,11 @@ def audit_task(
     """Judge one task; see the module docstring and docs/reliability.md for the rules.
 
     ``lost_by_broker``: the driver's evidence that the broker lost this task's
-    message (no worker ever received it, no run, still PENDING, and a Redis
-    restart after it was sent: kombu's Redis transport drops a message popped
-    with BRPOP whose move to the unacked set fails because the server went
-    away).  Such a task is reported in its own category; it says nothing about
-    cancellation, for it reached no worker, cancelled or not.
+    message (see `lost_by_broker`: no worker ever received it, the broker's
+    AOF shows it popped and never recorded as unacknowledged, and a worker
+    stopped or Redis went away right after).  Such a task is reported in its
+    own category; it says nothing about cancellation, for it reached no
+    worker, cancelled or not.
     """
     runs, problems = runs_of(events, kills)
     status = str(meta.get("status"))
@@ -294,7 +363,7 @@ def audit_task(
     violations: list[Violation] = []
     notes: list[str] = []
     if lost_by_broker and not runs and not problems and status == "PENDING":
-        notes.append("the broker lost its message during a Redis restart (never received)")
+        notes.append("the broker lost its message: a worker popped it and stopped (never received)")
         return TaskVerdict(
             task.id,
             task.kind,
@@ -456,9 +525,10 @@ def audit(
     events: dict[str, list[dict[str, Any]]],
     metas: dict[str, dict[str, Any]],
     grace: float,
-    lost_by_broker: frozenset[str] = frozenset(),
+    lost_by_broker: Mapping[str, str] | None = None,
 ) -> Report:
     """Judge every task.  A task's cancellation is the first call that was issued for it."""
+    lost = dict(lost_by_broker or {})
     first: dict[str, CancelRecord] = {}
     anomalies: list[Violation] = []
     for record in sorted(cancels, key=lambda c: c.t_begin):
@@ -479,8 +549,8 @@ def audit(
             first.get(tid),
             kills,
             grace,
-            lost_by_broker=tid in lost_by_broker,
+            lost_by_broker=tid in lost,
         )
         for tid, task in tasks.items()
     ]
-    return Report(verdicts, cancels, kills, grace, anomalies)
+    return Report(verdicts, cancels, kills, grace, anomalies, lost)

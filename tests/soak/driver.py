@@ -25,6 +25,7 @@ from typing import Any
 
 from celery import Celery, group
 
+from . import aof
 from . import audit as audit_mod
 from .audit import CancelRecord, KillRecord, Report, TaskRecord
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, worker_env
@@ -563,7 +564,7 @@ class Soak:
             self.supervise(every=0.0)
             last = self.outstanding()
             live_busy = {p for p in last["busy"] if Path(f"/proc/{p}").exists()}
-            waiting = set(last["not_final"]) - self.lost_by_broker(last["not_final"])
+            waiting = set(last["not_final"]) - set(self.lost_by_broker(last["not_final"]))
             if not (last["queued"] or last["unacked"] or waiting or live_busy):
                 self.timings["drain"] = time.monotonic() - began
                 self.note("drained")
@@ -625,16 +626,20 @@ class Soak:
         recorded = {target_id for e in entries for kind, target_id in e.targets if kind == "task"}
         audit_mod.mark_unheard(self.cancels, recorded)
 
-    def lost_by_broker(self, task_ids: list[str]) -> frozenset[str]:
-        """Of ``task_ids`` (not final), those whose message the broker lost."""
+    def lost_by_broker(self, task_ids: list[str]) -> dict[str, str]:
+        """Of ``task_ids`` (not final), those whose message the broker lost, with the evidence."""
         candidates = [self.tasks[t] for t in task_ids]
         events = {t: read_events(self.events_dir, t) for t in task_ids}
         logs = ""
         for worker in self.workers:
             with contextlib.suppress(OSError):
                 logs += worker.log_path.read_text(errors="replace")
-        restarts = [began for began, _ended in self.restarts]
-        return audit_mod.lost_by_broker(candidates, events, restarts, logs)
+        if not audit_mod.never_received(candidates, events, logs):
+            return {}  # the common case: no need to read the AOF
+        commands = aof.read_commands(self.redis.directory)
+        pops = None if commands is None else aof.unrecorded_pops(commands, self.queue)
+        faults = audit_mod.faults_of(self.kills, self.restarts)
+        return audit_mod.lost_by_broker(candidates, events, logs, pops, faults)
 
     def log_lines(self, task_id: str, limit: int = 8) -> list[str]:
         if task_id == "-":
@@ -650,6 +655,7 @@ class Soak:
     def write_records(self) -> None:
         data = {
             "code": code_version(),
+            "queue": self.queue,
             "mode": dataclasses.asdict(self.mode),
             "timings": self.timings,
             "tasks": {t: dataclasses.asdict(r) for t, r in self.tasks.items()},

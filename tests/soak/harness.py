@@ -4,8 +4,9 @@
   20000-30000 with ``--appendonly yes --appendfsync always --save ""`` in a
   private directory, so `restart` (``SHUTDOWN``, which with AOF on keeps
   every acknowledged write) loses nothing: queued messages, unacked
-  messages, results and the ledger survive.  The shared Redis on 6379 is
-  never touched.
+  messages, results and the ledger survive.  Automatic AOF rewrites are
+  off, so the AOF keeps the whole run's history (`aof` reads it back).  The
+  shared Redis on 6379 is never touched.
 * **Workers.**  ``python -m celery -A tests.soak.app worker -P prefork -c 2``
   subprocesses on one queue and one control exchange, configured through
   ``SOAK_*`` variables, with ``CELERY_WORKER_REVOKES_MAX=100`` (a scaled-down
@@ -121,7 +122,8 @@ class RedisServer:
         argv = [
             binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-            "--save", "", "--logfile", str(self.directory / "redis.log"),
+            "--save", "", "--auto-aof-rewrite-percentage", "0",
+            "--logfile", str(self.directory / "redis.log"),
             "--daemonize", "no", "--protected-mode", "yes",
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=self.directory)

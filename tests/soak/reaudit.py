@@ -18,12 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .aof import read_commands, unrecorded_pops
 from .audit import (
     CancelRecord,
     KillRecord,
     TaskRecord,
     Violation,
     audit,
+    faults_of,
     lost_by_broker,
     mark_unheard,
 )
@@ -41,6 +43,13 @@ def recorded_ids(client: Any) -> set[str]:
         entries, _cursor = RedisLedger(client, prefix, 7 * 24 * 3600).read(None)
         found.update(t for e in entries for kind, t in e.targets if kind == "task")
     return found
+
+
+def _queue_of(commands: list[list[bytes]]) -> str | None:
+    """The task queue of a run recorded before records.json named it: the list popped
+    that is not a reply queue."""
+    popped = {a[1] for a in commands if a[0].upper() == b"RPOP" and b"." not in a[1]}
+    return popped.pop().decode() if len(popped) == 1 else None
 
 
 def reaudit(run_dir: Path) -> str:
@@ -67,8 +76,11 @@ def reaudit(run_dir: Path) -> str:
     mark_unheard(cancels, recorded)
     pending = [tasks[t] for t, m in metas.items() if m.get("status") == "PENDING"]
     logs = "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.log")))
-    restarts = [began for began, _ended in data.get("restarts", [])]
-    lost = lost_by_broker(pending, events, restarts, logs)
+    restarts = [(began, ended) for began, ended in data.get("restarts", [])]
+    commands = read_commands(run_dir / "redis")
+    queue = data.get("queue") or _queue_of(commands or [])
+    pops = None if commands is None or queue is None else unrecorded_pops(commands, queue)
+    lost = lost_by_broker(pending, events, logs, pops, faults_of(kills, restarts))
     report = audit(
         tasks, cancels, kills, events, metas, float(data["mode"]["grace"]), lost_by_broker=lost
     )

@@ -40,6 +40,12 @@ def worker_conf(*, queue: str, control_exchange: str, visibility_timeout: float)
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
+            # The sweep holds a Redis lock that expires after 300 s by
+            # default: a worker killed (or Redis restarted) while holding it
+            # would stop every sweep for longer than the drain waits.  A
+            # sweep takes milliseconds, and restoring a message twice is
+            # impossible (each restore is a transaction on the unacked hash).
+            "unacked_mutex_expire": 5,
         },
         # Survive Redis restarts: the broker connection, the result backend
         # and redis-py all retry.

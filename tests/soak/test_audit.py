@@ -3,11 +3,19 @@ kind of broken behaviour is flagged.  No processes; fast."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from celery.exceptions import TaskRevokedError
 
-from .audit import CancelRecord, KillRecord, TaskRecord, audit_task
+from .aof import Pop
+from .audit import (
+    CancelRecord,
+    KillRecord,
+    TaskRecord,
+    audit_task,
+    faults_of,
+    lost_by_broker,
+)
 
 T0 = 1_000_000.0
 GRACE = 1.0
@@ -228,6 +236,61 @@ class TestLostByBroker:
 
         assert "uncancelled" == verdict.category
         assert "an uncancelled task did not end SUCCESS" in rules(verdict)
+
+
+class TestLostByBrokerEvidence:
+    """`lost_by_broker`: which PENDING tasks the driver may call lost, from the
+    broker's AOF (a pop never recorded as unacknowledged) and the faults."""
+
+    TASK: ClassVar[TaskRecord] = TaskRecord("t", "short", [], T0)
+    POP: ClassVar[dict[str, Pop]] = {"t": Pop("t", "tag-1", T0 + 10.0, T0 + 10.2)}
+
+    def lost(self, pops: Any, kills: list[KillRecord], restarts=(), logs: str = "", events=None):
+        faults = faults_of(kills, list(restarts))
+        return lost_by_broker([self.TASK], events or {}, logs, pops, faults)
+
+    def test_a_pop_then_a_worker_kill_is_lost(self) -> None:
+        """Popped at +10 s, never recorded; a worker killed at +10.1 s: lost, with the evidence."""
+        found = self.lost(self.POP, [KillRecord(T0 + 10.1, "worker", {1}, "w3")])
+
+        assert ["t"] == list(found)
+        assert "tag-1" in found["t"]
+        assert "kill -9 of w3" in found["t"]
+
+    def test_a_worker_that_exited_or_a_restart_counts_too(self) -> None:
+        """A worker noticed dead 20 s after the pop, or a Redis restart around it."""
+        died = self.lost(self.POP, [KillRecord(T0 + 30, "died", {1}, "w1")])
+        restart = self.lost(self.POP, [], restarts=[(T0 + 9.0, T0 + 12.0)])
+
+        assert "w1 exited" in died["t"]
+        assert "Redis restart" in restart["t"]
+
+    def test_the_nearest_fault_is_named(self) -> None:
+        """A Redis restart around the pop and a worker killed 3 s later: the restart."""
+        kills = [KillRecord(T0 + 13.0, "worker", {1}, "w2")]
+
+        found = self.lost(self.POP, kills, restarts=[(T0 + 10.1, T0 + 16.0)])
+
+        assert "a Redis restart" in found["t"]
+
+    def test_no_fault_near_the_pop_is_not_excused(self) -> None:
+        """A child kill, a worker killed before the pop or long after it: not lost."""
+        kills = [
+            KillRecord(T0 + 10.1, "child", {2}, "w1"),
+            KillRecord(T0 + 5.0, "worker", {1}, "w2"),
+            KillRecord(T0 + 60.0, "worker", {3}, "w3"),
+        ]
+
+        assert {} == self.lost(self.POP, kills)
+
+    def test_it_needs_the_aof_and_a_message_nobody_received(self) -> None:
+        """No AOF evidence, a worker log naming the task, or a run: not lost."""
+        kill = [KillRecord(T0 + 10.1, "worker", {1}, "w3")]
+
+        assert {} == self.lost(None, kill)
+        assert {} == self.lost({}, kill)
+        assert {} == self.lost(self.POP, kill, logs="Task soak.short[t] received")
+        assert {} == self.lost(self.POP, kill, events={"t": [started(10)]})
 
 
 class TestUnheardRevoke:

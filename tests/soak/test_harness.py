@@ -7,7 +7,10 @@ holds before ``@cancellable`` is involved.
   follows (``task_reject_on_worker_lost``);
 * ``app.control.revoke`` of queued tasks keeps them from starting, and the
   backend (read with ``cache=False``) says REVOKED;
-* the audit passes all of this, and it flags tasks that do not stop.
+* the audit passes all of this, and it flags tasks that do not stop;
+* the private Redis's AOF shows a message taken off the queue and never
+  recorded as unacknowledged (what a worker killed right after its ``BRPOP``
+  leaves), and nothing else.
 
 The workers here run with ``SOAK_WITH_CANCELLABLE=0``: the task module does
 not import `cancellable`, and its tasks are not ``@cancellable``.  The
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from . import aof
 from .audit import CancelRecord, KillRecord, TaskRecord, audit, runs_of
 from .driver import Soak
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, wait_for, worker_env
@@ -154,3 +158,50 @@ def test_audit_catches_tasks_that_do_not_stop(tmp_path: Path) -> None:
     assert "a cancelled task ran on past its checkpoints" in rules, report.summary()
     assert not {r for r in rules if r.startswith("harness") or "vanished" in r}, report.summary()
     assert all(v.status == "SUCCESS" for v in report.verdicts if v.category == "uncancelled")
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(60)
+def test_the_aof_names_a_message_popped_and_never_recorded(tmp_path: Path) -> None:
+    """The broker's own record of a message kombu lost (`aof.unrecorded_pops`).
+
+    Three task messages on the soak's Redis.  A real kombu channel takes the
+    first and the third (``basic_get``, which records each as unacknowledged,
+    as a worker's consumer does); a bare ``BRPOP`` takes the second, as a
+    worker does just before it is killed.  Only the second is named, with the
+    times of the deliveries recorded around its pop.
+    """
+    if RedisServer.binary() is None:
+        pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
+    name = queue = f"soak-aof-{uuid.uuid4().hex[:8]}"
+    server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+    server.start()
+    app = make_app(
+        main=name, redis_url=server.url, queue=queue, control_exchange=name, visibility_timeout=20
+    )
+    kept, lost, third = (str(uuid.uuid4()) for _ in range(3))
+    try:
+        for task_id in (kept, lost, third):
+            app.send_task("soak.plain", args=[0], task_id=task_id)
+        client = server.client()
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            got_first = channel.basic_get(queue, no_ack=False)
+            assert client.brpop([queue], timeout=5) is not None
+            got_third = channel.basic_get(queue, no_ack=False)
+            got_first.ack()
+        client.close()
+        commands = aof.read_commands(server.directory)
+    finally:
+        app.close()
+        server.stop()
+
+    assert [kept, third] == [got_first.headers["id"], got_third.headers["id"]]
+    assert commands is not None
+    pops = aof.unrecorded_pops(commands, queue)
+    assert pops is not None
+    assert [lost] == list(pops)
+    after, before = pops[lost].after, pops[lost].before
+    assert after is not None
+    assert before is not None
+    assert after <= before

@@ -14,7 +14,9 @@ as soon as the program imports Celery, see `cancellable._integrations`)
     blueprint, and connects the receivers a worker needs before its pool
     forks: ``worker_process_init`` (a prefork child takes part in
     deliveries), ``task_failure`` (fail fast, `cancellable.celery._failfast`)
-    and ``worker_shutdown``.
+    and ``worker_shutdown``, and has the tracer log a cancelled task as
+    "revoked" (``celery.app.trace.get_log_policy``, `cancellable.celery._ending`;
+    it stays, and acts only on the library's own ending).
 The bootstep's construction (still while the worker is built, before the pool forks)
     reads the app's settings (a bad ``cancellable_*`` value raises
     `~cancellable.celery._settings.SettingError` here, so the worker does not
@@ -24,8 +26,9 @@ The bootstep's construction (still while the worker is built, before the pool fo
 The bootstep's ``start`` (the worker starts; before its consumer does)
     reads the ledger into the index, patches Celery (`install_patches`: the
     ``revoke`` control command, ``Request.revoked``,
-    ``Request._announce_revoked``, the ``cancellable_members`` command,
-    ``Control.revoke``) and starts the poller thread.
+    ``Request._announce_revoked``, ``Request.on_failure``, the
+    ``cancellable_members`` command, ``Control.revoke``) and starts the
+    poller thread.
 ``worker_shutdown``, or the bootstep's ``terminate`` or ``shutdown`` (however the worker ends)
     stop the poller, drop the worker runtime and remove the worker's
     patches (``Control.revoke`` stays patched).  A warm shutdown's
@@ -51,7 +54,7 @@ from .. import _decorator
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
-from . import _client, _failfast, _ledger, _revokes, _task
+from . import _client, _ending, _failfast, _ledger, _revokes, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import settings_for
@@ -104,6 +107,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             signals.worker_process_init.connect(_on_worker_process_init, weak=False)
             signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
             _failfast.install()
+            # Before the pool forks: the tracer runs in the children.
+            celery_internals.wrap_trace_log_policy(_ending.log_policy)
     # The blueprint is built right after worker_init: the step is in it.
     app.steps["worker"].add(WorkerStep)
     if celery_internals.worker_pool_kind(sender) == "prefork":
@@ -137,6 +142,7 @@ def install_patches() -> None:
         )
         celery_internals.wrap_request_revoked(_revokes.request_revoked)
         celery_internals.wrap_request_announce_revoked(_revokes.announce_revoked)
+        celery_internals.wrap_request_on_failure(_ending.on_failure)
     _client.install_revoke_recorder()
 
 

@@ -27,8 +27,10 @@ registering an inspect command on ``Panel``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import signal as signal_module
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 from billiard.common import TERMSIGS_FULL as _BILLIARD_TERMSIGS_FULL
@@ -46,9 +48,12 @@ __all__ = [
     "consumer_of",
     "current_task",
     "discard_scheduled",
+    "einfo_exception",
+    "extra_revoked_fields",
     "filesystem_backend_path",
     "is_fallback_app",
     "is_revoked_id",
+    "log_task_ended",
     "mark_process_terminated",
     "original_of",
     "ping_redis_once",
@@ -64,7 +69,9 @@ __all__ = [
     "request_embed",
     "request_worker_pid",
     "retire_child_when",
+    "revoked_log_policy",
     "scheduled_requests",
+    "send_task_event",
     "task_ids",
     "unregister_inspect_command",
     "unwrap_request_methods",
@@ -76,8 +83,10 @@ __all__ = [
     "worker_requests",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
+    "wrap_request_on_failure",
     "wrap_request_revoked",
     "wrap_revoke_command",
+    "wrap_trace_log_policy",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -328,6 +337,141 @@ def wrap_request_announce_revoked(make: Callable[[Callable[..., Any]], Callable[
     return True
 
 
+def wrap_request_on_failure(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``Request.on_failure`` with ``make(original)``; False if already wrapped.
+
+    The worker's main process (or the process of an in-process pool) calls
+    ``request.on_failure(exc_info, ...)`` when the tracer reports an
+    exception state: the per-task ``Request`` subclass that
+    ``create_request_cls`` builds reaches it from its ``on_success`` (for a
+    ``(1, ExceptionInfo, runtime)`` result, which ``Ignore`` gives), and the
+    pool's error callback calls it directly; the subclass does not override
+    it.  For ``Ignore`` it only acknowledges the message: no event.
+    Signature ``(self, exc_info, send_failed_event=True, return_ok=False)``;
+    same in 5.3 to 5.7.
+    """
+    request_cls = _request_class()
+    original = request_cls.on_failure
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    request_cls.on_failure = _wrapper(original, make(original))
+    return True
+
+
+def einfo_exception(exc_info: Any) -> BaseException | None:
+    """The exception a pool reported in ``exc_info`` (billiard's ``ExceptionInfo``).
+
+    ``exc_info.exception`` is billiard's ``ExceptionWithTraceback`` around
+    the task's exception (``.exc``) when it crossed the pool's pipe, or the
+    exception itself; what ``Request.on_failure`` unwraps.  billiard 4.1 to
+    4.3.
+    """
+    from billiard.einfo import ExceptionWithTraceback
+
+    exc = getattr(exc_info, "exception", None)
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    return exc if isinstance(exc, BaseException) else None
+
+
+def send_task_event(
+    request: Any, event_type: str, task_id: str | None = None, **fields: Any
+) -> bool:
+    """Send a task event for ``task_id`` (default: the request's own) as the worker does.
+
+    ``Request.send_event`` sends only when the worker sends task events
+    (``-E`` / ``worker_send_task_events``, or ``enable_events`` at run
+    time: ``request._eventer.enabled``) and the task's ``send_events`` is
+    true, through the worker's own ``EventDispatcher`` (``_eventer``,
+    private), always with ``uuid=request.id``.  For another task id (a
+    workflow member this request's ending stored REVOKED) we call the same
+    dispatcher under the same conditions.  Returns whether an event was
+    sent.  Same in 5.3 to 5.7.
+    """
+    eventer = getattr(request, "_eventer", None)
+    if not (eventer and eventer.enabled and request.task.send_events):
+        return False
+    if task_id is None or task_id == request.id:
+        request.send_event(event_type, **fields)
+    else:
+        eventer.send(event_type, uuid=task_id, **fields)
+    return True
+
+
+@contextlib.contextmanager
+def extra_revoked_fields(request: Any, fields: Mapping[str, Any]) -> Iterator[None]:
+    """Add ``fields`` to the ``task-revoked`` event Celery sends for ``request`` meanwhile.
+
+    ``Request._announce_revoked`` sends its event with
+    ``self.send_event('task-revoked', terminated=, signum=, expired=)``;
+    ``Request`` has ``__dict__`` among its ``__slots__``, so an instance
+    attribute ``send_event`` shadows the method for this one request until
+    we remove it.  Celery's own fields win over ours.  Same in 5.3 to 5.7.
+    """
+    own = type(request).send_event
+
+    def send_event(event_type: str, **given: Any) -> Any:
+        if event_type == "task-revoked":
+            given = {**fields, **given}
+        return own(request, event_type, **given)
+
+    request.send_event = send_event
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del request.send_event
+
+
+# --------------------------------------------------------------------------
+# celery.app.trace: the tracer's log line for a task that raised Ignore.
+
+
+def wrap_trace_log_policy(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``celery.app.trace.get_log_policy`` with ``make(original)``; False if so.
+
+    The tracer logs a task's exceptional ending (``TraceInfo._log_error``)
+    with the policy ``get_log_policy(task, einfo, exc)`` returns, looked up
+    in the module's globals at each call; for ``Ignore`` it is
+    ``log_policy_ignore`` (INFO, "Task name[id] ignored").  A policy is a
+    ``log_policy_t(format, description, severity, traceback, mail)``
+    namedtuple.  Undocumented; same in 5.3 to 5.7.
+    """
+    from celery.app import trace
+
+    original = trace.get_log_policy
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    trace.get_log_policy = _wrapper(original, make(original))
+    return True
+
+
+def revoked_log_policy(description: str) -> Any:
+    """The tracer's policy for an ``Ignore`` (INFO, no traceback) with another description.
+
+    ``log_policy_t(LOG_IGNORED, description, logging.INFO, 0, 0)``: the line
+    reads "Task name[id] <description>".  Same in 5.3 to 5.7.
+    """
+    from celery.app import trace
+
+    return trace.log_policy_t(trace.LOG_IGNORED, description, logging.INFO, 0, 0)
+
+
+def log_task_ended(task_name: str | None, task_id: str, description: str) -> None:
+    """Log "Task name[id] <description>" at INFO, as the tracer logs a task's ending.
+
+    The ``celery.app.trace`` logger and its ``LOG_IGNORED`` format
+    (``"Task %(name)s[%(id)s] %(description)s"``), with the context also
+    under ``extra={"data": ...}`` as the tracer passes it.  For endings the
+    worker's main process decides (a discard, a terminate), where no
+    tracer runs.  Same in 5.3 to 5.7.
+    """
+    from celery.app import trace
+
+    context = {"id": task_id, "name": task_name, "description": description}
+    trace.logger.info(trace.LOG_IGNORED.strip(), context, extra={"data": context})
+
+
 # --------------------------------------------------------------------------
 # Remote control: the worker's command registry and the client's revoke.
 
@@ -399,10 +543,10 @@ def unregister_inspect_command(name: str) -> bool:
 
 
 def unwrap_request_methods() -> bool:
-    """Put ``Request.revoked`` and ``Request._announce_revoked`` back; False if not wrapped."""
+    """Put ``Request.revoked``, ``_announce_revoked``, ``on_failure`` back; False if not wrapped."""
     request_cls = _request_class()
     unwrapped = False
-    for attribute in ("revoked", "_announce_revoked"):
+    for attribute in ("revoked", "_announce_revoked", "on_failure"):
         original = getattr(getattr(request_cls, attribute), ORIGINAL, None)
         if original is not None:
             setattr(request_cls, attribute, original)

@@ -51,7 +51,7 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_DELIVERY_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
-from . import _ledger, _workflow
+from . import _ending, _ledger, _workflow
 from ._index import TargetIndex, request_targets
 from ._ladder import NOT_CANCELLABLE
 from ._ledger import Target
@@ -350,16 +350,24 @@ def announce_revoked(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, text, terminated, signum, expired)
         # Discarded by a cancellation we know: store its reason, keep it out
         # of its chord's count (the body is REVOKED below instead), and end
-        # what it would have sent.
+        # what it would have sent.  Celery's task-revoked event carries the
+        # reason when it is ours (not a plain revoke's bare "revoked").
         context = celery_internals.request_context(self)
         chord = getattr(context, "chord", None)
         context.chord = None
+        ours = text != reason
         try:
-            return original(self, text, terminated, signum, expired)
+            with celery_internals.extra_revoked_fields(
+                self, _ending.revoked_fields(text) if ours else {}
+            ):
+                return original(self, text, terminated, signum, expired)
         finally:
             context.chord = chord
+            if ours:
+                celery_internals.log_task_ended(self.name, self.id, _ending.description(text))
             try:
-                _workflow.revoke_downstream(self.task.backend, context, recorded)
+                members = _workflow.revoke_downstream(self.task.backend, context, recorded)
+                _ending.send_revoked_events(self, text, members, own=False)
             except Exception as exc:  # noqa: BLE001 - never break the consumer
                 logger.warning(
                     TASK_RESULT_NOT_STORED, task_id=self.id, error=repr(exc), exc_info=exc

@@ -14,13 +14,20 @@ Celery task execution.  If it does, we:
    hooks have run (the scope ran them while unwinding), so we record the
    REVOKED state with the reason (and the same for the parts of its canvas
    that will now never be sent: `cancellable.celery._workflow`) and raise
-   `celery.exceptions.Ignore`, which acknowledges the message and stops
-   Celery from storing anything else.
+   `~cancellable.celery._ending.CancelledEnding`, a
+   `celery.exceptions.Ignore` that acknowledges the message, stops Celery
+   from storing anything else, and has the worker send Celery's
+   ``task-revoked`` event and log "Task name[id] revoked: ..."
+   (`cancellable.celery._ending`); the span current in the task, if
+   OpenTelemetry made one, records it too (`cancellable.celery._otel`).
    A ``self.retry()`` raised from a cancelled scope ends the same way (the
    retry message it sent is discarded on arrival: it carries the same id).
    Under ``task_always_eager`` there is no worker to honour `Ignore`, so we
    raise `~celery.exceptions.TaskRevokedError` with the reason instead, and
    the eager result re-raises it.
+4. if the body returns although the task was cancelled, and no checkpoint
+   ever saw it (the cancellation came after the last one), log
+   ``task.cancel_unobserved`` as a warning: the task ends SUCCESS.
 
 Registering before checking closes the race with a cancellation that
 arrives as the task starts: the canceller indexes the cancellation first
@@ -41,16 +48,24 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery import signals
-from celery.exceptions import Ignore, Retry, TaskRevokedError
+from celery.exceptions import Retry, TaskRevokedError
 
 from .._decorator import CallOptions, run_in_scope
 from .._exceptions import Cancelled, CancelReason
 from .._log import logger
 from .._log import reason_fields as _reason_fields
 from .._scope import observed_at, set_log_fields
-from ..events import CHILD_RETIRED, TASK_CANCELLED, TASK_RESULT_NOT_STORED, TASK_SKIPPED
+from ..events import (
+    CHILD_RETIRED,
+    TASK_CANCEL_UNOBSERVED,
+    TASK_CANCELLED,
+    TASK_RESULT_NOT_STORED,
+    TASK_SKIPPED,
+)
 from . import _celery_internals as celery_internals
-from . import _workflow
+from . import _otel, _workflow
+from ._delivery import mailbox_reason
+from ._ending import CancelledEnding, Member
 from ._index import request_targets
 from ._receipt import ending_note
 from ._registry import RunningTask
@@ -76,21 +91,27 @@ def claim() -> Callable[..., Any] | None:
     return functools.partial(_run_task, tasks, task, request)
 
 
-def _store_revoked(task: Any, request: Any, reason: CancelReason, how: str | None = None) -> None:
+def _store_revoked(
+    task: Any, request: Any, reason: CancelReason, how: str | None = None
+) -> CancelledEnding:
     # REVOKED with a TaskRevokedError that describes the reason ("revoked by
     # alice: user pressed stop") and, when the ladder went past the
     # cooperative step, how it ended ("... (interrupted after 1.0 s)"); and
     # the same reason for every part of the canvas this task would have sent
     # (the rest of its chain, its links, its chord's body), which now never
     # will be.
+    # Returns what the task leaves the tracer with (the message, and the
+    # members stored REVOKED, for the worker's task-revoked events).
     store = not request.ignore_result or task.store_errors_even_if_ignored
     message = reason.describe() if how is None else f"{reason.describe()} ({how})"
+    members: list[Member] = []
     try:
-        _workflow.revoke_member(
+        members = _workflow.revoke_member(
             task.backend, request.id, reason, request, store_result=store, message=message
         )
     except Exception as exc:  # noqa: BLE001 - the task must still end cleanly
         logger.warning(TASK_RESULT_NOT_STORED, task_id=request.id, error=repr(exc), exc_info=exc)
+    return CancelledEnding(message, members)
 
 
 def _run_task(
@@ -123,31 +144,35 @@ def _run_task(
     try:
         reason = tasks.reason_before_start(request)
         if reason is not None:
-            _store_revoked(task, request, reason)
+            ending = _store_revoked(task, request, reason)
             logger.info(
                 TASK_SKIPPED,
                 task_id=task_id,
                 task_name=task.name,
                 **_reason_fields(reason),
             )
-            _end(tasks, request, reason)
+            _otel.record_cancellation(reason, ending.text, "skipped")
+            _end(tasks, request, reason, ending)
         try:
             body = _interruptible(tasks, wrapped, entry, options)
-            return run_in_scope(body, args, kwargs, options, scope)
+            result = run_in_scope(body, args, kwargs, options, scope)
         except Cancelled as exc:
             # Ours, or one that a nested scope let through (a @cancellable
             # helper's timeout): either way the task was cancelled, and a
             # BaseException must not reach Celery's tracer.
-            _finish_cancelled(task, request, entry, exc)
-            _end(tasks, request, entry.scope.cancel_reason or exc.reason)
+            ending = _finish_cancelled(task, request, entry, exc)
+            _end(tasks, request, entry.scope.cancel_reason or exc.reason, ending)
         except Retry:
             reason = entry.scope.cancel_reason
             if reason is None:
                 raise
             # The body caught Cancelled and asked for a retry: a cancelled
             # task is never retried.
-            _finish_cancelled(task, request, entry, Cancelled(reason))
-            _end(tasks, request, reason)
+            ending = _finish_cancelled(task, request, entry, Cancelled(reason))
+            _end(tasks, request, reason, ending)
+        if not options.is_async:
+            _warn_if_unobserved(tasks, task, entry)
+        return result
     finally:
         tasks.running.unregister(entry)
         if table is not None:
@@ -180,22 +205,52 @@ def _interruptible(
     return body
 
 
-def _end(tasks: TaskRuntime, request: Any, reason: CancelReason) -> NoReturn:
-    # How a cancelled task leaves Celery's tracer: Ignore in a worker (the
-    # state is stored already), TaskRevokedError when run eagerly, since an
+def _end(
+    tasks: TaskRuntime, request: Any, reason: CancelReason, ending: CancelledEnding
+) -> NoReturn:
+    # How a cancelled task leaves Celery's tracer: an Ignore in a worker (the
+    # state is stored already; the worker announces it, see _ending),
+    # TaskRevokedError when run eagerly, since an
     # eager result has no REVOKED state of its own and Ignore would make
     # get() return None.  The eager run also indexes the cancellation, so an
     # eager retry of the same id (autoretry_for=(Exception,)) is skipped.
     if getattr(request, "is_eager", False):
         tasks.index.add([("task", request.id)], reason)
         raise TaskRevokedError(reason.describe())
-    raise Ignore()
+    raise ending
 
 
-def _finish_cancelled(task: Any, request: Any, entry: RunningTask, exc: Cancelled) -> None:
+def _warn_if_unobserved(tasks: TaskRuntime, task: Any, entry: RunningTask) -> None:
+    # The body returned although the task was cancelled, and no checkpoint
+    # raised (a body that caught Cancelled was warned about already: the
+    # core's cancel.swallowed).  It ends SUCCESS: say so, once.  In a
+    # prefork child the cancellation may still wait in the mailbox: its
+    # wake-up signal hands the check to the next checkpoint, and there was
+    # none.
+    scope = entry.scope
+    reason = scope.cancel_reason
+    if reason is None and tasks.wakeup.check_queued:
+        reason = mailbox_reason(tasks.mailbox, entry.task_id)
+    if reason is None or observed_at(scope) is not None:
+        return
+    now = time.time()
+    delivered = entry.delivered_at
+    logger.warning(
+        TASK_CANCEL_UNOBSERVED,
+        task_id=entry.task_id,
+        task_name=task.name,
+        **_reason_fields(reason),
+        after_cancel_ms=round((now - reason.requested_at) * 1000.0, 3),
+        after_delivery_ms=None if delivered is None else round((now - delivered) * 1000.0, 3),
+    )
+
+
+def _finish_cancelled(
+    task: Any, request: Any, entry: RunningTask, exc: Cancelled
+) -> CancelledEnding:
     reason = entry.scope.cancel_reason or exc.reason
     how = entry.ended_by or ending_note(entry.delivered_at, observed_at(entry.scope))
-    _store_revoked(task, request, reason, how)
+    ending = _store_revoked(task, request, reason, how)
     done = time.time()
 
     def since_request(moment: float | None) -> float | None:
@@ -215,6 +270,9 @@ def _finish_cancelled(task: Any, request: Any, entry: RunningTask, exc: Cancelle
         hook_errors=len(exc.hook_errors),
         ended_by="checkpoint" if entry.ended_by is None else "interrupt",
     )
+    _otel.record_cancellation(
+        reason, ending.text, "checkpoint" if entry.ended_by is None else "interrupt"
+    )
     signals.task_revoked.send(
         sender=task,
         request=request,
@@ -223,3 +281,4 @@ def _finish_cancelled(task: Any, request: Any, entry: RunningTask, exc: Cancelle
         expired=False,
         reason=reason,
     )
+    return ending

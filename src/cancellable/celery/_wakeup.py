@@ -67,6 +67,11 @@ class Wakeup:
         """Whether this process has a wake-up signal."""
         return self.signum is not None
 
+    @property
+    def check_queued(self) -> bool:
+        """Whether a wake-up signal arrived here whose mailbox check has not run yet."""
+        return self._queued
+
     def _run_callback(self) -> None:
         self._queued = False
         if self._callback is not None:

@@ -40,6 +40,7 @@ from . import _celery_internals as celery_internals
 from ._ledger import Target
 
 __all__ = [
+    "downstream",
     "downstream_ids",
     "is_group_result",
     "pending_signatures",
@@ -86,8 +87,9 @@ def pending_signatures(request: Any) -> list[Any]:
     return [*_as_list(chain), *_as_list(callbacks), *_as_list(chord)]
 
 
-def _walk(signature: Any, depth: int = 0) -> Iterator[str]:
-    """Every task id inside ``signature`` (a task, group, chain or chord), nested."""
+def _walk(signature: Any, depth: int = 0) -> Iterator[tuple[str, str | None]]:
+    """``(task id, task name)`` of every task inside ``signature`` (a task, group, chain
+    or chord), nested."""
     if depth > MAX_DEPTH or not isinstance(signature, dict):
         return
     kwargs = signature.get("kwargs") or {}
@@ -104,7 +106,7 @@ def _walk(signature: Any, depth: int = 0) -> Iterator[str]:
     else:
         task_id = options.get("task_id")
         if isinstance(task_id, str) and task_id:
-            yield task_id
+            yield task_id, name if isinstance(name, str) else None
     # Links and the rest of a chain can hang off any signature's options.
     for key in ("link", "chain"):
         for part in _as_list(options.get(key)):
@@ -113,23 +115,32 @@ def _walk(signature: Any, depth: int = 0) -> Iterator[str]:
 
 def downstream_ids(request: Any) -> Iterator[str]:
     """Ids of the tasks a request would send after it succeeds, at any depth."""
+    for task_id, _name in downstream(request):
+        yield task_id
+
+
+def downstream(request: Any) -> Iterator[tuple[str, str | None]]:
+    """``(id, name)`` of the tasks a request would send after it succeeds, at any depth."""
     for signature in pending_signatures(request):
         yield from _walk(signature)
 
 
-def revoke_downstream(backend: Any, request: Any, reason: CancelReason) -> int:
+def revoke_downstream(
+    backend: Any, request: Any, reason: CancelReason
+) -> list[tuple[str, str | None]]:
     """Store REVOKED with ``reason`` for every task the request would have sent.
 
-    Returns how many ids were marked.  Called only for a task that ended
+    Returns ``(id, name)`` of each task marked (the worker announces them:
+    `cancellable.celery._ending`).  Called only for a task that ended
     cancelled, whose later parts can therefore never be sent.
     """
-    ids = list(dict.fromkeys(downstream_ids(request)))
-    if not ids:
-        return 0
+    marked = list(dict(downstream(request)).items())
+    if not marked:
+        return []
     exc = TaskRevokedError(reason.describe())
-    for task_id in ids:
+    for task_id, _name in marked:
         backend.store_result(task_id, exc, states.REVOKED)
-    return len(ids)
+    return marked
 
 
 def revoke_member(
@@ -140,19 +151,19 @@ def revoke_member(
     *,
     store_result: bool = True,
     message: str | None = None,
-) -> None:
+) -> list[tuple[str, str | None]]:
     """End a cancelled task: REVOKED with ``reason``, and the same for all it would have sent.
 
     ``message`` is the text of the task's own `TaskRevokedError` (default:
     ``reason.describe()``; the ladder adds how the task ended).  Unlike
     ``backend.mark_as_revoked`` this does not report to the task's chord
     (see the module docstring): the chord body is among the tasks marked
-    REVOKED.
+    REVOKED.  Returns what `revoke_downstream` returns.
     """
     if store_result:
         text = reason.describe() if message is None else message
         backend.store_result(task_id, TaskRevokedError(text), states.REVOKED, request=request)
-    revoke_downstream(backend, request, reason)
+    return revoke_downstream(backend, request, reason)
 
 
 # --------------------------------------------------------------------------
