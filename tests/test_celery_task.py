@@ -267,7 +267,7 @@ class TestAnnounced:
         assert "IGNORED" == traced.info.state
         ending = traced.info.retval
         assert isinstance(ending, CancelledEnding)
-        assert "manual: stop now" == ending.text
+        assert "manual: stop now (stopped at a checkpoint)" == ending.text
         assert [("later-id", "tb.later")] == ending.members
         assert "REVOKED" == app.AsyncResult("later-id").state
 
@@ -336,8 +336,11 @@ class TestAnnounced:
         (span,) = exporter.get_finished_spans()
 
         assert StatusCode.ERROR == span.status.status_code
-        assert "manual by alice: stop now" == span.status.description
-        assert "manual by alice: stop now" == span.attributes["celery.revoked.reason"]
+        assert "manual by alice: stop now (stopped at a checkpoint)" == span.status.description
+        assert (
+            "manual by alice: stop now (stopped at a checkpoint)"
+            == span.attributes["celery.revoked.reason"]
+        )
         (event,) = [e for e in span.events if e.name == "task.cancelled"]
         assert "alice" == event.attributes["cancellable.requested_by"]
         assert "checkpoint" == event.attributes["cancellable.ended_by"]
