@@ -205,7 +205,9 @@ def test_cli_says_stopped_only_after_the_cleanup_of_the_running_worker(make_work
     done_when_cli_returned = keys.flag("t", "cleanup_done")
 
     assert 0 == cli.returncode, cli.stdout + cli.stderr
-    assert f"{result.id}: stopped at a checkpoint (REVOKED: revoked: stop (stopped at" in cli.stdout
+    line = next((ln for ln in cli.stdout.splitlines() if ln.startswith(result.id)), "")
+    assert line.startswith(f"{result.id}: stopped at a checkpoint after "), cli.stdout
+    assert line.endswith(" (REVOKED: revoked: stop)"), cli.stdout
     assert "1" == done_when_cli_returned, "the command said stopped before cleanup ended"
     assert_revoked(result, "stop")
     assert second.alive()

@@ -5,7 +5,7 @@ client can read whatever backend the app uses (Redis, a ``db+`` database,
 django-celery-results, ...).  How a cancelled task ended is in its
 ``REVOKED`` message, which the worker writes (`ending_note`) and the receipt
 reads back (`ended_by`): ``"revoked by alice: stop (stopped at a checkpoint
-after 0.2 s)"``, ``"... (interrupted after 1.0 s)"``, ``"... (terminated
+after 45 ms)"``, ``"... (interrupted after 1.0 s)"``, ``"... (terminated
 after 11.0 s)"``; a bare reason is a task that never started (discarded
 while queued, reserved or held for its ETA, or a part of a workflow that
 will never be sent).  The message is the only field every backend keeps for
@@ -31,7 +31,7 @@ __all__ = ["CancelReceipt", "Outcome", "TaskOutcome", "ended_by", "ending_note"]
 
 #: The note the worker adds to the REVOKED message of a task that ran.
 _NOTE: Final = re.compile(
-    r"\((stopped at a checkpoint|interrupted|terminated)(?: after [0-9]+(?:\.[0-9]+)? s)?\)\Z"
+    r"\((stopped at a checkpoint|interrupted|terminated)(?: after [0-9]+(?:\.[0-9]+)? m?s)?\)\Z"
 )
 
 #: States a task that has not started yet may have stored (a retry waits for its ETA).
@@ -42,7 +42,10 @@ def ending_note(delivered_at: float | None, observed_at: float | None) -> str:
     """How a task that stopped at a checkpoint ended, for its REVOKED message."""
     if delivered_at is None or observed_at is None:
         return "stopped at a checkpoint"
-    return f"stopped at a checkpoint after {max(0.0, observed_at - delivered_at):.1f} s"
+    seconds = max(0.0, observed_at - delivered_at)
+    if seconds < 1.0:
+        return f"stopped at a checkpoint after {seconds * 1000:.0f} ms"
+    return f"stopped at a checkpoint after {seconds:.1f} s"
 
 
 class Outcome(str, enum.Enum):
@@ -95,7 +98,7 @@ class TaskOutcome:
         state: Its state in the result backend when it was read
             (``"PENDING"`` for a task with no state).
         message: The message of its ``REVOKED`` result, with the reason
-            (``"revoked by alice: stop (stopped at a checkpoint after 0.2 s)"``),
+            (``"revoked by alice: stop (stopped at a checkpoint after 45 ms)"``),
             or None for a task that did not end REVOKED.
 
     .. versionadded:: 0.1.0
@@ -121,7 +124,11 @@ class TaskOutcome:
                 Outcome.INTERRUPTED: "interrupted",
                 Outcome.TERMINATED: "terminated",
             }[outcome]
-            return f"{what} ({state}: {self.message})"
+            message = self.message or ""
+            note = _NOTE.search(message)
+            if note is not None:  # "stopped at a checkpoint after 4 ms (REVOKED: reason)"
+                what, message = note.group(0)[1:-1], message[: note.start()].rstrip()
+            return f"{what} ({state}: {message})"
         if outcome is Outcome.FINISHED:
             return f"finished ({state}); nothing to cancel"
         if outcome is Outcome.UNOBSERVED:
