@@ -47,7 +47,7 @@ class CancelTasksMixin:
         try:
             receipt = cancel(
                 task_ids,
-                f"cancelled in the Django admin by {user}",
+                "cancelled in the Django admin",
                 requested_by=user,
                 app=_celery_app(),
             )
