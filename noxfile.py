@@ -62,10 +62,15 @@ def celery_unit_tests() -> list[str]:
 
 PYTEST = ("python", "-m", "pytest", "-q", "-p", "no:cacheprovider")
 
-#: The slowest of those tests (20 embedded workers; a Redis client's retries),
-#: which depend little on Celery's version: the ``celery-*`` sessions of
-#: ``make test`` leave them out (``integration-*`` and ``.venv`` run them).
-SLOW_UNIT_TESTS = "test_twenty_embedded_workers_leave_no_poller or test_redis_down_raises"
+#: The slowest of those tests (20 embedded workers; a Redis client's retries;
+#: the SQL ledger's races between writer processes), which depend little on
+#: Celery's version: the ``celery-*`` sessions of ``make test`` leave them out
+#: (``integration-*`` and ``.venv`` run them).
+SLOW_UNIT_TESTS = (
+    "test_twenty_embedded_workers_leave_no_poller or test_redis_down_raises"
+    " or test_concurrent_writers_against_a_reader"
+    " or test_tables_are_created_by_many_processes_at_once"
+)
 
 
 @nox.session(python=PYTHONS)
@@ -77,7 +82,7 @@ def core(session: nox.Session) -> None:
 
 def install_celery(session: nox.Session, minor: str) -> None:
     """Install the package with the integration, Celery held at ``minor``'s newest patch."""
-    session.install(".[celery,redis,core-tests]", f"celery~={minor}.0")
+    session.install(".[celery,redis,sql-tests,core-tests]", f"celery~={minor}.0")
     session.run("python", "-c", "import celery; print('celery', celery.__version__)")
 
 

@@ -31,6 +31,7 @@ from tests.celery_runtime import running_worker
 from cancellable import CancelScope, cancellable
 from cancellable.celery import _ledger
 from cancellable.celery._mailbox import Mailbox
+from cancellable.celery._poller import Poller
 from cancellable.celery._registry import RunningTask
 from cancellable.celery._runtime import WorkerRuntime, runtime
 
@@ -177,6 +178,10 @@ def running(rt: WorkerRuntime, task_id: str, **fields: Any) -> Iterator[RunningT
 
 
 def ledger_entries(app: Celery) -> list[_ledger.Entry]:
-    """Everything the app's ledger holds."""
+    """Everything the app's ledger holds, once the running worker's queued records
+    are written (what its ledger thread does, `Poller.flush`)."""
+    worker = runtime().worker
+    if worker is not None and worker.app is app:
+        assert Poller(worker).flush(), "the queued ledger records could not be written"
     entries, _ = runtime().ledgers.get(app).read(None)
     return entries

@@ -18,7 +18,10 @@ with `original_of`, so it checks Celery, not our wrapper.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -910,6 +913,58 @@ class TestConnections:
 
         assert str(tmp_path) == internals.filesystem_backend_path(app.backend)
 
+    def test_database_backend_engine(self, tmp_path: Any) -> None:
+        """``database_backend_engine`` (``DatabaseBackend.url``, ``.engine_options``
+        and, on 5.7, ``.session_manager.engine_callback``): the URL without
+        ``db+``, the merged engine options and the callback; None for other
+        backends.  If not, a ``db+`` deployment gets no SQL ledger (not durable)
+        or one built with other options than Celery's engine."""
+
+        def callback(engine: Any) -> None:
+            """An engine callback, as a user would set one."""
+
+        url = f"sqlite:///{tmp_path / 'results.db'}"
+        app = Celery("contract-db", backend=f"db+{url}")
+        app.conf.database_engine_options = {"pool_size": 3}
+        app.conf.database_engine_callback = callback
+        other = Celery("contract-cache", backend="cache+memory://")
+
+        found = internals.database_backend_engine(app.backend)
+
+        assert found is not None
+        assert url == found[0]
+        assert 3 == found[1]["pool_size"]
+        if hasattr(getattr(app.backend, "session_manager", None), "engine_callback"):  # Celery 5.7
+            assert callback is found[2]
+        assert internals.database_backend_engine(other.backend) is None
+
+    def test_django_result_database(self, tmp_path: Any) -> None:
+        """``django_result_database`` (django-celery-results' ``DatabaseBackend``,
+        ``router.db_for_write(TaskResult)``, ``connections[alias].settings_dict``):
+        the Django database a ``django-db`` backend writes to, with its alias.
+        Run in a child process, which sets Django up.  If not, a django-db
+        deployment gets no SQL ledger (not durable)."""
+        script = (
+            "import django, json\n"
+            "from django.conf import settings\n"
+            "settings.configure(INSTALLED_APPS=['django_celery_results'], DATABASES={'default': "
+            f"{{'ENGINE': 'django.db.backends.sqlite3', 'NAME': {str(tmp_path / 'd.db')!r}}}}})\n"
+            "django.setup()\n"
+            "from celery import Celery\n"
+            "from cancellable.celery import _celery_internals as internals\n"
+            "app = Celery('contract-django', backend='django-db')\n"
+            "found = internals.django_result_database(app.backend)\n"
+            "other = internals.django_result_database(Celery('x', backend='cache+memory://').backend)\n"
+            "print(json.dumps([found['alias'], found['ENGINE'], str(found['NAME']), other]))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+
+        assert ["default", "django.db.backends.sqlite3", str(tmp_path / "d.db"), None] == (
+            json.loads(out.strip().splitlines()[-1])
+        )
+
     def test_redis_broker_client_and_one_ping(self, rdb: redis.Redis) -> None:
         """``redis_broker_client`` (kombu Redis ``Channel.client``) gives the
         broker's redis-py client, None on other transports, and ``ping_redis_once``
@@ -921,6 +976,50 @@ class TestConnections:
             internals.ping_redis_once(client, 2.0)
         with Connection("memory://") as conn:
             assert internals.redis_broker_client(conn) is None
+
+    def test_bounded_redis_client_copies_the_server_and_bounds_every_wait(
+        self, app: Celery, tmp_path: Any
+    ) -> None:
+        """``bounded_redis_client`` (redis-py ``ConnectionPool.connection_kwargs``,
+        ``connection_class``, ``Retry``/``NoBackoff``) makes a client on the result
+        backend's server and database with 2 s timeouts and no retry, leaves
+        Celery's client as it was, and on a stopped server raises a timeout after
+        about 2 s.  If not, a ledger on the result backend waits 120 s (Celery's
+        socket timeout) on a hung server, and the worker's ledger thread with it."""
+        import random
+
+        from tests.soak.harness import RedisServer, free_port
+
+        celery_client = internals.redis_backend_client(app.backend)
+        before = dict(celery_client.connection_pool.connection_kwargs)
+        bounded = internals.bounded_redis_client(celery_client, 2.0)
+        kwargs = bounded.connection_pool.connection_kwargs
+
+        assert bounded.ping()
+        assert bounded is not celery_client
+        assert bounded.connection_pool is not celery_client.connection_pool
+        assert (before["host"], before["port"], before["db"]) == (
+            kwargs["host"],
+            kwargs["port"],
+            kwargs["db"],
+        )
+        assert (2.0, 2.0) == (kwargs["socket_timeout"], kwargs["socket_connect_timeout"])
+        assert before == dict(celery_client.connection_pool.connection_kwargs)
+
+        server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+        server.start()
+        try:
+            given = redis.Redis.from_url(server.url, socket_timeout=120)
+            hung = internals.bounded_redis_client(given, 2.0)
+            assert hung.ping()
+            server.pause()
+            started = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                hung.xrange("any", count=1)
+            waited = time.monotonic() - started
+        finally:
+            server.stop()
+        assert 1.5 < waited < 3.0
 
     def test_ping_redis_once_fails_fast_without_retry(self) -> None:
         """``ping_redis_once`` (redis-py ``get_connection``, ``send_command``,
@@ -945,6 +1044,166 @@ class TestConnections:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=1)
 
         assert time.monotonic() - started < 5.0
+
+
+class TestShutdownAndConnectionLoss:
+    """Where a warm shutdown begins, and a consumer losing its broker connection."""
+
+    def test_blueprint_closes_every_step_first_to_last_before_stopping_any(self) -> None:
+        """``Blueprint.stop`` (``celery.bootsteps``) calls ``close`` on every step,
+        first to last, before it calls ``stop`` from last to first.  So
+        ``WorkerStep.close`` runs before the pool's ``stop`` waits for the running
+        tasks, wherever the step sorts among the worker's steps (it has no
+        ``requires``).  If not, a warm shutdown with ``cancellable_shutdown_grace`` waits
+        for the tasks instead of sending them back."""
+        from celery import bootsteps
+
+        from cancellable.celery._activation import WorkerStep
+
+        calls: list[str] = []
+
+        class Parent:
+            def __init__(self) -> None:
+                self.steps: list[Any] = []
+
+        class Recording(bootsteps.StartStopStep):  # type: ignore[misc]
+            def create(self, parent: Any) -> Any:
+                return self
+
+            def start(self, parent: Any) -> None:
+                calls.append(f"{self.label}.start")
+
+            def close(self, parent: Any) -> None:
+                calls.append(f"{self.label}.close")
+
+            def stop(self, parent: Any) -> None:
+                calls.append(f"{self.label}.stop")
+
+        class First(Recording):  # type: ignore[misc]
+            name = "contract.First"
+            label = "first"
+
+        class Second(Recording):  # type: ignore[misc]
+            name = "contract.Second"
+            label = "second"
+            requires = (First,)
+
+        parent = Parent()
+        blueprint = bootsteps.Blueprint([First, Second], name="contract")
+        blueprint.apply(parent)
+        blueprint.start(parent)
+        blueprint.stop(parent)
+
+        assert [
+            "first.start",
+            "second.start",
+            "first.close",
+            "second.close",
+            "second.stop",
+            "first.stop",
+        ] == calls
+        assert callable(getattr(WorkerStep, "close", None))
+
+    def test_redelivers_unacked_only_for_amqp(self) -> None:
+        """``redelivers_unacked`` (``Connection.transport.driver_type``): True for
+        ``amqp://`` and ``pyamqp://``, False for Redis and the in-memory
+        transport.  If not, a lost Redis connection stops tasks that nothing
+        redelivers, or a lost RabbitMQ connection runs them twice at once."""
+        for url, expected in (
+            ("amqp://guest:guest@127.0.0.1:5672//", True),
+            ("pyamqp://guest:guest@127.0.0.1:5672//", True),
+            (REDIS_URL, False),
+            ("memory://", False),
+        ):
+            with Connection(url) as conn:
+                assert expected is internals.redelivers_unacked(conn), url
+        assert internals.redelivers_unacked(None) is False
+
+    def test_a_dropped_acknowledgement_is_never_sent_and_celery_does_not_kill(
+        self, app: Celery, messages: Messages, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``drop_acknowledgement`` (``Request.acknowledged``): ``acknowledge()`` and
+        ``reject()`` then leave the message alone, and Celery's
+        ``worker_cancel_long_running_tasks_on_connection_loss`` loop in
+        ``Consumer.on_connection_error_after_connected`` skips the request (it
+        cancels the other one).  If not, a task cancelled for a lost connection
+        is also SIGTERMed by Celery, without its cleanup."""
+        from cancellable.celery._activation import WorkerStep
+
+        app.tasks["contract.job"].acks_late = True
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+        dropped, other = messages.request(), messages.request()
+        for request in (dropped, other):
+            worker_state.active_requests.add(request)
+        internals.drop_acknowledgement(dropped)
+        dropped.acknowledge()
+        dropped.reject(requeue=True)
+        assert not dropped.message.acknowledged
+        controller = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True)
+        for step in controller.steps:  # the integration's step: its runtime goes
+            if isinstance(step, WorkerStep):
+                step.shutdown(controller)
+        consumer = controller.consumer
+        consumer.connection = None
+        celery_hook = original_of(type(consumer).on_connection_error_after_connected)
+
+        with caplog.at_level("WARNING"):
+            celery_hook(consumer, OSError("contract: connection lost"))
+
+        warned = " ".join(record.getMessage() for record in caplog.records)
+        assert other.id in warned
+        assert dropped.id not in warned
+
+    def test_the_consumer_calls_the_wrapper_when_its_connection_drops(
+        self, app: Celery, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_consumer_connection_lost`` (``Consumer.on_connection_error_after_connected``):
+        when a connected consumer's broker connection drops (a TCP proxy between
+        an embedded worker and Redis is cut), Celery calls the wrapper with the
+        consumer and the error while ``consumer.connection`` is still the old
+        connection; ``unwrap_consumer_connection_lost`` puts Celery's back.  If
+        not, a lost RabbitMQ connection never stops the first copy of a task."""
+        from celery.worker.consumer.consumer import Consumer
+        from tests.integration.proxy import TcpProxy
+
+        celery_hook = original_of(Consumer.on_connection_error_after_connected)
+        monkeypatch.setattr(Consumer, "on_connection_error_after_connected", celery_hook)
+        seen: list[tuple[Any, Any, bool]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def hook(consumer: Any, exc: Any) -> Any:
+                connection = consumer.connection
+                seen.append((consumer, exc, internals.redelivers_unacked(connection)))
+                return original(consumer, exc)
+
+            return hook
+
+        assert internals.wrap_consumer_connection_lost(make)
+        assert not internals.wrap_consumer_connection_lost(make)
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True  # (no warning)
+        proxy = TcpProxy("127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0]))
+        try:
+            app.conf.broker_url = REDIS_URL.replace(
+                REDIS_URL.rsplit(":", 1)[1].split("/")[0], str(proxy.port), 1
+            )
+            with start_worker(app, pool="solo", perform_ping_check=False) as worker:
+                _wait_for(lambda: proxy.connections() > 0)
+                proxy.cut()
+                _wait_for(lambda: seen, 15)
+                proxy.restore()
+            consumer, exc, redelivers = seen[0]
+            assert consumer is worker.consumer
+            assert isinstance(exc, Exception)
+            assert redelivers is False
+        finally:
+            proxy.close()
+            # (The embedded worker's own stop may have unwrapped it already.)
+            internals.unwrap_consumer_connection_lost()
+        assert celery_hook is Consumer.on_connection_error_after_connected
+        assert internals.wrap_consumer_connection_lost(make)
+        assert internals.unwrap_consumer_connection_lost()
+        assert not internals.unwrap_consumer_connection_lost()
+        assert celery_hook is Consumer.on_connection_error_after_connected
 
 
 # --------------------------------------------------------------------------

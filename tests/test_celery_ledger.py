@@ -256,6 +256,30 @@ class TestRedisLedger:
 
         assert [("task", "a"), ("root", "r")] == targets_of(entries)
 
+    def test_record_once_writes_a_plain_revoke_once(self, rdb: redis.Redis) -> None:
+        """Three writers record the same plain revoke of 2,500 ids under its key (in
+        any order of ids): the first writes its 3 entries, the others nothing, and
+        the key expires with the entries (the ledger's TTL, on the server)."""
+        prefix = f"cancellable:once-{uuid.uuid4().hex[:8]}:"
+        ledger = _ledger.RedisLedger(rdb, prefix, 60)
+        targets: list[_ledger.Target] = [("task", f"id-{n}") for n in range(2500)]
+        key = _ledger.revoke_key(targets)
+
+        wrote = [
+            ledger.record_once(targets, CancelReason(source="revoked"), key),
+            ledger.record_once(targets[::-1], CancelReason(source="revoked"), key),
+            ledger.record_once(
+                list(reversed(targets)),
+                CancelReason(source="revoked"),
+                _ledger.revoke_key(targets[::-1]),
+            ),
+        ]
+        entries, _ = ledger.read(None)
+
+        assert [True, False, False] == wrote
+        assert [1000, 1000, 500] == [len(e.targets) for e in entries]
+        assert 58_000 < rdb.pttl(prefix + "once:" + key) <= 60_000
+
     def test_redis_down_raises_ledger_error(self) -> None:
         """Recording and reading on an unreachable Redis raise LedgerError."""
         client = redis.Redis(port=1, socket_connect_timeout=1)

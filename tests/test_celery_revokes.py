@@ -37,6 +37,7 @@ import cancellable.celery  # noqa: F401 - activates the integration (patches at 
 from cancellable import CancelReason
 from cancellable.celery import _celery_internals as celery_internals
 from cancellable.celery._activation import install_patches
+from cancellable.celery._poller import Poller
 from cancellable.celery._revokes import (
     _grace_from,
     _reason_from,
@@ -164,16 +165,21 @@ class TestRevokeHandler:
         assert ("revoked", "stop now") == (text.source, text.message)
 
     def test_ledger_down_is_logged_not_raised(self, rdb: redis.Redis) -> None:
-        """A plain revoke with the ledger unreachable still revokes, with an event."""
+        """A plain revoke with the ledger unreachable still revokes; the ledger thread's
+        write fails with an event and keeps the record queued for its next attempt."""
         app = make_app(cancellable_ledger_url="redis://127.0.0.1:1/0")
         task_id = str(uuid.uuid4())
 
         with running_worker(app) as rt, capture_logs() as logs:
             revoke(app, task_id)
+            written = Poller(rt).flush()
+            pending = rt.writes.take()
 
         assert task_id in worker_state.revoked
         assert rt.index.match(task_id) is not None
+        assert not written
         assert "ledger.unavailable" in [e["event"] for e in logs]
+        assert [[("task", task_id)]] == [list(item.targets) for item in pending]
         app.close()
 
     def test_running_cancellable_task_is_not_marked_revoked_by_celery(

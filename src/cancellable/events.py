@@ -28,6 +28,7 @@ __all__ = [
     "CANCEL_SWALLOWED",
     "CHILD_RETIRED",
     "CLEANUP_FAILED",
+    "CLEANUP_OVERRAN",
     "CLEANUP_TIMED_OUT",
     "LEDGER_NOT_DURABLE",
     "LEDGER_POLL_FAILED",
@@ -41,10 +42,13 @@ __all__ = [
     "TASK_CANCEL_UNOBSERVED",
     "TASK_EVENT_NOT_SENT",
     "TASK_RESULT_NOT_STORED",
+    "TASK_SENT_BACK",
     "TASK_SKIPPED",
     "TASK_TERMINATED",
     "TERMINATE_AVERTED",
+    "WORKER_CONNECTION_LOST",
     "WORKER_REPLACED",
+    "WORKER_SHUTDOWN",
 ]
 
 #: The structlog logger name all events are emitted on.
@@ -79,8 +83,17 @@ CANCEL_SWALLOWED: Final = "cancel.swallowed"
 #: A cleanup hook raised.  Carries ``hook`` and ``error``.
 CLEANUP_FAILED: Final = "cleanup.failed"
 
-#: A cleanup hook overran its time budget and was interrupted.
+#: A cleanup hook was stopped because it overran its time budget (at a
+#: checkpoint, `cancellable.sleep` or `cancellable.wait`, or, in a process
+#: that will be retired, wherever it was).  Carries ``hook`` and ``budget_s``.
 CLEANUP_TIMED_OUT: Final = "cleanup.timed_out"
+
+#: A cleanup hook ran past its time budget in a process where it is not
+#: raised into at an arbitrary bytecode (everywhere but a Celery prefork
+#: child): it stops at its next checkpoint, `cancellable.sleep` or
+#: `cancellable.wait`, or runs on to its end.  Logged once per hook run, when
+#: the budget expires.  Carries ``hook``, ``budget_s`` and ``why``.
+CLEANUP_OVERRAN: Final = "cleanup.overran"
 
 #: A cancelled scope exited.  Carries ``caught`` (whether this scope absorbed
 #: the `~cancellable.Cancelled`), ``hooks_run``, ``hook_errors`` and
@@ -168,8 +181,10 @@ CANCEL_BROADCAST_FAILED: Final = "cancel.broadcast_failed"
 #: the workers that are online, but it is not durable.
 LEDGER_UNAVAILABLE: Final = "ledger.unavailable"
 
-#: The safety-net poll of the ledger failed for a reason other than the
-#: ledger being down.  Carries ``error``.
+#: A duty of a worker's poller threads (a ledger read or write, the delivery
+#: or ladder tick, the index purge) failed for a reason other than the ledger
+#: being down; the other duties still ran.  Logged once per cause, then at
+#: most once a minute.  Carries ``where``, ``error`` and ``repeats``.
 LEDGER_POLL_FAILED: Final = "ledger.poll_failed"
 
 #: The REVOKED state of a cancelled task could not be stored in the result
@@ -195,3 +210,27 @@ PREFORK_UNAVAILABLE: Final = "prefork.unavailable"
 #: so the earlier worker's tasks are no longer cancelled.  WARNING, with
 #: ``replaced`` and ``by`` (the two workers' host names).
 WORKER_REPLACED: Final = "worker.replaced"
+
+#: A warm shutdown began with ``cancellable_shutdown_grace`` set: the worker's
+#: running ``@cancellable`` tasks were cancelled (source ``"shutdown"``) to
+#: be sent back to the broker.  Carries ``task_ids`` and ``grace_s``.
+#:
+#: .. versionadded:: 0.1.0
+WORKER_SHUTDOWN: Final = "worker.shutdown"
+
+#: A worker lost its AMQP broker connection, which redelivers its unacked
+#: messages: its running ``@cancellable`` ``acks_late`` tasks were cancelled
+#: (source ``"connection_lost"``).  A warning; carries ``task_ids``.
+#:
+#: .. versionadded:: 0.1.0
+WORKER_CONNECTION_LOST: Final = "worker.connection_lost"
+
+#: A task cancelled by a shutdown or a lost connection stopped, ran its
+#: cleanup and went back to the broker to run again, storing nothing.
+#: Carries the reason's fields and ``how``: ``"requeued"`` (``acks_late``:
+#: its message was rejected with requeue), ``"resent"`` (acked early: a copy
+#: with the same id, arguments and headers was sent) or ``"redelivered"``
+#: (the broker redelivers it after the lost connection; nothing was sent).
+#:
+#: .. versionadded:: 0.1.0
+TASK_SENT_BACK: Final = "task.sent_back"

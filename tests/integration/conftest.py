@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -351,6 +352,8 @@ def worker_env(
     prefetch: int | None = None,
     visibility_timeout: float | None = None,
     with_cancellable: bool = True,
+    backend_url: str = REDIS_URL,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The environment for a worker or CLI subprocess."""
     env = dict(os.environ)
@@ -360,12 +363,14 @@ def worker_env(
         PYTHONUNBUFFERED="1",
         CIT_APP_NAME=APP_NAME,
         CIT_BROKER_URL=broker_url,
-        CIT_BACKEND_URL=REDIS_URL,
+        CIT_BACKEND_URL=backend_url,
         CIT_OBS_URL=REDIS_URL,
         CIT_QUEUE=queue,
         CIT_CONTROL_EXCHANGE=control_exchange,
         CIT_WITH_CANCELLABLE="1" if with_cancellable else "0",
     )
+    if settings:
+        env["CIT_SETTINGS"] = json.dumps(settings)
     for name, value in (
         ("CIT_POLL_INTERVAL", poll_interval),
         ("CIT_PREFETCH", prefetch),
@@ -379,18 +384,30 @@ def worker_env(
 
 
 def client_app(
-    broker: str, queue: str = "cit-unused", control_exchange: str = CONTROL_EXCHANGE, **kwargs: Any
+    broker: str,
+    queue: str = "cit-unused",
+    control_exchange: str = CONTROL_EXCHANGE,
+    *,
+    broker_url: str | None = None,
+    backend_url: str = REDIS_URL,
+    settings: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Celery:
-    """A test-side app for ``broker`` ("redis" or "rabbitmq")."""
+    """A test-side app for ``broker`` ("redis" or "rabbitmq", or ``broker_url``).
+
+    ``settings``: more app settings, as a worker gets them (``CIT_SETTINGS``).
+    """
     _control_exchanges.add(control_exchange)
-    return make_app(
+    app = make_app(
         main=APP_NAME,
-        broker_url=BROKERS[broker],
-        backend_url=REDIS_URL,
+        broker_url=broker_url or BROKERS[broker],
+        backend_url=backend_url,
         queue=queue,
         control_exchange=control_exchange,
         **kwargs,
     )
+    app.conf.update(settings or {})
+    return app
 
 
 # --------------------------------------------------------------------------
@@ -544,8 +561,16 @@ def spawn_worker(
     control_exchange: str | None = None,
     extra_args: tuple[str, ...] = (),
     extra_env: dict[str, str] | None = None,
+    broker_url: str | None = None,
+    backend_url: str = REDIS_URL,
+    settings: dict[str, Any] | None = None,
 ) -> Worker:
     """A Worker (not started yet) with its own node name and, unless given, queue.
+
+    ``broker_url`` replaces the URL of ``broker`` (which then only names the
+    kind, e.g. ``"filesystem"``); ``backend_url`` replaces the Redis result
+    backend; ``settings`` are more app settings, given to the worker and to
+    its test-side app alike.
 
     Each worker also gets its own control exchange unless one is given: a
     revoke then reaches only the worker under test.  (With several workers on
@@ -568,13 +593,15 @@ def spawn_worker(
         "-l", "info", *extra_args,
     ]  # fmt: skip
     env = worker_env(
-        broker_url=BROKERS[broker],
+        broker_url=broker_url or BROKERS[broker],
         queue=queue,
         control_exchange=control_exchange,
         poll_interval=poll_interval,
         prefetch=prefetch,
         visibility_timeout=visibility_timeout,
         with_cancellable=with_cancellable,
+        backend_url=backend_url,
+        settings=settings,
     )
     env.update(extra_env or {})
     return Worker(
@@ -584,7 +611,15 @@ def spawn_worker(
         pool=pool,
         concurrency=concurrency,
         broker=broker,
-        app=client_app(broker, queue, control_exchange, poll_interval=poll_interval),
+        app=client_app(
+            broker,
+            queue,
+            control_exchange,
+            broker_url=broker_url,
+            backend_url=backend_url,
+            settings=settings,
+            poll_interval=poll_interval,
+        ),
         env=env,
         log_path=log_dir / f"{uid}-{broker}-{pool}.log",
         argv=argv,

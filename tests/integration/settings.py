@@ -101,6 +101,11 @@ def app_from_env() -> Celery:
             "tests.integration.app is configured through environment variables; missing: "
             + ", ".join(ENV_PREFIX + n for n in missing)
         )
+    if os.environ.get("DJANGO_SETTINGS_MODULE"):
+        # A django-db result backend (django-celery-results) needs Django set up.
+        import django
+
+        django.setup()
     poll = _env("POLL_INTERVAL")
     prefetch = _env("PREFETCH")
     visibility = _env("VISIBILITY_TIMEOUT")

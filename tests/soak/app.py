@@ -8,7 +8,9 @@ file, ``$SOAK_RUN_DIR/events/<task id>.jsonl``:
     the body began: ``pid``, ``attempt`` (1 + the ``started`` lines already
     in the file), ``redelivered`` (the broker's flag) and ``hostname``;
 ``checkpoint_raised``
-    a checkpoint raised `Cancelled` (``reason`` is the scope's reason);
+    a checkpoint raised `Cancelled` (``reason`` is the scope's reason,
+    ``source`` its source; ``"shutdown"``: a warm shutdown, also when its
+    interrupt ended a task without checkpoints);
 ``hook_ran`` / ``hook_done``
     the ``on_cancel`` hook began / ended;
 ``finished``
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -134,7 +137,14 @@ def checkpoints(task_id: str, run: str, count: int | None, seconds: float, step:
             time.sleep(step)
         checkpoint()
     except Cancelled as exc:
-        event(task_id, run, "checkpoint_raised", n=n, reason=exc.reason.describe())
+        event(
+            task_id,
+            run,
+            "checkpoint_raised",
+            n=n,
+            reason=exc.reason.describe(),
+            source=exc.reason.source,
+        )
         raise
 
 
@@ -177,6 +187,57 @@ def no_checkpoint(self: Any, seconds: float) -> str:
     """Sleeps without a checkpoint: cannot be stopped cooperatively."""
     task_id, run = start(self)
     on_cancel(hook, task_id, run, 0.0)
-    sleep_blind(seconds)
+    try:
+        sleep_blind(seconds)
+    except Cancelled as exc:
+        if exc.reason.source == "shutdown":
+            # Interrupted by a warm shutdown's ladder: it goes back to the broker.
+            event(task_id, run, "checkpoint_raised", n=0, reason=exc.reason.describe(),
+                  source="shutdown")  # fmt: skip
+        raise
     event(task_id, run, "finished")
     return "no_checkpoint"
+
+
+# --------------------------------------------------------------------------
+# The longest waits of this worker's threads, for the soak's report.
+
+TIMINGS_DIR = EVENTS_DIR.parent / "timings"
+
+
+def _report_timings(hostname: str, stop: threading.Event) -> None:
+    """Every half second, write the library's figures to ``timings/<node>.json``.
+
+    The worker's consumer, ticker and ledger thread note their longest waits
+    (`cancellable.celery._runtime.Timings`).  One write of a whole file
+    (rename into place), so a worker killed with SIGKILL leaves its last one
+    complete.  This thread does no network I/O and takes none of the
+    library's locks.
+    """
+    from cancellable.celery._runtime import runtime
+
+    TIMINGS_DIR.mkdir(parents=True, exist_ok=True)
+    path = TIMINGS_DIR / f"{hostname}.json"
+    while not stop.wait(0.5):
+        worker = runtime().worker
+        if worker is None:
+            continue
+        figures = {"pid": os.getpid(), "ts": time.time(), **worker.timings.as_dict()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(figures))
+        os.replace(tmp, path)
+
+
+if WITH_CANCELLABLE:
+    from celery import signals
+
+    @signals.worker_ready.connect
+    def _start_timings(sender: Any = None, **kwargs: Any) -> None:
+        hostname = getattr(sender, "hostname", None) or f"pid-{os.getpid()}"
+        thread = threading.Thread(
+            target=_report_timings,
+            args=(hostname, threading.Event()),
+            name="soak-timings",
+            daemon=True,
+        )
+        thread.start()

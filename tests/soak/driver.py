@@ -30,11 +30,19 @@ from . import audit as audit_mod
 from .audit import CancelRecord, KillRecord, Report, TaskRecord
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, worker_env
 from .plan import Action, Mode, Plan
-from .settings import make_app
+from .settings import SHUTDOWN_GRACE, make_app
 
 #: How long cancel() may take to refuse a cancellation while Redis is down.
 PROBE_TIMEOUT = 5.0
 #: How often a cancel refused with BrokerUnavailableError is retried, and how far apart.
+#: The longest waits a worker's threads may show (``timings/<node>.json``, the
+#: library's `~cancellable.celery._runtime.Timings`), as docs/reliability.md
+#: documents them: the library's own work on the consumer thread for one revoke
+#: command, the time between two ticks of the ladder, and one ledger call
+#: (two round trips of at most 2 s each, and the delivery of what it read).
+STALL_BOUNDS = {"consumer_s": 2.0, "tick_gap_s": 2.0, "ledger_call_s": 5.0}
+#: How long the revokes sent during a hang may take once Redis is back.
+HANG_REVOKE_JOIN = 60.0
 CANCEL_RETRIES = 40
 CANCEL_RETRY_EVERY = 0.5
 
@@ -77,6 +85,12 @@ def code_version() -> str:
     return f"{head}{' + uncommitted changes in src/' if dirty else ''}"
 
 
+#: Seconds past ``cancellable_shutdown_grace`` within which a worker in a warm
+#: shutdown must have exited (docs/shutdown.md: the grace plus a small bound;
+#: the interrupt step, the cleanup hooks and the pool's drain, under load).
+SHUTDOWN_BOUND = 8.0
+
+
 class Soak:
     def __init__(self, plan: Plan, run_dir: Path, *, with_cancellable: bool = True) -> None:
         self.plan = plan
@@ -100,6 +114,9 @@ class Soak:
         self.cancels: list[CancelRecord] = []
         self.kills: list[KillRecord] = []
         self.restarts: list[tuple[float, float]] = []
+        #: Hung-server phases: (SIGSTOP, SIGCONT) wall times.
+        self.hangs: list[tuple[float, float]] = []
+        self._seq_lock = threading.Lock()
         self.log: list[str] = []
         self.cancel_seq = 0
         self.t0 = 0.0
@@ -111,6 +128,8 @@ class Soak:
         self.children_seen: dict[str, set[int]] = {}
         self.died: set[str] = set()
         self.timings: dict[str, float] = {}
+        #: Warm shutdowns: (worker, SIGTERM time, seconds until it exited).
+        self.shutdowns: list[tuple[str, float, float]] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -245,6 +264,10 @@ class Soak:
                 self.kill_worker()
             elif action.kind == "restart_redis":
                 self.restart_redis(action, retries)
+            elif action.kind == "hang_redis":
+                self.hang_redis(action, retries)
+            elif action.kind == "warm_shutdown":
+                self.warm_shutdown()
         except Exception:
             self.note(f"action {action.kind} failed:\n{traceback.format_exc()}")
 
@@ -328,8 +351,9 @@ class Soak:
         group_result: Any = None,
     ) -> None:
         assert self.app is not None
-        self.cancel_seq += 1
-        seq = self.cancel_seq
+        with self._seq_lock:  # hang_redis issues from several threads at once
+            self.cancel_seq += 1
+            seq = self.cancel_seq
         reason = requested_by = None
         if method in ("cancel", "group"):
             reason = f"soak {self.mode.seed}/{seq}: stop {method}"
@@ -462,6 +486,35 @@ class Soak:
         self.note(f"kill -9 worker {worker.name} pids {sorted(pids)}; starting a replacement")
         self.replace()
 
+    def warm_shutdown(self) -> None:
+        """SIGTERM one worker (its running tasks go back to the broker); start a replacement.
+
+        The stop runs on its own thread (the schedule goes on); a worker still
+        alive `SHUTDOWN_BOUND` seconds after its grace is killed, and reported.
+        """
+        workers = self.alive_workers()
+        if not workers:
+            self.note("warm_shutdown: no ready worker")
+            return
+        worker = self.rng.choice(workers)
+        pids = {worker.pid, *worker.children()}
+        began = time.time()
+        worker.killed_at = began  # its exit is not a death, and it takes no more actions
+        self.note(f"warm shutdown (SIGTERM) of {worker.name}; starting a replacement")
+
+        def stop() -> None:
+            worker.stop(timeout=SHUTDOWN_GRACE + SHUTDOWN_BOUND)
+            took = time.time() - began
+            self.shutdowns.append((worker.name, began, took))
+            # Runs that never ended there were ended by the stop's SIGKILL.
+            self.kills.append(KillRecord(began, "shutdown", pids, worker.name))
+            self.note(f"{worker.name} exited {took:.2f}s after SIGTERM")
+
+        thread = threading.Thread(target=stop, daemon=True)
+        thread.start()
+        self._starting.append(thread)
+        self.replace()
+
     def restart_redis(self, action: Action, retries: list[Pending]) -> None:
         assert self.app is not None
         client = self.redis.client()
@@ -518,6 +571,57 @@ class Soak:
                 time.sleep(0.2)
             self.supervise(every=0.0)
         self.note("workers answer pings after the restart")
+
+    def hang_redis(self, action: Action, retries: list[Pending]) -> None:
+        """A hung server: SIGSTOP the soak's Redis, send plain revokes, SIGCONT it.
+
+        The server keeps its port and its connections and answers nothing, so
+        every client waits on it: the workers' consumers (the broker), their
+        result backend and their ledger threads (each ledger call gives up
+        after its bound and is retried).  The burst of plain revokes
+        (``AsyncResult.revoke`` and ``control.revoke``, half each, of running
+        and queued tasks), each from a thread of its own, is published once
+        the server answers again; the workers then record each one in the
+        ledger, once.  The driver sends nothing else meanwhile.
+        """
+        batches: list[tuple[str, list[str]]] = []
+        for n in range(int(action.params.get("revokes", 4))):
+            task_ids = self.pick("running" if n % 2 else "queued", self.rng.randint(1, 4))
+            if task_ids:
+                self.cancelled.update(task_ids)
+                batches.append(("revoke" if n % 2 else "control", task_ids))
+        pause_for = float(action.params.get("pause_for", 10.0))
+        self.redis.pause()
+        began = time.time()
+        self.note(f"redis stopped (SIGSTOP) for {pause_for:.1f}s; {len(batches)} plain revokes")
+        threads = [
+            threading.Thread(
+                target=self.issue, args=(method, ids, False, retries, None), daemon=True
+            )
+            for method, ids in batches
+        ]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)
+        time.sleep(max(0.0, pause_for - (time.time() - began)))
+        paused = self.redis.resume()
+        self.hangs.append((began, time.time()))
+        self.note(f"redis continued (SIGCONT) after {paused:.1f}s")
+        deadline = time.monotonic() + HANG_REVOKE_JOIN
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        late = sum(thread.is_alive() for thread in threads)
+        if late:
+            self.note(f"{late} revoke(s) sent during the hang had not returned after the join")
+        self.supervise(every=0.0)
+
+    def stalls(self) -> dict[str, dict[str, float]]:
+        """Each worker's longest waits (its last ``timings/<node>.json``)."""
+        found: dict[str, dict[str, float]] = {}
+        for path in sorted((self.run_dir / "timings").glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                found[path.stem] = json.loads(path.read_text())
+        return found
 
     # -------------------------------------------------------------- the end
 
@@ -609,6 +713,33 @@ class Soak:
                     f"BrokerUnavailableError within {PROBE_TIMEOUT}s",
                 )
             )
+        report.stalls = self.stalls()
+        report.stall_bounds = dict(STALL_BOUNDS)
+        if self.with_cancellable and self.hangs and not report.stalls:
+            report.anomalies.append(
+                audit_mod.Violation("-", "no worker reported its timings", "timings/ is empty")
+            )
+        for node, figures in report.stalls.items():
+            for name, bound in STALL_BOUNDS.items():
+                value = float(figures.get(name, 0.0))
+                if value > bound:
+                    report.anomalies.append(
+                        audit_mod.Violation(
+                            "-",
+                            f"a worker stalled longer than its bound ({name})",
+                            f"{node}: {name} {value:.3f}s > {bound:.1f}s",
+                        )
+                    )
+        for name, _began, took in self.shutdowns:
+            if took > SHUTDOWN_GRACE + SHUTDOWN_BOUND:
+                report.anomalies.append(
+                    audit_mod.Violation(
+                        "-",
+                        "a warm shutdown overran its grace",
+                        f"{name} exited {took:.2f}s after SIGTERM "
+                        f"(grace {SHUTDOWN_GRACE}s + {SHUTDOWN_BOUND}s)",
+                    )
+                )
         if not drained:
             report.anomalies.append(
                 audit_mod.Violation("-", "the run did not drain", self.log[-1] if self.log else "")
@@ -662,6 +793,8 @@ class Soak:
             "cancels": [dataclasses.asdict(c) for c in self.cancels],
             "kills": [dict(dataclasses.asdict(k), pids=sorted(k.pids)) for k in self.kills],
             "restarts": self.restarts,
+            "hangs": self.hangs,
+            "stalls": self.stalls(),
             "hung_cancels": self.hung,
             "workers": [
                 {

@@ -102,6 +102,8 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.down_since: float | None = None
+        #: time.monotonic() of the running `pause` (None: not paused).
+        self.paused_since: float | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -127,6 +129,7 @@ class RedisServer:
             "--daemonize", "no", "--protected-mode", "yes",
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=self.directory)
+        ours = self.proc.pid
 
         def up() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
@@ -134,8 +137,12 @@ class RedisServer:
             try:
                 client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
                 try:
-                    # Loading the AOF answers LOADING errors until done.
-                    return bool(client.ping())
+                    # Loading the AOF answers LOADING errors until done.  The
+                    # server must be ours: another one may have taken the port
+                    # since free_port chose it (ours then fails to bind, exits,
+                    # and the check above raises).
+                    pid = client.info("server").get("process_id")
+                    return bool(client.ping()) and pid == ours
                 finally:
                     client.close()
             except redis.RedisError:
@@ -170,7 +177,24 @@ class RedisServer:
         self.start()
         self.restarts += 1
 
+    def pause(self) -> None:
+        """``SIGSTOP`` the server: it keeps its connections and its port, and answers nothing."""
+        assert self.proc is not None, "redis-server was never started"
+        assert self.proc.poll() is None, "redis-server is not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused_since = time.monotonic()
+
+    def resume(self) -> float:
+        """``SIGCONT`` a paused server; return how long it was paused (0.0 if it was not)."""
+        if self.paused_since is None:
+            return 0.0
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+        paused, self.paused_since = time.monotonic() - self.paused_since, None
+        return paused
+
     def stop(self) -> None:
+        self.resume()
         self.shutdown()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -36,6 +36,9 @@ class Mode:
     child_kills: int
     worker_kills: int
     redis_restarts: int
+    #: Warm shutdowns (SIGTERM) of a worker, whose running tasks go back to
+    #: the broker (``cancellable_shutdown_grace``, docs/shutdown.md).
+    warm_shutdowns: int
     groups: int
     group_size: tuple[int, int]
     cancel_fraction: float
@@ -46,12 +49,19 @@ class Mode:
     weights: dict[str, float]
     grace: float
     drain_timeout: float
+    #: Hung-server phases: how many, how long each (SIGSTOP of the soak's Redis),
+    #: and how many plain revokes are sent while it is stopped.
+    hangs: int = 0
+    hang_seconds: tuple[float, float] = (10.0, 10.0)
+    hang_revokes: int = 4
 
     def describe(self) -> str:
         return (
             f"mode={self.name} seed={self.seed} duration={self.duration:.0f}s tasks={self.tasks} "
             f"workers={self.workers}x{self.concurrency} child_kills={self.child_kills} "
             f"worker_kills={self.worker_kills} redis_restarts={self.redis_restarts} "
+            f"hangs={self.hangs}x{self.hang_seconds[0]:.0f}-{self.hang_seconds[1]:.0f}s "
+            f"warm_shutdowns={self.warm_shutdowns} "
             f"groups={self.groups}x{self.group_size}"
         )
 
@@ -76,6 +86,7 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
             child_kills=1,
             worker_kills=1,
             redis_restarts=1,
+            warm_shutdowns=1,
             groups=1,
             group_size=(50, 50),
             cancel_fraction=0.3,
@@ -86,6 +97,9 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
             weights={"short": 0.55, "long": 0.15, "slow_cleanup": 0.15, "no_checkpoint": 0.15},
             grace=grace,
             drain_timeout=60.0,
+            hangs=1,
+            hang_seconds=(10.0, 10.0),
+            hang_revokes=4,
         )
     minutes = float(env.get(ENV_MINUTES, "8"))
     if minutes <= 0:
@@ -101,6 +115,7 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
         child_kills=max(8, int(minutes * 1.5)),
         worker_kills=max(3, int(minutes / 2)),
         redis_restarts=max(2, int(minutes / 3)),
+        warm_shutdowns=max(2, int(minutes / 3)),
         groups=max(2, int(minutes / 2)),
         group_size=(100, 200),
         cancel_fraction=0.3,
@@ -111,6 +126,9 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
         weights={"short": 0.6, "long": 0.1, "slow_cleanup": 0.13, "no_checkpoint": 0.17},
         grace=grace,
         drain_timeout=150.0,
+        hangs=max(3, int(minutes / 2)),
+        hang_seconds=(10.0, 30.0),
+        hang_revokes=8,
     )
 
 
@@ -121,7 +139,8 @@ GROUP_WEIGHTS = {"short": 0.8, "long": 0.1, "slow_cleanup": 0.1}
 @dataclasses.dataclass
 class Action:
     at: float  # seconds after the schedule starts
-    kind: str  # "cancel", "group", "kill_child", "kill_worker", "restart_redis"
+    kind: str  # "cancel", "group", "kill_child", "kill_worker", "restart_redis", "hang_redis",
+    # "warm_shutdown"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -209,6 +228,8 @@ def make_plan(mode: Mode) -> Plan:
         ["kill_child"] * mode.child_kills
         + ["kill_worker"] * mode.worker_kills
         + ["restart_redis"] * mode.redis_restarts
+        + ["hang_redis"] * mode.hangs
+        + ["warm_shutdown"] * mode.warm_shutdowns
     )
     rng.shuffle(faults)
     lo, hi = 0.1 * mode.duration, 0.85 * mode.duration
@@ -218,6 +239,9 @@ def make_plan(mode: Mode) -> Plan:
         params: dict[str, Any] = {}
         if kind == "restart_redis":
             params["down_for"] = round(rng.uniform(1.0, 2.5), 2)
+        if kind == "hang_redis":
+            params["pause_for"] = round(rng.uniform(*mode.hang_seconds), 2)
+            params["revokes"] = mode.hang_revokes
         actions.append(Action(round(at, 3), kind, params))
     actions.sort(key=lambda a: a.at)
     return Plan(mode, tasks, actions)

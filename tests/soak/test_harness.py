@@ -145,6 +145,7 @@ def test_audit_catches_tasks_that_do_not_stop(tmp_path: Path) -> None:
         child_kills=0,
         worker_kills=0,
         redis_restarts=0,
+        hangs=0,
         groups=0,
         cancel_fraction=0.6,
         long_seconds=(3.0, 4.0),

@@ -48,8 +48,10 @@ def test_soak(run_dir: Path) -> None:
     report = soak.run()
     wall = time.monotonic() - began
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in soak.timings.items())
+    hangs = ", ".join(f"{ended - began:.1f}s" for began, ended in soak.hangs)
     summary = report.summary(
-        f"{header}\nwall {wall:.1f}s ({timings}); redis restarts {soak.redis.restarts}"
+        f"{header}\nwall {wall:.1f}s ({timings}); redis restarts {soak.redis.restarts}; "
+        f"redis hangs (SIGSTOP) {len(soak.hangs)} ({hangs})"
     )
     (run_dir / "report.txt").write_text(summary + "\n")
     print(summary, flush=True)

@@ -45,9 +45,13 @@ __all__ = [
     "active_request_ids",
     "add_revoked_id",
     "announce_revoked",
+    "bounded_redis_client",
     "consumer_of",
     "current_task",
+    "database_backend_engine",
     "discard_scheduled",
+    "django_result_database",
+    "drop_acknowledgement",
     "einfo_exception",
     "extra_revoked_fields",
     "filesystem_backend_path",
@@ -61,6 +65,7 @@ __all__ = [
     "pool_process",
     "process_index",
     "publish_control_once",
+    "redelivers_unacked",
     "redis_backend_client",
     "redis_broker_client",
     "register_inspect_command",
@@ -74,6 +79,7 @@ __all__ = [
     "send_task_event",
     "task_ids",
     "unregister_inspect_command",
+    "unwrap_consumer_connection_lost",
     "unwrap_request_methods",
     "unwrap_revoke_command",
     "worker_concurrency",
@@ -81,6 +87,7 @@ __all__ = [
     "worker_pool_kind",
     "worker_pool_start_method",
     "worker_requests",
+    "wrap_consumer_connection_lost",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
     "wrap_request_on_failure",
@@ -787,6 +794,46 @@ def filesystem_backend_path(backend: Any) -> str | None:
     return path.decode() if isinstance(path, bytes) else str(path)
 
 
+def database_backend_engine(backend: Any) -> tuple[str, dict[str, Any], Any] | None:
+    """How a database result backend (``db+...``) makes its engine, or None for others.
+
+    ``(url, engine_options, engine_callback)``: ``DatabaseBackend.url`` (the
+    URL without ``db+``), ``DatabaseBackend.engine_options`` (the app's
+    ``database_engine_options`` merged with the backend's own) and, on
+    Celery 5.7, ``SessionManager.engine_callback`` (``database_engine_callback``;
+    None before).  Undocumented attributes; ``url`` and ``engine_options``
+    are the same in 5.3 to 5.7.
+    """
+    cls = type(backend)
+    if cls.__name__ != "DatabaseBackend" or not cls.__module__.startswith("celery."):
+        return None
+    url = getattr(backend, "url", None)
+    if not isinstance(url, str):
+        return None
+    options = dict(getattr(backend, "engine_options", None) or {})
+    callback = getattr(getattr(backend, "session_manager", None), "engine_callback", None)
+    return url, options, callback
+
+
+def django_result_database(backend: Any) -> dict[str, Any] | None:
+    """The Django database settings of a ``django-db`` result backend, or None for others.
+
+    django-celery-results' ``DatabaseBackend`` stores results through the
+    ``TaskResult`` model; the database it writes to is
+    ``router.db_for_write(TaskResult)``, and its settings are that
+    connection's ``settings_dict`` (``ENGINE``, ``NAME``, ``USER``, ``OPTIONS``
+    ...).  Public Django API; the backend's class and module are the same in
+    django-celery-results 2.4 to 2.6.
+    """
+    if not type(backend).__module__.startswith("django_celery_results."):
+        return None
+    from django.db import connections, router
+    from django_celery_results.models import TaskResult
+
+    alias = router.db_for_write(TaskResult) or "default"
+    return {"alias": alias, **connections[alias].settings_dict}
+
+
 def redis_broker_client(connection: Any) -> Any | None:
     """The redis-py client behind a kombu connection to Redis, or None for other brokers.
 
@@ -796,6 +843,69 @@ def redis_broker_client(connection: Any) -> Any | None:
     """
     client = getattr(connection.default_channel, "client", None)
     return client if callable(getattr(client, "ping", None)) else None
+
+
+def bounded_redis_client(client: Any, timeout: float) -> Any:
+    """A new ``redis.Redis`` to the same server as ``client``, every wait bounded by ``timeout``.
+
+    Copies the connection parameters of ``client``'s pool
+    (``ConnectionPool.connection_kwargs``, ``connection_class``,
+    ``max_connections``; a ``SentinelConnectionPool`` also its
+    ``service_name``, ``sentinel_manager`` and ``is_master``) onto a pool of
+    its own, with ``socket_timeout`` and ``socket_connect_timeout`` at most
+    ``timeout`` (a smaller one configured is kept) and no retry
+    (``retry=Retry(NoBackoff(), 0)``, ``retry_on_timeout=False``,
+    ``retry_on_error=[]``): redis-py 4.5 to 8 retry a failed command only
+    through the connection's ``retry``, so one call waits at most
+    ``timeout`` to connect and ``timeout`` for each reply.  ``client``
+    itself (Celery's, with its 120 s socket timeout) is left untouched.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs.pop("connection_pool", None)  # a Sentinel pool's proxy to itself
+    # redis-py 8 keeps per-pool state here (its maintenance-notification
+    # handler, the timeouts to restore after one): the new pool makes its own.
+    for name in (
+        "maint_notifications_pool_handler",
+        "orig_socket_timeout",
+        "orig_socket_connect_timeout",
+    ):
+        kwargs.pop(name, None)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        given = kwargs.get(name)
+        kwargs[name] = timeout if given is None else min(float(given), timeout)
+    kwargs.update(retry=Retry(NoBackoff(), 0), retry_on_timeout=False, retry_on_error=[])
+    if kwargs.get("health_check_interval"):
+        kwargs["health_check_interval"] = 0  # its PING would be one more wait
+    connection_class = pool.connection_class
+    try:
+        connection_class(**kwargs)  # builds, never connects: are all parameters known?
+    except TypeError:  # an old Unix-socket connection has no connect timeout
+        kwargs.pop("socket_connect_timeout", None)
+    except Exception:  # noqa: BLE001 - e.g. a Sentinel connection wants its pool
+        pass
+    max_connections = getattr(pool, "max_connections", None)
+    service = getattr(pool, "service_name", None)
+    if service is not None and hasattr(pool, "sentinel_manager"):
+        from redis.sentinel import SentinelConnectionPool
+
+        new_pool: Any = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            service,
+            pool.sentinel_manager,
+            connection_class=connection_class,
+            is_master=getattr(pool, "is_master", True),
+            max_connections=max_connections,
+            **kwargs,
+        )
+    else:
+        new_pool = redis.ConnectionPool(
+            connection_class=connection_class, max_connections=max_connections, **kwargs
+        )
+    return redis.Redis(connection_pool=new_pool)
 
 
 def ping_redis_once(client: Any, timeout: float) -> None:
@@ -826,6 +936,65 @@ def ping_redis_once(client: Any, timeout: float) -> None:
         raise
     finally:
         pool.release(connection)
+
+
+# --------------------------------------------------------------------------
+# The consumer losing its broker connection (cancellable.celery._shutdown).
+
+
+def wrap_consumer_connection_lost(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``Consumer.on_connection_error_after_connected``; False if already wrapped.
+
+    ``celery.worker.consumer.consumer.Consumer.start`` calls
+    ``self.on_connection_error_after_connected(exc)`` on the consumer's
+    thread when the broker connection of a consumer that was connected
+    fails, before it closes the connection (``self.connection`` is still
+    the old one), before ``worker_cancel_long_running_tasks_on_connection_loss``
+    cancels the ``acks_late`` requests that are not acknowledged, and
+    before ``on_close`` and the blueprint's restart.  Signature ``(self,
+    exc)``.  Undocumented; same in 5.3 to 5.7.
+    """
+    from celery.worker.consumer.consumer import Consumer
+
+    original = Consumer.on_connection_error_after_connected
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    Consumer.on_connection_error_after_connected = _wrapper(original, make(original))
+    return True
+
+
+def unwrap_consumer_connection_lost() -> bool:
+    """Put Celery's own ``on_connection_error_after_connected`` back; False if not wrapped."""
+    from celery.worker.consumer.consumer import Consumer
+
+    original = getattr(Consumer.on_connection_error_after_connected, ORIGINAL, None)
+    if original is None:
+        return False
+    Consumer.on_connection_error_after_connected = original
+    return True
+
+
+def redelivers_unacked(connection: Any) -> bool:
+    """Whether the broker of a kombu connection requeues its unacked messages when it drops.
+
+    ``Connection.transport.driver_type`` is ``"amqp"`` for the ``pyamqp``
+    and ``librabbitmq`` transports (an AMQP broker requeues the unacked
+    deliveries of a closed channel at once); ``"redis"``, ``"SQS"`` and the
+    others restore them only after a visibility timeout.  kombu 5.3 to 5.7.
+    """
+    transport = getattr(connection, "transport", None)
+    return getattr(transport, "driver_type", None) == "amqp"
+
+
+def drop_acknowledgement(request: Any) -> None:
+    """Never acknowledge or reject ``request``'s message (its channel is gone).
+
+    ``Request.acknowledged``: ``acknowledge()`` and ``reject()`` do nothing
+    once it is True, and the connection-loss loop of
+    ``worker_cancel_long_running_tasks_on_connection_loss`` skips such a
+    request (it would SIGTERM the child).  Undocumented; same in 5.3 to 5.7.
+    """
+    request.acknowledged = True
 
 
 def publish_control_once(

@@ -527,9 +527,14 @@ def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
         )
         if destination is None and not terminate:
             ids = celery_internals.task_ids(task_id)
+            targets: list[_ledger.Target] = [("task", t) for t in ids]
             try:
-                runtime().ledgers.get(self.app).record(
-                    [("task", t) for t in ids], CancelReason(source="revoked")
+                # Under the key the workers it reaches use: one record in all.
+                _ledger.record_once(
+                    runtime().ledgers.get(self.app),
+                    targets,
+                    CancelReason(source="revoked"),
+                    _ledger.revoke_key(targets),
                 )
             except (_ledger.LedgerError, SettingError) as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])

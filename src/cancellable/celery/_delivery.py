@@ -194,25 +194,38 @@ class Delivery:
         return self._wakeup.wake(pid)
 
     def tick(self) -> None:
-        """Advance every forward: free those whose task has left, wake the others' children."""
+        """Advance every forward: free those whose task has left, wake the others' children.
+
+        A forward that fails does not keep the others from their tick: the
+        first error is raised once every forward has had its turn.
+        """
         box = self.mailbox
         if box is None:
             return
         with self._lock:
             items = list(self._forwards.items())
         now = time.monotonic()
+        failed: Exception | None = None
         for task_id, forward in items:
-            request = worker_requests().get(task_id)
-            if request is None:
-                with self._lock:
-                    if self._forwards.get(task_id) is not forward:
-                        continue
-                    del self._forwards[task_id]
-                    slot, forward.slot = forward.slot, None
-                if slot is not None:
-                    box.release(slot)
-                continue
-            self._push(task_id, forward, request, now)
+            try:
+                self._tick_one(box, task_id, forward, now)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    def _tick_one(self, box: Mailbox, task_id: str, forward: _Forward, now: float) -> None:
+        request = worker_requests().get(task_id)
+        if request is None:
+            with self._lock:
+                if self._forwards.get(task_id) is not forward:
+                    return
+                del self._forwards[task_id]
+                slot, forward.slot = forward.slot, None
+            if slot is not None:
+                box.release(slot)
+            return
+        self._push(task_id, forward, request, now)
 
 
 def _log_delivered(

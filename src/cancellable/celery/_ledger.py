@@ -33,9 +33,11 @@ Expiry
 
 Where it lives, in order of preference:
 
-1. ``app.conf.cancellable_ledger_url`` when set (``redis://...`` or
-   ``file:///path``; the string ``"none"`` disables it);
-2. the app's result backend, when it is Redis or the filesystem backend;
+1. ``app.conf.cancellable_ledger_url`` when set (``redis://...``,
+   ``file:///path`` or a database URL; the string ``"none"`` disables it);
+2. the app's result backend, when it is Redis, the filesystem backend or
+   Celery's database backend (``db+...``: `SqlLedger`, tables described in
+   `cancellable.celery._ledger_sql`);
 3. the app's broker, when it is Redis;
 4. nowhere: cancellation still works for online workers, and a warning
    (``ledger.not_durable``) says so once per process.
@@ -45,12 +47,33 @@ have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
 A reader keeps the targets of an entry whose reason it cannot read (another
 version wrote it) and degrades the reason (`cancellable.celery._wire`).
 Needs Redis 6.2 or newer (``XTRIM MINID``, exclusive ``XRANGE`` starts).
+
+Bounded calls
+    Every Redis ledger has a client of its own, made by
+    `~cancellable.celery._celery_internals.bounded_redis_client` with the
+    connection parameters of the configured URL or of Celery's Redis result
+    backend, whose client is never used as-is (its socket timeout is
+    120 s): it waits at most `TIMEOUT` seconds to connect and `TIMEOUT`
+    seconds for each reply, and never retries by itself, whatever the
+    redis-py version.  A hung server (stopped, paused, partitioned after the
+    connection was made) therefore costs a caller `TIMEOUT` and a
+    `LedgerError`, never a hang.
+
+Plain revokes are written once
+    A plain revoke (``AsyncResult.revoke`` and the like) reaches every
+    worker, and each one, and the caller, would record it.  They record it
+    with `record_once` under a key derived from its targets (`revoke_key`):
+    the first writer's ``SET NX`` wins, in the same server-side script as its
+    ``XADD``, and the others write nothing.  The key lives as long as the
+    entry (the ledger's TTL), so a second plain revoke of the same ids
+    within it is not written again: it would add nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -68,13 +91,15 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import LEDGER_NOT_DURABLE
 from . import _celery_internals as celery_internals
-from ._settings import DEFAULT_LEDGER_TTL, settings_for
+from ._ledger_sql import SqlStore, StoreError, django_database
+from ._settings import DEFAULT_LEDGER_TTL, settings_for, sql_url
 from ._wire import reason_from_wire
 
 __all__ = [
     "CHUNK",
     "DEFAULT_LEDGER_TTL",
     "MAX_ID_BYTES",
+    "TIMEOUT",
     "Entry",
     "FileLedger",
     "Ledger",
@@ -82,9 +107,12 @@ __all__ = [
     "Ledgers",
     "NullLedger",
     "RedisLedger",
+    "SqlLedger",
     "Target",
     "TargetKind",
     "check_targets",
+    "record_once",
+    "revoke_key",
 ]
 
 #: What a cancellation can name.
@@ -105,6 +133,28 @@ MAX_ID_BYTES: Final = 1024
 
 #: Entries read per round trip.
 _PAGE: Final = 500
+
+#: Seconds a Redis ledger call waits to connect, and for each reply (see the
+#: module docstring, "Bounded calls").
+TIMEOUT: Final = 2.0
+
+#: Record the targets, once per key (see the module docstring): KEYS are the
+#: stream and the key; ARGV the key's TTL (ms), the reason, the grace ("" for
+#: none) and one ``targets`` field per entry.  Returns the last entry's id,
+#: or false when the key was there already.
+_RECORD_ONCE: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return false end
+local last = false
+for i = 4, #ARGV do
+  if ARGV[3] == '' then
+    last = redis.call('XADD', KEYS[1], '*', 'reason', ARGV[2], 'targets', ARGV[i])
+  else
+    last = redis.call('XADD', KEYS[1], '*', 'reason', ARGV[2], 'targets', ARGV[i],
+                      'grace', ARGV[3])
+  end
+end
+return last
+"""
 
 
 class LedgerError(Exception):
@@ -196,6 +246,25 @@ def check_targets(targets: Iterable[Target]) -> list[Target]:
     return checked
 
 
+def revoke_key(targets: Iterable[Target]) -> str:
+    """The idempotency key of a plain revoke of ``targets`` (their order does not matter)."""
+    digest = hashlib.sha256("\n".join(sorted(f"{k}:{i}" for k, i in targets)).encode())
+    return digest.hexdigest()[:40]
+
+
+def record_once(ledger: Ledger, targets: Sequence[Target], reason: CancelReason, key: str) -> None:
+    """Record ``targets`` unless a record under ``key`` was made within the TTL.
+
+    Ledgers that have no ``record_once`` of their own (the file ledger, a
+    ledger of yours) record every time.  Raises `LedgerError`.
+    """
+    once = getattr(ledger, "record_once", None)
+    if once is not None:
+        once(targets, reason, key)
+    else:
+        ledger.record(targets, reason)
+
+
 class NullLedger:
     """No durable store: records nothing, reads nothing."""
 
@@ -221,6 +290,7 @@ class RedisLedger:
 
     def __init__(self, client: Any, prefix: str, ttl: float) -> None:
         self._client = client
+        self._prefix = prefix
         self._key = prefix + "ledger"
         self._ttl_ms = max(1, int(ttl * 1000))
         self._last_trim = 0.0
@@ -242,6 +312,38 @@ class RedisLedger:
         except Exception as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
         self._maybe_trim(ids[-1])
+
+    def record_once(self, targets: Sequence[Target], reason: CancelReason, key: str) -> bool:
+        """`record` unless ``key`` was recorded within the TTL; True if this call wrote.
+
+        One server-side script (``SET NX PX`` of the key, then the ``XADD``
+        of each `CHUNK`), so the key and the entries are written together or
+        not at all.  A server that refuses the script gets a plain `record`.
+        """
+        if not targets:
+            return False
+        args = [
+            self._ttl_ms,
+            json.dumps(reason.to_dict()),
+            "",
+            *(_encode_targets(chunk) for chunk in _chunks(targets)),
+        ]
+        import redis
+
+        try:
+            once_key = self._prefix + "once:" + key
+            last = self._client.eval(_RECORD_ONCE, 2, self._key, once_key, *args)
+        except redis.ResponseError:
+            # The server refuses the script (scripting disabled, a cluster's
+            # keys in two slots): write it unconditionally rather than never.
+            self.record(targets, reason)
+            return True
+        except Exception as exc:
+            raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+        if not last:
+            return False
+        self._maybe_trim(last)
+        return True
 
     def _maybe_trim(self, last_id: bytes | str) -> None:
         # Age entries by the server's clock: the time part of the id it just
@@ -619,28 +721,113 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     if url.lower() == "none":
         return NullLedger()
     if url:
+        if sql_url(url) is not None:
+            return _sql_ledger(app, url, ttl, {}, None, "cancellable_ledger_url")
         return _ledger_from_url(url, prefix, ttl)
     backend = app.backend
     client = celery_internals.redis_backend_client(backend)
     if client is not None:
-        return RedisLedger(client, prefix, ttl)
+        # Never Celery's client itself: its socket timeout is 120 s.
+        return RedisLedger(celery_internals.bounded_redis_client(client, TIMEOUT), prefix, ttl)
     base = celery_internals.filesystem_backend_path(backend)
     if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
+    database = celery_internals.database_backend_engine(backend)
+    if database is not None and not _in_memory_sqlite(database[0]):
+        db_url, options, callback = database
+        return _sql_ledger(app, db_url, ttl, options, callback, "result_backend")
+    django_db = celery_internals.django_result_database(backend)
+    if django_db is not None:
+        # django-celery-results: the Django database the results go to.
+        db_url, options = django_database(django_db)
+        setting = f"DATABASES[{django_db['alias']!r}] (the django-db result backend)"
+        return _sql_ledger(app, db_url, ttl, options, None, setting)
     broker = app.conf.broker_url or ""
     if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
         return _ledger_from_url(broker.split(";")[0], prefix, ttl)
     return NullLedger()
 
 
+def _sql_ledger(
+    app: Any, url: str, ttl: float, options: dict[str, Any], callback: Any, setting: str
+) -> Ledger:
+    store = SqlStore(
+        url,
+        app.main or "default",
+        ttl,
+        engine_options=options,
+        engine_callback=callback,
+        setting=setting,
+    )
+    return SqlLedger(store)
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    # Each connection to sqlite:// has its own database: nothing to share.
+    normalised = sql_url(url) or url
+    return normalised.startswith("sqlite") and normalised.split("://", 1)[1] in ("", "/:memory:")
+
+
 def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
     if url.startswith(("redis://", "rediss://", "unix://")):
         import redis
 
-        return RedisLedger(redis.Redis.from_url(url), prefix, ttl)
+        given = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url))
+        return RedisLedger(celery_internals.bounded_redis_client(given, TIMEOUT), prefix, ttl)
     if url.startswith("file://"):
         return FileLedger(urllib.parse.urlparse(url).path, ttl)
     raise ValueError(
         f"cancellable_ledger_url must be a redis://, rediss://, unix:// or file:// URL "
         f"or 'none', got {url!r}"
     )
+
+
+class SqlLedger:
+    """Cancellations in SQL tables: a `~cancellable.celery._ledger_sql.SqlStore`.
+
+    One row per `CHUNK` targets, with the reason as JSON and the targets as
+    ``kind:id`` lines (as in a Redis entry).  The store numbers rows in
+    commit order; its module docstring says how, and why a cursor never
+    skips a committed row.
+    """
+
+    durable = True
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        #: Where the entries are (no password), for log lines and messages.
+        self.where = store.where
+
+    def record(
+        self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
+    ) -> None:
+        """One transaction of one row per `CHUNK` targets."""
+        if not targets:
+            return
+        chunks = [_encode_targets(chunk) for chunk in _chunks(targets)]
+        try:
+            self.store.append(chunks, json.dumps(reason.to_dict()), _grace(grace))
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+
+    def read(self, cursor: str | None) -> tuple[list[Entry], str | None]:
+        """The live rows after ``cursor``, as entries (damaged rows skipped)."""
+        try:
+            rows, cursor = self.store.read(cursor)
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+        entries = []
+        for recorded_at, reason, targets, grace in rows:
+            decoded = _decode_targets(targets)
+            if not decoded:
+                continue  # not ours, or damaged: skip it rather than stop reading
+            # Another version's reason degrades; its targets are kept (`_wire`).
+            entries.append(
+                Entry(
+                    decoded,
+                    reason_from_wire(_json(reason), recorded_at),
+                    recorded_at,
+                    _grace(grace),
+                )
+            )
+        return entries, cursor

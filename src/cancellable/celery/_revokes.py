@@ -9,8 +9,12 @@ concerned) and otherwise leaves Celery's own behaviour untouched.
   the ``Panel.data`` registry; we wrap its ``revoke`` entry
   (`revoke_command`).  A plain revoke (``AsyncResult.revoke``,
   ``app.control.revoke``, ``GroupResult.revoke``, ``celery control
-  revoke``, Flower) runs Celery's own handler first, then goes into the
-  index and the ledger and is delivered to the tasks this worker holds.  A
+  revoke``, Flower) runs Celery's own handler first, then is queued for the
+  ledger (`~cancellable.celery._runtime.PendingWrites`: the poller's ledger
+  thread writes it, once for all the workers it reached, see
+  `~cancellable.celery._ledger.revoke_key`), goes into the index and is
+  delivered to the tasks this worker holds.  The consumer thread never
+  waits on the ledger's server.  A
   revoke sent by `cancellable.celery.cancel` carries its reason under the
   extra argument ``cancellable``; it was recorded in the ledger already,
   and we handle it without Celery's handler, which would write a bare
@@ -44,12 +48,13 @@ concerned) and otherwise leaves Celery's own behaviour untouched.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .._exceptions import CancelReason
 from .._log import logger
-from ..events import CANCEL_DELIVERY_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
+from ..events import CANCEL_DELIVERY_FAILED, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ending, _ledger, _workflow
 from ._index import TargetIndex, request_targets
@@ -137,23 +142,39 @@ def deliver_targets(
     delivered = 0
     promoted: list[Target] = []
     for task_id in task_ids:
-        request = _held(rt, task_id)
-        if request is None:
-            continue
-        reason = rt.index.match_request(request)
-        if reason is None:
-            reason = rt.index.match(task_id)
-        if reason is not None and rt.delivery.deliver(task_id, reason) != "none":
-            delivered += 1
-            # The registered name (``type``), not a shadow name: the ladder
-            # looks the task's own grace up in the registry by it.
-            name = getattr(request, "type", None) or getattr(request, "task_name", None)
-            given = grace if graces is None else graces.get(task_id, grace)
-            rt.ladder.start(task_id, reason, name, given)
-        if reason is not None:
-            promoted.extend(promote_workflow(rt, request, reason))
+        # One id failing must not keep the others from their cancellation.
+        try:
+            delivered += _deliver_one(rt, task_id, grace, graces, promoted)
+        except Exception as exc:  # noqa: BLE001 - logged once per cause
+            rt.failures.report(CANCEL_DELIVERY_FAILED, "deliver", exc, task_id=task_id)
     if promoted:
         delivered += deliver_targets(rt, promoted, grace, graces)
+    return delivered
+
+
+def _deliver_one(
+    rt: WorkerRuntime,
+    task_id: str,
+    grace: float | None,
+    graces: dict[str, float] | None,
+    promoted: list[Target],
+) -> int:
+    request = _held(rt, task_id)
+    if request is None:
+        return 0
+    delivered = 0
+    reason = rt.index.match_request(request)
+    if reason is None:
+        reason = rt.index.match(task_id)
+    if reason is not None and rt.delivery.deliver(task_id, reason) != "none":
+        delivered = 1
+        # The registered name (``type``), not a shadow name: the ladder
+        # looks the task's own grace up in the registry by it.
+        name = getattr(request, "type", None) or getattr(request, "task_name", None)
+        given = grace if graces is None else graces.get(task_id, grace)
+        rt.ladder.start(task_id, reason, name, given)
+    if reason is not None:
+        promoted.extend(promote_workflow(rt, request, reason))
     return delivered
 
 
@@ -163,7 +184,7 @@ def promote_workflow(rt: WorkerRuntime, request: Any, reason: CancelReason) -> l
     ``cancel(id, workflow=True)`` records ``("root", id)``.  A request that
     matches it through its own id or a task it would send later (not
     through its root id) tells us the workflow's real root id: we index it,
-    record it in the ledger, and return the new target so the caller
+    queue it for the ledger, and return the new target so the caller
     delivers it.  Its other members (the siblings of a group sent by a link
     that finished) then match by their root id, here and on every other
     worker.  Returns ``[]`` when there is nothing new.
@@ -174,11 +195,9 @@ def promote_workflow(rt: WorkerRuntime, request: Any, reason: CancelReason) -> l
     if rt.index.match_workflow(request) is None:
         return []
     added = rt.index.add([("root", root_id)], reason)
-    if added:
-        try:
-            runtime().ledgers.get(rt.app).record(added, reason)
-        except _ledger.LedgerError as exc:
-            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=[root_id])
+    # Written by the poller's ledger thread: no network I/O here (the
+    # consumer thread, or the poller under the lock a fork takes).
+    rt.writes.put(added, reason)
     return added
 
 
@@ -192,16 +211,15 @@ def _on_revoke(
 ) -> None:
     targets: list[Target] = [("task", task_id) for task_id in task_ids]
     targets.extend(wide)
+    if not from_cancel:
+        # A plain revoke: make it durable too (cancel() wrote the ledger
+        # itself).  Queued first, so nothing below can skip it; written once
+        # for every worker it reached (and the caller), under its key.
+        rt.writes.put(targets, reason, _ledger.revoke_key(targets))
     rt.index.add(targets, reason)
     # Deliver every id this worker holds, even one indexed before: a second
     # revoke of a running task must not be a no-op if the first was missed.
     deliver_targets(rt, targets, grace)
-    if not from_cancel:
-        # A plain revoke: make it durable too (cancel() wrote the ledger itself).
-        try:
-            runtime().ledgers.get(rt.app).record(targets, reason)
-        except _ledger.LedgerError as exc:
-            logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
 
 
 def _active_worker(app: Any) -> WorkerRuntime | None:
@@ -219,9 +237,11 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
         rt = _active_worker(getattr(state, "app", None))
         if rt is None:
             return original(state, task_id, terminate=terminate, signal=signal, **kwargs)
+        began = time.monotonic()
         given = _reason_from(kwargs.get("cancellable"))
         task_ids = celery_internals.task_ids(task_id)
         running = () if terminate or given is not None else _running_here(rt, task_ids)
+        ours = time.monotonic() - began  # the library's own time, Celery's handler apart
         if running:
             # A plain revoke of @cancellable tasks running here: they stop at
             # their next checkpoint and store REVOKED with their cleanup done.
@@ -240,6 +260,7 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
             # caller that asks for replies.
             result = {"ok": f"tasks {', '.join(task_ids)} flagged as revoked"}
         if not terminate:
+            began = time.monotonic()
             try:
                 _on_revoke(
                     rt,
@@ -253,6 +274,8 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
                 logger.error(
                     CANCEL_DELIVERY_FAILED, task_ids=task_ids[:20], error=repr(exc), exc_info=exc
                 )
+            ours += time.monotonic() - began
+        rt.timings.consumer = max(rt.timings.consumer, ours)
         if given is not None and not terminate:
             try:
                 discard_scheduled(rt, celery_internals.consumer_of(state))

@@ -32,19 +32,31 @@ Fork safety: before every fork the running worker's ``tick_lock`` is taken
 child can meet in the objects it inherits (`WorkerRuntime.fork_locks`: the
 index's and the mailbox's), so a child is never forked while another thread
 holds one of our locks or a logger's.  Both the parent and the child release
-them after the fork.  The fork handlers are registered the first time
+them after the fork.  Nothing does network I/O while it holds one of these
+locks (the ledger is read and written outside them), so billiard's fork never
+waits on the network.  The fork handlers are registered the first time
 `runtime` is called in the process.
+
+Ledger writes of a worker (`PendingWrites`) are queued, never made by the
+thread that asks: the consumer thread (revoke commands) and the ticks do no
+network I/O; the poller's ledger thread writes them (`cancellable.celery._poller`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from .. import _hooks
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_NOT_ESCALATED
+from ..events import LEDGER_POLL_FAILED as _DUTY_FAILED
 from . import _celery_internals as celery_internals
 from ._broker import Broadcasts
 from ._childtable import ChildTable
@@ -52,7 +64,7 @@ from ._delivery import Delivery, check_mailbox, mailbox_reason
 from ._index import TargetIndex
 from ._interrupt import Interrupts
 from ._ladder import Ladder
-from ._ledger import Ledgers
+from ._ledger import Ledgers, Target
 from ._mailbox import Mailbox
 from ._registry import RunningTasks
 from ._settings import Settings, settings_for
@@ -68,13 +80,126 @@ class Background(Protocol):
 
 __all__ = [
     "Background",
+    "FailureLog",
+    "PendingWrite",
+    "PendingWrites",
     "Runtime",
     "TaskRuntime",
+    "Timings",
     "WorkerRuntime",
     "install_worker",
     "remove_worker",
     "runtime",
 ]
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """A ledger record a worker has still to make."""
+
+    targets: Sequence[Target]
+    reason: CancelReason
+    #: The idempotency key of a plain revoke (None: record unconditionally).
+    key: str | None = None
+
+
+class PendingWrites:
+    """The ledger records a worker has queued and not made yet (see the module docstring).
+
+    `put` never blocks on anything but a short in-memory lock; the poller's
+    ledger thread `take` s them, and `put_back` s those it could not write,
+    in order, to try again.  Nothing is dropped while the worker lives.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[PendingWrite] = deque()
+        #: Set when something was queued (the ledger thread waits on it).
+        self.queued = threading.Event()
+
+    def put(self, targets: Sequence[Target], reason: CancelReason, key: str | None = None) -> None:
+        """Queue one record (nothing if ``targets`` is empty)."""
+        if not targets:
+            return
+        with self._lock:
+            self._items.append(PendingWrite(list(targets), reason, key))
+        self.queued.set()
+
+    def take(self) -> list[PendingWrite]:
+        """Every queued record, oldest first (the queue is then empty)."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self.queued.clear()
+        return items
+
+    def put_back(self, items: Sequence[PendingWrite]) -> None:
+        """Return records that could not be written, ahead of any queued since."""
+        with self._lock:
+            self._items.extendleft(reversed(items))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class Timings:
+    """The longest waits of a worker's threads so far (seconds), for diagnostics and the soak.
+
+    Plain floats, each written by one thread only (reads of a float are atomic).
+    """
+
+    def __init__(self) -> None:
+        #: The library's own work on the consumer thread for one revoke command.
+        self.consumer = 0.0
+        #: One tick of the ticker (forwards and ladder), and the longest time
+        #: between the starts of two ticks (the ladder's longest stall).
+        self.tick = 0.0
+        self.tick_gap = 0.0
+        #: One duty of the ledger thread (a read with its delivery, or a write).
+        self.ledger_call = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The figures, rounded to the millisecond."""
+        return {
+            "consumer_s": round(self.consumer, 3),
+            "tick_s": round(self.tick, 3),
+            "tick_gap_s": round(self.tick_gap, 3),
+            "ledger_call_s": round(self.ledger_call, 3),
+        }
+
+
+class FailureLog:
+    """Logs a failure once per cause, then at most every `EVERY` seconds with a count.
+
+    A cause is where it happened and the exception's type.  Callers log
+    under the worker's ``tick_lock`` when they run on the poller's threads.
+    """
+
+    #: Seconds between two warnings of the same cause.
+    EVERY: Final = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: cause -> (when last logged, failures since).
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def report(self, event: str, where: str, exc: BaseException, **fields: Any) -> bool:
+        """Log ``exc`` under ``event`` unless its cause was logged lately; True if logged."""
+        cause = (where, type(exc).__name__)
+        now = time.monotonic()
+        with self._lock:
+            last, since = self._seen.get(cause, (None, 0))
+            if last is not None and now - last < self.EVERY:
+                self._seen[cause] = (last, since + 1)
+                return False
+            self._seen[cause] = (now, 0)
+        logger.warning(event, where=where, error=repr(exc), repeats=since, exc_info=exc, **fields)
+        return True
+
+    def duty_failed(self, where: str, exc: BaseException) -> bool:
+        """`report` a failed duty of the poller's threads (``ledger.poll_failed``)."""
+        return self.report(_DUTY_FAILED, where, exc)
 
 
 class TaskRuntime:
@@ -136,9 +261,12 @@ class TaskRuntime:
             return False
         self.wakeup.install(self.check_mailbox, self.interrupts.raise_if_asked)
         # A child an interrupt landed in may hold a lock for ever: it leaves
-        # the pool once it has reported its task (see _interrupt).
+        # the pool once it has reported its task (see _interrupt).  So may a
+        # child in which a cleanup hook's budget raised: only a child that
+        # will be retired lets a budget raise at an arbitrary bytecode.
         interrupts = self.interrupts
-        celery_internals.retire_child_when(lambda: interrupts.landed)
+        if celery_internals.retire_child_when(lambda: interrupts.landed):
+            _hooks.allow_async_raise(interrupts.mark_landed)
         if self.kill_group and hasattr(os, "setpgid"):
             try:
                 os.setpgid(0, 0)
@@ -211,8 +339,15 @@ class WorkerRuntime:
             self.tasks.running,
             table,
         )
-        #: Held by the poller while it works; taken before every fork.
+        #: Held by the poller while it works; taken before every fork.  Never
+        #: held across network I/O.
         self.tick_lock = threading.Lock()
+        #: Ledger records to make (the ledger thread writes them).
+        self.writes = PendingWrites()
+        #: Rate-limited logging of failures, one cause at a time.
+        self.failures = FailureLog()
+        #: The longest waits of its threads so far.
+        self.timings = Timings()
         #: The poller thread, from the worker's bootstep ``start`` to its ``stop``.
         self.poller: Background | None = None
         #: Whether the worker is running (between its bootstep's start and stop):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import signal
 import urllib.parse
 import weakref
@@ -42,6 +43,7 @@ __all__ = [
     "Settings",
     "forget_settings",
     "settings_for",
+    "sql_url",
 ]
 
 #: The prefix of every setting's name in ``app.conf``.
@@ -140,6 +142,28 @@ def _flag(value: object) -> bool:
 _LEDGER_SCHEMES: Final = ("redis://", "rediss://", "unix://", "file://")
 
 
+#: A database URL the SQL ledger opens (`cancellable.celery._ledger_sql`):
+#: SQLAlchemy's spelling, optionally with Celery's ``db+`` in front.
+_SQL_URL: Final = re.compile(
+    r"^(?:db\+)?(?P<dialect>postgres|postgresql|mysql|mariadb|sqlite)(?P<driver>\+\w+)?://",
+    re.IGNORECASE,
+)
+
+
+def sql_url(url: str) -> str | None:
+    """``url`` as SQLAlchemy spells it if it names a database the SQL ledger opens, else None.
+
+    Drops Celery's ``db+`` and turns ``postgres://`` (Heroku's spelling,
+    which SQLAlchemy refuses) into ``postgresql://``.
+    """
+    match = _SQL_URL.match(url)
+    if match is None:
+        return None
+    dialect = match["dialect"].lower()
+    dialect = "postgresql" if dialect == "postgres" else dialect
+    return f"{dialect}{match['driver'] or ''}://{url[match.end() :]}"
+
+
 def _ledger_url(value: object) -> str | None:
     if value is None or value == "":
         return None
@@ -147,6 +171,8 @@ def _ledger_url(value: object) -> str | None:
         raise _Invalid
     if value.lower() == "none":
         return "none"
+    if sql_url(value) is not None:
+        return value
     if not value.startswith(_LEDGER_SCHEMES):
         raise _Invalid
     try:
@@ -211,8 +237,9 @@ class _Spec:
 _SPECS: Final[Mapping[str, _Spec]] = {
     "ledger_url": _Spec(
         _ledger_url,
-        "a redis://, rediss://, unix:// or file:///absolute/path URL, 'none' (no ledger), "
-        "or None (the app's Redis or filesystem result backend, else its Redis broker)",
+        "a redis://, rediss://, unix:// or file:///absolute/path URL, a database URL "
+        "(postgresql://, mysql://, sqlite:///path, with a +driver if wanted), 'none' (no ledger), "
+        "or None (the app's Redis, filesystem or database result backend, else its Redis broker)",
     ),
     "ledger_ttl": _Spec(_positive_seconds, "a positive number of seconds"),
     "cancel_timeout": _Spec(_positive_seconds, "a positive number of seconds"),
@@ -229,6 +256,12 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     ),
     "kill_process_group": _Spec(_flag, "True or False"),
     "cancel_siblings_on_failure": _Spec(_flag, "True or False"),
+    "shutdown_grace": _Spec(
+        _grace,
+        f"a number of seconds from 0 to {MAX_GRACE:.0f} (one day), "
+        "or None (Celery's own warm shutdown)",
+    ),
+    "cancel_on_connection_loss": _Spec(_flag, "True or False"),
     "wakeup_signal": _Spec(
         _wakeup_signal,
         "a signal whose default action is to ignore it: "
@@ -276,6 +309,15 @@ class Settings:
     #: ``cancellable_cancel_siblings_on_failure``: a failed group member
     #: cancels its siblings (a task's own option wins).
     cancel_siblings_on_failure: bool = False
+    #: ``cancellable_shutdown_grace``: at a warm shutdown, running
+    #: ``@cancellable`` tasks are cancelled (source ``"shutdown"``) and sent
+    #: back to the broker; seconds before such a task is interrupted.  None:
+    #: Celery's own warm shutdown (wait for the tasks).
+    shutdown_grace: float | None = None
+    #: ``cancellable_cancel_on_connection_loss``: when an AMQP worker loses its
+    #: broker connection, its running ``@cancellable`` ``acks_late`` tasks
+    #: are cancelled (source ``"connection_lost"``): the broker redelivers them.
+    cancel_on_connection_loss: bool = True
     #: ``cancellable_wakeup_signal``: the signal that wakes a prefork child.
     wakeup_signal: signal.Signals | None = DEFAULT_WAKEUP_SIGNAL
 
