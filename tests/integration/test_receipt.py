@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from celery import group
+from celery import chain, group
 
 from cancellable import CancelReason
 from cancellable.celery import CancelReceipt, Outcome, cancel
@@ -159,3 +159,51 @@ def test_a_group(shared_worker, keys: Keys):
     assert (("group", result.id),) == receipt.targets
     assert tuple(r.id for r in result.results) == receipt.task_ids
     assert [Outcome.FINISHED, Outcome.STOPPED, Outcome.STOPPED] == [o.outcome for o in outcomes]
+
+
+def test_a_whole_chain(shared_worker, keys: Keys):
+    """cancel(chain_result, workflow=True): the receipt knows every link it holds; the
+    first finished before the cancel, the running one stopped, the unsent last one
+    discarded (never started)."""
+    worker = shared_worker()
+    flow = chain(
+        worker.app.signature("cit.plain.add", args=(1, 2), options={"queue": worker.queue},
+                             immutable=True),
+        worker.app.signature("cit.loop", args=(keys.key("c"), 30.0),
+                             options={"queue": worker.queue}, immutable=True),
+        worker.app.signature("cit.plain.add", args=(3, 4), options={"queue": worker.queue},
+                             immutable=True),
+    )  # fmt: skip
+    result = flow.apply_async()
+    wait_for(lambda: keys.flag("c", "looping"), 20, message="the second link to loop")
+
+    receipt = cancel(result, "chain done", app=worker.app, workflow=True)
+    outcomes = receipt.wait(20)
+
+    ids = (result.parent.parent.id, result.parent.id, result.id)
+    assert ids == receipt.task_ids
+    assert [Outcome.FINISHED, Outcome.STOPPED, Outcome.DISCARDED] == [
+        o.outcome for o in outcomes
+    ], outcomes
+
+
+def test_a_chain_without_workflow_cancels_only_its_last_link(shared_worker, keys: Keys):
+    """cancel(chain_result) names the last link only (what cancel()'s docs warn): the
+    running link runs on to SUCCESS, the last link is discarded when it is sent."""
+    worker = shared_worker()
+    flow = chain(
+        worker.app.signature("cit.loop", args=(keys.key("l"), 1.5),
+                             options={"queue": worker.queue}, immutable=True),
+        worker.app.signature("cit.plain.add", args=(3, 4), options={"queue": worker.queue},
+                             immutable=True),
+    )  # fmt: skip
+    result = flow.apply_async()
+    wait_for(lambda: keys.flag("l", "looping"), 20, message="the first link to loop")
+
+    receipt = cancel(result, "only the end", app=worker.app)
+    (outcome,) = receipt.wait(20)
+
+    assert (result.id,) == receipt.task_ids
+    assert Outcome.DISCARDED == outcome.outcome, outcome
+    assert "SUCCESS" == result.parent.state
+    assert "1" == keys.flag("l", "done")
