@@ -33,6 +33,7 @@ from ._client import (
     cancel,
     configure,
 )
+from ._receipt import CancelReceipt, Outcome, TaskOutcome
 from ._settings import (
     DEFAULT_CANCEL_TIMEOUT,
     DEFAULT_KILL_AFTER,
@@ -53,10 +54,13 @@ __all__ = [
     "MAX_GRACE",
     "BroadcastFailedWarning",
     "BrokerUnavailableError",
+    "CancelReceipt",
     "LedgerUnavailableWarning",
+    "Outcome",
     "PreforkDeliveryWarning",
     "SettingError",
     "Settings",
+    "TaskOutcome",
     "cancel",
     "configure",
 ]
