@@ -566,6 +566,8 @@ def configure(
     kill_process_group: bool = UNCHANGED,
     cancel_siblings_on_failure: bool = UNCHANGED,
     wakeup_signal: int | str | None = UNCHANGED,
+    shutdown_grace: float | None = UNCHANGED,
+    cancel_on_connection_loss: bool = UNCHANGED,
 ) -> Settings:
     """Set `cancellable`'s settings on a Celery app, checked now (all optional).
 
@@ -600,6 +602,13 @@ def configure(
             prefork children: ``SIGURG`` (the default) or ``SIGWINCH``, the
             signals whose default action is to ignore them (a child signalled
             before it installed the handler must not die).
+        shutdown_grace: ``cancellable_shutdown_grace``: at a warm shutdown,
+            running ``@cancellable`` tasks are cancelled with this grace and
+            sent back to the broker (None: Celery's behaviour, the default;
+            see :doc:`/shutdown`).
+        cancel_on_connection_loss: ``cancellable_cancel_on_connection_loss``:
+            stop the ``acks_late`` tasks an AMQP broker will redeliver when
+            the worker's connection is lost (default True).
 
     Returns:
         The app's settings as a worker will read them.
@@ -621,6 +630,8 @@ def configure(
         "kill_process_group": kill_process_group,
         "cancel_siblings_on_failure": cancel_siblings_on_failure,
         "wakeup_signal": wakeup_signal,
+        "shutdown_grace": shutdown_grace,
+        "cancel_on_connection_loss": cancel_on_connection_loss,
     }
     updates = {PREFIX + name: value for name, value in given.items() if value is not UNCHANGED}
     settings = Settings.from_conf(
