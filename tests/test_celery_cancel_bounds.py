@@ -185,6 +185,35 @@ class TestAStoppedLedger:
         assert ["ledger-stopped"] == body["arguments"]["task_id"]
 
 
+class TestAStoppedResultBackend:
+    """The result backend stops answering: the state reads cost at most one broker wait."""
+
+    def test_cancels_within_the_bound(
+        self, app_on: Callable[..., Celery], server: StoppableRedis
+    ) -> None:
+        """Broker and ledger up, result backend on a stopped server: the reads
+        of the given tasks' states (which tell a finished task) are abandoned
+        after one broker wait, and ``cancel()`` records and broadcasts the
+        cancellation within its bound (before the reads were bounded, it
+        waited for Celery's backend client, 120 s)."""
+        app = app_on(REDIS_URL, cancellable_ledger_url=REDIS_URL)
+        app.conf.result_backend = server.url
+        app.conf.redis_socket_timeout = 120
+        listener = Broadcasts(app)
+        try:
+            server.pause()
+            outcome = timed_cancel(lambda: cc.cancel("backend-stopped", "stop", app=app))
+            body = listener.get()
+        finally:
+            listener.close()
+
+        assert outcome.error is None, outcome.error
+        assert outcome.seconds is not None
+        assert outcome.seconds < 6.0 + SLACK, outcome.seconds
+        assert ["backend-stopped"] == body["arguments"]["task_id"]
+        assert "backend-stopped" in [t for e in recorded(app) for _, t in e.targets]
+
+
 class TestTheBrokerStopsBetweenTheCheckAndTheBroadcast:
     """The check passed, then the broker stopped: the broadcast's own publish is bounded."""
 

@@ -26,6 +26,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1411,6 +1412,47 @@ class TestTaskEvents:
 
 class TestClientReaches:
     """What `cancel` reaches in Celery and kombu beyond their public API (issue 18)."""
+
+    def test_stored_states_reads_a_redis_backend_in_bulk(self) -> None:
+        """``stored_states`` reads a key-value backend (Celery's Redis backend)
+        with its ``mget``, ``get_key_for_task`` and ``decode_result``: a task
+        stored SUCCESS reads SUCCESS, an id never stored reads PENDING.  If
+        not, ``cancel()`` would record finished tasks or skip running ones."""
+        app = Celery(
+            f"contract-{uuid.uuid4().hex[:8]}",
+            broker=REDIS_URL,
+            backend=REDIS_URL,
+            set_as_current=False,
+        )
+        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            app.backend.mark_as_done(done, 1)
+            read: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown], read)
+        finally:
+            app.backend.forget(done)
+            app.close()
+
+        assert {done: "SUCCESS", unknown: "PENDING"} == read
+
+    def test_stored_states_reads_a_database_backend_one_by_one(self, tmp_path: Path) -> None:
+        """Celery's database backend has no bulk read: ``stored_states`` falls
+        back on ``get_task_meta`` per id and gets the same answers."""
+        app = Celery(
+            f"contract-{uuid.uuid4().hex[:8]}",
+            broker=REDIS_URL,
+            backend=f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+            set_as_current=False,
+        )
+        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            app.backend.mark_as_failure(done, ValueError("x"))
+            read: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown], read)
+        finally:
+            app.close()
+
+        assert {done: "FAILURE", unknown: "PENDING"} == read
 
     def test_publish_control_once_sends_what_broadcast_sends(self, rdb: redis.Redis) -> None:
         """``publish_control_once`` (Celery's ``Control.mailbox`` bound to a

@@ -1053,3 +1053,34 @@ def is_fallback_app(app: Any) -> bool:
         and getattr(app, "main", None) == "default"
         and getattr(app, "set_as_current", True) is False
     )
+
+
+def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> None:
+    """Fill ``into`` with the stored state of each of ``task_ids``.
+
+    A key-value backend (Redis, Memcached, the filesystem: Celery's
+    ``KeyValueStoreBackend``) is read in bulk with its ``mget``, its
+    ``get_key_for_task`` and its ``decode_result``, a thousand ids a round
+    trip; any other backend one ``get_task_meta`` per id.  ``into`` fills as
+    reads complete, so a caller that stops waiting keeps what was read.  A
+    task the backend has no record of is PENDING.  ``mget`` and
+    ``decode_result`` are not in Celery's documented API; same in 5.3 to 5.7.
+    """
+    from celery import states
+
+    if all(hasattr(backend, name) for name in ("mget", "get_key_for_task", "decode_result")):
+        try:
+            for start in range(0, len(task_ids), 1000):
+                chunk = task_ids[start : start + 1000]
+                values = backend.mget([backend.get_key_for_task(t) for t in chunk])
+                for task_id, value in zip(chunk, values, strict=True):
+                    meta = backend.decode_result(value) if value else {}
+                    into[task_id] = str(meta.get("status") or states.PENDING)
+        except NotImplementedError:  # a key-value backend without a bulk read
+            pass
+        else:
+            return
+    for task_id in task_ids:
+        if task_id in into:
+            continue
+        into[task_id] = str(backend.get_task_meta(task_id).get("status") or states.PENDING)

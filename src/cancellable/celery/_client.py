@@ -26,7 +26,7 @@ from .._log import logger
 from ..events import CANCEL_BROADCAST_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ledger
-from ._broker import Deadline
+from ._broker import Deadline, wait_for
 from ._receipt import CancelReceipt
 from ._runtime import runtime
 from ._settings import PREFIX, SettingError, Settings, forget_settings, settings_for
@@ -208,9 +208,11 @@ def cancel(
     broker (one round trip), records the cancellation in the ledger, then
     broadcasts it; each wait for the broker is at most a third of the bound
     (2 s by default), the ledger's at most its own 2 s.  What happens when a
-    step is hit is in :doc:`/reliability` ("Time bounds").  The bound starts
-    after the result-backend reads: the state of each task given by id (one
-    read each) and, with ``workflow=True``, the climb of each bare id.
+    step is hit is in :doc:`/reliability` ("Time bounds").  The state of each
+    task given by id is read from the result backend (in bulk where the
+    backend can) while the broker is checked, within the same bound: a task
+    not read in time is cancelled as if it were still running.  With
+    ``workflow=True``, the climb of each bare id comes before the bound.
 
     Args:
         task_or_id: A task id, an `~celery.result.AsyncResult`, a
@@ -297,17 +299,21 @@ def cancel(
         plan.wide.extend(targets)
         plan.seen.update(seen)
 
-    # Finished tasks are left alone: cancelling them would record nothing true.
+    # The bound starts here: the workflow reads above are Celery's own.
+    deadline = Deadline(settings_for(app).cancel_timeout)
+    # Finished tasks are left alone: cancelling them would record nothing
+    # true.  Their states are read while the broker is checked.
     given = list(dict.fromkeys(plan.task_ids))
-    finished = {t: s for t, s in ((t, _stored_state(app, t)) for t in given) if s in READY}
-    task_ids = [t for t in given if t not in finished]
     wide = [t for t in plan.targets() if t[0] != "task"]
-    if task_ids or wide:
-        # The bound starts here: the result-backend reads above are Celery's own.
-        deadline = Deadline(settings_for(app).cancel_timeout)
-        cancel_targets(app, task_ids, wide, cancel_reason, grace_s, deadline=deadline)
+    finished: dict[str, str] = {}
+    if given or wide:
+        reads = StateReads(app, given)
+        finished = cancel_targets(
+            app, given, wide, cancel_reason, grace_s, deadline=deadline, states=reads
+        )
         if plan.trees:
             _mark_unsent(app, plan.trees, cancel_reason)
+    task_ids = [t for t in given if t not in finished]
     known = [*given]
     for tree in plan.trees:
         known.extend(tree_ids(tree, whole=plan.workflow))
@@ -328,12 +334,35 @@ def cancel(
 READY: Final = states.READY_STATES
 
 
-def _stored_state(app: Any, task_id: str) -> str:
-    """The task's state in the result backend (PENDING if it cannot be read)."""
-    try:
-        return str(app.backend.get_task_meta(task_id).get("status") or states.PENDING)
-    except Exception:  # noqa: BLE001 - no backend, or it failed: cancel it anyway
-        return str(states.PENDING)
+class StateReads:
+    """The stored states of tasks, read on a daemon thread from the start.
+
+    A result backend that hangs or retries (Celery's Redis backend retries a
+    refused connection) costs `cancel` only the budget it waits in
+    `finished`.  An id not read in time is cancelled as if it had not
+    finished: recording a finished task does it no harm, and
+    `CancelReceipt.wait` reports it finished.
+    """
+
+    def __init__(self, app: Any, task_ids: list[str]) -> None:
+        self._read: dict[str, str] = {}
+        self._thread = threading.Thread(
+            target=self._reads, args=(app, task_ids), name="cancellable-state-read", daemon=True
+        )
+        if task_ids:
+            self._thread.start()
+
+    def _reads(self, app: Any, task_ids: list[str]) -> None:
+        try:
+            celery_internals.stored_states(app.backend, task_ids, self._read)
+        except Exception:  # noqa: BLE001 - no backend, or it failed: cancel them anyway
+            pass
+
+    def finished(self, budget: float) -> dict[str, str]:
+        """The tasks read as finished (READY states) within ``budget`` more seconds."""
+        if self._thread.is_alive():
+            self._thread.join(budget)
+        return {t: s for t, s in dict(self._read).items() if s in READY}
 
 
 def cancel_targets(
@@ -344,7 +373,8 @@ def cancel_targets(
     grace: float | None = None,
     *,
     deadline: Deadline | None = None,
-) -> None:
+    states: StateReads | None = None,
+) -> dict[str, str]:
     """Check the broker, record targets in the ledger, then broadcast them in one revoke.
 
     ``task_ids`` travel as Celery's own ``task_id`` argument; group and root
@@ -352,7 +382,10 @@ def cancel_targets(
     ``cancellable_grace``, which only this library's interceptor reads.
     Every step waits only until ``deadline`` (default: the app's
     ``cancellable_cancel_timeout`` from now); see `cancel` for what each
-    failure raises or warns.
+    failure raises or warns.  With ``states``, the tasks it reads as
+    finished once the broker has answered (waiting at most one broker
+    wait) are left out and returned; nothing is recorded or sent when
+    nothing is left.
     """
     targets: list[_ledger.Target] = [("task", task_id) for task_id in task_ids]
     targets.extend(wide)
@@ -370,6 +403,15 @@ def cancel_targets(
             broadcasts.check(conn, deadline)
         except Exception as exc:
             raise _unavailable(app, exc, deadline, "the broker did not answer") from exc
+        finished: dict[str, str] = {}
+        if states is not None:
+            finished = states.finished(min(wait_for(deadline.seconds), deadline.left()))
+            task_ids = [task_id for task_id in task_ids if task_id not in finished]
+            targets = [("task", task_id) for task_id in task_ids]
+            targets.extend(wide)
+            if not targets:
+                broken = False
+                return finished
         recorded = _record(app, targets, task_ids, reason, grace, deadline)
         arguments: dict[str, Any] = {
             "task_id": task_ids,
@@ -390,6 +432,7 @@ def cancel_targets(
             broken = False
     finally:
         broadcasts.release(conn, broken=broken)
+    return finished
 
 
 def _unavailable(
