@@ -30,6 +30,7 @@ from ._client import (
     BroadcastFailedWarning,
     BrokerUnavailableError,
     LedgerUnavailableWarning,
+    NotDurableWarning,
     cancel,
     configure,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "BroadcastFailedWarning",
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
+    "NotDurableWarning",
     "PreforkDeliveryWarning",
     "SettingError",
     "Settings",
