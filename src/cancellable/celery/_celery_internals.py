@@ -1103,7 +1103,7 @@ def _sentinel_client(
     for name in ("socket_timeout", "socket_connect_timeout"):
         given = sentinel_kwargs.get(name)
         sentinel_kwargs[name] = timeout if given is None else min(float(given), timeout)
-    sentinel_kwargs.update(retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
     sentinels = [(parts.hostname or "localhost", parts.port or 26379) for _, parts in hosts]
     connection = dict(params)
     connection["connection_class"] = (

@@ -78,6 +78,7 @@ import json
 import math
 import os
 import secrets
+import ssl
 import sys
 import threading
 import time
@@ -293,14 +294,37 @@ class RedisLedger:
     #: Trim expired entries at most this often per process (seconds).
     TRIM_EVERY: Final = 60.0
 
-    def __init__(self, client: Any, prefix: str, ttl: float, server: str = "redis") -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        ttl: float,
+        server: str = "redis",
+        setting: str = "the result backend",
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._key = prefix + "ledger"
         #: Where the entries are (no password), for log lines and messages.
         self.where = f"Redis stream {self._key!r} on {server}"
+        #: The setting that chose this server (named in every error).
+        self.setting = setting
         self._ttl_ms = max(1, int(ttl * 1000))
         self._last_trim = 0.0
+
+    def _error(self, what: str, exc: BaseException) -> LedgerError:
+        # One message naming the setting and the server; a TLS refusal says
+        # which options decide it.
+        hint = ""
+        if isinstance(exc.__context__ or exc.__cause__, ssl.SSLError) or "SSL" in str(exc):
+            hint = (
+                " (TLS refused: check ssl_cert_reqs and ssl_ca_certs, ssl_certfile, "
+                f"ssl_keyfile of {self.setting}, or broker_use_ssl / redis_backend_use_ssl)"
+            )
+        return LedgerError(
+            f"could not {what} the cancellation ledger, {self.where} "
+            f"(from {self.setting}): {exc}{hint}"
+        )
 
     def record(
         self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
@@ -317,7 +341,7 @@ class RedisLedger:
                 pipe.xadd(self._key, fields)
             ids = pipe.execute()
         except Exception as exc:
-            raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+            raise self._error("write", exc) from exc
         self._maybe_trim(ids[-1])
 
     def record_once(self, targets: Sequence[Target], reason: CancelReason, key: str) -> bool:
@@ -346,7 +370,7 @@ class RedisLedger:
             self.record(targets, reason)
             return True
         except Exception as exc:
-            raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+            raise self._error("write", exc) from exc
         if not last:
             return False
         self._maybe_trim(last)
@@ -385,7 +409,7 @@ class RedisLedger:
                     break
                 rows = self._client.xrange(self._key, min=f"({cursor}", max="+", count=_PAGE)
         except Exception as exc:
-            raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
+            raise self._error("read", exc) from exc
         return entries, cursor
 
     def _entry(self, stream_id: str, fields: dict[Any, Any], oldest_ms: int) -> Entry | None:
@@ -768,7 +792,8 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
             keyprefix += "_"  # as Celery's backend prefixes its own keys
         server = celery_internals.redis_server_of(client)
         bounded = celery_internals.bounded_redis_client(client, TIMEOUT)
-        return RedisLedger(bounded, keyprefix + prefix, ttl, server)
+        setting = "result_backend (Celery's Redis result backend)"
+        return RedisLedger(bounded, keyprefix + prefix, ttl, server, setting)
     base = celery_internals.filesystem_backend_path(backend)
     if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
@@ -848,7 +873,7 @@ def _ledger_from_url(
             setting=setting,
             celery_keyprefix=celery_keyprefix,
         )
-        return RedisLedger(made.client, made.keyprefix + prefix, ttl, made.where)
+        return RedisLedger(made.client, made.keyprefix + prefix, ttl, made.where, setting)
     if url.startswith("file://"):
         return FileLedger(urllib.parse.urlparse(url).path, ttl)
     raise ValueError(
