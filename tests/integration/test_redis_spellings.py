@@ -230,7 +230,8 @@ def test_cert_required_with_a_wrong_ca_is_refused_with_one_message_naming_the_se
     certificate: the TLS handshake is refused.  The worker's log says so once
     at start (``ledger.unavailable``) and ``cancel()`` warns
     (`LedgerUnavailableWarning`), both naming ``cancellable_ledger_url``, the
-    server and the TLS options to check."""
+    server and the TLS options to check.  (The poller repeats the log line,
+    throttled, while it lasts.)"""
     from cancellable.celery import LedgerUnavailableWarning, cancel
 
     wrong = make_ca(tmp_path / "wrong-ca", "wrong")
@@ -245,7 +246,29 @@ def test_cert_required_with_a_wrong_ca_is_refused_with_one_message_naming_the_se
         assert text in message, message
     assert "ssl_ca_certs" in message, message
     log = worker.log_path.read_text(errors="replace")
-    lines = [line for line in log.splitlines() if "ledger.unavailable" in line]
+    at_start = [
+        line
+        for line in log.splitlines()
+        if "ledger.unavailable" in line and "during='worker start'" in line
+    ]
+    assert 1 == len(at_start), worker.tail()
+    assert "cancellable_ledger_url" in at_start[0], at_start[0]
+    assert "ssl_ca_certs" in at_start[0], at_start[0]
+    assert "CERTIFICATE_VERIFY_FAILED" in at_start[0], at_start[0]
+
+
+def test_a_worker_without_a_durable_store_says_so_in_one_line_at_start(make_worker: Any) -> None:
+    """A worker on RabbitMQ with the ``rpc://`` result backend and no
+    ``cancellable_ledger_url`` has nowhere durable to keep cancellations: its
+    log says so in one WARNING line at start (``ledger.in_use``, "not durable:
+    online workers only" and why), never silently."""
+    worker = make_worker(broker="rabbitmq", backend_url="rpc://")
+    worker.stop()
+
+    log = worker.log_path.read_text(errors="replace")
+    lines = [line for line in log.splitlines() if "ledger.in_use" in line]
     assert 1 == len(lines), worker.tail()
-    assert "cancellable_ledger_url" in lines[0], lines[0]
-    assert "ssl_ca_certs" in lines[0], lines[0]
+    assert "WARNING" in lines[0].upper(), lines[0]
+    assert "durable=False" in lines[0], lines[0]
+    assert "not durable: online workers only" in lines[0], lines[0]
+    assert "RPCBackend" in lines[0], lines[0]

@@ -224,7 +224,7 @@ def _log_where(app: Any, ledger: _ledger.Ledger) -> None:
     """One line at worker start: where this app's cancellations are kept."""
     durable = bool(getattr(ledger, "durable", False))
     where = getattr(ledger, "where", None) or type(ledger).__name__
-    log = logger.info if durable else logger.warning
+    log = logger.info if durable or getattr(ledger, "chosen", False) else logger.warning
     log(LEDGER_IN_USE, app=app.main or "default", durable=durable, where=where)
 
 

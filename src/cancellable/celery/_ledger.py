@@ -271,7 +271,11 @@ class NullLedger:
 
     durable = False
 
-    def __init__(self, why: str = "cancellable_ledger_url is 'none'") -> None:
+    def __init__(self, why: str | None = None) -> None:
+        #: No store by choice (``cancellable_ledger_url = "none"``): nobody is warned.
+        self.chosen = why is None
+        if why is None:
+            why = "cancellable_ledger_url is 'none'"
         #: Why there is no store (for the worker's start line and `cancel`'s warning).
         self.why = why
         self.where = f"not durable: online workers only ({why})"
@@ -721,7 +725,7 @@ class Ledgers:
         ``celery cancel`` command: once per process and app.
         """
         ledger = self.get(app)
-        if getattr(ledger, "durable", True):
+        if getattr(ledger, "durable", True) or getattr(ledger, "chosen", False):
             return None
         with self._lock:
             if app in self._not_durable_told:
