@@ -253,6 +253,8 @@ def cancel(
         BroadcastFailedWarning: The cancellation was recorded in the ledger
             but its broadcast failed or timed out; workers apply it at their
             next ledger read (``cancellable_poll_interval``).
+        NotDurableWarning: The app has no durable ledger at all (once per
+            process and app): only online workers receive the cancellation.
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.1.0

@@ -34,15 +34,29 @@ Expiry
 Where it lives, in order of preference:
 
 1. ``app.conf.cancellable_ledger_url`` when set (``redis://...``,
-   ``file:///path`` or a database URL; the string ``"none"`` disables it);
+   ``rediss://...``, ``sentinel://...``, ``file:///path`` or a database URL;
+   the string ``"none"`` disables it);
 2. the app's result backend, when it is Redis, the filesystem backend or
    Celery's database backend (``db+...``: `SqlLedger`, tables described in
    `cancellable.celery._ledger_sql`);
-3. the app's broker, when it is Redis;
+3. the app's broker, when it is Redis (``rediss://`` and ``sentinel://`` too);
 4. nowhere: cancellation still works for online workers, and a warning
-   (``ledger.not_durable``) says so once per process.
+   (``ledger.not_durable``) says so once per process; `Ledgers.not_durable_once`
+   gives `cancel`'s warning.
 
-Redis layout: one stream, ``cancellable:<app name>:ledger``, whose entries
+Redis spellings
+    A Redis URL is read as kombu and Celery read it
+    (`~cancellable.celery._celery_internals.redis_ledger_client`): TLS from
+    ``rediss://`` query parameters and ``broker_use_ssl`` /
+    ``redis_backend_use_ssl``, Sentinel from ``sentinel://`` URLs joined by
+    ``;`` and ``master_name`` / ``sentinel_kwargs``, and
+    ``global_keyprefix`` and socket timeouts from the transport options of
+    the broker (when the ledger's Redis is the broker's, or the broker is
+    Redis) or of the result backend (otherwise).  A Redis result backend's
+    own client is copied (Celery parsed its URL), with its
+    ``global_keyprefix``.
+
+Redis layout: one stream, ``[global_keyprefix]cancellable:<app name>:ledger``, whose entries
 have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
 A reader keeps the targets of an entry whose reason it cannot read (another
 version wrote it) and degrades the reason (`cancellable.celery._wire`).
