@@ -1130,6 +1130,166 @@ class TestConnections:
         assert time.monotonic() - started < 5.0
 
 
+class TestShutdownAndConnectionLoss:
+    """Where a warm shutdown begins, and a consumer losing its broker connection."""
+
+    def test_blueprint_closes_every_step_first_to_last_before_stopping_any(self) -> None:
+        """``Blueprint.stop`` (``celery.bootsteps``) calls ``close`` on every step,
+        first to last, before it calls ``stop`` from last to first.  So
+        ``WorkerStep.close`` runs before the pool's ``stop`` waits for the running
+        tasks, wherever the step sorts among the worker's steps (it has no
+        ``requires``).  If not, a warm shutdown with ``cancellable_shutdown_grace`` waits
+        for the tasks instead of sending them back."""
+        from celery import bootsteps
+
+        from cancellable.celery._activation import WorkerStep
+
+        calls: list[str] = []
+
+        class Parent:
+            def __init__(self) -> None:
+                self.steps: list[Any] = []
+
+        class Recording(bootsteps.StartStopStep):  # type: ignore[misc]
+            def create(self, parent: Any) -> Any:
+                return self
+
+            def start(self, parent: Any) -> None:
+                calls.append(f"{self.label}.start")
+
+            def close(self, parent: Any) -> None:
+                calls.append(f"{self.label}.close")
+
+            def stop(self, parent: Any) -> None:
+                calls.append(f"{self.label}.stop")
+
+        class First(Recording):  # type: ignore[misc]
+            name = "contract.First"
+            label = "first"
+
+        class Second(Recording):  # type: ignore[misc]
+            name = "contract.Second"
+            label = "second"
+            requires = (First,)
+
+        parent = Parent()
+        blueprint = bootsteps.Blueprint([First, Second], name="contract")
+        blueprint.apply(parent)
+        blueprint.start(parent)
+        blueprint.stop(parent)
+
+        assert [
+            "first.start",
+            "second.start",
+            "first.close",
+            "second.close",
+            "second.stop",
+            "first.stop",
+        ] == calls
+        assert callable(getattr(WorkerStep, "close", None))
+
+    def test_redelivers_unacked_only_for_amqp(self) -> None:
+        """``redelivers_unacked`` (``Connection.transport.driver_type``): True for
+        ``amqp://`` and ``pyamqp://``, False for Redis and the in-memory
+        transport.  If not, a lost Redis connection stops tasks that nothing
+        redelivers, or a lost RabbitMQ connection runs them twice at once."""
+        for url, expected in (
+            ("amqp://guest:guest@127.0.0.1:5672//", True),
+            ("pyamqp://guest:guest@127.0.0.1:5672//", True),
+            (REDIS_URL, False),
+            ("memory://", False),
+        ):
+            with Connection(url) as conn:
+                assert expected is internals.redelivers_unacked(conn), url
+        assert internals.redelivers_unacked(None) is False
+
+    def test_a_dropped_acknowledgement_is_never_sent_and_celery_does_not_kill(
+        self, app: Celery, messages: Messages, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``drop_acknowledgement`` (``Request.acknowledged``): ``acknowledge()`` and
+        ``reject()`` then leave the message alone, and Celery's
+        ``worker_cancel_long_running_tasks_on_connection_loss`` loop in
+        ``Consumer.on_connection_error_after_connected`` skips the request (it
+        cancels the other one).  If not, a task cancelled for a lost connection
+        is also SIGTERMed by Celery, without its cleanup."""
+        from cancellable.celery._activation import WorkerStep
+
+        app.tasks["contract.job"].acks_late = True
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+        dropped, other = messages.request(), messages.request()
+        for request in (dropped, other):
+            worker_state.active_requests.add(request)
+        internals.drop_acknowledgement(dropped)
+        dropped.acknowledge()
+        dropped.reject(requeue=True)
+        assert not dropped.message.acknowledged
+        controller = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True)
+        for step in controller.steps:  # the integration's step: its runtime goes
+            if isinstance(step, WorkerStep):
+                step.shutdown(controller)
+        consumer = controller.consumer
+        consumer.connection = None
+        celery_hook = original_of(type(consumer).on_connection_error_after_connected)
+
+        with caplog.at_level("WARNING"):
+            celery_hook(consumer, OSError("contract: connection lost"))
+
+        warned = " ".join(record.getMessage() for record in caplog.records)
+        assert other.id in warned
+        assert dropped.id not in warned
+
+    def test_the_consumer_calls_the_wrapper_when_its_connection_drops(
+        self, app: Celery, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_consumer_connection_lost`` (``Consumer.on_connection_error_after_connected``):
+        when a connected consumer's broker connection drops (a TCP proxy between
+        an embedded worker and Redis is cut), Celery calls the wrapper with the
+        consumer and the error while ``consumer.connection`` is still the old
+        connection; ``unwrap_consumer_connection_lost`` puts Celery's back.  If
+        not, a lost RabbitMQ connection never stops the first copy of a task."""
+        from celery.worker.consumer.consumer import Consumer
+        from tests.integration.proxy import TcpProxy
+
+        celery_hook = original_of(Consumer.on_connection_error_after_connected)
+        monkeypatch.setattr(Consumer, "on_connection_error_after_connected", celery_hook)
+        seen: list[tuple[Any, Any, bool]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def hook(consumer: Any, exc: Any) -> Any:
+                connection = consumer.connection
+                seen.append((consumer, exc, internals.redelivers_unacked(connection)))
+                return original(consumer, exc)
+
+            return hook
+
+        assert internals.wrap_consumer_connection_lost(make)
+        assert not internals.wrap_consumer_connection_lost(make)
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True  # (no warning)
+        proxy = TcpProxy("127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0]))
+        try:
+            app.conf.broker_url = REDIS_URL.replace(
+                REDIS_URL.rsplit(":", 1)[1].split("/")[0], str(proxy.port), 1
+            )
+            with start_worker(app, pool="solo", perform_ping_check=False) as worker:
+                _wait_for(lambda: proxy.connections() > 0)
+                proxy.cut()
+                _wait_for(lambda: seen, 15)
+                proxy.restore()
+            consumer, exc, redelivers = seen[0]
+            assert consumer is worker.consumer
+            assert isinstance(exc, Exception)
+            assert redelivers is False
+        finally:
+            proxy.close()
+            # (The embedded worker's own stop may have unwrapped it already.)
+            internals.unwrap_consumer_connection_lost()
+        assert celery_hook is Consumer.on_connection_error_after_connected
+        assert internals.wrap_consumer_connection_lost(make)
+        assert internals.unwrap_consumer_connection_lost()
+        assert not internals.unwrap_consumer_connection_lost()
+        assert celery_hook is Consumer.on_connection_error_after_connected
+
+
 # --------------------------------------------------------------------------
 # Task events and the tracer's log line (cancellable.celery._ending).
 

@@ -53,6 +53,7 @@ __all__ = [
     "database_backend_engine",
     "discard_scheduled",
     "django_result_database",
+    "drop_acknowledgement",
     "einfo_exception",
     "extra_revoked_fields",
     "filesystem_backend_path",
@@ -66,6 +67,7 @@ __all__ = [
     "pool_process",
     "process_index",
     "publish_control_once",
+    "redelivers_unacked",
     "redis_backend_client",
     "redis_broker_client",
     "redis_ledger_client",
@@ -81,6 +83,7 @@ __all__ = [
     "send_task_event",
     "task_ids",
     "unregister_inspect_command",
+    "unwrap_consumer_connection_lost",
     "unwrap_request_methods",
     "unwrap_revoke_command",
     "worker_concurrency",
@@ -88,6 +91,7 @@ __all__ = [
     "worker_pool_kind",
     "worker_pool_start_method",
     "worker_requests",
+    "wrap_consumer_connection_lost",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
     "wrap_request_on_failure",
@@ -1180,6 +1184,65 @@ def ping_redis_once(client: Any, timeout: float) -> None:
         raise
     finally:
         pool.release(connection)
+
+
+# --------------------------------------------------------------------------
+# The consumer losing its broker connection (cancellable.celery._shutdown).
+
+
+def wrap_consumer_connection_lost(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``Consumer.on_connection_error_after_connected``; False if already wrapped.
+
+    ``celery.worker.consumer.consumer.Consumer.start`` calls
+    ``self.on_connection_error_after_connected(exc)`` on the consumer's
+    thread when the broker connection of a consumer that was connected
+    fails, before it closes the connection (``self.connection`` is still
+    the old one), before ``worker_cancel_long_running_tasks_on_connection_loss``
+    cancels the ``acks_late`` requests that are not acknowledged, and
+    before ``on_close`` and the blueprint's restart.  Signature ``(self,
+    exc)``.  Undocumented; same in 5.3 to 5.7.
+    """
+    from celery.worker.consumer.consumer import Consumer
+
+    original = Consumer.on_connection_error_after_connected
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    Consumer.on_connection_error_after_connected = _wrapper(original, make(original))
+    return True
+
+
+def unwrap_consumer_connection_lost() -> bool:
+    """Put Celery's own ``on_connection_error_after_connected`` back; False if not wrapped."""
+    from celery.worker.consumer.consumer import Consumer
+
+    original = getattr(Consumer.on_connection_error_after_connected, ORIGINAL, None)
+    if original is None:
+        return False
+    Consumer.on_connection_error_after_connected = original
+    return True
+
+
+def redelivers_unacked(connection: Any) -> bool:
+    """Whether the broker of a kombu connection requeues its unacked messages when it drops.
+
+    ``Connection.transport.driver_type`` is ``"amqp"`` for the ``pyamqp``
+    and ``librabbitmq`` transports (an AMQP broker requeues the unacked
+    deliveries of a closed channel at once); ``"redis"``, ``"SQS"`` and the
+    others restore them only after a visibility timeout.  kombu 5.3 to 5.7.
+    """
+    transport = getattr(connection, "transport", None)
+    return getattr(transport, "driver_type", None) == "amqp"
+
+
+def drop_acknowledgement(request: Any) -> None:
+    """Never acknowledge or reject ``request``'s message (its channel is gone).
+
+    ``Request.acknowledged``: ``acknowledge()`` and ``reject()`` do nothing
+    once it is True, and the connection-loss loop of
+    ``worker_cancel_long_running_tasks_on_connection_loss`` skips such a
+    request (it would SIGTERM the child).  Undocumented; same in 5.3 to 5.7.
+    """
+    request.acknowledged = True
 
 
 def publish_control_once(

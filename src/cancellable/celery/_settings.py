@@ -268,6 +268,12 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     ),
     "kill_process_group": _Spec(_flag, "True or False"),
     "cancel_siblings_on_failure": _Spec(_flag, "True or False"),
+    "shutdown_grace": _Spec(
+        _grace,
+        f"a number of seconds from 0 to {MAX_GRACE:.0f} (one day), "
+        "or None (Celery's own warm shutdown)",
+    ),
+    "cancel_on_connection_loss": _Spec(_flag, "True or False"),
     "wakeup_signal": _Spec(
         _wakeup_signal,
         "a signal whose default action is to ignore it: "
@@ -315,6 +321,15 @@ class Settings:
     #: ``cancellable_cancel_siblings_on_failure``: a failed group member
     #: cancels its siblings (a task's own option wins).
     cancel_siblings_on_failure: bool = False
+    #: ``cancellable_shutdown_grace``: at a warm shutdown, running
+    #: ``@cancellable`` tasks are cancelled (source ``"shutdown"``) and sent
+    #: back to the broker; seconds before such a task is interrupted.  None:
+    #: Celery's own warm shutdown (wait for the tasks).
+    shutdown_grace: float | None = None
+    #: ``cancellable_cancel_on_connection_loss``: when an AMQP worker loses its
+    #: broker connection, its running ``@cancellable`` ``acks_late`` tasks
+    #: are cancelled (source ``"connection_lost"``): the broker redelivers them.
+    cancel_on_connection_loss: bool = True
     #: ``cancellable_wakeup_signal``: the signal that wakes a prefork child.
     wakeup_signal: signal.Signals | None = DEFAULT_WAKEUP_SIGNAL
 
