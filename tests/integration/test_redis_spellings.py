@@ -140,14 +140,15 @@ def wait_queued(worker: Worker, count: int) -> None:
 
 
 def cancel_quietly(task_id: str, reason: str, worker: Worker) -> None:
-    """`cancel` and assert it raised no warning (a not-durable or ledger warning)."""
+    """`cancel` and assert it issued no warning (not durable, ledger unavailable ...)."""
     from cancellable.celery import cancel
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cancel(task_id, reason=reason, app=worker.app)
 
-    assert [] == [str(w.message) for w in caught]
+    # (A ResourceWarning is the garbage collector closing another test's socket.)
+    assert [] == [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)]
 
 
 def ledger_naming(deployment: dict[str, Any], task_id: str) -> int:
