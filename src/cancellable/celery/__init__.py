@@ -34,6 +34,7 @@ from ._client import (
     cancel,
     configure,
 )
+from ._receipt import CancelReceipt, Outcome, TaskOutcome
 from ._settings import (
     DEFAULT_CANCEL_TIMEOUT,
     DEFAULT_KILL_AFTER,
@@ -54,11 +55,14 @@ __all__ = [
     "MAX_GRACE",
     "BroadcastFailedWarning",
     "BrokerUnavailableError",
+    "CancelReceipt",
     "LedgerUnavailableWarning",
     "NotDurableWarning",
+    "Outcome",
     "PreforkDeliveryWarning",
     "SettingError",
     "Settings",
+    "TaskOutcome",
     "cancel",
     "configure",
 ]

@@ -27,9 +27,17 @@ from ..events import CANCEL_BROADCAST_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NO
 from . import _celery_internals as celery_internals
 from . import _ledger
 from ._broker import Deadline
+from ._receipt import CancelReceipt
 from ._runtime import runtime
 from ._settings import PREFIX, SettingError, Settings, forget_settings, settings_for
-from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
+from ._workflow import (
+    is_group_result,
+    resolve_id,
+    tree_ids,
+    tree_targets,
+    unsent_ids,
+    workflow_of,
+)
 
 __all__ = [
     "BroadcastFailedWarning",
@@ -177,7 +185,7 @@ def cancel(
     app: Any = None,
     workflow: bool = False,
     grace: float | None = None,
-) -> CancelReason:
+) -> CancelReceipt:
     """Cancel Celery tasks, groups or whole workflows, durably and with a reason.
 
     A queued or reserved task will not run; a running ``@cancellable`` task
@@ -199,13 +207,25 @@ def cancel(
     nothing is left PENDING and ``get()`` raises
     `~celery.exceptions.TaskRevokedError`.
 
+    A task given by id or `~celery.result.AsyncResult` that has finished
+    already (SUCCESS, FAILURE or REVOKED in the result backend) is left
+    alone: nothing is recorded or sent for it, and the receipt says it had
+    finished.  Cancelling twice is therefore harmless.
+
+    A chain's result is the result of its *last* link: ``cancel(chain_result)``
+    cancels that task only (the earlier links run, and the last one is
+    discarded when it is sent).  Pass ``workflow=True`` to cancel the whole
+    chain, or any canvas.
+
     Bounded: ``cancel()`` returns or raises within the app's
     ``cancellable_cancel_timeout`` (6 s by default) whatever the broker or
     the ledger does, refusing, failing or answering nothing.  It checks the
     broker (one round trip), records the cancellation in the ledger, then
     broadcasts it; each wait for the broker is at most a third of the bound
     (2 s by default), the ledger's at most its own 2 s.  What happens when a
-    step is hit is in :doc:`/reliability` ("Time bounds").
+    step is hit is in :doc:`/reliability` ("Time bounds").  The bound starts
+    after the result-backend reads: the state of each task given by id (one
+    read each) and, with ``workflow=True``, the climb of each bare id.
 
     Args:
         task_or_id: A task id, an `~celery.result.AsyncResult`, a
@@ -232,7 +252,12 @@ def cancel(
             earlier deadline wins), never lengthen it.
 
     Returns:
-        The `~cancellable.CancelReason` that was recorded and sent.
+        A `CancelReceipt`: the `~cancellable.CancelReason` that was recorded
+        and sent (``receipt.reason``), the targets, the tasks it knows, and
+        `CancelReceipt.wait`, which waits for the outcome of each (stopped
+        at a checkpoint, interrupted, terminated, discarded before it
+        started, already finished, finished without observing the
+        cancellation, still running, unknown).
 
     Raises:
         TypeError: ``task_or_id``, ``reason`` or ``grace`` has the wrong type.
@@ -259,6 +284,9 @@ def cancel(
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.1.0
        ``workflow=True``; a `~celery.result.GroupResult` is one group target.
+    .. versionchanged:: 0.1.0
+       Returns a `CancelReceipt` (its ``reason`` is what was returned
+       before); finished tasks are left alone.
     """
     grace_s = validate_grace(grace)
     install_revoke_recorder()
@@ -286,14 +314,43 @@ def cancel(
         plan.wide.extend(targets)
         plan.seen.update(seen)
 
-    task_ids = list(dict.fromkeys(plan.task_ids))
+    # Finished tasks are left alone: cancelling them would record nothing true.
+    given = list(dict.fromkeys(plan.task_ids))
+    finished = {t: s for t, s in ((t, _stored_state(app, t)) for t in given) if s in READY}
+    task_ids = [t for t in given if t not in finished]
     wide = [t for t in plan.targets() if t[0] != "task"]
-    # The bound starts here: the result-backend reads above are Celery's own.
-    deadline = Deadline(settings_for(app).cancel_timeout)
-    cancel_targets(app, task_ids, wide, cancel_reason, grace_s, deadline=deadline)
-    if plan.trees:
-        _mark_unsent(app, plan.trees, cancel_reason)
-    return cancel_reason
+    if task_ids or wide:
+        # The bound starts here: the result-backend reads above are Celery's own.
+        deadline = Deadline(settings_for(app).cancel_timeout)
+        cancel_targets(app, task_ids, wide, cancel_reason, grace_s, deadline=deadline)
+        if plan.trees:
+            _mark_unsent(app, plan.trees, cancel_reason)
+    known = [*given]
+    for tree in plan.trees:
+        known.extend(tree_ids(tree, whole=plan.workflow))
+    known.extend(plan.bare)
+    known.extend(plan.seen)
+    return CancelReceipt(
+        reason=cancel_reason,
+        targets=tuple([("task", t) for t in task_ids] + list(dict.fromkeys(wide))),
+        task_ids=tuple(dict.fromkeys(known)),
+        finished=tuple(finished.items()),
+        workflow=plan.workflow,
+        app=app,
+        _read_before=frozenset(task_ids),
+    )
+
+
+#: The states of a task that has ended.
+READY: Final = states.READY_STATES
+
+
+def _stored_state(app: Any, task_id: str) -> str:
+    """The task's state in the result backend (PENDING if it cannot be read)."""
+    try:
+        return str(app.backend.get_task_meta(task_id).get("status") or states.PENDING)
+    except Exception:  # noqa: BLE001 - no backend, or it failed: cancel it anyway
+        return str(states.PENDING)
 
 
 def cancel_targets(
@@ -537,6 +594,8 @@ def configure(
     kill_process_group: bool = UNCHANGED,
     cancel_siblings_on_failure: bool = UNCHANGED,
     wakeup_signal: int | str | None = UNCHANGED,
+    shutdown_grace: float | None = UNCHANGED,
+    cancel_on_connection_loss: bool = UNCHANGED,
 ) -> Settings:
     """Set `cancellable`'s settings on a Celery app, checked now (all optional).
 
@@ -571,6 +630,13 @@ def configure(
             prefork children: ``SIGURG`` (the default) or ``SIGWINCH``, the
             signals whose default action is to ignore them (a child signalled
             before it installed the handler must not die).
+        shutdown_grace: ``cancellable_shutdown_grace``: at a warm shutdown,
+            running ``@cancellable`` tasks are cancelled with this grace and
+            sent back to the broker (None: Celery's behaviour, the default;
+            see :doc:`/shutdown`).
+        cancel_on_connection_loss: ``cancellable_cancel_on_connection_loss``:
+            stop the ``acks_late`` tasks an AMQP broker will redeliver when
+            the worker's connection is lost (default True).
 
     Returns:
         The app's settings as a worker will read them.
@@ -592,6 +658,8 @@ def configure(
         "kill_process_group": kill_process_group,
         "cancel_siblings_on_failure": cancel_siblings_on_failure,
         "wakeup_signal": wakeup_signal,
+        "shutdown_grace": shutdown_grace,
+        "cancel_on_connection_loss": cancel_on_connection_loss,
     }
     updates = {PREFIX + name: value for name, value in given.items() if value is not UNCHANGED}
     settings = Settings.from_conf(
