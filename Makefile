@@ -73,7 +73,8 @@ INTEGRATION_B := tests/integration/test_connection_loss.py \
 	tests/integration/test_scale.py tests/integration/test_skew.py \
 	tests/integration/test_workflows.py tests/integration/test_cancel_bounds.py \
 	tests/integration/test_interrupt_locks.py \
-	tests/integration/test_hung_ledger.py tests/integration/test_receipt.py
+	tests/integration/test_hung_ledger.py tests/integration/test_receipt.py \
+	tests/integration/test_redis_spellings.py
 unit: $(VENV)/.installed
 	rm -f .coverage .coverage.*
 	$(MAKE) --no-print-directory --output-sync=target -j4 unit-main unit-integration-a unit-integration-b unit-soak

@@ -30,6 +30,7 @@ from ._client import (
     BroadcastFailedWarning,
     BrokerUnavailableError,
     LedgerUnavailableWarning,
+    NotDurableWarning,
     cancel,
     configure,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "BrokerUnavailableError",
     "CancelReceipt",
     "LedgerUnavailableWarning",
+    "NotDurableWarning",
     "Outcome",
     "PreforkDeliveryWarning",
     "SettingError",

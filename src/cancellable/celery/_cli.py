@@ -20,6 +20,8 @@ from ._client import BrokerUnavailableError
 from ._client import cancel as cancel_tasks
 from ._receipt import Outcome
 from ._revokes import MEMBERS_COMMAND
+from ._runtime import runtime
+from ._settings import SettingError
 from ._workflow import workflow_targets
 
 __all__ = ["cancel"]
@@ -90,6 +92,7 @@ def cancel(
     empty = [task_id for task_id in ids if not task_id.strip()]
     if empty:
         raise click.BadParameter("a task id must be a non-empty string", param_hint="TASK_IDS")
+    _say_not_durable(app)
     if workflow:
         _cancel_workflows(ctx, ids, reason, requested_by, wait, timeout, grace)
         return
@@ -224,3 +227,14 @@ def _cancel_workflows(
     if unknown:
         click.echo(f"{unknown} of {len(ids)} workflow id(s) unknown", err=True)
         ctx.exit(1)
+
+
+def _say_not_durable(app: Any) -> None:
+    # The same words as cancel()'s NotDurableWarning (which, once per process
+    # and app, is then not issued again by this command).
+    try:
+        why = runtime().ledgers.not_durable_once(app)
+    except (SettingError, ValueError):
+        return  # a bad setting: cancel() reports it
+    if why is not None:
+        click.echo(f"warning: {why}", err=True)

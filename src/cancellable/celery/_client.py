@@ -43,6 +43,7 @@ __all__ = [
     "BroadcastFailedWarning",
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
+    "NotDurableWarning",
     "cancel",
     "cancel_targets",
     "configure",
@@ -89,6 +90,20 @@ class BroadcastFailedWarning(UserWarning):
     It is in effect: every worker applies it when it next reads the ledger
     (every ``cancellable_poll_interval`` seconds) rather than at once, and a
     worker that starts later reads it when it starts.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class NotDurableWarning(UserWarning):
+    """The app has no durable ledger: a cancellation reaches online workers only.
+
+    Issued by `cancel` once per process and app (and printed by ``celery
+    cancel``), with why: the result backend and the broker keep no ledger
+    and ``cancellable_ledger_url`` is not set.  A task queued while no
+    worker is online, or received by a worker that restarts, still runs.
+    Setting ``cancellable_ledger_url = "none"`` says this is intended and
+    silences it.  See :doc:`ledgers`.
 
     .. versionadded:: 0.1.0
     """
@@ -265,6 +280,8 @@ def cancel(
         BroadcastFailedWarning: The cancellation was recorded in the ledger
             but its broadcast failed or timed out; workers apply it at their
             next ledger read (``cancellable_poll_interval``).
+        NotDurableWarning: The app has no durable ledger at all (once per
+            process and app): only online workers receive the cancellation.
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.1.0
@@ -413,6 +430,7 @@ def cancel_targets(
                 broken = False
                 return finished
         recorded = _record(app, targets, task_ids, reason, grace, deadline)
+        _warn_not_durable(app)
         arguments: dict[str, Any] = {
             "task_id": task_ids,
             "terminate": False,
@@ -482,6 +500,16 @@ def _record(
         )
         return False
     return bool(getattr(ledger, "durable", False))
+
+
+def _warn_not_durable(app: Any) -> None:
+    """`NotDurableWarning`, once per process and app, when ``app`` has no durable ledger."""
+    try:
+        why = runtime().ledgers.not_durable_once(app)
+    except (SettingError, ValueError):
+        return  # a bad setting: `_record` has said so
+    if why is not None:
+        warnings.warn(why, NotDurableWarning, stacklevel=4)
 
 
 def _broadcast_failed(
