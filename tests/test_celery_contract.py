@@ -26,6 +26,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1021,6 +1022,90 @@ class TestConnections:
             server.stop()
         assert 1.5 < waited < 3.0
 
+    def test_redis_ledger_client_reads_a_tls_url_and_settings_as_kombu_and_celery_do(
+        self, tmp_path: Any
+    ) -> None:
+        """``redis_ledger_client`` (kombu ``url_to_parts``; redis-py
+        ``ConnectionPool``, ``SSLConnection``) on a private TLS redis-server: for
+        a ``rediss://`` URL with ``ssl_cert_reqs``/``ssl_ca_certs`` in the query
+        and for ``broker_use_ssl``, it connects to the server, database and CA
+        that kombu's Redis channel and Celery's Redis backend connect to (their
+        pools compared), with both timeouts at the 2 s bound.  If not, a ledger
+        spelled as Celery's docs spell it fails or points elsewhere."""
+        import ssl
+
+        from celery.backends.redis import RedisBackend
+        from tests.redis_servers import tls_server
+
+        with tls_server(tmp_path / "tls") as server:
+            url = server.url(3, ssl_cert_reqs="CERT_REQUIRED", ssl_ca_certs=str(server.ca))
+            use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(server.ca)}
+            ours = internals.redis_ledger_client(
+                url, use_ssl=None, transport_options={"socket_timeout": 30},
+                timeout=2.0, setting="s",
+            )  # fmt: skip
+            ours_settings = internals.redis_ledger_client(
+                server.url(3).replace("rediss", "redis"), use_ssl=use_ssl,
+                transport_options=None, timeout=2.0, setting="s",
+            )  # fmt: skip
+            app = Celery("contract-tls", backend=url, set_as_current=False)
+            celery_kwargs = RedisBackend(app=app, url=url).client.connection_pool.connection_kwargs
+            with Connection(server.url(3), ssl=use_ssl) as conn:
+                kombu_kwargs = conn.default_channel.client.connection_pool.connection_kwargs
+                assert conn.default_channel.client.ping()
+
+            for made in (ours, ours_settings):
+                kwargs = made.client.connection_pool.connection_kwargs
+                assert made.client.ping()
+                assert made.client.connection_pool.connection_class is redis.SSLConnection
+                for theirs in (celery_kwargs, kombu_kwargs):
+                    assert [theirs[k] for k in ("host", "port", "db", "ssl_ca_certs")] == [
+                        kwargs[k] for k in ("host", "port", "db", "ssl_ca_certs")
+                    ]
+                assert {kwargs["ssl_cert_reqs"]} <= {"required", ssl.CERT_REQUIRED}
+                assert (2.0, 2.0) == (kwargs["socket_timeout"], kwargs["socket_connect_timeout"])
+            assert "rediss://127.0.0.1:" in internals.redis_server_of(ours.client)
+
+    def test_redis_ledger_client_reads_sentinel_as_celery_does(self) -> None:
+        """``redis_ledger_client`` on ``sentinel://h1;sentinel://h2`` with
+        ``master_name`` and ``sentinel_kwargs`` (redis-py ``Sentinel``,
+        ``SentinelConnectionPool.service_name``/``sentinel_manager``): the same
+        sentinels, master, database and password as Celery's ``SentinelBackend``
+        (no connection made), and the sentinels' own waits bounded too.  If not,
+        a Sentinel ledger asks other servers than the broker or result backend."""
+        from celery.backends.redis import SentinelBackend
+
+        url = "sentinel://:pw@127.0.0.1:26001/4;sentinel://:pw@127.0.0.1:26002/4"
+        options = {"master_name": "m1", "sentinel_kwargs": {"password": "spw"}}
+        app = Celery("contract-sentinel", set_as_current=False)
+        app.conf.result_backend_transport_options = options
+        theirs = SentinelBackend(app=app, url=url).client.connection_pool
+
+        ours = internals.redis_ledger_client(
+            url, use_ssl=None, transport_options=options, timeout=2.0, setting="s"
+        ).client.connection_pool
+
+        def sentinels(pool: Any) -> list[Any]:
+            return [
+                c.connection_pool.connection_kwargs["port"] for c in pool.sentinel_manager.sentinels
+            ]
+
+        assert theirs.service_name == ours.service_name == "m1"
+        assert sentinels(theirs) == sentinels(ours) == [26001, 26002]
+        for key in ("db", "password"):
+            assert theirs.connection_kwargs[key] == ours.connection_kwargs[key]
+        for sentinel in ours.sentinel_manager.sentinels:
+            kwargs = sentinel.connection_pool.connection_kwargs
+            assert "spw" == kwargs["password"]
+            assert (2.0, 2.0) == (kwargs["socket_timeout"], kwargs["socket_connect_timeout"])
+        assert (2.0, 2.0) == (
+            ours.connection_kwargs["socket_timeout"],
+            ours.connection_kwargs["socket_connect_timeout"],
+        )
+        assert "Sentinel master 'm1'" in internals.redis_server_of(
+            redis.Redis(connection_pool=ours)
+        )
+
     def test_ping_redis_once_fails_fast_without_retry(self) -> None:
         """``ping_redis_once`` (redis-py ``get_connection``, ``send_command``,
         ``read_response``) on a dead server raises at once, whatever the client's
@@ -1427,6 +1512,47 @@ class TestTaskEvents:
 
 class TestClientReaches:
     """What `cancel` reaches in Celery and kombu beyond their public API (issue 18)."""
+
+    def test_stored_states_reads_a_redis_backend_in_bulk(self) -> None:
+        """``stored_states`` reads a key-value backend (Celery's Redis backend)
+        with its ``mget``, ``get_key_for_task`` and ``decode_result``: a task
+        stored SUCCESS reads SUCCESS, an id never stored reads PENDING.  If
+        not, ``cancel()`` would record finished tasks or skip running ones."""
+        app = Celery(
+            f"contract-{uuid.uuid4().hex[:8]}",
+            broker=REDIS_URL,
+            backend=REDIS_URL,
+            set_as_current=False,
+        )
+        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            app.backend.mark_as_done(done, 1)
+            read: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown], read)
+        finally:
+            app.backend.forget(done)
+            app.close()
+
+        assert {done: "SUCCESS", unknown: "PENDING"} == read
+
+    def test_stored_states_reads_a_database_backend_one_by_one(self, tmp_path: Path) -> None:
+        """Celery's database backend has no bulk read: ``stored_states`` falls
+        back on ``get_task_meta`` per id and gets the same answers."""
+        app = Celery(
+            f"contract-{uuid.uuid4().hex[:8]}",
+            broker=REDIS_URL,
+            backend=f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+            set_as_current=False,
+        )
+        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            app.backend.mark_as_failure(done, ValueError("x"))
+            read: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown], read)
+        finally:
+            app.close()
+
+        assert {done: "FAILURE", unknown: "PENDING"} == read
 
     def test_publish_control_once_sends_what_broadcast_sends(self, rdb: redis.Redis) -> None:
         """``publish_control_once`` (Celery's ``Control.mailbox`` bound to a

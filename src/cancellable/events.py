@@ -30,6 +30,7 @@ __all__ = [
     "CLEANUP_FAILED",
     "CLEANUP_OVERRAN",
     "CLEANUP_TIMED_OUT",
+    "LEDGER_IN_USE",
     "LEDGER_NOT_DURABLE",
     "LEDGER_POLL_FAILED",
     "LEDGER_UNAVAILABLE",
@@ -190,6 +191,14 @@ LEDGER_POLL_FAILED: Final = "ledger.poll_failed"
 #: The REVOKED state of a cancelled task could not be stored in the result
 #: backend; the task still ended and its message was acknowledged.
 TASK_RESULT_NOT_STORED: Final = "task.result_not_stored"
+
+#: A worker started: where its app's cancellations are kept.  Carries
+#: ``app``, ``durable`` and ``where`` (the store and its key, table or
+#: path; or ``"not durable: online workers only (<why>)"``).  INFO when
+#: durable, WARNING when not.  Logged once per worker start.
+#:
+#: .. versionadded:: 0.1.0
+LEDGER_IN_USE: Final = "ledger.in_use"
 
 #: No durable ledger is configured for this app (logged once per process).
 LEDGER_NOT_DURABLE: Final = "ledger.not_durable"

@@ -120,10 +120,18 @@ def test_the_setting_turns_it_off(
             "CIT_SETTINGS": json.dumps({"cancellable_cancel_on_connection_loss": False}),
         },
     )
-    a.send("cit.rerun.late", keys.key("t"), 4.0)
+    a.send("cit.rerun.late", keys.key("t"), 10.0)
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the first run to start on A")
     make_worker(broker="rabbitmq", concurrency=1, queue=a.queue)
     proxy.cut()
+    # B's start is awaited first: on a loaded machine it may take seconds to
+    # consume the redelivered message, and the first run lasts 10 s so the
+    # overlap does not depend on B being quick.
+    wait_for(
+        lambda: any(line[1] == 2 and line[0] == "start" for line in log_lines(keys, "t")),
+        20,
+        message="B to start the redelivered copy",
+    )
     wait_for(
         lambda: [line[0] for line in log_lines(keys, "t") if line[1] == 1][-1:] == ["done"],
         20,

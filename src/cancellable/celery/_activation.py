@@ -56,7 +56,7 @@ from celery import bootsteps, signals
 
 from .. import _decorator
 from .._log import logger
-from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
+from ..events import LEDGER_IN_USE, LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
 from . import _client, _ending, _failfast, _ledger, _revokes, _shutdown, _task
 from ._poller import Poller
@@ -194,6 +194,7 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
             return  # a later worker in this process replaced this one
         try:
             ledger = runtime().ledgers.get(rt.app)
+            _log_where(rt.app, ledger)
             rt.index.load(ledger)
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
@@ -231,6 +232,14 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
     def shutdown(self, parent: Any) -> None:
         """Final teardown."""
         _stop(self.runtime)
+
+
+def _log_where(app: Any, ledger: _ledger.Ledger) -> None:
+    """One line at worker start: where this app's cancellations are kept."""
+    durable = bool(getattr(ledger, "durable", False))
+    where = getattr(ledger, "where", None) or type(ledger).__name__
+    log = logger.info if durable or getattr(ledger, "chosen", False) else logger.warning
+    log(LEDGER_IN_USE, app=app.main or "default", durable=durable, where=where)
 
 
 def _stop(rt: WorkerRuntime) -> None:

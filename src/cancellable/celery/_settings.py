@@ -139,7 +139,14 @@ def _flag(value: object) -> bool:
 
 
 #: The URL schemes the ledger opens (`cancellable.celery._ledger`).
-_LEDGER_SCHEMES: Final = ("redis://", "rediss://", "unix://", "file://")
+_LEDGER_SCHEMES: Final = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "socket://",
+    "sentinel://",
+    "file://",
+)
 
 
 #: A database URL the SQL ledger opens (`cancellable.celery._ledger_sql`):
@@ -176,8 +183,12 @@ def _ledger_url(value: object) -> str | None:
     if not value.startswith(_LEDGER_SCHEMES):
         raise _Invalid
     try:
+        # Several sentinels: sentinel://h1:p1;sentinel://h2:p2 (kombu's spelling).
+        for chunk in value.split(";") if value.startswith("sentinel://") else [value]:
+            if not chunk.strip().startswith("sentinel://") and chunk is not value:
+                raise _Invalid("several URLs joined by ';' must all be sentinel:// URLs")
+            urllib.parse.urlsplit(chunk.strip()).port  # noqa: B018 - ValueError if not a number
         parts = urllib.parse.urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         raise _Invalid from None
     if parts.scheme == "file":
@@ -237,7 +248,8 @@ class _Spec:
 _SPECS: Final[Mapping[str, _Spec]] = {
     "ledger_url": _Spec(
         _ledger_url,
-        "a redis://, rediss://, unix:// or file:///absolute/path URL, a database URL "
+        "a redis://, rediss://, unix://, sentinel:// (several joined by ';') or "
+        "file:///absolute/path URL, a database URL "
         "(postgresql://, mysql://, sqlite:///path, with a +driver if wanted), 'none' (no ledger), "
         "or None (the app's Redis, filesystem or database result backend, else its Redis broker)",
     ),

@@ -67,6 +67,7 @@ from . import _otel, _shutdown, _workflow
 from ._delivery import mailbox_reason
 from ._ending import CancelledEnding, Member
 from ._index import request_targets
+from ._receipt import ending_note
 from ._registry import RunningTask
 from ._runtime import TaskRuntime, runtime
 
@@ -254,7 +255,8 @@ def _finish_cancelled(
     task: Any, request: Any, entry: RunningTask, exc: Cancelled
 ) -> CancelledEnding:
     reason = entry.scope.cancel_reason or exc.reason
-    ending = _store_revoked(task, request, reason, entry.ended_by)
+    how = entry.ended_by or ending_note(entry.delivered_at, observed_at(entry.scope))
+    ending = _store_revoked(task, request, reason, how)
     done = time.time()
 
     def since_request(moment: float | None) -> float | None:
