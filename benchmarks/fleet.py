@@ -160,9 +160,7 @@ def run(
             batch = []
             for _ in range(slots):
                 key = f"cancellable-bench:fleet:{uuid.uuid4().hex}"
-                batch.append(
-                    (key, app.send_task("bench.spin", args=(key,), queue=workers[0].queue))
-                )
+                batch.append((key, app.send_task(task, args=(key,), queue=workers[0].queue)))
             # A worker may reserve more tasks than it has children (prefetch):
             # those start only once an earlier one is cancelled.  So each task
             # is cancelled once it has run for `SETTLE` seconds, in the order
