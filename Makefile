@@ -65,7 +65,8 @@ INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_s
 	tests/integration/test_crash.py tests/integration/test_faults.py \
 	tests/integration/test_harness.py tests/integration/test_ladder.py \
 	tests/integration/test_running.py tests/integration/test_sizes.py \
-	tests/integration/test_sql_ledger.py
+	tests/integration/test_sql_ledger.py \
+	tests/integration/test_store_bounds.py
 INTEGRATION_B := tests/integration/test_logging.py tests/integration/test_monitoring.py \
 	tests/integration/test_pools.py tests/integration/test_plain_and_eta.py \
 	tests/integration/test_scale.py tests/integration/test_skew.py \

@@ -26,7 +26,7 @@ from .._log import logger
 from ..events import CANCEL_BROADCAST_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ledger
-from ._broker import Deadline
+from ._broker import Deadline, wait_for
 from ._runtime import runtime
 from ._settings import PREFIX, SettingError, Settings, forget_settings, settings_for
 from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
@@ -365,14 +365,21 @@ def _record(
     grace: float | None,
     deadline: Deadline,
 ) -> bool:
-    """Record the cancellation in the ledger; True if it is durable now, else warn."""
+    """Record the cancellation in the ledger; True if it is durable now, else warn.
+
+    The write runs on a thread of its own (`~cancellable.celery._ledger.LedgerCalls`)
+    and is waited for until the deadline less the broadcast's share, whatever
+    the store does (a frozen PostgreSQL server answers nothing, and psycopg
+    never gives up on a reply).
+    """
     try:
         ledger = runtime().ledgers.get(app)
-        if deadline.left() <= 0:
+        wait = deadline.left() - wait_for(deadline.seconds)
+        if wait <= 0:
             raise _ledger.LedgerError(
                 f"no time left of cancellable_cancel_timeout={deadline.seconds}"
             )
-        ledger.record(targets, reason, grace)
+        runtime().ledger_calls.run(lambda: ledger.record(targets, reason, grace), wait)
     except _ledger.LedgerError as exc:
         logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
         warnings.warn(
@@ -427,6 +434,12 @@ def _check_broker(conn: Any, app: Any) -> None:
     runtime().broadcasts.check(conn, Deadline(settings_for(app).cancel_timeout))
 
 
+#: Seconds a patched ``Control.revoke`` waits for its ledger record (after
+#: Celery's broadcast), whatever the store does; then it logs
+#: ``ledger.unavailable`` and returns (the write may complete later).
+REVOKE_RECORD_WAIT: Final = 2 * _ledger.TIMEOUT
+
+
 class _Installed:
     """Whether this process has installed the revoke recorder (set under ``lock``)."""
 
@@ -473,11 +486,12 @@ def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
             targets: list[_ledger.Target] = [("task", t) for t in ids]
             try:
                 # Under the key the workers it reaches use: one record in all.
-                _ledger.record_once(
-                    runtime().ledgers.get(self.app),
-                    targets,
-                    CancelReason(source="revoked"),
-                    _ledger.revoke_key(targets),
+                ledger = runtime().ledgers.get(self.app)
+                runtime().ledger_calls.run(
+                    lambda: _ledger.record_once(
+                        ledger, targets, CancelReason(source="revoked"), _ledger.revoke_key(targets)
+                    ),
+                    REVOKE_RECORD_WAIT,
                 )
             except (_ledger.LedgerError, SettingError) as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])
