@@ -105,7 +105,7 @@ def integration_session(minor: str) -> None:
     def integration(session: nox.Session) -> None:
         """The integration's unit tests and its integration suite on one Celery minor."""
         install_celery(session, minor)
-        session.install(".[otel,monitoring-tests]", f"celery~={minor}.0")
+        session.install(".[otel,monitoring-tests,django-tests]", f"celery~={minor}.0")
         session.run(*PYTEST, *celery_unit_tests(), "tests/integration", *session.posargs)
 
 

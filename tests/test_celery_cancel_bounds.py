@@ -16,6 +16,8 @@ worker in ``tests/integration/test_cancel_bounds.py``.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -185,6 +187,35 @@ class TestAStoppedLedger:
         assert ["ledger-stopped"] == body["arguments"]["task_id"]
 
 
+class TestAStoppedResultBackend:
+    """The result backend stops answering: the state reads cost at most one broker wait."""
+
+    def test_cancels_within_the_bound(
+        self, app_on: Callable[..., Celery], server: StoppableRedis
+    ) -> None:
+        """Broker and ledger up, result backend on a stopped server: the reads
+        of the given tasks' states (which tell a finished task) are abandoned
+        after one broker wait, and ``cancel()`` records and broadcasts the
+        cancellation within its bound (before the reads were bounded, it
+        waited for Celery's backend client, 120 s)."""
+        app = app_on(REDIS_URL, cancellable_ledger_url=REDIS_URL)
+        app.conf.result_backend = server.url
+        app.conf.redis_socket_timeout = 120
+        listener = Broadcasts(app)
+        try:
+            server.pause()
+            outcome = timed_cancel(lambda: cc.cancel("backend-stopped", "stop", app=app))
+            body = listener.get()
+        finally:
+            listener.close()
+
+        assert outcome.error is None, outcome.error
+        assert outcome.seconds is not None
+        assert outcome.seconds < 6.0 + SLACK, outcome.seconds
+        assert ["backend-stopped"] == body["arguments"]["task_id"]
+        assert "backend-stopped" in [t for e in recorded(app) for _, t in e.targets]
+
+
 class TestTheBrokerStopsBetweenTheCheckAndTheBroadcast:
     """The check passed, then the broker stopped: the broadcast's own publish is bounded."""
 
@@ -240,3 +271,79 @@ class TestTheBrokerStopsBetweenTheCheckAndTheBroadcast:
         assert "may or may not" in str(outcome.error)
         assert outcome.seconds is not None
         assert outcome.seconds < 6.0 + SLACK, outcome.seconds
+
+
+_PROXY = """
+import socket, sys, threading
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 0))
+listener.listen(64)
+print(listener.getsockname()[1], flush=True)
+def pipe(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        a.close(); b.close()
+while True:
+    client, _ = listener.accept()
+    upstream = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+"""
+
+
+@pytest.fixture(name="rabbit_proxy")
+def rabbit_proxy_fixture() -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A TCP proxy process of the test's own to the shared RabbitMQ (5672), on a free port.
+
+    ``SIGSTOP`` of the proxy makes a hung broker without touching the shared one.
+    """
+    proxy = subprocess.Popen(
+        [sys.executable, "-c", _PROXY, "5672"], stdout=subprocess.PIPE, text=True
+    )
+    assert proxy.stdout is not None
+    port = int(proxy.stdout.readline())
+    try:
+        yield proxy, port
+    finally:
+        proxy.send_signal(signal.SIGCONT)
+        proxy.kill()
+        proxy.wait(10)
+
+
+class TestAStoppedRabbitMQ:
+    """RabbitMQ (through a proxy the test stops) stops answering after ``cancel()`` used it."""
+
+    def test_a_warm_connection_raises_within_the_bound(
+        self,
+        app_on: Callable[..., Celery],
+        rabbit_proxy: tuple[subprocess.Popen[str], int],
+    ) -> None:
+        """With the pool's AMQP connection already open and the broker then hung,
+        ``cancel()`` raises `BrokerUnavailableError` (``maybe_sent`` False) in about
+        2 s and records nothing; once it answers again the next call succeeds.
+        (Before: the check made no round trip on a pooled AMQP connection and the
+        publish only filled the socket's buffer, so ``cancel()`` returned at once,
+        without a warning, while the broker answered nothing.)"""
+        proxy, port = rabbit_proxy
+        app = app_on(f"amqp://guest:guest@127.0.0.1:{port}//")
+        cc.cancel("before", "warm the pool", app=app)
+        proxy.send_signal(signal.SIGSTOP)
+        try:
+            outcome = timed_cancel(lambda: cc.cancel("stopped", "broker hung", app=app))
+        finally:
+            proxy.send_signal(signal.SIGCONT)
+        after = timed_cancel(lambda: cc.cancel("resumed", "after it resumed", app=app))
+
+        assert isinstance(outcome.error, cc.BrokerUnavailableError), outcome.error
+        assert outcome.error.maybe_sent is False
+        assert outcome.seconds is not None
+        assert outcome.seconds < 2.0 + SLACK, outcome.seconds
+        ids = [t for e in recorded(app) for _, t in e.targets]
+        assert "stopped" not in ids
+        assert after.error is None, after.error
+        assert "resumed" in [t for e in recorded(app) for _, t in e.targets]

@@ -26,6 +26,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1021,6 +1022,90 @@ class TestConnections:
             server.stop()
         assert 1.5 < waited < 3.0
 
+    def test_redis_ledger_client_reads_a_tls_url_and_settings_as_kombu_and_celery_do(
+        self, tmp_path: Any
+    ) -> None:
+        """``redis_ledger_client`` (kombu ``url_to_parts``; redis-py
+        ``ConnectionPool``, ``SSLConnection``) on a private TLS redis-server: for
+        a ``rediss://`` URL with ``ssl_cert_reqs``/``ssl_ca_certs`` in the query
+        and for ``broker_use_ssl``, it connects to the server, database and CA
+        that kombu's Redis channel and Celery's Redis backend connect to (their
+        pools compared), with both timeouts at the 2 s bound.  If not, a ledger
+        spelled as Celery's docs spell it fails or points elsewhere."""
+        import ssl
+
+        from celery.backends.redis import RedisBackend
+        from tests.redis_servers import tls_server
+
+        with tls_server(tmp_path / "tls") as server:
+            url = server.url(3, ssl_cert_reqs="CERT_REQUIRED", ssl_ca_certs=str(server.ca))
+            use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(server.ca)}
+            ours = internals.redis_ledger_client(
+                url, use_ssl=None, transport_options={"socket_timeout": 30},
+                timeout=2.0, setting="s",
+            )  # fmt: skip
+            ours_settings = internals.redis_ledger_client(
+                server.url(3).replace("rediss", "redis"), use_ssl=use_ssl,
+                transport_options=None, timeout=2.0, setting="s",
+            )  # fmt: skip
+            app = Celery("contract-tls", backend=url, set_as_current=False)
+            celery_kwargs = RedisBackend(app=app, url=url).client.connection_pool.connection_kwargs
+            with Connection(server.url(3), ssl=use_ssl) as conn:
+                kombu_kwargs = conn.default_channel.client.connection_pool.connection_kwargs
+                assert conn.default_channel.client.ping()
+
+            for made in (ours, ours_settings):
+                kwargs = made.client.connection_pool.connection_kwargs
+                assert made.client.ping()
+                assert made.client.connection_pool.connection_class is redis.SSLConnection
+                for theirs in (celery_kwargs, kombu_kwargs):
+                    assert [theirs[k] for k in ("host", "port", "db", "ssl_ca_certs")] == [
+                        kwargs[k] for k in ("host", "port", "db", "ssl_ca_certs")
+                    ]
+                assert {kwargs["ssl_cert_reqs"]} <= {"required", ssl.CERT_REQUIRED}
+                assert (2.0, 2.0) == (kwargs["socket_timeout"], kwargs["socket_connect_timeout"])
+            assert "rediss://127.0.0.1:" in internals.redis_server_of(ours.client)
+
+    def test_redis_ledger_client_reads_sentinel_as_celery_does(self) -> None:
+        """``redis_ledger_client`` on ``sentinel://h1;sentinel://h2`` with
+        ``master_name`` and ``sentinel_kwargs`` (redis-py ``Sentinel``,
+        ``SentinelConnectionPool.service_name``/``sentinel_manager``): the same
+        sentinels, master, database and password as Celery's ``SentinelBackend``
+        (no connection made), and the sentinels' own waits bounded too.  If not,
+        a Sentinel ledger asks other servers than the broker or result backend."""
+        from celery.backends.redis import SentinelBackend
+
+        url = "sentinel://:pw@127.0.0.1:26001/4;sentinel://:pw@127.0.0.1:26002/4"
+        options = {"master_name": "m1", "sentinel_kwargs": {"password": "spw"}}
+        app = Celery("contract-sentinel", set_as_current=False)
+        app.conf.result_backend_transport_options = options
+        theirs = SentinelBackend(app=app, url=url).client.connection_pool
+
+        ours = internals.redis_ledger_client(
+            url, use_ssl=None, transport_options=options, timeout=2.0, setting="s"
+        ).client.connection_pool
+
+        def sentinels(pool: Any) -> list[Any]:
+            return [
+                c.connection_pool.connection_kwargs["port"] for c in pool.sentinel_manager.sentinels
+            ]
+
+        assert theirs.service_name == ours.service_name == "m1"
+        assert sentinels(theirs) == sentinels(ours) == [26001, 26002]
+        for key in ("db", "password"):
+            assert theirs.connection_kwargs[key] == ours.connection_kwargs[key]
+        for sentinel in ours.sentinel_manager.sentinels:
+            kwargs = sentinel.connection_pool.connection_kwargs
+            assert "spw" == kwargs["password"]
+            assert (2.0, 2.0) == (kwargs["socket_timeout"], kwargs["socket_connect_timeout"])
+        assert (2.0, 2.0) == (
+            ours.connection_kwargs["socket_timeout"],
+            ours.connection_kwargs["socket_connect_timeout"],
+        )
+        assert "Sentinel master 'm1'" in internals.redis_server_of(
+            redis.Redis(connection_pool=ours)
+        )
+
     def test_ping_redis_once_fails_fast_without_retry(self) -> None:
         """``ping_redis_once`` (redis-py ``get_connection``, ``send_command``,
         ``read_response``) on a dead server raises at once, whatever the client's
@@ -1044,6 +1129,166 @@ class TestConnections:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=1)
 
         assert time.monotonic() - started < 5.0
+
+
+class TestShutdownAndConnectionLoss:
+    """Where a warm shutdown begins, and a consumer losing its broker connection."""
+
+    def test_blueprint_closes_every_step_first_to_last_before_stopping_any(self) -> None:
+        """``Blueprint.stop`` (``celery.bootsteps``) calls ``close`` on every step,
+        first to last, before it calls ``stop`` from last to first.  So
+        ``WorkerStep.close`` runs before the pool's ``stop`` waits for the running
+        tasks, wherever the step sorts among the worker's steps (it has no
+        ``requires``).  If not, a warm shutdown with ``cancellable_shutdown_grace`` waits
+        for the tasks instead of sending them back."""
+        from celery import bootsteps
+
+        from cancellable.celery._activation import WorkerStep
+
+        calls: list[str] = []
+
+        class Parent:
+            def __init__(self) -> None:
+                self.steps: list[Any] = []
+
+        class Recording(bootsteps.StartStopStep):  # type: ignore[misc]
+            def create(self, parent: Any) -> Any:
+                return self
+
+            def start(self, parent: Any) -> None:
+                calls.append(f"{self.label}.start")
+
+            def close(self, parent: Any) -> None:
+                calls.append(f"{self.label}.close")
+
+            def stop(self, parent: Any) -> None:
+                calls.append(f"{self.label}.stop")
+
+        class First(Recording):  # type: ignore[misc]
+            name = "contract.First"
+            label = "first"
+
+        class Second(Recording):  # type: ignore[misc]
+            name = "contract.Second"
+            label = "second"
+            requires = (First,)
+
+        parent = Parent()
+        blueprint = bootsteps.Blueprint([First, Second], name="contract")
+        blueprint.apply(parent)
+        blueprint.start(parent)
+        blueprint.stop(parent)
+
+        assert [
+            "first.start",
+            "second.start",
+            "first.close",
+            "second.close",
+            "second.stop",
+            "first.stop",
+        ] == calls
+        assert callable(getattr(WorkerStep, "close", None))
+
+    def test_redelivers_unacked_only_for_amqp(self) -> None:
+        """``redelivers_unacked`` (``Connection.transport.driver_type``): True for
+        ``amqp://`` and ``pyamqp://``, False for Redis and the in-memory
+        transport.  If not, a lost Redis connection stops tasks that nothing
+        redelivers, or a lost RabbitMQ connection runs them twice at once."""
+        for url, expected in (
+            ("amqp://guest:guest@127.0.0.1:5672//", True),
+            ("pyamqp://guest:guest@127.0.0.1:5672//", True),
+            (REDIS_URL, False),
+            ("memory://", False),
+        ):
+            with Connection(url) as conn:
+                assert expected is internals.redelivers_unacked(conn), url
+        assert internals.redelivers_unacked(None) is False
+
+    def test_a_dropped_acknowledgement_is_never_sent_and_celery_does_not_kill(
+        self, app: Celery, messages: Messages, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``drop_acknowledgement`` (``Request.acknowledged``): ``acknowledge()`` and
+        ``reject()`` then leave the message alone, and Celery's
+        ``worker_cancel_long_running_tasks_on_connection_loss`` loop in
+        ``Consumer.on_connection_error_after_connected`` skips the request (it
+        cancels the other one).  If not, a task cancelled for a lost connection
+        is also SIGTERMed by Celery, without its cleanup."""
+        from cancellable.celery._activation import WorkerStep
+
+        app.tasks["contract.job"].acks_late = True
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+        dropped, other = messages.request(), messages.request()
+        for request in (dropped, other):
+            worker_state.active_requests.add(request)
+        internals.drop_acknowledgement(dropped)
+        dropped.acknowledge()
+        dropped.reject(requeue=True)
+        assert not dropped.message.acknowledged
+        controller = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True)
+        for step in controller.steps:  # the integration's step: its runtime goes
+            if isinstance(step, WorkerStep):
+                step.shutdown(controller)
+        consumer = controller.consumer
+        consumer.connection = None
+        celery_hook = original_of(type(consumer).on_connection_error_after_connected)
+
+        with caplog.at_level("WARNING"):
+            celery_hook(consumer, OSError("contract: connection lost"))
+
+        warned = " ".join(record.getMessage() for record in caplog.records)
+        assert other.id in warned
+        assert dropped.id not in warned
+
+    def test_the_consumer_calls_the_wrapper_when_its_connection_drops(
+        self, app: Celery, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``wrap_consumer_connection_lost`` (``Consumer.on_connection_error_after_connected``):
+        when a connected consumer's broker connection drops (a TCP proxy between
+        an embedded worker and Redis is cut), Celery calls the wrapper with the
+        consumer and the error while ``consumer.connection`` is still the old
+        connection; ``unwrap_consumer_connection_lost`` puts Celery's back.  If
+        not, a lost RabbitMQ connection never stops the first copy of a task."""
+        from celery.worker.consumer.consumer import Consumer
+        from tests.integration.proxy import TcpProxy
+
+        celery_hook = original_of(Consumer.on_connection_error_after_connected)
+        monkeypatch.setattr(Consumer, "on_connection_error_after_connected", celery_hook)
+        seen: list[tuple[Any, Any, bool]] = []
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
+            def hook(consumer: Any, exc: Any) -> Any:
+                connection = consumer.connection
+                seen.append((consumer, exc, internals.redelivers_unacked(connection)))
+                return original(consumer, exc)
+
+            return hook
+
+        assert internals.wrap_consumer_connection_lost(make)
+        assert not internals.wrap_consumer_connection_lost(make)
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True  # (no warning)
+        proxy = TcpProxy("127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0]))
+        try:
+            app.conf.broker_url = REDIS_URL.replace(
+                REDIS_URL.rsplit(":", 1)[1].split("/")[0], str(proxy.port), 1
+            )
+            with start_worker(app, pool="solo", perform_ping_check=False) as worker:
+                _wait_for(lambda: proxy.connections() > 0)
+                proxy.cut()
+                _wait_for(lambda: seen, 15)
+                proxy.restore()
+            consumer, exc, redelivers = seen[0]
+            assert consumer is worker.consumer
+            assert isinstance(exc, Exception)
+            assert redelivers is False
+        finally:
+            proxy.close()
+            # (The embedded worker's own stop may have unwrapped it already.)
+            internals.unwrap_consumer_connection_lost()
+        assert celery_hook is Consumer.on_connection_error_after_connected
+        assert internals.wrap_consumer_connection_lost(make)
+        assert internals.unwrap_consumer_connection_lost()
+        assert not internals.unwrap_consumer_connection_lost()
+        assert celery_hook is Consumer.on_connection_error_after_connected
 
 
 # --------------------------------------------------------------------------
@@ -1251,6 +1496,47 @@ class TestTaskEvents:
 
 class TestClientReaches:
     """What `cancel` reaches in Celery and kombu beyond their public API (issue 18)."""
+
+    def test_stored_states_reads_a_redis_backend_in_bulk(self) -> None:
+        """``stored_states`` reads a key-value backend (Celery's Redis backend)
+        with its ``mget``, ``get_key_for_task`` and ``decode_result``: a task
+        stored SUCCESS reads SUCCESS, an id never stored reads PENDING.  If
+        not, ``cancel()`` would record finished tasks or skip running ones."""
+        app = Celery(
+            f"contract-{uuid.uuid4().hex[:8]}",
+            broker=REDIS_URL,
+            backend=REDIS_URL,
+            set_as_current=False,
+        )
+        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            app.backend.mark_as_done(done, 1)
+            read: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown], read)
+        finally:
+            app.backend.forget(done)
+            app.close()
+
+        assert {done: "SUCCESS", unknown: "PENDING"} == read
+
+    def test_stored_states_reads_a_database_backend_one_by_one(self, tmp_path: Path) -> None:
+        """Celery's database backend has no bulk read: ``stored_states`` falls
+        back on ``get_task_meta`` per id and gets the same answers."""
+        app = Celery(
+            f"contract-{uuid.uuid4().hex[:8]}",
+            broker=REDIS_URL,
+            backend=f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+            set_as_current=False,
+        )
+        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        try:
+            app.backend.mark_as_failure(done, ValueError("x"))
+            read: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown], read)
+        finally:
+            app.close()
+
+        assert {done: "FAILURE", unknown: "PENDING"} == read
 
     def test_publish_control_once_sends_what_broadcast_sends(self, rdb: redis.Redis) -> None:
         """``publish_control_once`` (Celery's ``Control.mailbox`` bound to a

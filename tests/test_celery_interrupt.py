@@ -13,13 +13,31 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from cancellable import Cancelled, CancelReason, CancelScope, _scope
+from cancellable import (
+    Cancelled,
+    CancelReason,
+    CancelScope,
+    HookTimeoutError,
+    _hooks,
+    _scope,
+    checkpoint,
+    on_cancel,
+)
 from cancellable.celery._registry import RunningTask
 from cancellable.celery._runtime import TaskRuntime
+
+
+def spin(limit: float = 10.0) -> None:
+    """Pure Python without a checkpoint (until ``limit``, so a broken budget fails, not hangs)."""
+    give_up = time.monotonic() + limit
+    while time.monotonic() < give_up:
+        pass
+
 
 REASON = CancelReason(source="revoked", message="grace over")
 
@@ -70,6 +88,24 @@ class TestRaiseIfAsked:
 
         assert not marked_before
         assert tasks.interrupts.landed
+
+    def test_a_hook_budget_raised_into_marks_the_process(self, tasks: TaskRuntime) -> None:
+        """A cleanup hook's budget that raises at an arbitrary bytecode marks the process too.
+
+        `TaskRuntime.child_started` gives the core that permission with
+        `Interrupts.mark_landed` in a prefork child that will be retired.
+        """
+        take_back = _hooks.allow_async_raise(tasks.interrupts.mark_landed)
+        try:
+            with CancelScope(hook_timeout=0.05) as scope:
+                on_cancel(spin)
+                scope.cancel()
+                checkpoint()
+        finally:
+            take_back()
+
+        assert tasks.interrupts.landed
+        assert [HookTimeoutError] == [type(error) for error in scope.cleanup_errors]
 
     def test_not_outside_the_body(self, tasks: TaskRuntime, entry: RunningTask) -> None:
         """Window closed (boundary code before or after the body): nothing happens."""

@@ -63,6 +63,8 @@ class TestDefaults:
         assert 10.0 == settings.kill_after == DEFAULT_KILL_AFTER
         assert False is settings.kill_process_group
         assert False is settings.cancel_siblings_on_failure
+        assert None is settings.shutdown_grace
+        assert True is settings.cancel_on_connection_loss
         assert getattr(signal.Signals, "SIGURG", None) == settings.wakeup_signal
         assert DEFAULT_WAKEUP_SIGNAL == settings.wakeup_signal
         assert Settings() == settings
@@ -75,6 +77,8 @@ class TestDefaults:
             "cancellable_poll_interval",
             "cancellable_kill_process_group",
             "cancellable_cancel_siblings_on_failure",
+            "cancellable_shutdown_grace",
+            "cancellable_cancel_on_connection_loss",
             "cancellable_wakeup_signal",
         ],
     )
@@ -122,6 +126,9 @@ class TestGoodValues:
             ("cancellable_kill_process_group", True, "kill_process_group", True),
             ("cancellable_kill_process_group", False, "kill_process_group", False),
             ("cancellable_cancel_siblings_on_failure", True, "cancel_siblings_on_failure", True),
+            ("cancellable_shutdown_grace", 0, "shutdown_grace", 0.0),
+            ("cancellable_shutdown_grace", 3, "shutdown_grace", 3.0),
+            ("cancellable_cancel_on_connection_loss", False, "cancel_on_connection_loss", False),
             ("cancellable_wakeup_signal", "SIGWINCH", "wakeup_signal", signal.SIGWINCH),
             ("cancellable_wakeup_signal", "winch", "wakeup_signal", signal.SIGWINCH),
             ("cancellable_wakeup_signal", int(signal.SIGWINCH), "wakeup_signal", signal.SIGWINCH),
@@ -225,6 +232,13 @@ BAD_VALUES = [
     ("cancellable_cancel_siblings_on_failure", "true", "True or False"),
     ("cancellable_cancel_siblings_on_failure", 1, "True or False"),
     ("cancellable_cancel_siblings_on_failure", [], "True or False"),
+    ("cancellable_shutdown_grace", "3", "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_shutdown_grace", -1, "a number of seconds from 0 to 86400 (one day), or None"),
+    ("cancellable_shutdown_grace", math.inf, "from 0 to 86400 (one day)"),
+    ("cancellable_shutdown_grace", 86_400.5, "from 0 to 86400 (one day)"),
+    ("cancellable_shutdown_grace", True, "from 0 to 86400 (one day)"),
+    ("cancellable_cancel_on_connection_loss", "yes", "True or False"),
+    ("cancellable_cancel_on_connection_loss", 0, "True or False"),
     ("cancellable_wakeup_signal", "SIGNOPE", "default action is to ignore it"),
     ("cancellable_wakeup_signal", "", "default action is to ignore it"),
     ("cancellable_wakeup_signal", 0, "default action is to ignore it"),

@@ -68,7 +68,8 @@ class TestBoundary:
         with pytest.raises(TaskRevokedError, match=r"^manual: stop now$"):
             result.get()
         assert "REVOKED" == app.AsyncResult(result.id).state
-        assert "manual: stop now" == str(app.AsyncResult(result.id).result)
+        stored = str(app.AsyncResult(result.id).result)
+        assert "manual: stop now (stopped at a checkpoint)" == stored
         cancelled = [e for e in logs if e["event"] == "task.cancelled"]
         assert 1 == len(cancelled)
         assert result.id == cancelled[0]["task_id"]
@@ -91,7 +92,7 @@ class TestBoundary:
 
         assert "IGNORED" == traced.info.state
         assert "REVOKED" == app.AsyncResult(task_id).state
-        assert "manual: stop now" == str(app.AsyncResult(task_id).result)
+        assert "manual: stop now (stopped at a checkpoint)" == str(app.AsyncResult(task_id).result)
 
     def test_retry_from_a_cancelled_scope_ends_revoked(self, app: Celery) -> None:
         """A body that catches Cancelled and calls self.retry() still ends REVOKED."""
@@ -203,7 +204,9 @@ class TestBoundary:
         result = job.apply()
 
         assert "REVOKED" == app.AsyncResult(result.id).state
-        assert "deadline: deadline expired" == str(app.AsyncResult(result.id).result)
+        assert "deadline: deadline expired (stopped at a checkpoint)" == str(
+            app.AsyncResult(result.id).result
+        )
 
     def test_direct_call_is_a_plain_scope(self, app: Celery) -> None:
         """Calling the task function directly (no worker) cancels like any call."""
@@ -264,7 +267,7 @@ class TestAnnounced:
         assert "IGNORED" == traced.info.state
         ending = traced.info.retval
         assert isinstance(ending, CancelledEnding)
-        assert "manual: stop now" == ending.text
+        assert "manual: stop now (stopped at a checkpoint)" == ending.text
         assert [("later-id", "tb.later")] == ending.members
         assert "REVOKED" == app.AsyncResult("later-id").state
 
@@ -333,8 +336,11 @@ class TestAnnounced:
         (span,) = exporter.get_finished_spans()
 
         assert StatusCode.ERROR == span.status.status_code
-        assert "manual by alice: stop now" == span.status.description
-        assert "manual by alice: stop now" == span.attributes["celery.revoked.reason"]
+        assert "manual by alice: stop now (stopped at a checkpoint)" == span.status.description
+        assert (
+            "manual by alice: stop now (stopped at a checkpoint)"
+            == span.attributes["celery.revoked.reason"]
+        )
         (event,) = [e for e in span.events if e.name == "task.cancelled"]
         assert "alice" == event.attributes["cancellable.requested_by"]
         assert "checkpoint" == event.attributes["cancellable.ended_by"]

@@ -189,3 +189,38 @@ def test_a_failing_duty_does_not_skip_the_others(app: Celery) -> None:
     failures = [e for e in logs if e["event"] == "ledger.poll_failed"]
     assert len(ladder_ticks) >= 5
     assert ["delivery tick"] == [e["where"] for e in failures]
+
+
+def test_stopping_with_the_ledger_stopped_says_what_is_unwritten(
+    ledger_app: Celery, ledger_server: RedisServer
+) -> None:
+    """A worker stops while its ledger's server is stopped and a queued plain revoke
+    is being written: `Poller.stop` returns within its bound and the ledger thread's
+    last flush has logged, before that, which ids were not written (``ledger.unavailable``,
+    ``during="stop"``).  (Before: after the write under way, the thread still made a
+    ledger read, so write + read + last flush took about 6 s, longer than the 5 s
+    ``stop`` waits; the process then ends with the daemon thread and the loss was never
+    said.)"""
+    task_id = f"plain-{uuid.uuid4()}"
+    with running_worker(ledger_app, pool_kind="prefork", mailbox_slots=64) as rt:
+        rt.poller = poller = Poller(rt)
+        poller.start()
+        ledger_server.pause()
+        try:
+            rt.writes.put([("task", task_id)], CancelReason(source="revoked", message="revoked"))
+            deadline = time.monotonic() + 5
+            while len(rt.writes):  # the ledger thread took it: its write is under way
+                assert time.monotonic() < deadline, "the ledger thread never took the write"
+                time.sleep(0.01)
+            with capture_logs() as logs:
+                began = time.monotonic()
+                poller.stop()
+                took = time.monotonic() - began
+        finally:
+            ledger_server.resume()
+    said = [
+        log for log in logs if log["event"] == "ledger.unavailable" and log.get("during") == "stop"
+    ]
+    assert took < 5.5, f"stop() took {took:.2f} s"
+    assert said, f"stop() returned after {took:.2f} s and nothing said what was unwritten"
+    assert task_id in said[0].get("task_ids", []), said

@@ -228,6 +228,21 @@ class TestChildBookkeeping:
 
 
 class TestHookBudgetsAcrossFork:
+    def test_permission_to_raise_anywhere_is_not_inherited(self):
+        """A child forked from a process that lets budgets raise anywhere does not.
+
+        The permission comes from an integration that will retire the process
+        that gave it (a Celery prefork child), not the processes it forks.
+        """
+        take_back = _hooks.allow_async_raise(lambda: None)
+        try:
+            report = fork_and_report(lambda: {"allowed": _hooks.async_raise_allowed()})
+            here = _hooks.async_raise_allowed()
+        finally:
+            take_back()
+
+        assert ({"allowed": False}, True) == (report, here)
+
     def test_child_keeps_only_its_own_running_budget_with_a_free_lock(self, monkeypatch):
         """After a fork, the forking thread's budget gets a new lock; other threads' are dropped.
 

@@ -23,7 +23,8 @@ class TestDemo:
     """The demo runs a real prefork worker on the filesystem transport."""
 
     def test_demo_cancels_a_running_and_a_queued_task(self) -> None:
-        """Exit 0; the running task ends REVOKED with its reason, the queued one never ran."""
+        """Exit 0; the running task ends REVOKED with its reason, the queued one never ran;
+        the receipt says stopped at a checkpoint; the worker's events print in time order."""
         run = subprocess.run(
             [sys.executable, "-m", "cancellable", "demo"],
             capture_output=True,
@@ -34,13 +35,20 @@ class TestDemo:
 
         assert 0 == run.returncode, run.stdout + run.stderr
         out = run.stdout
-        assert "first  REVOKED  TaskRevokedError('revoked by alice: user pressed stop')" in out
+        assert (
+            "first  REVOKED  TaskRevokedError('revoked by alice: user pressed stop "
+            "(stopped at a checkpoint"
+        ) in out
+        receipt_line = r"receipt\.wait\(\): \S+: stopped at a checkpoint after \d+ ms \(REVOKED: "
+        assert re.search(receipt_line, out)
         assert "third  REVOKED  TaskRevokedError('revoked')" in out
         assert "second SUCCESS" in out
         assert "cleanup hook of 'first' ran: True" in out
         assert "'third' ever started: False" in out
-        for event in ("cancel.delivered", "cancel.observed", "task.cancelled"):
-            assert event in out
+        names = ("cancel.delivered", "cancel.requested", "cancel.observed", "task.cancelled")
+        at = [out.find(f" {name} ") for name in names]
+        assert -1 not in at, out
+        assert sorted(at) == at, out
 
     def test_usage(self) -> None:
         """Without a command it prints usage; an unknown command exits 2."""

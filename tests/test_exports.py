@@ -51,9 +51,18 @@ def documented_by_comment(name: str, sources: str) -> bool:
 #: Whether this venv has the ``celery`` extra (the nox ``core-*`` venvs do not).
 CELERY_INSTALLED = importlib.util.find_spec("celery") is not None
 
-#: The public modules importable here: ``cancellable.celery`` needs Celery.
+#: Whether this venv has the ``django`` extra.
+DJANGO_INSTALLED = (
+    CELERY_INSTALLED and importlib.util.find_spec("django_celery_results") is not None
+)
+
+#: The public modules importable here: ``cancellable.celery`` needs Celery,
+#: ``cancellable.django`` Django and django-celery-results too.
 MODULES = [
-    m for m in public_modules() if CELERY_INSTALLED or not m.startswith("cancellable.celery")
+    m
+    for m in public_modules()
+    if (CELERY_INSTALLED or not m.startswith("cancellable.celery"))
+    and (DJANGO_INSTALLED or not m.startswith("cancellable.django"))
 ]
 
 

@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import pytest
@@ -28,7 +28,7 @@ from cancellable import (
     is_cancelled,
     on_cancel,
 )
-from cancellable.events import CLEANUP_FAILED, CLEANUP_TIMED_OUT, SCOPE_CANCELLED
+from cancellable.events import CLEANUP_FAILED, CLEANUP_OVERRAN, CLEANUP_TIMED_OUT, SCOPE_CANCELLED
 
 
 def spin(limit: float = 10.0) -> None:
@@ -236,9 +236,100 @@ class TestIsolation:
         assert not _scope._pending
 
 
+def spin_checking(limit: float = 10.0) -> None:
+    """A hook that loops in pure Python with a checkpoint each turn (until ``limit``)."""
+    give_up = time.monotonic() + limit
+    while time.monotonic() < give_up:
+        checkpoint()
+
+
+@pytest.fixture
+def raise_anywhere() -> Iterator[list[str]]:
+    """This process lets budgets raise at an arbitrary bytecode; yields the calls of on_raised."""
+    raised: list[str] = []
+    take_back = _hooks.allow_async_raise(lambda: raised.append("raised"))
+    yield raised
+    take_back()
+
+
 class TestTimeBudget:
-    def test_hanging_hook_is_interrupted(self):
-        """A pure-Python hook that overruns its budget is interrupted with HookTimeoutError."""
+    def test_hook_stops_at_its_checkpoint_once_its_budget_is_spent(self):
+        """Without the permission, a spent budget raises at the hook's next checkpoint.
+
+        The runner records HookTimeoutError, logs ``cleanup.timed_out``, and
+        logs the overrun once (``cleanup.overran``) with the scope's log fields.
+        """
+        ran = []
+        scope = CancelScope(hook_timeout=0.2)
+        _scope.set_log_fields(scope, {"task_id": "t-1"})
+        with structlog.testing.capture_logs() as logs:
+            started = time.monotonic()
+            with scope:
+                on_cancel(ran.append, "after the hanging one")
+                on_cancel(spin_checking)
+                cancel_and_check(scope)
+            elapsed = time.monotonic() - started
+        timed_out = [log for log in logs if log["event"] == CLEANUP_TIMED_OUT]
+        overran = [log for log in logs if log["event"] == CLEANUP_OVERRAN]
+
+        assert not _hooks.async_raise_allowed()
+        assert 0.15 <= elapsed < 3.0
+        assert ["after the hanging one"] == ran
+        assert [HookTimeoutError] == [type(error) for error in scope.cleanup_errors]
+        assert "ran longer than its budget of 0.2s" in str(scope.cleanup_errors[0])
+        assert [{"hook": repr(spin_checking), "budget_s": 0.2, "task_id": "t-1"}] == [
+            {key: log[key] for key in ("hook", "budget_s", "task_id")} for log in timed_out
+        ]
+        assert [("warning", repr(spin_checking), "t-1")] == [
+            (log["log_level"], log["hook"], log["task_id"]) for log in overran
+        ]
+        assert scope.cancelled_caught
+
+    def test_cancellable_sleep_in_a_hook_is_woken_when_its_budget_is_spent(self):
+        """A hook blocked in cancellable.sleep or wait stops at once when its budget is spent."""
+        event = threading.Event()
+
+        def waits():
+            cancellable.wait(event, 10)
+
+        started = time.monotonic()
+        with CancelScope(hook_timeout=0.1) as scope:
+            on_cancel(cancellable.sleep, 10)
+            on_cancel(waits)
+            cancel_and_check(scope)
+        elapsed = time.monotonic() - started
+
+        assert [HookTimeoutError, HookTimeoutError] == [type(e) for e in scope.cleanup_errors]
+        assert 0.15 <= elapsed < 3.0
+
+    def test_hook_without_checkpoint_is_never_raised_into_without_the_permission(self):
+        """Outside a process that will be retired, pure Python past its budget runs to its end.
+
+        The budget is never raised at an arbitrary bytecode there (it could
+        leave a lock held for ever): the hook finishes, no error is recorded,
+        and one ``cleanup.overran`` warning says what happened.
+        """
+        ran = []
+
+        def slow():
+            spin(0.3)
+            ran.append("finished")
+
+        with structlog.testing.capture_logs() as logs, CancelScope(hook_timeout=0.05) as scope:
+            on_cancel(slow)
+            cancel_and_check(scope)
+
+        assert ["finished"] == ran
+        assert () == scope.cleanup_errors
+        assert 1 == sum(log["event"] == CLEANUP_OVERRAN for log in logs)
+        assert not any(log["event"] == CLEANUP_TIMED_OUT for log in logs)
+
+    def test_with_the_permission_a_hanging_hook_is_raised_into(self, raise_anywhere):
+        """Where an integration allows it, pure Python is interrupted shortly after its budget.
+
+        The integration hears of it (``on_raised``) once, before the raise,
+        and no ``cleanup.overran`` warning is logged: the hook was stopped.
+        """
         ran = []
         with structlog.testing.capture_logs() as logs:
             started = time.monotonic()
@@ -247,18 +338,36 @@ class TestTimeBudget:
                 on_cancel(spin)
                 cancel_and_check(scope)
             elapsed = time.monotonic() - started
-        timed_out = [log for log in logs if log["event"] == CLEANUP_TIMED_OUT]
 
-        assert 0.15 <= elapsed < 3.0
+        assert _hooks.async_raise_allowed()
+        assert 0.2 + _hooks.INTERRUPT_AFTER <= elapsed < 3.0
         assert ["after the hanging one"] == ran
+        assert ["raised"] == raise_anywhere
         assert [HookTimeoutError] == [type(error) for error in scope.cleanup_errors]
         assert "ran longer than its budget of 0.2s" in str(scope.cleanup_errors[0])
-        assert [{"hook": repr(spin), "budget_s": 0.2}] == [
-            {key: log[key] for key in ("hook", "budget_s")} for log in timed_out
-        ]
-        assert scope.cancelled_caught
+        assert 1 == sum(log["event"] == CLEANUP_TIMED_OUT for log in logs)
+        assert not any(log["event"] == CLEANUP_OVERRAN for log in logs)
 
-    def test_except_exception_in_hook_does_not_absorb_the_timeout(self):
+    def test_with_the_permission_a_checkpoint_still_comes_first(self, raise_anywhere):
+        """A hook that reaches a checkpoint within INTERRUPT_AFTER is never raised into."""
+        with CancelScope(hook_timeout=0.05) as scope:
+            on_cancel(spin_checking)
+            cancel_and_check(scope)
+        # Outlive the second step in Python code: a stray injection would land here.
+        spin(_hooks.INTERRUPT_AFTER + 0.1)
+
+        assert [] == raise_anywhere
+        assert [HookTimeoutError] == [type(error) for error in scope.cleanup_errors]
+
+    def test_permission_taken_back(self):
+        """allow_async_raise returns the function that takes the permission back."""
+        take_back = _hooks.allow_async_raise(lambda: None)
+        allowed = _hooks.async_raise_allowed()
+        take_back()
+
+        assert (True, False) == (allowed, _hooks.async_raise_allowed())
+
+    def test_except_exception_in_hook_does_not_absorb_the_timeout(self, raise_anywhere):
         """HookTimeoutError is a BaseException: a hook's ``except Exception`` cannot swallow it."""
         swallowed = []
 
@@ -277,11 +386,11 @@ class TestTimeBudget:
         assert [HookTimeoutError] == [type(error) for error in scope.cleanup_errors]
 
     def test_each_hook_has_its_own_budget(self):
-        """Two hanging hooks are each interrupted after their own budget."""
+        """Two hanging hooks are each stopped after their own budget."""
         started = time.monotonic()
         with CancelScope(hook_timeout=0.1) as scope:
-            on_cancel(spin)
-            on_cancel(spin)
+            on_cancel(spin_checking)
+            on_cancel(spin_checking)
             cancel_and_check(scope)
         elapsed = time.monotonic() - started
 
@@ -293,31 +402,35 @@ class TestTimeBudget:
         cancellable.configure(hook_timeout=0.1)
         started = time.monotonic()
         with CancelScope() as scope:
-            on_cancel(spin)
+            on_cancel(spin_checking)
             cancel_and_check(scope)
 
         assert time.monotonic() - started < 3.0
         assert [HookTimeoutError] == [type(e) for e in scope.cleanup_errors]
 
-    def test_fast_hook_is_never_interrupted_later(self):
+    def test_fast_hook_is_never_interrupted_later(self, raise_anywhere):
         """A hook that finishes in time leaves no pending interruption behind."""
         with CancelScope(hook_timeout=0.05) as scope:
             on_cancel(lambda: None)
             cancel_and_check(scope)
         # Outlive the budget in Python code: a stray injection would land here.
-        spin(0.2)
+        spin(0.2 + _hooks.INTERRUPT_AFTER)
 
         assert () == scope.cleanup_errors
+        assert [] == raise_anywhere
 
-    def test_budget_expiring_after_the_hook_finished_injects_nothing(self):
+    def test_budget_expiring_after_the_hook_finished_injects_nothing(self, raise_anywhere):
         """The timer losing the race against a finished hook must not interrupt anything."""
         budget = _hooks._Budget()
+        budget.raise_anywhere = True
         budget.running = False
         budget.expire()
+        budget.interrupt()
         # A stray injection would be raised in this thread while it runs Python code.
         spin(0.05)
 
         assert not budget.fired
+        assert [] == raise_anywhere
 
     def test_own_hook_timeout_error_is_not_a_budget_expiry(self):
         """A hook that raises HookTimeoutError itself is reported as that error, unchanged."""
@@ -352,8 +465,8 @@ class TestTimeBudget:
         with CancelScope() as scope:
             handles = [HookHandle(scope, fail, (), {}), HookHandle(scope, lambda: None, (), {})]
 
-        assert (error,) == _hooks.run_hooks(handles, None)
-        assert () == _hooks.run_hooks([], 1.0)
+        assert (error,) == _hooks.run_hooks(handles, None, None, _scope._budget_scope)
+        assert () == _hooks.run_hooks([], 1.0, None, _scope._budget_scope)
 
 
 class TestLateRegistration:

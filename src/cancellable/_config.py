@@ -20,7 +20,7 @@ __all__ = [
     "reset_defaults",
 ]
 
-#: Seconds each cleanup hook may run before it is interrupted.
+#: Seconds each cleanup hook may run before it is stopped (docs/cleanup.md).
 DEFAULT_HOOK_TIMEOUT: Final = 30.0
 
 #: The longest grace (seconds) a cancellation may give a task: one day.  A
@@ -97,8 +97,9 @@ def configure(*, hook_timeout: float | _Unset | None = UNSET) -> None:
 
     Args:
         hook_timeout: Seconds each cleanup hook may run before it is
-            interrupted with `~cancellable.HookTimeoutError` (``None``: no
-            limit).  A scope or ``@cancellable(hook_timeout=...)`` can
+            stopped at its next checkpoint (recorded as
+            `~cancellable.HookTimeoutError`; ``None``: no limit; see
+            docs/cleanup.md).  A scope or ``@cancellable(hook_timeout=...)`` can
             override it.
 
     Raises:

@@ -22,6 +22,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -33,7 +34,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from celery import Celery
@@ -160,6 +161,38 @@ def _make_app() -> Celery:
 
 
 app = _make_app()
+
+
+#: What the demo says under the events a newcomer reads first.
+_GLOSS: Final = {
+    "cancel.delivered": "the worker's main process hands the cancellation to the task's child",
+    "cancel.requested": "the task's cancel scope is cancelled, in the child (after the delivery)",
+}
+
+
+def _event_time(event: dict[str, Any]) -> float | None:
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        # structlog's ISO stamps end in "Z", which Python 3.10 cannot parse.
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _in_time_order(lines: list[str]) -> list[dict[str, Any]]:
+    """The JSON events of ``lines`` sorted by their time stamps (several processes
+    append to the file, each with its own buffer, so the file is not in time order)."""
+    events: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return sorted(events, key=lambda event: _event_time(event) or 0.0)
 
 
 def _configure_worker_logging() -> None:
@@ -313,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         print("cancel(first, reason='user pressed stop', requested_by='alice')  <- running task")
         from cancellable.celery import cancel
 
-        cancel(first, "user pressed stop", requested_by="alice", app=client)
-
+        receipt = cancel(first, "user pressed stop", requested_by="alice", app=client)
+        (outcome,) = receipt.wait(30)
+        print(f"receipt.wait(): {outcome.task_id}: {outcome.describe()}")
         _wait_for(lambda: first.state == "REVOKED", 30, "the first task to end REVOKED")
         _wait_for(lambda: second.ready(), 60, "the second task to finish")
         _wait_for(lambda: third.state == "REVOKED", 30, "the third task to end REVOKED")
@@ -329,21 +363,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncleanup hook of 'first' ran: {cleaned}; partial file removed: {rows_first == 0}")
         print(f"'third' ever started: {(directory / 'third.started').exists()}")
 
-        print("\nstructured events from the worker (cancellable.events):")
+        print("\nstructured events from the worker (cancellable.events), in time order:")
+        print(f"  {'+0 ms':>9}  cancel() called by the client (requested_at)")
         events_file = directory / "events.jsonl"
         lines = events_file.read_text().splitlines() if events_file.exists() else []
-        for line in lines:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
+        for event in _in_time_order(lines):
+            at = _event_time(event)
+            since = "" if at is None else f"+{(at - receipt.reason.requested_at) * 1000:.0f} ms"
             fields = {
                 k: v
                 for k, v in event.items()
                 if k in ("task_id", "task_name", "source", "message", "requested_by", "how")
                 or k.endswith("_ms")
             }
-            print(f"  {event.get('event', '?'):18} {json.dumps(fields, sort_keys=True)}")
+            name = str(event.get("event", "?"))
+            print(f"  {since:>9}  {name:18} {json.dumps(fields, sort_keys=True)}")
+            if name in _GLOSS:
+                print(f"  {'':9}  {'':18} ^ {_GLOSS[name]}")
 
         ok = (
             first.state == "REVOKED"

@@ -22,9 +22,10 @@ __all__ = [
     "TooSlowError",
 ]
 
-#: Where a cancellation came from.  ``"shutdown"`` is reserved: nothing
-#: produces it yet (a worker's warm shutdown will).
-CancelSource = Literal["revoked", "deadline", "manual", "shutdown"]
+#: Where a cancellation came from.  ``"shutdown"`` (a worker's warm shutdown)
+#: and ``"connection_lost"`` (a worker lost its AMQP broker connection) send
+#: the task back to the broker to run again instead of ending it.
+CancelSource = Literal["revoked", "deadline", "manual", "shutdown", "connection_lost"]
 
 _SOURCES: Final = frozenset(get_args(CancelSource))
 
@@ -38,9 +39,11 @@ class CancelReason:
     Args:
         source: What kind of event cancelled the scope: ``"revoked"`` (a
             Celery revoke or `cancellable.celery.cancel`), ``"deadline"`` (a
-            timeout), ``"manual"`` (`CancelScope.cancel` in user code) or
-            ``"shutdown"`` (the process is stopping; reserved: the library
-            does not produce it yet, a worker's warm shutdown will).
+            timeout), ``"manual"`` (`CancelScope.cancel` in user code),
+            ``"shutdown"`` (the worker is stopping: a warm shutdown with
+            ``cancellable_shutdown_grace`` set) or ``"connection_lost"``
+            (the worker lost its AMQP broker connection, which redelivers
+            the task).  The last two send a Celery task back to run again.
         message: Free text for humans, at most `MAX_MESSAGE_LENGTH`
             characters.
         requested_by: Who asked for it (a user name, a service), if known.
@@ -217,11 +220,15 @@ class TooSlowError(Exception):
 
 
 class HookTimeoutError(BaseException):
-    """Injected into a cleanup hook that overran its time budget.
+    """Recorded for a cleanup hook that overran its time budget and was stopped.
 
-    A `BaseException` so that the hook's own ``except Exception:`` does not
-    absorb it.  It never leaves the hook runner: it is logged and recorded in
-    `Cancelled.hook_errors`.
+    The hook is stopped at its next checkpoint, `cancellable.sleep` or
+    `cancellable.wait` (where it sees `Cancelled`); in a Celery prefork
+    child, which is then retired, this exception is injected into a hook
+    still running shortly after its budget, wherever it is (see
+    docs/cleanup.md).  A `BaseException` so that the hook's own ``except
+    Exception:`` does not absorb it.  It never leaves the hook runner: it is
+    logged and recorded in `Cancelled.hook_errors`.
 
     .. versionadded:: 0.1.0
     """

@@ -1045,7 +1045,7 @@ def run_cleanup(scope: CancelScope, exc: BaseException) -> int:
     with CancelScope(shield=True) as shield:
         set_aside = _set_aside_below(shield)
         try:
-            errors = run_hooks(hooks, scope.hook_timeout, scope._log_fields)
+            errors = run_hooks(hooks, scope.hook_timeout, scope._log_fields, _budget_scope)
         finally:
             _restore_set_aside(set_aside)
     if errors:
@@ -1057,6 +1057,12 @@ def run_cleanup(scope: CancelScope, exc: BaseException) -> int:
                 for error in errors:
                     add_note(f"cleanup hook failed: {error!r}")
     return len(hooks)
+
+
+def _budget_scope() -> CancelScope:
+    # The scope one hook with a budget runs in (see _hooks): a shield, like
+    # the cleanup scope around it, so only the budget cancels it.
+    return CancelScope(shield=True)
 
 
 def _set_aside_below(shield: CancelScope) -> list[CancelScope]:

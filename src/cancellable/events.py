@@ -28,7 +28,9 @@ __all__ = [
     "CANCEL_SWALLOWED",
     "CHILD_RETIRED",
     "CLEANUP_FAILED",
+    "CLEANUP_OVERRAN",
     "CLEANUP_TIMED_OUT",
+    "LEDGER_IN_USE",
     "LEDGER_NOT_DURABLE",
     "LEDGER_POLL_FAILED",
     "LEDGER_UNAVAILABLE",
@@ -41,10 +43,13 @@ __all__ = [
     "TASK_CANCEL_UNOBSERVED",
     "TASK_EVENT_NOT_SENT",
     "TASK_RESULT_NOT_STORED",
+    "TASK_SENT_BACK",
     "TASK_SKIPPED",
     "TASK_TERMINATED",
     "TERMINATE_AVERTED",
+    "WORKER_CONNECTION_LOST",
     "WORKER_REPLACED",
+    "WORKER_SHUTDOWN",
 ]
 
 #: The structlog logger name all events are emitted on.
@@ -79,8 +84,17 @@ CANCEL_SWALLOWED: Final = "cancel.swallowed"
 #: A cleanup hook raised.  Carries ``hook`` and ``error``.
 CLEANUP_FAILED: Final = "cleanup.failed"
 
-#: A cleanup hook overran its time budget and was interrupted.
+#: A cleanup hook was stopped because it overran its time budget (at a
+#: checkpoint, `cancellable.sleep` or `cancellable.wait`, or, in a process
+#: that will be retired, wherever it was).  Carries ``hook`` and ``budget_s``.
 CLEANUP_TIMED_OUT: Final = "cleanup.timed_out"
+
+#: A cleanup hook ran past its time budget in a process where it is not
+#: raised into at an arbitrary bytecode (everywhere but a Celery prefork
+#: child): it stops at its next checkpoint, `cancellable.sleep` or
+#: `cancellable.wait`, or runs on to its end.  Logged once per hook run, when
+#: the budget expires.  Carries ``hook``, ``budget_s`` and ``why``.
+CLEANUP_OVERRAN: Final = "cleanup.overran"
 
 #: A cancelled scope exited.  Carries ``caught`` (whether this scope absorbed
 #: the `~cancellable.Cancelled`), ``hooks_run``, ``hook_errors`` and
@@ -178,6 +192,14 @@ LEDGER_POLL_FAILED: Final = "ledger.poll_failed"
 #: backend; the task still ended and its message was acknowledged.
 TASK_RESULT_NOT_STORED: Final = "task.result_not_stored"
 
+#: A worker started: where its app's cancellations are kept.  Carries
+#: ``app``, ``durable`` and ``where`` (the store and its key, table or
+#: path; or ``"not durable: online workers only (<why>)"``).  INFO when
+#: durable, WARNING when not.  Logged once per worker start.
+#:
+#: .. versionadded:: 0.1.0
+LEDGER_IN_USE: Final = "ledger.in_use"
+
 #: No durable ledger is configured for this app (logged once per process).
 LEDGER_NOT_DURABLE: Final = "ledger.not_durable"
 
@@ -197,3 +219,27 @@ PREFORK_UNAVAILABLE: Final = "prefork.unavailable"
 #: so the earlier worker's tasks are no longer cancelled.  WARNING, with
 #: ``replaced`` and ``by`` (the two workers' host names).
 WORKER_REPLACED: Final = "worker.replaced"
+
+#: A warm shutdown began with ``cancellable_shutdown_grace`` set: the worker's
+#: running ``@cancellable`` tasks were cancelled (source ``"shutdown"``) to
+#: be sent back to the broker.  Carries ``task_ids`` and ``grace_s``.
+#:
+#: .. versionadded:: 0.1.0
+WORKER_SHUTDOWN: Final = "worker.shutdown"
+
+#: A worker lost its AMQP broker connection, which redelivers its unacked
+#: messages: its running ``@cancellable`` ``acks_late`` tasks were cancelled
+#: (source ``"connection_lost"``).  A warning; carries ``task_ids``.
+#:
+#: .. versionadded:: 0.1.0
+WORKER_CONNECTION_LOST: Final = "worker.connection_lost"
+
+#: A task cancelled by a shutdown or a lost connection stopped, ran its
+#: cleanup and went back to the broker to run again, storing nothing.
+#: Carries the reason's fields and ``how``: ``"requeued"`` (``acks_late``:
+#: its message was rejected with requeue), ``"resent"`` (acked early: a copy
+#: with the same id, arguments and headers was sent) or ``"redelivered"``
+#: (the broker redelivers it after the lost connection; nothing was sent).
+#:
+#: .. versionadded:: 0.1.0
+TASK_SENT_BACK: Final = "task.sent_back"

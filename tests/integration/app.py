@@ -135,7 +135,7 @@ def plain_count_signals(key: str, seconds: float) -> int:
 if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
     from celery import current_task
 
-    from cancellable import cancellable, checkpoint, on_cancel
+    from cancellable import CancelScope, cancellable, checkpoint, on_cancel
 
     def hook(key: str, name: str) -> None:
         """A cleanup hook: records that it ran."""
@@ -454,6 +454,60 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
         return sum(range(10**12))
 
     # ----------------------------------------------------------------------
+    # Shutdowns and lost connections (docs/shutdown.md): the first run is
+    # long and gets stopped, the run after it (on another worker) is short.
+
+    def rerun_body(key: str, first_seconds: float, later_seconds: float, blocking: bool) -> str:
+        """Records ``start``, ``cancelled``, ``cleanup`` and ``done`` lines with pid and
+        time, and the custom header ``x-cit`` each run got (``headers`` list)."""
+        r = obs()
+        pid = os.getpid()
+        request = current_task.request
+        header = (request.headers or {}).get("x-cit") or getattr(request, "x-cit", None)
+        r.rpush(f"{key}:headers", repr(header))
+        run = int(r.incr(f"{key}:runs"))
+        r.rpush(f"{key}:started", pid)
+        r.rpush(f"{key}:log", f"start {run} {pid} {time.time()!r}")
+
+        def cleanup() -> None:
+            r.rpush(f"{key}:log", f"cleanup {run} {pid} {time.time()!r}")
+
+        on_cancel(cleanup)
+        seconds = first_seconds if run == 1 else later_seconds
+        r.set(f"{key}:looping", 1)
+        try:
+            if blocking:
+                time.sleep(seconds)
+            else:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    checkpoint()
+                    time.sleep(0.02)
+        except Cancelled as exc:
+            r.rpush(f"{key}:log", f"cancelled {run} {pid} {time.time()!r}")
+            r.set(f"{key}:reason", f"{exc.reason.source}|{exc.reason.message}")
+            raise
+        r.rpush(f"{key}:log", f"done {run} {pid} {time.time()!r}")
+        return f"run {run} on {pid}"
+
+    @app.task(bind=True, name="cit.rerun.late", acks_late=True)
+    @cancellable
+    def rerun_late(self: Any, key: str, first: float = 60.0, later: float = 1.0) -> str:
+        """acks_late, checkpoints every 20 ms: a long first run, a short second one."""
+        return rerun_body(key, first, later, blocking=False)
+
+    @app.task(bind=True, name="cit.rerun.early")
+    @cancellable
+    def rerun_early(self: Any, key: str, first: float = 60.0, later: float = 1.0) -> str:
+        """Like ``cit.rerun.late``, but its message is acked when it starts."""
+        return rerun_body(key, first, later, blocking=False)
+
+    @app.task(bind=True, name="cit.rerun.sleep", acks_late=True)
+    @cancellable
+    def rerun_sleep(self: Any, key: str, first: float = 3600.0, later: float = 1.0) -> str:
+        """acks_late, stuck in ``time.sleep`` (no checkpoint) on its first run."""
+        return rerun_body(key, first, later, blocking=True)
+
     # Interrupts and process-wide locks (issue 18 point 2, docs/reliability.md).
 
     import logging as _logging
@@ -548,6 +602,48 @@ if os.environ.get("CIT_WITH_CANCELLABLE", "1") != "0":
             r.rpush(f"{key}:ended", f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
             raise
         return "done"
+
+    @app.task(bind=True, name="cit.locks.hook_churn")
+    @cancellable
+    def locks_hook_churn(self: Any, key: str, n: int, budget: float, every: int = 400) -> int:
+        """A cleanup hook that loops over the shared pool and logger until its budget stops it.
+
+        The task cancels a scope of its own whose hooks have a budget of
+        ``budget`` seconds; its one hook loops like `locks_churn` (a
+        checkpoint every ``every`` rounds, at most 10 s) and notes how an
+        exception ended it; once the hook is over the task records
+        ``<n>:<pid>:<where>:<held>`` in ``<key>:ended`` (``where``:
+        ``checkpoint`` or ``elsewhere``, an arbitrary bytecode).  Returns
+        the pid.
+        """
+        ended: list[str] = []
+
+        def hook() -> None:
+            before = lock_state()
+            end = time.monotonic() + 10.0
+            at_checkpoint = False
+            rounds = 0
+            try:
+                while time.monotonic() < end:
+                    use_shared_locks()
+                    rounds += 1
+                    if rounds % every == 0:
+                        at_checkpoint = True
+                        checkpoint()
+                        at_checkpoint = False
+            except BaseException:
+                where = "checkpoint" if at_checkpoint else "elsewhere"
+                ended.append(f"{n}:{os.getpid()}:{where}:{locks_left(before)}")
+                raise
+
+        with CancelScope(hook_timeout=budget) as scope:
+            on_cancel(hook)
+            scope.cancel("run the hook")
+            checkpoint()
+        # After the hook: no budget can raise here any more.
+        if ended:
+            obs().rpush(f"{key}:ended", ended[0])
+        return os.getpid()
 
     @app.task(name="cit.locks.probe")
     def locks_probe() -> int:

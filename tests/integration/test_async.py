@@ -61,15 +61,23 @@ def test_async_task_awaiting_sleep_is_cancelled(shared_worker, keys: Keys, pool,
 
     The coroutine sees CancelledError at its await with the reason as the
     message, its ``finally`` and its ``on_cancel`` hook run, and the worker
-    stays up.  solo: both reach the running task through the ledger poll.
+    stays up; the receipt says it stopped at a checkpoint (the await), with
+    the message docs/async.md shows.  solo: both reach the running task
+    through the ledger poll.
     """
     worker = shared_worker(pool=pool)
     result = start(worker, keys, "cit.async.sleep", "t")
 
     if how == "cancel":
-        from cancellable.celery import cancel
+        from cancellable.celery import Outcome, cancel
 
-        cancel(result.id, reason="user pressed stop", requested_by="alice", app=worker.app)
+        receipt = cancel(result.id, reason="user pressed stop", requested_by="alice",
+                         app=worker.app)  # fmt: skip
+        (outcome,) = receipt.wait(20)
+        assert Outcome.STOPPED == outcome.outcome, outcome
+        assert "revoked by alice: user pressed stop (stopped at a checkpoint" in str(
+            outcome.message
+        )
         assert_revoked(result, "user pressed stop", "alice")
         assert_cancelled_at_await(keys, "t", "user pressed stop")
     else:

@@ -171,7 +171,7 @@ def test_cancel_accepts_reason_of_max_length(shared_worker):
     returned = cancel(str(uuid.uuid4()), reason="x" * cancellable.CancelReason.MAX_MESSAGE_LENGTH,
                       app=worker.app)  # fmt: skip
 
-    assert cancellable.CancelReason.MAX_MESSAGE_LENGTH == len(returned.message)
+    assert cancellable.CancelReason.MAX_MESSAGE_LENGTH == len(returned.reason.message)
 
 
 @pytest.mark.parametrize("task", ["cit.plain.soft_limit", "cit.soft_limit"])

@@ -146,7 +146,8 @@ class TestPrefork:
 
         assert 0 == cli.returncode, cli.stdout + cli.stderr
         line = next((ln for ln in cli.stdout.splitlines() if result.id in ln), "")
-        assert "stopped (REVOKED)" in line, cli.stdout + cli.stderr
+        assert ": interrupted after 1." in line, cli.stdout + cli.stderr
+        assert line.endswith("(REVOKED: revoked: cli grace)"), cli.stdout + cli.stderr
         assert_revoked(result, "cli grace", "interrupted after 1.")
         assert ["cleanup"] == keys.hooks("s")
 

@@ -205,7 +205,9 @@ def test_cli_says_stopped_only_after_the_cleanup_of_the_running_worker(make_work
     done_when_cli_returned = keys.flag("t", "cleanup_done")
 
     assert 0 == cli.returncode, cli.stdout + cli.stderr
-    assert f"{result.id}: running; stopped (REVOKED)" in cli.stdout
+    line = next((ln for ln in cli.stdout.splitlines() if ln.startswith(result.id)), "")
+    assert line.startswith(f"{result.id}: stopped at a checkpoint after "), cli.stdout
+    assert line.endswith(" (REVOKED: revoked: stop)"), cli.stdout
     assert "1" == done_when_cli_returned, "the command said stopped before cleanup ended"
     assert_revoked(result, "stop")
     assert second.alive()
@@ -223,9 +225,9 @@ def test_cancel_with_reason_by_id_and_by_results(shared_worker, keys: Keys):
     returned = cancel([first, second.id], reason="quota exceeded", requested_by="billing",
                       app=worker.app)  # fmt: skip
 
-    assert isinstance(returned, CancelReason)
-    assert "quota exceeded" == returned.message
-    assert "billing" == returned.requested_by
+    assert isinstance(returned.reason, CancelReason)
+    assert "quota exceeded" == returned.reason.message
+    assert "billing" == returned.reason.requested_by
     for result, name in ((first, "a"), (second, "b")):
         assert_revoked(result, "quota exceeded", "billing")
         assert_stopped_at_checkpoint(keys, name)

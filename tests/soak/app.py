@@ -8,7 +8,9 @@ file, ``$SOAK_RUN_DIR/events/<task id>.jsonl``:
     the body began: ``pid``, ``attempt`` (1 + the ``started`` lines already
     in the file), ``redelivered`` (the broker's flag) and ``hostname``;
 ``checkpoint_raised``
-    a checkpoint raised `Cancelled` (``reason`` is the scope's reason);
+    a checkpoint raised `Cancelled` (``reason`` is the scope's reason,
+    ``source`` its source; ``"shutdown"``: a warm shutdown, also when its
+    interrupt ended a task without checkpoints);
 ``hook_ran`` / ``hook_done``
     the ``on_cancel`` hook began / ended;
 ``finished``
@@ -135,7 +137,14 @@ def checkpoints(task_id: str, run: str, count: int | None, seconds: float, step:
             time.sleep(step)
         checkpoint()
     except Cancelled as exc:
-        event(task_id, run, "checkpoint_raised", n=n, reason=exc.reason.describe())
+        event(
+            task_id,
+            run,
+            "checkpoint_raised",
+            n=n,
+            reason=exc.reason.describe(),
+            source=exc.reason.source,
+        )
         raise
 
 
@@ -178,7 +187,14 @@ def no_checkpoint(self: Any, seconds: float) -> str:
     """Sleeps without a checkpoint: cannot be stopped cooperatively."""
     task_id, run = start(self)
     on_cancel(hook, task_id, run, 0.0)
-    sleep_blind(seconds)
+    try:
+        sleep_blind(seconds)
+    except Cancelled as exc:
+        if exc.reason.source == "shutdown":
+            # Interrupted by a warm shutdown's ladder: it goes back to the broker.
+            event(task_id, run, "checkpoint_raised", n=0, reason=exc.reason.describe(),
+                  source="shutdown")  # fmt: skip
+        raise
     event(task_id, run, "finished")
     return "no_checkpoint"
 

@@ -27,6 +27,9 @@ from .aof import Pop
 CHECKPOINT_KINDS = frozenset({"short", "long", "slow_cleanup"})
 KINDS = ("short", "long", "slow_cleanup", "no_checkpoint")
 FINAL = frozenset({"SUCCESS", "REVOKED", "FAILURE"})
+#: How long a run may start before the run a warm shutdown stopped has ended
+#: (docs/shutdown.md promises none: the message goes back after the cleanup).
+OVERLAP_BOUND = 0.0
 #: A cancel issued this long after a task's ``finished`` event finds SUCCESS stored.
 STORED_AFTER = 2.0
 
@@ -74,7 +77,9 @@ class CancelRecord:
 @dataclasses.dataclass
 class KillRecord:
     ts: float
-    what: str  # "child", "worker" (kill -9 by the driver) or "died" (exited on its own)
+    #: "child", "worker" (kill -9 by the driver), "died" (exited on its own) or
+    #: "shutdown" (a warm shutdown; its pids were killed only if it overran).
+    what: str
     pids: set[int]
     worker: str
 
@@ -91,6 +96,16 @@ class Run:
     hooks: int = 0
     hooks_done: int = 0
     killed: bool = False
+    #: The source of the cancellation a checkpoint raised (``"shutdown"``: a
+    #: warm shutdown stopped the run and sent the task back to the broker).
+    source: str | None = None
+    #: The time of the run's last event.
+    last: float = 0.0
+
+    @property
+    def sent_back(self) -> bool:
+        """A warm shutdown stopped this run; the task runs again elsewhere."""
+        return self.source == "shutdown"
 
     @property
     def ended(self) -> bool:
@@ -117,6 +132,8 @@ class TaskVerdict:
     notes: list[str]
     duplicate: str | None = None  # cause of extra runs of an uncancelled task
     raced_delay: float | None = None
+    #: Runs a warm shutdown stopped and sent back to the broker.
+    sent_back: int = 0
 
 
 @dataclasses.dataclass
@@ -163,6 +180,8 @@ class Report:
         kills = Counter(k.what for k in self.kills)
         lines.append(
             f"kills: child {kills['child']}, worker {kills['worker']}; "
+            f"warm shutdowns {kills['shutdown']} "
+            f"({sum(v.sent_back for v in self.verdicts)} runs sent back); "
             f"workers that exited on their own: {kills['died']}; grace {self.grace:.2f}s"
         )
         dups = Counter(v.duplicate for v in self.verdicts if v.duplicate)
@@ -214,6 +233,7 @@ def runs_of(events: list[dict[str, Any]], kills: list[KillRecord]) -> tuple[list
                 token=token,
                 pid=int(e["pid"]),
                 started=float(e["ts"]),
+                last=float(e["ts"]),
                 attempt=int(e.get("attempt", 0)),
                 redelivered=bool(e.get("redelivered")),
             )
@@ -222,10 +242,12 @@ def runs_of(events: list[dict[str, Any]], kills: list[KillRecord]) -> tuple[list
         if run is None:
             problems.append(f"{e['ev']} of run {token} without a started event")
             continue
+        run.last = max(run.last, float(e["ts"]))
         if e["ev"] == "finished":
             run.finished = float(e["ts"])
         elif e["ev"] == "checkpoint_raised":
             run.raised = float(e["ts"])
+            run.source = e.get("source")
         elif e["ev"] == "hook_ran":
             run.hooks += 1
         elif e["ev"] == "hook_done":
@@ -246,6 +268,7 @@ def describe_runs(runs: list[Run], origin: float | None) -> list[str]:
         f"run {r.token} pid {r.pid} attempt {r.attempt} redelivered={r.redelivered} "
         f"started {at(r.started)} finished {at(r.finished)} "
         f"raised {at(r.raised)} hooks {r.hooks}/{r.hooks_done} killed={r.killed}"
+        + (" sent back (shutdown)" if r.sent_back else "")
         for r in runs
     ]
 
@@ -370,6 +393,7 @@ def audit_task(
     worker, cancelled or not.
     """
     runs, problems = runs_of(events, kills)
+    all_runs = runs
     status = str(meta.get("status"))
     result = meta.get("result")
     violations: list[Violation] = []
@@ -398,7 +422,7 @@ def audit_task(
             )
         else:
             evidence.append("never cancelled; times below are relative to the send")
-        evidence.extend(describe_runs(runs, origin))
+        evidence.extend(describe_runs(all_runs, origin))
         violations.append(Violation(task.id, rule, detail, evidence))
 
     for problem in problems:
@@ -408,11 +432,29 @@ def audit_task(
             flag(
                 "a run vanished", f"run {run.token} (pid {run.pid}) never ended and was not killed"
             )
+    # Runs a warm shutdown stopped (docs/shutdown.md): cleaned up, and the
+    # next run of the task began only after this one's last event.
+    for i, run in enumerate(runs):
+        if not run.sent_back:
+            continue
+        if not run.hooks_done:
+            flag("a run stopped by a warm shutdown did not clean up", f"run {run.token}")
+        for later in runs[i + 1 :]:
+            if later.started < run.last - OVERLAP_BOUND:
+                flag(
+                    "two runs of a task overlapped after a warm shutdown",
+                    f"run {later.token} started {run.last - later.started:.3f}s before run "
+                    f"{run.token} (sent back) ended",
+                )
+    # The rules below judge the runs that were not sent back.
+    sent_back = [r for r in runs if r.sent_back]
+    runs = [r for r in runs if not r.sent_back]
 
     if cancel is None:
         verdict = TaskVerdict(
-            task.id, task.kind, "uncancelled", status, None, len(runs), violations, notes
+            task.id, task.kind, "uncancelled", status, None, len(all_runs), violations, notes
         )
+        verdict.sent_back = len(sent_back)
         if status != "SUCCESS":
             flag("an uncancelled task did not end SUCCESS", f"ended {status}")
         for run in runs:
@@ -426,12 +468,22 @@ def audit_task(
         if len(runs) > 1:
             after_kill = all(any(p.killed for p in runs[:i]) for i in range(1, len(runs)))
             verdict.duplicate = "after a kill -9" if after_kill else "redelivered without a kill"
+        if sent_back:
+            verdict.duplicate = "after a warm shutdown (sent back)"
         return verdict
 
     if cancel.outcome in ("uncertain", "unheard"):
         verdict = TaskVerdict(
-            task.id, task.kind, cancel.outcome, status, cancel.method, len(runs), violations, notes
+            task.id,
+            task.kind,
+            cancel.outcome,
+            status,
+            cancel.method,
+            len(all_runs),
+            violations,
+            notes,
         )
+        verdict.sent_back = len(sent_back)
         if status not in ("SUCCESS", "REVOKED"):
             flag("a task did not end", f"ended {status}")
         if sum(r.hooks for r in runs) > 1:
@@ -449,8 +501,9 @@ def audit_task(
     else:
         category = file_phase
     verdict = TaskVerdict(
-        task.id, task.kind, category, status, cancel.method, len(runs), violations, notes
+        task.id, task.kind, category, status, cancel.method, len(all_runs), violations, notes
     )
+    verdict.sent_back = len(sent_back)
     if category == "raced start":
         verdict.raced_delay = max(0.0, min(r.started for r in early) - cancel.t_end)
 

@@ -30,7 +30,7 @@ from . import audit as audit_mod
 from .audit import CancelRecord, KillRecord, Report, TaskRecord
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, worker_env
 from .plan import Action, Mode, Plan
-from .settings import make_app
+from .settings import SHUTDOWN_GRACE, make_app
 
 #: How long cancel() may take to refuse a cancellation while Redis is down.
 PROBE_TIMEOUT = 5.0
@@ -85,6 +85,12 @@ def code_version() -> str:
     return f"{head}{' + uncommitted changes in src/' if dirty else ''}"
 
 
+#: Seconds past ``cancellable_shutdown_grace`` within which a worker in a warm
+#: shutdown must have exited (docs/shutdown.md: the grace plus a small bound;
+#: the interrupt step, the cleanup hooks and the pool's drain, under load).
+SHUTDOWN_BOUND = 8.0
+
+
 class Soak:
     def __init__(self, plan: Plan, run_dir: Path, *, with_cancellable: bool = True) -> None:
         self.plan = plan
@@ -122,6 +128,8 @@ class Soak:
         self.children_seen: dict[str, set[int]] = {}
         self.died: set[str] = set()
         self.timings: dict[str, float] = {}
+        #: Warm shutdowns: (worker, SIGTERM time, seconds until it exited).
+        self.shutdowns: list[tuple[str, float, float]] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -258,6 +266,8 @@ class Soak:
                 self.restart_redis(action, retries)
             elif action.kind == "hang_redis":
                 self.hang_redis(action, retries)
+            elif action.kind == "warm_shutdown":
+                self.warm_shutdown()
         except Exception:
             self.note(f"action {action.kind} failed:\n{traceback.format_exc()}")
 
@@ -476,6 +486,35 @@ class Soak:
         self.note(f"kill -9 worker {worker.name} pids {sorted(pids)}; starting a replacement")
         self.replace()
 
+    def warm_shutdown(self) -> None:
+        """SIGTERM one worker (its running tasks go back to the broker); start a replacement.
+
+        The stop runs on its own thread (the schedule goes on); a worker still
+        alive `SHUTDOWN_BOUND` seconds after its grace is killed, and reported.
+        """
+        workers = self.alive_workers()
+        if not workers:
+            self.note("warm_shutdown: no ready worker")
+            return
+        worker = self.rng.choice(workers)
+        pids = {worker.pid, *worker.children()}
+        began = time.time()
+        worker.killed_at = began  # its exit is not a death, and it takes no more actions
+        self.note(f"warm shutdown (SIGTERM) of {worker.name}; starting a replacement")
+
+        def stop() -> None:
+            worker.stop(timeout=SHUTDOWN_GRACE + SHUTDOWN_BOUND)
+            took = time.time() - began
+            self.shutdowns.append((worker.name, began, took))
+            # Runs that never ended there were ended by the stop's SIGKILL.
+            self.kills.append(KillRecord(began, "shutdown", pids, worker.name))
+            self.note(f"{worker.name} exited {took:.2f}s after SIGTERM")
+
+        thread = threading.Thread(target=stop, daemon=True)
+        thread.start()
+        self._starting.append(thread)
+        self.replace()
+
     def restart_redis(self, action: Action, retries: list[Pending]) -> None:
         assert self.app is not None
         client = self.redis.client()
@@ -691,6 +730,16 @@ class Soak:
                             f"{node}: {name} {value:.3f}s > {bound:.1f}s",
                         )
                     )
+        for name, _began, took in self.shutdowns:
+            if took > SHUTDOWN_GRACE + SHUTDOWN_BOUND:
+                report.anomalies.append(
+                    audit_mod.Violation(
+                        "-",
+                        "a warm shutdown overran its grace",
+                        f"{name} exited {took:.2f}s after SIGTERM "
+                        f"(grace {SHUTDOWN_GRACE}s + {SHUTDOWN_BOUND}s)",
+                    )
+                )
         if not drained:
             report.anomalies.append(
                 audit_mod.Violation("-", "the run did not drain", self.log[-1] if self.log else "")

@@ -36,6 +36,9 @@ class Mode:
     child_kills: int
     worker_kills: int
     redis_restarts: int
+    #: Warm shutdowns (SIGTERM) of a worker, whose running tasks go back to
+    #: the broker (``cancellable_shutdown_grace``, docs/shutdown.md).
+    warm_shutdowns: int
     groups: int
     group_size: tuple[int, int]
     cancel_fraction: float
@@ -58,6 +61,7 @@ class Mode:
             f"workers={self.workers}x{self.concurrency} child_kills={self.child_kills} "
             f"worker_kills={self.worker_kills} redis_restarts={self.redis_restarts} "
             f"hangs={self.hangs}x{self.hang_seconds[0]:.0f}-{self.hang_seconds[1]:.0f}s "
+            f"warm_shutdowns={self.warm_shutdowns} "
             f"groups={self.groups}x{self.group_size}"
         )
 
@@ -82,6 +86,7 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
             child_kills=1,
             worker_kills=1,
             redis_restarts=1,
+            warm_shutdowns=1,
             groups=1,
             group_size=(50, 50),
             cancel_fraction=0.3,
@@ -110,6 +115,7 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
         child_kills=max(8, int(minutes * 1.5)),
         worker_kills=max(3, int(minutes / 2)),
         redis_restarts=max(2, int(minutes / 3)),
+        warm_shutdowns=max(2, int(minutes / 3)),
         groups=max(2, int(minutes / 2)),
         group_size=(100, 200),
         cancel_fraction=0.3,
@@ -133,7 +139,8 @@ GROUP_WEIGHTS = {"short": 0.8, "long": 0.1, "slow_cleanup": 0.1}
 @dataclasses.dataclass
 class Action:
     at: float  # seconds after the schedule starts
-    kind: str  # "cancel", "group", "kill_child", "kill_worker", "restart_redis", "hang_redis"
+    kind: str  # "cancel", "group", "kill_child", "kill_worker", "restart_redis", "hang_redis",
+    # "warm_shutdown"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -222,6 +229,7 @@ def make_plan(mode: Mode) -> Plan:
         + ["kill_worker"] * mode.worker_kills
         + ["restart_redis"] * mode.redis_restarts
         + ["hang_redis"] * mode.hangs
+        + ["warm_shutdown"] * mode.warm_shutdowns
     )
     rng.shuffle(faults)
     lo, hi = 0.1 * mode.duration, 0.85 * mode.duration

@@ -17,9 +17,12 @@ from typing import Any
 
 from celery import Celery
 
-__all__ = ["ENV_PREFIX", "make_app", "worker_conf"]
+__all__ = ["ENV_PREFIX", "SHUTDOWN_GRACE", "make_app", "worker_conf"]
 
 ENV_PREFIX = "SOAK_"
+
+#: ``cancellable_shutdown_grace`` of the soak's workers (seconds).
+SHUTDOWN_GRACE = 2.0
 
 
 def worker_conf(*, queue: str, control_exchange: str, visibility_timeout: float) -> dict[str, Any]:
@@ -36,6 +39,9 @@ def worker_conf(*, queue: str, control_exchange: str, visibility_timeout: float)
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A warm shutdown sends the running @cancellable tasks back to the
+        # broker (docs/shutdown.md): interrupted after this many seconds.
+        "cancellable_shutdown_grace": SHUTDOWN_GRACE,
         "broker_transport_options": {
             "visibility_timeout": visibility_timeout,
             "unacked_restore_interval": 1,

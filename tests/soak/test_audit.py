@@ -303,3 +303,50 @@ class TestUnheardRevoke:
 
         assert ("unheard", []) == (ran.category, rules(ran))
         assert ["a task did not end"] == rules(stuck)
+
+
+class TestWarmShutdown:
+    """Runs a warm shutdown stopped (``checkpoint_raised`` with source ``shutdown``)."""
+
+    @staticmethod
+    def sent_back(at: float, run: str = "r1", pid: int = 100, cleanup: bool = True) -> list[Any]:
+        raised = ev("checkpoint_raised", at + 1, run, pid, source="shutdown")
+        events = [started(at, run, pid), raised]
+        if cleanup:
+            events += [ev("hook_ran", at + 1.1, run, pid), ev("hook_done", at + 1.2, run, pid)]
+        return events
+
+    def test_sent_back_then_run_again_passes(self) -> None:
+        """Stopped by a shutdown with its cleanup, then run again to SUCCESS afterwards."""
+        events = [*self.sent_back(1), started(2.5, "r2", 200, 2), ev("finished", 4, "r2", 200)]
+        verdict = judge("long", events, SUCCESS)
+
+        assert [] == rules(verdict)
+        assert "after a warm shutdown (sent back)" == verdict.duplicate
+
+    def test_overlapping_runs_are_flagged(self) -> None:
+        """The next run started before the stopped run's cleanup was over."""
+        events = [*self.sent_back(1), started(2.15, "r2", 200, 2), ev("finished", 4, "r2", 200)]
+        verdict = judge("long", events, SUCCESS)
+
+        assert ["two runs of a task overlapped after a warm shutdown"] == rules(verdict)
+
+    def test_no_cleanup_is_flagged(self) -> None:
+        events = self.sent_back(1, cleanup=False)
+        events += [started(2.5, "r2", 200, 2), ev("finished", 4, "r2", 200)]
+        verdict = judge("long", events, SUCCESS)
+
+        assert ["a run stopped by a warm shutdown did not clean up"] == rules(verdict)
+
+    def test_never_run_again_is_flagged(self) -> None:
+        """Sent back, but the task never ran again: lost (it stays PENDING)."""
+        verdict = judge("long", self.sent_back(1), {"status": "PENDING", "result": None})
+
+        assert ["an uncancelled task did not end SUCCESS"] == rules(verdict)
+
+    def test_a_cancelled_task_sent_back_is_judged_by_its_other_runs(self) -> None:
+        """Sent back by a shutdown, then cancelled while queued: REVOKED, one hook run
+        per run is fine."""
+        verdict = judge("long", self.sent_back(1), revoked(), cancel_at(3, "queued"))
+
+        assert [] == rules(verdict)

@@ -30,9 +30,11 @@ from ._client import (
     BroadcastFailedWarning,
     BrokerUnavailableError,
     LedgerUnavailableWarning,
+    NotDurableWarning,
     cancel,
     configure,
 )
+from ._receipt import CancelReceipt, Outcome, TaskOutcome
 from ._settings import (
     DEFAULT_CANCEL_TIMEOUT,
     DEFAULT_KILL_AFTER,
@@ -53,10 +55,14 @@ __all__ = [
     "MAX_GRACE",
     "BroadcastFailedWarning",
     "BrokerUnavailableError",
+    "CancelReceipt",
     "LedgerUnavailableWarning",
+    "NotDurableWarning",
+    "Outcome",
     "PreforkDeliveryWarning",
     "SettingError",
     "Settings",
+    "TaskOutcome",
     "cancel",
     "configure",
 ]

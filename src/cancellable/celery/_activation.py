@@ -27,8 +27,12 @@ The bootstep's ``start`` (the worker starts; before its consumer does)
     reads the ledger into the index, patches Celery (`install_patches`: the
     ``revoke`` control command, ``Request.revoked``,
     ``Request._announce_revoked``, ``Request.on_failure``, the
-    ``cancellable_members`` command, ``Control.revoke``) and starts the
-    poller thread.
+    ``cancellable_members`` command,
+    ``Consumer.on_connection_error_after_connected``, ``Control.revoke``)
+    and starts the poller thread.
+The bootstep's ``close`` (a shutdown begins, before the pool waits for its tasks)
+    with ``cancellable_shutdown_grace`` set, cancels the running
+    ``@cancellable`` tasks to send them back (`cancellable.celery._shutdown`).
 ``worker_shutdown``, or the bootstep's ``terminate`` or ``shutdown`` (however the worker ends)
     stop the poller, drop the worker runtime and remove the worker's
     patches (``Control.revoke`` stays patched).  A warm shutdown's
@@ -52,9 +56,9 @@ from celery import bootsteps, signals
 
 from .. import _decorator
 from .._log import logger
-from ..events import LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
+from ..events import LEDGER_IN_USE, LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
-from . import _client, _ending, _failfast, _ledger, _revokes, _task
+from . import _client, _ending, _failfast, _ledger, _revokes, _shutdown, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import settings_for
@@ -142,6 +146,7 @@ def install_patches() -> None:
         )
         celery_internals.wrap_request_revoked(_revokes.request_revoked)
         celery_internals.wrap_request_announce_revoked(_revokes.announce_revoked)
+        celery_internals.wrap_consumer_connection_lost(_shutdown.connection_lost)
         celery_internals.wrap_request_on_failure(_ending.on_failure)
     _client.install_revoke_recorder()
 
@@ -155,6 +160,7 @@ def remove_patches() -> None:
         celery_internals.unwrap_revoke_command()
         celery_internals.unregister_inspect_command(_revokes.MEMBERS_COMMAND)
         celery_internals.unwrap_request_methods()
+        celery_internals.unwrap_consumer_connection_lost()
 
 
 class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
@@ -188,6 +194,7 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
             return  # a later worker in this process replaced this one
         try:
             ledger = runtime().ledgers.get(rt.app)
+            _log_where(rt.app, ledger)
             entries, cursor = ledger.read(rt.index.cursor)
             rt.index.add_entries(entries)
             rt.index.cursor = cursor
@@ -210,6 +217,16 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         (or until ``terminate``/``shutdown``).
         """
 
+    def close(self, parent: Any) -> None:
+        """The worker begins to stop: with ``cancellable_shutdown_grace``, send tasks back.
+
+        Celery's ``Blueprint.stop`` closes every step before it stops any,
+        and the pool's ``stop`` waits for the running tasks: the running ``@cancellable`` tasks are
+        cancelled here and go back to the broker
+        (`cancellable.celery._shutdown`).
+        """
+        _shutdown.begin_shutdown(self.runtime)
+
     def terminate(self, parent: Any) -> None:
         """Cold shutdown (also ``WorkController.terminate()``)."""
         _stop(self.runtime)
@@ -217,6 +234,14 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
     def shutdown(self, parent: Any) -> None:
         """Final teardown."""
         _stop(self.runtime)
+
+
+def _log_where(app: Any, ledger: _ledger.Ledger) -> None:
+    """One line at worker start: where this app's cancellations are kept."""
+    durable = bool(getattr(ledger, "durable", False))
+    where = getattr(ledger, "where", None) or type(ledger).__name__
+    log = logger.info if durable or getattr(ledger, "chosen", False) else logger.warning
+    log(LEDGER_IN_USE, app=app.main or "default", durable=durable, where=where)
 
 
 def _stop(rt: WorkerRuntime) -> None:

@@ -161,6 +161,13 @@ class Broadcasts:
         if client is not None:
             wait = min(float(conn.connect_timeout or MAX_WAIT), max(deadline.left(), 0.001))
             celery_internals.ping_redis_once(client, wait)
+        elif conn.transport.driver_type == "amqp":
+            # A pooled AMQP connection says it is connected whether or not
+            # the broker still answers, and a publish only fills the socket's
+            # buffer: open and close a channel, a round trip each, bounded by
+            # the connection's read_timeout.
+            channel = conn.channel()
+            channel.close()
 
     def publish(self, app: Any, conn: Any, arguments: dict[str, Any]) -> None:
         """Publish the revoke broadcast on ``conn``, once (no kombu retry loop)."""

@@ -28,8 +28,10 @@ registering an inspect command on ``Panel``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal as signal_module
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
@@ -51,6 +53,7 @@ __all__ = [
     "database_backend_engine",
     "discard_scheduled",
     "django_result_database",
+    "drop_acknowledgement",
     "einfo_exception",
     "extra_revoked_fields",
     "filesystem_backend_path",
@@ -64,8 +67,11 @@ __all__ = [
     "pool_process",
     "process_index",
     "publish_control_once",
+    "redelivers_unacked",
     "redis_backend_client",
     "redis_broker_client",
+    "redis_ledger_client",
+    "redis_server_of",
     "register_inspect_command",
     "request_already_revoked",
     "request_context",
@@ -77,6 +83,7 @@ __all__ = [
     "send_task_event",
     "task_ids",
     "unregister_inspect_command",
+    "unwrap_consumer_connection_lost",
     "unwrap_request_methods",
     "unwrap_revoke_command",
     "worker_concurrency",
@@ -84,6 +91,7 @@ __all__ = [
     "worker_pool_kind",
     "worker_pool_start_method",
     "worker_requests",
+    "wrap_consumer_connection_lost",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
     "wrap_request_on_failure",
@@ -904,6 +912,250 @@ def bounded_redis_client(client: Any, timeout: float) -> Any:
     return redis.Redis(connection_pool=new_pool)
 
 
+#: ``ssl_cert_reqs`` spellings Celery's Redis backend and kombu's Redis
+#: transport accept (``celery.backends.redis.RedisBackend.__init__``).
+_CERT_REQS: Final = {
+    "CERT_REQUIRED": "required",
+    "CERT_OPTIONAL": "optional",
+    "CERT_NONE": "none",
+    "required": "required",
+    "optional": "optional",
+    "none": "none",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisLedgerClient:
+    """What `redis_ledger_client` makes: the client, a key prefix, and where it points."""
+
+    #: A ``redis.Redis`` whose every wait is bounded (`bounded_redis_client`).
+    client: Any
+    #: ``global_keyprefix`` of the transport options ("" when none).
+    keyprefix: str
+    #: The server(s), without a password, for log lines and messages.
+    where: str
+
+
+def redis_ledger_client(
+    url: str,
+    *,
+    use_ssl: Mapping[str, Any] | bool | None,
+    transport_options: Mapping[str, Any] | None,
+    timeout: float,
+    setting: str,
+    celery_keyprefix: bool = False,
+) -> RedisLedgerClient:
+    """A bounded redis-py client for a Redis URL, read the way Celery and kombu read it.
+
+    ``url``: ``redis://``, ``rediss://``, ``unix://``/``socket://`` or one or
+    more ``sentinel://`` URLs joined by ``;`` (kombu's and Celery's spelling).
+    As in ``celery.backends.redis.RedisBackend`` (``_params_from_url``) and
+    ``kombu.transport.redis.Channel._connparams``:
+
+    * ``use_ssl`` (``broker_use_ssl`` / ``redis_backend_use_ssl``: a dict of
+      ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``,
+      ``ssl_keyfile``) makes the connection TLS; a ``rediss://`` URL's
+      query parameters of the same names override it.  ``ssl_cert_reqs`` is
+      a ``ssl.CERT_*`` constant or ``CERT_REQUIRED``/``required`` (and the
+      optional/none forms); missing, it is required.
+    * ``transport_options``: ``master_name``, ``sentinel_kwargs``,
+      ``min_other_sentinels`` (Sentinel), ``global_keyprefix``,
+      ``socket_timeout``, ``socket_connect_timeout``; never more than
+      ``timeout`` (`bounded_redis_client`).  ``celery_keyprefix``: add ``_``
+      to a prefix that ends in none of ``:_-.``, as Celery's backend does.
+    * A Sentinel URL's first host gives the master's password, username and
+      db; the sentinels themselves are asked with ``sentinel_kwargs``, their
+      waits bounded by ``timeout`` too.
+
+    Makes no connection.  Raises ``ValueError`` naming ``setting`` for a URL
+    or option it cannot use.
+    """
+    import ssl as ssl_module
+
+    import redis
+    from kombu.utils.url import url_to_parts
+
+    options = dict(transport_options or {})
+    chunks = [chunk.strip() for chunk in url.split(";") if chunk.strip()]
+    if not chunks:
+        raise ValueError(f"{setting}: empty Redis URL")
+    hosts = []
+    for chunk in chunks:
+        try:
+            parts = url_to_parts(chunk)
+        except Exception as exc:
+            raise ValueError(f"{setting}: cannot parse {_safe_url(chunk)!r}: {exc}") from exc
+        hosts.append((chunk, parts))
+    schemes = {parts.scheme for _, parts in hosts}
+    if len(schemes) > 1 or (len(hosts) > 1 and schemes != {"sentinel"}):
+        raise ValueError(
+            f"{setting}: several URLs joined by ';' must all be sentinel:// URLs, "
+            f"got {_safe_url(url)!r}"
+        )
+    scheme = hosts[0][1].scheme
+    if scheme not in ("redis", "rediss", "unix", "socket", "sentinel"):
+        raise ValueError(
+            f"{setting}: not a Redis URL (redis://, rediss://, unix://, sentinel://): "
+            f"{_safe_url(url)!r}"
+        )
+    first = hosts[0][1]
+    query = dict(first.query)
+    params: dict[str, Any] = {}
+    if first.username:
+        params["username"] = first.username
+    if first.password:
+        params["password"] = first.password
+    if scheme in ("unix", "socket"):
+        # redis-py's unix:///path?db=N, Celery's socket:///path?virtual_host=N
+        params["path"] = "/" + (first.path or "")
+        db = query.pop("db", None) or query.pop("virtual_host", None)
+    else:
+        db = query.pop("virtual_host", None) or first.path
+    try:
+        params["db"] = int(str(db or 0).strip("/") or 0)
+    except ValueError as exc:
+        raise ValueError(f"{setting}: the database in {_safe_url(url)!r} is not a number") from exc
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        given = options.get(name)
+        if given is not None:
+            params[name] = float(given)
+    ssl_params: dict[str, Any] = {}
+    use_tls = scheme == "rediss"
+    if isinstance(use_ssl, Mapping):
+        ssl_params.update(use_ssl)
+        use_tls = True
+    elif use_ssl:
+        use_tls = True
+    for name in ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        value = query.pop(name, None)
+        if value and (scheme == "rediss" or scheme == "sentinel"):
+            ssl_params[name] = urllib.parse.unquote(value)
+        elif value:
+            raise ValueError(
+                f"{setting}: {name} in a {scheme}:// URL; use rediss:// for TLS: {_safe_url(url)!r}"
+            )
+    if use_tls:
+        reqs = ssl_params.get("ssl_cert_reqs", ssl_module.CERT_REQUIRED)
+        if isinstance(reqs, str):
+            if reqs not in _CERT_REQS:
+                raise ValueError(
+                    f"{setting}: ssl_cert_reqs must be CERT_REQUIRED, CERT_OPTIONAL or "
+                    f"CERT_NONE (or required, optional, none), got {reqs!r}"
+                )
+            reqs = _CERT_REQS[reqs]
+        elif reqs not in (ssl_module.CERT_REQUIRED, ssl_module.CERT_OPTIONAL, ssl_module.CERT_NONE):
+            raise ValueError(f"{setting}: ssl_cert_reqs {reqs!r} is not an ssl.CERT_* value")
+        else:
+            reqs = {
+                ssl_module.CERT_REQUIRED: "required",
+                ssl_module.CERT_OPTIONAL: "optional",
+                ssl_module.CERT_NONE: "none",
+            }[reqs]
+        ssl_params["ssl_cert_reqs"] = reqs
+        unknown = set(ssl_params) - {"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
+        for name in unknown:  # e.g. ssl_check_hostname: redis-py knows more
+            if not name.startswith("ssl_"):
+                raise ValueError(f"{setting}: unknown TLS option {name!r}")
+        params.update(ssl_params)
+    keyprefix = str(options.get("global_keyprefix") or "")
+    if keyprefix and celery_keyprefix and keyprefix[-1] not in ":_-.":
+        keyprefix += "_"
+    if scheme == "sentinel":
+        client = _sentinel_client(hosts, params, options, use_tls, timeout, setting)
+        where = (
+            ";".join(f"sentinel://{parts.hostname}:{parts.port or 26379}" for _, parts in hosts)
+            + f" (master {options.get('master_name')!r}, db {params['db']})"
+        )
+    else:
+        if scheme in ("unix", "socket"):
+            params["connection_class"] = redis.UnixDomainSocketConnection
+            where = f"unix://{params['path']} (db {params['db']})"
+        else:
+            params["host"] = first.hostname or "localhost"
+            params["port"] = first.port or 6379
+            params["connection_class"] = redis.SSLConnection if use_tls else redis.Connection
+            where = f"{'rediss' if use_tls else 'redis'}://{params['host']}:{params['port']}/{params['db']}"
+        try:
+            pool = redis.ConnectionPool(**params)
+        except TypeError as exc:
+            raise ValueError(f"{setting}: {exc}") from exc
+        client = bounded_redis_client(redis.Redis(connection_pool=pool), timeout)
+    return RedisLedgerClient(client, keyprefix, where)
+
+
+def _sentinel_client(
+    hosts: list[tuple[str, Any]],
+    params: dict[str, Any],
+    options: Mapping[str, Any],
+    use_tls: bool,
+    timeout: float,
+    setting: str,
+) -> Any:
+    # As ``celery.backends.redis.SentinelBackend`` and kombu's SentinelChannel.
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+
+    master_name = options.get("master_name")
+    if not master_name:
+        raise ValueError(
+            f"{setting}: a sentinel:// URL needs master_name in the transport options "
+            "(broker_transport_options or result_backend_transport_options)"
+        )
+    sentinel_kwargs = dict(options.get("sentinel_kwargs") or {})
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        given = sentinel_kwargs.get(name)
+        sentinel_kwargs[name] = timeout if given is None else min(float(given), timeout)
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
+    sentinels = [(parts.hostname or "localhost", parts.port or 26379) for _, parts in hosts]
+    connection = dict(params)
+    connection["connection_class"] = (
+        SentinelManagedSSLConnection if use_tls else SentinelManagedConnection
+    )
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        given = connection.get(name)
+        connection[name] = timeout if given is None else min(float(given), timeout)
+    manager = Sentinel(
+        sentinels,
+        min_other_sentinels=int(options.get("min_other_sentinels", 0)),
+        sentinel_kwargs=sentinel_kwargs,
+    )
+    pool = redis.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        master_name, manager, **connection
+    )
+    return bounded_redis_client(redis.Redis(connection_pool=pool), timeout)
+
+
+def _safe_url(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return ";".join(str(maybe_sanitize_url(chunk)) for chunk in url.split(";"))
+
+
+def redis_server_of(client: Any) -> str:
+    """Where a redis-py client points, without a password (for log lines).
+
+    ``ConnectionPool.connection_kwargs`` (``host``, ``port``, ``db``,
+    ``path``) and a ``SentinelConnectionPool``'s ``service_name``: public
+    attributes, redis-py 4.5 to 8.
+    """
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    service = getattr(pool, "service_name", None)
+    if service is not None:
+        return f"Sentinel master {service!r} (db {db})"
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']} (db {db})"
+    tls = (
+        "rediss"
+        if "ssl_cert_reqs" in kwargs or "SSL" in pool.connection_class.__name__
+        else "redis"
+    )
+    return f"{tls}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
+
+
 def ping_redis_once(client: Any, timeout: float) -> None:
     """One ``PING`` on ``client``'s pool, waiting at most ``timeout`` s, never retried.
 
@@ -932,6 +1184,65 @@ def ping_redis_once(client: Any, timeout: float) -> None:
         raise
     finally:
         pool.release(connection)
+
+
+# --------------------------------------------------------------------------
+# The consumer losing its broker connection (cancellable.celery._shutdown).
+
+
+def wrap_consumer_connection_lost(make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``Consumer.on_connection_error_after_connected``; False if already wrapped.
+
+    ``celery.worker.consumer.consumer.Consumer.start`` calls
+    ``self.on_connection_error_after_connected(exc)`` on the consumer's
+    thread when the broker connection of a consumer that was connected
+    fails, before it closes the connection (``self.connection`` is still
+    the old one), before ``worker_cancel_long_running_tasks_on_connection_loss``
+    cancels the ``acks_late`` requests that are not acknowledged, and
+    before ``on_close`` and the blueprint's restart.  Signature ``(self,
+    exc)``.  Undocumented; same in 5.3 to 5.7.
+    """
+    from celery.worker.consumer.consumer import Consumer
+
+    original = Consumer.on_connection_error_after_connected
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    Consumer.on_connection_error_after_connected = _wrapper(original, make(original))
+    return True
+
+
+def unwrap_consumer_connection_lost() -> bool:
+    """Put Celery's own ``on_connection_error_after_connected`` back; False if not wrapped."""
+    from celery.worker.consumer.consumer import Consumer
+
+    original = getattr(Consumer.on_connection_error_after_connected, ORIGINAL, None)
+    if original is None:
+        return False
+    Consumer.on_connection_error_after_connected = original
+    return True
+
+
+def redelivers_unacked(connection: Any) -> bool:
+    """Whether the broker of a kombu connection requeues its unacked messages when it drops.
+
+    ``Connection.transport.driver_type`` is ``"amqp"`` for the ``pyamqp``
+    and ``librabbitmq`` transports (an AMQP broker requeues the unacked
+    deliveries of a closed channel at once); ``"redis"``, ``"SQS"`` and the
+    others restore them only after a visibility timeout.  kombu 5.3 to 5.7.
+    """
+    transport = getattr(connection, "transport", None)
+    return getattr(transport, "driver_type", None) == "amqp"
+
+
+def drop_acknowledgement(request: Any) -> None:
+    """Never acknowledge or reject ``request``'s message (its channel is gone).
+
+    ``Request.acknowledged``: ``acknowledge()`` and ``reject()`` do nothing
+    once it is True, and the connection-loss loop of
+    ``worker_cancel_long_running_tasks_on_connection_loss`` skips such a
+    request (it would SIGTERM the child).  Undocumented; same in 5.3 to 5.7.
+    """
+    request.acknowledged = True
 
 
 def publish_control_once(
@@ -990,3 +1301,34 @@ def is_fallback_app(app: Any) -> bool:
         and getattr(app, "main", None) == "default"
         and getattr(app, "set_as_current", True) is False
     )
+
+
+def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> None:
+    """Fill ``into`` with the stored state of each of ``task_ids``.
+
+    A key-value backend (Redis, Memcached, the filesystem: Celery's
+    ``KeyValueStoreBackend``) is read in bulk with its ``mget``, its
+    ``get_key_for_task`` and its ``decode_result``, a thousand ids a round
+    trip; any other backend one ``get_task_meta`` per id.  ``into`` fills as
+    reads complete, so a caller that stops waiting keeps what was read.  A
+    task the backend has no record of is PENDING.  ``mget`` and
+    ``decode_result`` are not in Celery's documented API; same in 5.3 to 5.7.
+    """
+    from celery import states
+
+    if all(hasattr(backend, name) for name in ("mget", "get_key_for_task", "decode_result")):
+        try:
+            for start in range(0, len(task_ids), 1000):
+                chunk = task_ids[start : start + 1000]
+                values = backend.mget([backend.get_key_for_task(t) for t in chunk])
+                for task_id, value in zip(chunk, values, strict=True):
+                    meta = backend.decode_result(value) if value else {}
+                    into[task_id] = str(meta.get("status") or states.PENDING)
+        except NotImplementedError:  # a key-value backend without a bulk read
+            pass
+        else:
+            return
+    for task_id in task_ids:
+        if task_id in into:
+            continue
+        into[task_id] = str(backend.get_task_meta(task_id).get("status") or states.PENDING)

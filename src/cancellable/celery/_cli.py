@@ -8,7 +8,7 @@ workflow each id belongs to.
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from typing import Any
 
 import click
@@ -18,21 +18,13 @@ from kombu.exceptions import OperationalError
 
 from ._client import BrokerUnavailableError
 from ._client import cancel as cancel_tasks
+from ._receipt import Outcome
 from ._revokes import MEMBERS_COMMAND
+from ._runtime import runtime
+from ._settings import SettingError
 from ._workflow import workflow_targets
 
 __all__ = ["cancel"]
-
-
-def _where(app: Any, task_ids: list[str], timeout: float) -> dict[str, str]:
-    """Which of ``task_ids`` are running or waiting on an online worker."""
-    found: dict[str, str] = {}
-    replies = app.control.inspect(timeout=timeout).query_task(*task_ids) or {}
-    for tasks in replies.values():
-        for task_id, (state, _info) in (tasks or {}).items():
-            if state == "active" or task_id not in found:
-                found[task_id] = state
-    return found
 
 
 @click.command(cls=CeleryCommand)
@@ -88,68 +80,42 @@ def cancel(
 
     Running @cancellable tasks stop at their next checkpoint and end as
     REVOKED; queued tasks will not run; finished tasks are left alone (not
-    recorded, not broadcast).  Ids no online worker knows are still recorded
-    (they will not run if they are queued somewhere), reported as unknown,
-    and make the exit status 1.
+    recorded, not broadcast).  Prints each task's outcome (the receipt's:
+    discarded before it started, stopped at a checkpoint, interrupted,
+    terminated, finished, finished without observing the cancellation,
+    still running, queued, unknown).  Ids no online worker knows are still
+    recorded (they will not run if they are queued somewhere), reported as
+    unknown, and make the exit status 1.
     """
     app = ctx.obj.app
     ids = list(dict.fromkeys(task_ids))
     empty = [task_id for task_id in ids if not task_id.strip()]
     if empty:
         raise click.BadParameter("a task id must be a non-empty string", param_hint="TASK_IDS")
+    _say_not_durable(app)
     if workflow:
         _cancel_workflows(ctx, ids, reason, requested_by, wait, timeout, grace)
         return
     try:
         with app.pool.acquire(block=True) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
-        before = {task_id: app.AsyncResult(task_id).state for task_id in ids}
-        where = _where(app, ids, timeout)
+        receipt = cancel_tasks(ids, reason, requested_by=requested_by, app=app, grace=grace)
     except OperationalError as exc:
         raise click.ClickException(
             f"cannot reach the broker or result backend: {exc}; nothing was cancelled"
         ) from exc
-    to_cancel = [t for t in ids if before[t] not in states.READY_STATES]
-    try:
-        if to_cancel:
-            cancel_tasks(to_cancel, reason, requested_by=requested_by, app=app, grace=grace)
     except BrokerUnavailableError as exc:
         raise click.ClickException(str(exc)) from exc
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from exc
-
-    # "stopped" is read from the stored state: the worker running a task
-    # stores REVOKED only after its cleanup hooks ran (cancel() does not let
-    # idle workers write an early REVOKED).
-    running = [t for t in to_cancel if where.get(t) == "active"]
-    stopped: set[str] = set()
-    deadline = time.monotonic() + wait
-    while running and time.monotonic() < deadline:
-        for task_id in running:
-            if app.AsyncResult(task_id).state in states.READY_STATES:
-                stopped.add(task_id)
-        if stopped.issuperset(running):
-            break
-        time.sleep(0.05)
-
-    unknown = 0
-    for task_id in ids:
-        if before[task_id] in states.READY_STATES:
-            line = f"finished ({before[task_id]}); nothing to cancel"
-        elif task_id in running:
-            if task_id in stopped:
-                final = app.AsyncResult(task_id).state
-                line = f"running; stopped ({final})"
-            else:
-                line = f"running; still running after {wait:g}s (no checkpoint reached yet)"
-        elif where.get(task_id) in ("reserved", "scheduled"):
-            line = f"queued ({where[task_id]} by a worker); will not run"
-        elif before[task_id] != states.PENDING:
-            line = f"queued ({before[task_id]}); will not run"
-        else:
-            unknown += 1
-            line = "unknown (not seen by any online worker); recorded, so it will not run if queued"
-        click.echo(f"{task_id}: {line}")
+    # The same outcomes as CancelReceipt.wait() gives a caller of cancel().
+    outcomes = receipt.wait(wait, workers_timeout=timeout)
+    for outcome in outcomes:
+        line = outcome.describe()
+        if outcome.outcome is Outcome.RUNNING:
+            line = f"still running after {wait:g}s (no checkpoint reached yet)"
+        click.echo(f"{outcome.task_id}: {line}")
+    unknown = sum(1 for outcome in outcomes if outcome.outcome is Outcome.UNKNOWN)
     if unknown:
         click.echo(f"{unknown} of {len(ids)} task id(s) unknown", err=True)
         ctx.exit(1)
@@ -209,7 +175,9 @@ def _cancel_workflows(
                 _more, earlier = workflow_targets(app, sorted(parents - set(members)))
                 seen = {**earlier, **seen}
             found[task_id] = (members, seen)
-        cancel_tasks(ids, reason, requested_by=requested_by, app=app, workflow=True, grace=grace)
+        receipt = cancel_tasks(
+            ids, reason, requested_by=requested_by, app=app, workflow=True, grace=grace
+        )
     except OperationalError as exc:
         raise click.ClickException(
             f"cannot reach the broker or result backend: {exc}; nothing was cancelled"
@@ -220,13 +188,16 @@ def _cancel_workflows(
         raise click.BadParameter(str(exc)) from exc
 
     running = {t for members, _seen in found.values() for t, s in members.items() if s == "active"}
-    stopped: set[str] = set()
-    deadline = time.monotonic() + wait
-    while running - stopped and time.monotonic() < deadline:
-        for task_id in running - stopped:
-            if app.AsyncResult(task_id).state in states.READY_STATES:
-                stopped.add(task_id)
-        time.sleep(0.05)
+    # Every task of the workflows that is known, with the receipt's outcome.
+    known = [*receipt.task_ids]
+    for members, seen in found.values():
+        known.extend([*members, *seen])
+    outcomes = dataclasses.replace(receipt, task_ids=tuple(dict.fromkeys(known))).wait(
+        wait, workers_timeout=timeout
+    )
+    by_id = {outcome.task_id: outcome for outcome in outcomes}
+    not_ended = (Outcome.RUNNING, Outcome.QUEUED, Outcome.UNKNOWN)
+    stopped = {t for t in running if by_id[t].outcome not in not_ended}
 
     unknown = 0
     for task_id in ids:
@@ -251,6 +222,19 @@ def _cancel_workflows(
         parts.append(f"{len(queued)} queued (will not run)")
         parts.append(f"{len(finished)} finished")
         click.echo(f"{task_id}: workflow cancelled: " + ", ".join(parts))
+        for member in dict.fromkeys([*members, *seen]):
+            click.echo(f"  {member}: {by_id[member].describe()}")
     if unknown:
         click.echo(f"{unknown} of {len(ids)} workflow id(s) unknown", err=True)
         ctx.exit(1)
+
+
+def _say_not_durable(app: Any) -> None:
+    # The same words as cancel()'s NotDurableWarning (which, once per process
+    # and app, is then not issued again by this command).
+    try:
+        why = runtime().ledgers.not_durable_once(app)
+    except (SettingError, ValueError):
+        return  # a bad setting: cancel() reports it
+    if why is not None:
+        click.echo(f"warning: {why}", err=True)

@@ -27,14 +27,23 @@ from ..events import CANCEL_BROADCAST_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NO
 from . import _celery_internals as celery_internals
 from . import _ledger
 from ._broker import Deadline, wait_for
+from ._receipt import CancelReceipt
 from ._runtime import runtime
 from ._settings import PREFIX, SettingError, Settings, forget_settings, settings_for
-from ._workflow import is_group_result, resolve_id, tree_targets, unsent_ids, workflow_of
+from ._workflow import (
+    is_group_result,
+    resolve_id,
+    tree_ids,
+    tree_targets,
+    unsent_ids,
+    workflow_of,
+)
 
 __all__ = [
     "BroadcastFailedWarning",
     "BrokerUnavailableError",
     "LedgerUnavailableWarning",
+    "NotDurableWarning",
     "cancel",
     "cancel_targets",
     "configure",
@@ -81,6 +90,20 @@ class BroadcastFailedWarning(UserWarning):
     It is in effect: every worker applies it when it next reads the ledger
     (every ``cancellable_poll_interval`` seconds) rather than at once, and a
     worker that starts later reads it when it starts.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class NotDurableWarning(UserWarning):
+    """The app has no durable ledger: a cancellation reaches online workers only.
+
+    Issued by `cancel` once per process and app (and printed by ``celery
+    cancel``), with why: the result backend and the broker keep no ledger
+    and ``cancellable_ledger_url`` is not set.  A task queued while no
+    worker is online, or received by a worker that restarts, still runs.
+    Setting ``cancellable_ledger_url = "none"`` says this is intended and
+    silences it.  See :doc:`ledgers`.
 
     .. versionadded:: 0.1.0
     """
@@ -162,7 +185,7 @@ def cancel(
     app: Any = None,
     workflow: bool = False,
     grace: float | None = None,
-) -> CancelReason:
+) -> CancelReceipt:
     """Cancel Celery tasks, groups or whole workflows, durably and with a reason.
 
     A queued or reserved task will not run; a running ``@cancellable`` task
@@ -184,13 +207,27 @@ def cancel(
     nothing is left PENDING and ``get()`` raises
     `~celery.exceptions.TaskRevokedError`.
 
+    A task given by id or `~celery.result.AsyncResult` that has finished
+    already (SUCCESS, FAILURE or REVOKED in the result backend) is left
+    alone: nothing is recorded or sent for it, and the receipt says it had
+    finished.  Cancelling twice is therefore harmless.
+
+    A chain's result is the result of its *last* link: ``cancel(chain_result)``
+    cancels that task only (the earlier links run, and the last one is
+    discarded when it is sent).  Pass ``workflow=True`` to cancel the whole
+    chain, or any canvas.
+
     Bounded: ``cancel()`` returns or raises within the app's
     ``cancellable_cancel_timeout`` (6 s by default) whatever the broker or
     the ledger does, refusing, failing or answering nothing.  It checks the
     broker (one round trip), records the cancellation in the ledger, then
     broadcasts it; each wait for the broker is at most a third of the bound
     (2 s by default), the ledger's at most its own 2 s.  What happens when a
-    step is hit is in :doc:`/reliability` ("Time bounds").
+    step is hit is in :doc:`/reliability` ("Time bounds").  The state of each
+    task given by id is read from the result backend (in bulk where the
+    backend can) while the broker is checked, within the same bound: a task
+    not read in time is cancelled as if it were still running.  With
+    ``workflow=True``, the climb of each bare id comes before the bound.
 
     Args:
         task_or_id: A task id, an `~celery.result.AsyncResult`, a
@@ -217,7 +254,12 @@ def cancel(
             earlier deadline wins), never lengthen it.
 
     Returns:
-        The `~cancellable.CancelReason` that was recorded and sent.
+        A `CancelReceipt`: the `~cancellable.CancelReason` that was recorded
+        and sent (``receipt.reason``), the targets, the tasks it knows, and
+        `CancelReceipt.wait`, which waits for the outcome of each (stopped
+        at a checkpoint, interrupted, terminated, discarded before it
+        started, already finished, finished without observing the
+        cancellation, still running, unknown).
 
     Raises:
         TypeError: ``task_or_id``, ``reason`` or ``grace`` has the wrong type.
@@ -238,10 +280,15 @@ def cancel(
         BroadcastFailedWarning: The cancellation was recorded in the ledger
             but its broadcast failed or timed out; workers apply it at their
             next ledger read (``cancellable_poll_interval``).
+        NotDurableWarning: The app has no durable ledger at all (once per
+            process and app): only online workers receive the cancellation.
 
     .. versionadded:: 0.1.0
     .. versionchanged:: 0.1.0
        ``workflow=True``; a `~celery.result.GroupResult` is one group target.
+    .. versionchanged:: 0.1.0
+       Returns a `CancelReceipt` (its ``reason`` is what was returned
+       before); finished tasks are left alone.
     """
     grace_s = validate_grace(grace)
     install_revoke_recorder()
@@ -269,14 +316,70 @@ def cancel(
         plan.wide.extend(targets)
         plan.seen.update(seen)
 
-    task_ids = list(dict.fromkeys(plan.task_ids))
-    wide = [t for t in plan.targets() if t[0] != "task"]
-    # The bound starts here: the result-backend reads above are Celery's own.
+    # The bound starts here: the workflow reads above are Celery's own.
     deadline = Deadline(settings_for(app).cancel_timeout)
-    cancel_targets(app, task_ids, wide, cancel_reason, grace_s, deadline=deadline)
-    if plan.trees:
-        _mark_unsent(app, plan.trees, cancel_reason)
-    return cancel_reason
+    # Finished tasks are left alone: cancelling them would record nothing
+    # true.  Their states are read while the broker is checked.
+    given = list(dict.fromkeys(plan.task_ids))
+    wide = [t for t in plan.targets() if t[0] != "task"]
+    finished: dict[str, str] = {}
+    if given or wide:
+        reads = StateReads(app, given)
+        finished = cancel_targets(
+            app, given, wide, cancel_reason, grace_s, deadline=deadline, states=reads
+        )
+        if plan.trees:
+            _mark_unsent(app, plan.trees, cancel_reason)
+    task_ids = [t for t in given if t not in finished]
+    known = [*given]
+    for tree in plan.trees:
+        known.extend(tree_ids(tree, whole=plan.workflow))
+    known.extend(plan.bare)
+    known.extend(plan.seen)
+    return CancelReceipt(
+        reason=cancel_reason,
+        targets=tuple([("task", t) for t in task_ids] + list(dict.fromkeys(wide))),
+        task_ids=tuple(dict.fromkeys(known)),
+        finished=tuple(finished.items()),
+        workflow=plan.workflow,
+        app=app,
+        _read_before=frozenset(task_ids),
+    )
+
+
+#: The states of a task that has ended.
+READY: Final = states.READY_STATES
+
+
+class StateReads:
+    """The stored states of tasks, read on a daemon thread from the start.
+
+    A result backend that hangs or retries (Celery's Redis backend retries a
+    refused connection) costs `cancel` only the budget it waits in
+    `finished`.  An id not read in time is cancelled as if it had not
+    finished: recording a finished task does it no harm, and
+    `CancelReceipt.wait` reports it finished.
+    """
+
+    def __init__(self, app: Any, task_ids: list[str]) -> None:
+        self._read: dict[str, str] = {}
+        self._thread = threading.Thread(
+            target=self._reads, args=(app, task_ids), name="cancellable-state-read", daemon=True
+        )
+        if task_ids:
+            self._thread.start()
+
+    def _reads(self, app: Any, task_ids: list[str]) -> None:
+        try:
+            celery_internals.stored_states(app.backend, task_ids, self._read)
+        except Exception:  # noqa: BLE001 - no backend, or it failed: cancel them anyway
+            pass
+
+    def finished(self, budget: float) -> dict[str, str]:
+        """The tasks read as finished (READY states) within ``budget`` more seconds."""
+        if self._thread.is_alive():
+            self._thread.join(budget)
+        return {t: s for t, s in dict(self._read).items() if s in READY}
 
 
 def cancel_targets(
@@ -287,7 +390,8 @@ def cancel_targets(
     grace: float | None = None,
     *,
     deadline: Deadline | None = None,
-) -> None:
+    states: StateReads | None = None,
+) -> dict[str, str]:
     """Check the broker, record targets in the ledger, then broadcast them in one revoke.
 
     ``task_ids`` travel as Celery's own ``task_id`` argument; group and root
@@ -295,7 +399,10 @@ def cancel_targets(
     ``cancellable_grace``, which only this library's interceptor reads.
     Every step waits only until ``deadline`` (default: the app's
     ``cancellable_cancel_timeout`` from now); see `cancel` for what each
-    failure raises or warns.
+    failure raises or warns.  With ``states``, the tasks it reads as
+    finished once the broker has answered (waiting at most one broker
+    wait) are left out and returned; nothing is recorded or sent when
+    nothing is left.
     """
     targets: list[_ledger.Target] = [("task", task_id) for task_id in task_ids]
     targets.extend(wide)
@@ -313,7 +420,17 @@ def cancel_targets(
             broadcasts.check(conn, deadline)
         except Exception as exc:
             raise _unavailable(app, exc, deadline, "the broker did not answer") from exc
+        finished: dict[str, str] = {}
+        if states is not None:
+            finished = states.finished(min(wait_for(deadline.seconds), deadline.left()))
+            task_ids = [task_id for task_id in task_ids if task_id not in finished]
+            targets = [("task", task_id) for task_id in task_ids]
+            targets.extend(wide)
+            if not targets:
+                broken = False
+                return finished
         recorded = _record(app, targets, task_ids, reason, grace, deadline)
+        _warn_not_durable(app)
         arguments: dict[str, Any] = {
             "task_id": task_ids,
             "terminate": False,
@@ -333,6 +450,7 @@ def cancel_targets(
             broken = False
     finally:
         broadcasts.release(conn, broken=broken)
+    return finished
 
 
 def _unavailable(
@@ -389,6 +507,16 @@ def _record(
         )
         return False
     return bool(getattr(ledger, "durable", False))
+
+
+def _warn_not_durable(app: Any) -> None:
+    """`NotDurableWarning`, once per process and app, when ``app`` has no durable ledger."""
+    try:
+        why = runtime().ledgers.not_durable_once(app)
+    except (SettingError, ValueError):
+        return  # a bad setting: `_record` has said so
+    if why is not None:
+        warnings.warn(why, NotDurableWarning, stacklevel=4)
 
 
 def _broadcast_failed(
@@ -523,6 +651,8 @@ def configure(
     kill_process_group: bool = UNCHANGED,
     cancel_siblings_on_failure: bool = UNCHANGED,
     wakeup_signal: int | str | None = UNCHANGED,
+    shutdown_grace: float | None = UNCHANGED,
+    cancel_on_connection_loss: bool = UNCHANGED,
 ) -> Settings:
     """Set `cancellable`'s settings on a Celery app, checked now (all optional).
 
@@ -557,6 +687,13 @@ def configure(
             prefork children: ``SIGURG`` (the default) or ``SIGWINCH``, the
             signals whose default action is to ignore them (a child signalled
             before it installed the handler must not die).
+        shutdown_grace: ``cancellable_shutdown_grace``: at a warm shutdown,
+            running ``@cancellable`` tasks are cancelled with this grace and
+            sent back to the broker (None: Celery's behaviour, the default;
+            see :doc:`/shutdown`).
+        cancel_on_connection_loss: ``cancellable_cancel_on_connection_loss``:
+            stop the ``acks_late`` tasks an AMQP broker will redeliver when
+            the worker's connection is lost (default True).
 
     Returns:
         The app's settings as a worker will read them.
@@ -578,6 +715,8 @@ def configure(
         "kill_process_group": kill_process_group,
         "cancel_siblings_on_failure": cancel_siblings_on_failure,
         "wakeup_signal": wakeup_signal,
+        "shutdown_grace": shutdown_grace,
+        "cancel_on_connection_loss": cancel_on_connection_loss,
     }
     updates = {PREFIX + name: value for name, value in given.items() if value is not UNCHANGED}
     settings = Settings.from_conf(

@@ -153,6 +153,15 @@ class Interrupts:
         #: set in the signal handler and read without a lock.
         self.landed = False
 
+    def mark_landed(self) -> None:
+        """Something else raised at an arbitrary bytecode here: retire as after an interrupt.
+
+        A cleanup hook's budget (`cancellable._hooks.allow_async_raise`):
+        called on the timer thread just before the raise, so it only sets
+        the flag.
+        """
+        self.landed = True
+
     def open_window(self, entry: RunningTask) -> None:
         """The task's body starts: it may be interrupted from now on."""
         with entry.window_lock:

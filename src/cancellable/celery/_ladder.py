@@ -171,19 +171,27 @@ class Ladder:
         return getattr(options, "grace", DEFAULT)
 
     def start(
-        self, task_id: str, reason: CancelReason, task_name: str | None, grace: float | None
+        self,
+        task_id: str,
+        reason: CancelReason,
+        task_name: str | None,
+        grace: float | None,
+        *,
+        terminate: bool = True,
     ) -> None:
         """Put a cancelled task this worker holds on the ladder.
 
         ``grace`` is the one given to `~cancellable.celery.cancel` (None: use
         the task's, then the app's).  A task already on the ladder keeps the
         earlier of its deadline and the new one: a later cancellation may
-        shorten its grace, never lengthen it.
+        shorten its grace, never lengthen it.  ``terminate=False`` stops at
+        the interrupt step (a task sent back to the broker must not end
+        REVOKED).
         """
         task_grace = self.task_grace(task_name)
         if task_grace == NOT_CANCELLABLE:
             return
-        kill_after = self.settings.kill_after
+        kill_after = self.settings.kill_after if terminate else None
         try:
             resolved = self.resolve_grace(grace, task_grace)
         except (TypeError, ValueError) as exc:

@@ -34,15 +34,29 @@ Expiry
 Where it lives, in order of preference:
 
 1. ``app.conf.cancellable_ledger_url`` when set (``redis://...``,
-   ``file:///path`` or a database URL; the string ``"none"`` disables it);
+   ``rediss://...``, ``sentinel://...``, ``file:///path`` or a database URL;
+   the string ``"none"`` disables it);
 2. the app's result backend, when it is Redis, the filesystem backend or
    Celery's database backend (``db+...``: `SqlLedger`, tables described in
    `cancellable.celery._ledger_sql`);
-3. the app's broker, when it is Redis;
+3. the app's broker, when it is Redis (``rediss://`` and ``sentinel://`` too);
 4. nowhere: cancellation still works for online workers, and a warning
-   (``ledger.not_durable``) says so once per process.
+   (``ledger.not_durable``) says so once per process; `Ledgers.not_durable_once`
+   gives `cancel`'s warning.
 
-Redis layout: one stream, ``cancellable:<app name>:ledger``, whose entries
+Redis spellings
+    A Redis URL is read as kombu and Celery read it
+    (`~cancellable.celery._celery_internals.redis_ledger_client`): TLS from
+    ``rediss://`` query parameters and ``broker_use_ssl`` /
+    ``redis_backend_use_ssl``, Sentinel from ``sentinel://`` URLs joined by
+    ``;`` and ``master_name`` / ``sentinel_kwargs``, and
+    ``global_keyprefix`` and socket timeouts from the transport options of
+    the broker (when the ledger's Redis is the broker's, or the broker is
+    Redis) or of the result backend (otherwise).  A Redis result backend's
+    own client is copied (Celery parsed its URL), with its
+    ``global_keyprefix``.
+
+Redis layout: one stream, ``[global_keyprefix]cancellable:<app name>:ledger``, whose entries
 have two fields, ``reason`` (JSON) and ``targets`` (``kind:id`` lines).
 A reader keeps the targets of an entry whose reason it cannot read (another
 version wrote it) and degrades the reason (`cancellable.celery._wire`).
@@ -78,6 +92,7 @@ import json
 import math
 import os
 import secrets
+import ssl
 import sys
 import threading
 import time
@@ -344,6 +359,15 @@ class NullLedger:
 
     durable = False
 
+    def __init__(self, why: str | None = None) -> None:
+        #: No store by choice (``cancellable_ledger_url = "none"``): nobody is warned.
+        self.chosen = why is None
+        if why is None:
+            why = "cancellable_ledger_url is 'none'"
+        #: Why there is no store (for the worker's start line and `cancel`'s warning).
+        self.why = why
+        self.where = f"not durable: online workers only ({why})"
+
     def record(
         self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
     ) -> None:
@@ -362,12 +386,37 @@ class RedisLedger:
     #: Trim expired entries at most this often per process (seconds).
     TRIM_EVERY: Final = 60.0
 
-    def __init__(self, client: Any, prefix: str, ttl: float) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        ttl: float,
+        server: str = "redis",
+        setting: str = "the result backend",
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._key = prefix + "ledger"
+        #: Where the entries are (no password), for log lines and messages.
+        self.where = f"Redis stream {self._key!r} on {server}"
+        #: The setting that chose this server (named in every error).
+        self.setting = setting
         self._ttl_ms = max(1, int(ttl * 1000))
         self._last_trim = 0.0
+
+    def _error(self, what: str, exc: BaseException) -> LedgerError:
+        # One message naming the setting and the server; a TLS refusal says
+        # which options decide it.
+        hint = ""
+        if isinstance(exc.__context__ or exc.__cause__, ssl.SSLError) or "SSL" in str(exc):
+            hint = (
+                " (TLS refused: check ssl_cert_reqs and ssl_ca_certs, ssl_certfile, "
+                f"ssl_keyfile of {self.setting}, or broker_use_ssl / redis_backend_use_ssl)"
+            )
+        return LedgerError(
+            f"could not {what} the cancellation ledger, {self.where} "
+            f"(from {self.setting}): {exc}{hint}"
+        )
 
     def record(
         self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
@@ -384,7 +433,7 @@ class RedisLedger:
                 pipe.xadd(self._key, fields)
             ids = pipe.execute()
         except Exception as exc:
-            raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+            raise self._error("write", exc) from exc
         self._maybe_trim(ids[-1])
 
     def record_once(self, targets: Sequence[Target], reason: CancelReason, key: str) -> bool:
@@ -413,7 +462,7 @@ class RedisLedger:
             self.record(targets, reason)
             return True
         except Exception as exc:
-            raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+            raise self._error("write", exc) from exc
         if not last:
             return False
         self._maybe_trim(last)
@@ -452,7 +501,7 @@ class RedisLedger:
                     break
                 rows = self._client.xrange(self._key, min=f"({cursor}", max="+", count=_PAGE)
         except Exception as exc:
-            raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
+            raise self._error("read", exc) from exc
         return entries, cursor
 
     def _entry(self, stream_id: str, fields: dict[Any, Any], oldest_ms: int) -> Entry | None:
@@ -559,6 +608,8 @@ class FileLedger:
         self._dir = Path(directory)
         self._ttl = ttl
         self._path = self._dir / "ledger.jsonl"
+        #: Where the entries are, for log lines and messages.
+        self.where = f"file {self._path}"
         self._lock_path = self._dir / "ledger.lock"
         self._dir.mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.Lock()
@@ -799,6 +850,29 @@ class Ledgers:
         self._lock = threading.Lock()
         #: Whether "not durable" was logged in this process.
         self._warned = False
+        #: The apps `not_durable_once` has answered for (once per process and app).
+        self._not_durable_told: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def not_durable_once(self, app: Any) -> str | None:
+        """Why ``app``'s cancellations are not durable, the first time it is asked; else None.
+
+        None too when its ledger is durable.  For `cancel`'s warning and the
+        ``celery cancel`` command: once per process and app.
+        """
+        ledger = self.get(app)
+        if getattr(ledger, "durable", True) or getattr(ledger, "chosen", False):
+            return None
+        with self._lock:
+            if app in self._not_durable_told:
+                return None
+            self._not_durable_told.add(app)
+        why = getattr(ledger, "why", "no durable store")
+        return (
+            f"cancellations of app {app.main or 'default'!r} are not durable: only workers "
+            f"online now receive them ({why}); a task queued or started later still runs. "
+            "Set cancellable_ledger_url (redis://, rediss://, sentinel://, a database URL or "
+            "file://), or see docs/ledgers.md"
+        )
 
     def forget(self, app: Any) -> None:
         """Drop ``app``'s ledger (its settings changed); the next `get` makes a new one."""
@@ -827,10 +901,11 @@ class Ledgers:
             logger.warning(
                 LEDGER_NOT_DURABLE,
                 backend=type(app.backend).__name__,
+                why=ledger.why,
                 hint=(
                     "cancellations reach online workers but are not recorded durably; set "
-                    "app.conf.cancellable_ledger_url to a redis:// URL or use a Redis "
-                    "result backend"
+                    "app.conf.cancellable_ledger_url (redis://, rediss://, sentinel://, a "
+                    "database URL or file://)"
                 ),
             )
         return ledger
@@ -844,12 +919,20 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
     if url:
         if sql_url(url) is not None:
             return _sql_ledger(app, url, ttl, {}, None, "cancellable_ledger_url")
-        return _ledger_from_url(url, prefix, ttl)
+        return _ledger_from_url(app, url, prefix, ttl)
     backend = app.backend
     client = celery_internals.redis_backend_client(backend)
     if client is not None:
-        # Never Celery's client itself: its socket timeout is 120 s.
-        return RedisLedger(celery_internals.bounded_redis_client(client, TIMEOUT), prefix, ttl)
+        # Celery's own parsing (rediss://, redis_backend_use_ssl, sentinel://),
+        # but never its client itself: its socket timeout is 120 s.
+        options = app.conf.get("result_backend_transport_options") or {}
+        keyprefix = str(options.get("global_keyprefix") or "")
+        if keyprefix and keyprefix[-1] not in ":_-.":
+            keyprefix += "_"  # as Celery's backend prefixes its own keys
+        server = celery_internals.redis_server_of(client)
+        bounded = celery_internals.bounded_redis_client(client, TIMEOUT)
+        setting = "result_backend (Celery's Redis result backend)"
+        return RedisLedger(bounded, keyprefix + prefix, ttl, server, setting)
     base = celery_internals.filesystem_backend_path(backend)
     if base is not None:
         return FileLedger(Path(base) / ".cancellable-ledger" / (app.main or "default"), ttl)
@@ -864,9 +947,12 @@ def _make_ledger(app: Any, url: str, ttl: float) -> Ledger:
         setting = f"DATABASES[{django_db['alias']!r}] (the django-db result backend)"
         return _sql_ledger(app, db_url, ttl, options, None, setting)
     broker = app.conf.broker_url or ""
-    if isinstance(broker, str) and broker.startswith(("redis://", "rediss://")):
-        return _ledger_from_url(broker.split(";")[0], prefix, ttl)
-    return NullLedger()
+    if isinstance(broker, str) and _redis_scheme(broker):
+        return _ledger_from_url(app, broker, prefix, ttl, setting="broker_url")
+    return NullLedger(
+        f"the result backend {type(backend).__name__} and the broker "
+        f"{_scheme(broker) or 'amqp'}:// keep no ledger, and cancellable_ledger_url is not set"
+    )
 
 
 def _sql_ledger(
@@ -889,17 +975,49 @@ def _in_memory_sqlite(url: str) -> bool:
     return normalised.startswith("sqlite") and normalised.split("://", 1)[1] in ("", "/:memory:")
 
 
-def _ledger_from_url(url: str, prefix: str, ttl: float) -> Ledger:
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        import redis
+def _scheme(url: object) -> str:
+    return url.partition("://")[0].lower() if isinstance(url, str) and "://" in url else ""
 
-        given = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url))
-        return RedisLedger(celery_internals.bounded_redis_client(given, TIMEOUT), prefix, ttl)
+
+def _redis_scheme(url: str) -> bool:
+    return _scheme(url) in ("redis", "rediss", "unix", "socket", "sentinel")
+
+
+def _ledger_from_url(
+    app: Any, url: str, prefix: str, ttl: float, setting: str = "cancellable_ledger_url"
+) -> Ledger:
+    """A Redis or file ledger at ``url``.
+
+    A Redis URL is read as kombu reads a broker URL, with the TLS settings
+    and transport options of the broker when the broker is Redis (Sentinel
+    included), else of the Redis result backend (``redis_backend_use_ssl``,
+    ``result_backend_transport_options``); see docs/ledgers.md.
+    """
+    if _redis_scheme(url):
+        conf = app.conf
+        broker = conf.broker_url
+        if setting == "broker_url" or (isinstance(broker, str) and _redis_scheme(broker)):
+            use_ssl = conf.broker_use_ssl
+            options = conf.broker_transport_options
+            celery_keyprefix = False
+        else:
+            use_ssl = conf.get("redis_backend_use_ssl")
+            options = conf.get("result_backend_transport_options")
+            celery_keyprefix = True
+        made = celery_internals.redis_ledger_client(
+            url,
+            use_ssl=use_ssl,
+            transport_options=options,
+            timeout=TIMEOUT,
+            setting=setting,
+            celery_keyprefix=celery_keyprefix,
+        )
+        return RedisLedger(made.client, made.keyprefix + prefix, ttl, made.where, setting)
     if url.startswith("file://"):
         return FileLedger(urllib.parse.urlparse(url).path, ttl)
     raise ValueError(
-        f"cancellable_ledger_url must be a redis://, rediss://, unix:// or file:// URL "
-        f"or 'none', got {url!r}"
+        f"{setting} must be a redis://, rediss://, unix://, sentinel:// or file:// URL, "
+        f"a database URL or 'none', got {url!r}"
     )
 
 

@@ -103,6 +103,16 @@ class Poller:
         for thread in (self.ticker, self.thread):
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(STOP_WAIT)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            # The process may end with the thread (a daemon) still in a call:
+            # say so here, since its own last warning may never be logged.
+            with self.rt.tick_lock:
+                logger.warning(
+                    LEDGER_UNAVAILABLE,
+                    error="the worker stopped while its ledger thread was still in a call",
+                    during="stop",
+                    unwritten=len(self.rt.writes),
+                )
 
     # ------------------------------------------------------------------
     # The ticker: no network I/O.
@@ -157,7 +167,9 @@ class Poller:
             if len(writes) and now >= next_write and not self._guarded("ledger write", self.flush):
                 next_write = time.monotonic() + RETRY_WRITES_AFTER
             now = time.monotonic()
-            if now >= next_sync:
+            # Once stopping, no read: the last flush must fit in `STOP_WAIT`
+            # after a call already under way (each is bounded by the ledger's TIMEOUT).
+            if now >= next_sync and not self.stopped.is_set():
                 next_sync = now + self.interval
                 self._guarded("ledger read", self.sync)
             wake_at = next_sync if not len(writes) else min(next_sync, next_write)

@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from .. import _hooks
 from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_NOT_ESCALATED
@@ -260,9 +261,12 @@ class TaskRuntime:
             return False
         self.wakeup.install(self.check_mailbox, self.interrupts.raise_if_asked)
         # A child an interrupt landed in may hold a lock for ever: it leaves
-        # the pool once it has reported its task (see _interrupt).
+        # the pool once it has reported its task (see _interrupt).  So may a
+        # child in which a cleanup hook's budget raised: only a child that
+        # will be retired lets a budget raise at an arbitrary bytecode.
         interrupts = self.interrupts
-        celery_internals.retire_child_when(lambda: interrupts.landed)
+        if celery_internals.retire_child_when(lambda: interrupts.landed):
+            _hooks.allow_async_raise(interrupts.mark_landed)
         if self.kill_group and hasattr(os, "setpgid"):
             try:
                 os.setpgid(0, 0)

@@ -139,7 +139,14 @@ def _flag(value: object) -> bool:
 
 
 #: The URL schemes the ledger opens (`cancellable.celery._ledger`).
-_LEDGER_SCHEMES: Final = ("redis://", "rediss://", "unix://", "file://")
+_LEDGER_SCHEMES: Final = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "socket://",
+    "sentinel://",
+    "file://",
+)
 
 
 #: A database URL the SQL ledger opens (`cancellable.celery._ledger_sql`):
@@ -176,8 +183,12 @@ def _ledger_url(value: object) -> str | None:
     if not value.startswith(_LEDGER_SCHEMES):
         raise _Invalid
     try:
+        # Several sentinels: sentinel://h1:p1;sentinel://h2:p2 (kombu's spelling).
+        for chunk in value.split(";") if value.startswith("sentinel://") else [value]:
+            if not chunk.strip().startswith("sentinel://") and chunk is not value:
+                raise _Invalid("several URLs joined by ';' must all be sentinel:// URLs")
+            urllib.parse.urlsplit(chunk.strip()).port  # noqa: B018 - ValueError if not a number
         parts = urllib.parse.urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         raise _Invalid from None
     if parts.scheme == "file":
@@ -237,7 +248,8 @@ class _Spec:
 _SPECS: Final[Mapping[str, _Spec]] = {
     "ledger_url": _Spec(
         _ledger_url,
-        "a redis://, rediss://, unix:// or file:///absolute/path URL, a database URL "
+        "a redis://, rediss://, unix://, sentinel:// (several joined by ';') or "
+        "file:///absolute/path URL, a database URL "
         "(postgresql://, mysql://, sqlite:///path, with a +driver if wanted), 'none' (no ledger), "
         "or None (the app's Redis, filesystem or database result backend, else its Redis broker)",
     ),
@@ -256,6 +268,12 @@ _SPECS: Final[Mapping[str, _Spec]] = {
     ),
     "kill_process_group": _Spec(_flag, "True or False"),
     "cancel_siblings_on_failure": _Spec(_flag, "True or False"),
+    "shutdown_grace": _Spec(
+        _grace,
+        f"a number of seconds from 0 to {MAX_GRACE:.0f} (one day), "
+        "or None (Celery's own warm shutdown)",
+    ),
+    "cancel_on_connection_loss": _Spec(_flag, "True or False"),
     "wakeup_signal": _Spec(
         _wakeup_signal,
         "a signal whose default action is to ignore it: "
@@ -303,6 +321,15 @@ class Settings:
     #: ``cancellable_cancel_siblings_on_failure``: a failed group member
     #: cancels its siblings (a task's own option wins).
     cancel_siblings_on_failure: bool = False
+    #: ``cancellable_shutdown_grace``: at a warm shutdown, running
+    #: ``@cancellable`` tasks are cancelled (source ``"shutdown"``) and sent
+    #: back to the broker; seconds before such a task is interrupted.  None:
+    #: Celery's own warm shutdown (wait for the tasks).
+    shutdown_grace: float | None = None
+    #: ``cancellable_cancel_on_connection_loss``: when an AMQP worker loses its
+    #: broker connection, its running ``@cancellable`` ``acks_late`` tasks
+    #: are cancelled (source ``"connection_lost"``): the broker redelivers them.
+    cancel_on_connection_loss: bool = True
     #: ``cancellable_wakeup_signal``: the signal that wakes a prefork child.
     wakeup_signal: signal.Signals | None = DEFAULT_WAKEUP_SIGNAL
 

@@ -63,10 +63,11 @@ from ..events import (
     TASK_SKIPPED,
 )
 from . import _celery_internals as celery_internals
-from . import _otel, _workflow
+from . import _otel, _shutdown, _workflow
 from ._delivery import mailbox_reason
 from ._ending import CancelledEnding, Member
 from ._index import request_targets
+from ._receipt import ending_note
 from ._registry import RunningTask
 from ._runtime import TaskRuntime, runtime
 
@@ -142,6 +143,9 @@ def _run_task(
     request.revoked = entry.revoked
     try:
         reason = tasks.reason_before_start(request)
+        if _shutdown.is_sent_back(reason):
+            assert reason is not None
+            _shutdown.send_back(task, request, reason)
         if reason is not None:
             ending = _store_revoked(task, request, reason)
             logger.info(
@@ -159,12 +163,15 @@ def _run_task(
             # Ours, or one that a nested scope let through (a @cancellable
             # helper's timeout): either way the task was cancelled, and a
             # BaseException must not reach Celery's tracer.
+            if _shutdown.is_sent_back(entry.scope.cancel_reason or exc.reason):
+                # A shutdown or a lost connection: it runs again (_shutdown).
+                _shutdown.send_back(task, request, entry.scope.cancel_reason or exc.reason)
             ending = _finish_cancelled(task, request, entry, exc)
             _end(tasks, request, entry.scope.cancel_reason or exc.reason, ending)
         except Retry:
             reason = entry.scope.cancel_reason
-            if reason is None:
-                raise
+            if reason is None or _shutdown.is_sent_back(reason):
+                raise  # (a shutdown: the retry runs it again)
             # The body caught Cancelled and asked for a retry: a cancelled
             # task is never retried.
             ending = _finish_cancelled(task, request, entry, Cancelled(reason))
@@ -248,7 +255,8 @@ def _finish_cancelled(
     task: Any, request: Any, entry: RunningTask, exc: Cancelled
 ) -> CancelledEnding:
     reason = entry.scope.cancel_reason or exc.reason
-    ending = _store_revoked(task, request, reason, entry.ended_by)
+    how = entry.ended_by or ending_note(entry.delivered_at, observed_at(entry.scope))
+    ending = _store_revoked(task, request, reason, how)
     done = time.time()
 
     def since_request(moment: float | None) -> float | None:

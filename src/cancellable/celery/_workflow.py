@@ -47,6 +47,7 @@ __all__ = [
     "resolve_id",
     "revoke_downstream",
     "revoke_member",
+    "tree_ids",
     "tree_targets",
     "unsent_ids",
     "workflow_of",
@@ -239,6 +240,19 @@ def _leaf_ids(node: Any) -> list[str]:
 
 def _is_task_result(node: Any) -> bool:
     return not is_group_result(node)
+
+
+def tree_ids(node: Any, *, whole: bool = False) -> list[str]:
+    """Task ids of a held result: a task's id, a group's members (and their chains).
+
+    With ``whole``, also every result before it (its ``.parent`` links, and
+    theirs), first task first: the part of its workflow the client holds.
+    """
+    nodes = list(reversed(_lineage(node))) if whole else [node]
+    ids: list[str] = []
+    for step in nodes:
+        ids.extend(_leaf_ids(step) if is_group_result(step) else [step.id])
+    return list(dict.fromkeys(ids))
 
 
 def unsent_ids(tree: Any) -> list[str]:
