@@ -11,6 +11,7 @@ when it starts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import warnings
@@ -374,6 +375,9 @@ class StateReads:
             celery_internals.stored_states(app.backend, task_ids, self._read)
         except Exception:  # noqa: BLE001 - no backend, or it failed: cancel them anyway
             pass
+        finally:
+            with contextlib.suppress(Exception):
+                celery_internals.close_thread_connections(app.backend)
 
     def finished(self, budget: float) -> dict[str, str]:
         """The tasks read as finished (READY states) within ``budget`` more seconds."""
