@@ -8,6 +8,11 @@ workers on the same Redis.  The tasks serve `real_workers.py` and its parts:
 * ``bench.spin``: a ``@cancellable`` busy loop with a checkpoint per
   iteration; it records when it started, when its checkpoint raised and when
   its cleanup hook ran.
+* ``bench.nap``: a ``@cancellable`` ``cancellable.sleep`` that a cancel
+  wakes at once; it records the same moments (``fleet.py``: many at once
+  without taking the CPU).
+* ``bench.nap_poll``: a checkpoint every 2 ms between ``time.sleep``
+  calls (``fleet.py``'s default task).
 * ``bench.spin_async``: a ``@cancellable`` ``async def`` awaiting
   ``asyncio.sleep``; it records when the ``CancelledError`` reached it and
   when its cleanup hook ran.
@@ -46,6 +51,7 @@ from celery.contrib.abortable import AbortableTask
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cancellable import Cancelled, cancellable, checkpoint, on_cancel
+from cancellable import sleep as cancellable_sleep
 
 REDIS_URL = os.environ.get("CANCELLABLE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 #: The broker (Redis by default; ``amqp://...`` for the RabbitMQ latency run).
@@ -74,6 +80,11 @@ def make_app(broker_url: str, redis_url: str, queue: str, control_exchange: str)
 
 
 app = make_app(BROKER_URL, REDIS_URL, QUEUE, CONTROL_EXCHANGE)
+if os.environ.get("CANCELLABLE_BENCH_TRACK_STARTED"):
+    # ``fleet.py``: a running task's state names its worker (directed delivery).
+    app.conf.task_track_started = True
+if os.environ.get("CANCELLABLE_BENCH_DIRECT") == "0":
+    app.conf.cancellable_direct_running = False
 if os.environ.get("CANCELLABLE_BENCH_KILL_AFTER"):
     app.conf.cancellable_kill_after = float(os.environ["CANCELLABLE_BENCH_KILL_AFTER"])
 
@@ -122,6 +133,35 @@ def spin(self: Any, key: str) -> str:
             for i in range(1000):
                 checkpoint()
                 x = (x * 31 + i) % 65521
+    except Cancelled:
+        marks["raised"] = time.time()
+        raise
+    return "not cancelled"
+
+
+@app.task(bind=True, name="bench.nap")
+@cancellable
+def nap(self: Any, key: str) -> str:
+    """``cancellable.sleep`` until cancelled (idle: a fleet of them leaves the CPU free)."""
+    marks = _record_cancellation(key)
+    try:
+        cancellable_sleep(SPIN_LIMIT_SECONDS)
+    except Cancelled:
+        marks["raised"] = time.time()
+        raise
+    return "not cancelled"
+
+
+@app.task(bind=True, name="bench.nap_poll")
+@cancellable
+def nap_poll(self: Any, key: str) -> str:
+    """A checkpoint every 2 ms between ``time.sleep`` calls, until cancelled (nearly idle)."""
+    marks = _record_cancellation(key)
+    limit = time.monotonic() + SPIN_LIMIT_SECONDS
+    try:
+        while time.monotonic() < limit:
+            checkpoint()
+            time.sleep(0.002)
     except Cancelled:
         marks["raised"] = time.time()
         raise

@@ -1119,6 +1119,22 @@ class TestConnections:
 
         assert time.monotonic() - started < 1.0
 
+    def test_started_hostnames_reads_what_a_worker_stores(self, app: Celery) -> None:
+        """``started_hostnames`` (``get_key_for_task``, ``decode_result``, one ``MGET``
+        by ``redis_command_once``) reads the node name Celery stores with STARTED
+        (``{"pid", "hostname"}``, as ``task_track_started`` writes it), and None
+        when any task is not STARTED.  If not, ``cancel()`` of a running task
+        broadcasts to every worker instead of its own."""
+        first, second, done = (str(uuid.uuid4()) for _ in range(3))
+        app.backend.store_result(first, {"pid": 1, "hostname": "w1@h"}, "STARTED")
+        app.backend.store_result(second, {"pid": 2, "hostname": "w2@h"}, "STARTED")
+        app.backend.store_result(done, 3, "SUCCESS")
+
+        hosts = internals.started_hostnames(app.backend, [first, second], 2.0)
+        assert ["w1@h", "w2@h"] == hosts
+        assert internals.started_hostnames(app.backend, [first, done], 2.0) is None
+        assert internals.started_hostnames(app.backend, [str(uuid.uuid4())], 2.0) is None
+
     def test_ensure_connection_takes_a_timeout(self) -> None:
         """kombu's ``Connection.ensure_connection(max_retries=1, ..., timeout=)``
         (public) gives up on a dead broker.  If not, ``cancel()`` and ``celery

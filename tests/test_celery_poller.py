@@ -189,6 +189,8 @@ class TestPollerLifecycle:
         ledger = runtime().ledgers.get(app)
         reads: list[float] = []
         monkeypatch.setattr(ledger, "read", count_calls(reads, ledger.read))
+        # A worker's first read is paged (TargetIndex.load).
+        monkeypatch.setattr(ledger, "read_pages", count_calls(reads, ledger.read_pages))
         alive_during: list[int] = []
         try:
             for _ in range(20):

@@ -63,6 +63,7 @@ class TestDefaults:
         assert 10.0 == settings.kill_after == DEFAULT_KILL_AFTER
         assert False is settings.kill_process_group
         assert False is settings.cancel_siblings_on_failure
+        assert True is settings.direct_running
         assert None is settings.shutdown_grace
         assert True is settings.cancel_on_connection_loss
         assert getattr(signal.Signals, "SIGURG", None) == settings.wakeup_signal
@@ -232,6 +233,8 @@ BAD_VALUES = [
     ("cancellable_cancel_siblings_on_failure", "true", "True or False"),
     ("cancellable_cancel_siblings_on_failure", 1, "True or False"),
     ("cancellable_cancel_siblings_on_failure", [], "True or False"),
+    ("cancellable_direct_running", "no", "True or False"),
+    ("cancellable_direct_running", 0, "True or False"),
     ("cancellable_shutdown_grace", "3", "a number of seconds from 0 to 86400 (one day), or None"),
     ("cancellable_shutdown_grace", -1, "a number of seconds from 0 to 86400 (one day), or None"),
     ("cancellable_shutdown_grace", math.inf, "from 0 to 86400 (one day)"),

@@ -195,9 +195,7 @@ class WorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
         try:
             ledger = runtime().ledgers.get(rt.app)
             _log_where(rt.app, ledger)
-            entries, cursor = ledger.read(rt.index.cursor)
-            rt.index.add_entries(entries)
-            rt.index.cursor = cursor
+            rt.index.load(ledger)
         except _ledger.LedgerError as exc:
             logger.warning(LEDGER_UNAVAILABLE, error=str(exc), during="worker start")
         install_patches()

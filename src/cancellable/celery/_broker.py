@@ -169,6 +169,17 @@ class Broadcasts:
             channel = conn.channel()
             channel.close()
 
-    def publish(self, app: Any, conn: Any, arguments: dict[str, Any]) -> None:
-        """Publish the revoke broadcast on ``conn``, once (no kombu retry loop)."""
-        celery_internals.publish_control_once(app, conn, "revoke", arguments)
+    def publish(
+        self,
+        app: Any,
+        conn: Any,
+        arguments: dict[str, Any],
+        destination: list[str] | None = None,
+    ) -> None:
+        """Publish the revoke on ``conn``, once (no kombu retry loop).
+
+        To every worker, or to the node names in ``destination``.
+        """
+        celery_internals.publish_control_once(
+            app, conn, "revoke", arguments, destination=destination
+        )

@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import signal as signal_module
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 from billiard.common import TERMSIGS_FULL as _BILLIARD_TERMSIGS_FULL
@@ -71,6 +71,7 @@ __all__ = [
     "redelivers_unacked",
     "redis_backend_client",
     "redis_broker_client",
+    "redis_command_once",
     "redis_ledger_client",
     "redis_server_of",
     "register_inspect_command",
@@ -82,6 +83,7 @@ __all__ = [
     "revoked_log_policy",
     "scheduled_requests",
     "send_task_event",
+    "started_hostnames",
     "task_ids",
     "unregister_inspect_command",
     "unwrap_consumer_connection_lost",
@@ -1200,6 +1202,57 @@ def ping_redis_once(client: Any, timeout: float) -> None:
         pool.release(connection)
 
 
+def redis_command_once(client: Any, timeout: float, *command: Any) -> Any:
+    """One command on ``client``'s pool, waiting at most ``timeout`` s, never retried.
+
+    The same private parts as `ping_redis_once`.  redis-py 4.5 to 8.
+    """
+    pool = client.connection_pool
+    try:
+        connection = pool.get_connection()
+    except TypeError:  # redis-py < 5.3 wants a command name
+        connection = pool.get_connection(command[0])
+    try:
+        connection.socket_timeout = timeout
+        connection.socket_connect_timeout = timeout
+        if connection._sock is not None:
+            connection._sock.settimeout(timeout)
+        connection.send_command(*command)
+        return connection.read_response()
+    except Exception:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
+def started_hostnames(backend: Any, task_ids: Sequence[str], timeout: float) -> list[str] | None:
+    """The worker each task runs on, from its STARTED state; None unless all are known.
+
+    Celery stores ``{"pid": ..., "hostname": <node name>}`` as the result of a
+    task's STARTED state when ``task_track_started`` is on.  A Redis (or
+    Sentinel) result backend only: one ``MGET`` of the tasks' meta keys
+    (``KeyValueStoreBackend.get_key_for_task``), bounded by ``timeout``,
+    decoded by ``backend.decode_result``.  Celery 5.3 to 5.6.  None when the
+    backend is another kind, a state is not STARTED or names no node.
+    """
+    client = redis_backend_client(backend)
+    if client is None or not task_ids:
+        return None
+    keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
+    hosts: list[str] = []
+    for raw in redis_command_once(client, timeout, "MGET", *keys):
+        if raw is None:
+            return None
+        meta = backend.decode_result(raw)
+        result = meta.get("result") if meta.get("status") == "STARTED" else None
+        host = result.get("hostname") if isinstance(result, dict) else None
+        if not isinstance(host, str) or not host:
+            return None
+        hosts.append(host)
+    return hosts
+
+
 # --------------------------------------------------------------------------
 # The consumer losing its broker connection (cancellable.celery._shutdown).
 
@@ -1260,7 +1313,12 @@ def drop_acknowledgement(request: Any) -> None:
 
 
 def publish_control_once(
-    app: Any, connection: Any, command: str, arguments: Mapping[str, Any], timeout: float = 1.0
+    app: Any,
+    connection: Any,
+    command: str,
+    arguments: Mapping[str, Any],
+    timeout: float = 1.0,
+    destination: Sequence[str] | None = None,
 ) -> None:
     """Publish the broadcast ``app.control.broadcast(command, arguments=...)`` sends, once.
 
@@ -1273,6 +1331,7 @@ def publish_control_once(
     ``retry=True`` without a retry policy, which kombu's ``Connection.ensure``
     retries for ever.  The broadcast therefore goes over ``connection`` (not
     over the app's producer pool) and fails with the transport's error.
+    ``destination``: the node names to address (None: every worker).
     ``Mailbox.__call__``, ``_publish``: kombu 5.3 to 5.7.
     """
     mailbox = app.control.mailbox(connection)
@@ -1280,7 +1339,7 @@ def publish_control_once(
     mailbox._publish(
         command,
         dict(arguments),
-        destination=None,
+        destination=None if destination is None else list(destination),
         reply_ticket=None,
         channel=channel,
         timeout=timeout,

@@ -435,6 +435,9 @@ def cancel_targets(
                 return finished
         recorded = _record(app, targets, task_ids, reason, grace, deadline)
         _warn_not_durable(app)
+        # Running tasks whose workers are known: revoke on those workers only,
+        # when the ledger has it (the others learn it from there).
+        destination = _running_on(app, task_ids, wide, deadline) if recorded else None
         arguments: dict[str, Any] = {
             "task_id": task_ids,
             "terminate": False,
@@ -447,7 +450,7 @@ def cancel_targets(
         try:
             if deadline.left() <= 0:
                 raise TimeoutError(f"no time left of cancellable_cancel_timeout={deadline.seconds}")
-            broadcasts.publish(app, conn, arguments)
+            broadcasts.publish(app, conn, arguments, destination)
         except Exception as exc:  # noqa: BLE001 - said by a warning or an error
             _broadcast_failed(app, exc, deadline, targets, task_ids, recorded)
         else:
@@ -455,6 +458,37 @@ def cancel_targets(
     finally:
         broadcasts.release(conn, broken=broken)
     return finished
+
+
+#: The most task ids a `cancel` looks up to address their workers directly.
+DIRECT_MAX: Final = 16
+
+
+def _running_on(
+    app: Any, task_ids: list[str], wide: list[_ledger.Target], deadline: Deadline
+) -> list[str] | None:
+    """The workers running ``task_ids``, if all are known; None: broadcast to everyone.
+
+    Known only for tasks whose STARTED state names their worker
+    (``task_track_started``) in a Redis result backend, read in one bounded
+    round trip.  A queued, reserved or unknown task, a group or root target,
+    more than `DIRECT_MAX` ids, or any failure: None.  A running task is
+    held by one worker; one that is redelivered or retried elsewhere meanwhile
+    is stopped there from the ledger (every poll interval, and at receipt
+    once read).
+    """
+    if wide or not task_ids or len(task_ids) > DIRECT_MAX:
+        return None
+    if not app.conf.task_track_started or not settings_for(app).direct_running:
+        return None
+    wait = min(wait_for(settings_for(app).cancel_timeout), deadline.left())
+    if wait <= 0:
+        return None
+    try:
+        hosts = celery_internals.started_hostnames(app.backend, task_ids, wait)
+    except Exception:  # noqa: BLE001 - the broadcast reaches them anyway
+        return None
+    return None if hosts is None else sorted(set(hosts))
 
 
 def _unavailable(
@@ -655,6 +689,7 @@ def configure(
     kill_process_group: bool = UNCHANGED,
     cancel_siblings_on_failure: bool = UNCHANGED,
     wakeup_signal: int | str | None = UNCHANGED,
+    direct_running: bool = UNCHANGED,
     shutdown_grace: float | None = UNCHANGED,
     cancel_on_connection_loss: bool = UNCHANGED,
 ) -> Settings:
@@ -691,6 +726,7 @@ def configure(
             prefork children: ``SIGURG`` (the default) or ``SIGWINCH``, the
             signals whose default action is to ignore them (a child signalled
             before it installed the handler must not die).
+        direct_running: ``cancellable_direct_running``.
         shutdown_grace: ``cancellable_shutdown_grace``: at a warm shutdown,
             running ``@cancellable`` tasks are cancelled with this grace and
             sent back to the broker (None: Celery's behaviour, the default;
@@ -719,6 +755,7 @@ def configure(
         "kill_process_group": kill_process_group,
         "cancel_siblings_on_failure": cancel_siblings_on_failure,
         "wakeup_signal": wakeup_signal,
+        "direct_running": direct_running,
         "shutdown_grace": shutdown_grace,
         "cancel_on_connection_loss": cancel_on_connection_loss,
     }

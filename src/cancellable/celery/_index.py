@@ -29,13 +29,16 @@ waits long for a purge of a large index.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from .._exceptions import CancelReason
 from . import _workflow
+from ._idtable import TaskIdTable, trim_heap
 from ._ledger import Entry, Ledger, Target, TargetKind
 
 __all__ = ["TargetIndex", "request_targets"]
@@ -46,6 +49,9 @@ _Record = tuple[CancelReason, float]
 #: The most targets `TargetIndex.purge` drops in one hold of the lock.
 PURGE_BATCH: Final = 1000
 
+#: Task ids added at once from this many go straight into the compact table.
+BATCH: Final = 256
+
 
 class TargetIndex:
     """Live cancellation targets, by kind."""
@@ -53,17 +59,17 @@ class TargetIndex:
     def __init__(self) -> None:
         #: Held by writers; taken around every fork (`cancellable.celery._runtime`).
         self.lock: Final = threading.Lock()
-        self._tasks: dict[str, _Record] = {}
+        #: Task ids: compact and exact (`cancellable.celery._idtable`).
+        #: The reasons of the task ids, by slot (one per cancellation).
+        self._records = ReasonRecords()
+        self._tasks: TaskIdTable[_Record] = TaskIdTable(records=self._records)
         self._groups: dict[str, _Record] = {}
         self._roots: dict[str, _Record] = {}
         self.cursor: str | None = None
 
     def _table(self, kind: TargetKind) -> dict[str, _Record]:
-        if kind == "task":
-            return self._tasks
-        if kind == "group":
-            return self._groups
-        return self._roots
+        # Group and root targets (few, and matched for every task).
+        return self._groups if kind == "group" else self._roots
 
     def __len__(self) -> int:
         return len(self._tasks) + len(self._groups) + len(self._roots)
@@ -73,21 +79,75 @@ class TargetIndex:
     ) -> list[Target]:
         """Index ``targets``; return those that were not indexed before."""
         record = (reason, time.time() if recorded_at is None else recorded_at)
-        added: list[Target] = []
         with self.lock:
-            for kind, target_id in targets:
-                table = self._table(kind)
-                if target_id not in table:
-                    table[target_id] = record
-                    added.append((kind, target_id))
-        return added
+            return self._add_locked([(targets, record)])
 
     def add_entries(self, entries: Iterable[Entry]) -> list[Target]:
-        """Index ledger entries in order; return the targets that are new here."""
+        """Index ledger entries in order; return the targets that are new here.
+
+        A batch of task ids goes into the compact table in one merge.
+        """
+        batch = [(entry.targets, (entry.reason, entry.recorded_at)) for entry in entries]
+        with self.lock:
+            return self._add_locked(batch)
+
+    def _add_locked(self, batch: Sequence[tuple[Iterable[Target], _Record]]) -> list[Target]:
         added: list[Target] = []
-        for entry in entries:
-            added.extend(self.add(entry.targets, entry.reason, entry.recorded_at))
+        tasks = self._tasks
+        pending: list[tuple[str, int]] = []
+        for targets, record in batch:
+            slot = -1
+            for kind, target_id in targets:
+                if kind == "task":
+                    if slot < 0:
+                        slot = tasks.new_record(record)
+                    pending.append((target_id, slot))
+                else:
+                    table = self._table(kind)
+                    if target_id not in table:
+                        table[target_id] = record
+                        added.append((kind, target_id))
+        if len(pending) >= BATCH:
+            added.extend(("task", task_id) for task_id in tasks.add_many(pending))
+        else:
+            added.extend(("task", task_id) for task_id, slot in pending if tasks.add(task_id, slot))
         return added
+
+    def load(self, ledger: Ledger) -> None:
+        """Read the whole ledger (after ``cursor``) into the index: a worker's first read.
+
+        A ledger that reads in pages (`RedisLedger.read_pages
+        <cancellable.celery._ledger.RedisLedger.read_pages>`) is indexed a
+        page at a time and its task ids are sorted into the compact table
+        once, at the end, so loading a million ids never holds them all as
+        Python objects.  Raises `~cancellable.celery._ledger.LedgerError`
+        (the pages read are kept, and the cursor names the last of them).
+        """
+        pages = getattr(ledger, "read_pages", None)
+        if pages is None:
+            entries, cursor = ledger.read(self.cursor)
+            self.add_entries(entries)
+            self.cursor = cursor
+            return
+        tasks = self._tasks
+        try:
+            for entries, cursor in pages(self.cursor):
+                with self.lock:
+                    for entry in entries:
+                        record = (entry.reason, entry.recorded_at)
+                        ids = [tid for kind, tid in entry.targets if kind == "task"]
+                        if ids:
+                            slot = tasks.new_record(record)
+                            tasks.stage([(tid, slot) for tid in ids])
+                        if len(ids) < len(entry.targets):
+                            wide = [t for t in entry.targets if t[0] != "task"]
+                            self._add_locked([(wide, record)])
+                    self.cursor = cursor  # staged ids are committed below, whatever happens
+                del entries
+        finally:
+            with self.lock:
+                tasks.commit()
+            trim_heap()
 
     def sync(self, ledger: Ledger) -> list[Target]:
         """Read what the ledger gained since the last sync; return the new targets.
@@ -148,17 +208,21 @@ class TargetIndex:
 
     def has(self, kind: TargetKind, target_id: str) -> bool:
         """Is ``(kind, target_id)`` a live target here?"""
+        if kind == "task":
+            return target_id in self._tasks
         return target_id in self._table(kind)
 
     def purge(self, ttl: float, now: float | None = None) -> int:
         """Drop targets recorded more than ``ttl`` seconds ago; return how many."""
         horizon = (time.time() if now is None else now) - ttl
-        dropped = 0
-        for table in (self._tasks, self._groups, self._roots):
+        with self.lock:
+            expired = self._records.expired(horizon)
+        dropped = self._tasks.purge(expired, self.lock)
+        for table in (self._groups, self._roots):
             # A snapshot (one copy under the lock), then deletions in small
             # batches under the lock: a record replaced meanwhile is kept.
             with self.lock:
-                snapshot = table.copy()  # 40-100 ms for a million targets
+                snapshot = table.copy()
             old = [(key, record) for key, record in snapshot.items() if record[1] < horizon]
             del snapshot
             for start in range(0, len(old), PURGE_BATCH):
@@ -177,9 +241,69 @@ class TargetIndex:
         (and was not held at the fork: the fork handler takes it).
         """
         child = TargetIndex()
-        child._tasks, child._groups, child._roots = self._tasks, self._groups, self._roots
+        child._tasks = self._tasks.forked()
+        child._records = self._records
+        child._groups, child._roots = self._groups, self._roots
         child.cursor = self.cursor
         return child
+
+
+class ReasonRecords:
+    """The ``(reason, recorded at)`` of each cancellation, by slot, a few bytes each.
+
+    Cancellations one at a time (a million a week is 1.6 a second) would
+    cost a reason object each, about 340 bytes.  Here a reason's text
+    (source, message, requested by) is kept once however many cancellations
+    share it, and each slot holds three numbers in flat arrays: that text's
+    number, the reason's ``requested_at`` and when it was recorded (20 bytes).
+    The reason is rebuilt on a hit.  Texts are never dropped: a worker that
+    sees a distinct message with every cancellation keeps each message.
+    """
+
+    #: The text number of a dropped slot.
+    DROPPED: Final = 0xFFFFFFFF
+
+    def __init__(self) -> None:
+        self._texts: list[CancelReason] = []
+        self._numbers: dict[tuple[str, str, str | None], int] = {}
+        self._text = array("I")
+        self._requested = array("d")
+        self._recorded = array("d")
+
+    def append(self, record: _Record) -> None:
+        """Keep ``record`` in the next slot."""
+        reason, recorded_at = record
+        text = (reason.source, reason.message, reason.requested_by)
+        number = self._numbers.get(text)
+        if number is None:
+            number = self._numbers[text] = len(self._texts)
+            self._texts.append(reason)
+        self._requested.append(reason.requested_at)
+        self._recorded.append(recorded_at)
+        self._text.append(number)  # last: the slot exists once all three do
+
+    def __getitem__(self, slot: int) -> _Record | None:
+        number = self._text[slot]
+        if number == self.DROPPED:
+            return None
+        reason = self._texts[number]
+        requested = self._requested[slot]
+        if reason.requested_at != requested:
+            reason = dataclasses.replace(reason, requested_at=requested)
+        return reason, self._recorded[slot]
+
+    def __setitem__(self, slot: int, value: None) -> None:
+        self._text[slot] = self.DROPPED
+
+    def __len__(self) -> int:
+        return len(self._text)
+
+    def expired(self, horizon: float) -> set[int]:
+        """The live slots recorded before ``horizon``."""
+        text, dropped = self._text, self.DROPPED
+        return {
+            slot for slot, at in enumerate(self._recorded) if at < horizon and text[slot] != dropped
+        }
 
 
 def request_targets(request: Any) -> tuple[str | None, str | None, str | None]:

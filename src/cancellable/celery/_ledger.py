@@ -99,6 +99,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import IO, Any, Final, Literal, Protocol, TypeVar, get_args
 
@@ -149,6 +150,9 @@ MAX_ID_BYTES: Final = 1024
 
 #: Entries read per round trip.
 _PAGE: Final = 500
+
+#: Entries per page of `RedisLedger.read_pages` (a worker's first read).
+LOAD_PAGE: Final = 20
 
 #: Seconds a Redis ledger call waits to connect, and for each reply (see the
 #: module docstring, "Bounded calls").
@@ -291,6 +295,11 @@ def _encode_targets(targets: Iterable[Target]) -> str:
 
 
 def _decode_targets(raw: str) -> tuple[Target, ...]:
+    if raw.startswith("task:") and raw.count("\n") == raw.count("\ntask:"):
+        # Every line is a task target (a bulk cancel): split without a loop.
+        ids = raw[5:].split("\ntask:")
+        if "" not in ids:
+            return tuple(zip(repeat("task"), ids))
     targets: list[Target] = []
     for line in raw.split("\n"):
         kind, _, target_id = line.partition(":")
@@ -503,6 +512,39 @@ class RedisLedger:
         except Exception as exc:
             raise self._error("read", exc) from exc
         return entries, cursor
+
+    def read_pages(
+        self, cursor: str | None, count: int = LOAD_PAGE
+    ) -> Iterator[tuple[list[Entry], str | None]]:
+        """`read` in pages of ``count`` stream entries: each page's entries and its cursor.
+
+        A worker loading a large ledger indexes one page before it reads the
+        next, so it never holds the whole ledger as Python objects.
+        """
+        start = "-" if cursor is None else f"({cursor}"
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            pipe.xrange(self._key, min=start, max="+", count=count)
+            (seconds, micros), rows = pipe.execute()
+        except Exception as exc:
+            raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
+        oldest_ms = int(seconds) * 1000 + int(micros) // 1000 - self._ttl_ms
+        while True:
+            entries: list[Entry] = []
+            for raw_id, fields in rows:
+                cursor = _text(raw_id)
+                entry = self._entry(cursor, fields, oldest_ms)
+                if entry is not None:
+                    entries.append(entry)
+            yield entries, cursor
+            if len(rows) < count:
+                return
+            del entries, rows
+            try:
+                rows = self._client.xrange(self._key, min=f"({cursor}", max="+", count=count)
+            except Exception as exc:
+                raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
 
     def _entry(self, stream_id: str, fields: dict[Any, Any], oldest_ms: int) -> Entry | None:
         recorded_ms = _stream_ms(stream_id)

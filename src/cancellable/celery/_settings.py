@@ -280,6 +280,7 @@ _SPECS: Final[Mapping[str, _Spec]] = {
         + ", ".join(repr(sig.name) for sig in sorted(WAKEUP_SIGNALS))
         + " (the default is 'SIGURG')",
     ),
+    "direct_running": _Spec(_flag, "True or False"),
 }
 
 #: The name of every setting in ``app.conf``, in the order of `Settings`' fields.
@@ -332,6 +333,10 @@ class Settings:
     cancel_on_connection_loss: bool = True
     #: ``cancellable_wakeup_signal``: the signal that wakes a prefork child.
     wakeup_signal: signal.Signals | None = DEFAULT_WAKEUP_SIGNAL
+    #: ``cancellable_direct_running``: ``cancel()`` of running tasks whose
+    #: STARTED state names their worker (``task_track_started``) sends the
+    #: revoke to those workers only; the others learn it from the ledger.
+    direct_running: bool = True
 
     def __post_init__(self) -> None:
         problems = []

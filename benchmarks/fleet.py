@@ -1,0 +1,229 @@
+"""A fleet of prefork workers on one Redis: cancel -> cleanup, and what a cancel costs the fleet.
+
+``--workers`` N ``celery worker --pool=prefork -c <concurrency>`` of
+``bench_app`` consume one queue and share one control exchange (unique to
+the run) on one Redis.  ``task_track_started`` is on, so a running task's
+state names its worker.  Then, until ``--cancels`` samples are taken: every
+pool slot gets a ``bench.nap_poll`` task (``@cancellable``, a checkpoint
+every 2 ms between ``time.sleep`` calls: nearly idle tasks, so the numbers
+measure delivery, not a fight for two cores; ``--task bench.nap`` waits in
+``cancellable.sleep`` instead), and once all have started they are cancelled
+one at a time with ``cancel(task, app=...)``, each waited for until its
+``on_cancel`` hook has run.  Reported:
+
+* ``cancel_ms``: the ``cancel()`` call (p50, p99);
+* ``cleanup_ms``: from just before ``cancel()`` to the task's cleanup hook
+  (p50, p99; wall clocks of one host);
+* ``fleet_cpu_ms_per_cancel``: CPU time (user + system) of all the
+  workers' main processes during the cancel phase, per cancel, minus the
+  same measured over an idle stretch as long (what waking, parsing and
+  looking up a cancel costs the fleet);
+* every task stopped (``stopped`` == ``cancels``; the ids of any that did
+  not run their cleanup within `STOP_WAIT` are listed in ``not_stopped``).
+
+``--direct 0`` sets ``cancellable_direct_running = False`` (every cancel is
+broadcast to every worker), for comparison.  Load (``os.getloadavg``) is
+printed with every row: the machine may be shared.  Run:
+``python benchmarks/fleet.py --redis redis://127.0.0.1:6422/14 --workers 16
+--concurrency 1 --cancels 48 [--direct 0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import percentile
+from _workers import START_TIMEOUT, Worker, WorkerError, flush_benchmark_db, live_children
+
+#: The task each pool slot runs by default: a checkpoint every 2 ms between
+#: ``time.sleep`` calls (nearly idle).  ``--task bench.nap`` (in
+#: ``cancellable.sleep``) is the other choice.
+TASK = "bench.nap_poll"
+#: Seconds a cancelled task has to run its cleanup hook before it counts as not stopped.
+STOP_WAIT = 15.0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` (``/proc/<pid>/stat``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def start_fleet(redis_url: str, n: int, concurrency: int, direct: bool) -> list[Worker]:
+    """``n`` workers on one queue and one control exchange, launched together."""
+    token = uuid.uuid4().hex[:8]
+    env = {
+        "CANCELLABLE_BENCH_TRACK_STARTED": "1",
+        "CANCELLABLE_BENCH_DIRECT": "1" if direct else "0",
+    }
+    workers = []
+    for _ in range(n):
+        worker = Worker(redis_url, concurrency=concurrency, env=env)
+        worker.queue = f"cancellable-bench-fleet-{token}"
+        worker.control_exchange = f"cancellable-bench-fleet-ctl-{token}"
+        workers.append(worker)
+    try:
+        for worker in workers:
+            cmd = [sys.executable, "-m", "celery", "-A", "bench_app", "worker"]
+            cmd += ["--pool=prefork", "-c", str(concurrency), "-Q", worker.queue]
+            cmd += ["-n", worker.nodename, "--without-gossip", "--without-mingle"]
+            cmd += ["--without-heartbeat", "-l", "WARNING"]
+            worker.launch(
+                cmd,
+                {
+                    "CANCELLABLE_BENCH_REDIS_URL": redis_url,
+                    "CANCELLABLE_BENCH_BROKER_URL": redis_url,
+                    "CANCELLABLE_BENCH_QUEUE": worker.queue,
+                    "CANCELLABLE_BENCH_CONTROL": worker.control_exchange,
+                    **env,
+                },
+            )
+        app = workers[0].app
+        app.conf.task_track_started = True
+        pending = {w.nodename for w in workers}
+        deadline = time.monotonic() + START_TIMEOUT * 3
+        while pending:
+            for worker in workers:
+                worker.check_alive()
+            replies = app.control.ping(destination=sorted(pending), timeout=1.0)
+            for reply in replies:
+                pending -= set(reply)
+            if time.monotonic() > deadline:
+                raise WorkerError(f"{len(pending)} workers did not answer a ping")
+    except BaseException:
+        stop_fleet(workers)
+        raise
+    return workers
+
+
+def stop_fleet(workers: list[Worker]) -> None:
+    for worker in workers:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.proc.terminate()
+    for worker in workers:
+        worker.stop()
+    workers[0].close()
+
+
+def run(
+    redis_url: str, n: int, concurrency: int, cancels: int, direct: bool, task: str = TASK
+) -> dict[str, Any]:
+    import redis
+
+    from cancellable.celery import cancel
+
+    flush_benchmark_db(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    started = time.monotonic()
+    workers = start_fleet(redis_url, n, concurrency, direct)
+    ready_s = time.monotonic() - started
+    app = workers[0].app
+    mains = [w.pid for w in workers]
+    cancel_ms: list[float] = []
+    cleanup_ms: list[float] = []
+    not_stopped: list[str] = []
+    busy_cpu = busy_wall = 0.0
+    try:
+        while len(cancel_ms) < cancels:
+            slots = min(n * concurrency, cancels - len(cancel_ms))
+            batch = []
+            for _ in range(slots):
+                key = f"cancellable-bench:fleet:{uuid.uuid4().hex}"
+                batch.append(
+                    (key, app.send_task("bench.spin", args=(key,), queue=workers[0].queue))
+                )
+            deadline = time.monotonic() + 60
+            while not all(client.hexists(key, "started") for key, _r in batch):
+                if time.monotonic() > deadline:
+                    raise WorkerError("not every task started")
+                time.sleep(0.05)
+            # Their STARTED states are stored before the task body runs.
+            time.sleep(0.2)
+            cpu0, wall0 = cpu_seconds(mains), time.monotonic()
+            for key, result in batch:
+                t0 = time.time()
+                c0 = time.perf_counter()
+                cancel(result, reason="fleet benchmark", app=app)
+                cancel_ms.append((time.perf_counter() - c0) * 1000)
+                deadline = time.monotonic() + STOP_WAIT
+                while (cleanup := client.hget(key, "cleanup")) is None:
+                    if time.monotonic() > deadline:
+                        not_stopped.append(result.id)  # reported, and the run goes on
+                        break
+                    time.sleep(0.0005)
+                else:
+                    cleanup_ms.append((float(cleanup) - t0) * 1000)
+            busy_cpu += cpu_seconds(mains) - cpu0
+            busy_wall += time.monotonic() - wall0
+        cpu0 = cpu_seconds(mains)
+        time.sleep(busy_wall)
+        idle_cpu = cpu_seconds(mains) - cpu0
+        children = sum(len(live_children(pid)) for pid in mains)
+    finally:
+        stop_fleet(workers)
+        client.close()
+        flush_benchmark_db(redis_url)
+    return {
+        "workers": n,
+        "concurrency": concurrency,
+        "direct": direct,
+        "task": task,
+        "children": children,
+        "cancels": len(cancel_ms),
+        "stopped": len(cleanup_ms),
+        "not_stopped": not_stopped,
+        "ready_s": round(ready_s, 1),
+        "cancel_ms": {
+            "p50": round(percentile(cancel_ms, 50), 2),
+            "p99": round(percentile(cancel_ms, 99), 2),
+        },
+        "cleanup_ms": {
+            "p50": round(percentile(cleanup_ms, 50), 2),
+            "p99": round(percentile(cleanup_ms, 99), 2),
+        },
+        "fleet_cpu_ms_per_cancel": round((busy_cpu - idle_cpu) * 1000 / len(cancel_ms), 2),
+        "load": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _p50_p99(values: list[float]) -> dict[str, float]:
+    return {"p50": round(percentile(values, 50), 2), "p99": round(percentile(values, 99), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6422/14")
+    parser.add_argument("--workers", default="16")
+    parser.add_argument("--concurrency", default="1")
+    parser.add_argument("--cancels", type=int, default=48)
+    parser.add_argument("--direct", default="1")
+    parser.add_argument("--task", default=TASK)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = []
+    for n in (int(x) for x in args.workers.split(",")):
+        for c in (int(x) for x in args.concurrency.split(",")):
+            for direct in (x == "1" for x in args.direct.split(",")):
+                row = run(args.redis, n, c, args.cancels, direct, args.task)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,483 @@
+"""A compact, exact table of cancelled task ids, for a worker's index.
+
+`cancellable.celery._index.TargetIndex` keeps every live cancelled task id
+for the ledger's TTL, a million of them or more.  A dict of strings costs
+about 150 bytes per id in every process, and a prefork child that inherits
+it pays for it again: CPython writes the reference count of every object it
+touches, so the copy-on-write pages of a dict of strings are soon copied.
+This table keeps the ids in a few flat buffers instead:
+
+* A Celery task id is a canonical UUID (``str(uuid.uuid4())``: 36
+  characters, lower-case hex and four dashes).  Such an id *is* a 128-bit
+  number: the text and the number convert into each other one to one.  The
+  table keeps those numbers in two sorted ``array('Q')`` buffers (the high
+  and low 64 bits) and, beside them, an ``array('I')`` naming each id's
+  *record* (its reason and when it was recorded), one record shared by all
+  the ids of one cancellation: 20 bytes per id, in three objects whose
+  pages nothing writes after they are built, so a fork shares them.
+* Any other id (a custom ``task_id``) is kept in a dict, as before.
+* Ids added since the last merge wait in a small dict (``_recent``); it is
+  merged into the buffers when it reaches an eighth of their size (at
+  least `MERGE_AT` ids), building new buffers and swapping them in.
+
+Exact, never probabilistic: a lookup finds the id's full 128 bits (the
+high half by binary search, then the low half among the ids that share
+it), so an id that was not added is never found, and one that was is
+always found.
+
+Concurrency: the caller serializes writers (``TargetIndex.lock``); readers
+take no lock.  The buffers are never changed once built: a merge or a
+purge builds new ones and swaps them in with one assignment, and an id
+leaves ``_recent`` only after the buffers that hold it are in place.
+A forked child's table (`forked`) never merges, so it keeps sharing its
+parent's pages; what the child adds itself stays in its small dict.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from array import array
+from bisect import bisect_left
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from itertools import compress, repeat
+from operator import and_ as _and
+from operator import eq, not_
+from operator import lshift as _shl
+from operator import or_ as _or
+from operator import rshift as _shr
+from typing import Final, Generic, Protocol, TypeVar
+
+__all__ = ["MERGE_AT", "TaskIdTable", "trim_heap", "uuid_halves", "uuid_key", "uuid_keys"]
+
+#: The fewest waiting ids that trigger a merge.
+MERGE_AT: Final = 4096
+
+#: A record (the index keeps ``(reason, recorded at)``).
+R = TypeVar("R")
+
+_M32: Final = (1 << 32) - 1
+_M64: Final = (1 << 64) - 1
+_HEX: Final = frozenset("0123456789abcdef")
+
+
+def uuid_key(task_id: str) -> int | None:
+    """The 128-bit number a canonical lower-case UUID string spells, or None.
+
+    One to one: ``uuid_key(a) == uuid_key(b) is not None`` only when ``a == b``.
+    """
+    if len(task_id) != 36 or not (task_id[8] == task_id[13] == task_id[18] == task_id[23] == "-"):
+        return None
+    digits = task_id[:8] + task_id[9:13] + task_id[14:18] + task_id[19:23] + task_id[24:]
+    if not _HEX.issuperset(digits):
+        return None
+    return int(digits, 16)
+
+
+def trim_heap() -> None:
+    """Give the memory a bulk load freed back to the system (glibc's ``malloc_trim``).
+
+    A load allocates and frees a page of Python objects at a time; glibc
+    keeps freed memory in its heap, where it counts in the process's RSS
+    (and a pool child forked then inherits it).  Best effort, and only where
+    glibc is the allocator.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
+def uuid_keys(task_ids: list[str]) -> list[int] | None:
+    """`uuid_key` of each id, if every one is a canonical UUID; else None."""
+    halves = uuid_halves(task_ids)
+    if halves is None:
+        return None
+    hi, lo = halves
+    return list(map(_or, map(_shl, hi, repeat(64)), lo))
+
+
+def uuid_halves(task_ids: list[str]) -> tuple[array[int], array[int]] | None:
+    """The high and low 64 bits of each id, if every one is a canonical UUID; else None.
+
+    C-level string operations over the joined ids, no Python loop per id:
+    every id is 36 characters with its four dashes in place (and no other
+    dash), and the other 32 are lower-case hex digits (``bytes.fromhex``
+    takes nothing else but spaces, which would make it return fewer bytes).
+    """
+    n = len(task_ids)
+    joined = "".join(task_ids)
+    if len(joined) != 36 * n or joined.count("-") != 4 * n:
+        return None
+    dashes = "-" * n
+    if not (joined[8::36] == joined[13::36] == joined[18::36] == joined[23::36] == dashes):
+        return None
+    digits = joined.replace("-", "")
+    del joined
+    if digits != digits.lower():
+        return None
+    try:
+        raw = bytes.fromhex(digits)  # raises for anything but hex digits and spaces
+    except ValueError:
+        return None
+    if len(raw) != 16 * n:  # it skipped spaces
+        return None
+    both = array("Q")
+    both.frombytes(raw)
+    if sys.byteorder == "little":
+        both.byteswap()
+    return both[0::2], both[1::2]
+
+
+class _Sorted:
+    """Three parallel buffers sorted by ``(hi, lo)``; never changed once built."""
+
+    __slots__ = ("hi", "lo", "rec")
+
+    def __init__(self, hi: array[int], lo: array[int], rec: array[int]) -> None:
+        self.hi = hi
+        self.lo = lo
+        self.rec = rec
+
+    @classmethod
+    def empty(cls) -> _Sorted:
+        return cls(array("Q"), array("Q"), array("I"))
+
+    @classmethod
+    def from_keys(cls, keys: list[int]) -> _Sorted:
+        """From sorted ``key << 32 | slot`` numbers (one per id)."""
+        return cls(
+            array("Q", map(_shr, keys, repeat(96))),
+            array("Q", map(_and, map(_shr, keys, repeat(32)), repeat(_M64))),
+            array("I", map(_and, keys, repeat(_M32))),
+        )
+
+    def arrays(self) -> tuple[array[int], array[int], array[int]]:
+        """``(hi, lo, rec)``."""
+        return self.hi, self.lo, self.rec
+
+    def concat(self, other: _Sorted) -> _Sorted:
+        """New buffers: these rows, then ``other``'s (not sorted)."""
+        return _Sorted(self.hi + other.hi, self.lo + other.lo, self.rec + other.rec)
+
+    def keep(self, mask: list[bool]) -> _Sorted:
+        """New buffers with the rows whose ``mask`` entry is true (order kept)."""
+        return _Sorted(
+            array("Q", compress(self.hi, mask)),
+            array("Q", compress(self.lo, mask)),
+            array("I", compress(self.rec, mask)),
+        )
+
+    def without(self, other: _Sorted) -> _Sorted:
+        """These rows but those whose id ``other`` holds (one lookup per row)."""
+        find = other.find
+        return self.keep(
+            [find(h << 64 | lo) is None for h, lo in zip(self.hi, self.lo, strict=True)]
+        )
+
+    def find(self, key: int) -> int | None:
+        """The slot of ``key``, or None."""
+        hi, lo = self.hi, self.lo
+        high, low = key >> 64, key & _M64
+        i = bisect_left(hi, high)
+        n = len(hi)
+        while i < n and hi[i] == high:
+            if lo[i] == low:
+                return int(self.rec[i])
+            i += 1
+        return None
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+
+class RecordStore(Protocol[R]):
+    """Where a table keeps its records, by slot (a ``list`` will do)."""
+
+    def append(self, record: R, /) -> None:
+        """Keep ``record`` in the next slot."""
+
+    def __getitem__(self, slot: int, /) -> R | None:
+        """The record in ``slot`` (None once dropped)."""
+
+    def __setitem__(self, slot: int, value: None, /) -> None:
+        """Drop the record in ``slot``."""
+
+    def __len__(self) -> int:
+        """Slots used so far."""
+
+
+class TaskIdTable(Generic[R]):
+    """Task id -> record, exact, in a few flat buffers (see the module docstring).
+
+    Records are kept by ``slot`` (an index into ``records``); the caller
+    adds a record once per cancellation (`new_record`) and then the ids it
+    names (`add`).  Writers must be serialized by the caller.
+    """
+
+    def __init__(self, merge: bool = True, records: RecordStore[R] | None = None) -> None:
+        self._sorted = _Sorted.empty()
+        #: Canonical-UUID ids not merged yet.
+        self._recent: dict[str, int] = {}
+        #: Every other id, for good.
+        self._other: dict[str, int] = {}
+        #: Records by slot; an expired record's slot is None.
+        self.records: RecordStore[R] = [] if records is None else records
+        self._merge = merge
+        #: Ids a bulk load staged, not merged yet (`stage`, `commit`).
+        self._staged: _Sorted | None = None
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent) + len(self._other)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held in the sorted buffers."""
+        s = self._sorted
+        return sum(b.buffer_info()[1] * b.itemsize for b in (s.hi, s.lo, s.rec))
+
+    def new_record(self, record: R) -> int:
+        """Keep ``record``; return its slot."""
+        self.records.append(record)
+        return len(self.records) - 1
+
+    def slot(self, task_id: str) -> int | None:
+        """The slot of ``task_id``'s record, or None if it is not in the table."""
+        slot = self._recent.get(task_id)
+        if slot is not None:
+            return slot
+        key = uuid_key(task_id)
+        if key is None:
+            return self._other.get(task_id)
+        return self._sorted.find(key)
+
+    def get(self, task_id: str) -> R | None:
+        """``task_id``'s record, or None."""
+        slot = self.slot(task_id)
+        return None if slot is None else self.records[slot]
+
+    def __contains__(self, task_id: str) -> bool:
+        return self.slot(task_id) is not None
+
+    def add(self, task_id: str, slot: int) -> bool:
+        """Add ``task_id`` with the record at ``slot`` unless present; True if added.
+
+        The id waits in the small dict, which is merged when it is large
+        enough; `add_many` is the fast way to add a batch.
+        """
+        if task_id in self._recent:
+            return False
+        key = uuid_key(task_id)
+        if key is None:
+            if task_id in self._other:
+                return False
+            self._other[task_id] = slot
+            return True
+        if self._sorted.find(key) is not None:
+            return False
+        self._recent[task_id] = slot
+        if self._merge and len(self._recent) >= max(MERGE_AT, len(self._sorted) // 8):
+            self.flush()
+        return True
+
+    def add_many(self, items: Sequence[tuple[str, int]]) -> list[str]:
+        """Add each ``(task id, slot)`` unless present; return the ids added.
+
+        A batch goes straight into new buffers (one merge), without the
+        small dict; an id named twice keeps its first slot.  A batch of
+        canonical UUIDs is converted without a Python loop per id.
+        """
+        if not self._merge:
+            return [tid for tid, slot in items if self.add(tid, slot)]
+        recent, other, table = self._recent, self._other, self._sorted
+        if recent or other:
+            items = [item for item in items if item[0] not in recent and item[0] not in other]
+        added: list[str] = []  # ids that are not canonical UUIDs
+        uuids = [tid for tid, _slot in items]
+        keys = uuid_keys(uuids)
+        if keys is None:  # some are not canonical UUIDs: sort them out one by one
+            uuids, keys = [], []
+            for tid, slot in items:
+                key = uuid_key(tid)
+                if key is not None:
+                    uuids.append(tid)
+                    keys.append(key << 32 | slot)
+                elif tid not in other:
+                    other[tid] = slot
+                    added.append(tid)
+        else:
+            keys = list(map(_or, map(_shl, keys, repeat(32)), [slot for _tid, slot in items]))
+        if len(table):
+            fresh = [table.find(k >> 32) is None for k in keys]
+            keys = list(compress(keys, fresh))
+            uuids = list(compress(uuids, fresh))
+        if keys:
+            keys.sort()
+            ids = list(map(_shr, keys, repeat(32)))
+            if any(map(eq, ids[1:], ids[:-1])):  # an id named twice
+                keys = _unique(keys)
+                uuids = list(dict.fromkeys(uuids))
+            del ids
+            self._merge_keys(keys)
+        added.extend(uuids)
+        return added
+
+    def stage(self, items: Sequence[tuple[str, int]]) -> None:
+        """Stage ``(task id, slot)`` pairs for `commit`: a bulk load, page by page.
+
+        Staged canonical UUIDs are kept as numbers in flat buffers (20 bytes
+        an id), so a loader holds one page of Python objects at a time; they
+        are not found until `commit`.  Other ids are added at once.
+        """
+        recent, other = self._recent, self._other
+        if recent or other:
+            items = [item for item in items if item[0] not in recent and item[0] not in other]
+        halves = uuid_halves([tid for tid, _slot in items])
+        if self._staged is None:
+            self._staged = _Sorted.empty()
+        staged = self._staged
+        if halves is not None:
+            staged.hi.extend(halves[0])
+            staged.lo.extend(halves[1])
+            staged.rec.extend([slot for _tid, slot in items])
+            return
+        for tid, slot in items:
+            key = uuid_key(tid)
+            if key is None:
+                other.setdefault(tid, slot)
+            else:
+                staged.hi.append(key >> 64)
+                staged.lo.append(key & _M64)
+                staged.rec.append(slot)
+
+    def commit(self) -> None:
+        """Merge what was staged into the buffers (one sort); ids present already keep theirs."""
+        staged, self._staged = self._staged, None
+        if staged is None or not len(staged):
+            return
+        old = self._sorted
+        if len(old):
+            staged = old.concat(staged.without(old))
+        self._sorted = _build(staged.hi, staged.lo, staged.rec)
+
+    def flush(self) -> None:
+        """Merge the waiting ids into the buffers (a forked child's table never does)."""
+        if not self._merge or not self._recent:
+            return
+        self._merge_keys(
+            sorted((uuid_key(tid) or 0) << 32 | slot for tid, slot in self._recent.items())
+        )
+        self._recent = {}
+
+    def _merge_keys(self, new: list[int]) -> None:
+        # ``new``: sorted ``key << 32 | slot`` numbers of ids not in the buffers.
+        old = self._sorted
+        if len(new) * 8 < len(old):
+            merged = _insert(old, new)
+        else:
+            merged = _build(*old.concat(_Sorted.from_keys(new)).arrays())
+        self._sorted = merged  # readers see the ids here before they leave _recent
+
+    def purge(self, expired: set[int], lock: AbstractContextManager[object]) -> int:
+        """Drop the ids whose record's slot is in ``expired``; return how many.
+
+        New buffers without them are built outside ``lock`` (the caller's
+        writer lock) and swapped in under it, unless a merge replaced the
+        buffers meanwhile (the next purge does it then).
+        """
+        if not expired:
+            return 0
+        dropped = 0
+        with lock:
+            for table in (self._recent, self._other):
+                gone = [tid for tid, slot in table.items() if slot in expired]
+                for tid in gone:
+                    del table[tid]
+                dropped += len(gone)
+            old = self._sorted
+        if not expired.isdisjoint(old.rec):
+            kept = old.keep(list(map(not_, map(expired.__contains__, old.rec))))
+            with lock:
+                if self._sorted is not old:
+                    return dropped
+                self._sorted = kept
+            dropped += len(old) - len(kept)
+        with lock:
+            for slot in expired:
+                self.records[slot] = None
+        return dropped
+
+    def forked(self) -> TaskIdTable[R]:
+        """The same ids for a forked child; it never merges (its buffers stay shared)."""
+        child: TaskIdTable[R] = TaskIdTable(merge=False, records=self.records)
+        child._sorted = self._sorted
+        child._recent = self._recent
+        child._other = self._other
+        return child
+
+
+def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
+    """Buffers sorted by ``hi`` from unsorted rows; an id in several rows keeps its first.
+
+    Sorted by the high half only (the low half is compared among the rows
+    that share it): one sort of the row numbers by their high half, then
+    C-level gathers, with no Python loop per row.
+    """
+    n = len(hi)
+    rows = sorted(range(n), key=hi.__getitem__)  # stable: the first-added first
+    out = _Sorted(
+        array("Q", map(hi.__getitem__, rows)),
+        array("Q", map(lo.__getitem__, rows)),
+        array("I", map(rec.__getitem__, rows)),
+    )
+    del rows
+    # Rows that share a high half are adjacent, the first-added first.
+    shi, slo = out.hi, out.lo
+    drop: set[int] = set()
+    for i in compress(range(1, n), map(eq, shi[1:], shi[:-1])):
+        j = i - 1
+        while j >= 0 and shi[j] == shi[i]:
+            if slo[j] == slo[i]:
+                drop.add(i)  # the same id as an earlier row
+                break
+            j -= 1
+    if drop:
+        out = out.keep(list(map(not_, map(drop.__contains__, range(n)))))
+    return out
+
+
+def _unique(keys: list[int]) -> list[int]:
+    """Sorted ``keys`` with only the first (lowest slot) of each id."""
+    unique: list[int] = []
+    last = -1
+    for k in keys:
+        key = k >> 32
+        if key != last:
+            unique.append(k)
+            last = key
+    return unique
+
+
+def _insert(old: _Sorted, new: list[int]) -> _Sorted:
+    """``old`` with the sorted ``new`` keys inserted: a few slice copies per new id."""
+    hi, lo, rec = array("Q"), array("Q"), array("I")
+    start = 0
+    for k in new:
+        high = k >> 96
+        at = bisect_left(old.hi, high, start)
+        if at > start:
+            hi += old.hi[start:at]
+            lo += old.lo[start:at]
+            rec += old.rec[start:at]
+        hi.append(high)
+        lo.append((k >> 32) & _M64)
+        rec.append(k & _M32)
+        start = at
+    hi += old.hi[start:]
+    lo += old.lo[start:]
+    rec += old.rec[start:]
+    return _Sorted(hi, lo, rec)
