@@ -66,7 +66,8 @@ INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_s
 	tests/integration/test_harness.py tests/integration/test_ladder.py \
 	tests/integration/test_running.py tests/integration/test_shutdown.py \
 	tests/integration/test_sizes.py tests/integration/test_sql_ledger.py \
-	tests/integration/test_django_admin.py tests/integration/test_directed.py
+	tests/integration/test_django_admin.py tests/integration/test_directed.py \
+	tests/integration/test_store_bounds.py
 INTEGRATION_B := tests/integration/test_connection_loss.py \
 	tests/integration/test_logging.py tests/integration/test_monitoring.py \
 	tests/integration/test_pools.py tests/integration/test_plain_and_eta.py \
