@@ -58,7 +58,10 @@ docs: $(VENV)/.installed
 # suite, and the integration tests (real workers) beside the other tests
 # (database 12 and others), in two halves: one on Redis database 13, the
 # other on 15 (tests/redis_dbs.py).  They share no database, and the
-# integration tests spend most of their time waiting on workers.  Each run
+# integration tests spend most of their time waiting on workers.  Django is
+# set up once per process, so the two modules that set it up with different
+# settings (test_sql_ledger's django-db case, test_django_admin's project)
+# run in different halves.  Each run
 # writes its own coverage data, combined for the one gate.
 COV := --cov=cancellable --cov-branch --cov-report=
 INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_start.py \
@@ -66,7 +69,7 @@ INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_s
 	tests/integration/test_harness.py tests/integration/test_ladder.py \
 	tests/integration/test_running.py tests/integration/test_shutdown.py \
 	tests/integration/test_sizes.py tests/integration/test_sql_ledger.py \
-	tests/integration/test_django_admin.py tests/integration/test_directed.py
+	tests/integration/test_directed.py tests/integration/test_store_bounds.py
 INTEGRATION_B := tests/integration/test_connection_loss.py \
 	tests/integration/test_logging.py tests/integration/test_monitoring.py \
 	tests/integration/test_pools.py tests/integration/test_plain_and_eta.py \
@@ -74,7 +77,8 @@ INTEGRATION_B := tests/integration/test_connection_loss.py \
 	tests/integration/test_workflows.py tests/integration/test_cancel_bounds.py \
 	tests/integration/test_interrupt_locks.py \
 	tests/integration/test_hung_ledger.py tests/integration/test_receipt.py \
-	tests/integration/test_redis_spellings.py tests/integration/test_large_ledger.py
+	tests/integration/test_redis_spellings.py tests/integration/test_large_ledger.py \
+	tests/integration/test_django_admin.py
 unit: $(VENV)/.installed
 	rm -f .coverage .coverage.*
 	$(MAKE) --no-print-directory --output-sync=target -j4 unit-main unit-integration-a unit-integration-b unit-soak

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -53,6 +54,25 @@ def targets_of(entries: list[_ledger.Entry]) -> list[tuple[str, str]]:
 
 class TestContract:
     """What every durable ledger promises."""
+
+    def test_record_once_writes_a_plain_revoke_once(self, ledger: Any) -> None:
+        """Three writers record the same plain revoke of 2,500 ids under its key (its
+        ids in any order): the first writes its 3 entries, the others nothing; a
+        revoke of other ids is written."""
+        targets: list[_ledger.Target] = [("task", f"id-{n}") for n in range(2500)]
+        reason = CancelReason(source="revoked")
+
+        wrote = [
+            ledger.record_once(targets, reason, _ledger.revoke_key(targets)),
+            ledger.record_once(targets[::-1], reason, _ledger.revoke_key(targets[::-1])),
+            ledger.record_once(targets, reason, _ledger.revoke_key(targets)),
+            ledger.record_once([("task", "other")], reason, _ledger.revoke_key([("task", "x")])),
+        ]
+        entries, _ = ledger.read(None)
+
+        assert [True, False, False, True] == wrote
+        assert [1000, 1000, 500, 1] == [len(e.targets) for e in entries]
+        assert [reason] * 4 == [e.reason for e in entries]
 
     def test_round_trip(self, ledger: Any) -> None:
         """Targets of every kind and the reason come back as recorded."""
@@ -682,3 +702,83 @@ class TestTargets:
         targets = [("task", "a"), ("group", "g"), ("root", "r")]
 
         assert targets == _ledger.check_targets(iter(targets))
+
+
+def test_an_expired_plain_revoke_key_is_written_again(
+    kind: str, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """A plain revoke's key lives as long as its entries: once they have expired
+    (TTL 0.5 s here), the same revoke is written again."""
+    ledger = make_ledger(kind, rdb, tmp_path, 0.5)
+    targets: list[_ledger.Target] = [("task", "again")]
+    key = _ledger.revoke_key(targets)
+
+    first = ledger.record_once(targets, CancelReason(source="revoked"), key)
+    time.sleep(0.7)
+    second = ledger.record_once(targets, CancelReason(source="revoked"), key)
+    entries, _ = ledger.read(None)
+
+    assert (True, True) == (first, second)
+    assert [targets[0]] == targets_of(entries)
+
+
+class TestLedgerCalls:
+    """A client's ledger call is waited for at most its bound, whatever the call does."""
+
+    def test_a_call_that_does_not_return_is_given_up_on_and_may_finish_later(self) -> None:
+        """A call that blocks is abandoned after its wait (LedgerError saying the write
+        may still complete), keeps running, and finishes when it is let go; calls
+        that return or raise in time hand back their result or their error."""
+        calls = _ledger.LedgerCalls()
+        release = threading.Event()
+        finished = threading.Event()
+
+        def blocked() -> None:
+            release.wait(30)
+            finished.set()
+
+        began = time.monotonic()
+        with pytest.raises(_ledger.LedgerError, match="may still complete later"):
+            calls.run(blocked, 0.2)
+        waited = time.monotonic() - began
+        release.set()
+
+        assert 0.2 <= waited < 2.0
+        assert finished.wait(5)
+        assert 7 == calls.run(lambda: 7, 5.0)
+        with pytest.raises(_ledger.LedgerError, match="down"):
+            calls.run(_raise_down, 5.0)
+
+    def test_at_most_a_few_calls_are_left_running(self) -> None:
+        """While `MAX_ABANDONED` abandoned calls still run, the next call fails at
+        once without starting; once they end, calls run again."""
+        calls = _ledger.LedgerCalls()
+        release = threading.Event()
+        for _ in range(calls.MAX_ABANDONED):
+            with pytest.raises(_ledger.LedgerError):
+                calls.run(lambda: release.wait(30), 0.05)
+        started = threading.Event()
+
+        began = time.monotonic()
+        with pytest.raises(_ledger.LedgerError, match="have not returned"):
+            calls.run(started.set, 5.0)
+        refused_after = time.monotonic() - began
+        release.set()
+
+        assert refused_after < 0.5
+        assert not started.is_set()
+        deadline = time.monotonic() + 5
+        while not _returns(calls) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _returns(calls)
+
+
+def _raise_down() -> None:
+    raise _ledger.LedgerError("the store is down")
+
+
+def _returns(calls: _ledger.LedgerCalls) -> bool:
+    try:
+        return calls.run(lambda: True, 1.0)
+    except _ledger.LedgerError:
+        return False

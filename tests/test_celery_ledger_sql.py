@@ -280,7 +280,7 @@ def _use_documented_ddl(dialect: str, db_url: str) -> None:
     entries, _ = ledger.read(None)
     ledger.store.close()
 
-    assert {"cancellable_ledger", "cancellable_ledger_head"} == tables
+    assert {"cancellable_ledger", "cancellable_ledger_head", "cancellable_ledger_once"} == tables
     assert [("task", "via-ddl")] == base.targets_of(entries)
     assert 1.5 == entries[0].grace
 
@@ -555,6 +555,80 @@ class TestDjango:
             _ledger_sql.django_database(
                 {"alias": "default", "ENGINE": "django.db.backends.oracle", "NAME": "x"}
             )
+
+
+class TestWriteOnce:
+    """A plain revoke is written once per key on each database (issue 18, point 7)."""
+
+    def test_concurrent_writers_of_one_plain_revoke_write_it_once(self, make: Any) -> None:
+        """Six threads, each with a ledger (and pool) of its own, record the same plain
+        revoke at once: one writes it, the others nothing; one key row."""
+        name = f"test-{uuid.uuid4().hex[:8]}"
+        ledgers = [make(name=name, lock_timeout=30) for _ in range(6)]
+        targets: list[_ledger.Target] = [("task", f"c-{n}") for n in range(50)]
+        key = _ledger.revoke_key(targets)
+        ledgers[0].read(None)  # the tables exist before the race
+        barrier = threading.Barrier(len(ledgers))
+        wrote: list[bool] = []
+
+        def write(ledger: SqlLedger) -> None:
+            barrier.wait(10)
+            wrote.append(ledger.record_once(targets, CancelReason(source="revoked"), key))
+
+        threads = [threading.Thread(target=write, args=(ledger,)) for ledger in ledgers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        entries, _ = ledgers[0].read(None)
+
+        assert [False] * 5 + [True] == sorted(wrote)
+        assert targets == base.targets_of(entries)
+
+    def test_an_expired_key_is_taken_over_and_pruned(self, make: Any, db_url: str) -> None:
+        """Once its entries have expired (TTL 0.5 s), the same plain revoke is written
+        again; pruning deletes expired keys with the entries."""
+        ledger = make(ttl=0.5)
+        targets: list[_ledger.Target] = [("task", "expiring")]
+        key = _ledger.revoke_key(targets)
+
+        first = ledger.record_once(targets, CancelReason(source="revoked"), key)
+        time.sleep(0.7)
+        second = ledger.record_once(targets, CancelReason(source="revoked"), key)
+        time.sleep(0.7)
+        ledger.store.prune()
+        engine = _engine(db_url)
+        with engine.connect() as conn:
+            keys = conn.execute(
+                sa.text("SELECT count(*) FROM cancellable_ledger_once WHERE name = :n"),
+                {"n": ledger.store._name},
+            ).scalar()
+        engine.dispose()
+
+        assert (True, True) == (first, second)
+        assert 0 == keys
+
+    def test_a_head_row_deleted_by_hand_does_not_lose_a_plain_revoke(
+        self, make: Any, db_url: str
+    ) -> None:
+        """A plain revoke written after its app's head row was deleted is still
+        recorded (the key is rolled back with the failed attempt, then written)."""
+        ledger = make()
+        ledger.record([("task", "before")], CancelReason())
+        engine = _engine(db_url)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("DELETE FROM cancellable_ledger_head WHERE name = :n"),
+                {"n": ledger.store._name},
+            )
+        engine.dispose()
+        targets: list[_ledger.Target] = [("task", "after")]
+
+        wrote = ledger.record_once(targets, CancelReason(), _ledger.revoke_key(targets))
+        entries, _ = ledger.read(None)
+
+        assert wrote
+        assert [("task", "before"), ("task", "after")] == base.targets_of(entries)
 
 
 class TestEdges:

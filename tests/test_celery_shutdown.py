@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery import _state as celery_state
 from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
 from kombu import Connection
@@ -114,7 +115,11 @@ def _consumer(app: Celery, url: str) -> Consumer:
     Building the worker makes the integration's step and its runtime; that
     step is shut down again, so the test's own runtime is the one in place.
     """
+    blocks = celery_state.task_join_will_block()
     controller = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True)
+    # Building the solo pool sets Celery's process-wide "a join would block"
+    # flag, which would make every later test's ``result.get()`` refuse.
+    celery_state._set_task_join_will_block(blocks)
     for step in controller.steps:
         if isinstance(step, WorkerStep):
             step.shutdown(controller)

@@ -57,6 +57,15 @@ def project_fixture(worker_logs: Path) -> Iterator[Any]:
         DJANGO_SETTINGS_MODULE="tests.integration.django_project.settings",
     )
     saved = dict(os.environ)
+    from django.conf import settings as django_settings
+
+    if django_settings.configured:
+        # Django reads its settings once per process: another module's set-up
+        # would make this project's requests go to that module's database.
+        pytest.fail(
+            f"Django was set up before with {django_settings.SETTINGS_MODULE}; "
+            "run test_django_admin.py in a pytest process of its own (Makefile halves)"
+        )
     _admin_sql(f'CREATE DATABASE "{database}"')
     worker = None
     try:

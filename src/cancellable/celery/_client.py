@@ -11,6 +11,7 @@ when it starts.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 import warnings
@@ -374,6 +375,9 @@ class StateReads:
             celery_internals.stored_states(app.backend, task_ids, self._read)
         except Exception:  # noqa: BLE001 - no backend, or it failed: cancel them anyway
             pass
+        finally:
+            with contextlib.suppress(Exception):
+                celery_internals.close_thread_connections(app.backend)
 
     def finished(self, budget: float) -> dict[str, str]:
         """The tasks read as finished (READY states) within ``budget`` more seconds."""
@@ -517,14 +521,21 @@ def _record(
     grace: float | None,
     deadline: Deadline,
 ) -> bool:
-    """Record the cancellation in the ledger; True if it is durable now, else warn."""
+    """Record the cancellation in the ledger; True if it is durable now, else warn.
+
+    The write runs on a thread of its own (`~cancellable.celery._ledger.LedgerCalls`)
+    and is waited for until the deadline less the broadcast's share, whatever
+    the store does (a frozen PostgreSQL server answers nothing, and psycopg
+    never gives up on a reply).
+    """
     try:
         ledger = runtime().ledgers.get(app)
-        if deadline.left() <= 0:
+        wait = deadline.left() - wait_for(deadline.seconds)
+        if wait <= 0:
             raise _ledger.LedgerError(
                 f"no time left of cancellable_cancel_timeout={deadline.seconds}"
             )
-        ledger.record(targets, reason, grace)
+        runtime().ledger_calls.run(lambda: ledger.record(targets, reason, grace), wait)
     except _ledger.LedgerError as exc:
         logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=task_ids[:20])
         warnings.warn(
@@ -589,6 +600,12 @@ def _check_broker(conn: Any, app: Any) -> None:
     runtime().broadcasts.check(conn, Deadline(settings_for(app).cancel_timeout))
 
 
+#: Seconds a patched ``Control.revoke`` waits for its ledger record (after
+#: Celery's broadcast), whatever the store does; then it logs
+#: ``ledger.unavailable`` and returns (the write may complete later).
+REVOKE_RECORD_WAIT: Final = 2 * _ledger.TIMEOUT
+
+
 class _Installed:
     """Whether this process has installed the revoke recorder (set under ``lock``)."""
 
@@ -635,11 +652,12 @@ def _recording_revoke(original: Callable[..., Any]) -> Callable[..., Any]:
             targets: list[_ledger.Target] = [("task", t) for t in ids]
             try:
                 # Under the key the workers it reaches use: one record in all.
-                _ledger.record_once(
-                    runtime().ledgers.get(self.app),
-                    targets,
-                    CancelReason(source="revoked"),
-                    _ledger.revoke_key(targets),
+                ledger = runtime().ledgers.get(self.app)
+                runtime().ledger_calls.run(
+                    lambda: _ledger.record_once(
+                        ledger, targets, CancelReason(source="revoked"), _ledger.revoke_key(targets)
+                    ),
+                    REVOKE_RECORD_WAIT,
                 )
             except (_ledger.LedgerError, SettingError) as exc:
                 logger.warning(LEDGER_UNAVAILABLE, error=str(exc), task_ids=ids[:20])

@@ -98,10 +98,10 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import IO, Any, Final, Literal, Protocol, get_args
+from typing import IO, Any, Final, Literal, Protocol, TypeVar, get_args
 
 from .._exceptions import CancelReason
 from .._log import logger
@@ -119,6 +119,7 @@ __all__ = [
     "Entry",
     "FileLedger",
     "Ledger",
+    "LedgerCalls",
     "LedgerError",
     "Ledgers",
     "NullLedger",
@@ -178,6 +179,78 @@ return last
 
 class LedgerError(Exception):
     """The ledger could not be read or written (the store is down)."""
+
+
+_T = TypeVar("_T")
+
+
+class LedgerCalls:
+    """A client's ledger calls, each waited for at most a given time, whatever the store.
+
+    A store's own bounds do not cover every failure: psycopg has no
+    client-side read timeout, so a PostgreSQL server whose process is frozen
+    on a live host (its kernel still acknowledges TCP) would hold a caller
+    for ever.  `run` makes the call on a thread of its own (a daemon: it
+    never holds up the interpreter's exit) and waits for it at most
+    ``wait`` seconds; then it raises `LedgerError` and leaves the call
+    running.  An abandoned call may still complete later (when the server
+    answers again): a write then records a cancellation that was already
+    broadcast, which is harmless (cancelling twice is cancelling once).  At
+    most `MAX_ABANDONED` calls are left running at a time; while that many
+    are, `run` fails at once rather than start another.
+
+    Made once per process with its `~cancellable.celery._runtime.Runtime`,
+    and anew in a forked child (the threads are not copied).
+    """
+
+    #: Calls left running after their callers stopped waiting, at most.
+    MAX_ABANDONED: Final = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = 0
+
+    def run(self, call: Callable[[], _T], wait: float) -> _T:
+        """``call()``'s result, or `LedgerError` if it did not return within ``wait`` s.
+
+        Raises what ``call`` raises.
+        """
+        with self._lock:
+            if self._abandoned >= self.MAX_ABANDONED:
+                raise LedgerError(
+                    f"{self._abandoned} earlier ledger calls have not returned "
+                    "(the store does not answer); not starting another"
+                )
+        outcome: list[tuple[bool, Any]] = []
+        done = threading.Event()
+        state = {"abandoned": False}
+
+        def target() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                outcome.append((False, exc))
+            finally:
+                with self._lock:
+                    if state["abandoned"]:
+                        self._abandoned -= 1
+                    done.set()
+
+        threading.Thread(target=target, name="cancellable-ledger-call", daemon=True).start()
+        if not done.wait(max(wait, 0.0)):
+            with self._lock:
+                if not done.is_set():
+                    state["abandoned"] = True
+                    self._abandoned += 1
+            if state["abandoned"]:
+                raise LedgerError(
+                    f"the ledger did not answer within {wait:.1f} s (the write may still "
+                    "complete later)"
+                )
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -279,8 +352,9 @@ def revoke_key(targets: Iterable[Target]) -> str:
 def record_once(ledger: Ledger, targets: Sequence[Target], reason: CancelReason, key: str) -> None:
     """Record ``targets`` unless a record under ``key`` was made within the TTL.
 
-    Ledgers that have no ``record_once`` of their own (the file ledger, a
-    ledger of yours) record every time.  Raises `LedgerError`.
+    Every ledger of the library has a ``record_once`` of its own (Redis,
+    file and SQL); a ledger of yours without one records every time.
+    Raises `LedgerError`.
     """
     once = getattr(ledger, "record_once", None)
     if once is not None:
@@ -586,10 +660,31 @@ class FileLedger:
         self, targets: Sequence[Target], reason: CancelReason, grace: float | None = None
     ) -> None:
         """Append one line per `CHUNK` targets (compacting the file when it is due)."""
+        self._append(targets, reason, grace, None)
+
+    def record_once(self, targets: Sequence[Target], reason: CancelReason, key: str) -> bool:
+        """`record` unless a live line carries ``key``; True if this call wrote.
+
+        The lines carry the key (``"once"``), and the check and the append
+        are made under the file lock, so of several workers recording the
+        same plain revoke the first one writes and the others see its line.
+        The key lives as long as its line (the TTL; compaction keeps it).
+        """
+        return self._append(targets, reason, None, key)
+
+    def _append(
+        self,
+        targets: Sequence[Target],
+        reason: CancelReason,
+        grace: float | None,
+        key: str | None,
+    ) -> bool:
         if not targets:
-            return
+            return False
         now = time.time()
-        extra = {} if grace is None else {"grace": float(grace)}
+        extra: dict[str, Any] = {} if grace is None else {"grace": float(grace)}
+        if key is not None:
+            extra["once"] = key
         lines = b"".join(
             json.dumps(
                 {
@@ -607,6 +702,8 @@ class FileLedger:
                 with open(self._path, "a+b") as log:
                     log.seek(0)
                     header = _FileHeader.parse(log.readline(_HEADER_MAX))
+                    if key is not None and self._has_key(log, key, now):
+                        return False
                     size = log.seek(0, os.SEEK_END)
                     created = size == 0
                     if created:
@@ -627,6 +724,30 @@ class FileLedger:
                     self._compact(now)
         except OSError as exc:
             raise LedgerError(f"could not write the cancellation ledger: {exc}") from exc
+        return True
+
+    def _has_key(self, log: IO[bytes], key: str, now: float) -> bool:
+        # Caller holds the file lock.  A byte search, then a look at each line
+        # that holds the key: is it a live entry written under it?
+        log.seek(0)
+        data = log.read()
+        needle = key.encode()
+        found = data.find(needle)
+        while found != -1:
+            start = data.rfind(b"\n", 0, found) + 1
+            end = data.find(b"\n", found)
+            if end == -1:
+                break  # a line still being written (its writer died): not an entry
+            line = data[start:end]
+            try:
+                entry = json.loads(line)
+                live = entry.get("once") == key and now - float(entry["at"]) <= self._ttl
+            except (AttributeError, KeyError, TypeError, ValueError):
+                live = False
+            if live:
+                return True
+            found = data.find(needle, end)
+        return False
 
     def _compact(self, now: float) -> None:
         # Caller holds the file lock.  The header (no "at") is not live.
@@ -967,6 +1088,20 @@ class SqlLedger:
         chunks = [_encode_targets(chunk) for chunk in _chunks(targets)]
         try:
             self.store.append(chunks, json.dumps(reason.to_dict()), _grace(grace))
+        except StoreError as exc:
+            raise LedgerError(str(exc)) from exc
+
+    def record_once(self, targets: Sequence[Target], reason: CancelReason, key: str) -> bool:
+        """`record` unless ``key`` was recorded within the TTL; True if this call wrote.
+
+        The key goes into ``cancellable_ledger_once`` in the same transaction
+        as the rows (`~cancellable.celery._ledger_sql.SqlStore.append`).
+        """
+        if not targets:
+            return False
+        chunks = [_encode_targets(chunk) for chunk in _chunks(targets)]
+        try:
+            return self.store.append(chunks, json.dumps(reason.to_dict()), None, once=key)
         except StoreError as exc:
             raise LedgerError(str(exc)) from exc
 

@@ -13,6 +13,7 @@ docs/ledgers.md for teams that manage schemas by migration)::
 
     cancellable_ledger_head  (name, seq)           one row per app: the last seq given
     cancellable_ledger       (name, seq, recorded_at, reason, targets, grace)
+    cancellable_ledger_once  (name, key, expires_at)  the keys of plain revokes written
 
 ``name`` is the app's main name, so several apps can share one database.
 
@@ -32,6 +33,16 @@ Why a cursor never skips a committed entry
     SQLite has one writer at a time anyway; the same statements run there.
     Cancellations are rare next to tasks, so waiting on the lock costs little
     (docs/ledgers.md has the measured figures).
+
+Plain revokes are written once
+    A plain revoke reaches every worker, and each records it under the same
+    key (`~cancellable.celery._ledger.revoke_key`).  `SqlStore.append` with
+    ``once=key`` inserts the key into ``cancellable_ledger_once`` in the same
+    transaction as the rows, before it takes the head row: a second writer
+    of the key waits for the first one's transaction and then finds the key
+    (PostgreSQL: ``INSERT ... ON CONFLICT``; elsewhere the duplicate key
+    error), and writes nothing.  A key lives as long as its entries (the
+    TTL: an expired key is taken over, and pruned with the entries).
 
 Expiry
     Entries are aged by their writer's clock (``recorded_at``, seconds since
@@ -71,6 +82,7 @@ __all__ = [
     "ENTRIES_TABLE",
     "HEAD_TABLE",
     "LOCK_TIMEOUT",
+    "ONCE_TABLE",
     "READ_TIMEOUT",
     "STATEMENT_TIMEOUT",
     "Row",
@@ -83,6 +95,7 @@ __all__ = [
 #: Table names.
 ENTRIES_TABLE: Final = "cancellable_ledger"
 HEAD_TABLE: Final = "cancellable_ledger_head"
+ONCE_TABLE: Final = "cancellable_ledger_once"
 
 # Every bound is the ledger's 2 s (docs/reliability.md, "Time bounds"): a
 # cancel() gives the ledger write at most that, and a worker's poll too.
@@ -412,6 +425,14 @@ class SqlStore:
             sa.Column("grace", sa.Double, nullable=True),
             **mysql_options,
         )
+        self._once = sa.Table(
+            ONCE_TABLE,
+            metadata,
+            sa.Column("name", sa.String(NAME_LENGTH), primary_key=True),
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("expires_at", sa.Double, nullable=False),
+            **mysql_options,
+        )
 
     def _engine_here(self) -> Any:
         """The engine, its pool replaced first if this is a forked child."""
@@ -437,7 +458,9 @@ class SqlStore:
                 with engine.connect() as conn:
                     inspector = sa.inspect(conn)
                     missing = [
-                        t for t in (self._head, self._entries) if not inspector.has_table(t.name)
+                        t
+                        for t in (self._head, self._entries, self._once)
+                        if not inspector.has_table(t.name)
                     ]
                 if missing:
                     with engine.begin() as conn:
@@ -477,14 +500,19 @@ class SqlStore:
         reason: str,
         grace: float | None,
         now: float | None = None,
-    ) -> None:
+        *,
+        once: str | None = None,
+    ) -> bool:
         """One transaction: take the next numbers from the head row, insert one row per chunk.
 
         ``chunks`` are the targets' texts (one row each), ``reason`` the
         reason's JSON, ``now`` the time to record (default: this clock's).
+        With ``once`` (a plain revoke's key), nothing is written if the key
+        was written within the TTL (see the module docstring).  True if
+        this call wrote the rows.
         """
         if not chunks:
-            return
+            return False
         import sqlalchemy as sa
 
         now = time.time() if now is None else now
@@ -493,10 +521,13 @@ class SqlStore:
             self._ensure(engine)
             rows = [{"targets": text, "reason": reason, "grace": grace} for text in chunks]
             for _attempt in range(2):
-                if self.dialect == "postgresql":
-                    written = self._append_postgresql(engine, sa, rows, now)
-                else:
-                    written = self._append(engine, sa, rows, now)
+                try:
+                    if self.dialect == "postgresql" and once is None:
+                        written = self._append_postgresql(engine, sa, rows, now)
+                    else:
+                        written = self._append(engine, sa, rows, now, once)
+                except _KeySeen:
+                    return False
                 if written:
                     break
                 # The head row is gone (deleted by hand?): make it again, retry once.
@@ -512,22 +543,75 @@ class SqlStore:
                 f"could not write the cancellation ledger ({self.where}): {exc}"
             ) from exc
         self._maybe_prune(now)
-
-    def _append(self, engine: Any, sa: Any, rows: list[dict[str, Any]], now: float) -> bool:
-        """Take numbers and insert, in one transaction; False if there is no head row."""
-        with engine.begin() as conn:
-            last = self._take(conn, sa, len(rows))
-            if last is None:
-                return False
-            first = last - len(rows) + 1
-            conn.execute(
-                sa.insert(self._entries),
-                [
-                    {"name": self._name, "seq": first + i, "recorded_at": now, **row}
-                    for i, row in enumerate(rows)
-                ],
-            )
         return True
+
+    def _append(
+        self, engine: Any, sa: Any, rows: list[dict[str, Any]], now: float, once: str | None
+    ) -> bool:
+        """Take numbers and insert, in one transaction; False if there is no head row.
+
+        With ``once``, the key first (raises `_KeySeen`, rolling back, if it is there).
+        """
+        try:
+            with engine.begin() as conn:
+                if once is not None and not self._claim(conn, sa, once, now):
+                    raise _KeySeen
+                if self.dialect == "postgresql":
+                    written = conn.execute(
+                        sa.text(_POSTGRESQL_APPEND), self._append_parameters(rows, now)
+                    ).all()
+                    if len(written) != len(rows):
+                        raise _NoHead
+                    return True
+                last = self._take(conn, sa, len(rows))
+                if last is None:
+                    raise _NoHead  # and roll the key back
+                first = last - len(rows) + 1
+                conn.execute(
+                    sa.insert(self._entries),
+                    [
+                        {"name": self._name, "seq": first + i, "recorded_at": now, **row}
+                        for i, row in enumerate(rows)
+                    ],
+                )
+        except _NoHead:
+            return False
+        return True
+
+    def _claim(self, conn: Any, sa: Any, key: str, now: float) -> bool:
+        """Insert the plain revoke's ``key``; False if a live one is there."""
+        once = self._once
+        values = {"name": self._name, "key": key, "expires_at": now + self._ttl}
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+
+            statement = insert(once).values(**values)
+            upsert = statement.on_conflict_do_update(
+                index_elements=[once.c.name, once.c.key],
+                set_={"expires_at": statement.excluded.expires_at},
+                where=once.c.expires_at < now,  # an expired key is taken over
+            )
+            return conn.execute(upsert.returning(once.c.key)).first() is not None
+        conn.execute(
+            sa.delete(once).where(
+                once.c.name == self._name, once.c.key == key, once.c.expires_at < now
+            )
+        )
+        try:
+            conn.execute(sa.insert(once).values(**values))
+        except sa.exc.IntegrityError:
+            return False  # the caller rolls back
+        return True
+
+    def _append_parameters(self, rows: list[dict[str, Any]], now: float) -> dict[str, Any]:
+        return {
+            "name": self._name,
+            "n": len(rows),
+            "at": now,
+            "reason": rows[0]["reason"],
+            "grace": rows[0]["grace"],
+            "targets": [row["targets"] for row in rows],
+        }
 
     def _append_postgresql(
         self, engine: Any, sa: Any, rows: list[dict[str, Any]], now: float
@@ -538,15 +622,7 @@ class SqlStore:
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             written = conn.execute(
-                sa.text(_POSTGRESQL_APPEND),
-                {
-                    "name": self._name,
-                    "n": len(rows),
-                    "at": now,
-                    "reason": rows[0]["reason"],
-                    "grace": rows[0]["grace"],
-                    "targets": [row["targets"] for row in rows],
-                },
+                sa.text(_POSTGRESQL_APPEND), self._append_parameters(rows, now)
             ).all()
         return len(written) == len(rows)
 
@@ -613,6 +689,14 @@ class SqlStore:
                     deleted += expired
             if expired < PRUNE_BATCH:
                 break
+        once = self._once
+        with engine.begin() as conn:
+            # The keys of plain revokes whose entries have expired.
+            conn.execute(
+                sa.delete(once).where(
+                    once.c.name == self._name, once.c.expires_at < cutoff + self._ttl
+                )
+            )
         return deleted
 
     # ------------------------------------------------------------------ reads
@@ -688,6 +772,14 @@ class SqlStore:
     def close(self) -> None:
         """Close the pool's connections (this process's own)."""
         self._engine_here().dispose()
+
+
+class _KeySeen(Exception):
+    """`SqlStore.append`: the plain revoke's key is there; nothing written."""
+
+
+class _NoHead(Exception):
+    """`SqlStore._append`: the app's head row is gone; roll back, make it, retry."""
 
 
 class _SessionSetup:

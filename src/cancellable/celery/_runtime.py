@@ -64,7 +64,7 @@ from ._delivery import Delivery, check_mailbox, mailbox_reason
 from ._index import TargetIndex
 from ._interrupt import Interrupts
 from ._ladder import Ladder
-from ._ledger import Ledgers, Target
+from ._ledger import LedgerCalls, Ledgers, Target
 from ._mailbox import Mailbox
 from ._registry import RunningTasks
 from ._settings import Settings, settings_for
@@ -372,6 +372,7 @@ class Runtime:
         worker: WorkerRuntime | None = None,
         ledgers: Ledgers | None = None,
         broadcasts: Broadcasts | None = None,
+        ledger_calls: LedgerCalls | None = None,
     ) -> None:
         #: The main-process runtime of the worker running here (None: none).
         self.worker: Final = worker
@@ -381,6 +382,9 @@ class Runtime:
         self.ledgers: Final = Ledgers() if ledgers is None else ledgers
         #: The bounded broker connections `cancel` uses, per app.
         self.broadcasts: Final = Broadcasts() if broadcasts is None else broadcasts
+        #: A client's ledger writes (`cancel`, a patched ``Control.revoke``),
+        #: each waited for at most a bound, whatever the store.
+        self.ledger_calls: Final = LedgerCalls() if ledger_calls is None else ledger_calls
 
 
 class _Holder:
@@ -413,7 +417,9 @@ def install_worker(worker: WorkerRuntime) -> None:
     """Make ``worker`` this process's worker runtime (a worker is starting here)."""
     current = runtime()
     with _holder.lock:
-        _holder.runtime = Runtime(worker.tasks, worker, current.ledgers, current.broadcasts)
+        _holder.runtime = Runtime(
+            worker.tasks, worker, current.ledgers, current.broadcasts, current.ledger_calls
+        )
 
 
 def remove_worker(worker: WorkerRuntime) -> bool:
@@ -422,7 +428,9 @@ def remove_worker(worker: WorkerRuntime) -> bool:
     with _holder.lock:
         if current.worker is not worker:
             return False
-        _holder.runtime = Runtime(None, None, current.ledgers, current.broadcasts)
+        _holder.runtime = Runtime(
+            None, None, current.ledgers, current.broadcasts, current.ledger_calls
+        )
     return True
 
 
