@@ -59,8 +59,9 @@ BROKER_URL = os.environ.get("CANCELLABLE_BENCH_BROKER_URL", REDIS_URL)
 QUEUE = os.environ.get("CANCELLABLE_BENCH_QUEUE", "cancellable-bench")
 CONTROL_EXCHANGE = os.environ.get("CANCELLABLE_BENCH_CONTROL", "cancellable-bench")
 
-#: A spinning task gives up after this long if nobody cancels it.
-SPIN_LIMIT_SECONDS = 30.0
+#: A spinning task gives up after this long if nobody cancels it
+#: (``CANCELLABLE_BENCH_SPIN_LIMIT``; ``fleet.py`` sets a longer one).
+SPIN_LIMIT_SECONDS = float(os.environ.get("CANCELLABLE_BENCH_SPIN_LIMIT", "30"))
 #: How often ``bench.abortable_poll`` asks ``is_aborted()``.
 ABORT_POLL_SECONDS = 0.1
 

@@ -102,3 +102,40 @@ def test_a_running_task_is_revoked_on_its_worker_only(make_worker, keys: Keys) -
         revokes.close()
         cancel(other, reason="done", app=b.app)
     assert_revoked(other, "done")
+
+
+def test_fresh_workers_stop_every_task_cancelled_as_it_starts(make_worker, keys: Keys) -> None:
+    """Two fresh prefork workers (2 children each, STARTED tracked): four rounds of
+    four tasks, each cancelled the moment its body records its start (the race
+    with the child's row, its wake-up handler and the pool's accepted message).
+    Every one ends REVOKED with its reason and its cleanup hook run: no
+    cancellation of a running task is lost, directed or not.  (The fleet
+    benchmark's "lost first deliveries" were tasks that had ended before their
+    cancel, see benchmarks/fleet.py.)"""
+    from cancellable.celery import cancel
+
+    token = uuid.uuid4().hex[:8]
+    exchange, queue = f"cit-fresh-{token}", f"cit-fresh-q-{token}"
+    a = make_worker(concurrency=2, control_exchange=exchange, queue=queue, extra_env=TRACK)
+    b = make_worker(concurrency=2, control_exchange=exchange, queue=queue, extra_env=TRACK)
+    a.app.conf.task_track_started = True
+    cancelled = []
+    for round_ in range(4):
+        batch = {
+            f"r{round_}t{i}": a.send("cit.loop", keys.key(f"r{round_}t{i}"), 60.0, 0.005)
+            for i in range(4)
+        }
+        pending = dict(batch)
+        deadline = time.monotonic() + 30
+        while pending:
+            assert time.monotonic() < deadline, f"not started: {sorted(pending)}"
+            for name in [n for n in pending if keys.started(n)]:
+                cancel(pending.pop(name), reason=f"fresh {name}", app=a.app)
+                cancelled.append(name)
+            time.sleep(0.002)
+        for name, result in batch.items():
+            assert_revoked(result, f"fresh {name}")
+            assert ["cleanup"] == keys.hooks(name), name
+    assert 16 == len(cancelled)
+    assert a.alive()
+    assert b.alive()
