@@ -127,11 +127,14 @@ OLDER_CELERY_MINORS ?= 5.3 5.4 5.5 5.6
 celery-minors: $(VENV)/.installed
 	CANCELLABLE_TEST_UNIT_DB=9 $(NOX) -s $(addprefix celery-,$(OLDER_CELERY_MINORS))
 
-# The three test runs overlap (they share no Redis database; the core suite
-# needs no worker and no broker); each one's output is printed when it has
-# finished.
+# The nox sessions run once the main suite has finished: beside it, on two
+# cores, they starved the real workers of the timing-sensitive integration
+# tests (the ladder's torture test, the solo pool's).  The two nox runs share
+# no Redis database and overlap each other; each one's output is printed when
+# it has finished.
 test: lint typecheck docs
-	$(MAKE) --no-print-directory --output-sync=target -j3 unit core-pythons celery-minors
+	$(MAKE) --no-print-directory unit
+	$(MAKE) --no-print-directory --output-sync=target -j2 core-pythons celery-minors
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run.py
