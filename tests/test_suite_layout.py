@@ -18,10 +18,12 @@ def _make_list(text: str, name: str) -> list[str]:
 
 
 def test_the_two_integration_halves_run_every_integration_file_once() -> None:
-    """``make unit`` runs the integration tests in two halves, which together name
-    every ``tests/integration/test_*.py`` exactly once: a new file cannot be skipped."""
+    """``make unit`` runs the integration tests in two halves and a list run on
+    its own afterwards, which together name every ``tests/integration/test_*.py``
+    exactly once: a new file cannot be skipped."""
     makefile = (ROOT / "Makefile").read_text()
-    first = _make_list(makefile, "INTEGRATION_A")
+    alone = _make_list(makefile, "INTEGRATION_ALONE")
+    first = _make_list(makefile, "INTEGRATION_A") + alone
     second = _make_list(makefile, "INTEGRATION_B")
     files = sorted(
         path.relative_to(ROOT).as_posix() for path in (ROOT / "tests/integration").glob("test_*.py")
@@ -30,6 +32,8 @@ def test_the_two_integration_halves_run_every_integration_file_once() -> None:
     assert files == sorted(first + second)
     assert len(first + second) == len(set(first + second))
     assert "unit-integration-a unit-integration-b" in _recipe(makefile, "unit")
+    assert "unit-integration-alone" in _recipe(makefile, "unit")
+    assert "$(INTEGRATION_ALONE)" in _recipe(makefile, "unit-integration-alone")
     recipe_a = _recipe(makefile, "unit-integration-a")
     recipe_b = _recipe(makefile, "unit-integration-b")
     assert "$(INTEGRATION_A)" in recipe_a
