@@ -373,7 +373,10 @@ class Soak:
                     target = task_ids if len(task_ids) > 1 else task_ids[0]
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    cc.cancel(target, reason=reason, requested_by=requested_by, app=self.app)
+                    receipt = cc.cancel(
+                        target, reason=reason, requested_by=requested_by, app=self.app
+                    )
+                record.finished = [task_id for task_id, _state in receipt.finished]
                 record.ledger_warning = any(
                     issubclass(w.category, cc.LedgerUnavailableWarning) for w in caught
                 )
