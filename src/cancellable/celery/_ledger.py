@@ -528,7 +528,7 @@ class RedisLedger:
             pipe.xrange(self._key, min=start, max="+", count=count)
             (seconds, micros), rows = pipe.execute()
         except Exception as exc:
-            raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
+            raise self._error("read", exc) from exc
         oldest_ms = int(seconds) * 1000 + int(micros) // 1000 - self._ttl_ms
         while True:
             entries: list[Entry] = []
@@ -544,7 +544,7 @@ class RedisLedger:
             try:
                 rows = self._client.xrange(self._key, min=f"({cursor}", max="+", count=count)
             except Exception as exc:
-                raise LedgerError(f"could not read the cancellation ledger: {exc}") from exc
+                raise self._error("read", exc) from exc
 
     def _entry(self, stream_id: str, fields: dict[Any, Any], oldest_ms: int) -> Entry | None:
         recorded_ms = _stream_ms(stream_id)
