@@ -82,7 +82,9 @@ def core(session: nox.Session) -> None:
 
 def install_celery(session: nox.Session, minor: str) -> None:
     """Install the package with the integration, Celery held at ``minor``'s newest patch."""
-    session.install(".[celery,redis,sql-tests,core-tests]", f"celery~={minor}.0")
+    session.install(
+        ".[celery,redis,sql-tests,core-tests,otel,monitoring-tests]", f"celery~={minor}.0"
+    )
     session.run("python", "-c", "import celery; print('celery', celery.__version__)")
 
 
