@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from tests.test_celery_client import PrivateRedis
+from tests.test_celery_cancel_bounds import StoppableRedis
 
 import cancellable.celery as cc
 from cancellable.celery._runtime import runtime
@@ -30,21 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 #: What the shared 2-CPU machine's load may add to a bound (seconds).
 SLACK = 1.5
-
-
-class StoppableRedis(PrivateRedis):
-    """A private redis-server that the test can SIGSTOP and SIGCONT."""
-
-    def pause(self) -> None:
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        self.resume()
-        super().kill()
 
 
 @pytest.fixture(name="private_broker")
