@@ -24,7 +24,9 @@ class TestDemo:
 
     def test_demo_cancels_a_running_and_a_queued_task(self) -> None:
         """Exit 0; the running task ends REVOKED with its reason, the queued one never ran;
-        the receipt says stopped at a checkpoint; the worker's events print in time order."""
+        the receipt says stopped at a checkpoint; the worker's events print in time order,
+        each at a signed offset from the cancel() call, the worker's start line with where
+        it keeps cancellations."""
         run = subprocess.run(
             [sys.executable, "-m", "cancellable", "demo"],
             capture_output=True,
@@ -49,6 +51,11 @@ class TestDemo:
         at = [out.find(f" {name} ") for name in names]
         assert -1 not in at, out
         assert sorted(at) == at, out
+        # Offsets are signed once ("-798 ms" for the worker's start, never
+        # "+-798 ms"), and the start line says where cancellations are kept.
+        assert "+-" not in out, out
+        ledger_line = next(line for line in out.splitlines() if " ledger.in_use " in line)
+        assert re.match(r"\s+-\d+ ms\s+ledger\.in_use\s+\{.*\"where\": \"\S", ledger_line), out
 
     def test_usage(self) -> None:
         """Without a command it prints usage; an unknown command exits 2."""

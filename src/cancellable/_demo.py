@@ -167,6 +167,7 @@ app = _make_app()
 _GLOSS: Final = {
     "cancel.delivered": "the worker's main process hands the cancellation to the task's child",
     "cancel.requested": "the task's cancel scope is cancelled, in the child (after the delivery)",
+    "ledger.in_use": "the worker started (before cancel()): where it keeps cancellations",
 }
 
 
@@ -369,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         lines = events_file.read_text().splitlines() if events_file.exists() else []
         for event in _in_time_order(lines):
             at = _event_time(event)
-            since = "" if at is None else f"+{(at - receipt.reason.requested_at) * 1000:.0f} ms"
+            since = "" if at is None else f"{(at - receipt.reason.requested_at) * 1000:+.0f} ms"
             fields = {
                 k: v
                 for k, v in event.items()
-                if k in ("task_id", "task_name", "source", "message", "requested_by", "how")
+                if k
+                in ("task_id", "task_name", "source", "message", "requested_by", "how", "where")
                 or k.endswith("_ms")
             }
             name = str(event.get("event", "?"))
