@@ -350,3 +350,74 @@ class TestWarmShutdown:
         verdict = judge("long", self.sent_back(1), revoked(), cancel_at(3, "queued"))
 
         assert [] == rules(verdict)
+
+
+class TestShutdownBounds:
+    """`Soak.check_shutdowns`: the library's part (runs end within the grace and
+    `SHUTDOWN_BOUND`) apart from Celery's teardown (exit within `SHUTDOWN_EXIT_BOUND`)."""
+
+    @staticmethod
+    def check(
+        tmp_path: Any, events: dict[str, list[dict[str, Any]]], took: float, **soak: Any
+    ) -> list[str]:
+        from .driver import Soak
+        from .plan import make_plan, mode_from_env
+
+        run = Soak(make_plan(mode_from_env()), tmp_path)
+        run.kills = soak.get("kills", [])
+        run.hangs = soak.get("hangs", [])
+        run.shutdowns = [("w1", T0 + 10, took, frozenset({100, 101}))]
+        report = audit_mod_report()
+        run.check_shutdowns(report, events)
+        return [v.rule for v in report.anomalies]
+
+    def test_a_slow_exit_after_the_runs_ended_passes(self, tmp_path: Any) -> None:
+        """Runs stopped 1.2 s after SIGTERM, the process exited 10.03 s after it: no violation."""
+        events = {"t": TestWarmShutdown.sent_back(9.9, pid=101)}
+
+        assert [] == self.check(tmp_path, events, took=10.03)
+
+    def test_a_run_that_outlived_the_grace_is_flagged(self, tmp_path: Any) -> None:
+        """A run on the worker whose cleanup ended 9 s after SIGTERM is a violation."""
+        events = {
+            "t": [started(8, pid=101), ev("hook_ran", 18.5, pid=101), ev("hook_done", 19, pid=101)],
+            "u": TestWarmShutdown.sent_back(9.9, run="r2", pid=100),
+        }
+
+        assert ["a run outlived a warm shutdown's grace"] == self.check(tmp_path, events, 9.5)
+
+    def test_an_exit_past_its_bound_and_a_run_that_never_ended_are_flagged(
+        self, tmp_path: Any
+    ) -> None:
+        """No end event and a process killed at its exit bound: both rules fire; runs of
+        other pids, and runs that ended before SIGTERM, are not counted."""
+        events = {
+            "t": [started(8, pid=101)],
+            "u": [started(1, run="r2", pid=100), ev("finished", 2, run="r2", pid=100)],
+            "v": [started(9, run="r3", pid=555)],
+        }
+
+        assert [
+            "a run outlived a warm shutdown's grace",
+            "a warm shutdown overran its exit bound",
+        ] == self.check(tmp_path, events, took=40.0)
+
+    def test_a_run_killed_before_the_shutdown_is_not_counted(self, tmp_path: Any) -> None:
+        """A child killed (-9) before SIGTERM left a run without an end: not the shutdown's."""
+        events = {"t": [started(8, pid=101)]}
+        kills = [KillRecord(T0 + 9, "child", {101}, "w1")]
+
+        assert [] == self.check(tmp_path, events, took=3.0, kills=kills)
+
+    def test_a_shutdown_during_a_redis_outage_is_noted_not_flagged(self, tmp_path: Any) -> None:
+        """A Redis hang overlapping the shutdown: the bounds are not applied."""
+        events = {"t": [started(8, pid=101)]}
+
+        assert [] == self.check(tmp_path, events, took=40.0, hangs=[(T0 + 12, T0 + 30)])
+
+
+def audit_mod_report() -> Any:
+    """An empty audit report (what `Soak.audit` adds its anomalies to)."""
+    from .audit import audit
+
+    return audit({}, [], [], {}, {}, GRACE)
