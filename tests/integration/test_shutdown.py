@@ -46,6 +46,7 @@ def _pids(worker: Worker) -> set[int]:
         ("redis", "prefork", "cit.rerun.early", "resent"),
         ("redis", "prefork", "cit.rerun.sleep", "requeued"),
         ("redis", "threads", "cit.rerun.late", "requeued"),
+        ("redis", "solo", "cit.rerun.late", "requeued"),
     ],
 )
 def test_warm_shutdown_sends_the_task_back(
@@ -65,7 +66,9 @@ def test_warm_shutdown_sends_the_task_back(
     Cases: acks_late on Redis and on RabbitMQ (the message is returned
     unacked), a task acked early (a copy is re-sent with the same id), and a
     task stuck in ``time.sleep`` (the ladder's interrupt ends it after the
-    grace); and acks_late on a pool thread (threads pool).
+    grace); and acks_late on a pool thread (threads pool) and on the solo
+    pool (its task runs on the consumer's thread, which Celery's SIGTERM
+    handler only flags).
     """
     a = _shutdown_worker(make_worker, broker, pool=pool)
     events = EventLog(a.app)

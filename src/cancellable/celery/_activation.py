@@ -110,6 +110,7 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             _once.receivers = True
             signals.worker_process_init.connect(_on_worker_process_init, weak=False)
             signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
+            signals.worker_shutting_down.connect(_shutdown.shutdown_requested, weak=False)
             _failfast.install()
             # Before the pool forks: the tracer runs in the children.
             celery_internals.wrap_trace_log_policy(_ending.log_policy)

@@ -6,8 +6,10 @@ stopped by it however the worker ends (`cancellable.celery._activation`).
 The ticker (thread ``cancellable-ticker``)
     Every `TICK` seconds it advances the forwards to prefork children
     (`~cancellable.celery._delivery.Delivery.tick`) and the cancellation
-    ladder (`~cancellable.celery._ladder.Ladder.tick`), and every
-    `PURGE_EVERY` seconds it drops expired index entries.  It does no
+    ladder (`~cancellable.celery._ladder.Ladder.tick`), begins a warm
+    shutdown that Celery's signal handler asked for (in the solo pool the
+    consumer's thread is running the task: `cancellable.celery._shutdown`),
+    and every `PURGE_EVERY` seconds it drops expired index entries.  It does no
     network I/O at all, so a hung ledger server cannot delay a re-signal or
     a step of the ladder (a ``grace=1`` cancellation is interrupted after
     about a second, whatever the ledger's server does).
@@ -42,7 +44,7 @@ from typing import Final
 
 from .._log import logger
 from ..events import LEDGER_UNAVAILABLE
-from . import _ledger
+from . import _ledger, _shutdown
 from ._ledger import Target
 from ._revokes import deliver_targets
 from ._runtime import PendingWrite, WorkerRuntime, runtime
@@ -128,6 +130,8 @@ class Poller:
                 timings.tick_gap = max(timings.tick_gap, began - last)
             last = began
             with rt.tick_lock:
+                if rt.shutdown_requested and not rt.shutdown_begun.locked():
+                    self._duty("shutdown", lambda: _shutdown.begin_shutdown(rt), locked=True)
                 self._duty("delivery tick", rt.delivery.tick, locked=True)
                 self._duty("ladder tick", rt.ladder.tick, locked=True)
             now = time.monotonic()

@@ -353,6 +353,13 @@ class WorkerRuntime:
         #: Whether the worker is running (between its bootstep's start and stop):
         #: the patched Celery methods act only then.
         self.active = False
+        #: Set (a plain assignment, safe in a signal handler) when Celery's
+        #: warm-shutdown signal handler runs (``worker_shutting_down``); the
+        #: ticker then begins the shutdown (`cancellable.celery._shutdown`).
+        self.shutdown_requested = False
+        #: Taken once by whoever begins the shutdown (the ticker or the
+        #: bootstep's ``close``): the running tasks are cancelled once.
+        self.shutdown_begun = threading.Lock()
 
     def fork_locks(self) -> tuple[threading.Lock, ...]:
         """The locks the fork handler takes, in this order, after ``tick_lock``."""

@@ -56,6 +56,7 @@ __all__ = [
     "connection_lost",
     "is_sent_back",
     "send_back",
+    "shutdown_requested",
 ]
 
 #: The sources whose task goes back to the broker instead of ending.
@@ -116,11 +117,30 @@ def cancel_running(
 
 
 def begin_shutdown(rt: WorkerRuntime) -> list[str]:
-    """A warm shutdown begins (the worker's bootstep ``stop``): see the module docstring."""
+    """A warm shutdown begins: see the module docstring.  Acts once per worker.
+
+    Called by the worker's bootstep ``close`` on the consumer's thread, and
+    by the ticker once Celery's warm-shutdown handler has run
+    (`shutdown_requested`): in the solo pool the task runs on the thread
+    that would call ``close``, which it reaches only after the task.
+    """
     grace = rt.settings.shutdown_grace
     if grace is None or not rt.active:
         return []
+    if not rt.shutdown_begun.acquire(blocking=False):
+        return []  # begun already, by the other caller
     return cancel_running(rt, "shutdown", grace)
+
+
+def shutdown_requested(sender: Any = None, how: str | None = None, **kwargs: Any) -> None:
+    """The ``worker_shutting_down`` receiver: note a warm shutdown for the ticker.
+
+    Celery sends the signal from its signal handler, which may run in the
+    middle of a task (solo pool): only a flag is set here.
+    """
+    rt = runtime().worker
+    if how == "Warm" and rt is not None and getattr(rt.worker, "hostname", None) == sender:
+        rt.shutdown_requested = True
 
 
 def connection_lost(original: Callable[..., Any]) -> Callable[..., Any]:
