@@ -62,8 +62,9 @@ docs: $(VENV)/.installed
 # set up once per process, so the two modules that set it up with different
 # settings (test_sql_ledger's django-db case, test_django_admin's project)
 # run in different halves.  Each run
-# writes its own coverage data, combined for the one gate.
-COV := --cov=cancellable --cov-branch --cov-report=
+# writes its own coverage data, combined for the one gate; each prints its
+# 15 slowest tests (--durations), to see where the time goes.
+COV := --cov=cancellable --cov-branch --cov-report= --durations=15
 INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_start.py \
 	tests/integration/test_crash.py tests/integration/test_faults.py \
 	tests/integration/test_harness.py \
