@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 import warnings
@@ -337,6 +338,41 @@ class TestCancel:
         assert "app=" in first
         assert "amqp://localhost" in first
         assert ["with app= ok", "default ok"] == rest
+
+    def test_the_first_cancel_of_a_fresh_process_never_deadlocks_on_imports(self) -> None:
+        """The first ``cancel()`` of a process, on a Redis broker and backend, imports
+        redis-py on the calling thread before its state read's thread starts: redis-py 8
+        imported on two threads at once raised ``_DeadlockError`` (its modules import
+        each other) in 15 of 30 fresh interpreters under Celery 5.3, and that cancel()
+        failed with BrokerUnavailableError.  Nine fresh interpreters, three at a time."""
+        code = textwrap.dedent(
+            f"""
+            from celery import Celery
+            import cancellable.celery as cc
+
+            app = Celery("import-race", broker={REDIS_URL!r}, backend={REDIS_URL!r})
+            app.conf.cancellable_ledger_url = "none"
+            # The imports count against the deadline: room for a loaded machine.
+            app.conf.cancellable_cancel_timeout = 60
+            cc.cancel("some-id", "first cancel", app=app)
+            print("ok")
+            """
+        )
+        outputs: list[str] = []
+        for _ in range(3):
+            runs = [
+                subprocess.Popen(
+                    [sys.executable, "-W", "ignore", "-c", code],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for _ in range(3)
+            ]
+            outputs += [run.communicate(timeout=90)[0] for run in runs]
+
+        failed = [out for out in outputs if out.strip().splitlines()[-1:] != ["ok"]]
+        assert [] == failed
 
     def test_huge_reason(self, app: Celery) -> None:
         """A message over CancelReason.MAX_MESSAGE_LENGTH is refused and nothing is recorded."""

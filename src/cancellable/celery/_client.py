@@ -368,6 +368,13 @@ class StateReads:
             target=self._reads, args=(app, task_ids), name="cancellable-state-read", daemon=True
         )
         if task_ids:
+            # This thread's backend first: its module's imports (redis-py's
+            # among them) complete here, before the read's thread and the
+            # broker connection import anything.  redis-py 8 imported on two
+            # threads at once raised a _DeadlockError in one of them (its
+            # modules import each other) and that cancel() failed.
+            with contextlib.suppress(Exception):
+                _ = app.backend
             self._thread.start()
 
     def _reads(self, app: Any, task_ids: list[str]) -> None:
