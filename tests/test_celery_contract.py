@@ -808,8 +808,8 @@ class TestChordUnlock:
                 raise Leave
 
         pending = self._chord(db_app, ["SUCCESS", "PENDING"])
+        kwargs = internals.chord_unlock_checking_ready(db_app, {"result": pending[2]}, after_ready)
         with pytest.raises(Retry):
-            kwargs = internals.chord_unlock_checking_ready(db_app, {"result": pending[2]}, after_ready)
             run(task, pending[0], pending[1], **kwargs)
         group_id, body, header = self._chord(db_app, ["SUCCESS", "REVOKED"])
         kwargs = internals.chord_unlock_checking_ready(db_app, {"result": header}, after_ready)
@@ -834,7 +834,8 @@ class TestChordUnlock:
         for states in (["SUCCESS", "REVOKED"], ["REVOKED", "PENDING"]):
             group_id, body, header = self._chord(db_app, states)
             body_id = body["options"]["task_id"]
-            db_app.backend.store_result(body_id, TaskRevokedError("revoked by tests: stop"), "REVOKED")
+            stop = TaskRevokedError("revoked by tests: stop")
+            db_app.backend.store_result(body_id, stop, "REVOKED")
             task.apply(args=(group_id, body), kwargs={"result": header}).get()
             meta = db_app.backend.get_task_meta(body_id, cache=False)
             outcomes.append((meta["status"], str(meta["result"])))

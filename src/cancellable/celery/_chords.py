@@ -81,7 +81,7 @@ def _revoke_the_rest(backend: Any, body_ids: list[str], text: str) -> None:
 
 
 def unlock_chord(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``celery.chord_unlock``'s ``run``, ending quietly for a cancelled chord (module docstring)."""
+    """``celery.chord_unlock``'s ``run``, ending quietly for a cancelled chord (see above)."""
 
     def run(self: Any, group_id: Any, callback: Any, *args: Any, **kwargs: Any) -> Any:
         body_ids = _workflow.signature_ids(callback)

@@ -398,9 +398,7 @@ def announce_revoked(original: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 _ending.send_revoked_events(self, text, members, own=False)
             except Exception as exc:  # noqa: BLE001 - never break the consumer
-                logger.warning(
-                    TASK_EVENT_NOT_SENT, task_id=self.id, error=repr(exc), exc_info=exc
-                )
+                logger.warning(TASK_EVENT_NOT_SENT, task_id=self.id, error=repr(exc), exc_info=exc)
 
     return announce
 
