@@ -708,13 +708,20 @@ class TestTaskSide:
 # celery.chord_unlock (result backends without native chords)
 
 
+@pytest.fixture(name="results_db", scope="module")
+def results_db_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One database for the module: Celery 5.3's database backends share one
+    # SessionManager, which creates the tables for the first database only.
+    return tmp_path_factory.mktemp("contract-db") / "results.db"
+
+
 @pytest.fixture(name="db_app")
-def db_app_fixture(tmp_path: Path) -> Iterator[Celery]:
+def db_app_fixture(results_db: Path) -> Iterator[Celery]:
     """An app with a ``db+sqlite://`` result backend (chords joined by ``celery.chord_unlock``)."""
     app = Celery(
         f"contract-db-{uuid.uuid4().hex[:8]}",
         broker="memory://",
-        backend=f"db+sqlite:///{tmp_path / 'results.db'}",
+        backend=f"db+sqlite:///{results_db}",
     )
     app.conf.cancellable_ledger_url = "none"
 
