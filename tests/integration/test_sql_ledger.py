@@ -271,57 +271,53 @@ class FlowWorker:
             return log.read().decode(errors="replace")
 
 
-class FlowWorkers:
-    """One started worker per store (prefork, ``-c 2``), for this module's workflow tests."""
+class StoreWorker:
+    """The started worker of one store (prefork, ``-c 2``), replaced if it stops answering."""
 
     def __init__(
         self,
         request: pytest.FixtureRequest,
+        store: str,
         log_dir: Path,
         server_dbs: dict[str, str],
         folders: pytest.TempPathFactory,
     ) -> None:
         self.request = request
+        self.store = store
         self.log_dir = log_dir
         self.server_dbs = server_dbs
         self.folders = folders
-        self.workers: dict[str, Worker] = {}
+        self.worker: Worker | None = None
 
-    def get(self, store: str) -> Worker:
-        worker = self.workers.get(store)
-        if worker is not None and not worker.healthy():
-            self.drop(store)
-            worker = None
-        if worker is None:
-            folder = self.folders.mktemp(f"flows-{store}")
-            options = deployment_of(self.request, store, self.server_dbs, folder)
+    def get(self) -> Worker:
+        if self.worker is not None and not self.worker.healthy():
+            self.close()
+        if self.worker is None:
+            folder = self.folders.mktemp(f"flows-{self.store}")
+            options = deployment_of(self.request, self.store, self.server_dbs, folder)
             options.pop("db_url")
-            worker = spawn_worker(self.log_dir, **options)
-            self.workers[store] = worker
-            worker.start()
-        return worker
+            self.worker = spawn_worker(self.log_dir, **options)
+            self.worker.start()
+        return self.worker
 
-    def drop(self, store: str) -> None:
-        worker = self.workers.pop(store, None)
+    def close(self) -> None:
+        worker, self.worker = self.worker, None
         if worker is not None:
             worker.stop()
             worker.app.close()
 
-    def close(self) -> None:
-        for store in list(self.workers):
-            self.drop(store)
 
-
-@pytest.fixture(name="flow_workers", scope="module")
-def flow_workers_fixture(
+@pytest.fixture(name="store_worker", scope="module", params=STORES)
+def store_worker_fixture(
     request: pytest.FixtureRequest,
     worker_logs: Path,
     server_dbs: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[FlowWorkers]:
-    workers = FlowWorkers(request, worker_logs, server_dbs, tmp_path_factory)
-    yield workers
-    workers.close()
+) -> Iterator[StoreWorker]:
+    """One store's worker, shared by the workflow tests (pytest runs them store by store)."""
+    shared = StoreWorker(request, request.param, worker_logs, server_dbs, tmp_path_factory)
+    yield shared
+    shared.close()
 
 
 def settled(worker: Worker) -> bool:
@@ -335,17 +331,16 @@ def settled(worker: Worker) -> bool:
         return False
 
 
-@pytest.fixture(name="flow", params=STORES)
-def flow_fixture(request: pytest.FixtureRequest, flow_workers: FlowWorkers) -> Iterator[FlowWorker]:
+@pytest.fixture(name="flow")
+def flow_fixture(request: pytest.FixtureRequest, store_worker: StoreWorker) -> Iterator[FlowWorker]:
     """The store's shared worker; after the test it must settle, or it is replaced."""
-    store = request.param
-    worker = flow_workers.get(store)
+    worker = store_worker.get()
     request.node.__dict__.setdefault("cit_workers", []).append(worker)
-    yield FlowWorker(store, worker, worker.log_path.stat().st_size)
+    yield FlowWorker(store_worker.store, worker, worker.log_path.stat().st_size)
     try:
         wait_for(lambda: settled(worker), 30, interval=0.2, message=f"{worker.name} to settle")
     except AssertionError:
-        flow_workers.drop(store)
+        store_worker.close()
 
 
 def assert_no_chord_error(flow: FlowWorker) -> None:
