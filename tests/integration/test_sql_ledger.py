@@ -410,6 +410,19 @@ def test_sql_chord_cancelled_while_its_header_runs(flow: FlowWorker, keys: Keys)
     assert "ERROR/" not in flow.log()
 
 
+def test_sql_chord_not_cancelled_runs_its_body(flow: FlowWorker, keys: Keys) -> None:
+    """A chord nobody cancels is joined as before: the body runs once after the
+    header and ``get()`` returns its result (the wrapped chord_unlock stays out
+    of the way)."""
+    worker = flow.worker
+    header = [loop(worker, keys, f"h{i}", 0.1) for i in range(2)]
+    result = chord(header, loop(worker, keys, "body", 0.1)).apply_async()
+
+    assert "done" == result.get(timeout=30)
+    assert 1 == keys.runs("body")
+    assert "chord.cancelled" not in flow.log()
+
+
 def test_sql_group_nested_in_a_chain(flow: FlowWorker, keys: Keys) -> None:
     """chain(a, group(b1, b2), c), cancelled while the group runs (Celery makes
     a chord of the group and ``c``, applied by the worker that ran ``a``): ``a``
