@@ -706,6 +706,154 @@ class TestTaskSide:
 
 
 # --------------------------------------------------------------------------
+# celery.chord_unlock (result backends without native chords)
+
+
+@pytest.fixture(name="results_db", scope="module")
+def results_db_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One database for the module: Celery 5.3's database backends share one
+    # SessionManager, which creates the tables for the first database only.
+    return tmp_path_factory.mktemp("contract-db") / "results.db"
+
+
+@pytest.fixture(name="db_app")
+def db_app_fixture(results_db: Path) -> Iterator[Celery]:
+    """An app with a ``db+sqlite://`` result backend (chords joined by ``celery.chord_unlock``)."""
+    app = Celery(
+        f"contract-db-{uuid.uuid4().hex[:8]}",
+        broker="memory://",
+        backend=f"db+sqlite:///{results_db}",
+    )
+    app.conf.cancellable_ledger_url = "none"
+
+    @app.task(name="contract.body", shared=False)
+    def body(results: Any) -> Any:
+        return results
+
+    yield app
+    app.close()
+
+
+class TestChordUnlock:
+    """``wrap_chord_unlock`` and ``chord_unlock_checking_ready``: the polling chord join."""
+
+    @staticmethod
+    def _chord(app: Celery, states: list[str]) -> tuple[str, dict[str, Any], list[Any]]:
+        # A header whose members have the given stored states, and a frozen body.
+        backend = app.backend
+        header = []
+        for state in states:
+            task_id = str(uuid.uuid4())
+            result: Any = {
+                "SUCCESS": 1,
+                "REVOKED": TaskRevokedError("revoked by tests: stop"),
+            }.get(state)
+            if state != "PENDING":
+                backend.store_result(task_id, result, state)
+            header.append(AsyncResult(task_id, app=app).as_tuple())
+        body = app.signature("contract.body")
+        body.freeze()
+        return str(uuid.uuid4()), dict(body), header
+
+    def test_the_builtin_is_bound_and_takes_group_result(self, db_app: Celery) -> None:
+        """``app.tasks["celery.chord_unlock"]`` exists per app, is bound, and its
+        class's ``run`` takes ``(self, group_id, callback, interval, max_retries,
+        result, Result, GroupResult, ...)``; the database backend has no native
+        join.  If not, `wrap_chord_unlock` wraps nothing (or the wrong thing) and a
+        cancelled chord's body ends FAILURE with a ChordError on SQL backends."""
+        import inspect
+
+        task = db_app.tasks[internals.CHORD_UNLOCK]
+        run = original_of(type(task).run)
+        names = list(inspect.signature(run).parameters)
+        other = Celery("contract-other", set_as_current=False)
+        try:
+            other_cls = type(other.tasks[internals.CHORD_UNLOCK])
+        finally:
+            other.close()
+
+        assert ["self", "group_id", "callback", "interval", "max_retries", "result"] == names[:6]
+        assert "GroupResult" in names
+        assert other_cls is not type(task)
+        assert not db_app.GroupResult("x", []).supports_native_join
+
+    def test_celery_fails_the_body_of_a_header_with_a_revoked_member(self, db_app: Celery) -> None:
+        """Celery's own ``unlock_chord``: a ready header with a REVOKED member
+        stores FAILURE with a ChordError for the body, over its REVOKED state
+        (what the wrapper prevents).  If this no longer holds, the wrapper may be
+        unnecessary: check the docs' claims."""
+        from celery.exceptions import ChordError
+
+        group_id, body, header = self._chord(db_app, ["SUCCESS", "REVOKED"])
+        db_app.backend.store_result(body["options"]["task_id"], TaskRevokedError("x"), "REVOKED")
+        run = original_of(type(db_app.tasks[internals.CHORD_UNLOCK]).run)
+
+        run(db_app.tasks[internals.CHORD_UNLOCK], group_id, body, result=header)
+
+        meta = db_app.backend.get_task_meta(body["options"]["task_id"], cache=False)
+        assert "FAILURE" == meta["status"]
+        assert isinstance(meta["result"], ChordError)
+
+    def test_checking_ready_sees_each_poll_and_can_leave_the_task(self, db_app: Celery) -> None:
+        """``chord_unlock_checking_ready``: Celery builds the header from the
+        ``GroupResult`` keyword and calls ``ready()`` once per run; ``after_ready``
+        gets its answer; a ``BaseException`` from it leaves ``unlock_chord``
+        without a retry and without touching the body; not ready means a retry.
+        If not, a cancelled chord's join cannot be stopped between "the header is
+        ready" and "fail the body"."""
+        from celery.exceptions import Retry
+
+        class Leave(BaseException):
+            pass
+
+        task = db_app.tasks[internals.CHORD_UNLOCK]
+        run = original_of(type(task).run)
+        seen: list[bool] = []
+
+        def after_ready(ready: bool) -> None:
+            seen.append(ready)
+            if ready:
+                raise Leave
+
+        pending = self._chord(db_app, ["SUCCESS", "PENDING"])
+        kwargs = internals.chord_unlock_checking_ready(db_app, {"result": pending[2]}, after_ready)
+        with pytest.raises(Retry):
+            run(task, pending[0], pending[1], **kwargs)
+        group_id, body, header = self._chord(db_app, ["SUCCESS", "REVOKED"])
+        kwargs = internals.chord_unlock_checking_ready(db_app, {"result": header}, after_ready)
+        with pytest.raises(Leave):
+            run(task, group_id, body, **kwargs)
+
+        assert [False, True] == seen
+        assert "PENDING" == db_app.backend.get_task_meta(body["options"]["task_id"])["status"]
+
+    def test_wrap_chord_unlock_wraps_the_apps_task_once(self, db_app: Celery) -> None:
+        """``wrap_chord_unlock`` replaces the ``run`` of this app's task only, once,
+        and the tracer calls the wrapper: a body stored REVOKED is neither sent nor
+        failed, with the header ready or not.  If not, the wrapper never runs in
+        a worker."""
+        from cancellable.celery import _chords
+
+        internals.wrap_chord_unlock(db_app, _chords.unlock_chord)  # maybe done at worker_init
+        task = db_app.tasks[internals.CHORD_UNLOCK]
+
+        again = internals.wrap_chord_unlock(db_app, _chords.unlock_chord)
+        outcomes = []
+        for states in (["SUCCESS", "REVOKED"], ["REVOKED", "PENDING"]):
+            group_id, body, header = self._chord(db_app, states)
+            body_id = body["options"]["task_id"]
+            stop = TaskRevokedError("revoked by tests: stop")
+            db_app.backend.store_result(body_id, stop, "REVOKED")
+            task.apply(args=(group_id, body), kwargs={"result": header}).get()
+            meta = db_app.backend.get_task_meta(body_id, cache=False)
+            outcomes.append((meta["status"], str(meta["result"])))
+
+        assert not again
+        assert original_of(type(task).run) is not type(task).run
+        assert [("REVOKED", "revoked by tests: stop")] * 2 == outcomes
+
+
+# --------------------------------------------------------------------------
 # billiard
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "CANCEL_REQUESTED",
     "CANCEL_SWALLOWED",
     "CHILD_RETIRED",
+    "CHORD_CANCELLED",
     "CLEANUP_FAILED",
     "CLEANUP_OVERRAN",
     "CLEANUP_TIMED_OUT",
@@ -107,6 +108,16 @@ SCOPE_CANCELLED: Final = "scope.cancelled"
 #:
 #: .. versionadded:: 0.1.0
 SIBLINGS_CANCELLED: Final = "siblings.cancelled"
+
+#: A chord joined by polling (Celery's ``celery.chord_unlock``, on a result
+#: backend without native chords such as ``db+postgresql://``) found its
+#: body stored REVOKED: the chord was cancelled, so it stops polling and
+#: neither sends nor fails the body.  Carries ``task_id`` and ``task_name``
+#: (of the ``celery.chord_unlock`` task), ``group`` (the header's group id),
+#: ``body`` (the body's id) and ``revoked`` (the body's REVOKED message).
+#:
+#: .. versionadded:: 0.1.0
+CHORD_CANCELLED: Final = "chord.cancelled"
 
 #: A Celery task ended as REVOKED because it was cancelled while running.
 #: Carries the latencies ``delivered_ms``, ``observed_ms`` and

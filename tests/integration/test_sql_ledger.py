@@ -10,11 +10,19 @@ come from the result backend.  Each server test
 module run has its own databases (`tests.sql_dbs`), dropped afterwards.
 (Task bodies still report that they started to the harness's Redis: that is
 the test's observation channel, not part of the app.)
+
+The second half runs the workflow semantics of docs/workflows.md on each SQL
+result backend (issue 19), on one worker per store that the module's
+workflow tests share.  The SQL backends of Celery itself (``db+...``) have no
+native chords: a chord's body is sent by Celery's ``celery.chord_unlock``,
+which polls the header (``django-db`` counts the members as Redis does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +30,20 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from celery import chain, chord, group
 from tests import sql_dbs
 
-from .conftest import APP_NAME, Keys, Worker, assert_revoked, wait_for, wait_state
+from .conftest import (
+    APP_NAME,
+    Keys,
+    Worker,
+    assert_revoked,
+    spawn_worker,
+    state_of,
+    wait_for,
+    wait_state,
+)
+from .test_workflows import assert_get_raises, assert_stopped, loop, si
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -67,7 +86,17 @@ def deployment_fixture(
     request: pytest.FixtureRequest, server_dbs: dict[str, str], tmp_path: Path
 ) -> dict[str, Any]:
     """``make_worker`` keyword arguments for the store under test, plus its ``db_url``."""
-    store = request.param
+    return deployment_of(request, request.param, server_dbs, tmp_path)
+
+
+def deployment_of(
+    request: pytest.FixtureRequest, store: str, server_dbs: dict[str, str], folder: Path
+) -> dict[str, Any]:
+    """``make_worker`` keyword arguments for ``store``, plus its ``db_url``.
+
+    ``folder``: where the filesystem broker and the SQLite database of the
+    ``sqlite`` store live.
+    """
     if store == "django":
         database = request.getfixturevalue("django_db")
         return {
@@ -80,18 +109,18 @@ def deployment_fixture(
             "db_url": sql_dbs.url("postgresql", database),
         }
     if store == "sqlite":
-        for folder in ("queue", "control"):
-            (tmp_path / folder).mkdir()
-        db_url = f"sqlite:///{tmp_path / 'results.db'}"
+        for sub in ("queue", "control"):
+            (folder / sub).mkdir()
+        db_url = f"sqlite:///{folder / 'results.db'}"
         return {
             "broker": "filesystem",
             "broker_url": "filesystem://",
             "backend_url": f"db+{db_url}",
             "settings": {
                 "broker_transport_options": {
-                    "data_folder_in": str(tmp_path / "queue"),
-                    "data_folder_out": str(tmp_path / "queue"),
-                    "control_folder": str(tmp_path / "control"),
+                    "data_folder_in": str(folder / "queue"),
+                    "data_folder_out": str(folder / "queue"),
+                    "control_folder": str(folder / "control"),
                     "polling_interval": 0.05,
                 }
             },
@@ -216,3 +245,281 @@ def test_a_missing_driver_is_one_clear_message_at_worker_start_and_at_cancel(
     assert "cancellable_ledger_url" in log
     assert "mysqlclient" in log
     assert "mysqlclient" in str(caught.value)
+
+
+# --------------------------------------------------------------------------
+# Workflows (docs/workflows.md) on every SQL result backend (issue 19).
+#
+# One representative of each semantic per store: a chain, a chord, a group
+# nested in a chain (a chord Celery makes, whose chord_unlock a worker
+# sends), a workflow cancelled by a later member's bare id, a fail-fast
+# member of a chord, and a workflow cancelled while no worker is online.
+
+
+@dataclasses.dataclass
+class FlowWorker:
+    """A store's shared worker, and where its log stood when the test began."""
+
+    store: str
+    worker: Worker
+    log_offset: int
+
+    def log(self) -> str:
+        """What the worker logged during this test."""
+        with self.worker.log_path.open("rb") as log:
+            log.seek(self.log_offset)
+            return log.read().decode(errors="replace")
+
+
+class StoreWorker:
+    """The started worker of one store (prefork, ``-c 2``), replaced if it stops answering."""
+
+    def __init__(
+        self,
+        request: pytest.FixtureRequest,
+        store: str,
+        log_dir: Path,
+        server_dbs: dict[str, str],
+        folders: pytest.TempPathFactory,
+    ) -> None:
+        self.request = request
+        self.store = store
+        self.log_dir = log_dir
+        self.server_dbs = server_dbs
+        self.folders = folders
+        self.worker: Worker | None = None
+
+    def get(self) -> Worker:
+        if self.worker is not None and not self.worker.healthy():
+            self.close()
+        if self.worker is None:
+            folder = self.folders.mktemp(f"flows-{self.store}")
+            options = deployment_of(self.request, self.store, self.server_dbs, folder)
+            options.pop("db_url")
+            self.worker = spawn_worker(self.log_dir, **options)
+            self.worker.start()
+        return self.worker
+
+    def close(self) -> None:
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.stop()
+            worker.app.close()
+
+
+@pytest.fixture(name="store_worker", scope="module", params=STORES)
+def store_worker_fixture(
+    request: pytest.FixtureRequest,
+    worker_logs: Path,
+    server_dbs: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[StoreWorker]:
+    """One store's worker, shared by the workflow tests (pytest runs them store by store)."""
+    shared = StoreWorker(request, request.param, worker_logs, server_dbs, tmp_path_factory)
+    yield shared
+    shared.close()
+
+
+def settled(worker: Worker) -> bool:
+    """Nothing active, reserved or scheduled (a chord_unlock retry), nothing queued."""
+    try:
+        replies = worker.inspect().scheduled() or {}
+        if any(replies.values()) or worker.active_ids() or worker.reserved_ids():
+            return False
+        return worker.broker != "rabbitmq" or worker.queue_length() == 0
+    except Exception:
+        return False
+
+
+@pytest.fixture(name="flow")
+def flow_fixture(request: pytest.FixtureRequest, store_worker: StoreWorker) -> Iterator[FlowWorker]:
+    """The store's shared worker; after the test it must settle, or it is replaced."""
+    worker = store_worker.get()
+    request.node.__dict__.setdefault("cit_workers", []).append(worker)
+    yield FlowWorker(store_worker.store, worker, worker.log_path.stat().st_size)
+    try:
+        wait_for(lambda: settled(worker), 30, interval=0.2, message=f"{worker.name} to settle")
+    except AssertionError:
+        store_worker.close()
+
+
+def assert_no_chord_error(flow: FlowWorker) -> None:
+    """The worker logged no ChordError (Celery's "Chord ... raised") during the test."""
+    log = flow.log()
+    assert "ChordError" not in log, f"a ChordError in {flow.worker.name}'s log\n{log[-3000:]}"
+    assert "Chord '" not in log, f"Celery's chord join failed in the log\n{log[-3000:]}"
+
+
+def wait_chord_join_ended(flow: FlowWorker) -> None:
+    """A polling join (chord_unlock) logged that it ended for a cancelled chord (``db+``
+    stores); django-db joins natively, so there we wait past a poll interval instead."""
+    if flow.store == "django":
+        time.sleep(1.5)
+        return
+    wait_for(lambda: "chord.cancelled" in flow.log(), 15, message="chord.cancelled in the log")
+
+
+def test_sql_chain_cancelled_while_its_first_link_runs(flow: FlowWorker, keys: Keys) -> None:
+    """A chain of three links, cancelled with workflow=True while the first runs:
+    the first stops at a checkpoint, the others never run, all three end REVOKED
+    with the reason, and ``get()`` of the chain raises it."""
+    from cancellable.celery import cancel
+
+    worker = flow.worker
+    result = chain(loop(worker, keys, "a"), loop(worker, keys, "b"), loop(worker, keys, "c"))()
+    wait_for(lambda: keys.flag("a", "looping"), 20, message="the first link to loop")
+
+    cancel(result, reason="user closed the report", workflow=True)
+
+    for link in (result.parent.parent, result.parent, result):
+        assert_revoked(link, "user closed the report")
+    assert_stopped(keys, "a")
+    assert_get_raises(result, "user closed the report")
+    time.sleep(1.0)  # nothing is sent later either
+    assert [] == keys.started("b") + keys.started("c")
+
+
+def test_sql_chord_cancelled_while_its_header_runs(flow: FlowWorker, keys: Keys) -> None:
+    """A chord of four header tasks plus a body (``-c 2``: two run, two wait),
+    cancelled with workflow=True: the body never runs and stays REVOKED with the
+    reason (not FAILURE with a ChordError, issue 19), every header member ends
+    REVOKED, ``get()`` raises promptly, the polling join ends quietly
+    (``chord.cancelled``) and nothing is logged at ERROR."""
+    from cancellable.celery import cancel
+
+    worker = flow.worker
+    header = [loop(worker, keys, f"h{i}") for i in range(4)]
+    result = chord(header, loop(worker, keys, "body", 1.0)).apply_async()
+    members = list(result.parent.results)
+    wait_for(lambda: len([i for i in range(4) if keys.flag(f"h{i}", "looping")]) == 2, 20,
+             message="two header members to loop")  # fmt: skip
+    running = [i for i in range(4) if keys.flag(f"h{i}", "looping")]
+
+    cancel(result, reason="chord no longer needed", workflow=True)
+
+    assert assert_get_raises(result, "chord no longer needed") < 15.0
+    for member in members:
+        assert_revoked(member, "chord no longer needed")
+    for i in running:
+        assert_stopped(keys, f"h{i}")
+    wait_chord_join_ended(flow)
+    assert_revoked(result, "chord no longer needed")
+    assert [] == keys.started("body")
+    assert 2 == sum(keys.runs(f"h{i}") for i in range(4)), "a waiting header member ran"
+    assert_no_chord_error(flow)
+    assert "ERROR/" not in flow.log()
+
+
+def test_sql_chord_not_cancelled_runs_its_body(flow: FlowWorker, keys: Keys) -> None:
+    """A chord nobody cancels is joined as before: the body runs once after the
+    header and ``get()`` returns its result (the wrapped chord_unlock stays out
+    of the way)."""
+    worker = flow.worker
+    header = [loop(worker, keys, f"h{i}", 0.1) for i in range(2)]
+    result = chord(header, loop(worker, keys, "body", 0.1)).apply_async()
+
+    assert "done" == result.get(timeout=30)
+    assert 1 == keys.runs("body")
+    assert "chord.cancelled" not in flow.log()
+
+
+def test_sql_group_nested_in_a_chain(flow: FlowWorker, keys: Keys) -> None:
+    """chain(a, group(b1, b2), c), cancelled while the group runs (Celery makes
+    a chord of the group and ``c``, applied by the worker that ran ``a``): ``a``
+    stays SUCCESS, b1 and b2 stop, c never runs, all REVOKED with the reason,
+    and no ChordError."""
+    from cancellable.celery import cancel
+
+    worker = flow.worker
+    canvas = chain(
+        loop(worker, keys, "a", 0.1),
+        group(loop(worker, keys, "b1"), loop(worker, keys, "b2")),
+        loop(worker, keys, "c", 0.1),
+    )
+    result = canvas.apply_async()
+    first = result.parent.parent
+    wait_for(lambda: keys.flag("b1", "looping") and keys.flag("b2", "looping"), 20,
+             message="both group members to loop")  # fmt: skip
+
+    cancel(result, reason="nested stop", workflow=True)
+
+    for member in result.parent.results:
+        assert_revoked(member, "nested stop")
+    for name in ("b1", "b2"):
+        assert_stopped(keys, name)
+    assert_get_raises(result, "nested stop")
+    assert "SUCCESS" == state_of(first)
+    time.sleep(2.0)  # past a chord_unlock poll
+    assert_revoked(result, "nested stop")
+    assert [] == keys.started("c")
+    assert_no_chord_error(flow)
+
+
+def test_sql_cancel_by_a_later_members_id(flow: FlowWorker, keys: Keys) -> None:
+    """cancel(<id of the chain's second link>, workflow=True), a bare id, while
+    the first link runs: the worker finds the link that would send it, stops it,
+    and marks the unsent links REVOKED."""
+    from cancellable.celery import cancel
+
+    worker = flow.worker
+    result = chain(loop(worker, keys, "a"), loop(worker, keys, "b"), loop(worker, keys, "c"))()
+    wait_for(lambda: keys.flag("a", "looping"), 20, message="the first link to loop")
+
+    cancel(result.parent.id, reason="by member id", workflow=True, app=worker.app)
+
+    for link in (result.parent.parent, result.parent, result):
+        assert_revoked(link, "by member id")
+    assert_stopped(keys, "a")
+    time.sleep(1.0)
+    assert [] == keys.started("b") + keys.started("c")
+
+
+def test_sql_fail_fast_member_of_a_chord(flow: FlowWorker, keys: Keys) -> None:
+    """A chord whose header has a ``cancel_siblings_on_failure`` member that fails:
+    the siblings end REVOKED naming it, the failed member stays FAILURE, and the
+    body is REVOKED with the same reason, never run, with no ChordError."""
+    worker = flow.worker
+    members = [si(worker, "cit.fail_fast", keys.key("f"), 1.0)]
+    members += [loop(worker, keys, f"s{i}") for i in range(3)]
+    result = chord(members, loop(worker, keys, "body", 0.1)).apply_async()
+    failing, *siblings = result.parent.results
+
+    assert "FAILURE" == wait_state(failing, ("SUCCESS", "FAILURE", "REVOKED"), 30)
+    for sibling in siblings:
+        assert_revoked(sibling, f"group member {failing.id} failed")
+    assert_revoked(result, f"group member {failing.id} failed")
+    wait_chord_join_ended(flow)
+    assert_revoked(result, f"group member {failing.id} failed")
+    assert [] == keys.started("body")
+    assert_no_chord_error(flow)
+
+
+@pytest.mark.parametrize("deployment", STORES, indirect=True)
+def test_sql_workflow_cancelled_while_no_worker_is_online(
+    make_worker: Any, keys: Keys, deployment: dict[str, Any]
+) -> None:
+    """A chain and a chord sent and cancelled (workflow=True) while no worker
+    runs: the worker started later reads the targets from the SQL ledger, runs
+    none of them, and every task ends REVOKED with the reason."""
+    from cancellable.celery import cancel
+
+    worker = make(make_worker, deployment)
+    chained = chain(loop(worker, keys, "a"), loop(worker, keys, "b"), loop(worker, keys, "c"))()
+    chorded = chord([loop(worker, keys, f"h{i}") for i in range(3)], loop(worker, keys, "body"))()
+    control = si(worker, "cit.loop", keys.key("control"), 0.05).apply_async()
+
+    cancel([chained, chorded], reason="cancelled while offline", workflow=True, app=worker.app)
+    worker.start()
+
+    assert "done" == control.get(timeout=60)
+    for link in (chained.parent.parent, chained.parent, chained):
+        assert_revoked(link, "cancelled while offline")
+    for member in chorded.parent.results:
+        assert_revoked(member, "cancelled while offline")
+    assert_revoked(chorded, "cancelled while offline")
+    names = ["a", "b", "c", "body", *(f"h{i}" for i in range(3))]
+    assert [] == [name for name in names if keys.started(name)]
+    time.sleep(1.5)  # past a chord_unlock poll
+    assert_revoked(chorded, "cancelled while offline")
+    log = worker.log_path.read_text(errors="replace")
+    assert "ChordError" not in log

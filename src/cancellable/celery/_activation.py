@@ -16,7 +16,9 @@ as soon as the program imports Celery, see `cancellable._integrations`)
     deliveries), ``task_failure`` (fail fast, `cancellable.celery._failfast`)
     and ``worker_shutdown``, and has the tracer log a cancelled task as
     "revoked" (``celery.app.trace.get_log_policy``, `cancellable.celery._ending`;
-    it stays, and acts only on the library's own ending).
+    it stays, and acts only on the library's own ending), and wraps the app's
+    ``celery.chord_unlock`` task so that a cancelled chord's join ends
+    quietly (`cancellable.celery._chords`; it stays).
 The bootstep's construction (still while the worker is built, before the pool forks)
     reads the app's settings (a bad ``cancellable_*`` value raises
     `~cancellable.celery._settings.SettingError` here, so the worker does not
@@ -58,7 +60,7 @@ from .. import _decorator
 from .._log import logger
 from ..events import LEDGER_IN_USE, LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
-from . import _client, _ending, _failfast, _ledger, _revokes, _shutdown, _task
+from . import _chords, _client, _ending, _failfast, _ledger, _revokes, _shutdown, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import settings_for
@@ -114,6 +116,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
             _failfast.install()
             # Before the pool forks: the tracer runs in the children.
             celery_internals.wrap_trace_log_policy(_ending.log_policy)
+    # Before the tracers are built (prefork children: when they start).
+    _chords.install(app)
     # The blueprint is built right after worker_init: the step is in it.
     app.steps["worker"].add(WorkerStep)
     if celery_internals.worker_pool_kind(sender) == "prefork":

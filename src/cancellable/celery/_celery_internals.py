@@ -48,6 +48,7 @@ __all__ = [
     "add_revoked_id",
     "announce_revoked",
     "bounded_redis_client",
+    "chord_unlock_checking_ready",
     "close_thread_connections",
     "consumer_of",
     "current_task",
@@ -94,6 +95,7 @@ __all__ = [
     "worker_pool_kind",
     "worker_pool_start_method",
     "worker_requests",
+    "wrap_chord_unlock",
     "wrap_consumer_connection_lost",
     "wrap_control_revoke",
     "wrap_request_announce_revoked",
@@ -484,6 +486,86 @@ def log_task_ended(task_name: str | None, task_id: str, description: str) -> Non
 
     context = {"id": task_id, "name": task_name, "description": description}
     trace.logger.info(trace.LOG_IGNORED.strip(), context, extra={"data": context})
+
+
+# --------------------------------------------------------------------------
+# celery.chord_unlock: the chord join of result backends without native chords.
+
+#: The builtin task that joins a chord by polling its header.
+CHORD_UNLOCK: Final = "celery.chord_unlock"
+
+
+def wrap_chord_unlock(app: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace the ``run`` of ``app``'s ``celery.chord_unlock`` with ``make(original)``.
+
+    A result backend without native chord support (Celery's
+    ``DatabaseBackend``, ``db+...`` URLs; ``BaseBackend.apply_chord`` is
+    ``fallback_chord_unlock``) has a chord's body sent by the builtin task
+    ``celery.chord_unlock`` (``celery.app.builtins.add_unlock_chord_task``):
+    sent with the chord (``countdown=1``), it polls the header with
+    ``self.retry`` every ``result_chord_retry_interval`` until every header
+    result is ready, then joins them with ``propagate=True`` and sends the
+    body; a header result that failed or is REVOKED makes the join raise,
+    and the task logs "Chord ... raised" at ERROR and stores FAILURE with a
+    ``ChordError`` for the body (``backend.chord_error_from_stack``).
+
+    The task is made per app (``shared=False``) and bound (``bind=True``):
+    its class (one per task) has the function ``unlock_chord(self,
+    group_id, callback, interval=None, max_retries=None, result=None,
+    Result=..., GroupResult=..., result_from_tuple=..., **kwargs)`` as
+    ``run``; its message's arguments are ``(group_id, callback)`` and the
+    keyword ``result`` (the header's result tuples).  The tracer takes
+    ``task.run`` when it builds the task's tracer (``build_tracer``: prefork
+    children in their initializer, the other pools when the consumer
+    starts), so this must be called before (``worker_init``).  Finalizes
+    the app (``app.tasks``).  False if already wrapped, or the app has no
+    such task.  Undocumented; same in 5.3 to 5.7.
+    """
+    try:
+        task = app.tasks.get(CHORD_UNLOCK)
+    except RuntimeError:  # an app that must not finalize yet (autofinalize=False)
+        return False
+    if task is None:
+        return False
+    task_cls = type(task)
+    original = task_cls.run
+    if getattr(original, ORIGINAL, None) is not None:
+        return False
+    task_cls.run = _wrapper(original, make(original))
+    return True
+
+
+def chord_unlock_checking_ready(
+    app: Any, kwargs: Mapping[str, Any], after_ready: Callable[[bool], None]
+) -> dict[str, Any]:
+    """``celery.chord_unlock``'s keyword arguments, calling ``after_ready(ready)`` each poll.
+
+    ``unlock_chord`` builds the header as ``GroupResult(group_id, [results],
+    app=app)`` from its keyword argument ``GroupResult`` (default
+    ``app.GroupResult``) and asks ``deps.ready()`` once per run, inside a
+    ``try`` that turns an ``Exception`` into a retry, before it joins
+    (see `wrap_chord_unlock`).  We pass a factory whose result calls
+    ``after_ready`` with what ``ready()`` returned, right after it; an
+    exception that is not an ``Exception`` (a ``BaseException``) raised by
+    ``after_ready`` leaves ``unlock_chord`` without a retry, a join or a
+    ``ChordError``.  Same in 5.3 to 5.7.
+    """
+    base = kwargs.get("GroupResult") or app.GroupResult
+
+    def group_result(*args: Any, **options: Any) -> Any:
+        deps = base(*args, **options)
+        ready = deps.ready
+
+        def checked() -> Any:
+            value = ready()
+            after_ready(bool(value))
+            return value
+
+        # A GroupResult has a __dict__: the attribute shadows the method.
+        deps.ready = checked
+        return deps
+
+    return {**kwargs, "GroupResult": group_result}
 
 
 # --------------------------------------------------------------------------

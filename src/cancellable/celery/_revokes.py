@@ -54,7 +54,7 @@ from typing import Any, Final
 
 from .._exceptions import CancelReason
 from .._log import logger
-from ..events import CANCEL_DELIVERY_FAILED, TASK_RESULT_NOT_STORED
+from ..events import CANCEL_DELIVERY_FAILED, TASK_EVENT_NOT_SENT, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
 from . import _ending, _ledger, _workflow
 from ._index import TargetIndex, request_targets
@@ -371,11 +371,18 @@ def announce_revoked(original: Callable[..., Any]) -> Callable[..., Any]:
                 text = recorded.describe()
         if recorded is None:
             return original(self, text, terminated, signum, expired)
-        # Discarded by a cancellation we know: store its reason, keep it out
-        # of its chord's count (the body is REVOKED below instead), and end
-        # what it would have sent.  Celery's task-revoked event carries the
-        # reason when it is ours (not a plain revoke's bare "revoked").
+        # Discarded by a cancellation we know: end what it would have sent
+        # (first: a chord joined by polling that finds this member REVOKED
+        # must find the body REVOKED too, see _workflow), store its reason,
+        # and keep it out of its chord's count (the body is REVOKED instead).
+        # Celery's task-revoked event carries the reason when it is ours (not
+        # a plain revoke's bare "revoked").
         context = celery_internals.request_context(self)
+        members: list[_ending.Member] = []
+        try:
+            members = _workflow.revoke_downstream(self.task.backend, context, recorded)
+        except Exception as exc:  # noqa: BLE001 - never break the consumer
+            logger.warning(TASK_RESULT_NOT_STORED, task_id=self.id, error=repr(exc), exc_info=exc)
         chord = getattr(context, "chord", None)
         context.chord = None
         ours = text != reason
@@ -389,12 +396,9 @@ def announce_revoked(original: Callable[..., Any]) -> Callable[..., Any]:
             if ours:
                 celery_internals.log_task_ended(self.name, self.id, _ending.description(text))
             try:
-                members = _workflow.revoke_downstream(self.task.backend, context, recorded)
                 _ending.send_revoked_events(self, text, members, own=False)
             except Exception as exc:  # noqa: BLE001 - never break the consumer
-                logger.warning(
-                    TASK_RESULT_NOT_STORED, task_id=self.id, error=repr(exc), exc_info=exc
-                )
+                logger.warning(TASK_EVENT_NOT_SENT, task_id=self.id, error=repr(exc), exc_info=exc)
 
     return announce
 

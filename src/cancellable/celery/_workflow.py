@@ -23,7 +23,10 @@ workflow this id belongs to".
 A cancelled chord member does not report to the chord
 (``on_chord_part_return``): its body is REVOKED here instead, so the
 backend's join can never fail the body with a `~celery.exceptions.ChordError`
-over the REVOKED state we stored, nor publish it.
+over the REVOKED state we stored, nor publish it.  The body is stored
+before the member's own state: a backend without native chords joins the
+header by polling it (``celery.chord_unlock``, `cancellable.celery._chords`),
+and once it finds the whole header ready it must find the body REVOKED too.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "resolve_id",
     "revoke_downstream",
     "revoke_member",
+    "signature_ids",
     "tree_ids",
     "tree_targets",
     "unsent_ids",
@@ -113,6 +117,11 @@ def _walk(signature: Any, depth: int = 0) -> Iterator[tuple[str, str | None]]:
             yield from _walk(part, depth + 1)
 
 
+def signature_ids(signature: Any) -> list[str]:
+    """The task ids inside a signature (a task, group, chain or chord, as a dict), in order."""
+    return list(dict(_walk(signature)))
+
+
 def downstream_ids(request: Any) -> Iterator[str]:
     """Ids of the tasks a request would send after it succeeds, at any depth."""
     for task_id, _name in downstream(request):
@@ -158,12 +167,14 @@ def revoke_member(
     ``reason.describe()``; the ladder adds how the task ended).  Unlike
     ``backend.mark_as_revoked`` this does not report to the task's chord
     (see the module docstring): the chord body is among the tasks marked
-    REVOKED.  Returns what `revoke_downstream` returns.
+    REVOKED, before the task itself.  Returns what `revoke_downstream` returns.
     """
-    if store_result:
-        text = reason.describe() if message is None else message
-        backend.store_result(task_id, TaskRevokedError(text), states.REVOKED, request=request)
-    return revoke_downstream(backend, request, reason)
+    try:
+        return revoke_downstream(backend, request, reason)
+    finally:
+        if store_result:
+            text = reason.describe() if message is None else message
+            backend.store_result(task_id, TaskRevokedError(text), states.REVOKED, request=request)
 
 
 # --------------------------------------------------------------------------
