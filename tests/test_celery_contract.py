@@ -1135,6 +1135,32 @@ class TestConnections:
         assert internals.started_hostnames(app.backend, [first, done], 2.0) is None
         assert internals.started_hostnames(app.backend, [str(uuid.uuid4())], 2.0) is None
 
+    @pytest.mark.parametrize("prefix", ["", "cit-prefix:"])
+    def test_expire_redis_list_sets_the_ttl_of_the_list_kombu_pushes_to(
+        self, rdb: redis.Redis, prefix: str
+    ) -> None:
+        """A message published on kombu's default exchange with a queue's name as
+        routing key (what ``_direct.publish`` sends) lands in the Redis list named as
+        the queue (``Channel._put``, ``_q_for_pri`` of priority 0), under the
+        ``global_keyprefix`` if one is set; ``expire_redis_list`` gives that very
+        key a time to live.  If not, a dead worker's directed list never expires
+        (or the TTL lands on a key nobody pushes to)."""
+        from kombu import Producer
+
+        queue = f"cit-expire-{uuid.uuid4().hex[:8]}"
+        options = {"global_keyprefix": prefix} if prefix else {}
+        with Connection(REDIS_URL, transport_options=options) as conn:
+            Producer(conn.default_channel, serializer="json", auto_declare=False).publish(
+                {"x": 1}, exchange="", routing_key=queue, retry=False
+            )
+            assert rdb.ttl(prefix + queue) == -1
+            internals.expire_redis_list(conn, queue, 30.0)
+        assert 1 == rdb.llen(prefix + queue)
+        assert 0 < rdb.pttl(prefix + queue) <= 30_000
+        if prefix:
+            assert 0 == rdb.exists(queue)  # the push and the TTL both went to the prefixed key
+        rdb.delete(prefix + queue)
+
     def test_ensure_connection_takes_a_timeout(self) -> None:
         """kombu's ``Connection.ensure_connection(max_retries=1, ..., timeout=)``
         (public) gives up on a dead broker.  If not, ``cancel()`` and ``celery
@@ -1517,23 +1543,30 @@ class TestClientReaches:
         """``stored_states`` reads a key-value backend (Celery's Redis backend)
         with its ``mget``, ``get_key_for_task`` and ``decode_result``: a task
         stored SUCCESS reads SUCCESS, an id never stored reads PENDING.  If
-        not, ``cancel()`` would record finished tasks or skip running ones."""
+        not, ``cancel()`` would record finished tasks or skip running ones.  A
+        task stored STARTED with ``{"pid", "hostname"}`` (``task_track_started``)
+        gives its node name in ``hosts``; if not, ``cancel()`` reads the states
+        a second time to address the worker."""
         app = Celery(
             f"contract-{uuid.uuid4().hex[:8]}",
             broker=REDIS_URL,
             backend=REDIS_URL,
             set_as_current=False,
         )
-        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        done, unknown, running = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
         try:
             app.backend.mark_as_done(done, 1)
+            app.backend.store_result(running, {"pid": 1, "hostname": "w1@h"}, "STARTED")
             read: dict[str, str] = {}
-            internals.stored_states(app.backend, [done, unknown], read)
+            hosts: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown, running], read, hosts)
         finally:
             app.backend.forget(done)
+            app.backend.forget(running)
             app.close()
 
-        assert {done: "SUCCESS", unknown: "PENDING"} == read
+        assert {done: "SUCCESS", unknown: "PENDING", running: "STARTED"} == read
+        assert {running: "w1@h"} == hosts
 
     def test_stored_states_reads_a_database_backend_one_by_one(self, tmp_path: Path) -> None:
         """Celery's database backend has no bulk read: ``stored_states`` falls

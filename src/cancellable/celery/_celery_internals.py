@@ -865,6 +865,26 @@ def redis_broker_client(connection: Any) -> Any | None:
     return client if callable(getattr(client, "ping", None)) else None
 
 
+def expire_redis_list(connection: Any, queue: str, seconds: float) -> None:
+    """Give the list of ``queue`` on kombu's Redis transport a time to live (``PEXPIRE``).
+
+    kombu's Redis ``Channel._put`` pushes a message of priority 0 onto the
+    list named as the queue (``Channel._q_for_pri``: no suffix for 0); the
+    channel's ``client`` (``Connection.default_channel.client``) prefixes
+    keys with the ``global_keyprefix`` transport option for the commands in
+    ``PrefixedStrictRedis.PREFIXED_SIMPLE_COMMANDS`` (``PEXPIRE`` only in
+    recent kombu): the prefix is added here when the client does not.  One
+    command, bounded by the connection's ``socket_timeout``.  Undocumented;
+    kombu 5.3 to 5.7.
+    """
+    channel = connection.default_channel
+    client = channel.client
+    prefix = getattr(channel, "global_keyprefix", "") or ""
+    commands = getattr(client, "PREFIXED_SIMPLE_COMMANDS", None)
+    key = queue if not prefix or (commands and "PEXPIRE" in commands) else prefix + queue
+    client.pexpire(key, max(1, int(seconds * 1000)))
+
+
 def bounded_redis_client(client: Any, timeout: float) -> Any:
     """A new ``redis.Redis`` to the same server as ``client``, every wait bounded by ``timeout``.
 
@@ -1376,7 +1396,9 @@ def is_fallback_app(app: Any) -> bool:
     )
 
 
-def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> None:
+def stored_states(
+    backend: Any, task_ids: list[str], into: dict[str, str], hosts: dict[str, str] | None = None
+) -> None:
     """Fill ``into`` with the stored state of each of ``task_ids``.
 
     A key-value backend (Redis, Memcached, the filesystem: Celery's
@@ -1386,6 +1408,8 @@ def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> No
     reads complete, so a caller that stops waiting keeps what was read.  A
     task the backend has no record of is PENDING.  ``mget`` and
     ``decode_result`` are not in Celery's documented API; same in 5.3 to 5.7.
+    ``hosts`` (bulk reads only) gets the node name of each task read
+    STARTED with one (``{"pid", "hostname"}``, see `started_hostnames`).
     """
     from celery import states
 
@@ -1396,7 +1420,13 @@ def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> No
                 values = backend.mget([backend.get_key_for_task(t) for t in chunk])
                 for task_id, value in zip(chunk, values, strict=True):
                     meta = backend.decode_result(value) if value else {}
-                    into[task_id] = str(meta.get("status") or states.PENDING)
+                    status = str(meta.get("status") or states.PENDING)
+                    if hosts is not None and status == states.STARTED:
+                        result = meta.get("result")
+                        host = result.get("hostname") if isinstance(result, dict) else None
+                        if isinstance(host, str) and host:
+                            hosts[task_id] = host
+                    into[task_id] = status
         except NotImplementedError:  # a key-value backend without a bulk read
             pass
         else:
