@@ -464,7 +464,7 @@ def cancel_targets(
                 raise TimeoutError(f"no time left of cancellable_cancel_timeout={deadline.seconds}")
             if destination and _direct.supported(conn):
                 # To those workers' own queues: the others never see it.
-                _direct.publish(app, conn, destination, arguments)
+                _direct.publish(app, conn, destination, arguments, deadline)
             else:
                 broadcasts.publish(app, conn, arguments, destination)
         except Exception as exc:  # noqa: BLE001 - said by a warning or an error

@@ -56,6 +56,7 @@ from kombu.messaging import Consumer, Producer
 from .._log import logger
 from ..events import CANCEL_DELIVERY_FAILED
 from . import _celery_internals as celery_internals
+from ._broker import Deadline
 from ._revokes import cancel_message
 from ._runtime import runtime
 from ._settings import settings_for
@@ -92,18 +93,25 @@ def _queue(app: Any, hostname: str) -> Queue:
 
 
 def publish(
-    app: Any, connection: Any, hostnames: Sequence[str], arguments: Mapping[str, Any]
+    app: Any,
+    connection: Any,
+    hostnames: Sequence[str],
+    arguments: Mapping[str, Any],
+    deadline: Deadline | None = None,
 ) -> None:
     """Send the revoke ``arguments`` to each worker in ``hostnames``, once, on ``connection``.
 
-    No kombu retry loop (the caller's deadline bounds each wait, through the
-    connection's options).  On Redis, each worker's list gets `TTL` as its
-    time to live.
+    No kombu retry loop: each wait is bounded by the connection's options,
+    and no message is begun once ``deadline`` has passed (`TimeoutError`;
+    the ledger holds the cancellation).  On Redis, each worker's list gets
+    `TTL` as its time to live.
     """
     channel = connection.default_channel
     producer = Producer(channel, serializer="json", auto_declare=False)  # type: ignore[no-untyped-call]
     redis = connection.transport.driver_type == "redis"
     for hostname in hostnames:
+        if deadline is not None and deadline.left() <= 0:
+            raise TimeoutError(f"no time left of cancellable_cancel_timeout={deadline.seconds}")
         name = queue_name(app, hostname)
         producer.publish(  # type: ignore[no-untyped-call]
             dict(arguments),
