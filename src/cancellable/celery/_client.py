@@ -366,11 +366,13 @@ class StateReads:
         self._read: dict[str, str] = {}
         #: The worker named by each task read STARTED (``task_track_started``).
         self._hosts: dict[str, str] = {}
-        self._thread = threading.Thread(
-            target=self._reads, args=(app, task_ids), name="cancellable-state-read", daemon=True
-        )
+        #: Set once the read has returned (at once when there is nothing to read).
+        self._done = threading.Event()
         if task_ids:
-            self._thread.start()
+            # A helper thread of this process's (`_ledger.LedgerCalls.start`).
+            self._done = runtime().ledger_calls.start(lambda: self._reads(app, task_ids))
+        else:
+            self._done.set()
 
     def _reads(self, app: Any, task_ids: list[str]) -> None:
         try:
@@ -383,13 +385,12 @@ class StateReads:
 
     def finished(self, budget: float) -> dict[str, str]:
         """The tasks read as finished (READY states) within ``budget`` more seconds."""
-        if self._thread.is_alive():
-            self._thread.join(budget)
+        self._done.wait(max(budget, 0.0))
         return {t: s for t, s in dict(self._read).items() if s in READY}
 
     def hosts(self, task_ids: list[str]) -> list[str] | None:
         """The workers running ``task_ids`` as read (once read), or None unless all are known."""
-        if self._thread.is_alive():
+        if not self._done.is_set():
             return None
         hosts = dict(self._hosts)
         if not task_ids or any(task_id not in hosts for task_id in task_ids):
