@@ -1136,30 +1136,47 @@ class TestConnections:
         assert internals.started_hostnames(app.backend, [str(uuid.uuid4())], 2.0) is None
 
     @pytest.mark.parametrize("prefix", ["", "cit-prefix:"])
-    def test_expire_redis_list_sets_the_ttl_of_the_list_kombu_pushes_to(
+    def test_push_redis_message_is_what_kombu_publishes_with_a_ttl(
         self, rdb: redis.Redis, prefix: str
     ) -> None:
-        """A message published on kombu's default exchange with a queue's name as
-        routing key (what ``_direct.publish`` sends) lands in the Redis list named as
-        the queue (``Channel._put``, ``_q_for_pri`` of priority 0), under the
-        ``global_keyprefix`` if one is set; ``expire_redis_list`` gives that very
-        key a time to live.  If not, a dead worker's directed list never expires
-        (or the TTL lands on a key nobody pushes to)."""
-        from kombu import Producer
+        """``push_redis_message`` (kombu's ``prepare_message``,
+        ``_inplace_augment_message``, ``Channel._put`` for the anonymous exchange)
+        pushes onto the list named as the queue, under the ``global_keyprefix`` if one
+        is set, the envelope kombu's own ``Producer.publish`` pushes (same body, same
+        properties but the delivery tag), and gives that very list a time to live; a
+        kombu consumer of the queue receives the body.  If not, directed cancels never
+        reach a worker (or a dead worker's list never expires)."""
+        from kombu import Consumer, Producer
 
-        queue = f"cit-expire-{uuid.uuid4().hex[:8]}"
+        queue = f"cit-push-{uuid.uuid4().hex[:8]}"
+        body = {"task_id": ["a"], "cancellable": {"source": "revoked"}}
         options = {"global_keyprefix": prefix} if prefix else {}
         with Connection(REDIS_URL, transport_options=options) as conn:
             Producer(conn.default_channel, serializer="json", auto_declare=False).publish(
-                {"x": 1}, exchange="", routing_key=queue, retry=False
+                body, exchange="", routing_key=queue, retry=False, delivery_mode=1, expiration=30.0
             )
-            assert rdb.ttl(prefix + queue) == -1
-            internals.expire_redis_list(conn, queue, 30.0)
-        assert 1 == rdb.llen(prefix + queue)
-        assert 0 < rdb.pttl(prefix + queue) <= 30_000
-        if prefix:
-            assert 0 == rdb.exists(queue)  # the push and the TTL both went to the prefixed key
-        rdb.delete(prefix + queue)
+            assert -1 == rdb.ttl(prefix + queue)
+            internals.push_redis_message(conn, queue, body, 30.0)
+            assert 0 < rdb.pttl(prefix + queue) <= 30_000
+            theirs, ours = (json.loads(raw) for raw in rdb.lrange(prefix + queue, 0, -1)[::-1])
+            for envelope in (theirs, ours):
+                del envelope["properties"]["delivery_tag"]
+            assert theirs == ours
+            if prefix:
+                assert 0 == rdb.exists(queue)  # the push and the TTL went to the prefixed key
+            received: list[Any] = []
+            with Consumer(
+                conn.channel(),
+                [Queue(queue)],
+                callbacks=[lambda got, message: received.append(got)],
+                accept=["json"],
+                no_ack=True,
+            ):
+                deadline = time.monotonic() + 5
+                while len(received) < 2 and time.monotonic() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0.5)
+        assert [body, body] == received
 
     def test_ensure_connection_takes_a_timeout(self) -> None:
         """kombu's ``Connection.ensure_connection(max_retries=1, ..., timeout=)``

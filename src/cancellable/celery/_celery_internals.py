@@ -865,24 +865,47 @@ def redis_broker_client(connection: Any) -> Any | None:
     return client if callable(getattr(client, "ping", None)) else None
 
 
-def expire_redis_list(connection: Any, queue: str, seconds: float) -> None:
-    """Give the list of ``queue`` on kombu's Redis transport a time to live (``PEXPIRE``).
+def push_redis_message(connection: Any, queue: str, body: Mapping[str, Any], ttl: float) -> None:
+    """Publish ``body`` to ``queue`` as kombu's Redis transport does, with a TTL on its list.
 
-    kombu's Redis ``Channel._put`` pushes a message of priority 0 onto the
-    list named as the queue (``Channel._q_for_pri``: no suffix for 0); the
-    channel's ``client`` (``Connection.default_channel.client``) prefixes
-    keys with the ``global_keyprefix`` transport option for the commands in
-    ``PrefixedStrictRedis.PREFIXED_SIMPLE_COMMANDS`` (``PEXPIRE`` only in
-    recent kombu): the prefix is added here when the client does not.  One
-    command, bounded by the connection's ``socket_timeout``.  Undocumented;
-    kombu 5.3 to 5.7.
+    What ``Producer.publish(body, exchange="", routing_key=queue,
+    serializer="json", delivery_mode=1, expiration=ttl)`` sends on kombu's
+    Redis transport (``kombu.serialization.dumps``; the virtual
+    ``Channel.prepare_message`` and ``_inplace_augment_message``, which
+    encodes the body with the channel's ``body_encoding`` and gives it a
+    ``delivery_tag``; ``Channel._put``, for the anonymous exchange: an
+    ``LPUSH`` of the JSON envelope onto the list named as the queue, priority
+    0 having no suffix), together with a ``PEXPIRE`` of that list to ``ttl``
+    seconds, in one pipelined round trip on the channel's ``client`` (which
+    adds the ``global_keyprefix`` transport option to the keys of the
+    commands in ``PrefixedStrictRedis.PREFIXED_SIMPLE_COMMANDS``; ``PEXPIRE``
+    is in it only in recent kombu, so the prefix is added here when the
+    client would not).  Bounded by the connection's ``socket_timeout``.
+    Undocumented; kombu 5.3 to 5.7.
     """
+    from kombu.serialization import dumps as serialize
+    from kombu.utils.json import dumps as envelope
+
     channel = connection.default_channel
+    ms = max(1, int(ttl * 1000))
+    content_type, content_encoding, data = serialize(dict(body), serializer="json")  # type: ignore[no-untyped-call]
+    message = channel.prepare_message(
+        data,
+        0,
+        content_type,
+        content_encoding,
+        {},
+        {"delivery_mode": 1, "expiration": str(ms)},
+    )
+    channel._inplace_augment_message(message, "", queue)
     client = channel.client
     prefix = getattr(channel, "global_keyprefix", "") or ""
     commands = getattr(client, "PREFIXED_SIMPLE_COMMANDS", None)
     key = queue if not prefix or (commands and "PEXPIRE" in commands) else prefix + queue
-    client.pexpire(key, max(1, int(seconds * 1000)))
+    with client.pipeline(transaction=False) as pipe:
+        pipe.lpush(queue, envelope(message))  # type: ignore[no-untyped-call]
+        pipe.pexpire(key, ms)
+        pipe.execute()
 
 
 def bounded_redis_client(client: Any, timeout: float) -> Any:

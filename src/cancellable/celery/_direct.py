@@ -106,13 +106,18 @@ def publish(
     the ledger holds the cancellation).  On Redis, each worker's list gets
     `TTL` as its time to live.
     """
-    channel = connection.default_channel
-    producer = Producer(channel, serializer="json", auto_declare=False)  # type: ignore[no-untyped-call]
     redis = connection.transport.driver_type == "redis"
+    producer = None
+    if not redis:
+        producer = Producer(connection.default_channel, serializer="json", auto_declare=False)  # type: ignore[no-untyped-call]
     for hostname in hostnames:
         if deadline is not None and deadline.left() <= 0:
             raise TimeoutError(f"no time left of cancellable_cancel_timeout={deadline.seconds}")
         name = queue_name(app, hostname)
+        if producer is None:
+            # The message and its list's TTL in one round trip.
+            celery_internals.push_redis_message(connection, name, arguments, TTL)
+            continue
         producer.publish(  # type: ignore[no-untyped-call]
             dict(arguments),
             exchange="",
@@ -121,8 +126,6 @@ def publish(
             delivery_mode=1,  # transient
             expiration=TTL,
         )
-        if redis:
-            celery_internals.expire_redis_list(connection, name, TTL)
 
 
 class DirectStep(bootsteps.ConsumerStep):  # type: ignore[misc]  # Celery is untyped
