@@ -23,7 +23,7 @@ Nothing accumulates for a worker that is gone:
 
 * **Redis.**  The queue is a list; a worker takes each message off with
   ``BRPOP`` as it arrives.  Every push also sets the list's time to live to
-  `TTL` (``PEXPIRE``), so the list of a worker that no longer consumes it
+  `TTL` (``PEXPIRE``, in the same pipelined round trip), so the list of a worker that no longer consumes it
   (stopped, killed, or started without this step) is deleted `TTL` seconds
   after the last cancel sent to it, holding at most the cancels of that
   stretch.
@@ -37,9 +37,10 @@ Nothing accumulates for a worker that is gone:
 Fallbacks: a message that reaches no worker (it is gone, or its consumer
 is reconnecting) loses nothing, since the cancellation was recorded in the
 ledger first (`cancel()` sends a directed revoke only when the ledger holds
-it): a task redelivered to another worker is checked against the ledger
-when it arrives, and every worker reads the ledger every
-``cancellable_poll_interval`` seconds.  Messages are consumed without
+it): every worker reads the ledger every ``cancellable_poll_interval``
+seconds, so a task that moved to another worker meanwhile (redelivered,
+retried) is stopped there at its next read, and checked at receipt once
+read.  Messages are consumed without
 acknowledgement: one lost in a crash is covered the same way.
 """
 
