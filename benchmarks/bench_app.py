@@ -116,6 +116,8 @@ def _record_cancellation(key: str) -> dict[str, float]:
     def cleanup() -> None:
         marks["cleanup"] = time.time()
         client.hset(key, mapping=marks)
+        # For a waiter that blocks (``fleet.py``: ``BLPOP``) rather than polls.
+        client.rpush(f"{key}:done", 1)
 
     on_cancel(cleanup)
     client.hset(key, mapping={"started": time.time(), "pid": os.getpid()})

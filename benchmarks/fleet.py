@@ -9,15 +9,24 @@ every 2 ms between ``time.sleep`` calls: nearly idle tasks, so the numbers
 measure delivery, not a fight for two cores; ``--task bench.nap`` waits in
 ``cancellable.sleep`` instead), and once all have started they are cancelled
 one at a time with ``cancel(task, app=...)``, each waited for until its
-``on_cancel`` hook has run.  Reported:
+``on_cancel`` hook has run (the client blocks in ``BLPOP`` on a notice the
+hook pushes after stamping its time, rather than polling, which kept the
+client and Redis busy on the cores the fleet needs).  Reported:
 
 * ``cancel_ms``: the ``cancel()`` call (p50, p99);
 * ``cleanup_ms``: from just before ``cancel()`` to the task's cleanup hook
   (p50, p99; wall clocks of one host);
+* ``delivery_ms``: from ``cancel()``'s return to the cleanup hook (p50,
+  p99): the workers' part of ``cleanup_ms``;
 * ``fleet_cpu_ms_per_cancel``: CPU time (user + system) of all the
   workers' main processes during the cancel phase, per cancel, minus the
   same measured over an idle stretch as long (what waking, parsing and
   looking up a cancel costs the fleet);
+* ``busy_children_cpu_ms_per_s``: CPU time of the pool children during the
+  cancel phase, per second (the running tasks themselves);
+* ``idle_cpu_ms_per_s``: CPU time of the workers' main processes and of
+  their children over the idle stretch, per second (what an idle fleet
+  costs);
 * every task stopped (``stopped`` == ``cancels``; the ids of any that did
   not run their cleanup within `STOP_WAIT` are listed in ``not_stopped``,
   and those that had ended on their own before their ``cancel()``, which
@@ -30,8 +39,12 @@ first let the early ones reach their spin limit and end SUCCESS before their
 cancel: they were reported as ``not_stopped``, a loss that was the
 benchmark's, not the library's.)
 
-``--direct 0`` sets ``cancellable_direct_running = False`` (every cancel is
-broadcast to every worker), for comparison.  Load (``os.getloadavg``) is
+``--direct 1`` (the default, ``cancellable_direct_running = True``) sends
+the cancel of each running task to its worker's own queue
+(`cancellable.celery._direct`); ``--direct 0`` sets it False on the workers
+and on the client (every cancel is broadcast to every worker), for
+comparison.  (Before, the client's app never got the setting: "broadcast"
+rows were directed by the client all the same.)  Load (``os.getloadavg``) is
 printed with every row: the machine may be shared.  Run:
 ``python benchmarks/fleet.py --redis redis://127.0.0.1:6422/14 --workers 16
 --concurrency 1 --cancels 48 [--direct 0]``.
@@ -72,7 +85,10 @@ def cpu_seconds(pids: list[int]) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:  # a child that was replaced
+            continue
         fields = stat[stat.rindex(")") + 2 :].split()
         total += int(fields[11]) + int(fields[12])
     return total / tick
@@ -110,6 +126,8 @@ def start_fleet(redis_url: str, n: int, concurrency: int, direct: bool) -> list[
             )
         app = workers[0].app
         app.conf.task_track_started = True
+        # The client decides how a cancel is sent: it needs the setting too.
+        app.conf.cancellable_direct_running = direct
         pending = {w.nodename for w in workers}
         deadline = time.monotonic() + START_TIMEOUT * 3
         while pending:
@@ -151,9 +169,10 @@ def run(
     mains = [w.pid for w in workers]
     cancel_ms: list[float] = []
     cleanup_ms: list[float] = []
+    delivery_ms: list[float] = []
     not_stopped: list[str] = []
     finished_first: list[str] = []
-    busy_cpu = busy_wall = 0.0
+    busy_cpu = busy_wall = busy_kids_cpu = 0.0
     try:
         while len(cancel_ms) < cancels:
             slots = min(n * concurrency, cancels - len(cancel_ms))
@@ -166,7 +185,8 @@ def run(
             # is cancelled once it has run for `SETTLE` seconds, in the order
             # they start; waiting for all of them first would let the early
             # ones end on their own (then cancel() rightly leaves them alone).
-            cpu0, wall0 = cpu_seconds(mains), time.monotonic()
+            kids = [kid for pid in mains for kid in live_children(pid)]
+            cpu0, wall0, kids0 = cpu_seconds(mains), time.monotonic(), cpu_seconds(kids)
             todo = dict(batch)
             deadline = time.monotonic() + 60
             while todo:
@@ -186,26 +206,30 @@ def run(
                     c0 = time.perf_counter()
                     receipt = cancel(result, reason="fleet benchmark", app=app)
                     cancel_ms.append((time.perf_counter() - c0) * 1000)
+                    returned = time.time()
                     if receipt.finished:
                         # It ended before cancel() (a spin limit too short for
                         # the run): not a lost cancellation, and not a sample.
                         finished_first.append(result.id)
                         continue
-                    stop_deadline = time.monotonic() + STOP_WAIT
-                    while (cleanup := client.hget(key, "cleanup")) is None:
-                        if time.monotonic() > stop_deadline:
-                            not_stopped.append(result.id)  # reported, and the run goes on
-                            break
-                        time.sleep(0.0005)
+                    # Blocked until the cleanup hook's notice: a waiter that
+                    # polled would keep a core of the two busy meanwhile.
+                    if client.blpop([f"{key}:done"], timeout=STOP_WAIT) is None:
+                        not_stopped.append(result.id)  # reported, and the run goes on
                     else:
-                        cleanup_ms.append((float(cleanup) - t0) * 1000)
+                        cleanup = float(client.hget(key, "cleanup"))
+                        cleanup_ms.append((cleanup - t0) * 1000)
+                        delivery_ms.append((cleanup - returned) * 1000)
                 deadline = time.monotonic() + 60
             busy_cpu += cpu_seconds(mains) - cpu0
+            busy_kids_cpu += cpu_seconds(kids) - kids0
             busy_wall += time.monotonic() - wall0
-        cpu0 = cpu_seconds(mains)
+        kids = [kid for pid in mains for kid in live_children(pid)]
+        cpu0, kids0 = cpu_seconds(mains), cpu_seconds(kids)
         time.sleep(busy_wall)
         idle_cpu = cpu_seconds(mains) - cpu0
-        children = sum(len(live_children(pid)) for pid in mains)
+        idle_kids_cpu = cpu_seconds(kids) - kids0
+        children = len(kids)
     finally:
         stop_fleet(workers)
         client.close()
@@ -229,7 +253,16 @@ def run(
             "p50": round(percentile(cleanup_ms, 50), 2),
             "p99": round(percentile(cleanup_ms, 99), 2),
         },
+        # From cancel()'s return to the cleanup hook: the workers' part.
+        "delivery_ms": _p50_p99(delivery_ms),
         "fleet_cpu_ms_per_cancel": round((busy_cpu - idle_cpu) * 1000 / len(cancel_ms), 2),
+        # The running tasks' children while the cancels go on, per second.
+        "busy_children_cpu_ms_per_s": round(busy_kids_cpu * 1000 / busy_wall, 1),
+        # The idle fleet (no task running): CPU ms per second of wall time.
+        "idle_cpu_ms_per_s": {
+            "mains": round(idle_cpu * 1000 / busy_wall, 1),
+            "children": round(idle_kids_cpu * 1000 / busy_wall, 1),
+        },
         "load": [round(x, 2) for x in os.getloadavg()],
     }
 

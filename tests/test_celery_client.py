@@ -203,6 +203,38 @@ class TestCancel:
         assert reason.to_dict() == body["arguments"]["cancellable"]
         assert [((("task", task_id),), reason)] == [(e.targets, e.reason) for e in entries]
 
+    def test_a_running_task_goes_to_its_workers_queue_only(
+        self, app: Celery, rdb: redis.Redis, broadcasts: Broadcasts
+    ) -> None:
+        """With ``task_track_started``, a task stored STARTED on ``w1@h`` is sent to
+        w1's own queue (a Redis list with a TTL of at most 60 s, the revoke's
+        arguments inside) and nothing goes on the control exchange; a task whose
+        state names no worker is broadcast; with ``cancellable_direct_running``
+        off, the running one is broadcast too."""
+        from cancellable.celery._direct import TTL, queue_name
+
+        app.conf.task_track_started = True
+        running, queued = str(uuid.uuid4()), str(uuid.uuid4())
+        app.backend.store_result(running, {"pid": 1, "hostname": "w1@h"}, "STARTED")
+
+        reason = cc.cancel(running, "direct", app=app).reason
+        key = queue_name(app, "w1@h")
+        assert [] == broadcasts.everything(0.5)
+        assert 0 < rdb.pttl(key) <= TTL * 1000
+        with Connection(app.conf.broker_url) as conn:
+            message = conn.SimpleQueue(key, no_ack=True).get(timeout=1)
+            body = message.decode()
+        assert [running] == body["task_id"]
+        assert reason.to_dict() == body["cancellable"]
+
+        cc.cancel(queued, "queued", app=app)
+        assert [[queued]] == [b["arguments"]["task_id"] for b in broadcasts.everything(0.5)]
+
+        cc.configure(app, direct_running=False)
+        cc.cancel(running, "broadcast", app=app)
+        assert [[running]] == [b["arguments"]["task_id"] for b in broadcasts.everything(0.5)]
+        assert 0 == rdb.llen(key)
+
     def test_accepts_results_groups_and_lists(self, app: Celery, broadcasts: Broadcasts) -> None:
         """AsyncResults and lists flatten to ids (duplicates dropped); a GroupResult is one target.
 

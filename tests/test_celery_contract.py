@@ -1284,6 +1284,49 @@ class TestConnections:
         assert internals.started_hostnames(app.backend, [first, done], 2.0) is None
         assert internals.started_hostnames(app.backend, [str(uuid.uuid4())], 2.0) is None
 
+    @pytest.mark.parametrize("prefix", ["", "cit-prefix:"])
+    def test_push_redis_message_is_what_kombu_publishes_with_a_ttl(
+        self, rdb: redis.Redis, prefix: str
+    ) -> None:
+        """``push_redis_message`` (kombu's ``prepare_message``,
+        ``_inplace_augment_message``, ``Channel._put`` for the anonymous exchange)
+        pushes onto the list named as the queue, under the ``global_keyprefix`` if one
+        is set, the envelope kombu's own ``Producer.publish`` pushes (same body, same
+        properties but the delivery tag), and gives that very list a time to live; a
+        kombu consumer of the queue receives the body.  If not, directed cancels never
+        reach a worker (or a dead worker's list never expires)."""
+        from kombu import Consumer, Producer
+
+        queue = f"cit-push-{uuid.uuid4().hex[:8]}"
+        body = {"task_id": ["a"], "cancellable": {"source": "revoked"}}
+        options = {"global_keyprefix": prefix} if prefix else {}
+        with Connection(REDIS_URL, transport_options=options) as conn:
+            Producer(conn.default_channel, serializer="json", auto_declare=False).publish(
+                body, exchange="", routing_key=queue, retry=False, delivery_mode=1, expiration=30.0
+            )
+            assert -1 == rdb.ttl(prefix + queue)
+            internals.push_redis_message(conn, queue, body, 30.0)
+            assert 0 < rdb.pttl(prefix + queue) <= 30_000
+            theirs, ours = (json.loads(raw) for raw in rdb.lrange(prefix + queue, 0, -1)[::-1])
+            for envelope in (theirs, ours):
+                del envelope["properties"]["delivery_tag"]
+            assert theirs == ours
+            if prefix:
+                assert 0 == rdb.exists(queue)  # the push and the TTL went to the prefixed key
+            received: list[Any] = []
+            with Consumer(
+                conn.channel(),
+                [Queue(queue)],
+                callbacks=[lambda got, message: received.append(got)],
+                accept=["json"],
+                no_ack=True,
+            ):
+                deadline = time.monotonic() + 5
+                while len(received) < 2 and time.monotonic() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0.5)
+        assert [body, body] == received
+
     def test_ensure_connection_takes_a_timeout(self) -> None:
         """kombu's ``Connection.ensure_connection(max_retries=1, ..., timeout=)``
         (public) gives up on a dead broker.  If not, ``cancel()`` and ``celery
@@ -1666,23 +1709,30 @@ class TestClientReaches:
         """``stored_states`` reads a key-value backend (Celery's Redis backend)
         with its ``mget``, ``get_key_for_task`` and ``decode_result``: a task
         stored SUCCESS reads SUCCESS, an id never stored reads PENDING.  If
-        not, ``cancel()`` would record finished tasks or skip running ones."""
+        not, ``cancel()`` would record finished tasks or skip running ones.  A
+        task stored STARTED with ``{"pid", "hostname"}`` (``task_track_started``)
+        gives its node name in ``hosts``; if not, ``cancel()`` reads the states
+        a second time to address the worker."""
         app = Celery(
             f"contract-{uuid.uuid4().hex[:8]}",
             broker=REDIS_URL,
             backend=REDIS_URL,
             set_as_current=False,
         )
-        done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
+        done, unknown, running = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
         try:
             app.backend.mark_as_done(done, 1)
+            app.backend.store_result(running, {"pid": 1, "hostname": "w1@h"}, "STARTED")
             read: dict[str, str] = {}
-            internals.stored_states(app.backend, [done, unknown], read)
+            hosts: dict[str, str] = {}
+            internals.stored_states(app.backend, [done, unknown, running], read, hosts)
         finally:
             app.backend.forget(done)
+            app.backend.forget(running)
             app.close()
 
-        assert {done: "SUCCESS", unknown: "PENDING"} == read
+        assert {done: "SUCCESS", unknown: "PENDING", running: "STARTED"} == read
+        assert {running: "w1@h"} == hosts
 
     def test_stored_states_reads_a_database_backend_one_by_one(self, tmp_path: Path) -> None:
         """Celery's database backend has no bulk read: ``stored_states`` falls

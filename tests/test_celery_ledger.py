@@ -772,6 +772,51 @@ class TestLedgerCalls:
             time.sleep(0.05)
         assert _returns(calls)
 
+    def test_a_helper_that_returned_runs_the_next_call_and_a_hung_one_is_not_waited_for(
+        self,
+    ) -> None:
+        """Once a call has returned, the next call (``run`` or ``start``) runs on the
+        same helper thread, handed over rather than a new thread started; while a call
+        hangs, the next one gets another helper and returns at once."""
+        calls = _ledger.LedgerCalls()
+        first = calls.run(threading.get_ident, 5.0)
+        deadline = time.monotonic() + 5
+        while not calls._idle and time.monotonic() < deadline:  # parked after its call
+            time.sleep(0.01)
+        assert first == calls.run(threading.get_ident, 5.0)
+        time.sleep(0.05)
+        seen: list[int] = []
+        assert calls.start(lambda: seen.append(threading.get_ident())).wait(5)
+        assert [first] == seen
+
+        release = threading.Event()
+        hung = calls.start(lambda: release.wait(30))
+        began = time.monotonic()
+        other = calls.run(threading.get_ident, 5.0)
+        assert time.monotonic() - began < 2.0
+        assert not hung.is_set()
+        release.set()
+        assert hung.wait(5)
+        assert other != 0
+
+    def test_an_inherited_object_starts_no_call_on_its_parents_helpers(self) -> None:
+        """In a forked child, `LedgerCalls` the parent made (with an idle helper,
+        whose thread the child does not have) still runs a call: on a new helper."""
+        calls = _ledger.LedgerCalls()
+        calls.run(lambda: None, 5.0)
+        deadline = time.monotonic() + 5
+        while not calls._idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls._idle
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through its exit code
+            try:
+                os._exit(0 if 7 == calls.run(lambda: 7, 5.0) else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert 0 == os.waitstatus_to_exitcode(status)
+
 
 def _raise_down() -> None:
     raise _ledger.LedgerError("the store is down")

@@ -11,7 +11,8 @@ as soon as the program imports Celery, see `cancellable._integrations`)
     Celery is patched.
 ``worker_init`` (a ``WorkController`` is being built)
     adds this integration's bootstep (`WorkerStep`) to the app's worker
-    blueprint, and connects the receivers a worker needs before its pool
+    blueprint and its directed queue's (`cancellable.celery._direct.DirectStep`)
+    to the consumer's, and connects the receivers a worker needs before its pool
     forks: ``worker_process_init`` (a prefork child takes part in
     deliveries), ``task_failure`` (fail fast, `cancellable.celery._failfast`)
     and ``worker_shutdown``, and has the tracer log a cancelled task as
@@ -60,7 +61,7 @@ from .. import _decorator
 from .._log import logger
 from ..events import LEDGER_IN_USE, LEDGER_UNAVAILABLE, PREFORK_UNAVAILABLE, WORKER_REPLACED
 from . import _celery_internals as celery_internals
-from . import _chords, _client, _ending, _failfast, _ledger, _revokes, _shutdown, _task
+from . import _chords, _client, _direct, _ending, _failfast, _ledger, _revokes, _shutdown, _task
 from ._poller import Poller
 from ._runtime import WorkerRuntime, install_worker, remove_worker, runtime
 from ._settings import settings_for
@@ -120,6 +121,8 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     _chords.install(app)
     # The blueprint is built right after worker_init: the step is in it.
     app.steps["worker"].add(WorkerStep)
+    # The worker's own queue for cancels of the tasks it runs (`_direct`).
+    app.steps["consumer"].add(_direct.DirectStep)
     if celery_internals.worker_pool_kind(sender) == "prefork":
         # Said here, before Celery builds the pool (which fails outright on
         # a platform without the signals billiard needs).

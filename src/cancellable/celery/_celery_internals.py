@@ -947,6 +947,49 @@ def redis_broker_client(connection: Any) -> Any | None:
     return client if callable(getattr(client, "ping", None)) else None
 
 
+def push_redis_message(connection: Any, queue: str, body: Mapping[str, Any], ttl: float) -> None:
+    """Publish ``body`` to ``queue`` as kombu's Redis transport does, with a TTL on its list.
+
+    What ``Producer.publish(body, exchange="", routing_key=queue,
+    serializer="json", delivery_mode=1, expiration=ttl)`` sends on kombu's
+    Redis transport (``kombu.serialization.dumps``; the virtual
+    ``Channel.prepare_message`` and ``_inplace_augment_message``, which
+    encodes the body with the channel's ``body_encoding`` and gives it a
+    ``delivery_tag``; ``Channel._put``, for the anonymous exchange: an
+    ``LPUSH`` of the JSON envelope onto the list named as the queue, priority
+    0 having no suffix), together with a ``PEXPIRE`` of that list to ``ttl``
+    seconds, in one pipelined round trip on the channel's ``client`` (which
+    adds the ``global_keyprefix`` transport option to the keys of the
+    commands in ``PrefixedStrictRedis.PREFIXED_SIMPLE_COMMANDS``; ``PEXPIRE``
+    is in it only in recent kombu, so the prefix is added here when the
+    client would not).  Bounded by the connection's ``socket_timeout``.
+    Undocumented; kombu 5.3 to 5.7.
+    """
+    from kombu.serialization import dumps as serialize
+    from kombu.utils.json import dumps as envelope
+
+    channel = connection.default_channel
+    ms = max(1, int(ttl * 1000))
+    content_type, content_encoding, data = serialize(dict(body), serializer="json")  # type: ignore[no-untyped-call]
+    message = channel.prepare_message(
+        data,
+        0,
+        content_type,
+        content_encoding,
+        {},
+        {"delivery_mode": 1, "expiration": str(ms)},
+    )
+    channel._inplace_augment_message(message, "", queue)
+    client = channel.client
+    prefix = getattr(channel, "global_keyprefix", "") or ""
+    commands = getattr(client, "PREFIXED_SIMPLE_COMMANDS", None)
+    key = queue if not prefix or (commands and "PEXPIRE" in commands) else prefix + queue
+    with client.pipeline(transaction=False) as pipe:
+        pipe.lpush(queue, envelope(message))  # type: ignore[no-untyped-call]
+        pipe.pexpire(key, ms)
+        pipe.execute()
+
+
 def bounded_redis_client(client: Any, timeout: float) -> Any:
     """A new ``redis.Redis`` to the same server as ``client``, every wait bounded by ``timeout``.
 
@@ -1458,7 +1501,9 @@ def is_fallback_app(app: Any) -> bool:
     )
 
 
-def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> None:
+def stored_states(
+    backend: Any, task_ids: list[str], into: dict[str, str], hosts: dict[str, str] | None = None
+) -> None:
     """Fill ``into`` with the stored state of each of ``task_ids``.
 
     A key-value backend (Redis, Memcached, the filesystem: Celery's
@@ -1468,6 +1513,8 @@ def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> No
     reads complete, so a caller that stops waiting keeps what was read.  A
     task the backend has no record of is PENDING.  ``mget`` and
     ``decode_result`` are not in Celery's documented API; same in 5.3 to 5.7.
+    ``hosts`` (bulk reads only) gets the node name of each task read
+    STARTED with one (``{"pid", "hostname"}``, see `started_hostnames`).
     """
     from celery import states
 
@@ -1478,7 +1525,13 @@ def stored_states(backend: Any, task_ids: list[str], into: dict[str, str]) -> No
                 values = backend.mget([backend.get_key_for_task(t) for t in chunk])
                 for task_id, value in zip(chunk, values, strict=True):
                     meta = backend.decode_result(value) if value else {}
-                    into[task_id] = str(meta.get("status") or states.PENDING)
+                    status = str(meta.get("status") or states.PENDING)
+                    if hosts is not None and status == states.STARTED:
+                        result = meta.get("result")
+                        host = result.get("hostname") if isinstance(result, dict) else None
+                        if isinstance(host, str) and host:
+                            hosts[task_id] = host
+                    into[task_id] = status
         except NotImplementedError:  # a key-value backend without a bulk read
             pass
         else:

@@ -26,7 +26,7 @@ from .._exceptions import CancelReason
 from .._log import logger
 from ..events import CANCEL_BROADCAST_FAILED, LEDGER_UNAVAILABLE, TASK_RESULT_NOT_STORED
 from . import _celery_internals as celery_internals
-from . import _ledger
+from . import _direct, _ledger
 from ._broker import Deadline, wait_for
 from ._receipt import CancelReceipt
 from ._runtime import runtime
@@ -364,9 +364,10 @@ class StateReads:
 
     def __init__(self, app: Any, task_ids: list[str]) -> None:
         self._read: dict[str, str] = {}
-        self._thread = threading.Thread(
-            target=self._reads, args=(app, task_ids), name="cancellable-state-read", daemon=True
-        )
+        #: The worker named by each task read STARTED (``task_track_started``).
+        self._hosts: dict[str, str] = {}
+        #: Set once the read has returned (at once when there is nothing to read).
+        self._done = threading.Event()
         if task_ids:
             # This thread's backend first: its module's imports (redis-py's
             # among them) complete here, before the read's thread and the
@@ -375,11 +376,14 @@ class StateReads:
             # modules import each other) and that cancel() failed.
             with contextlib.suppress(Exception):
                 _ = app.backend
-            self._thread.start()
+            # A helper thread of this process's (`_ledger.LedgerCalls.start`).
+            self._done = runtime().ledger_calls.start(lambda: self._reads(app, task_ids))
+        else:
+            self._done.set()
 
     def _reads(self, app: Any, task_ids: list[str]) -> None:
         try:
-            celery_internals.stored_states(app.backend, task_ids, self._read)
+            celery_internals.stored_states(app.backend, task_ids, self._read, self._hosts)
         except Exception:  # noqa: BLE001 - no backend, or it failed: cancel them anyway
             pass
         finally:
@@ -388,9 +392,17 @@ class StateReads:
 
     def finished(self, budget: float) -> dict[str, str]:
         """The tasks read as finished (READY states) within ``budget`` more seconds."""
-        if self._thread.is_alive():
-            self._thread.join(budget)
+        self._done.wait(max(budget, 0.0))
         return {t: s for t, s in dict(self._read).items() if s in READY}
+
+    def hosts(self, task_ids: list[str]) -> list[str] | None:
+        """The workers running ``task_ids`` as read (once read), or None unless all are known."""
+        if not self._done.is_set():
+            return None
+        hosts = dict(self._hosts)
+        if not task_ids or any(task_id not in hosts for task_id in task_ids):
+            return None
+        return [hosts[task_id] for task_id in task_ids]
 
 
 def cancel_targets(
@@ -442,9 +454,10 @@ def cancel_targets(
                 return finished
         recorded = _record(app, targets, task_ids, reason, grace, deadline)
         _warn_not_durable(app)
-        # Running tasks whose workers are known: revoke on those workers only,
-        # when the ledger has it (the others learn it from there).
-        destination = _running_on(app, task_ids, wide, deadline) if recorded else None
+        # Running tasks whose workers are known: revoke on those workers only
+        # (their own queues, `_direct`), when the ledger has it (the others
+        # learn it from there).
+        destination = _running_on(app, task_ids, wide, deadline, states) if recorded else None
         arguments: dict[str, Any] = {
             "task_id": task_ids,
             "terminate": False,
@@ -457,7 +470,11 @@ def cancel_targets(
         try:
             if deadline.left() <= 0:
                 raise TimeoutError(f"no time left of cancellable_cancel_timeout={deadline.seconds}")
-            broadcasts.publish(app, conn, arguments, destination)
+            if destination and _direct.supported(conn):
+                # To those workers' own queues: the others never see it.
+                _direct.publish(app, conn, destination, arguments, deadline)
+            else:
+                broadcasts.publish(app, conn, arguments, destination)
         except Exception as exc:  # noqa: BLE001 - said by a warning or an error
             _broadcast_failed(app, exc, deadline, targets, task_ids, recorded)
         else:
@@ -472,22 +489,30 @@ DIRECT_MAX: Final = 16
 
 
 def _running_on(
-    app: Any, task_ids: list[str], wide: list[_ledger.Target], deadline: Deadline
+    app: Any,
+    task_ids: list[str],
+    wide: list[_ledger.Target],
+    deadline: Deadline,
+    states: StateReads | None = None,
 ) -> list[str] | None:
     """The workers running ``task_ids``, if all are known; None: broadcast to everyone.
 
     Known only for tasks whose STARTED state names their worker
-    (``task_track_started``) in a Redis result backend, read in one bounded
-    round trip.  A queued, reserved or unknown task, a group or root target,
-    more than `DIRECT_MAX` ids, or any failure: None.  A running task is
-    held by one worker; one that is redelivered or retried elsewhere meanwhile
-    is stopped there from the ledger (every poll interval, and at receipt
-    once read).
+    (``task_track_started``) in a Redis result backend: as ``states`` read
+    them at the start of the call (no round trip more), else read now in one
+    bounded round trip.  A queued, reserved or unknown task, a group or root
+    target, more than `DIRECT_MAX` ids, or any failure: None.  A running
+    task is held by one worker; one that is redelivered or retried elsewhere
+    meanwhile is stopped there from the ledger (every poll interval, and at
+    receipt once read).
     """
     if wide or not task_ids or len(task_ids) > DIRECT_MAX:
         return None
     if not app.conf.task_track_started or not settings_for(app).direct_running:
         return None
+    read = None if states is None else states.hosts(task_ids)
+    if read is not None:
+        return sorted(set(read))
     wait = min(wait_for(settings_for(app).cancel_timeout), deadline.left())
     if wait <= 0:
         return None

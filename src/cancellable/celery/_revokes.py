@@ -66,6 +66,7 @@ from ._wire import reason_from_wire
 __all__ = [
     "MEMBERS_COMMAND",
     "announce_revoked",
+    "cancel_message",
     "deliver_targets",
     "discard_scheduled",
     "members_command",
@@ -286,6 +287,40 @@ def revoke_command(original: Callable[..., Any]) -> Callable[..., Any]:
         return result
 
     return revoke
+
+
+def cancel_message(rt: WorkerRuntime, arguments: Any, consumer: Any) -> bool:
+    """A `cancel()` sent to this worker alone (`cancellable.celery._direct`); False if ignored.
+
+    ``arguments`` are those of the revoke broadcast `cancel()` would send
+    (``task_id``, ``cancellable``, ``cancellable_grace``,
+    ``cancellable_targets``), handled as the ``revoke`` command handles a
+    `cancel()` revoke: indexed, delivered to the tasks this worker holds,
+    and tasks held for their ETA discarded.  Something that is not a
+    `cancel()` revoke (no reason) is ignored: a plain revoke is always
+    broadcast.  Never raises (the consumer's event loop runs it).
+    """
+    if not isinstance(arguments, dict):
+        return False
+    given = _reason_from(arguments.get("cancellable"))
+    if given is None:
+        return False
+    began = time.monotonic()
+    task_ids = celery_internals.task_ids(arguments.get("task_id") or [])
+    try:
+        _on_revoke(
+            rt,
+            task_ids,
+            given,
+            True,
+            _grace_from(arguments.get("cancellable_grace")),
+            targets_from(arguments.get("cancellable_targets")),
+        )
+        rt.timings.consumer = max(rt.timings.consumer, time.monotonic() - began)
+        discard_scheduled(rt, consumer)
+    except Exception as exc:  # noqa: BLE001 - never break the consumer's event loop
+        logger.error(CANCEL_DELIVERY_FAILED, task_ids=task_ids[:20], error=repr(exc), exc_info=exc)
+    return True
 
 
 def discard_scheduled(rt: WorkerRuntime, consumer: Any) -> int:
