@@ -1412,6 +1412,56 @@ class TestShutdownAndConnectionLoss:
                 assert expected is internals.redelivers_unacked(conn), url
         assert internals.redelivers_unacked(None) is False
 
+    def test_restores_unacked_on_close_only_for_redis(self) -> None:
+        """``restores_unacked_on_close`` (``driver_type`` and ``QoS.restore_at_shutdown``):
+        True for Redis, False for AMQP and the in-memory transport."""
+        for url, expected in (
+            (REDIS_URL, True),
+            ("amqp://guest:guest@127.0.0.1:5672//", False),
+            ("memory://", False),
+        ):
+            with Connection(url) as conn:
+                assert expected is internals.restores_unacked_on_close(conn), url
+        assert internals.restores_unacked_on_close(None) is False
+
+    def test_a_kept_message_is_not_restored_on_close_and_acks_through_the_new_channel(
+        self,
+    ) -> None:
+        """kombu's Redis channel restores its unacked messages when it closes; one
+        taken out with ``keep_unacked_on_close`` stays unacked (not back on its
+        queue), and its ``ack()`` after the close goes through the consumer's
+        current channel and removes it from the unacked hash.  A message not
+        kept is restored as before.  (The request and consumer here only carry
+        ``.message`` and ``.task_consumer.channel``, the attributes read;
+        tests/integration/test_connection_loss.py runs the real ones.)"""
+        from types import SimpleNamespace
+
+        queue = Queue(f"contract-keep-{uuid.uuid4().hex[:8]}")
+        client = redis.Redis.from_url(REDIS_URL)
+        with Connection(REDIS_URL) as conn:
+            producer = conn.Producer()
+            for n in (1, 2):
+                producer.publish({"n": n}, routing_key=queue.name, declare=[queue])
+            old = conn.channel()
+            kept = old.basic_get(queue.name, no_ack=False)
+            restored = old.basic_get(queue.name, no_ack=False)
+            assert kept is not None
+            assert restored is not None
+            new = conn.channel()
+            consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=new))
+
+            assert internals.keep_unacked_on_close(SimpleNamespace(message=kept), consumer)
+            old.close()
+            assert 1 == client.llen(queue.name), "only the message not kept went back"
+            assert client.hexists("unacked", kept.delivery_tag)
+            assert not client.hexists("unacked", restored.delivery_tag)
+            kept.ack()
+            assert not client.hexists("unacked", kept.delivery_tag)
+            assert not internals.keep_unacked_on_close(SimpleNamespace(message=kept), consumer)
+            new.queue_delete(queue.name)
+            new.close()
+        client.close()
+
     def test_a_dropped_acknowledgement_is_never_sent_and_celery_does_not_kill(
         self, app: Celery, messages: Messages, caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -3,7 +3,9 @@
 With RabbitMQ the broker requeues the unacked message at once and another
 worker starts it: the first copy must stop (cleanup run, nothing stored),
 so the task never runs twice at once and ends SUCCESS from the other
-worker's run.  With Redis nothing is redelivered, so nothing is stopped.
+worker's run.  With Redis nothing is stopped, and the running task's message
+is kept out of what kombu restores as it closes the dead channel, so no other
+worker starts it while it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from .conftest import BROKERS, Keys, Worker, state_of, task_meta, wait_for, wait_state
 from .proxy import TcpProxy
@@ -146,23 +149,51 @@ def test_the_setting_turns_it_off(
     assert "worker.connection_lost" not in a.log_path.read_text(errors="replace")
 
 
-def test_redis_connection_loss_stops_nothing(
-    make_worker: Callable[..., Worker], keys: Keys, proxy_for: Callable[[str], TcpProxy]
+@pytest.mark.parametrize("refused_s", [1.5, 0.0])
+def test_redis_connection_loss_stops_nothing_and_runs_nothing_twice(
+    make_worker: Callable[..., Worker],
+    keys: Keys,
+    proxy_for: Callable[[str], TcpProxy],
+    refused_s: float,
 ) -> None:
-    """Cut A's Redis broker connection while it runs an acks_late task: Redis
-    redelivers nothing, so the task is not stopped and ends SUCCESS from its
-    only run."""
+    """Cut A's Redis broker connection while it runs an acks_late task, with B
+    consuming the same queue: the task is not stopped, B never starts it, and
+    it ends SUCCESS from its only run.  kombu's Redis transport puts a closing
+    channel's unacked messages back on their queue; A keeps the running task's
+    message out of that (``worker.connection_lost``, ``how='kept_running'``).
+    ``refused_s``: the proxy refuses A for that long, or lets it back at once.
+    Before, kombu tried that restore, and on kombu 5.7 it raised and took the
+    worker down ("Unrecoverable error") once the task had ended; where the
+    restore succeeds, B would start a second copy while A's still runs."""
     proxy = proxy_for("redis")
     a = make_worker(
         broker="redis", concurrency=1, extra_env={"CIT_BROKER_URL": _proxied("redis", proxy)}
     )
     result = a.send("cit.rerun.late", keys.key("t"), 4.0)
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the run to start on A")
+    make_worker(broker="redis", concurrency=1, queue=a.queue)
     proxy.cut()
-    time.sleep(1.5)
+    time.sleep(refused_s)
     proxy.restore()
     wait_state(result, ("SUCCESS", "FAILURE", "REVOKED"), 30)
+    # B had every chance: it idles on the queue for a while after the end.
+    time.sleep(2.0)
     assert state_of(result) == "SUCCESS", task_meta(result)
     assert result.get(timeout=5).startswith("run 1 on ")
     assert [line[0] for line in log_lines(keys, "t")] == ["start", "done"]
-    assert "worker.connection_lost" not in a.log_path.read_text(errors="replace")
+    log = a.log_path.read_text(errors="replace")
+    assert f"worker.connection_lost task_ids=['{result.id}'] how='kept_running'" in log
+    assert "Restoring 1 unacknowledged message" not in log
+    # kombu 5.7's restore at that close raised AttributeError (the connection
+    # it would restore through was already released): "Unrecoverable error",
+    # and A shut down once its task had ended.
+    assert "Unrecoverable error" not in log
+    assert a.alive()
+    # Its ack went through A's new channel: nothing is left unacked for the
+    # visibility timeout to bring back (a run more, an hour later).
+    broker = redis.Redis.from_url(BROKERS["redis"])
+    try:
+        unacked = broker.hvals("unacked")
+    finally:
+        broker.close()
+    assert [] == [m for m in unacked if result.id.encode() in m]

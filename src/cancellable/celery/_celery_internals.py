@@ -1419,11 +1419,86 @@ def redelivers_unacked(connection: Any) -> bool:
 
     ``Connection.transport.driver_type`` is ``"amqp"`` for the ``pyamqp``
     and ``librabbitmq`` transports (an AMQP broker requeues the unacked
-    deliveries of a closed channel at once); ``"redis"``, ``"SQS"`` and the
-    others restore them only after a visibility timeout.  kombu 5.3 to 5.7.
+    deliveries of a closed channel at once).  kombu's Redis transport
+    restores them itself when the channel closes (`restores_unacked_on_close`);
+    ``"SQS"`` and the others only after a visibility timeout.  kombu 5.3 to 5.7.
     """
     transport = getattr(connection, "transport", None)
     return getattr(transport, "driver_type", None) == "amqp"
+
+
+def restores_unacked_on_close(connection: Any) -> bool:
+    """Whether closing the kombu connection's channels puts their unacked messages back at once.
+
+    kombu's Redis transport (``driver_type == "redis"``) does, when its
+    channel closes (``Channel.close`` -> ``QoS.restore_unacked_once``, with
+    ``QoS.restore_at_shutdown`` and ``Channel.do_restore`` true by default):
+    each message delivered on the channel and not acked yet goes back on
+    its queue, if the server answers at that moment.  A consumer that lost
+    its connection closes it, so another worker may start a running task
+    again while it still runs.  kombu 5.3 to 5.7.
+    """
+    transport = getattr(connection, "transport", None)
+    if getattr(transport, "driver_type", None) != "redis":
+        return False
+    qos = getattr(getattr(transport, "Channel", None), "QoS", None)
+    return bool(getattr(qos, "restore_at_shutdown", False))
+
+
+def keep_unacked_on_close(request: Any, consumer: Any) -> bool:
+    """Keep ``request``'s message out of what its Redis channel restores when it closes.
+
+    Removes the message's delivery tag from the channel's
+    ``QoS._delivered`` (what ``restore_unacked_once`` walks): the message
+    stays in the server's unacked hash.  Its channel is then replaced by
+    `_AckThroughCurrent`, so that the ack Celery sends when the task ends
+    goes through the consumer's channel of that moment (kombu 5.7 cannot
+    ack through a closed Redis channel: ``QoS.ack`` raised AttributeError,
+    an "Unrecoverable error" that took the worker down).  If the worker has
+    no channel then, or dies first, the message stays unacked and kombu's
+    ``restore_visible`` puts it back after the visibility timeout.  False
+    if the message is not there (acked, restored, or not delivered on a
+    virtual channel).  Undocumented; kombu 5.3 to 5.7
+    (``Message.channel``, ``QoS._delivered``), Celery's ``Request.message``
+    and ``Consumer.task_consumer``.
+    """
+    message = getattr(request, "message", None)
+    tag = getattr(message, "delivery_tag", None)
+    channel = getattr(message, "channel", None)
+    delivered = getattr(getattr(channel, "qos", None), "_delivered", None)
+    if message is None or tag is None or not isinstance(delivered, dict):
+        return False
+    if delivered.pop(tag, None) is None:
+        return False
+    message.channel = _AckThroughCurrent(channel, consumer)
+    return True
+
+
+class _AckThroughCurrent:
+    """A kept message's channel: acks and rejects go to the consumer's live channel."""
+
+    def __init__(self, old: Any, consumer: Any) -> None:
+        self._old = old
+        self._consumer = consumer
+
+    def _current(self) -> Any | None:
+        channel = getattr(getattr(self._consumer, "task_consumer", None), "channel", None)
+        if channel is None or channel is self._old or getattr(channel, "connection", None) is None:
+            return None
+        return channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._current() or self._old, name)
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        channel = self._current()
+        if channel is not None:  # else: unacked, back after the visibility timeout
+            channel.basic_ack(delivery_tag, multiple=multiple)
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        channel = self._current()
+        if channel is not None:
+            channel.basic_reject(delivery_tag, requeue=requeue)
 
 
 def drop_acknowledgement(request: Any) -> None:

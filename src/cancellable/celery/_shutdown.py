@@ -55,6 +55,7 @@ __all__ = [
     "cancel_running",
     "connection_lost",
     "is_sent_back",
+    "keep_running",
     "send_back",
     "shutdown_requested",
 ]
@@ -112,7 +113,7 @@ def cancel_running(
     if source == "shutdown":
         logger.info(WORKER_SHUTDOWN, task_ids=cancelled, grace_s=grace)
     elif cancelled:
-        logger.warning(WORKER_CONNECTION_LOST, task_ids=cancelled)
+        logger.warning(WORKER_CONNECTION_LOST, task_ids=cancelled, how="cancelled")
     return cancelled
 
 
@@ -157,23 +158,52 @@ def connection_lost(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def on_connection_error_after_connected(consumer: Any, exc: Any) -> Any:
         rt = runtime().worker
+        connection = getattr(consumer, "connection", None)
         if (
             rt is not None
             and rt.serves(getattr(consumer, "app", None))
             and rt.settings.cancel_on_connection_loss
-            and celery_internals.redelivers_unacked(getattr(consumer, "connection", None))
         ):
             try:
-                requests = celery_internals.worker_requests()
-                for task_id in cancel_running(rt, "connection_lost", None, acks_late_only=True):
-                    request = requests.get(task_id)
-                    if request is not None:
-                        celery_internals.drop_acknowledgement(request)
+                if celery_internals.redelivers_unacked(connection):
+                    requests = celery_internals.worker_requests()
+                    for task_id in cancel_running(rt, "connection_lost", None, acks_late_only=True):
+                        request = requests.get(task_id)
+                        if request is not None:
+                            celery_internals.drop_acknowledgement(request)
+                elif celery_internals.restores_unacked_on_close(connection):
+                    keep_running(rt, consumer)
             except Exception as error:  # noqa: BLE001 - never break the consumer's restart
                 logger.error(CANCEL_DELIVERY_FAILED, error=repr(error), exc_info=error)
         return original(consumer, exc)
 
     return on_connection_error_after_connected
+
+
+def keep_running(rt: WorkerRuntime, consumer: Any) -> list[str]:
+    """Redis: keep the running ``@cancellable`` ``acks_late`` tasks' messages where they are.
+
+    kombu's Redis transport puts a closing channel's unacked messages back
+    on their queue (`celery_internals.restores_unacked_on_close`), so
+    another worker would start a running task again while it runs.  Their
+    messages are kept out of that restore instead: the tasks run on, and
+    each one's ack, through the consumer's new channel, removes its message
+    when it ends (or the visibility timeout brings it back if this worker
+    dies first).  Nothing is
+    cancelled.  Returns the ids kept; logs ``worker.connection_lost``.
+    """
+    requests = celery_internals.worker_requests()
+    kept: list[str] = []
+    for task_id in dict.fromkeys(celery_internals.active_request_ids()):
+        request = requests.get(task_id)
+        task = _task_of(rt, request)
+        if task is None or cancellable_options(task) is None or not task.acks_late:
+            continue
+        if celery_internals.keep_unacked_on_close(request, consumer):
+            kept.append(task_id)
+    if kept:
+        logger.warning(WORKER_CONNECTION_LOST, task_ids=kept, how="kept_running")
+    return kept
 
 
 def send_back(task: Any, request: Any, reason: CancelReason) -> NoReturn:
