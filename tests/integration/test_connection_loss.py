@@ -14,9 +14,9 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 
 import pytest
+from tests.proxy import TcpProxy
 
 from .conftest import BROKERS, Keys, Worker, state_of, task_meta, wait_for, wait_state
-from .proxy import TcpProxy
 from .reruns import StateWatch, log_lines
 
 

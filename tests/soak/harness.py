@@ -216,7 +216,9 @@ def worker_env(
     run_dir: Path,
     visibility_timeout: float,
     with_cancellable: bool = True,
+    ledger_url: str | None = None,
 ) -> dict[str, str]:
+    """The environment of a soak worker (``ledger_url`` None: the ledger is at ``redis_url``)."""
     env = dict(os.environ)
     for name in list(env):
         if name.startswith(("CELERY_", "SOAK_", "CIT_")):
@@ -233,6 +235,8 @@ def worker_env(
         SOAK_VISIBILITY_TIMEOUT=str(visibility_timeout),
         SOAK_WITH_CANCELLABLE="1" if with_cancellable else "0",
     )
+    if ledger_url is not None:
+        env["SOAK_LEDGER_URL"] = ledger_url
     return env
 
 

@@ -22,6 +22,10 @@ ENV_SEED = "CANCELLABLE_SOAK_SEED"
 ENV_MINUTES = "CANCELLABLE_SOAK_MINUTES"
 ENV_DIR = "CANCELLABLE_SOAK_DIR"
 ENV_GRACE = "CANCELLABLE_SOAK_GRACE"
+ENV_LEDGER = "CANCELLABLE_SOAK_LEDGER"
+#: The ledgers a soak can run against: the soak's own Redis (the default), or a
+#: PostgreSQL database the soak creates for the run and drops afterwards.
+LEDGERS = ("redis", "postgresql")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,14 @@ class Mode:
     hangs: int = 0
     hang_seconds: tuple[float, float] = (10.0, 10.0)
     hang_revokes: int = 4
+    #: Connection cuts: the TCP proxy between the workers and the soak's Redis
+    #: drops every connection, refuses new ones for a while (0 to
+    #: ``cut_refuse_seconds[1]``; a third of the cuts accept again at once),
+    #: then accepts again.
+    connection_cuts: int = 0
+    cut_refuse_seconds: tuple[float, float] = (0.5, 3.0)
+    #: Where the workers and the client record cancellations (`LEDGERS`).
+    ledger: str = "redis"
 
     def describe(self) -> str:
         return (
@@ -61,8 +73,8 @@ class Mode:
             f"workers={self.workers}x{self.concurrency} child_kills={self.child_kills} "
             f"worker_kills={self.worker_kills} redis_restarts={self.redis_restarts} "
             f"hangs={self.hangs}x{self.hang_seconds[0]:.0f}-{self.hang_seconds[1]:.0f}s "
-            f"warm_shutdowns={self.warm_shutdowns} "
-            f"groups={self.groups}x{self.group_size}"
+            f"warm_shutdowns={self.warm_shutdowns} connection_cuts={self.connection_cuts} "
+            f"groups={self.groups}x{self.group_size} ledger={self.ledger}"
         )
 
 
@@ -74,6 +86,9 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
     seed_text = env.get(ENV_SEED, "").strip()
     seed = int(seed_text) if seed_text else random.SystemRandom().randrange(1, 10**6)
     grace = float(env.get(ENV_GRACE, "1.0"))
+    ledger = env.get(ENV_LEDGER, "redis").strip().lower() or "redis"
+    if ledger not in LEDGERS:
+        raise ValueError(f"{ENV_LEDGER} must be one of {', '.join(LEDGERS)}, not {ledger!r}")
     if name == "short":
         return Mode(
             name="short",
@@ -100,6 +115,8 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
             hangs=1,
             hang_seconds=(10.0, 10.0),
             hang_revokes=4,
+            connection_cuts=2,
+            ledger=ledger,
         )
     minutes = float(env.get(ENV_MINUTES, "8"))
     if minutes <= 0:
@@ -129,6 +146,8 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
         hangs=max(3, int(minutes / 2)),
         hang_seconds=(10.0, 30.0),
         hang_revokes=8,
+        connection_cuts=max(4, int(minutes)),
+        ledger=ledger,
     )
 
 
@@ -140,7 +159,7 @@ GROUP_WEIGHTS = {"short": 0.8, "long": 0.1, "slow_cleanup": 0.1}
 class Action:
     at: float  # seconds after the schedule starts
     kind: str  # "cancel", "group", "kill_child", "kill_worker", "restart_redis", "hang_redis",
-    # "warm_shutdown"
+    # "warm_shutdown", "cut_connections"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -230,6 +249,7 @@ def make_plan(mode: Mode) -> Plan:
         + ["restart_redis"] * mode.redis_restarts
         + ["hang_redis"] * mode.hangs
         + ["warm_shutdown"] * mode.warm_shutdowns
+        + ["cut_connections"] * mode.connection_cuts
     )
     rng.shuffle(faults)
     lo, hi = 0.1 * mode.duration, 0.85 * mode.duration
@@ -242,6 +262,13 @@ def make_plan(mode: Mode) -> Plan:
         if kind == "hang_redis":
             params["pause_for"] = round(rng.uniform(*mode.hang_seconds), 2)
             params["revokes"] = mode.hang_revokes
+        if kind == "cut_connections":
+            # A third accept again at once (the workers reconnect while their
+            # tasks run on); the others are refused for a while first.
+            refuse = rng.random() >= 1 / 3
+            params["refuse_for"] = (
+                round(rng.uniform(*mode.cut_refuse_seconds), 2) if refuse else 0.0
+            )
         actions.append(Action(round(at, 3), kind, params))
     actions.sort(key=lambda a: a.at)
     return Plan(mode, tasks, actions)
