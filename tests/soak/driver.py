@@ -627,7 +627,8 @@ class Soak:
         redelivers nothing on a lost connection, so the library stops
         nothing (docs/shutdown.md): the audit's rules for uncancelled tasks
         (no checkpoint raised, no hook, SUCCESS) and for overlapping runs
-        judge it.  While the workers are cut off, the driver cancels one
+        judge it.  While the workers are cut off (a cut that refuses
+        connections for a while), the driver cancels one
         running task with ``cancel()`` (its client reaches Redis directly):
         no worker hears the broadcast, so the task learns of it from the
         ledger, once the cut is over (the Redis ledger, cut off too: the
@@ -642,7 +643,10 @@ class Soak:
         began = time.time()
         self.note(f"connection cut: {held} connection(s) dropped, refusing for {refuse_for:.2f}s")
         during: list[CancelRecord] = []
-        if self.with_cancellable:
+        # A cut that accepts again at once lets the workers reconnect while
+        # their consumers still clean up the old connection (kombu restores
+        # their unacknowledged messages then): nothing is cancelled in between.
+        if self.with_cancellable and refuse_for > 0:
             pick = self.pick("running", 1)
             if pick:
                 self.cancelled.update(pick)
