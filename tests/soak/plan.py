@@ -23,6 +23,7 @@ ENV_MINUTES = "CANCELLABLE_SOAK_MINUTES"
 ENV_DIR = "CANCELLABLE_SOAK_DIR"
 ENV_GRACE = "CANCELLABLE_SOAK_GRACE"
 ENV_LEDGER = "CANCELLABLE_SOAK_LEDGER"
+ENV_CUTS = "CANCELLABLE_SOAK_CUTS"
 #: The ledgers a soak can run against: the soak's own Redis (the default), or a
 #: PostgreSQL database the soak creates for the run and drops afterwards.
 LEDGERS = ("redis", "postgresql")
@@ -89,6 +90,16 @@ def mode_from_env(env: dict[str, str] | None = None) -> Mode:
     ledger = env.get(ENV_LEDGER, "redis").strip().lower() or "redis"
     if ledger not in LEDGERS:
         raise ValueError(f"{ENV_LEDGER} must be one of {', '.join(LEDGERS)}, not {ledger!r}")
+    mode = _mode(name, seed, grace, ledger, env)
+    cuts_text = env.get(ENV_CUTS, "").strip()
+    if cuts_text:
+        if not cuts_text.isdigit():
+            raise ValueError(f"{ENV_CUTS} must be a whole number of cuts, not {cuts_text!r}")
+        mode = dataclasses.replace(mode, connection_cuts=int(cuts_text))
+    return mode
+
+
+def _mode(name: str, seed: int, grace: float, ledger: str, env: dict[str, str]) -> Mode:
     if name == "short":
         return Mode(
             name="short",

@@ -41,7 +41,7 @@ from . import aof
 from .audit import CancelRecord, KillRecord, TaskRecord, audit, runs_of
 from .driver import Soak
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, wait_for, worker_env
-from .plan import ENV_LEDGER, make_plan, mode_from_env
+from .plan import ENV_CUTS, ENV_LEDGER, make_plan, mode_from_env
 from .settings import make_app
 
 
@@ -300,3 +300,15 @@ def test_the_ledger_is_chosen_by_environment() -> None:
     assert "postgresql" == mode_from_env({ENV_LEDGER: "PostgreSQL"}).ledger
     with pytest.raises(ValueError, match=ENV_LEDGER):
         mode_from_env({ENV_LEDGER: "mysql"})
+
+
+def test_the_number_of_cuts_is_chosen_by_environment() -> None:
+    """``CANCELLABLE_SOAK_CUTS`` replaces the mode's number of cuts (0: none planned)."""
+    assert 2 == mode_from_env({}).connection_cuts
+    none = mode_from_env({ENV_CUTS: "0", "CANCELLABLE_SOAK_SEED": "5"})
+
+    assert 0 == none.connection_cuts
+    assert not [a for a in make_plan(none).actions if a.kind == "cut_connections"]
+    assert 6 == mode_from_env({ENV_CUTS: "6", "CANCELLABLE_SOAK": "long"}).connection_cuts
+    with pytest.raises(ValueError, match=ENV_CUTS):
+        mode_from_env({ENV_CUTS: "some"})
