@@ -14,9 +14,10 @@ cancellation reached its worker: it is judged as a *running* task that was
 cancelled (it must stop at a checkpoint, run its hook once, end REVOKED).
 A run that starts later than that ran *after* the cancellation: a violation.
 A call made while the soak's proxy had cut the workers off from Redis (their
-broker, result backend and, with the Redis ledger, their ledger) can reach
-them only once the proxy accepts connections again: for it, ``t_end`` is
-replaced by that time (`CancelRecord.effective`).
+broker, result backend and, with the Redis ledger, their ledger), or whose
+grace had not run out when the cut began, can reach them only once the proxy
+accepts connections again: for it, ``t_end`` is replaced by that time
+(`CancelRecord.effective`).
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ class CancelRecord:
     ledger_warning: bool = False
     #: The tasks cancel()'s receipt said had finished (it left them alone).
     finished: list[str] = dataclasses.field(default_factory=list)
-    #: The call was made while the workers' connections to the soak's Redis
-    #: (their broker, result backend and ledger) were cut: no worker could
-    #: hear of it before this time, when the proxy accepted connections again
-    #: (None: not during a cut, or the workers' ledger was not cut off).
+    #: The workers' connections to the soak's Redis (their broker, result
+    #: backend and ledger) were cut while the call was made, or before its
+    #: grace had run out (its broadcast may still have been on its way): no
+    #: worker could hear of it before this time, when the proxy accepted
+    #: connections again (None: no cut then, or the workers' ledger was not
+    #: cut off).
     cut_until: float | None = None
 
     @property
@@ -310,6 +313,23 @@ def mark_unheard(cancels: list[CancelRecord], recorded: set[str]) -> None:
         plain = record.method in ("revoke", "control")
         if plain and record.outcome == "issued" and not recorded & set(record.task_ids):
             record.outcome = "unheard"
+
+
+def mark_cut_off(
+    cancels: list[CancelRecord], cuts: list[tuple[float, float]], grace: float
+) -> None:
+    """Set `CancelRecord.cut_until` of the calls a connection cut kept from the workers.
+
+    For a soak whose workers' ledger is its Redis, which each cut
+    (``(began, ended)``) cuts off with their broker: a call made during the
+    cut, or so shortly before it that its broadcast may still have been on
+    its way (its grace had not run out when the cut began), reaches the
+    workers only from the ledger, once the cut is over.
+    """
+    for record in cancels:
+        for began, ended in cuts:
+            if record.t_begin < ended and record.t_end + grace > began:
+                record.cut_until = max(record.cut_until or ended, ended)
 
 
 #: The category of a task whose message the broker lost (see `audit_task`).

@@ -632,17 +632,17 @@ class Soak:
         running task with ``cancel()`` (its client reaches Redis directly):
         no worker hears the broadcast, so the task learns of it from the
         ledger, once the cut is over (the Redis ledger, cut off too: the
-        call is judged from then, `CancelRecord.cut_until`) or at once (a
+        call, like every call whose grace had not run out when the cut
+        began, is judged from then, `CancelRecord.cut_until`) or at once (a
         PostgreSQL ledger, which the cut does not touch).  Once every worker
         answers pings again, one more running task is cancelled.
         """
         assert self.proxy is not None
         refuse_for = float(action.params.get("refuse_for", 0.0))
         held = self.proxy.connections() // 2
-        self.proxy.cut()
         began = time.time()
+        self.proxy.cut()
         self.note(f"connection cut: {held} connection(s) dropped, refusing for {refuse_for:.2f}s")
-        during: list[CancelRecord] = []
         # A cut that accepts again at once lets the workers reconnect while
         # their consumers still clean up the old connection (kombu restores
         # their unacknowledged messages then): nothing is cancelled in between.
@@ -652,15 +652,13 @@ class Soak:
                 self.cancelled.update(pick)
                 count = len(self.cancels)
                 self.issue("cancel", pick, False, retries, None)
-                during = [c for c in self.cancels[count:] if c.outcome == "issued"]
-                self.cut_cancels["during"] += len(during)
+                self.cut_cancels["during"] += sum(
+                    c.outcome == "issued" for c in self.cancels[count:]
+                )
         time.sleep(max(0.0, refuse_for - (time.time() - began)))
         self.proxy.restore()
         ended = time.time()
         self.cuts.append((began, ended))
-        if self.ledger_url is None:
-            for record in during:
-                record.cut_until = ended
         self.note(f"connection cut over after {ended - began:.2f}s; accepting again")
         self.wait_for_pings("the cut")
         if self.with_cancellable:
@@ -790,6 +788,9 @@ class Soak:
                 record.outcome = "uncertain"
                 record.error = (record.error or "") + " (blocked while Redis was down)"
         self.mark_unheard_revokes()
+        if self.ledger_url is None:
+            # The workers' ledger (the soak's Redis) was cut off with their broker.
+            audit_mod.mark_cut_off(self.cancels, self.cuts, self.mode.grace)
         metas = self.states()
         events = {t: read_events(self.events_dir, t) for t in self.tasks}
         pending = [t for t, m in metas.items() if m.get("status") == "PENDING"]

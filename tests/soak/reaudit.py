@@ -29,6 +29,7 @@ from .audit import (
     audit,
     faults_of,
     lost_by_broker,
+    mark_cut_off,
     mark_unheard,
 )
 from .harness import RedisServer, free_port, read_events
@@ -78,10 +79,12 @@ def reaudit(run_dir: Path) -> str:
         finally:
             server.stop()
     mark_unheard(cancels, recorded)
+    cuts = [(began, ended) for began, ended in data.get("cuts", [])]
+    if data.get("ledger_task_ids") is None:  # the Redis ledger, cut off with the broker
+        mark_cut_off(cancels, cuts, float(data["mode"]["grace"]))
     pending = [tasks[t] for t, m in metas.items() if m.get("status") == "PENDING"]
     logs = "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.log")))
     restarts = [(began, ended) for began, ended in data.get("restarts", [])]
-    cuts = [(began, ended) for began, ended in data.get("cuts", [])]
     commands = read_commands(run_dir / "redis")
     queue = data.get("queue") or _queue_of(commands or [])
     pops = None if commands is None or queue is None else unrecorded_pops(commands, queue)

@@ -15,6 +15,7 @@ from .audit import (
     audit_task,
     faults_of,
     lost_by_broker,
+    mark_cut_off,
 )
 
 T0 = 1_000_000.0
@@ -460,3 +461,15 @@ class TestCancelDuringACut:
         verdict = judge("short", [started(5), ev("finished", 5.2)], SUCCESS, cancel)
 
         assert "a cancelled task ran after the cancel" in rules(verdict)
+
+    def test_mark_cut_off_names_the_calls_the_cut_kept_from_the_workers(self) -> None:
+        """A cut from +5 s to +8 s (grace 1 s): the calls made during it and the one
+        that returned 0.5 s before it count from +8 s; one 2 s before it, or after
+        it, does not."""
+        calls = {at: cancel_at(at, "running") for at in (3.0, 4.5, 6.0, 8.5)}
+        mark_cut_off(list(calls.values()), [(T0 + 5.0, T0 + 8.0)], GRACE)
+
+        assert {3.0: None, 4.5: T0 + 8.0, 6.0: T0 + 8.0, 8.5: None} == {
+            at: c.cut_until for at, c in calls.items()
+        }
+        assert T0 + 8.0 == calls[4.5].effective
