@@ -278,7 +278,7 @@ def test_the_plan_cuts_connections() -> None:
     """Each mode plans its connection cuts (the short mode's all refuse
     connections for a while; some of the long mode's accept again at once),
     reproducibly from the seed."""
-    for env in ({"CANCELLABLE_SOAK_SEED": "5"},
+    for env in ({"CANCELLABLE_SOAK_SEED": "5", ENV_CUTS: "2"},
                 {"CANCELLABLE_SOAK": "long", "CANCELLABLE_SOAK_SEED": "5",
                  "CANCELLABLE_SOAK_MINUTES": "6"}):  # fmt: skip
         mode = mode_from_env(env)
@@ -306,9 +306,11 @@ def test_the_ledger_is_chosen_by_environment() -> None:
 
 
 def test_the_number_of_cuts_is_chosen_by_environment() -> None:
-    """``CANCELLABLE_SOAK_CUTS`` replaces the mode's number of cuts (0: none planned)."""
-    assert 2 == mode_from_env({}).connection_cuts
-    none = mode_from_env({ENV_CUTS: "0", "CANCELLABLE_SOAK_SEED": "5"})
+    """``CANCELLABLE_SOAK_CUTS`` replaces the mode's number of cuts (0: none planned;
+    the short mode, in ``make test``, has none by default)."""
+    assert 0 == mode_from_env({}).connection_cuts
+    assert 2 == mode_from_env({ENV_CUTS: "2"}).connection_cuts
+    none = mode_from_env({ENV_CUTS: "0", "CANCELLABLE_SOAK": "long", "CANCELLABLE_SOAK_SEED": "5"})
 
     assert 0 == none.connection_cuts
     assert not [a for a in make_plan(none).actions if a.kind == "cut_connections"]
