@@ -410,6 +410,7 @@ class TestInterruptedCleanup:
     ]  # fmt: skip
 
     def test_a_hook_that_never_ended_is_flagged(self) -> None:
+        """Stopped at a checkpoint, its hook began and never ended, and nothing killed it."""
         verdict = judge("slow_cleanup", self.EVENTS, revoked(), cancel_at(1, "running"))
 
         assert ["an interrupted run did not finish its cleanup"] == rules(verdict)
