@@ -335,7 +335,11 @@ class Worker:
         return {self.pid, *kids}
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM); SIGKILL everything after ``timeout``."""
+        """Warm shutdown (SIGTERM); SIGKILL everything after ``timeout``.
+
+        A worker still alive then first gets ``SIGUSR1``, on which Celery
+        logs the stack of each of its threads: its log says where it hung.
+        """
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -344,6 +348,10 @@ class Worker:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=1.0)
                 kids |= self.children()
                 self.proc.kill()
                 self.proc.wait(timeout=10)
