@@ -14,7 +14,8 @@ holds before ``@cancellable`` is involved.
 * a worker behind the soak's TCP proxy (`tests.proxy`) survives a cut of all
   its connections: its running task runs once, to SUCCESS, and the worker
   answers pings and serves tasks again once the proxy accepts connections;
-* the plan's connection cuts and the choice of ledger (``CANCELLABLE_SOAK_LEDGER``).
+* the plan's connection cuts and the choice of ledger (``CANCELLABLE_SOAK_LEDGER``);
+* a worker that outlives its stop timeout logs its threads' stacks before it is killed.
 
 The workers here run with ``SOAK_WITH_CANCELLABLE=0``: the task module does
 not import `cancellable`, and its tasks are not ``@cancellable``.  The
@@ -317,3 +318,48 @@ def test_the_number_of_cuts_is_chosen_by_environment() -> None:
     assert 6 == mode_from_env({ENV_CUTS: "6", "CANCELLABLE_SOAK": "long"}).connection_cuts
     with pytest.raises(ValueError, match=ENV_CUTS):
         mode_from_env({ENV_CUTS: "some"})
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(120)
+def test_a_worker_that_outlives_its_stop_logs_its_threads(tmp_path: Path) -> None:
+    """`Worker.stop` of a worker still busy after the timeout: it gets SIGUSR1
+    first (Celery logs every thread's stack to the worker's log), then SIGKILL."""
+    if RedisServer.binary() is None:
+        pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
+    name = queue = f"soak-stop-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "events").mkdir()
+    server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+    server.start()
+    app = make_app(
+        main=name, redis_url=server.url, queue=queue, control_exchange=name, visibility_timeout=20
+    )
+    env = worker_env(
+        app_name=name,
+        redis_url=server.url,
+        queue=queue,
+        control_exchange=name,
+        run_dir=tmp_path,
+        visibility_timeout=20,
+        with_cancellable=False,
+    )
+    worker = Worker.make(run_dir=tmp_path, queue=queue, concurrency=1, env=env, label="stop")
+    task_id = str(uuid.uuid4())
+    try:
+        worker.spawn()
+        worker.wait_ready(app, 1)
+        app.send_task("soak.plain", args=[30.0], task_id=task_id)
+        wait_for(lambda: read_events(tmp_path / "events", task_id), 30, message="the task")
+        began = time.monotonic()
+        worker.stop(timeout=2.0)  # a warm shutdown waits for the plain task
+        took = time.monotonic() - began
+    finally:
+        worker.stop()
+        app.close()
+        server.stop()
+
+    assert not worker.alive()
+    assert took < 15, took
+    log = worker.log_path.read_text(errors="replace")
+    assert "MainThread" in log, worker.tail()
+    assert "LOCAL VARIABLES" in log, worker.tail()
