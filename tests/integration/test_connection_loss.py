@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from tests.proxy import TcpProxy
 
 from .conftest import BROKERS, Keys, Worker, state_of, task_meta, wait_for, wait_state
-from .proxy import TcpProxy
 from .reruns import StateWatch, log_lines
 
 

@@ -100,7 +100,9 @@ if WITH_CANCELLABLE:
     from cancellable import Cancelled, cancellable, checkpoint, on_cancel
     from cancellable.celery import configure
 
-    configure(app, ledger_url=os.environ[ENV_PREFIX + "REDIS_URL"], poll_interval=0.5)
+    # The ledger: the soak's Redis, or the database SOAK_LEDGER_URL names.
+    ledger_url = os.environ.get(ENV_PREFIX + "LEDGER_URL") or os.environ[ENV_PREFIX + "REDIS_URL"]
+    configure(app, ledger_url=ledger_url, poll_interval=0.5)
 else:
     # The same tasks without the library (checkpoints and hooks do nothing):
     # a soak over these shows that the audit catches tasks that do not stop.

@@ -13,6 +13,11 @@ later than ``t_end + grace`` may legitimately have started before the
 cancellation reached its worker: it is judged as a *running* task that was
 cancelled (it must stop at a checkpoint, run its hook once, end REVOKED).
 A run that starts later than that ran *after* the cancellation: a violation.
+A call made while the soak's proxy had cut the workers off from Redis (their
+broker, result backend and, with the Redis ledger, their ledger), or whose
+grace had not run out when the cut began, can reach them only once the proxy
+accepts connections again: for it, ``t_end`` is replaced by that time
+(`CancelRecord.effective`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ from .aof import Pop
 CHECKPOINT_KINDS = frozenset({"short", "long", "slow_cleanup"})
 KINDS = ("short", "long", "slow_cleanup", "no_checkpoint")
 FINAL = frozenset({"SUCCESS", "REVOKED", "FAILURE"})
-#: How long a run may start before the run a warm shutdown stopped has ended
-#: (docs/shutdown.md promises none: the message goes back after the cleanup).
+#: How long a run of a task may start before an earlier run of it has ended.
+#: docs/shutdown.md promises no overlap at all here: after a warm shutdown the
+#: message goes back only after the cleanup, and a lost connection to a Redis
+#: broker redelivers nothing (the message comes back after its visibility
+#: timeout, longer than any soak task).  A run killed with SIGKILL has ended
+#: by its last event at the latest.
 OVERLAP_BOUND = 0.0
 #: A cancel issued this long after a task's ``finished`` event finds SUCCESS stored.
 STORED_AFTER = 2.0
@@ -68,6 +77,18 @@ class CancelRecord:
     ledger_warning: bool = False
     #: The tasks cancel()'s receipt said had finished (it left them alone).
     finished: list[str] = dataclasses.field(default_factory=list)
+    #: The workers' connections to the soak's Redis (their broker, result
+    #: backend and ledger) were cut while the call was made, or before its
+    #: grace had run out (its broadcast may still have been on its way): no
+    #: worker could hear of it before this time, when the proxy accepted
+    #: connections again (None: no cut then, or the workers' ledger was not
+    #: cut off).
+    cut_until: float | None = None
+
+    @property
+    def effective(self) -> float:
+        """From when the workers could hear of this call: its return, or the cut's end."""
+        return max(self.t_end, self.cut_until or self.t_end)
 
     @property
     def expected_text(self) -> list[str]:
@@ -260,6 +281,11 @@ def runs_of(events: list[dict[str, Any]], kills: list[KillRecord]) -> tuple[list
     return sorted(runs.values(), key=lambda r: r.started), problems
 
 
+def killed_after(run: Run, kills: list[KillRecord]) -> bool:
+    """A kill record names the run's process, at or after the run began (ended or not)."""
+    return any(run.pid in k.pids and k.ts >= run.started for k in kills)
+
+
 def describe_runs(runs: list[Run], origin: float | None) -> list[str]:
     def at(ts: float | None) -> str:
         if ts is None:
@@ -289,6 +315,23 @@ def mark_unheard(cancels: list[CancelRecord], recorded: set[str]) -> None:
             record.outcome = "unheard"
 
 
+def mark_cut_off(
+    cancels: list[CancelRecord], cuts: list[tuple[float, float]], grace: float
+) -> None:
+    """Set `CancelRecord.cut_until` of the calls a connection cut kept from the workers.
+
+    For a soak whose workers' ledger is its Redis, which each cut
+    (``(began, ended)``) cuts off with their broker: a call made during the
+    cut, or so shortly before it that its broadcast may still have been on
+    its way (its grace had not run out when the cut began), reaches the
+    workers only from the ledger, once the cut is over.
+    """
+    for record in cancels:
+        for began, ended in cuts:
+            if record.t_begin < ended and record.t_end + grace > began:
+                record.cut_until = max(record.cut_until or ended, ended)
+
+
 #: The category of a task whose message the broker lost (see `audit_task`).
 LOST_BY_BROKER = "lost by the broker"
 
@@ -309,14 +352,21 @@ class Fault:
     what: str
 
 
-def faults_of(kills: list[KillRecord], restarts: list[tuple[float, float]]) -> list[Fault]:
-    """The workers killed with ``kill -9`` or that exited on their own, and the Redis restarts."""
+def faults_of(
+    kills: list[KillRecord],
+    restarts: list[tuple[float, float]],
+    cuts: list[tuple[float, float]] | tuple[()] = (),
+) -> list[Fault]:
+    """The workers killed with ``kill -9`` or that exited on their own, the Redis
+    restarts, and the connection cuts (every worker's connections to Redis dropped
+    at once, by the soak's proxy: to a worker, Redis went away)."""
     found = [
         Fault(k.ts, k.ts, f"kill -9 of {k.worker}" if k.what == "worker" else f"{k.worker} exited")
         for k in kills
         if k.what in ("worker", "died")
     ]
     found.extend(Fault(began, ended, "a Redis restart") for began, ended in restarts)
+    found.extend(Fault(began, ended, "a connection cut") for began, ended in cuts)
     return found
 
 
@@ -422,6 +472,11 @@ def audit_task(
                 f"file said {cancel.phases.get(task.id)!r}, call took "
                 f"{cancel.t_end - cancel.t_begin:.3f}s; times below are relative to its end"
             )
+            if cancel.cut_until is not None:
+                evidence.append(
+                    f"made during a connection cut: the workers could hear of it from "
+                    f"{cancel.cut_until - cancel.t_end:+.3f}s"
+                )
         else:
             evidence.append("never cancelled; times below are relative to the send")
         evidence.extend(describe_runs(all_runs, origin))
@@ -434,19 +489,26 @@ def audit_task(
             flag(
                 "a run vanished", f"run {run.token} (pid {run.pid}) never ended and was not killed"
             )
-    # Runs a warm shutdown stopped (docs/shutdown.md): cleaned up, and the
-    # next run of the task began only after this one's last event.
+    # Runs a warm shutdown stopped (docs/shutdown.md) cleaned up.  Every run
+    # of the task began only after each earlier run's last event: after a
+    # warm shutdown, after a lost connection (Redis redelivers nothing), after
+    # anything (`OVERLAP_BOUND`).
     for i, run in enumerate(runs):
-        if not run.sent_back:
-            continue
-        if not run.hooks_done:
+        if run.sent_back and not run.hooks_done:
             flag("a run stopped by a warm shutdown did not clean up", f"run {run.token}")
+        if not run.sent_back and run.hooks and not run.hooks_done and not killed_after(run, kills):
+            flag(
+                "an interrupted run did not finish its cleanup",
+                f"run {run.token}: hooks begun {run.hooks}, ended {run.hooks_done}",
+            )
         for later in runs[i + 1 :]:
             if later.started < run.last - OVERLAP_BOUND:
                 flag(
-                    "two runs of a task overlapped after a warm shutdown",
+                    "two runs of a task overlapped after a warm shutdown"
+                    if run.sent_back
+                    else "two runs of a task overlapped",
                     f"run {later.token} started {run.last - later.started:.3f}s before run "
-                    f"{run.token} (sent back) ended",
+                    f"{run.token}{' (sent back)' if run.sent_back else ''} ended",
                 )
     # The rules below judge the runs that were not sent back.
     sent_back = [r for r in runs if r.sent_back]
@@ -492,7 +554,7 @@ def audit_task(
             flag("a hook ran more than once", f"{sum(r.hooks for r in runs)} hook runs")
         return verdict
 
-    limit = cancel.t_end + grace
+    limit = cancel.effective + grace
     file_phase = cancel.phases.get(task.id, "queued")
     early = [r for r in runs if r.started <= limit]
     late = [r for r in runs if r.started > limit]

@@ -1,5 +1,12 @@
 """Runs a soak: starts Redis and the workers, executes the plan, waits, audits.
 
+The workers reach the soak's Redis (their broker, result backend and, by
+default, ledger) through a TCP proxy the driver controls (`tests.proxy`), so
+that the plan can cut every worker connection at once; the driver's own
+client talks to Redis directly.  With ``CANCELLABLE_SOAK_LEDGER=postgresql``
+the workers' and the client's ledger is a PostgreSQL database the soak
+creates for the run and drops at the end (`tests.sql_dbs`).
+
 Everything the audit needs is recorded as it happens: when each task was
 sent, every cancel call (when it began and returned, how, with what reason,
 and what the task's own event file said just before), every kill (time and
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, group
+from tests.proxy import TcpProxy
 
 from . import aof
 from . import audit as audit_mod
@@ -138,6 +146,16 @@ class Soak:
         self.timings: dict[str, float] = {}
         #: Warm shutdowns: (worker, SIGTERM time, seconds until it exited, its pids).
         self.shutdowns: list[tuple[str, float, float, frozenset[int]]] = []
+        #: The proxy between the workers and Redis, and its cuts: (cut, accepting again).
+        self.proxy: TcpProxy | None = None
+        self.cuts: list[tuple[float, float]] = []
+        #: cancel() calls made during a cut, and right after the workers were back.
+        self.cut_cancels = {"during": 0, "after": 0}
+        #: The ledger's URL when it is not the soak's Redis (a PostgreSQL database).
+        self.ledger_url: str | None = None
+        #: The task ids the ledger named at the end (`mark_unheard_revokes`).
+        self.recorded: set[str] = set()
+        self._resources = contextlib.ExitStack()
 
     # ------------------------------------------------------------------ setup
 
@@ -148,10 +166,18 @@ class Soak:
         with contextlib.suppress(OSError), open(self.run_dir / "driver.log", "a") as out:
             out.write(line + "\n")
 
+    @property
+    def worker_redis_url(self) -> str:
+        """The workers' Redis URL: the proxy's port (the soak's Redis itself before the proxy)."""
+        if self.proxy is None:
+            return self.redis.url
+        return f"redis://127.0.0.1:{self.proxy.port}/0"
+
     def env(self) -> dict[str, str]:
         return worker_env(
             app_name=self.app_name,
-            redis_url=self.redis.url,
+            redis_url=self.worker_redis_url,
+            ledger_url=self.ledger_url,
             queue=self.queue,
             control_exchange=self.control_exchange,
             run_dir=self.run_dir,
@@ -175,6 +201,13 @@ class Soak:
     def start(self) -> None:
         began = time.monotonic()
         self.redis.start()
+        self.proxy = TcpProxy("127.0.0.1", self.redis.port)
+        if self.mode.ledger == "postgresql":
+            from tests import sql_dbs
+
+            database = self._resources.enter_context(sql_dbs.temporary_database("postgresql"))
+            self.ledger_url = sql_dbs.url("postgresql", database)
+            self.note(f"ledger: PostgreSQL database {database} (dropped at the end)")
         self.app = make_app(
             main=self.app_name,
             redis_url=self.redis.url,
@@ -188,7 +221,7 @@ class Soak:
         if self.with_cancellable:
             from cancellable.celery import configure
 
-            configure(self.app, ledger_url=self.redis.url, poll_interval=0.5)
+            configure(self.app, ledger_url=self.ledger_url or self.redis.url, poll_interval=0.5)
         fresh = [self.new_worker() for _ in range(self.mode.workers)]
         for worker in fresh:
             worker.wait_ready(self.app, self.mode.concurrency)
@@ -203,7 +236,10 @@ class Soak:
         if self.app is not None:
             with contextlib.suppress(Exception):
                 self.app.close()
+        if self.proxy is not None:
+            self.proxy.close()
         self.redis.stop()
+        self._resources.close()  # drops the PostgreSQL ledger's database
 
     # --------------------------------------------------------------- the run
 
@@ -276,6 +312,8 @@ class Soak:
                 self.hang_redis(action, retries)
             elif action.kind == "warm_shutdown":
                 self.warm_shutdown()
+            elif action.kind == "cut_connections":
+                self.cut_connections(action, retries)
         except Exception:
             self.note(f"action {action.kind} failed:\n{traceback.format_exc()}")
 
@@ -572,17 +610,72 @@ class Soak:
         )
         if not kept:
             raise RuntimeError("Redis lost data across the restart: the AOF setup is wrong")
-        # Go on only once every live worker answers a ping again (its consumer
-        # and control channel are back), bounded.
+        self.wait_for_pings("the restart")
+
+    def wait_for_pings(self, after: str) -> None:
+        """Go on only once every live worker answers a ping again (its consumer
+        and control channel are back), bounded."""
+        assert self.app is not None
         deadline = time.monotonic() + 30
         for worker in self.alive_workers():
             while worker.alive() and not worker.pings(self.app, 1.0):
                 if time.monotonic() >= deadline:
-                    self.note(f"{worker.name} does not answer pings after the restart")
+                    self.note(f"{worker.name} does not answer pings after {after}")
                     break
                 time.sleep(0.2)
             self.supervise(every=0.0)
-        self.note("workers answer pings after the restart")
+        self.note(f"workers answer pings after {after}")
+
+    def cut_connections(self, action: Action, retries: list[Pending]) -> None:
+        """Cut every worker connection to Redis at once (the proxy), then let them back.
+
+        The proxy closes every forwarded connection on both sides (each
+        worker's broker, result-backend and, with the Redis ledger, ledger
+        connections), refuses new ones for ``refuse_for`` seconds (0: it
+        accepts again at once), then accepts again.  A Redis broker
+        redelivers nothing on a lost connection, so the library stops
+        nothing (docs/shutdown.md): the audit's rules for uncancelled tasks
+        (no checkpoint raised, no hook, SUCCESS) and for overlapping runs
+        judge it.  While the workers are cut off (a cut that refuses
+        connections for a while), the driver cancels one
+        running task with ``cancel()`` (its client reaches Redis directly):
+        no worker hears the broadcast, so the task learns of it from the
+        ledger, once the cut is over (the Redis ledger, cut off too: the
+        call, like every call whose grace had not run out when the cut
+        began, is judged from then, `CancelRecord.cut_until`) or at once (a
+        PostgreSQL ledger, which the cut does not touch).  Once every worker
+        answers pings again, one more running task is cancelled.
+        """
+        assert self.proxy is not None
+        refuse_for = float(action.params.get("refuse_for", 0.0))
+        held = self.proxy.connections() // 2
+        began = time.time()
+        self.proxy.cut()
+        self.note(f"connection cut: {held} connection(s) dropped, refusing for {refuse_for:.2f}s")
+        # A cut that accepts again at once lets the workers reconnect while
+        # their consumers still clean up the old connection (kombu restores
+        # their unacknowledged messages then): nothing is cancelled in between.
+        if self.with_cancellable and refuse_for > 0:
+            pick = self.pick("running", 1)
+            if pick:
+                self.cancelled.update(pick)
+                count = len(self.cancels)
+                self.issue("cancel", pick, False, retries, None)
+                self.cut_cancels["during"] += sum(
+                    c.outcome == "issued" for c in self.cancels[count:]
+                )
+        time.sleep(max(0.0, refuse_for - (time.time() - began)))
+        self.proxy.restore()
+        ended = time.time()
+        self.cuts.append((began, ended))
+        self.note(f"connection cut over after {ended - began:.2f}s; accepting again")
+        self.wait_for_pings("the cut")
+        if self.with_cancellable:
+            pick = self.pick("running", 1)
+            if pick:
+                self.cancelled.update(pick)
+                self.issue("cancel", pick, True, retries, None)
+                self.cut_cancels["after"] += 1
 
     def hang_redis(self, action: Action, retries: list[Pending]) -> None:
         """A hung server: SIGSTOP the soak's Redis, send plain revokes, SIGCONT it.
@@ -704,6 +797,9 @@ class Soak:
                 record.outcome = "uncertain"
                 record.error = (record.error or "") + " (blocked while Redis was down)"
         self.mark_unheard_revokes()
+        if self.ledger_url is None:
+            # The workers' ledger (the soak's Redis) was cut off with their broker.
+            audit_mod.mark_cut_off(self.cancels, self.cuts, self.mode.grace)
         metas = self.states()
         events = {t: read_events(self.events_dir, t) for t in self.tasks}
         pending = [t for t, m in metas.items() if m.get("status") == "PENDING"]
@@ -761,7 +857,9 @@ class Soak:
         """
         for name, began, took, pids in self.shutdowns:
             outages = [
-                (a, b) for a, b in (*self.restarts, *self.hangs) if a < began + took and b > began
+                (a, b)
+                for a, b in (*self.restarts, *self.hangs, *self.cuts)
+                if a < began + took and b > began
             ]
             late_runs = []
             for task_id, task_events in events.items():
@@ -814,6 +912,7 @@ class Soak:
         assert self.app is not None
         entries, _cursor = runtime().ledgers.get(self.app).read(None)
         recorded = {target_id for e in entries for kind, target_id in e.targets if kind == "task"}
+        self.recorded = recorded
         audit_mod.mark_unheard(self.cancels, recorded)
 
     def lost_by_broker(self, task_ids: list[str]) -> dict[str, str]:
@@ -828,7 +927,7 @@ class Soak:
             return {}  # the common case: no need to read the AOF
         commands = aof.read_commands(self.redis.directory)
         pops = None if commands is None else aof.unrecorded_pops(commands, self.queue)
-        faults = audit_mod.faults_of(self.kills, self.restarts)
+        faults = audit_mod.faults_of(self.kills, self.restarts, self.cuts)
         return audit_mod.lost_by_broker(candidates, events, logs, pops, faults)
 
     def log_lines(self, task_id: str, limit: int = 8) -> list[str]:
@@ -853,6 +952,10 @@ class Soak:
             "kills": [dict(dataclasses.asdict(k), pids=sorted(k.pids)) for k in self.kills],
             "restarts": self.restarts,
             "hangs": self.hangs,
+            "cuts": self.cuts,
+            "cut_cancels": self.cut_cancels,
+            # The ledger's database is dropped with the run: what it named, for reaudit.
+            "ledger_task_ids": sorted(self.recorded) if self.ledger_url else None,
             "stalls": self.stalls(),
             "hung_cancels": self.hung,
             "workers": [

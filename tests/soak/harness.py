@@ -216,7 +216,9 @@ def worker_env(
     run_dir: Path,
     visibility_timeout: float,
     with_cancellable: bool = True,
+    ledger_url: str | None = None,
 ) -> dict[str, str]:
+    """The environment of a soak worker (``ledger_url`` None: the ledger is at ``redis_url``)."""
     env = dict(os.environ)
     for name in list(env):
         if name.startswith(("CELERY_", "SOAK_", "CIT_")):
@@ -233,6 +235,8 @@ def worker_env(
         SOAK_VISIBILITY_TIMEOUT=str(visibility_timeout),
         SOAK_WITH_CANCELLABLE="1" if with_cancellable else "0",
     )
+    if ledger_url is not None:
+        env["SOAK_LEDGER_URL"] = ledger_url
     return env
 
 
@@ -331,7 +335,11 @@ class Worker:
         return {self.pid, *kids}
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Warm shutdown (SIGTERM); SIGKILL everything after ``timeout``."""
+        """Warm shutdown (SIGTERM); SIGKILL everything after ``timeout``.
+
+        A worker still alive then first gets ``SIGUSR1``, on which Celery
+        logs the stack of each of its threads: its log says where it hung.
+        """
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -340,6 +348,10 @@ class Worker:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=1.0)
                 kids |= self.children()
                 self.proc.kill()
                 self.proc.wait(timeout=10)

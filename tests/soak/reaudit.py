@@ -5,7 +5,9 @@ or to read a violation's evidence again):
 
 It starts redis-server on the run's own AOF (``<run>/redis``) on a free
 port, reads every task's meta with ``cache=False``, stops it, and prints the
-summary.  Nothing is written to the run directory.
+summary.  Nothing is written to the run directory.  A run against a
+PostgreSQL ledger (its database is dropped with the run) is judged by the
+task ids that ledger named at the end, kept in ``records.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .audit import (
     audit,
     faults_of,
     lost_by_broker,
+    mark_cut_off,
     mark_unheard,
 )
 from .harness import RedisServer, free_port, read_events
@@ -70,17 +73,22 @@ def reaudit(run_dir: Path) -> str:
             )  # fmt: skip
             metas = {t: dict(app.backend.get_task_meta(t, cache=False)) for t in tasks}
             recorded = recorded_ids(app.backend.client)
+            if data.get("ledger_task_ids") is not None:
+                recorded = set(data["ledger_task_ids"])
             app.close()
         finally:
             server.stop()
     mark_unheard(cancels, recorded)
+    cuts = [(began, ended) for began, ended in data.get("cuts", [])]
+    if data.get("ledger_task_ids") is None:  # the Redis ledger, cut off with the broker
+        mark_cut_off(cancels, cuts, float(data["mode"]["grace"]))
     pending = [tasks[t] for t, m in metas.items() if m.get("status") == "PENDING"]
     logs = "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.log")))
     restarts = [(began, ended) for began, ended in data.get("restarts", [])]
     commands = read_commands(run_dir / "redis")
     queue = data.get("queue") or _queue_of(commands or [])
     pops = None if commands is None or queue is None else unrecorded_pops(commands, queue)
-    lost = lost_by_broker(pending, events, logs, pops, faults_of(kills, restarts))
+    lost = lost_by_broker(pending, events, logs, pops, faults_of(kills, restarts, cuts))
     report = audit(
         tasks, cancels, kills, events, metas, float(data["mode"]["grace"]), lost_by_broker=lost
     )

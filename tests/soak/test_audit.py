@@ -15,6 +15,7 @@ from .audit import (
     audit_task,
     faults_of,
     lost_by_broker,
+    mark_cut_off,
 )
 
 T0 = 1_000_000.0
@@ -245,8 +246,10 @@ class TestLostByBrokerEvidence:
     TASK: ClassVar[TaskRecord] = TaskRecord("t", "short", [], T0)
     POP: ClassVar[dict[str, Pop]] = {"t": Pop("t", "tag-1", T0 + 10.0, T0 + 10.2)}
 
-    def lost(self, pops: Any, kills: list[KillRecord], restarts=(), logs: str = "", events=None):
-        faults = faults_of(kills, list(restarts))
+    def lost(
+        self, pops: Any, kills: list[KillRecord], restarts=(), logs: str = "", events=None, cuts=()
+    ):
+        faults = faults_of(kills, list(restarts), list(cuts))
         return lost_by_broker([self.TASK], events or {}, logs, pops, faults)
 
     def test_a_pop_then_a_worker_kill_is_lost(self) -> None:
@@ -264,6 +267,15 @@ class TestLostByBrokerEvidence:
 
         assert "w1 exited" in died["t"]
         assert "Redis restart" in restart["t"]
+
+    def test_a_connection_cut_counts_too(self) -> None:
+        """The proxy cut every worker connection 0.1 s after the pop: to the
+        worker that popped it, Redis went away before it recorded the message."""
+        found = self.lost(self.POP, [], cuts=[(T0 + 10.1, T0 + 12.0)])
+        before = self.lost(self.POP, [], cuts=[(T0 + 2.0, T0 + 4.0)])
+
+        assert "a connection cut" in found["t"]
+        assert {} == before
 
     def test_the_nearest_fault_is_named(self) -> None:
         """A Redis restart around the pop and a worker killed 3 s later: the restart."""
@@ -421,3 +433,115 @@ def audit_mod_report() -> Any:
     from .audit import audit
 
     return audit({}, [], [], {}, {}, GRACE)
+
+
+class TestOverlap:
+    """No two runs of one task at once, whatever ended the first (`OVERLAP_BOUND`)."""
+
+    def test_a_second_run_while_the_first_still_ran_is_flagged(self) -> None:
+        """Nobody cancelled or killed it, yet a second run started while the first
+        still checkpointed (a redelivery while it ran, e.g. after a lost connection)."""
+        events = [
+            started(1, "r1", 100), started(2, "r2", 200, 2),
+            ev("finished", 3, "r2", 200), ev("finished", 4, "r1", 100),
+        ]  # fmt: skip
+        verdict = judge("long", events, SUCCESS)
+
+        assert ["two runs of a task overlapped"] == rules(verdict)
+
+    def test_a_killed_run_counts_until_its_last_event(self) -> None:
+        """The first run was killed, but it still wrote an event after the
+        redelivered run had started: they overlapped."""
+        events = [
+            started(1, "r1", 100), started(2, "r2", 200, 2),
+            ev("hook_ran", 2.5, "r1", 100), ev("finished", 4, "r2", 200),
+        ]  # fmt: skip
+        kill = KillRecord(T0 + 3, "child", {100}, "w1")
+        verdict = judge("long", events, SUCCESS, kills=[kill])
+
+        assert "two runs of a task overlapped" in rules(verdict)
+
+    def test_runs_one_after_the_other_pass(self) -> None:
+        """A run that finished (its ack lost), then a redelivered run: at-least-once."""
+        events = [
+            started(1, "r1", 100), ev("finished", 2, "r1", 100),
+            started(25, "r2", 200, 2), ev("finished", 26, "r2", 200),
+        ]  # fmt: skip
+        verdict = judge("long", events, SUCCESS)
+
+        assert [] == rules(verdict)
+        assert "redelivered without a kill" == verdict.duplicate
+
+
+class TestInterruptedCleanup:
+    """Every interrupted run finished its cleanup, unless its process was killed."""
+
+    EVENTS: ClassVar[list[dict[str, Any]]] = [
+        started(0), ev("checkpoint_raised", 1.05), ev("hook_ran", 1.06),
+    ]  # fmt: skip
+
+    def test_a_hook_that_never_ended_is_flagged(self) -> None:
+        """Stopped at a checkpoint, its hook began and never ended, and nothing killed it."""
+        verdict = judge("slow_cleanup", self.EVENTS, revoked(), cancel_at(1, "running"))
+
+        assert ["an interrupted run did not finish its cleanup"] == rules(verdict)
+
+    def test_a_killed_process_is_excused(self) -> None:
+        """kill -9 of the child in the middle of the hook: the cleanup could not end."""
+        kill = KillRecord(T0 + 1.3, "child", {100}, "w1")
+        verdict = judge("slow_cleanup", self.EVENTS, revoked(), cancel_at(1, "running"), [kill])
+
+        assert [] == rules(verdict)
+
+
+class TestCancelDuringACut:
+    """A cancel() made while the proxy had cut the workers off from Redis (their
+    broker and, with the Redis ledger, their ledger) counts from the cut's end."""
+
+    @staticmethod
+    def during_cut(until: float | None) -> CancelRecord:
+        cancel = cancel_at(1, "running")
+        cancel.cut_until = None if until is None else T0 + until
+        return cancel
+
+    def test_stopped_after_the_cut_passes(self) -> None:
+        """Cut from before +1 s to +3 s; the task stopped at +3.4 s, within the grace after it."""
+        events = [started(0), ev("checkpoint_raised", 3.4), ev("hook_ran", 3.41),
+                  ev("hook_done", 3.42)]  # fmt: skip
+        verdict = judge("long", events, revoked(), self.during_cut(3.0))
+
+        assert [] == rules(verdict)
+
+    def test_the_same_run_without_a_cut_is_flagged(self) -> None:
+        """Without the cut, a run that finished 2.4 s after the call ran on."""
+        events = [started(0), ev("finished", 3.4)]
+        verdict = judge("long", events, SUCCESS, self.during_cut(None))
+
+        assert "a cancelled task ran on past its checkpoints" in rules(verdict)
+
+    def test_running_on_past_the_cut_and_the_grace_is_flagged(self) -> None:
+        """The cut ended at +3 s; the task still finished at +4.5 s."""
+        events = [started(0), ev("finished", 4.5)]
+        verdict = judge("long", events, SUCCESS, self.during_cut(3.0))
+
+        assert "a cancelled task ran on past its checkpoints" in rules(verdict)
+
+    def test_a_start_after_the_cut_and_the_grace_is_flagged(self) -> None:
+        """Cancelled while queued during the cut; it started 2 s after the cut ended."""
+        cancel = self.during_cut(3.0)
+        cancel.phases = {"t": "queued"}
+        verdict = judge("short", [started(5), ev("finished", 5.2)], SUCCESS, cancel)
+
+        assert "a cancelled task ran after the cancel" in rules(verdict)
+
+    def test_mark_cut_off_names_the_calls_the_cut_kept_from_the_workers(self) -> None:
+        """A cut from +5 s to +8 s (grace 1 s): the calls made during it and the one
+        that returned 0.5 s before it count from +8 s; one 2 s before it, or after
+        it, does not."""
+        calls = {at: cancel_at(at, "running") for at in (3.0, 4.5, 6.0, 8.5)}
+        mark_cut_off(list(calls.values()), [(T0 + 5.0, T0 + 8.0)], GRACE)
+
+        assert {3.0: None, 4.5: T0 + 8.0, 6.0: T0 + 8.0, 8.5: None} == {
+            at: c.cut_until for at, c in calls.items()
+        }
+        assert T0 + 8.0 == calls[4.5].effective

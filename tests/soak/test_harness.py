@@ -10,7 +10,12 @@ holds before ``@cancellable`` is involved.
 * the audit passes all of this, and it flags tasks that do not stop;
 * the private Redis's AOF shows a message taken off the queue and never
   recorded as unacknowledged (what a worker killed right after its ``BRPOP``
-  leaves), and nothing else.
+  leaves), and nothing else;
+* a worker behind the soak's TCP proxy (`tests.proxy`) survives a cut of all
+  its connections: its running task runs once, to SUCCESS, and the worker
+  answers pings and serves tasks again once the proxy accepts connections;
+* the plan's connection cuts and the choice of ledger (``CANCELLABLE_SOAK_LEDGER``);
+* a worker that outlives its stop timeout logs its threads' stacks before it is killed.
 
 The workers here run with ``SOAK_WITH_CANCELLABLE=0``: the task module does
 not import `cancellable`, and its tasks are not ``@cancellable``.  The
@@ -31,12 +36,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tests.proxy import TcpProxy
 
 from . import aof
 from .audit import CancelRecord, KillRecord, TaskRecord, audit, runs_of
 from .driver import Soak
 from .harness import RedisServer, Worker, free_port, phase_of, read_events, wait_for, worker_env
-from .plan import make_plan, mode_from_env
+from .plan import ENV_CUTS, ENV_LEDGER, make_plan, mode_from_env
 from .settings import make_app
 
 
@@ -146,6 +152,7 @@ def test_audit_catches_tasks_that_do_not_stop(tmp_path: Path) -> None:
         worker_kills=0,
         redis_restarts=0,
         hangs=0,
+        connection_cuts=0,
         groups=0,
         cancel_fraction=0.6,
         long_seconds=(3.0, 4.0),
@@ -206,3 +213,153 @@ def test_the_aof_names_a_message_popped_and_never_recorded(tmp_path: Path) -> No
     assert after is not None
     assert before is not None
     assert after <= before
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(120)
+def test_a_worker_behind_the_proxy_survives_a_cut(tmp_path: Path) -> None:
+    """Cut every connection of a plain worker (broker, result backend) mid-task.
+
+    The proxy drops them and refuses new ones for 1.5 s.  Redis redelivers
+    nothing on a lost connection, so the task runs once, to SUCCESS; the
+    worker reconnects through the proxy, answers a ping and runs another task.
+    """
+    if RedisServer.binary() is None:
+        pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
+    name = queue = f"soak-cut-{uuid.uuid4().hex[:8]}"
+    events_dir = tmp_path / "events"
+    events_dir.mkdir()
+    server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+    server.start()
+    proxy = TcpProxy("127.0.0.1", server.port)
+    app = make_app(
+        main=name, redis_url=server.url, queue=queue, control_exchange=name, visibility_timeout=20
+    )
+    env = worker_env(
+        app_name=name,
+        redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+        queue=queue,
+        control_exchange=name,
+        run_dir=tmp_path,
+        visibility_timeout=20,
+        with_cancellable=False,
+    )
+    worker = Worker.make(run_dir=tmp_path, queue=queue, concurrency=1, env=env, label="cut")
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        worker.spawn()
+        worker.wait_ready(app, 1)
+        assert proxy.connections() > 0, "the worker does not go through the proxy"
+        app.send_task("soak.plain", args=[3.0], task_id=first)
+        wait_for(lambda: read_events(events_dir, first), 30, message="the task to start")
+        proxy.cut()
+        assert 0 == proxy.connections()
+        time.sleep(1.5)
+        proxy.restore()
+        wait_for(lambda: worker.pings(app, 1.0), 60, interval=0.5, message="a ping after the cut")
+        app.send_task("soak.plain", args=[0.1], task_id=second)
+        backend = app.backend
+
+        def ended() -> bool:
+            states = [backend.get_task_meta(t, cache=False)["status"] for t in (first, second)]
+            return all(s == "SUCCESS" for s in states)
+
+        wait_for(ended, 60, interval=0.3, message="both tasks to end SUCCESS")
+        events = read_events(events_dir, first)
+    finally:
+        worker.stop()
+        app.close()
+        proxy.close()
+        server.stop()
+
+    assert ["started", "finished"] == [e["ev"] for e in events], events
+
+
+def test_the_plan_cuts_connections() -> None:
+    """Each mode plans its connection cuts (the short mode's all refuse
+    connections for a while; some of the long mode's accept again at once),
+    reproducibly from the seed."""
+    for env in ({"CANCELLABLE_SOAK_SEED": "5", ENV_CUTS: "2"},
+                {"CANCELLABLE_SOAK": "long", "CANCELLABLE_SOAK_SEED": "5",
+                 "CANCELLABLE_SOAK_MINUTES": "6"}):  # fmt: skip
+        mode = mode_from_env(env)
+        cuts = [a for a in make_plan(mode).actions if a.kind == "cut_connections"]
+        again = [a for a in make_plan(mode).actions if a.kind == "cut_connections"]
+
+        assert mode.connection_cuts == len(cuts) > 0
+        assert [(a.at, a.params) for a in cuts] == [(a.at, a.params) for a in again]
+        for action in cuts:
+            refuse = action.params["refuse_for"]
+            assert (
+                refuse == 0.0 or mode.cut_refuse_seconds[0] <= refuse <= mode.cut_refuse_seconds[1]
+            )
+            assert 0.1 * mode.duration <= action.at <= 0.85 * mode.duration
+            if not mode.instant_cuts:
+                assert refuse >= mode.cut_refuse_seconds[0] > 0
+
+
+def test_the_ledger_is_chosen_by_environment() -> None:
+    """Redis by default; ``postgresql`` on request; anything else is refused."""
+    assert "redis" == mode_from_env({}).ledger
+    assert "postgresql" == mode_from_env({ENV_LEDGER: "PostgreSQL"}).ledger
+    with pytest.raises(ValueError, match=ENV_LEDGER):
+        mode_from_env({ENV_LEDGER: "mysql"})
+
+
+def test_the_number_of_cuts_is_chosen_by_environment() -> None:
+    """``CANCELLABLE_SOAK_CUTS`` replaces the mode's number of cuts (0: none planned;
+    the short mode, in ``make test``, has none by default)."""
+    assert 0 == mode_from_env({}).connection_cuts
+    assert 2 == mode_from_env({ENV_CUTS: "2"}).connection_cuts
+    none = mode_from_env({ENV_CUTS: "0", "CANCELLABLE_SOAK": "long", "CANCELLABLE_SOAK_SEED": "5"})
+
+    assert 0 == none.connection_cuts
+    assert not [a for a in make_plan(none).actions if a.kind == "cut_connections"]
+    assert 6 == mode_from_env({ENV_CUTS: "6", "CANCELLABLE_SOAK": "long"}).connection_cuts
+    with pytest.raises(ValueError, match=ENV_CUTS):
+        mode_from_env({ENV_CUTS: "some"})
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(120)
+def test_a_worker_that_outlives_its_stop_logs_its_threads(tmp_path: Path) -> None:
+    """`Worker.stop` of a worker still busy after the timeout: it gets SIGUSR1
+    first (Celery logs every thread's stack to the worker's log), then SIGKILL."""
+    if RedisServer.binary() is None:
+        pytest.fail("the soak needs redis-server (e.g. apt-get install redis-server); not found")
+    name = queue = f"soak-stop-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "events").mkdir()
+    server = RedisServer(tmp_path / "redis", free_port(random.Random()))
+    server.start()
+    app = make_app(
+        main=name, redis_url=server.url, queue=queue, control_exchange=name, visibility_timeout=20
+    )
+    env = worker_env(
+        app_name=name,
+        redis_url=server.url,
+        queue=queue,
+        control_exchange=name,
+        run_dir=tmp_path,
+        visibility_timeout=20,
+        with_cancellable=False,
+    )
+    worker = Worker.make(run_dir=tmp_path, queue=queue, concurrency=1, env=env, label="stop")
+    task_id = str(uuid.uuid4())
+    try:
+        worker.spawn()
+        worker.wait_ready(app, 1)
+        app.send_task("soak.plain", args=[30.0], task_id=task_id)
+        wait_for(lambda: read_events(tmp_path / "events", task_id), 30, message="the task")
+        began = time.monotonic()
+        worker.stop(timeout=2.0)  # a warm shutdown waits for the plain task
+        took = time.monotonic() - began
+    finally:
+        worker.stop()
+        app.close()
+        server.stop()
+
+    assert not worker.alive()
+    assert took < 15, took
+    log = worker.log_path.read_text(errors="replace")
+    assert "MainThread" in log, worker.tail()
+    assert "LOCAL VARIABLES" in log, worker.tail()

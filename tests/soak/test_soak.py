@@ -3,6 +3,9 @@
     CANCELLABLE_SOAK=long CANCELLABLE_SOAK_SEED=3 CANCELLABLE_SOAK_MINUTES=8 \\
         .venv/bin/python -m pytest tests/soak -m soak -s
 
+``CANCELLABLE_SOAK_LEDGER=postgresql`` runs it against a PostgreSQL ledger (a
+database the soak creates on the server of ``tests/sql_dbs.py`` and drops).
+
 Fails (never skips) when redis-server is missing.  The seed and the run
 directory (event files, worker and Redis logs, records.json, report.txt) are
 printed, so a run can be repeated and its evidence read.
@@ -49,9 +52,12 @@ def test_soak(run_dir: Path) -> None:
     wall = time.monotonic() - began
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in soak.timings.items())
     hangs = ", ".join(f"{ended - began:.1f}s" for began, ended in soak.hangs)
+    cuts = ", ".join(f"{ended - began:.1f}s" for began, ended in soak.cuts)
     summary = report.summary(
         f"{header}\nwall {wall:.1f}s ({timings}); redis restarts {soak.redis.restarts}; "
-        f"redis hangs (SIGSTOP) {len(soak.hangs)} ({hangs})"
+        f"redis hangs (SIGSTOP) {len(soak.hangs)} ({hangs}); "
+        f"connection cuts {len(soak.cuts)} ({cuts}), cancel() during them "
+        f"{soak.cut_cancels['during']}, right after {soak.cut_cancels['after']}"
     )
     (run_dir / "report.txt").write_text(summary + "\n")
     print(summary, flush=True)

@@ -1,5 +1,8 @@
 """A TCP proxy the tests control: cut a worker's broker connection, then let it back.
 
+Shared by the integration tests (``tests/integration/test_connection_loss.py``)
+and the soak (``tests/soak``, its connection cuts).
+
 `TcpProxy` listens on a free loopback port and forwards every connection to
 an upstream ``host:port`` (a real broker), one thread per direction.
 `TcpProxy.cut` closes every forwarded connection on both sides at once (the
@@ -46,7 +49,14 @@ class TcpProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
-                self._sockets.update((client, upstream))
+                # A cut while the upstream connection was being made covers it too.
+                refuse = self._cut or self._closed
+                if not refuse:
+                    self._sockets.update((client, upstream))
+            if refuse:
+                client.close()
+                upstream.close()
+                continue
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
