@@ -65,11 +65,9 @@ class Mode:
     #: then accepts again.
     connection_cuts: int = 0
     cut_refuse_seconds: tuple[float, float] = (0.5, 3.0)
-    #: Cuts that accept again at once let kombu put a worker's unacknowledged
-    #: messages back on the queue while their tasks still run (docs/shutdown.md,
-    #: "Known limit (Redis)"): a second run overlaps the first.  The short
-    #: mode has none (a cut that refuses connections does the same, less often:
-    #: when a busy consumer notices the lost connection only once it is over).
+    #: Cuts that accept again at once: the worker closes its broken
+    #: connection while Redis answers, when kombu would put its running tasks'
+    #: messages back on the queue (the worker keeps them: docs/shutdown.md).
     instant_cuts: float = 1 / 3
     #: Where the workers and the client record cancellations (`LEDGERS`).
     ledger: str = "redis"
@@ -132,14 +130,13 @@ def _mode(name: str, seed: int, grace: float, ledger: str, env: dict[str, str]) 
             hangs=1,
             hang_seconds=(10.0, 10.0),
             hang_revokes=4,
-            # None by default (``make test`` runs this mode): a cut lets kombu
-            # put a running task's message back on the queue whenever a worker
-            # closes its broken connection once Redis answers again, and the
-            # audit then finds two runs at once (docs/shutdown.md, "Known limit
-            # (Redis)").  CANCELLABLE_SOAK_CUTS=2 adds them.
-            connection_cuts=0,
+            # Two cuts (``make test`` runs this mode), one of which may accept
+            # again at once: kombu would put a running task's message back on
+            # the queue as the worker closes its broken connection while Redis
+            # answers, unless the worker keeps it (docs/shutdown.md).
+            connection_cuts=2,
             cut_refuse_seconds=(1.0, 3.0),
-            instant_cuts=0.0,
+            instant_cuts=0.5,
             ledger=ledger,
         )
     minutes = float(env.get(ENV_MINUTES, "8"))

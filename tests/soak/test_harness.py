@@ -308,9 +308,10 @@ def test_the_ledger_is_chosen_by_environment() -> None:
 
 def test_the_number_of_cuts_is_chosen_by_environment() -> None:
     """``CANCELLABLE_SOAK_CUTS`` replaces the mode's number of cuts (0: none planned;
-    the short mode, in ``make test``, has none by default)."""
-    assert 0 == mode_from_env({}).connection_cuts
-    assert 2 == mode_from_env({ENV_CUTS: "2"}).connection_cuts
+    the short mode, in ``make test``, has two by default)."""
+    assert 2 == mode_from_env({}).connection_cuts
+    assert 0 == mode_from_env({ENV_CUTS: "0"}).connection_cuts
+    assert 3 == mode_from_env({ENV_CUTS: "3"}).connection_cuts
     none = mode_from_env({ENV_CUTS: "0", "CANCELLABLE_SOAK": "long", "CANCELLABLE_SOAK_SEED": "5"})
 
     assert 0 == none.connection_cuts
