@@ -36,6 +36,7 @@ parent's pages; what the child adds itself stays in its small dict.
 from __future__ import annotations
 
 import ctypes
+import struct
 import sys
 from array import array
 from bisect import bisect_left
@@ -60,6 +61,9 @@ R = TypeVar("R")
 _M32: Final = (1 << 32) - 1
 _M64: Final = (1 << 64) - 1
 _HEX: Final = frozenset("0123456789abcdef")
+#: Characters per line of a ledger entry's task targets: ``task:``, a UUID, a newline.
+_LINE: Final = 42
+_LITTLE: Final = sys.byteorder == "little"
 
 
 def uuid_key(task_id: str) -> int | None:
@@ -73,6 +77,37 @@ def uuid_key(task_id: str) -> int | None:
     if not _HEX.issuperset(digits):
         return None
     return int(digits, 16)
+
+
+def uuid_lines(text: str) -> bytes | None:
+    """The numbers of the ids in ``text``, ``task:<id>`` lines, if every id is a canonical UUID.
+
+    ``text`` is a ledger entry's targets as written (`cancellable.celery._ledger`);
+    the result holds each id's 128-bit number in 16 big-endian bytes, in the
+    order of the lines (None if any id is not a canonical lower-case UUID).
+    A few C-level string operations over the whole text, no object per id:
+    every line is ``task:`` and 36 characters (the newlines and dashes are
+    where they must be and nowhere else), and the other 32 characters of
+    each id are lower-case hex digits (as in `uuid_halves`).
+    """
+    n = (len(text) + 1) // _LINE
+    if not n or len(text) != n * _LINE - 1 or not text.startswith("task:"):
+        return None
+    if text.count("\n") != n - 1 or text[_LINE - 1 :: _LINE] != "\n" * (n - 1):
+        return None
+    if text.count("\ntask:") != n - 1 or text.count("-") != 4 * n:
+        return None
+    dashes = "-" * n
+    if not (text[13::_LINE] == text[18::_LINE] == text[23::_LINE] == text[28::_LINE] == dashes):
+        return None
+    digits = text.replace("\ntask:", "")[5:].replace("-", "")
+    if digits != digits.lower():
+        return None
+    try:
+        raw = bytes.fromhex(digits)  # raises for anything but hex digits and spaces
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 * n else None  # else it skipped spaces
 
 
 def trim_heap() -> None:
@@ -172,22 +207,20 @@ class _Sorted:
             array("I", compress(self.rec, mask)),
         )
 
-    def without(self, other: _Sorted) -> _Sorted:
-        """These rows but those whose id ``other`` holds (one lookup per row)."""
-        find = other.find
-        return self.keep(
-            [find(h << 64 | lo) is None for h, lo in zip(self.hi, self.lo, strict=True)]
-        )
-
     def find(self, key: int) -> int | None:
         """The slot of ``key``, or None."""
+        row = self.row(key)
+        return None if row is None else int(self.rec[row])
+
+    def row(self, key: int) -> int | None:
+        """The row of ``key``, or None."""
         hi, lo = self.hi, self.lo
         high, low = key >> 64, key & _M64
         i = bisect_left(hi, high)
         n = len(hi)
         while i < n and hi[i] == high:
             if lo[i] == low:
-                return int(self.rec[i])
+                return i
             i += 1
         return None
 
@@ -354,15 +387,46 @@ class TaskIdTable(Generic[R]):
                 staged.lo.append(key & _M64)
                 staged.rec.append(slot)
 
+    def stage_keys(self, keys: bytes, slot: int) -> None:
+        """Stage ids given as numbers (`uuid_lines`), all with the record at ``slot``.
+
+        Like `stage`; an id that is also waiting in the small dict when
+        `commit` runs keeps the slot it has there.
+        """
+        both = array("Q", keys)
+        if _LITTLE:
+            both.byteswap()
+        if self._staged is None:
+            self._staged = _Sorted.empty()
+        staged = self._staged
+        staged.hi.extend(both[0::2])
+        staged.lo.extend(both[1::2])
+        staged.rec.extend(array("I", (slot,)) * (len(both) // 2))
+
     def commit(self) -> None:
-        """Merge what was staged into the buffers (one sort); ids present already keep theirs."""
+        """Merge what was staged into the buffers (one sort); ids present already keep theirs.
+
+        Present already: in the buffers (their rows come first, and `_build`
+        keeps an id's first row), or waiting in the small dict (the new
+        buffers get that slot, and the id leaves the dict once they are in
+        place).
+        """
         staged, self._staged = self._staged, None
         if staged is None or not len(staged):
             return
         old = self._sorted
-        if len(old):
-            staged = old.concat(staged.without(old))
-        self._sorted = _build(staged.hi, staged.lo, staged.rec)
+        built = _build(*(old.concat(staged) if len(old) else staged).arrays())
+        del staged
+        moved: list[str] = []
+        for task_id, slot in self._recent.items():
+            key = uuid_key(task_id)
+            row = None if key is None else built.row(key)
+            if row is not None:
+                built.rec[row] = slot  # not shared yet: nothing reads these buffers
+                moved.append(task_id)
+        self._sorted = built
+        for task_id in moved:
+            del self._recent[task_id]
 
     def flush(self) -> None:
         """Merge the waiting ids into the buffers (a forked child's table never does)."""
@@ -421,33 +485,83 @@ class TaskIdTable(Generic[R]):
 
 
 def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
-    """Buffers sorted by ``hi`` from unsorted rows; an id in several rows keeps its first.
+    """Buffers sorted by ``(hi, lo)`` from unsorted rows; an id in several rows keeps its first.
 
-    Sorted by the high half only (the low half is compared among the rows
-    that share it): one sort of the row numbers by their high half, then
-    C-level gathers, with no Python loop per row.
+    Each row becomes one 24-byte string, the id's number, the row's number
+    and its slot, big-endian, so that the strings sort as ``(id, row)``:
+    one sort of short byte strings (``memcmp``), then C-level strided copies
+    back into the buffers, with no Python loop per row and no Python int
+    per row (building the strings and taking them apart are array slice
+    copies; `_records`, `_from_records`).
     """
     n = len(hi)
-    rows = sorted(range(n), key=hi.__getitem__)  # stable: the first-added first
-    out = _Sorted(
-        array("Q", map(hi.__getitem__, rows)),
-        array("Q", map(lo.__getitem__, rows)),
-        array("I", map(rec.__getitem__, rows)),
-    )
-    del rows
-    # Rows that share a high half are adjacent, the first-added first.
-    shi, slo = out.hi, out.lo
-    drop: set[int] = set()
-    for i in compress(range(1, n), map(eq, shi[1:], shi[:-1])):
-        j = i - 1
-        while j >= 0 and shi[j] == shi[i]:
-            if slo[j] == slo[i]:
-                drop.add(i)  # the same id as an earlier row
-                break
-            j -= 1
+    records = _records(hi, lo, array("I", range(n)), rec)
+    records.sort()
+    out = _from_records(b"".join(records))
+    del records
+    # The rows of an id are adjacent, its first row first.
+    shi = out.hi.tolist()
+    same = list(compress(range(1, n), map(eq, shi[1:], shi[:-1])))
+    del shi
+    slo = out.lo
+    drop = {i for i in same if slo[i] == slo[i - 1]}
     if drop:
         out = out.keep(list(map(not_, map(drop.__contains__, range(n)))))
     return out
+
+
+#: 4-byte lanes of a row string: high half (2), low half (2), row, slot.
+_LANES: Final = 6
+#: ``struct`` format taking `_RECORDS_AT_ONCE` row strings out of a buffer.
+_RECORDS_AT_ONCE: Final = 4096
+_UNPACK: Final = struct.Struct(f"{_LANES * 4}s" * _RECORDS_AT_ONCE)
+
+
+def _big_endian(values: array[int]) -> array[int]:
+    """The same numbers as 4-byte unsigned lanes of their big-endian bytes."""
+    copy = array(values.typecode, values)
+    if _LITTLE:
+        copy.byteswap()
+    lanes = array("I")
+    lanes.frombytes(memoryview(copy).cast("B"))
+    return lanes
+
+
+def _records(hi: array[int], lo: array[int], row: array[int], rec: array[int]) -> list[bytes]:
+    """One 24-byte big-endian string per row: ``hi``, ``lo``, ``row``, ``rec``."""
+    n = len(hi)
+    lanes = array("I", bytes(4 * _LANES * n))
+    high, low = _big_endian(hi), _big_endian(lo)
+    lanes[0::_LANES], lanes[1::_LANES] = high[0::2], high[1::2]
+    lanes[2::_LANES], lanes[3::_LANES] = low[0::2], low[1::2]
+    del high, low
+    lanes[4::_LANES], lanes[5::_LANES] = _big_endian(row), _big_endian(rec)
+    size = 4 * _LANES
+    full = n - n % _RECORDS_AT_ONCE
+    records: list[bytes] = []
+    for at in range(0, full * size, _RECORDS_AT_ONCE * size):
+        records.extend(_UNPACK.unpack_from(lanes, at))
+    records.extend(struct.unpack_from(f"{size}s" * (n - full), lanes, full * size))
+    return records
+
+
+def _from_records(joined: bytes) -> _Sorted:
+    """The buffers from `_records` strings, joined (in their order)."""
+    lanes = array("I")
+    lanes.frombytes(joined)
+    n = len(lanes) // _LANES
+
+    def column(first: int, count: int, typecode: str) -> array[int]:
+        part = array("I", bytes(4 * count * n))
+        for k in range(count):
+            part[k::count] = lanes[first + k :: _LANES]
+        out = array(typecode)
+        out.frombytes(memoryview(part).cast("B"))
+        if _LITTLE:
+            out.byteswap()
+        return out
+
+    return _Sorted(column(0, 2, "Q"), column(2, 2, "Q"), column(5, 1, "I"))
 
 
 def _unique(keys: list[int]) -> list[int]:

@@ -38,8 +38,8 @@ from typing import Any, Final
 
 from .._exceptions import CancelReason
 from . import _workflow
-from ._idtable import TaskIdTable, trim_heap
-from ._ledger import Entry, Ledger, Target, TargetKind
+from ._idtable import TaskIdTable, trim_heap, uuid_lines
+from ._ledger import Entry, Ledger, Target, TargetKind, TaskLines
 
 __all__ = ["TargetIndex", "request_targets"]
 
@@ -132,9 +132,17 @@ class TargetIndex:
         tasks = self._tasks
         try:
             for entries, cursor in pages(self.cursor):
+                # A bulk entry's ids as numbers, converted outside the lock.
+                keys = [uuid_lines(e.text) if isinstance(e, TaskLines) else None for e in entries]
                 with self.lock:
-                    for entry in entries:
-                        record = (entry.reason, entry.recorded_at)
+                    for item, numbers in zip(entries, keys, strict=True):
+                        record = (item.reason, item.recorded_at)
+                        if numbers is not None:
+                            tasks.stage_keys(numbers, tasks.new_record(record))
+                            continue
+                        entry = item.entry() if isinstance(item, TaskLines) else item
+                        if entry is None:
+                            continue
                         ids = [tid for kind, tid in entry.targets if kind == "task"]
                         if ids:
                             slot = tasks.new_record(record)
@@ -143,7 +151,7 @@ class TargetIndex:
                             wide = [t for t in entry.targets if t[0] != "task"]
                             self._add_locked([(wide, record)])
                     self.cursor = cursor  # staged ids are committed below, whatever happens
-                del entries
+                del entries, keys
         finally:
             with self.lock:
                 tasks.commit()
