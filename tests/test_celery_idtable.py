@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-
 from array import array
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cancellable import CancelReason
+from cancellable.celery import _idtable
 from cancellable.celery._idtable import (
     TaskIdTable,
     _build,
@@ -379,21 +380,30 @@ class TestBuild:
         first: dict[tuple[int, int], int] = {}
         for high, low, slot in rows:
             first.setdefault((high, low), slot)
-        built = _build(
+        arrays = (
             array("Q", [r[0] for r in rows]),
             array("Q", [r[1] for r in rows]),
             array("I", [r[2] for r in rows]),
         )
+        built = _build(*arrays)
+        with mock.patch.object(_idtable, "_PARTITION_OVER", 2):  # split at every byte
+            split = _build(*arrays)
+        assert split.arrays() == built.arrays()
         expected = sorted(first.items())
         assert [k[0] for k, _ in expected] == built.hi.tolist()
         assert [k[1] for k, _ in expected] == built.lo.tolist()
         assert [s for _, s in expected] == built.rec.tolist()
 
     def test_a_large_build_matches_a_sort_of_python_ints(self) -> None:
-        """50,000 random rows, one in ten a repeat (more than one `struct` chunk)."""
+        """80,000 rows, one in eight a repeat (more than one `struct` chunk): random
+        ids, ids whose first bytes are all zero (a split by byte that gives one full
+        list, split again), and one id 35,000 times (split to its last byte)."""
         rng = random.Random(7)
-        keys = [rng.getrandbits(128) for _ in range(45_000)]
-        keys += rng.sample(keys, 5_000)
+        keys = [rng.getrandbits(128) for _ in range(15_000)]
+        keys += [rng.getrandbits(88) for _ in range(20_000)]
+        keys += [rng.getrandbits(128)] * 35_000
+        keys += rng.sample(keys, 10_000)
+        rng.shuffle(keys)
         slots = [rng.getrandbits(32) for _ in keys]
         built = _build(
             array("Q", [k >> 64 for k in keys]),

@@ -40,6 +40,7 @@ import struct
 import sys
 from array import array
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from itertools import compress, repeat
@@ -63,6 +64,9 @@ _M64: Final = (1 << 64) - 1
 _HEX: Final = frozenset("0123456789abcdef")
 #: Characters per line of a ledger entry's task targets: ``task:``, a UUID, a newline.
 _LINE: Final = 42
+#: What every such line has, where (`uuid_lines`).
+_FIXED: Final = (*enumerate("task:"), (13, "-"), (18, "-"), (23, "-"), (28, "-"))
+_TO_FROMHEX: Final = str.maketrans({"-": " ", "\n": " ", **dict.fromkeys("ABCDEF", "x")})
 _LITTLE: Final = sys.byteorder == "little"
 
 
@@ -84,30 +88,26 @@ def uuid_lines(text: str) -> bytes | None:
 
     ``text`` is a ledger entry's targets as written (`cancellable.celery._ledger`);
     the result holds each id's 128-bit number in 16 big-endian bytes, in the
-    order of the lines (None if any id is not a canonical lower-case UUID).
-    A few C-level string operations over the whole text, no object per id:
-    every line is ``task:`` and 36 characters (the newlines and dashes are
-    where they must be and nowhere else), and the other 32 characters of
-    each id are lower-case hex digits (as in `uuid_halves`).
+    order of the lines (None unless every line is ``task:`` and a canonical
+    lower-case UUID).  A few C-level string operations over the whole text,
+    no object per id: strided slices check that every line has ``task:``,
+    its dashes and its newline where they must be; those become spaces, which
+    ``bytes.fromhex`` skips, and upper-case hex digits become ``x``, which it
+    refuses; it must then read 16 bytes a line, so the other 32 characters
+    of each line were lower-case hex digits (a space or a dash among them
+    makes the result short).
     """
     n = (len(text) + 1) // _LINE
-    if not n or len(text) != n * _LINE - 1 or not text.startswith("task:"):
+    if not n or len(text) != n * _LINE - 1 or text[_LINE - 1 :: _LINE] != "\n" * (n - 1):
         return None
-    if text.count("\n") != n - 1 or text[_LINE - 1 :: _LINE] != "\n" * (n - 1):
-        return None
-    if text.count("\ntask:") != n - 1 or text.count("-") != 4 * n:
-        return None
-    dashes = "-" * n
-    if not (text[13::_LINE] == text[18::_LINE] == text[23::_LINE] == text[28::_LINE] == dashes):
-        return None
-    digits = text.replace("\ntask:", "")[5:].replace("-", "")
-    if digits != digits.lower():
-        return None
+    for at, char in _FIXED:
+        if text[at::_LINE] != char * n:
+            return None
     try:
-        raw = bytes.fromhex(digits)  # raises for anything but hex digits and spaces
+        raw = bytes.fromhex(text.replace("task:", "     ").translate(_TO_FROMHEX))
     except ValueError:
         return None
-    return raw if len(raw) == 16 * n else None  # else it skipped spaces
+    return raw if len(raw) == 16 * n else None
 
 
 def trim_heap() -> None:
@@ -495,10 +495,12 @@ def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
     copies; `_records`, `_from_records`).
     """
     n = len(hi)
-    records = _records(hi, lo, array("I", range(n)), rec)
-    records.sort()
-    out = _from_records(b"".join(records))
-    del records
+    records, joined = _records(hi, lo, array("I", range(n)), rec)
+    parts: list[bytes] = []
+    _sort_records(records, joined, 0, parts)
+    del records, joined
+    out = _from_records(b"".join(parts))
+    del parts
     # The rows of an id are adjacent, its first row first.
     shi = out.hi.tolist()
     same = list(compress(range(1, n), map(eq, shi[1:], shi[:-1])))
@@ -527,8 +529,41 @@ def _big_endian(values: array[int]) -> array[int]:
     return lanes
 
 
-def _records(hi: array[int], lo: array[int], row: array[int], rec: array[int]) -> list[bytes]:
-    """One 24-byte big-endian string per row: ``hi``, ``lo``, ``row``, ``rec``."""
+#: Rows that are sorted as they are; more are first split by their next byte.
+_PARTITION_OVER: Final = 1 << 15
+
+
+def _sort_records(records: list[bytes], joined: bytes, depth: int, parts: list[bytes]) -> None:
+    """Append ``records`` (`_records` strings; ``joined``: them joined) to ``parts``, sorted.
+
+    Many are first split into 256 lists by their byte at ``depth`` (C-level
+    appends), each sorted then joined at once: for random ids, small sorts
+    whose strings stay in the CPU's caches, instead of one sort of strings
+    all over the heap (about 40% less time for a million).  Empties
+    ``records``.
+    """
+    if len(records) <= _PARTITION_OVER or depth >= 16:
+        records.sort()
+        parts.append(b"".join(records))
+        records.clear()
+        return
+    buckets: list[list[bytes]] = [[] for _ in range(256)]
+    deque(map(list.append, map(buckets.__getitem__, joined[depth :: 4 * _LANES]), records), 0)
+    records.clear()
+    del joined
+    for bucket in buckets:
+        if len(bucket) > _PARTITION_OVER:
+            _sort_records(bucket, b"".join(bucket), depth + 1, parts)
+        elif bucket:
+            bucket.sort()
+            parts.append(b"".join(bucket))
+            bucket.clear()
+
+
+def _records(
+    hi: array[int], lo: array[int], row: array[int], rec: array[int]
+) -> tuple[list[bytes], bytes]:
+    """One 24-byte big-endian string per row: ``hi``, ``lo``, ``row``, ``rec``; and them joined."""
     n = len(hi)
     lanes = array("I", bytes(4 * _LANES * n))
     high, low = _big_endian(hi), _big_endian(lo)
@@ -542,7 +577,7 @@ def _records(hi: array[int], lo: array[int], row: array[int], rec: array[int]) -
     for at in range(0, full * size, _RECORDS_AT_ONCE * size):
         records.extend(_UNPACK.unpack_from(lanes, at))
     records.extend(struct.unpack_from(f"{size}s" * (n - full), lanes, full * size))
-    return records
+    return records, lanes.tobytes()
 
 
 def _from_records(joined: bytes) -> _Sorted:

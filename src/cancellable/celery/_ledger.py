@@ -268,12 +268,13 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TaskLines:
-    """A ledger entry that names task ids only, as written: ``task:<id>`` lines.
+    """A ledger entry's targets as written, ``kind:id`` lines, the first a task.
 
-    `RedisLedger.read_pages` gives such an entry (a bulk cancel's) undecoded,
-    so that a worker's first read converts a page of ids with a few string
-    operations instead of an object per id (`cancellable.celery._idtable.uuid_lines`);
-    `entry` decodes it as `Entry` would have it.
+    `RedisLedger.read_pages` gives such an entry (a bulk cancel's: all task
+    lines) undecoded, so that a worker's first read converts a page of ids
+    with a few string operations instead of an object per id
+    (`cancellable.celery._idtable.uuid_lines`); `entry` decodes it as
+    `RedisLedger.read` does.
     """
 
     text: str
@@ -547,7 +548,7 @@ class RedisLedger:
 
         A worker loading a large ledger indexes one page before it reads the
         next, so it never holds the whole ledger as Python objects.  An entry
-        whose targets are all tasks comes as `TaskLines`, not decoded.
+        whose first target is a task comes as `TaskLines`, not decoded.
         """
         start = "-" if cursor is None else f"({cursor}"
         try:
@@ -593,7 +594,7 @@ class RedisLedger:
             return None
         values = {_text(k): _text(v) for k, v in fields.items()}
         raw = values.get("targets", "")
-        bulk = lines and _task_lines(raw)
+        bulk = lines and raw.startswith("task:")
         targets = () if bulk else _decode_targets(raw)
         if not (bulk or targets):
             return None  # not ours, or damaged: skip it rather than stop reading
