@@ -9,7 +9,8 @@ way (N canonical UUID task ids in entries of 1,000), and its parts:
   (iterating `RedisLedger.read_pages
   <cancellable.celery._ledger.RedisLedger.read_pages>`);
 * ``load_s``: the whole load (read, conversion, the sort into the table,
-  ``malloc_trim``), and ``build_s``: the sort alone, on the same rows.
+  ``malloc_trim``), ``load_cpu_s`` the CPU time of this process in it (the
+  Redis server works in its own), and ``build_s``: the sort alone.
 
 ``--against REV`` also times the code of a git revision (its
 ``src/cancellable`` extracted into a temporary directory and imported as
@@ -84,8 +85,8 @@ class Code:
             pass
         return time.perf_counter() - started
 
-    def time_load(self, client: Any) -> tuple[float, float, int]:
-        """The whole load, and the part of it `_build` took; and the ids indexed."""
+    def time_load(self, client: Any) -> tuple[float, float, float, int]:
+        """The whole load (wall, CPU), the part of it `_build` took (wall); the ids indexed."""
         ledger = self.make_ledger(client)
         index = self.index.TargetIndex()
         build = self.idtable._build
@@ -100,12 +101,12 @@ class Code:
 
         self.idtable._build = timed
         try:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             index.load(ledger)
-            total = time.perf_counter() - started
+            total, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
             self.idtable._build = build
-        return total, spent[0], len(index)
+        return total, cpu, spent[0], len(index)
 
     def profile(self, client: Any, top: int) -> str:
         ledger = self.make_ledger(client)
@@ -141,13 +142,14 @@ def main() -> None:
                 for round_ in range(args.repeat):
                     for code in codes:
                         read_s = code.time_read(client)
-                        load_s, build_s, ids = code.time_load(client)
+                        load_s, cpu_s, build_s, ids = code.time_load(client)
                         row = {
                             "ids": n,
                             "code": code.label,
                             "round": round_,
                             "read_s": round(read_s, 3),
                             "load_s": round(load_s, 3),
+                            "load_cpu_s": round(cpu_s, 3),
                             "build_s": round(build_s, 3),
                             "indexed": ids,
                             "load": [round(x, 2) for x in os.getloadavg()],

@@ -24,6 +24,7 @@ from cancellable.celery import _idtable
 from cancellable.celery._idtable import (
     TaskIdTable,
     _build,
+    _same_as_previous,
     uuid_halves,
     uuid_key,
     uuid_keys,
@@ -417,6 +418,19 @@ class TestBuild:
         assert [k >> 64 for k, _ in expected] == built.hi.tolist()
         assert [k & (2**64 - 1) for k, _ in expected] == built.lo.tolist()
         assert [s for _, s in expected] == built.rec.tolist()
+
+    @given(
+        values=st.lists(
+            st.sampled_from([0, 1, 2**8, 2**56, 2**64 - 1, 2**32 - 1, 2**32, 0xFF00]),
+            max_size=40,
+        )
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_neighbours_that_are_equal_are_all_found(self, values: list[int]) -> None:
+        """Values with zero bytes at either end (so zero runs straddle two values):
+        exactly the indexes equal to their predecessor."""
+        expected = [i for i in range(1, len(values)) if values[i] == values[i - 1]]
+        assert expected == _same_as_previous(array("Q", values))
 
 
 class TestCommit:

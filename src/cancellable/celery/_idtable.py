@@ -502,14 +502,37 @@ def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
     out = _from_records(b"".join(parts))
     del parts
     # The rows of an id are adjacent, its first row first.
-    shi = out.hi.tolist()
-    same = list(compress(range(1, n), map(eq, shi[1:], shi[:-1])))
-    del shi
     slo = out.lo
-    drop = {i for i in same if slo[i] == slo[i - 1]}
+    drop = {i for i in _same_as_previous(out.hi) if slo[i] == slo[i - 1]}
     if drop:
         out = out.keep(list(map(not_, map(drop.__contains__, range(n)))))
     return out
+
+
+def _same_as_previous(values: array[int]) -> list[int]:
+    """The indexes ``i`` where ``values[i] == values[i - 1]`` (8-byte values).
+
+    Without a Python int per value: the values and the same shifted by one
+    become two big ints, whose XOR has eight zero bytes exactly where two
+    neighbours are equal; ``bytes.find`` finds those (and a zero run that
+    straddles two values, skipped).
+    """
+    size = values.itemsize
+    raw = values.tobytes()
+    if len(raw) <= size:
+        return []
+    diff = (int.from_bytes(raw[size:], "little") ^ int.from_bytes(raw[:-size], "little")).to_bytes(
+        len(raw) - size, "little"
+    )
+    del raw
+    zero = bytes(size)
+    same: list[int] = []
+    at = diff.find(zero)
+    while at >= 0:
+        if at % size == 0:
+            same.append(at // size + 1)
+        at = diff.find(zero, at + 1)
+    return same
 
 
 #: 4-byte lanes of a row string: high half (2), low half (2), row, slot.
@@ -530,16 +553,19 @@ def _big_endian(values: array[int]) -> array[int]:
 
 
 #: Rows that are sorted as they are; more are first split by their next byte.
-_PARTITION_OVER: Final = 1 << 15
+_PARTITION_OVER: Final = 2048
 
 
 def _sort_records(records: list[bytes], joined: bytes, depth: int, parts: list[bytes]) -> None:
     """Append ``records`` (`_records` strings; ``joined``: them joined) to ``parts``, sorted.
 
-    Many are first split into 256 lists by their byte at ``depth`` (C-level
-    appends), each sorted then joined at once: for random ids, small sorts
-    whose strings stay in the CPU's caches, instead of one sort of strings
-    all over the heap (about 40% less time for a million).  Empties
+    More than `_PARTITION_OVER` are first split into 256 lists by their
+    byte at ``depth`` (C-level appends), and so on while a list is that
+    long: a million random ids make lists of about 15 after two bytes,
+    sorted in a few comparisons each while their strings are in the CPU's
+    caches, instead of one sort of strings all over the heap (under half
+    the time).  Ids that share leading bytes are split further; one id
+    repeated is sorted as it is once its 16 bytes are used.  Empties
     ``records``.
     """
     if len(records) <= _PARTITION_OVER or depth >= 16:
@@ -551,13 +577,12 @@ def _sort_records(records: list[bytes], joined: bytes, depth: int, parts: list[b
     deque(map(list.append, map(buckets.__getitem__, joined[depth :: 4 * _LANES]), records), 0)
     records.clear()
     del joined
+    if max(map(len, buckets)) <= _PARTITION_OVER:
+        deque(map(list.sort, buckets), 0)
+        parts.extend(map(b"".join, buckets))
+        return
     for bucket in buckets:
-        if len(bucket) > _PARTITION_OVER:
-            _sort_records(bucket, b"".join(bucket), depth + 1, parts)
-        elif bucket:
-            bucket.sort()
-            parts.append(b"".join(bucket))
-            bucket.clear()
+        _sort_records(bucket, b"".join(bucket), depth + 1, parts)
 
 
 def _records(
