@@ -330,7 +330,7 @@ class TestPagedLoad:
         ledger.record(task(fresh[:2500]), CancelReason(message="bulk"))
         ledger.record(task(["custom-1", *fresh[2500:3499]]), CancelReason(message="custom"))
         ledger.record([("task", fresh[3499]), ("group", "g1"), ("root", "r1")], CancelReason())
-        ledger.record(task(fresh[2000:2600] + [fresh[0].upper()]), CancelReason(message="again"))
+        ledger.record(task([*fresh[2000:2600], fresh[0].upper()]), CancelReason(message="again"))
         rdb.xadd(prefix + "ledger", {"reason": "{}", "targets": f"task:\ntask:{fresh[-1]}"})
         rdb.xadd(prefix + "ledger", {"reason": "{}", "targets": "task:"})
         for n in range(_ledger.LOAD_PAGE + 5):

@@ -261,8 +261,9 @@ class TaskIdTable(Generic[R]):
         #: Records by slot; an expired record's slot is None.
         self.records: RecordStore[R] = [] if records is None else records
         self._merge = merge
-        #: Ids a bulk load staged, not merged yet (`stage`, `commit`).
-        self._staged: _Sorted | None = None
+        #: Ids a bulk load staged, not merged yet (`stage`, `commit`): `_lanes` rows.
+        self._staged: bytearray | None = None
+        self._staged_rows = 0
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent) + len(self._other)
@@ -362,30 +363,33 @@ class TaskIdTable(Generic[R]):
     def stage(self, items: Sequence[tuple[str, int]]) -> None:
         """Stage ``(task id, slot)`` pairs for `commit`: a bulk load, page by page.
 
-        Staged canonical UUIDs are kept as numbers in flat buffers (20 bytes
-        an id), so a loader holds one page of Python objects at a time; they
-        are not found until `commit`.  Other ids are added at once.
+        Staged canonical UUIDs are kept as numbers in a flat buffer (24
+        bytes an id, `_lanes`), so a loader holds one page of Python objects
+        at a time; they are not found until `commit`.  Other ids are added
+        at once.
         """
         recent, other = self._recent, self._other
         if recent or other:
             items = [item for item in items if item[0] not in recent and item[0] not in other]
         halves = uuid_halves([tid for tid, _slot in items])
-        if self._staged is None:
-            self._staged = _Sorted.empty()
-        staged = self._staged
         if halves is not None:
-            staged.hi.extend(halves[0])
-            staged.lo.extend(halves[1])
-            staged.rec.extend([slot for _tid, slot in items])
-            return
-        for tid, slot in items:
-            key = uuid_key(tid)
-            if key is None:
-                other.setdefault(tid, slot)
-            else:
-                staged.hi.append(key >> 64)
-                staged.lo.append(key & _M64)
-                staged.rec.append(slot)
+            both = array("Q", bytes(16 * len(items)))
+            both[0::2], both[1::2] = halves
+            slots = array("I", [slot for _tid, slot in items])
+        else:
+            keys, numbers = [], []
+            for tid, slot in items:
+                key = uuid_key(tid)
+                if key is None:
+                    other.setdefault(tid, slot)
+                else:
+                    keys.append(key >> 64)
+                    keys.append(key & _M64)
+                    numbers.append(slot)
+            both, slots = array("Q", keys), array("I", numbers)
+        if _LITTLE:
+            both.byteswap()
+        self._stage_rows(both.tobytes(), slots)
 
     def stage_keys(self, keys: bytes, slot: int) -> None:
         """Stage ids given as numbers (`uuid_lines`), all with the record at ``slot``.
@@ -393,15 +397,18 @@ class TaskIdTable(Generic[R]):
         Like `stage`; an id that is also waiting in the small dict when
         `commit` runs keeps the slot it has there.
         """
-        both = array("Q", keys)
-        if _LITTLE:
-            both.byteswap()
+        self._stage_rows(keys, array("I", (slot,)) * (len(keys) // 16))
+
+    def _stage_rows(self, keys: bytes, slots: array[int]) -> None:
+        # ``keys``: 16 big-endian bytes an id; staged rows are numbered from
+        # `_STAGED_ROW`, after the rows of the buffers (which `commit` keeps).
+        first = _STAGED_ROW + self._staged_rows
+        rows = array("I", range(first, first + len(slots)))
+        lanes = _lanes(array("I", keys), rows, slots)
         if self._staged is None:
-            self._staged = _Sorted.empty()
-        staged = self._staged
-        staged.hi.extend(both[0::2])
-        staged.lo.extend(both[1::2])
-        staged.rec.extend(array("I", (slot,)) * (len(both) // 2))
+            self._staged = bytearray()
+        self._staged += memoryview(lanes).cast("B")
+        self._staged_rows += len(slots)
 
     def commit(self) -> None:
         """Merge what was staged into the buffers (one sort); ids present already keep theirs.
@@ -411,11 +418,13 @@ class TaskIdTable(Generic[R]):
         buffers get that slot, and the id leaves the dict once they are in
         place).
         """
-        staged, self._staged = self._staged, None
-        if staged is None or not len(staged):
+        staged, self._staged, self._staged_rows = self._staged, None, 0
+        if not staged:
             return
         old = self._sorted
-        built = _build(*(old.concat(staged) if len(old) else staged).arrays())
+        if len(old):
+            staged[:0] = _lanes(_big_endian(old.hi, old.lo), array("I", range(len(old))), old.rec)
+        built = _build_rows(staged)
         del staged
         moved: list[str] = []
         for task_id, slot in self._recent.items():
@@ -485,79 +494,87 @@ class TaskIdTable(Generic[R]):
 
 
 def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
-    """Buffers sorted by ``(hi, lo)`` from unsorted rows; an id in several rows keeps its first.
+    """Buffers sorted by ``(hi, lo)`` from unsorted rows; an id in several rows keeps its first."""
+    return _build_rows(_lanes(_big_endian(hi, lo), array("I", range(len(hi))), rec))
 
-    Each row becomes one 24-byte string, the id's number, the row's number
-    and its slot, big-endian, so that the strings sort as ``(id, row)``:
-    one sort of short byte strings (``memcmp``), then C-level strided copies
-    back into the buffers, with no Python loop per row and no Python int
-    per row (building the strings and taking them apart are array slice
-    copies; `_records`, `_from_records`).
+
+def _build_rows(lanes: bytes | bytearray | array[int]) -> _Sorted:
+    """Buffers sorted by id from `_lanes` rows; an id in several rows keeps its lowest row.
+
+    Each row is one 24-byte string, the id's number, the row's number and
+    its slot, big-endian, so that the strings sort as ``(id, row)``: a sort
+    of short byte strings (``memcmp``, `_sort_records`), then C-level
+    strided copies back into the buffers (`_from_records`), with no Python
+    loop per row and no Python int per row.
     """
-    n = len(hi)
-    records, joined = _records(hi, lo, array("I", range(n)), rec)
+    view = memoryview(lanes).cast("B")
+    size = 4 * _LANES
+    n = len(view) // size
+    full = n - n % _RECORDS_AT_ONCE
+    records: list[bytes] = []
+    for at in range(0, full * size, _RECORDS_AT_ONCE * size):
+        records.extend(_UNPACK.unpack_from(view, at))
+    records.extend(struct.unpack_from(f"{size}s" * (n - full), view, full * size))
     parts: list[bytes] = []
-    _sort_records(records, joined, 0, parts)
-    del records, joined
+    _sort_records(records, view, 0, parts)
+    del records, view
     out = _from_records(b"".join(parts))
     del parts
     # The rows of an id are adjacent, its first row first.
     slo = out.lo
     drop = {i for i in _same_as_previous(out.hi) if slo[i] == slo[i - 1]}
     if drop:
-        out = out.keep(list(map(not_, map(drop.__contains__, range(n)))))
+        out = out.keep(list(map(not_, map(drop.__contains__, range(len(slo))))))
     return out
 
 
-def _same_as_previous(values: array[int]) -> list[int]:
-    """The indexes ``i`` where ``values[i] == values[i - 1]`` (8-byte values).
-
-    Without a Python int per value: the values and the same shifted by one
-    become two big ints, whose XOR has eight zero bytes exactly where two
-    neighbours are equal; ``bytes.find`` finds those (and a zero run that
-    straddles two values, skipped).
-    """
-    size = values.itemsize
-    raw = values.tobytes()
-    if len(raw) <= size:
-        return []
-    diff = (int.from_bytes(raw[size:], "little") ^ int.from_bytes(raw[:-size], "little")).to_bytes(
-        len(raw) - size, "little"
-    )
-    del raw
-    zero = bytes(size)
-    same: list[int] = []
-    at = diff.find(zero)
-    while at >= 0:
-        if at % size == 0:
-            same.append(at // size + 1)
-        at = diff.find(zero, at + 1)
-    return same
-
-
-#: 4-byte lanes of a row string: high half (2), low half (2), row, slot.
+#: 4-byte lanes of a row (`_lanes`): the id's number (4), the row's number, the slot.
 _LANES: Final = 6
 #: ``struct`` format taking `_RECORDS_AT_ONCE` row strings out of a buffer.
 _RECORDS_AT_ONCE: Final = 4096
 _UNPACK: Final = struct.Struct(f"{_LANES * 4}s" * _RECORDS_AT_ONCE)
+#: The number of the first row a bulk load stages (rows of the buffers come first).
+_STAGED_ROW: Final = 1 << 31
 
 
-def _big_endian(values: array[int]) -> array[int]:
-    """The same numbers as 4-byte unsigned lanes of their big-endian bytes."""
-    copy = array(values.typecode, values)
+def _big_endian(hi: array[int], lo: array[int]) -> array[int]:
+    """Each id's number (its halves) in 16 big-endian bytes, as 4-byte lanes."""
+    both = array("Q", bytes(16 * len(hi)))
+    both[0::2], both[1::2] = hi, lo
     if _LITTLE:
-        copy.byteswap()
-    lanes = array("I")
-    lanes.frombytes(memoryview(copy).cast("B"))
+        both.byteswap()
+    return _retyped(both, "I")
+
+
+def _lanes(keys: array[int], rows: array[int], slots: array[int]) -> array[int]:
+    """One 24-byte big-endian row per id: its number (``keys``: `_big_endian`), row, slot."""
+    n = len(rows)
+    lanes = array("I", bytes(4 * _LANES * n))
+    for lane in range(4):
+        lanes[lane::_LANES] = keys[lane::4]
+    rows, slots = array("I", rows), array("I", slots)
+    if _LITTLE:
+        rows.byteswap()
+        slots.byteswap()
+    lanes[4::_LANES], lanes[5::_LANES] = rows, slots
     return lanes
+
+
+def _retyped(values: array[int], typecode: str) -> array[int]:
+    """The bytes of ``values`` as an array of ``typecode``."""
+    out = array(typecode)
+    out.frombytes(memoryview(values).cast("B"))
+    return out
 
 
 #: Rows that are sorted as they are; more are first split by their next byte.
 _PARTITION_OVER: Final = 2048
 
 
-def _sort_records(records: list[bytes], joined: bytes, depth: int, parts: list[bytes]) -> None:
-    """Append ``records`` (`_records` strings; ``joined``: them joined) to ``parts``, sorted.
+def _sort_records(
+    records: list[bytes], joined: memoryview | bytes, depth: int, parts: list[bytes]
+) -> None:
+    """Append ``records`` (`_lanes` rows; ``joined``: them joined) to ``parts``, sorted.
 
     More than `_PARTITION_OVER` are first split into 256 lists by their
     byte at ``depth`` (C-level appends), and so on while a list is that
@@ -585,43 +602,47 @@ def _sort_records(records: list[bytes], joined: bytes, depth: int, parts: list[b
         _sort_records(bucket, b"".join(bucket), depth + 1, parts)
 
 
-def _records(
-    hi: array[int], lo: array[int], row: array[int], rec: array[int]
-) -> tuple[list[bytes], bytes]:
-    """One 24-byte big-endian string per row: ``hi``, ``lo``, ``row``, ``rec``; and them joined."""
-    n = len(hi)
-    lanes = array("I", bytes(4 * _LANES * n))
-    high, low = _big_endian(hi), _big_endian(lo)
-    lanes[0::_LANES], lanes[1::_LANES] = high[0::2], high[1::2]
-    lanes[2::_LANES], lanes[3::_LANES] = low[0::2], low[1::2]
-    del high, low
-    lanes[4::_LANES], lanes[5::_LANES] = _big_endian(row), _big_endian(rec)
-    size = 4 * _LANES
-    full = n - n % _RECORDS_AT_ONCE
-    records: list[bytes] = []
-    for at in range(0, full * size, _RECORDS_AT_ONCE * size):
-        records.extend(_UNPACK.unpack_from(lanes, at))
-    records.extend(struct.unpack_from(f"{size}s" * (n - full), lanes, full * size))
-    return records, lanes.tobytes()
-
-
 def _from_records(joined: bytes) -> _Sorted:
-    """The buffers from `_records` strings, joined (in their order)."""
-    lanes = array("I")
-    lanes.frombytes(joined)
+    """The buffers from `_lanes` rows, joined (in their order)."""
+    lanes = array("I", joined)
     n = len(lanes) // _LANES
 
     def column(first: int, count: int, typecode: str) -> array[int]:
         part = array("I", bytes(4 * count * n))
         for k in range(count):
             part[k::count] = lanes[first + k :: _LANES]
-        out = array(typecode)
-        out.frombytes(memoryview(part).cast("B"))
+        out = _retyped(part, typecode)
         if _LITTLE:
             out.byteswap()
         return out
 
     return _Sorted(column(0, 2, "Q"), column(2, 2, "Q"), column(5, 1, "I"))
+
+
+def _same_as_previous(values: array[int]) -> list[int]:
+    """The indexes ``i`` where ``values[i] == values[i - 1]`` (8-byte values).
+
+    Without a Python int per value: the values and the same shifted by one
+    become two big ints, whose XOR has eight zero bytes exactly where two
+    neighbours are equal; ``bytes.find`` finds those (and a zero run that
+    straddles two values, skipped).
+    """
+    size = values.itemsize
+    raw = values.tobytes()
+    if len(raw) <= size:
+        return []
+    diff = (int.from_bytes(raw[size:], "little") ^ int.from_bytes(raw[:-size], "little")).to_bytes(
+        len(raw) - size, "little"
+    )
+    del raw
+    zero = bytes(size)
+    same: list[int] = []
+    at = diff.find(zero)
+    while at >= 0:
+        if at % size == 0:
+            same.append(at // size + 1)
+        at = diff.find(zero, at + 1)
+    return same
 
 
 def _unique(keys: list[int]) -> list[int]:
