@@ -389,7 +389,8 @@ class TaskIdTable(Generic[R]):
             both, slots = array("Q", keys), array("I", numbers)
         if _LITTLE:
             both.byteswap()
-        self._stage_rows(both.tobytes(), slots)
+        first = _STAGED_ROW + self._staged_rows
+        self._stage_rows(both.tobytes(), array("I", range(first, first + len(slots))), slots)
 
     def stage_keys(self, keys: bytes, slot: int) -> None:
         """Stage ids given as numbers (`uuid_lines`), all with the record at ``slot``.
@@ -397,13 +398,14 @@ class TaskIdTable(Generic[R]):
         Like `stage`; an id that is also waiting in the small dict when
         `commit` runs keeps the slot it has there.
         """
-        self._stage_rows(keys, array("I", (slot,)) * (len(keys) // 16))
+        n = len(keys) // 16
+        # One row number for them all: an id named twice here has one slot.
+        rows = array("I", (_STAGED_ROW + self._staged_rows,)) * n
+        self._stage_rows(keys, rows, array("I", (slot,)) * n)
 
-    def _stage_rows(self, keys: bytes, slots: array[int]) -> None:
+    def _stage_rows(self, keys: bytes, rows: array[int], slots: array[int]) -> None:
         # ``keys``: 16 big-endian bytes an id; staged rows are numbered from
         # `_STAGED_ROW`, after the rows of the buffers (which `commit` keeps).
-        first = _STAGED_ROW + self._staged_rows
-        rows = array("I", range(first, first + len(slots)))
         lanes = _lanes(array("I", keys), rows, slots)
         if self._staged is None:
             self._staged = bytearray()
