@@ -389,16 +389,19 @@ class TestBuild:
         built = _build(*arrays)
         with mock.patch.object(_idtable, "_PARTITION_OVER", 2):  # split at every byte
             split = _build(*arrays)
-        assert split.arrays() == built.arrays()
+            with mock.patch.object(_idtable, "_CHUNK", 3):  # as bytes, 3 strings at a time
+                split_as_bytes = _build(*arrays)
+        assert built.arrays() == split.arrays() == split_as_bytes.arrays()
         expected = sorted(first.items())
         assert [k[0] for k, _ in expected] == built.hi.tolist()
         assert [k[1] for k, _ in expected] == built.lo.tolist()
         assert [s for _, s in expected] == built.rec.tolist()
 
     def test_a_large_build_matches_a_sort_of_python_ints(self) -> None:
-        """80,000 rows, one in eight a repeat (more than one `struct` chunk): random
-        ids, ids whose first bytes are all zero (a split by byte that gives one full
-        list, split again), and one id 35,000 times (split to its last byte)."""
+        """80,000 rows, one in eight a repeat (more than one `struct` chunk, more than
+        one `_CHUNK`): random ids, ids whose first bytes are all zero (a split by byte
+        that gives one full list, split again), and one id 35,000 times (split to its
+        last byte)."""
         rng = random.Random(7)
         keys = [rng.getrandbits(128) for _ in range(15_000)]
         keys += [rng.getrandbits(88) for _ in range(20_000)]

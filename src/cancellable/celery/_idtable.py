@@ -509,17 +509,8 @@ def _build_rows(lanes: bytes | bytearray | array[int]) -> _Sorted:
     strided copies back into the buffers (`_from_records`), with no Python
     loop per row and no Python int per row.
     """
-    view = memoryview(lanes).cast("B")
-    size = 4 * _LANES
-    n = len(view) // size
-    full = n - n % _RECORDS_AT_ONCE
-    records: list[bytes] = []
-    for at in range(0, full * size, _RECORDS_AT_ONCE * size):
-        records.extend(_UNPACK.unpack_from(view, at))
-    records.extend(struct.unpack_from(f"{size}s" * (n - full), view, full * size))
     parts: list[bytes] = []
-    _sort_records(records, view, 0, parts)
-    del records, view
+    _sort_rows(memoryview(lanes).cast("B"), 0, parts)
     out = _from_records(b"".join(parts))
     del parts
     # The rows of an id are adjacent, its first row first.
@@ -567,6 +558,51 @@ def _retyped(values: array[int], typecode: str) -> array[int]:
     out = array(typecode)
     out.frombytes(memoryview(values).cast("B"))
     return out
+
+
+#: Rows that `_sort_rows` makes strings of at once; more are split as bytes first.
+_CHUNK: Final = 1 << 16
+
+
+def _unpack(view: memoryview | bytes) -> list[bytes]:
+    """One string per `_lanes` row of ``view``."""
+    size = 4 * _LANES
+    n = len(view) // size
+    full = n - n % _RECORDS_AT_ONCE
+    records: list[bytes] = []
+    for at in range(0, full * size, _RECORDS_AT_ONCE * size):
+        records.extend(_UNPACK.unpack_from(view, at))
+    records.extend(struct.unpack_from(f"{size}s" * (n - full), view, full * size))
+    return records
+
+
+def _sort_rows(view: memoryview, depth: int, parts: list[bytes]) -> None:
+    """Append the `_lanes` rows of ``view`` to ``parts``, sorted (the first ``depth``
+    bytes of every row are the same).
+
+    Up to `_CHUNK` rows are sorted as strings (`_sort_records`).  More are
+    first split by their byte at ``depth`` into 256 buffers, a chunk of
+    strings at a time: every pass over the strings then stays within a few
+    MB (the CPU's caches), where a million strings take 64 MB of heap.
+    """
+    size = 4 * _LANES
+    if len(view) <= _CHUNK * size or depth >= 16:
+        _sort_records(_unpack(view), view, depth, parts)
+        return
+    pieces: list[list[bytes]] = [[] for _ in range(256)]
+    for start in range(0, len(view), _CHUNK * size):
+        chunk = view[start : start + _CHUNK * size]
+        records = _unpack(chunk)
+        buckets: list[list[bytes]] = [[] for _ in range(256)]
+        deque(map(list.append, map(buckets.__getitem__, chunk[depth::size]), records), 0)
+        del records
+        deque(map(list.append, pieces, map(b"".join, buckets)), 0)
+        del buckets
+    for bucket in pieces:
+        joined = b"".join(bucket)
+        bucket.clear()
+        if joined:
+            _sort_rows(memoryview(joined), depth + 1, parts)
 
 
 #: Rows that are sorted as they are; more are first split by their next byte.
