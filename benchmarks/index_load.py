@@ -10,7 +10,8 @@ way (N canonical UUID task ids in entries of 1,000), and its parts:
   <cancellable.celery._ledger.RedisLedger.read_pages>`);
 * ``load_s``: the whole load (read, conversion, the sort into the table,
   ``malloc_trim``), ``load_cpu_s`` the CPU time of this process in it (the
-  Redis server works in its own), and ``build_s``: the sort alone.
+  Redis server works in its own), and ``build_s``: the sort alone
+  (``_idtable._build_rows``; ``_build`` in versions before it).
 
 ``--against REV`` also times the code of a git revision (its
 ``src/cancellable`` extracted into a temporary directory and imported as
@@ -89,7 +90,9 @@ class Code:
         """The whole load (wall, CPU), the part of it `_build` took (wall); the ids indexed."""
         ledger = self.make_ledger(client)
         index = self.index.TargetIndex()
-        build = self.idtable._build
+        # The sort: `_build_rows` since the load stages rows, `_build` before.
+        name = "_build_rows" if hasattr(self.idtable, "_build_rows") else "_build"
+        build = getattr(self.idtable, name)
         spent = [0.0]
 
         def timed(*args: Any) -> Any:
@@ -99,13 +102,13 @@ class Code:
             finally:
                 spent[0] += time.perf_counter() - started
 
-        self.idtable._build = timed
+        setattr(self.idtable, name, timed)
         try:
             started, cpu = time.perf_counter(), time.process_time()
             index.load(ledger)
             total, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
-            self.idtable._build = build
+            setattr(self.idtable, name, build)
         return total, cpu, spent[0], len(index)
 
     def profile(self, client: Any, top: int) -> str:
