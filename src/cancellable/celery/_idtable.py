@@ -19,6 +19,15 @@ This table keeps the ids in a few flat buffers instead:
 * Ids added since the last merge wait in a small dict (``_recent``); it is
   merged into the buffers when it reaches an eighth of their size (at
   least `MERGE_AT` ids), building new buffers and swapping them in.
+* A worker's first read of the ledger stages each entry's ids as numbers
+  (`uuid_lines` converts an entry's ``task:<id>`` lines in one piece) and
+  sorts them once (`commit`).  Pure Python, no Python loop or int per id:
+  each id becomes one 24-byte string (number, row, slot, big-endian) that
+  sorts as ``(id, row)``; the strings are split by their leading bytes
+  into lists of a few ids before they are sorted, so that every pass stays
+  in the CPU's caches (`_sort_rows`), and strided array copies take the
+  sorted strings apart into the buffers.  A million ids load in about a
+  fifth of the time of a sort of row numbers by key and three gathers.
 
 Exact, never probabilistic: a lookup finds the id's full 128 bits (the
 high half by binary search, then the low half among the ids that share

@@ -120,8 +120,12 @@ class TargetIndex:
         <cancellable.celery._ledger.RedisLedger.read_pages>`) is indexed a
         page at a time and its task ids are sorted into the compact table
         once, at the end, so loading a million ids never holds them all as
-        Python objects.  Raises `~cancellable.celery._ledger.LedgerError`
-        (the pages read are kept, and the cursor names the last of them).
+        Python objects; an entry of canonical task ids (`TaskLines
+        <cancellable.celery._ledger.TaskLines>`) is converted in one piece,
+        without an object per id (`uuid_lines
+        <cancellable.celery._idtable.uuid_lines>`).  Raises
+        `~cancellable.celery._ledger.LedgerError` (the pages read are kept,
+        and the cursor names the last of them).
         """
         pages = getattr(ledger, "read_pages", None)
         if pages is None:
