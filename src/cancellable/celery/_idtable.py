@@ -270,8 +270,9 @@ class TaskIdTable(Generic[R]):
         #: Records by slot; an expired record's slot is None.
         self.records: RecordStore[R] = [] if records is None else records
         self._merge = merge
-        #: Ids a bulk load staged, not merged yet (`stage`, `commit`): `_lanes` rows.
-        self._staged: bytearray | None = None
+        #: Ids a bulk load staged, not merged yet (`stage`, `commit`): their
+        #: numbers (16 big-endian bytes each), row numbers and slots.
+        self._staged: tuple[bytearray, array[int], array[int]] | None = None
         self._staged_rows = 0
 
     def __len__(self) -> int:
@@ -415,10 +416,13 @@ class TaskIdTable(Generic[R]):
     def _stage_rows(self, keys: bytes, rows: array[int], slots: array[int]) -> None:
         # ``keys``: 16 big-endian bytes an id; staged rows are numbered from
         # `_STAGED_ROW`, after the rows of the buffers (which `commit` keeps).
-        lanes = _lanes(array("I", keys), rows, slots)
+        # `commit` makes `_lanes` of them, in one pass over them all.
         if self._staged is None:
-            self._staged = bytearray()
-        self._staged += memoryview(lanes).cast("B")
+            self._staged = (bytearray(), array("I"), array("I"))
+        numbers, staged_rows, staged_slots = self._staged
+        numbers += keys
+        staged_rows += rows
+        staged_slots += slots
         self._staged_rows += len(slots)
 
     def commit(self) -> None:
@@ -430,13 +434,16 @@ class TaskIdTable(Generic[R]):
         place).
         """
         staged, self._staged, self._staged_rows = self._staged, None, 0
-        if not staged:
+        if staged is None or not staged[0]:
             return
+        numbers, rows, slots = staged
+        lanes = _lanes(array("I", numbers), rows, slots)
+        del staged, numbers, rows, slots
         old = self._sorted
         if len(old):
-            staged[:0] = _lanes(_big_endian(old.hi, old.lo), array("I", range(len(old))), old.rec)
-        built = _build_rows(staged)
-        del staged
+            lanes[:0] = _lanes(_big_endian(old.hi, old.lo), array("I", range(len(old))), old.rec)
+        built = _build_rows(lanes)
+        del lanes
         moved: list[str] = []
         for task_id, slot in self._recent.items():
             key = uuid_key(task_id)
