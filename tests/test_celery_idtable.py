@@ -11,11 +11,25 @@ from __future__ import annotations
 import random
 import threading
 import uuid
+from array import array
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cancellable import CancelReason
-from cancellable.celery._idtable import TaskIdTable, uuid_halves, uuid_key, uuid_keys
+from cancellable.celery import _idtable
+from cancellable.celery._idtable import (
+    TaskIdTable,
+    _build,
+    _same_as_previous,
+    uuid_halves,
+    uuid_key,
+    uuid_keys,
+    uuid_lines,
+)
 from cancellable.celery._index import TargetIndex
 from cancellable.celery._ledger import Entry
 
@@ -203,3 +217,239 @@ class TestReasonRecords:
             assert reasons[i] == index.match(ids[i])
         assert len(ids) == index.purge(ttl=10.0, now=100.0)
         assert index.match(ids[0]) is None
+
+
+def _pool() -> list[str]:
+    """Ids for the properties: canonical UUIDs, some sharing a high half (or a low
+    half) with another, the upper-case spelling of one, and ids that are not UUIDs."""
+    rng = random.Random(2022)
+    base = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(8)]
+    high = base[0].replace("-", "")[:16]
+    same_high = [str(uuid.UUID(high + f"{rng.getrandbits(64):016x}")) for _ in range(4)]
+    low = base[1].replace("-", "")[16:]
+    same_low = [str(uuid.UUID(f"{rng.getrandbits(64):016x}" + low)) for _ in range(2)]
+    edges = [str(uuid.UUID(int=0)), str(uuid.UUID(int=(1 << 128) - 1))]
+    others = [base[2].upper(), "custom-1", "custom-2", base[3].replace("-", ""), ""]
+    return base + same_high + same_low + edges + others
+
+
+POOL = _pool()
+_ids = st.lists(st.sampled_from(POOL), max_size=30)
+
+
+class TableMachine(RuleBasedStateMachine):
+    """Random adds, batches, staged loads (as text and as pairs), commits and merges,
+    against a dict: each id keeps the slot it was first given (an id staged counts as
+    given when it is committed), and no other id is ever found."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table: TaskIdTable[str] = TaskIdTable()
+        self.model: dict[str, int] = {}
+        self.pending: list[tuple[str, int]] = []
+
+    def slot(self) -> int:
+        return self.table.new_record("r")
+
+    @rule(task_id=st.sampled_from(POOL))
+    def add(self, task_id: str) -> None:
+        """One id (it waits in the small dict)."""
+        added = self.table.add(task_id, slot := self.slot())
+        assert (task_id not in self.model) == added
+        self.model.setdefault(task_id, slot)
+
+    @rule(ids=_ids)
+    def add_many(self, ids: list[str]) -> None:
+        """A batch, merged at once."""
+        slot = self.slot()
+        added = self.table.add_many([(i, slot) for i in ids])
+        assert sorted(set(ids) - set(self.model)) == sorted(added)
+        for task_id in ids:
+            self.model.setdefault(task_id, slot)
+
+    @rule(ids=_ids)
+    def stage(self, ids: list[str]) -> None:
+        """A page of a bulk load as pairs: ids that are not UUIDs count at once."""
+        slot = self.slot()
+        self.table.stage([(i, slot) for i in ids])
+        for task_id in ids:
+            if uuid_key(task_id) is None:
+                self.model.setdefault(task_id, slot)
+            else:
+                self.pending.append((task_id, slot))
+
+    @rule(ids=_ids)
+    def stage_lines(self, ids: list[str]) -> None:
+        """A ledger entry's text: converted in one piece when every id is canonical,
+        else decoded into pairs (as `TargetIndex.load` does)."""
+        keys = uuid_lines("\n".join(f"task:{i}" for i in ids))
+        if keys is None:
+            self.stage(ids)
+            return
+        assert all(uuid_key(i) is not None for i in ids)
+        slot = self.slot()
+        self.table.stage_keys(keys, slot)
+        self.pending.extend((i, slot) for i in ids)
+
+    @rule()
+    def commit(self) -> None:
+        """The end of a bulk load."""
+        self.table.commit()
+        for task_id, slot in self.pending:
+            self.model.setdefault(task_id, slot)
+        self.pending = []
+
+    @rule()
+    def flush(self) -> None:
+        """The small dict merged into the buffers."""
+        self.table.flush()
+
+    @invariant()
+    def answers_like_the_dict(self) -> None:
+        """Every id of the pool: its first slot, or not found."""
+        assert {i: self.model.get(i) for i in POOL} == {i: self.table.slot(i) for i in POOL}
+        if not self.pending:
+            assert len(self.model) == len(self.table)
+
+
+TableMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=30, deadline=None)
+
+
+class TestTableStateMachine(TableMachine.TestCase):
+    """`TableMachine`: the table answers like a dict whatever the order of operations."""
+
+
+class TestUuidLines:
+    """A ledger entry's text converts to the numbers of its ids only when each is canonical."""
+
+    def test_a_bulk_entry_converts_to_its_numbers(self) -> None:
+        """1,000 ids written as `cancel()` writes them: 16 big-endian bytes each, in order."""
+        ids = [str(uuid.uuid4()) for _ in range(1000)]
+        text = "\n".join(f"task:{i}" for i in ids)
+        assert b"".join(uuid.UUID(i).bytes for i in ids) == uuid_lines(text)
+
+    @given(ids=st.lists(st.sampled_from(POOL) | st.text(max_size=40), min_size=1, max_size=8))
+    @settings(max_examples=500, deadline=None)
+    def test_any_lines_convert_exactly_when_every_id_does(self, ids: list[str]) -> None:
+        """Ids of any text (newlines, ``task:`` inside, dashes elsewhere, ...): the text
+        converts if and only if every line is ``task:`` and a canonical UUID, and then
+        to those ids' numbers."""
+        text = "\n".join(f"task:{i}" for i in ids)
+        lines = text.split("\n")
+        keys = [uuid_key(line[5:]) if line.startswith("task:") else None for line in lines]
+        numbers = b"".join(k.to_bytes(16, "big") for k in keys if k is not None)
+        assert (None if None in keys else numbers) == uuid_lines(text)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "",
+            "task:",
+            "group:6f9619ff-8b86-d011-b42d-00c04fc964ff",
+            "task:6f9619ff-8b86-d011-b42d-00c04fc964ff\n",
+            "task:6f9619ff-8b86-d011-b42d-00c04fc964ff\r\ntask:6f9619ff-8b86-d011-b42d-00c04fc964f",
+            "task:6f9619ff-8b86-d011-b42d-00c04fc964ff\ngroup:6f9619ff-8b86-d011-b42d-00c04fc964f",
+            " task:6f9619ff-8b86-d011-b42d-00c04fc964f",
+            "task:6f9619ff-8b86-d011-b42d-00c04fc964ff\ntask:6f9619ff8b86-d011-b42d-00c04fc964ff-",
+        ],
+    )
+    def test_other_layouts_do_not_convert(self, text: str) -> None:
+        """Empty text, another kind, a trailing newline, CRLF, a leading space, a dash
+        out of place: no numbers (the entry is then decoded id by id)."""
+        assert uuid_lines(text) is None
+
+
+class TestBuild:
+    """The sort behind a bulk load and a large merge."""
+
+    @given(
+        rows=st.lists(
+            st.tuples(
+                st.sampled_from([0, 1, 2**63, 2**64 - 1, 12345]),
+                st.sampled_from([0, 7, 2**64 - 1, 2**32]),
+                st.sampled_from([0, 1, 5, 2**32 - 1]),
+            ),
+            max_size=60,
+        )
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_rows_sort_by_id_and_an_id_keeps_its_first_row(
+        self, rows: list[tuple[int, int, int]]
+    ) -> None:
+        """Rows with shared high halves, shared low halves, extreme values and repeated
+        ids: sorted by (high, low), one row per id, the slot of its first row."""
+        first: dict[tuple[int, int], int] = {}
+        for high, low, slot in rows:
+            first.setdefault((high, low), slot)
+        arrays = (
+            array("Q", [r[0] for r in rows]),
+            array("Q", [r[1] for r in rows]),
+            array("I", [r[2] for r in rows]),
+        )
+        built = _build(*arrays)
+        with mock.patch.object(_idtable, "_PARTITION_OVER", 2):  # split at every byte
+            split = _build(*arrays)
+            with mock.patch.object(_idtable, "_CHUNK", 3):  # as bytes, 3 strings at a time
+                split_as_bytes = _build(*arrays)
+        assert built.arrays() == split.arrays() == split_as_bytes.arrays()
+        expected = sorted(first.items())
+        assert [k[0] for k, _ in expected] == built.hi.tolist()
+        assert [k[1] for k, _ in expected] == built.lo.tolist()
+        assert [s for _, s in expected] == built.rec.tolist()
+
+    def test_a_large_build_matches_a_sort_of_python_ints(self) -> None:
+        """80,000 rows, one in eight a repeat (more than one `struct` chunk, more than
+        one `_CHUNK`): random ids, ids whose first bytes are all zero (a split by byte
+        that gives one full list, split again), and one id 35,000 times (split to its
+        last byte)."""
+        rng = random.Random(7)
+        keys = [rng.getrandbits(128) for _ in range(15_000)]
+        keys += [rng.getrandbits(88) for _ in range(20_000)]
+        keys += [rng.getrandbits(128)] * 35_000
+        keys += rng.sample(keys, 10_000)
+        rng.shuffle(keys)
+        slots = [rng.getrandbits(32) for _ in keys]
+        built = _build(
+            array("Q", [k >> 64 for k in keys]),
+            array("Q", [k & (2**64 - 1) for k in keys]),
+            array("I", slots),
+        )
+        first: dict[int, int] = {}
+        for key, slot in zip(keys, slots, strict=True):
+            first.setdefault(key, slot)
+        expected = sorted(first.items())
+        assert [k >> 64 for k, _ in expected] == built.hi.tolist()
+        assert [k & (2**64 - 1) for k, _ in expected] == built.lo.tolist()
+        assert [s for _, s in expected] == built.rec.tolist()
+
+    @given(
+        values=st.lists(
+            st.sampled_from([0, 1, 2**8, 2**56, 2**64 - 1, 2**32 - 1, 2**32, 0xFF00]),
+            max_size=40,
+        )
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_neighbours_that_are_equal_are_all_found(self, values: list[int]) -> None:
+        """Values with zero bytes at either end (so zero runs straddle two values):
+        exactly the indexes equal to their predecessor."""
+        expected = [i for i in range(1, len(values)) if values[i] == values[i - 1]]
+        assert expected == _same_as_previous(array("Q", values))
+
+
+class TestCommit:
+    """Ids a bulk load stages that the table already holds."""
+
+    def test_an_id_waiting_in_the_small_dict_keeps_its_slot_and_leaves_it(self) -> None:
+        """An id added one at a time while a load is staged (a broadcast during the
+        worker's first read), and also in the load: it keeps the slot it was added
+        with, and is counted once."""
+        table: TaskIdTable[str] = TaskIdTable()
+        ids = [str(uuid.uuid4()) for _ in range(5)]
+        loaded = table.new_record("ledger")
+        table.stage_keys(uuid_lines("\n".join(f"task:{i}" for i in ids)) or b"", loaded)
+        early = table.new_record("broadcast")
+        assert table.add(ids[2], early)
+        table.commit()
+        assert [loaded, loaded, early, loaded, loaded] == [table.slot(i) for i in ids]
+        assert 5 == len(table)
+        assert {} == table._recent

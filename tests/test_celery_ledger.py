@@ -311,6 +311,52 @@ class TestRedisLedger:
             ledger.read(None)
 
 
+class TestPagedLoad:
+    """A worker's first read of a Redis ledger (`TargetIndex.load`, `RedisLedger.read_pages`)."""
+
+    def test_a_paged_load_indexes_what_a_read_returns(self, rdb: redis.Redis) -> None:
+        """Bulk entries of canonical ids (converted as text), one with a custom id among
+        them, entries naming groups and roots, ids cancelled twice with two reasons, an
+        id in upper case, damaged lines, and more entries than a page: the pages give
+        back the entries `read` gives (task-only ones as `TaskLines`), and the loaded
+        index answers like one filled from `read`, for every id and for near misses."""
+        prefix = f"cancellable:load-{uuid.uuid4().hex[:6]}:"
+        ledger = _ledger.RedisLedger(rdb, prefix, 60)
+        fresh = [str(uuid.uuid4()) for _ in range(3500)]
+
+        def task(ids: list[str]) -> list[_ledger.Target]:
+            return [("task", i) for i in ids]
+
+        ledger.record(task(fresh[:2500]), CancelReason(message="bulk"))
+        ledger.record(task(["custom-1", *fresh[2500:3499]]), CancelReason(message="custom"))
+        ledger.record([("task", fresh[3499]), ("group", "g1"), ("root", "r1")], CancelReason())
+        ledger.record(task([*fresh[2000:2600], fresh[0].upper()]), CancelReason(message="again"))
+        rdb.xadd(prefix + "ledger", {"reason": "{}", "targets": f"task:\ntask:{fresh[-1]}"})
+        rdb.xadd(prefix + "ledger", {"reason": "{}", "targets": "task:"})
+        for n in range(_ledger.LOAD_PAGE + 5):
+            ledger.record(task([str(uuid.uuid4())]), CancelReason(message=f"single {n}"))
+        entries, cursor = ledger.read(None)
+
+        pages = list(ledger.read_pages(None))
+        items = [item for page, _ in pages for item in page]
+        decoded = [i.entry() if isinstance(i, _ledger.TaskLines) else i for i in items]
+        assert entries == [e for e in decoded if e is not None]  # "task:" alone names none
+        assert any(isinstance(i, _ledger.TaskLines) for i in items)
+        assert cursor == pages[-1][1]
+
+        loaded, expected = TargetIndex(), TargetIndex()
+        loaded.load(ledger)
+        expected.add_entries(entries)
+        every = [t for e in entries for kind, t in e.targets if kind == "task"]
+        near = [i[:-12] + uuid.uuid4().hex[:12] for i in every if len(i) == 36]
+        probes = every + near + [i.upper() for i in every] + ["custom-2"]
+        assert [expected.match(i) for i in probes] == [loaded.match(i) for i in probes]
+        assert len(expected) == len(loaded)
+        assert cursor == loaded.cursor
+        assert expected.match("x", group_id="g1") == loaded.match("x", group_id="g1")
+        assert "bulk" == loaded.match(fresh[2100]).message  # type: ignore[union-attr]
+
+
 def entry_line(targets: list[tuple[str, str]], at: float | None = None) -> bytes:
     """One line of the file ledger's format, as a writer appends it."""
     entry = {

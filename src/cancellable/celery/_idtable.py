@@ -19,6 +19,15 @@ This table keeps the ids in a few flat buffers instead:
 * Ids added since the last merge wait in a small dict (``_recent``); it is
   merged into the buffers when it reaches an eighth of their size (at
   least `MERGE_AT` ids), building new buffers and swapping them in.
+* A worker's first read of the ledger stages each entry's ids as numbers
+  (`uuid_lines` converts an entry's ``task:<id>`` lines in one piece) and
+  sorts them once (`commit`).  Pure Python, no Python loop or int per id:
+  each id becomes one 24-byte string (number, row, slot, big-endian) that
+  sorts as ``(id, row)``; the strings are split by their leading bytes
+  into lists of a few ids before they are sorted, so that every pass stays
+  in the CPU's caches (`_sort_rows`), and strided array copies take the
+  sorted strings apart into the buffers.  A million ids load in about a
+  fifth of the time of a sort of row numbers by key and three gathers.
 
 Exact, never probabilistic: a lookup finds the id's full 128 bits (the
 high half by binary search, then the low half among the ids that share
@@ -36,9 +45,11 @@ parent's pages; what the child adds itself stays in its small dict.
 from __future__ import annotations
 
 import ctypes
+import struct
 import sys
 from array import array
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from itertools import compress, repeat
@@ -60,6 +71,12 @@ R = TypeVar("R")
 _M32: Final = (1 << 32) - 1
 _M64: Final = (1 << 64) - 1
 _HEX: Final = frozenset("0123456789abcdef")
+#: Characters per line of a ledger entry's task targets: ``task:``, a UUID, a newline.
+_LINE: Final = 42
+#: What every such line has, where (`uuid_lines`).
+_FIXED: Final = (*enumerate("task:"), (13, "-"), (18, "-"), (23, "-"), (28, "-"))
+_TO_FROMHEX: Final = str.maketrans({"-": " ", "\n": " ", **dict.fromkeys("ABCDEF", "x")})
+_LITTLE: Final = sys.byteorder == "little"
 
 
 def uuid_key(task_id: str) -> int | None:
@@ -73,6 +90,33 @@ def uuid_key(task_id: str) -> int | None:
     if not _HEX.issuperset(digits):
         return None
     return int(digits, 16)
+
+
+def uuid_lines(text: str) -> bytes | None:
+    """The numbers of the ids in ``text``, ``task:<id>`` lines, if every id is a canonical UUID.
+
+    ``text`` is a ledger entry's targets as written (`cancellable.celery._ledger`);
+    the result holds each id's 128-bit number in 16 big-endian bytes, in the
+    order of the lines (None unless every line is ``task:`` and a canonical
+    lower-case UUID).  A few C-level string operations over the whole text,
+    no object per id: strided slices check that every line has ``task:``,
+    its dashes and its newline where they must be; those become spaces, which
+    ``bytes.fromhex`` skips, and upper-case hex digits become ``x``, which it
+    refuses; it must then read 16 bytes a line, so the other 32 characters
+    of each line were lower-case hex digits (a space or a dash among them
+    makes the result short).
+    """
+    n = (len(text) + 1) // _LINE
+    if not n or len(text) != n * _LINE - 1 or text[_LINE - 1 :: _LINE] != "\n" * (n - 1):
+        return None
+    for at, char in _FIXED:
+        if text[at::_LINE] != char * n:
+            return None
+    try:
+        raw = bytes.fromhex(text.replace("task:", "     ").translate(_TO_FROMHEX))
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 * n else None
 
 
 def trim_heap() -> None:
@@ -172,22 +216,20 @@ class _Sorted:
             array("I", compress(self.rec, mask)),
         )
 
-    def without(self, other: _Sorted) -> _Sorted:
-        """These rows but those whose id ``other`` holds (one lookup per row)."""
-        find = other.find
-        return self.keep(
-            [find(h << 64 | lo) is None for h, lo in zip(self.hi, self.lo, strict=True)]
-        )
-
     def find(self, key: int) -> int | None:
         """The slot of ``key``, or None."""
+        row = self.row(key)
+        return None if row is None else int(self.rec[row])
+
+    def row(self, key: int) -> int | None:
+        """The row of ``key``, or None."""
         hi, lo = self.hi, self.lo
         high, low = key >> 64, key & _M64
         i = bisect_left(hi, high)
         n = len(hi)
         while i < n and hi[i] == high:
             if lo[i] == low:
-                return int(self.rec[i])
+                return i
             i += 1
         return None
 
@@ -228,8 +270,10 @@ class TaskIdTable(Generic[R]):
         #: Records by slot; an expired record's slot is None.
         self.records: RecordStore[R] = [] if records is None else records
         self._merge = merge
-        #: Ids a bulk load staged, not merged yet (`stage`, `commit`).
-        self._staged: _Sorted | None = None
+        #: Ids a bulk load staged, not merged yet (`stage`, `commit`): their
+        #: numbers (16 big-endian bytes each), row numbers and slots.
+        self._staged: tuple[bytearray, array[int], array[int]] | None = None
+        self._staged_rows = 0
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent) + len(self._other)
@@ -329,40 +373,87 @@ class TaskIdTable(Generic[R]):
     def stage(self, items: Sequence[tuple[str, int]]) -> None:
         """Stage ``(task id, slot)`` pairs for `commit`: a bulk load, page by page.
 
-        Staged canonical UUIDs are kept as numbers in flat buffers (20 bytes
-        an id), so a loader holds one page of Python objects at a time; they
-        are not found until `commit`.  Other ids are added at once.
+        Staged canonical UUIDs are kept as numbers in a flat buffer (24
+        bytes an id, `_lanes`), so a loader holds one page of Python objects
+        at a time; they are not found until `commit`.  Other ids are added
+        at once.
         """
         recent, other = self._recent, self._other
         if recent or other:
             items = [item for item in items if item[0] not in recent and item[0] not in other]
         halves = uuid_halves([tid for tid, _slot in items])
-        if self._staged is None:
-            self._staged = _Sorted.empty()
-        staged = self._staged
         if halves is not None:
-            staged.hi.extend(halves[0])
-            staged.lo.extend(halves[1])
-            staged.rec.extend([slot for _tid, slot in items])
-            return
-        for tid, slot in items:
-            key = uuid_key(tid)
-            if key is None:
-                other.setdefault(tid, slot)
-            else:
-                staged.hi.append(key >> 64)
-                staged.lo.append(key & _M64)
-                staged.rec.append(slot)
+            both = array("Q", bytes(16 * len(items)))
+            both[0::2], both[1::2] = halves
+            slots = array("I", [slot for _tid, slot in items])
+        else:
+            keys, numbers = [], []
+            for tid, slot in items:
+                key = uuid_key(tid)
+                if key is None:
+                    other.setdefault(tid, slot)
+                else:
+                    keys.append(key >> 64)
+                    keys.append(key & _M64)
+                    numbers.append(slot)
+            both, slots = array("Q", keys), array("I", numbers)
+        if _LITTLE:
+            both.byteswap()
+        first = _STAGED_ROW + self._staged_rows
+        self._stage_rows(both.tobytes(), array("I", range(first, first + len(slots))), slots)
+
+    def stage_keys(self, keys: bytes, slot: int) -> None:
+        """Stage ids given as numbers (`uuid_lines`), all with the record at ``slot``.
+
+        Like `stage`; an id that is also waiting in the small dict when
+        `commit` runs keeps the slot it has there.
+        """
+        n = len(keys) // 16
+        # One row number for them all: an id named twice here has one slot.
+        rows = array("I", (_STAGED_ROW + self._staged_rows,)) * n
+        self._stage_rows(keys, rows, array("I", (slot,)) * n)
+
+    def _stage_rows(self, keys: bytes, rows: array[int], slots: array[int]) -> None:
+        # ``keys``: 16 big-endian bytes an id; staged rows are numbered from
+        # `_STAGED_ROW`, after the rows of the buffers (which `commit` keeps).
+        # `commit` makes `_lanes` of them, in one pass over them all.
+        if self._staged is None:
+            self._staged = (bytearray(), array("I"), array("I"))
+        numbers, staged_rows, staged_slots = self._staged
+        numbers += keys
+        staged_rows += rows
+        staged_slots += slots
+        self._staged_rows += len(slots)
 
     def commit(self) -> None:
-        """Merge what was staged into the buffers (one sort); ids present already keep theirs."""
-        staged, self._staged = self._staged, None
-        if staged is None or not len(staged):
+        """Merge what was staged into the buffers (one sort); ids present already keep theirs.
+
+        Present already: in the buffers (their rows come first, and `_build`
+        keeps an id's first row), or waiting in the small dict (the new
+        buffers get that slot, and the id leaves the dict once they are in
+        place).
+        """
+        staged, self._staged, self._staged_rows = self._staged, None, 0
+        if staged is None or not staged[0]:
             return
+        numbers, rows, slots = staged
+        lanes = _lanes(array("I", numbers), rows, slots)
+        del staged, numbers, rows, slots
         old = self._sorted
         if len(old):
-            staged = old.concat(staged.without(old))
-        self._sorted = _build(staged.hi, staged.lo, staged.rec)
+            lanes[:0] = _lanes(_big_endian(old.hi, old.lo), array("I", range(len(old))), old.rec)
+        built = _build_rows(lanes)
+        del lanes
+        moved: list[str] = []
+        for task_id, slot in self._recent.items():
+            key = uuid_key(task_id)
+            row = None if key is None else built.row(key)
+            if row is not None:
+                built.rec[row] = slot  # not shared yet: nothing reads these buffers
+                moved.append(task_id)
+        self._sorted = built
+        for task_id in moved:
+            del self._recent[task_id]
 
     def flush(self) -> None:
         """Merge the waiting ids into the buffers (a forked child's table never does)."""
@@ -421,33 +512,191 @@ class TaskIdTable(Generic[R]):
 
 
 def _build(hi: array[int], lo: array[int], rec: array[int]) -> _Sorted:
-    """Buffers sorted by ``hi`` from unsorted rows; an id in several rows keeps its first.
+    """Buffers sorted by ``(hi, lo)`` from unsorted rows; an id in several rows keeps its first."""
+    return _build_rows(_lanes(_big_endian(hi, lo), array("I", range(len(hi))), rec))
 
-    Sorted by the high half only (the low half is compared among the rows
-    that share it): one sort of the row numbers by their high half, then
-    C-level gathers, with no Python loop per row.
+
+def _build_rows(lanes: bytes | bytearray | array[int]) -> _Sorted:
+    """Buffers sorted by id from `_lanes` rows; an id in several rows keeps its lowest row.
+
+    Each row is one 24-byte string, the id's number, the row's number and
+    its slot, big-endian, so that the strings sort as ``(id, row)``: a sort
+    of short byte strings (``memcmp``, `_sort_records`), then C-level
+    strided copies back into the buffers (`_from_records`), with no Python
+    loop per row and no Python int per row.
     """
-    n = len(hi)
-    rows = sorted(range(n), key=hi.__getitem__)  # stable: the first-added first
-    out = _Sorted(
-        array("Q", map(hi.__getitem__, rows)),
-        array("Q", map(lo.__getitem__, rows)),
-        array("I", map(rec.__getitem__, rows)),
-    )
-    del rows
-    # Rows that share a high half are adjacent, the first-added first.
-    shi, slo = out.hi, out.lo
-    drop: set[int] = set()
-    for i in compress(range(1, n), map(eq, shi[1:], shi[:-1])):
-        j = i - 1
-        while j >= 0 and shi[j] == shi[i]:
-            if slo[j] == slo[i]:
-                drop.add(i)  # the same id as an earlier row
-                break
-            j -= 1
+    parts: list[bytes] = []
+    _sort_rows(memoryview(lanes).cast("B"), 0, parts)
+    out = _from_records(b"".join(parts))
+    del parts
+    # The rows of an id are adjacent, its first row first.
+    slo = out.lo
+    drop = {i for i in _same_as_previous(out.hi) if slo[i] == slo[i - 1]}
     if drop:
-        out = out.keep(list(map(not_, map(drop.__contains__, range(n)))))
+        out = out.keep(list(map(not_, map(drop.__contains__, range(len(slo))))))
     return out
+
+
+#: 4-byte lanes of a row (`_lanes`): the id's number (4), the row's number, the slot.
+_LANES: Final = 6
+#: ``struct`` format taking `_RECORDS_AT_ONCE` row strings out of a buffer.
+_RECORDS_AT_ONCE: Final = 4096
+_UNPACK: Final = struct.Struct(f"{_LANES * 4}s" * _RECORDS_AT_ONCE)
+#: The number of the first row a bulk load stages (rows of the buffers come first).
+_STAGED_ROW: Final = 1 << 31
+
+
+def _big_endian(hi: array[int], lo: array[int]) -> array[int]:
+    """Each id's number (its halves) in 16 big-endian bytes, as 4-byte lanes."""
+    both = array("Q", bytes(16 * len(hi)))
+    both[0::2], both[1::2] = hi, lo
+    if _LITTLE:
+        both.byteswap()
+    return _retyped(both, "I")
+
+
+def _lanes(keys: array[int], rows: array[int], slots: array[int]) -> array[int]:
+    """One 24-byte big-endian row per id: its number (``keys``: `_big_endian`), row, slot."""
+    n = len(rows)
+    lanes = array("I", bytes(4 * _LANES * n))
+    for lane in range(4):
+        lanes[lane::_LANES] = keys[lane::4]
+    rows, slots = array("I", rows), array("I", slots)
+    if _LITTLE:
+        rows.byteswap()
+        slots.byteswap()
+    lanes[4::_LANES], lanes[5::_LANES] = rows, slots
+    return lanes
+
+
+def _retyped(values: array[int], typecode: str) -> array[int]:
+    """The bytes of ``values`` as an array of ``typecode``."""
+    out = array(typecode)
+    out.frombytes(memoryview(values).cast("B"))
+    return out
+
+
+#: Rows that `_sort_rows` makes strings of at once; more are split as bytes first.
+_CHUNK: Final = 1 << 16
+
+
+def _unpack(view: memoryview | bytes) -> list[bytes]:
+    """One string per `_lanes` row of ``view``."""
+    size = 4 * _LANES
+    n = len(view) // size
+    full = n - n % _RECORDS_AT_ONCE
+    records: list[bytes] = []
+    for at in range(0, full * size, _RECORDS_AT_ONCE * size):
+        records.extend(_UNPACK.unpack_from(view, at))
+    records.extend(struct.unpack_from(f"{size}s" * (n - full), view, full * size))
+    return records
+
+
+def _sort_rows(view: memoryview, depth: int, parts: list[bytes]) -> None:
+    """Append the `_lanes` rows of ``view`` to ``parts``, sorted (the first ``depth``
+    bytes of every row are the same).
+
+    Up to `_CHUNK` rows are sorted as strings (`_sort_records`).  More are
+    first split by their byte at ``depth`` into 256 buffers, a chunk of
+    strings at a time: every pass over the strings then stays within a few
+    MB (the CPU's caches), where a million strings take 64 MB of heap.
+    """
+    size = 4 * _LANES
+    if len(view) <= _CHUNK * size or depth >= 16:
+        _sort_records(_unpack(view), view, depth, parts)
+        return
+    pieces: list[list[bytes]] = [[] for _ in range(256)]
+    for start in range(0, len(view), _CHUNK * size):
+        chunk = view[start : start + _CHUNK * size]
+        records = _unpack(chunk)
+        buckets: list[list[bytes]] = [[] for _ in range(256)]
+        deque(map(list.append, map(buckets.__getitem__, chunk[depth::size]), records), 0)
+        del records
+        deque(map(list.append, pieces, map(b"".join, buckets)), 0)
+        del buckets
+    for bucket in pieces:
+        joined = b"".join(bucket)
+        bucket.clear()
+        if joined:
+            _sort_rows(memoryview(joined), depth + 1, parts)
+
+
+#: Rows that are sorted as they are; more are first split by their next byte.
+_PARTITION_OVER: Final = 2048
+
+
+def _sort_records(
+    records: list[bytes], joined: memoryview | bytes, depth: int, parts: list[bytes]
+) -> None:
+    """Append ``records`` (`_lanes` rows; ``joined``: them joined) to ``parts``, sorted.
+
+    More than `_PARTITION_OVER` are first split into 256 lists by their
+    byte at ``depth`` (C-level appends), and so on while a list is that
+    long: a million random ids make lists of about 15 after two bytes,
+    sorted in a few comparisons each while their strings are in the CPU's
+    caches, instead of one sort of strings all over the heap (under half
+    the time).  Ids that share leading bytes are split further; one id
+    repeated is sorted as it is once its 16 bytes are used.  Empties
+    ``records``.
+    """
+    if len(records) <= _PARTITION_OVER or depth >= 16:
+        records.sort()
+        parts.append(b"".join(records))
+        records.clear()
+        return
+    buckets: list[list[bytes]] = [[] for _ in range(256)]
+    deque(map(list.append, map(buckets.__getitem__, joined[depth :: 4 * _LANES]), records), 0)
+    records.clear()
+    del joined
+    if max(map(len, buckets)) <= _PARTITION_OVER:
+        deque(map(list.sort, buckets), 0)
+        parts.extend(map(b"".join, buckets))
+        return
+    for bucket in buckets:
+        _sort_records(bucket, b"".join(bucket), depth + 1, parts)
+
+
+def _from_records(joined: bytes) -> _Sorted:
+    """The buffers from `_lanes` rows, joined (in their order)."""
+    lanes = array("I", joined)
+    n = len(lanes) // _LANES
+
+    def column(first: int, count: int, typecode: str) -> array[int]:
+        part = array("I", bytes(4 * count * n))
+        for k in range(count):
+            part[k::count] = lanes[first + k :: _LANES]
+        out = _retyped(part, typecode)
+        if _LITTLE:
+            out.byteswap()
+        return out
+
+    return _Sorted(column(0, 2, "Q"), column(2, 2, "Q"), column(5, 1, "I"))
+
+
+def _same_as_previous(values: array[int]) -> list[int]:
+    """The indexes ``i`` where ``values[i] == values[i - 1]`` (8-byte values).
+
+    Without a Python int per value: the values and the same shifted by one
+    become two big ints, whose XOR has eight zero bytes exactly where two
+    neighbours are equal; ``bytes.find`` finds those (and a zero run that
+    straddles two values, skipped).
+    """
+    size = values.itemsize
+    raw = values.tobytes()
+    if len(raw) <= size:
+        return []
+    diff = (int.from_bytes(raw[size:], "little") ^ int.from_bytes(raw[:-size], "little")).to_bytes(
+        len(raw) - size, "little"
+    )
+    del raw
+    zero = bytes(size)
+    same: list[int] = []
+    at = diff.find(zero)
+    while at >= 0:
+        if at % size == 0:
+            same.append(at // size + 1)
+        at = diff.find(zero, at + 1)
+    return same
 
 
 def _unique(keys: list[int]) -> list[int]:

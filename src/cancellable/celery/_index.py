@@ -38,8 +38,8 @@ from typing import Any, Final
 
 from .._exceptions import CancelReason
 from . import _workflow
-from ._idtable import TaskIdTable, trim_heap
-from ._ledger import Entry, Ledger, Target, TargetKind
+from ._idtable import TaskIdTable, trim_heap, uuid_lines
+from ._ledger import Entry, Ledger, Target, TargetKind, TaskLines
 
 __all__ = ["TargetIndex", "request_targets"]
 
@@ -120,8 +120,12 @@ class TargetIndex:
         <cancellable.celery._ledger.RedisLedger.read_pages>`) is indexed a
         page at a time and its task ids are sorted into the compact table
         once, at the end, so loading a million ids never holds them all as
-        Python objects.  Raises `~cancellable.celery._ledger.LedgerError`
-        (the pages read are kept, and the cursor names the last of them).
+        Python objects; an entry of canonical task ids (`TaskLines
+        <cancellable.celery._ledger.TaskLines>`) is converted in one piece,
+        without an object per id (`uuid_lines
+        <cancellable.celery._idtable.uuid_lines>`).  Raises
+        `~cancellable.celery._ledger.LedgerError` (the pages read are kept,
+        and the cursor names the last of them).
         """
         pages = getattr(ledger, "read_pages", None)
         if pages is None:
@@ -132,9 +136,17 @@ class TargetIndex:
         tasks = self._tasks
         try:
             for entries, cursor in pages(self.cursor):
+                # A bulk entry's ids as numbers, converted outside the lock.
+                keys = [uuid_lines(e.text) if isinstance(e, TaskLines) else None for e in entries]
                 with self.lock:
-                    for entry in entries:
-                        record = (entry.reason, entry.recorded_at)
+                    for item, numbers in zip(entries, keys, strict=True):
+                        record = (item.reason, item.recorded_at)
+                        if numbers is not None:
+                            tasks.stage_keys(numbers, tasks.new_record(record))
+                            continue
+                        entry = item.entry() if isinstance(item, TaskLines) else item
+                        if entry is None:
+                            continue
                         ids = [tid for kind, tid in entry.targets if kind == "task"]
                         if ids:
                             slot = tasks.new_record(record)
@@ -143,7 +155,7 @@ class TargetIndex:
                             wide = [t for t in entry.targets if t[0] != "task"]
                             self._add_locked([(wide, record)])
                     self.cursor = cursor  # staged ids are committed below, whatever happens
-                del entries
+                del entries, keys
         finally:
             with self.lock:
                 tasks.commit()

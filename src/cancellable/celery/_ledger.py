@@ -101,7 +101,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
 from pathlib import Path
-from typing import IO, Any, Final, Literal, Protocol, TypeVar, get_args
+from typing import IO, Any, Final, Literal, Protocol, TypeVar, get_args, overload
 
 from .._exceptions import CancelReason
 from .._log import logger
@@ -127,6 +127,7 @@ __all__ = [
     "SqlLedger",
     "Target",
     "TargetKind",
+    "TaskLines",
     "check_targets",
     "record_once",
     "revoke_key",
@@ -348,6 +349,28 @@ class Entry:
     grace: float | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskLines:
+    """A ledger entry's targets as written, ``kind:id`` lines, the first a task.
+
+    `RedisLedger.read_pages` gives such an entry (a bulk cancel's: all task
+    lines) undecoded, so that a worker's first read converts a page of ids
+    with a few string operations instead of an object per id
+    (`cancellable.celery._idtable.uuid_lines`); `entry` decodes it as
+    `RedisLedger.read` does.
+    """
+
+    text: str
+    reason: CancelReason
+    recorded_at: float
+    grace: float | None = None
+
+    def entry(self) -> Entry | None:
+        """The `Entry` this is, or None if no line names an id."""
+        targets = _decode_targets(self.text)
+        return Entry(targets, self.reason, self.recorded_at, self.grace) if targets else None
+
+
 class Ledger(Protocol):
     """**Protocol:** where cancellations are recorded durably.
 
@@ -377,8 +400,13 @@ def _encode_targets(targets: Iterable[Target]) -> str:
     return "\n".join(f"{kind}:{target_id}" for kind, target_id in targets)
 
 
+def _task_lines(raw: str) -> bool:
+    # Every line of ``raw`` is a task target (a bulk cancel's entry).
+    return raw.startswith("task:") and raw.count("\n") == raw.count("\ntask:")
+
+
 def _decode_targets(raw: str) -> tuple[Target, ...]:
-    if raw.startswith("task:") and raw.count("\n") == raw.count("\ntask:"):
+    if _task_lines(raw):
         # Every line is a task target (a bulk cancel): split without a loop.
         ids = raw[5:].split("\ntask:")
         if "" not in ids:
@@ -598,11 +626,12 @@ class RedisLedger:
 
     def read_pages(
         self, cursor: str | None, count: int = LOAD_PAGE
-    ) -> Iterator[tuple[list[Entry], str | None]]:
+    ) -> Iterator[tuple[list[Entry | TaskLines], str | None]]:
         """`read` in pages of ``count`` stream entries: each page's entries and its cursor.
 
         A worker loading a large ledger indexes one page before it reads the
-        next, so it never holds the whole ledger as Python objects.
+        next, so it never holds the whole ledger as Python objects.  An entry
+        whose first target is a task comes as `TaskLines`, not decoded.
         """
         start = "-" if cursor is None else f"({cursor}"
         try:
@@ -614,10 +643,10 @@ class RedisLedger:
             raise self._error("read", exc) from exc
         oldest_ms = int(seconds) * 1000 + int(micros) // 1000 - self._ttl_ms
         while True:
-            entries: list[Entry] = []
+            entries: list[Entry | TaskLines] = []
             for raw_id, fields in rows:
                 cursor = _text(raw_id)
-                entry = self._entry(cursor, fields, oldest_ms)
+                entry = self._entry(cursor, fields, oldest_ms, lines=True)
                 if entry is not None:
                     entries.append(entry)
             yield entries, cursor
@@ -629,17 +658,35 @@ class RedisLedger:
             except Exception as exc:
                 raise self._error("read", exc) from exc
 
-    def _entry(self, stream_id: str, fields: dict[Any, Any], oldest_ms: int) -> Entry | None:
+    @overload
+    def _entry(
+        self, stream_id: str, fields: dict[Any, Any], oldest_ms: int, lines: Literal[False] = ...
+    ) -> Entry | None: ...
+
+    @overload
+    def _entry(
+        self, stream_id: str, fields: dict[Any, Any], oldest_ms: int, lines: bool
+    ) -> Entry | TaskLines | None: ...
+
+    def _entry(
+        self, stream_id: str, fields: dict[Any, Any], oldest_ms: int, lines: bool = False
+    ) -> Entry | TaskLines | None:
+        # ``lines``: an entry of task targets only may come as `TaskLines`.
         recorded_ms = _stream_ms(stream_id)
         if recorded_ms < oldest_ms:
             return None
         values = {_text(k): _text(v) for k, v in fields.items()}
-        targets = _decode_targets(values.get("targets", ""))
-        if not targets:
+        raw = values.get("targets", "")
+        bulk = lines and raw.startswith("task:")
+        targets = () if bulk else _decode_targets(raw)
+        if not (bulk or targets):
             return None  # not ours, or damaged: skip it rather than stop reading
         # Another version's reason degrades; its targets are kept (`_wire`).
         reason = reason_from_wire(_json(values.get("reason")), recorded_ms / 1000.0)
-        return Entry(targets, reason, recorded_ms / 1000.0, _grace(values.get("grace")))
+        grace = _grace(values.get("grace"))
+        if bulk:
+            return TaskLines(raw, reason, recorded_ms / 1000.0, grace)
+        return Entry(targets, reason, recorded_ms / 1000.0, grace)
 
 
 def _grace(value: object) -> float | None:
