@@ -169,9 +169,11 @@ def test_redis_connection_loss_stops_nothing_and_runs_nothing_twice(
     a = make_worker(
         broker="redis", concurrency=1, extra_env={"CIT_BROKER_URL": _proxied("redis", proxy)}
     )
-    result = a.send("cit.rerun.late", keys.key("t"), 4.0)
+    # Long enough to outlast B's start on a loaded machine (8 s seen in CI).
+    result = a.send("cit.rerun.late", keys.key("t"), 15.0)
     wait_for(lambda: keys.flag("t", "looping"), 20, message="the run to start on A")
     make_worker(broker="redis", concurrency=1, queue=a.queue)
+    assert [line[0] for line in log_lines(keys, "t")] == ["start"], "the run ended before the cut"
     proxy.cut()
     time.sleep(refused_s)
     proxy.restore()
