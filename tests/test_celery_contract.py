@@ -1507,7 +1507,7 @@ class TestShutdownAndConnectionLoss:
         connection; ``unwrap_consumer_connection_lost`` puts Celery's back.  If
         not, a lost RabbitMQ connection never stops the first copy of a task."""
         from celery.worker.consumer.consumer import Consumer
-        from tests.integration.proxy import TcpProxy
+        from tests.proxy import TcpProxy
 
         celery_hook = original_of(Consumer.on_connection_error_after_connected)
         monkeypatch.setattr(Consumer, "on_connection_error_after_connected", celery_hook)
