@@ -232,15 +232,17 @@ class TestInProcessPools:
         assert worker.alive()
 
     def test_solo_pool_lets_a_blocking_sleep_run_on_and_says_so(self, shared_worker, keys: Keys):
-        """Solo: ``time.sleep(1.5)`` on the worker's main thread, task grace 1 s: not interrupted.
+        """Solo: ``time.sleep(3)`` on the worker's main thread, task grace 1 s: not interrupted.
 
         A busy solo worker hears of the cancellation through its ledger poll
         (0.5 s here); the task's own ``@cancellable(grace=1.0)`` puts it on
         the ladder, which says it can do no more.  The sleep ends normally
-        and the worker then runs the next task.
+        and the worker then runs the next task.  (With a 1.5-s sleep, a poll
+        that came 0.46 s after the start left the grace ending as the sleep
+        did, and the ladder never had to say anything.)
         """
         worker = shared_worker(pool="solo")
-        result = start(worker, keys, "cit.ladder.sleep_graced", "s", 1.5)
+        result = start(worker, keys, "cit.ladder.sleep_graced", "s", 3.0)
 
         cancel(result, "solo stop", app=worker.app)
 
