@@ -711,9 +711,20 @@ class TestTaskSide:
 
 @pytest.fixture(name="results_db", scope="module")
 def results_db_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # One database for the module: Celery 5.3's database backends share one
-    # SessionManager, which creates the tables for the first database only.
-    return tmp_path_factory.mktemp("contract-db") / "results.db"
+    # One database for the module, its tables made here: Celery 5.3 and 5.4's
+    # database backends share one SessionManager, which creates the tables
+    # for the first database of the process only (another module's, in a
+    # whole run).
+    import sqlalchemy
+    from celery.backends.database.models import ResultModelBase
+
+    path = tmp_path_factory.mktemp("contract-db") / "results.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    try:
+        ResultModelBase.metadata.create_all(engine)
+    finally:
+        engine.dispose()
+    return path
 
 
 @pytest.fixture(name="db_app")
@@ -1784,13 +1795,13 @@ class TestClientReaches:
         assert {done: "SUCCESS", unknown: "PENDING", running: "STARTED"} == read
         assert {running: "w1@h"} == hosts
 
-    def test_stored_states_reads_a_database_backend_one_by_one(self, tmp_path: Path) -> None:
+    def test_stored_states_reads_a_database_backend_one_by_one(self, results_db: Path) -> None:
         """Celery's database backend has no bulk read: ``stored_states`` falls
         back on ``get_task_meta`` per id and gets the same answers."""
         app = Celery(
             f"contract-{uuid.uuid4().hex[:8]}",
             broker=REDIS_URL,
-            backend=f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+            backend=f"db+sqlite:///{results_db}",
             set_as_current=False,
         )
         done, unknown = uuid.uuid4().hex, uuid.uuid4().hex
