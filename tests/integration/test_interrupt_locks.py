@@ -68,6 +68,17 @@ class Rounds:
         """The tasks an interrupt ended (not a checkpoint)."""
         return [e for e in self.ended if e[2] == "elsewhere"]
 
+    def ran_later_in_the_same_child(self, where: str) -> list[tuple[int, int]]:
+        """(round, later round) of each task that finished after one that ended ``where``,
+        in the same child (`ended` is in finishing order)."""
+        return [
+            (n, m)
+            for i, (n, pid, ended_at, _h) in enumerate(self.ended)
+            if ended_at == where
+            for m, other, _w, _h2 in self.ended[i + 1 :]
+            if other == pid
+        ]
+
     def ran_after_an_interrupt(self) -> list[tuple[int, int]]:
         """(interrupted round, later round): a task or probe that ran in a child after an interrupt.
 
@@ -79,13 +90,7 @@ class Rounds:
         after its whole batch has finished, so a probe of the same batch or
         a later one is later.
         """
-        later = [
-            (n, m)
-            for i, (n, pid, where, _h) in enumerate(self.ended)
-            if where == "elsewhere"
-            for m, other, _w, _h2 in self.ended[i + 1 :]
-            if other == pid
-        ]
+        later = self.ran_later_in_the_same_child("elsewhere")
         later += [
             (n, m)
             for n, pid, _w, _h in self.interrupts
@@ -289,13 +294,7 @@ def test_prefork_hook_budgets_retire_the_child_and_no_later_task_hangs(make_work
     assert [] == seen.ran_after_an_interrupt()
     # A hook that stopped at a checkpoint costs its child nothing: later
     # tasks ran there.
-    reused = [
-        (n, m)
-        for i, (n, pid, where, _h) in enumerate(seen.ended)
-        if where == "checkpoint"
-        for m, other, _w, _h2 in seen.ended[i + 1 :]
-        if other == pid
-    ]
+    reused = seen.ran_later_in_the_same_child("checkpoint")
     assert reused, seen.summary()
     pids = later_tasks(worker)
     assert not pids & interrupted_pids
