@@ -52,7 +52,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import and_ as _and
 from operator import eq, not_
 from operator import lshift as _shl
@@ -383,7 +383,7 @@ class TaskIdTable(Generic[R]):
             items = [item for item in items if item[0] not in recent and item[0] not in other]
         halves = uuid_halves([tid for tid, _slot in items])
         if halves is not None:
-            both = array("Q", bytes(16 * len(items)))
+            both = _zeros("Q", 2 * len(items))
             both[0::2], both[1::2] = halves
             slots = array("I", [slot for _tid, slot in items])
         else:
@@ -525,9 +525,12 @@ def _build_rows(lanes: bytes | bytearray | array[int]) -> _Sorted:
     strided copies back into the buffers (`_from_records`), with no Python
     loop per row and no Python int per row.
     """
-    parts: list[bytes] = []
+    # One growing buffer, not a list of sorted pieces joined at the end: a
+    # million ids made 65,536 pieces of a few hundred bytes on Python's
+    # small-object heap, then a 24 MB copy of them all while they lived.
+    parts = bytearray()
     _sort_rows(memoryview(lanes).cast("B"), 0, parts)
-    out = _from_records(b"".join(parts))
+    out = _from_records(parts)
     del parts
     # The rows of an id are adjacent, its first row first.
     slo = out.lo
@@ -546,9 +549,19 @@ _UNPACK: Final = struct.Struct(f"{_LANES * 4}s" * _RECORDS_AT_ONCE)
 _STAGED_ROW: Final = 1 << 31
 
 
+def _zeros(typecode: str, n: int) -> array[int]:
+    """``n`` zeros of ``typecode``, in one allocation.
+
+    Not ``array(typecode, bytes(size))``, which first makes a temporary as
+    large as the array: the peak of a load, and what the heap keeps after it,
+    grow with each such temporary.
+    """
+    return array(typecode, (0,)) * n
+
+
 def _big_endian(hi: array[int], lo: array[int]) -> array[int]:
     """Each id's number (its halves) in 16 big-endian bytes, as 4-byte lanes."""
-    both = array("Q", bytes(16 * len(hi)))
+    both = _zeros("Q", 2 * len(hi))
     both[0::2], both[1::2] = hi, lo
     if _LITTLE:
         both.byteswap()
@@ -558,7 +571,7 @@ def _big_endian(hi: array[int], lo: array[int]) -> array[int]:
 def _lanes(keys: array[int], rows: array[int], slots: array[int]) -> array[int]:
     """One 24-byte big-endian row per id: its number (``keys``: `_big_endian`), row, slot."""
     n = len(rows)
-    lanes = array("I", bytes(4 * _LANES * n))
+    lanes = _zeros("I", _LANES * n)
     for lane in range(4):
         lanes[lane::_LANES] = keys[lane::4]
     rows, slots = array("I", rows), array("I", slots)
@@ -592,7 +605,7 @@ def _unpack(view: memoryview | bytes) -> list[bytes]:
     return records
 
 
-def _sort_rows(view: memoryview, depth: int, parts: list[bytes]) -> None:
+def _sort_rows(view: memoryview, depth: int, parts: bytearray) -> None:
     """Append the `_lanes` rows of ``view`` to ``parts``, sorted (the first ``depth``
     bytes of every row are the same).
 
@@ -626,7 +639,7 @@ _PARTITION_OVER: Final = 2048
 
 
 def _sort_records(
-    records: list[bytes], joined: memoryview | bytes, depth: int, parts: list[bytes]
+    records: list[bytes], joined: memoryview | bytes, depth: int, parts: bytearray
 ) -> None:
     """Append ``records`` (`_lanes` rows; ``joined``: them joined) to ``parts``, sorted.
 
@@ -641,7 +654,7 @@ def _sort_records(
     """
     if len(records) <= _PARTITION_OVER or depth >= 16:
         records.sort()
-        parts.append(b"".join(records))
+        parts += b"".join(records)
         records.clear()
         return
     buckets: list[list[bytes]] = [[] for _ in range(256)]
@@ -650,19 +663,19 @@ def _sort_records(
     del joined
     if max(map(len, buckets)) <= _PARTITION_OVER:
         deque(map(list.sort, buckets), 0)
-        parts.extend(map(b"".join, buckets))
+        parts += b"".join(chain.from_iterable(buckets))
         return
     for bucket in buckets:
         _sort_records(bucket, b"".join(bucket), depth + 1, parts)
 
 
-def _from_records(joined: bytes) -> _Sorted:
+def _from_records(joined: bytes | bytearray) -> _Sorted:
     """The buffers from `_lanes` rows, joined (in their order)."""
     lanes = array("I", joined)
     n = len(lanes) // _LANES
 
     def column(first: int, count: int, typecode: str) -> array[int]:
-        part = array("I", bytes(4 * count * n))
+        part = _zeros("I", count * n)
         for k in range(count):
             part[k::count] = lanes[first + k :: _LANES]
         out = _retyped(part, typecode)
