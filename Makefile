@@ -65,25 +65,26 @@ docs: $(VENV)/.installed
 # suite, and the integration tests (real workers) beside the other tests
 # (database 12 and others), in three parts: on Redis databases 13, 15 and 5
 # (tests/redis_dbs.py).  They share no database, and the integration tests
-# spend most of their time waiting on workers (in two halves, the longer one
-# took 700 s of a 760-s `make unit`; the parts are balanced by their measured
-# durations).  Django is set up once per process, so the two modules that set
-# it up with different settings (test_sql_ledger's django-db case,
-# test_django_admin's project) run in different parts.  Each run
+# spend much of their time waiting on workers (in two halves, the longer one
+# took 700 s of a 760-s `make unit`; the three parts are balanced by their
+# measured durations, about 400-450 s each beside the other runs).  Django
+# is set up once per process, so the two modules that set it up with
+# different settings (test_sql_ledger's django-db case, test_django_admin's
+# project) run in different parts.  Each run
 # writes its own coverage data, combined for the one gate; each prints its
 # 15 slowest tests (--durations), to see where the time goes.
 COV := --cov=cancellable --cov-branch --cov-report= --durations=15
 INTEGRATION_A := tests/integration/test_async.py tests/integration/test_before_start.py \
 	tests/integration/test_faults.py tests/integration/test_harness.py \
 	tests/integration/test_running.py tests/integration/test_sizes.py \
-	tests/integration/test_sql_ledger.py tests/integration/test_directed.py
+	tests/integration/test_sql_ledger.py tests/integration/test_directed.py \
+	tests/integration/test_crash.py tests/integration/test_shutdown.py
 INTEGRATION_B := tests/integration/test_connection_loss.py \
 	tests/integration/test_logging.py tests/integration/test_monitoring.py \
 	tests/integration/test_skew.py tests/integration/test_workflows.py \
 	tests/integration/test_receipt.py tests/integration/test_redis_spellings.py \
 	tests/integration/test_django_admin.py
-INTEGRATION_C := tests/integration/test_crash.py tests/integration/test_shutdown.py \
-	tests/integration/test_store_bounds.py tests/integration/test_pools.py \
+INTEGRATION_C := tests/integration/test_store_bounds.py tests/integration/test_pools.py \
 	tests/integration/test_plain_and_eta.py tests/integration/test_scale.py \
 	tests/integration/test_cancel_bounds.py tests/integration/test_interrupt_locks.py \
 	tests/integration/test_hung_ledger.py tests/integration/test_large_ledger.py
