@@ -14,11 +14,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# --compile-bytecode: uv writes no .pyc by default (pip does), and where
-# PYTHONDONTWRITEBYTECODE is set no import writes them either: every worker
-# the integration tests start then compiled Celery, kombu and the rest from
-# source, 1.8 s of CPU per process instead of 0.55 s.
-UV_PIP := $(PY) -m uv pip install --quiet --compile-bytecode --python $(PY)
+UV_PIP := $(PY) -m uv pip install --quiet --python $(PY)
 
 # Lint only the source folders that exist (git does not keep empty ones).
 LINT_PATHS := $(wildcard src tests benchmarks scripts docs/conf.py noxfile.py)
@@ -92,11 +88,8 @@ INTEGRATION_C := tests/integration/test_store_bounds.py tests/integration/test_p
 # other runs on two cores their cancellations arrived after the tasks had
 # ended, so they run on their own once the others have finished.
 INTEGRATION_ALONE := tests/integration/test_ladder.py
-# The sources are compiled first: the workers and other subprocesses import
-# them too, and where PYTHONDONTWRITEBYTECODE is set nothing else would.
 unit: $(VENV)/.installed
 	rm -f .coverage .coverage.*
-	$(PY) -m compileall -q src tests benchmarks
 	$(MAKE) --no-print-directory --output-sync=target -j5 unit-main unit-integration-a \
 		unit-integration-b unit-integration-c unit-soak
 	$(MAKE) --no-print-directory unit-integration-alone
@@ -140,7 +133,7 @@ PYENV_ROOT ?= $(HOME)/.pyenv
 PYENV_PYTHONS := $(shell ls $(PYENV_ROOT)/versions 2>/dev/null | grep -E '^3\.1[0-3]\.[0-9]+$$' | tr '\n' ':')
 OTHER_PYTHONS ?= 3.10 3.12 3.13
 NOX := PATH="$(abspath $(VENV))/bin:$$PATH" PYENV_VERSION="$(PYENV_PYTHONS)$${PYENV_VERSION:-}" \
-	UV_COMPILE_BYTECODE=1 $(PY) -m nox
+	$(PY) -m nox
 
 core-pythons: $(VENV)/.installed
 	$(NOX) -s $(addprefix core-,$(OTHER_PYTHONS))
