@@ -17,33 +17,47 @@ def _make_list(text: str, name: str) -> list[str]:
     return match.group(1).split()
 
 
-def test_the_two_integration_halves_run_every_integration_file_once() -> None:
-    """``make unit`` runs the integration tests in two halves and a list run on
-    its own afterwards, which together name every ``tests/integration/test_*.py``
-    exactly once: a new file cannot be skipped."""
+PARTS = ("a", "b", "c")
+
+
+def test_the_integration_parts_run_every_integration_file_once() -> None:
+    """``make unit`` runs the integration tests in three parts side by side and a
+    list run on its own afterwards, which together name every
+    ``tests/integration/test_*.py`` exactly once: a new file cannot be skipped."""
     makefile = (ROOT / "Makefile").read_text()
     alone = _make_list(makefile, "INTEGRATION_ALONE")
-    first = _make_list(makefile, "INTEGRATION_A") + alone
-    second = _make_list(makefile, "INTEGRATION_B")
+    parts = {part: _make_list(makefile, f"INTEGRATION_{part.upper()}") for part in PARTS}
+    named = alone + [path for part in PARTS for path in parts[part]]
     files = sorted(
         path.relative_to(ROOT).as_posix() for path in (ROOT / "tests/integration").glob("test_*.py")
     )
 
-    assert files == sorted(first + second)
-    assert len(first + second) == len(set(first + second))
-    assert "unit-integration-a unit-integration-b" in _recipe(makefile, "unit")
-    assert "unit-integration-alone" in _recipe(makefile, "unit")
+    assert files == sorted(named)
+    assert len(named) == len(set(named))
+    unit = _recipe(makefile, "unit")
+    assert "unit-integration-alone" in unit
     assert "$(INTEGRATION_ALONE)" in _recipe(makefile, "unit-integration-alone")
-    recipe_a = _recipe(makefile, "unit-integration-a")
-    recipe_b = _recipe(makefile, "unit-integration-b")
-    assert "$(INTEGRATION_A)" in recipe_a
-    assert "$(INTEGRATION_B)" in recipe_b
-    # Each half has a database of its own (its own session lock and data).
-    db_a = re.search(r"CANCELLABLE_TEST_INTEGRATION_DB=(\d+)", recipe_a)
-    db_b = re.search(r"CANCELLABLE_TEST_INTEGRATION_DB=(\d+)", recipe_b)
-    assert db_a is not None
-    assert db_b is not None
-    assert db_a.group(1) != db_b.group(1)
+    dbs = []
+    for part in PARTS:
+        assert f"unit-integration-{part}" in unit
+        recipe = _recipe(makefile, f"unit-integration-{part}")
+        assert f"$(INTEGRATION_{part.upper()})" in recipe
+        db = re.search(r"CANCELLABLE_TEST_INTEGRATION_DB=(\d+)", recipe)
+        assert db is not None
+        dbs.append(db.group(1))
+    # Each part has a database of its own (its own session lock and data),
+    # none of the unit tests' (12).
+    assert len(PARTS) == len(set(dbs))
+    assert "12" not in dbs
+    # Django is set up once per process: the two modules that set it up with
+    # different settings run in different parts.
+    django = [
+        part
+        for part in PARTS
+        for path in parts[part]
+        if path.endswith(("/test_sql_ledger.py", "/test_django_admin.py"))
+    ]
+    assert 2 == len(set(django))
 
 
 def _recipe(makefile: str, target: str) -> str:
@@ -76,9 +90,21 @@ def test_every_claimed_celery_minor_is_tested() -> None:
 
 
 def test_the_celery_minors_have_a_database_of_their_own() -> None:
-    """``make celery-minors`` runs beside ``make unit``: its unit tests use another database."""
-    recipe = _recipe((ROOT / "Makefile").read_text(), "celery-minors")
-    db = re.search(r"CANCELLABLE_TEST_UNIT_DB=(\d+)", recipe)
+    """``make celery-minors`` runs one nox session per minor side by side, and may run
+    beside ``make unit``: each minor's unit tests use a database of their own, none of
+    the unit tests' (12) nor the integration parts'."""
+    makefile = (ROOT / "Makefile").read_text()
+    older = re.search(r"^OLDER_CELERY_MINORS \?= (.*)$", makefile, re.MULTILINE)
+    assert older is not None
+    assert "CANCELLABLE_TEST_UNIT_DB=$(or $(CELERY_UNIT_DB_$*)" in _recipe(
+        makefile, "celery-minor-%"
+    )
+    dbs = []
+    for minor in older.group(1).split():
+        db = re.search(rf"^CELERY_UNIT_DB_{re.escape(minor)} := (\d+)$", makefile, re.MULTILINE)
+        assert db is not None, f"no Redis database for Celery {minor}"
+        dbs.append(db.group(1))
+    integration = re.findall(r"CANCELLABLE_TEST_INTEGRATION_DB=(\d+)", makefile)
 
-    assert db is not None
-    assert "12" != db.group(1)
+    assert len(dbs) == len(set(dbs))
+    assert not set(dbs) & {"12", *integration}
