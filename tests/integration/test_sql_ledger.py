@@ -128,7 +128,7 @@ def deployment_of(
                     "data_folder_out": str(folder / "queue"),
                     "control_folder": str(folder / "control"),
                     "polling_interval": 0.05,
-                }
+                },
             },
             "db_url": db_url,
         }
