@@ -79,6 +79,20 @@ def plain_sleep_late(key: str, seconds: float) -> str:
     return plain_sleep_body(key, seconds)
 
 
+@app.task(name="cit.plain.hold", acks_late=True)
+def plain_hold(key: str, seconds: float) -> str:
+    """Run until the test sets ``<key>:release`` (at most ``seconds``), its message unacked.
+
+    A blocker whose end the test chooses: a fixed sleep ended too early when
+    the step it was to outlast took longer under load.
+    """
+    record_start(key)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not obs().exists(f"{key}:release"):
+        time.sleep(0.05)
+    return "released"
+
+
 def soft_limit_body(key: str) -> str:
     from celery.exceptions import SoftTimeLimitExceeded
 

@@ -165,9 +165,10 @@ def test_group_members_discarded_before_start_keep_the_reason(make_worker, keys:
 def test_celery_cancel_command_keeps_the_reason_of_queued_tasks(make_worker, keys: Keys):
     """``celery cancel A B --reason`` on two queued tasks: both REVOKED with the reason."""
     worker = make_worker(prefetch=1)
-    # The blockers outlast the `celery` command's start (up to 5 s with Celery 5.3 on a busy
-    # 2-core machine), so the victims are still queued when it runs.
-    blockers = [worker.send("cit.plain.sleep_late", keys.key(f"b{i}"), 8.0) for i in range(2)]
+    # The blockers run until the `celery` command has returned, so the victims are still
+    # queued when it runs.  (Blockers of a fixed 8 s ended first once: under CI load, the
+    # command's start took longer, and the victims ran and ended SUCCESS before it.)
+    blockers = [worker.send("cit.plain.hold", keys.key(f"b{i}"), 120.0) for i in range(2)]
     wait_for(lambda: keys.started("b0") and keys.started("b1"), 20, message="blockers to start")
     victims = quick_tasks(worker, keys, 2)
 
@@ -186,9 +187,12 @@ def test_celery_cancel_command_keeps_the_reason_of_queued_tasks(make_worker, key
     # command says "unknown" (recorded anyway) and exits 1, as for a typo.
     assert 1 == done.returncode, done.stdout + done.stderr
     assert 2 == done.stdout.count("unknown (not seen by any online worker); recorded")
+    assert [] == started(keys, 2)  # still queued behind the blockers
 
+    for i in range(2):
+        keys.r.set(f"{keys.key(f'b{i}')}:release", 1)
     for blocker in blockers:
-        blocker.get(timeout=30)
+        assert "released" == blocker.get(timeout=30)
     for victim in victims:
         assert_revoked(victim, "revoked by bob: typo in the request")
     assert [] == started(keys, 2)
