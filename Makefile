@@ -142,7 +142,8 @@ core-pythons: $(VENV)/.installed
 # the older Celery minors pyproject.toml claims; .venv has the newest, where
 # `unit` runs everything.  One nox run for each minor, each on a Redis
 # database of its own (CELERY_UNIT_DB_<minor>, none of `unit`'s;
-# tests/redis_dbs.py), so they can run side by side: `make -j4 celery-minors`.
+# tests/redis_dbs.py), so they can run side by side (`test` runs two at a
+# time: all four at once missed time bounds on two cores).
 # They spend most of their time waiting (subprocesses, sockets, timeouts):
 # one took 150 s of wall time for 30 s of CPU.  The whole integration suite on
 # one minor, by hand: `.venv/bin/python -m nox -s integration-5.3` (see

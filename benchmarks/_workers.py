@@ -40,8 +40,12 @@ START_TIMEOUT = 60.0
 #: How long each ping of a starting worker waits for its reply before the
 #: next is sent: the resolution of a measured start (``index_memory.py``;
 #: it was 0.5 s, so starts were measured in steps of 0.5 s).  The pings go
-#: through a client app of their own whose Redis transport polls this often
-#: too (`Worker.ping_app`).
+#: through a connection whose Redis transport polls this often too: kombu's
+#: waits for replies in a ``BRPOP`` with a 1-s server timeout (its
+#: ``polling_interval``), and a ping that got no reply left that ``BRPOP``
+#: outstanding, so the replies to the next ones were read only when it
+#: returned (a worker that answered at 1.36 s was seen to answer at 2.29 s:
+#: starts were measured in steps of about 1 s).
 PING_EVERY = 0.1
 #: The only Redis database the benchmarks write to, and flush.
 BENCH_DB = 14
@@ -174,7 +178,6 @@ class Worker(Subprocess):
         self.pool = pool
         self.env = env or {}
         self._app: Any = None
-        self._ping_app: Any = None
 
     @property
     def app(self) -> Any:
@@ -184,27 +187,6 @@ class Worker(Subprocess):
 
             self._app = make_app(self.broker_url, self.redis_url, self.queue, self.control_exchange)
         return self._app
-
-    @property
-    def ping_app(self) -> Any:
-        """A client-side app for the start's pings, its Redis transport polling every `PING_EVERY`.
-
-        kombu's Redis transport waits for replies in a ``BRPOP`` with a 1-s
-        server timeout (``polling_interval``); a ping that gets no reply
-        leaves that ``BRPOP`` outstanding, and the replies to the next pings
-        were read only when it returned: a worker that answered at 1.36 s
-        was seen to answer at 2.29 s, and starts were measured in steps of
-        about 1 s.
-        """
-        if self._ping_app is None:
-            from bench_app import make_app
-
-            app = make_app(self.broker_url, self.redis_url, self.queue, self.control_exchange)
-            options = dict(app.conf.broker_transport_options or {})
-            options["polling_interval"] = PING_EVERY
-            app.conf.broker_transport_options = options
-            self._ping_app = app
-        return self._ping_app
 
     def start(self) -> None:
         """Start the worker and wait until it answers a ping."""
@@ -221,16 +203,20 @@ class Worker(Subprocess):
         cmd += ["--without-heartbeat", "-l", "WARNING"]
         self.launch(cmd, env)
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.ping_app.control.ping(destination=[self.nodename], timeout=PING_EVERY):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise WorkerError(f"worker {self.nodename} did not answer a ping; {self.tail()}")
+        options = dict(self.app.conf.broker_transport_options or {})
+        options["polling_interval"] = PING_EVERY
+        with self.app.connection_for_write(transport_options=options) as connection:
+            while not self.app.control.ping(
+                destination=[self.nodename], timeout=PING_EVERY, connection=connection
+            ):
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"worker {self.nodename} did not answer a ping; {self.tail()}"
+                    )
 
     def close(self) -> None:
-        """Delete this run's RabbitMQ entities (RabbitMQ keeps them) and close the apps."""
-        if self._ping_app is not None:
-            self._ping_app.close()
-            self._ping_app = None
+        """Delete this run's RabbitMQ entities (RabbitMQ keeps them) and close the app."""
         if self._app is None:
             return
         if self.broker_url.startswith("amqp"):
